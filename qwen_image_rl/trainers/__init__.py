@@ -1,0 +1,1 @@
+"""Trainers, one module per `config.trainer`; importing this package registers them all."""

@@ -1,0 +1,28 @@
+"""Config sections shared by every trainer. Each trainer's config file starts from `base()`."""
+
+import ml_collections
+
+from qwen_image_rl.parallel.partitioning import DEFAULT_LOGICAL_AXIS_RULES
+
+
+def mesh(data: int = -1, fsdp: int = 1, tensor: int = 1) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor))
+
+
+def base() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.trainer = ml_collections.config_dict.placeholder(str)
+  c.seed = 0
+  c.distributed = "auto"  # 'auto' | 'always' | 'never': jax.distributed.initialize on pods.
+  c.init_from = ""  # A workdir or a diffusers-format directory; '' starts from random weights.
+
+  c.mesh = mesh()
+  c.logical_axis_rules = DEFAULT_LOGICAL_AXIS_RULES
+
+  c.total_steps = 100
+  c.checkpoint = ml_collections.ConfigDict(dict(every=50, keep=3, async_save=True))
+  c.log = ml_collections.ConfigDict(dict(every=10, progress_every_s=30.0, images_every=0))
+  c.optim = ml_collections.ConfigDict(dict(
+      name="adamw", lr=1e-4, warmup_steps=0, schedule="constant", b1=0.9, b2=0.999, eps=1e-8,
+      weight_decay=0.0, grad_clip_norm=1.0))
+  return c

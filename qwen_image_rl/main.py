@@ -1,0 +1,113 @@
+"""Entry point: `python -m qwen_image_rl.main --config=configs/<file>.py[:variant] --workdir=DIR`.
+
+The config's `trainer` field selects the job; `--config.a.b=value` overrides any field (type
+checked). The resolved config is written to DIR/config.json before the trainer starts.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from qwen_image_rl import config_lib
+
+FLAGS = flags.FLAGS
+
+
+def _trainer_list() -> str:
+  # Listing trainers imports them; keep it out of the import path of `main` itself.
+  try:
+    specs = config_lib.trainers()
+  except Exception as e:  # pragma: no cover - a broken trainer should not hide --help
+    return f"(could not list trainers: {e})"
+  return "; ".join(f"{n}: {s.doc}" if s.doc else n for n, s in sorted(specs.items()))
+
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, `configs/<file>.py[:variant]`. Trainers: (see --helpfull)",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, events, results.")
+
+
+def _fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def check_workdir(workdir: str | None) -> str:
+  if not workdir:
+    raise config_lib.ConfigError("--workdir is required")
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise config_lib.ConfigError(f"--workdir={workdir} is a file, expected a directory")
+  return workdir
+
+
+def write_config(config, workdir: str) -> str:
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "config.json")
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(config_lib.to_json(config))
+  os.replace(tmp, path)
+  return path
+
+
+def run(config, workdir: str):
+  """Validate, record the config, and hand over to the trainer. Returns the trainer's result."""
+  workdir = check_workdir(workdir)
+  spec = config_lib.validate(config)
+  from qwen_image_rl.parallel import maybe_initialize_distributed
+
+  maybe_initialize_distributed(config.get("distributed", "auto"))
+  import jax
+
+  if jax.process_index() == 0:
+    write_config(config, workdir)
+  logging.info("trainer=%s workdir=%s devices=%d", spec.name, workdir, jax.device_count())
+  return spec.run(config, workdir)
+
+
+def main(argv):
+  if len(argv) > 1:
+    _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+  try:
+    run(_CONFIG.value, _WORKDIR.value)
+  except config_lib.ConfigError as e:
+    _fail(str(e))
+
+
+def _parse_flags(argv):
+  """absl parsing, but with one-line errors for unknown config fields and bad config files."""
+  try:
+    rest = FLAGS(argv)
+  except flags.Error as e:
+    _fail(str(e).splitlines()[0])
+  except (AttributeError, KeyError) as e:  # ml_collections: unknown field in an override
+    msg = str(e).strip("'\"").replace("\\n", " ").replace("\n", " ").replace("\\'", "'")
+    _fail(f"unknown config field in an override: {msg}")
+  value = _CONFIG.value
+  if value is not None and type(value).__name__ == "_ErrorConfig":
+    cause = object.__getattribute__(value, "_error")
+    _fail(f"--config: could not load the config file: {str(cause).splitlines()[0]}")
+  if value is None:
+    _fail("--config is required, e.g. --config=configs/sft.py:tiny")
+  return rest
+
+
+def _help_with_trainers():
+  FLAGS["config"].help = (
+      "Config file, `configs/<file>.py[:variant]`; its `trainer` field picks one of: "
+      + _trainer_list())
+
+
+def cli():
+  if any(a in ("--help", "--helpshort", "--helpfull", "-h") for a in sys.argv[1:]):
+    _help_with_trainers()
+  app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+  cli()
