@@ -21,7 +21,7 @@ def base() -> ml_collections.ConfigDict:
 
   c.total_steps = 100
   c.checkpoint = ml_collections.ConfigDict(dict(every=50, keep=3, async_save=True))
-  c.log = ml_collections.ConfigDict(dict(every=10, progress_every_s=30.0, images_every=0))
+  c.log = ml_collections.ConfigDict(dict(every=10, progress_every=20, images_every=0))
   c.optim = ml_collections.ConfigDict(dict(
       name="adamw", lr=1e-4, warmup_steps=0, schedule="constant", b1=0.9, b2=0.999, eps=1e-8,
       weight_decay=0.0, grad_clip_norm=1.0))

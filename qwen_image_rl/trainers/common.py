@@ -1,0 +1,122 @@
+"""What every trainer shares: mesh, checkpointer, metrics, resume, and the step loop.
+
+A trainer builds its model, state and jitted step, then hands them to `fit`, which owns the loop:
+batches are a pure function of (seed, step), so a resumed run replays exactly the same data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any, Callable, Mapping
+
+import jax
+import numpy as np
+from absl import logging
+
+from qwen_image_rl import parallel
+from qwen_image_rl.checkpoint import Checkpointer
+from qwen_image_rl.metrics import MetricLogger
+from qwen_image_rl.train_state import abstract_like
+
+
+@dataclasses.dataclass
+class RunContext:
+  config: Any
+  workdir: str
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  checkpointer: Checkpointer
+  logger: MetricLogger
+
+  def close(self):
+    self.checkpointer.close()
+    self.logger.close()
+
+
+def make_context(config, workdir: str) -> RunContext:
+  mesh = parallel.make_mesh(dict(config.mesh))
+  logging.info("Mesh %s over %d devices.", dict(mesh.shape), mesh.size)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=config.checkpoint.every,
+                      keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+  logger = MetricLogger(workdir, total_steps=config.total_steps,
+                        progress_every=config.log.progress_every)
+  return RunContext(config, workdir, mesh, tuple(tuple(r) for r in config.logical_axis_rules),
+                    ckpt, logger)
+
+
+def restore_or_keep(ctx: RunContext, state, shardings):
+  """Resume from the latest checkpoint in the workdir if there is one. Returns (state, step)."""
+  restored = ctx.checkpointer.restore(abstract_like(state, shardings))
+  if restored is None:
+    return state, 0
+  state, extra = restored
+  step = int(extra.get("step", int(state.step)))
+  print(f"Resumed from {ctx.checkpointer.directory} at step {step}.", flush=True)
+  return state, step
+
+
+class NonFiniteError(RuntimeError):
+  """Too many consecutive updates had a NaN/inf loss."""
+
+
+def fit(ctx: RunContext, state, *, train_step: Callable, batch_for_step: Callable[[int], Any],
+        start_step: int, total_steps: int, max_consecutive_nonfinite: int = 3,
+        on_step_end: Callable[[int, Any], None] | None = None):
+  """Run steps [start_step, total_steps) with logging, progress and periodic checkpoints.
+
+  `train_step(state, batch) -> (new_state, metrics)` is jitted by the caller (it may donate the
+  state); `metrics` must hold a scalar 'loss'. The step itself must return the old state when the
+  loss is not finite (see `keep_if_finite`); here such a step is logged as skipped, and
+  `max_consecutive_nonfinite` in a row stop the run, leaving the last good checkpoint.
+  """
+  log_every = max(int(ctx.config.log.every), 1)
+  nonfinite = 0
+  history = []
+  for step in range(start_step, total_steps):
+    batch = batch_for_step(step)
+    state, metrics = train_step(state, batch)
+    loss = float(metrics["loss"])
+    if not math.isfinite(loss):
+      nonfinite += 1
+      logging.warning("step %d: non-finite loss %s, update skipped (%d in a row)", step + 1, loss,
+                      nonfinite)
+      print(f"warning: step {step + 1}: non-finite loss, update skipped", flush=True)
+      if nonfinite >= max_consecutive_nonfinite:
+        ctx.checkpointer.wait()
+        raise NonFiniteError(
+            f"{nonfinite} consecutive non-finite losses at step {step + 1}; stopping. The last "
+            f"good checkpoint is step {ctx.checkpointer.latest_step()} in "
+            f"{ctx.checkpointer.directory}")
+      continue
+    nonfinite = 0
+    done = step + 1
+    if done % log_every == 0 or done == total_steps:
+      scalars = {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
+      ctx.logger.scalars(done, {f"train/{k}": v for k, v in scalars.items()})
+      history.append({"step": done, **scalars})
+    ctx.logger.progress(done)
+    ctx.checkpointer.maybe_save(done, state, extra={"step": done})
+    if on_step_end is not None:
+      on_step_end(done, state)
+  ctx.checkpointer.save(total_steps, state, extra={"step": total_steps})
+  ctx.checkpointer.wait()
+  return state, history
+
+
+def keep_if_finite(old, new, value):
+  """Inside a jitted step: `new` if `value` is finite, else `old` (a skipped update)."""
+  ok = jax.numpy.isfinite(value)
+  return jax.tree.map(lambda a, b: jax.numpy.where(ok, b, a), old, new)
+
+
+def final_checkpoint_exists(workdir: str, total_steps: int) -> bool:
+  from qwen_image_rl.checkpoint import committed_steps
+
+  directory = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(directory) and total_steps in committed_steps(directory)
+
+
+def scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+  return {k: float(np.asarray(v)) for k, v in jax.device_get(dict(metrics)).items()}
