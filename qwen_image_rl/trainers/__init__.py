@@ -1,1 +1,3 @@
 """Trainers, one module per `config.trainer`; importing this package registers them all."""
+from qwen_image_rl.trainers import vae  # noqa: F401
+from qwen_image_rl.trainers import sft  # noqa: F401

@@ -1,0 +1,39 @@
+"""Tiny Qwen-Image base: flow-matching pretraining on tiny world T2I + edit data.
+
+  python -m qwen_image_rl.main --config=configs/sft.py:tiny --workdir=runs/demo/base \
+      --config.model.vae_from=runs/demo/vae/export/vae
+
+Needs the VAE exported by the `vae` stage (configs/vae.py). Expected runtime and scores: README.
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg: str = "tiny"):
+  if arg not in ("tiny",):
+    raise ValueError(f"configs/sft.py: unknown variant {arg!r}; known: ['tiny']")
+  c = common.base()
+  c.trainer = "sft"
+  c.total_steps = 400
+  c.model = ml_collections.ConfigDict(dict(
+      vae_from="",
+      # in_channels, out_channels and joint_attention_dim follow the VAE and text encoder.
+      transformer=dict(patch_size=2, num_layers=4, attention_head_dim=32, num_attention_heads=4,
+                       axes_dims_rope=(8, 12, 12), zero_cond_t=False),
+      text_encoder=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=2, num_key_value_heads=2, rope_theta=1e6,
+                        mrope_section=(4, 6, 6), seed=1234),
+  ))
+  c.data = ml_collections.ConfigDict(dict(
+      image_size=64, num_train=4096, num_train_edits=2048, t2i_batch_size=32,
+      edit_batch_size=16, max_text_tokens=64))
+  c.loss = ml_collections.ConfigDict(dict(cfg_dropout=0.1, edit_weight=0.5))
+  c.optim.lr = 1e-3
+  c.optim.warmup_steps = 50
+  c.optim.schedule = "cosine"
+  c.checkpoint.every = 100
+  c.log.every = 20
+  c.log.progress_every = 20
+  return c

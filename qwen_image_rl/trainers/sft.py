@@ -1,0 +1,222 @@
+"""`sft` trainer: flow-matching pretraining of the tiny Qwen-Image base on T2I and edit data.
+
+The same modules as the 20B model at a tiny config: a frozen Qwen2.5-VL text encoder (random
+weights at the tiny size: the world's "language" is learned by the DiT's txt_in and attention),
+the VAE trained by the `vae` stage, and the MMDiT trained here. Each step trains on a T2I batch
+and an edit batch (Qwen-Image-Edit conditioning: the source latents are appended after the noisy
+target tokens). A fraction of prompts is replaced by the empty prompt so that true CFG works at
+sampling time.
+
+Forward path x_t = (1 - t) x0 + t eps with target velocity v = eps - x0 (paper sec. 1); t is
+drawn logit-normal, which concentrates training on the middle of the path.
+"""
+
+from __future__ import annotations
+
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qwen_image_rl import config_lib, optim, parallel
+from qwen_image_rl.data import captions, examples
+from qwen_image_rl.data.tokenizer import build_qwen_tokenizer, load_tokenizer, special_token_ids
+from qwen_image_rl.models import text_encoding
+from qwen_image_rl.models.mmdit import QwenImageTransformer
+from qwen_image_rl.models.qwen2_5_vl import Qwen25VLTextModel
+from qwen_image_rl.models.vae import QwenImageVAE, normalize_latents
+from qwen_image_rl.train_state import TrainState, create_train_state
+from qwen_image_rl.trainers import common
+
+T2I_TEMPLATE = text_encoding.T2I_TEMPLATE
+# The tiny world has no vision tower yet, so edit prompts use the edit system prompt without the
+# image placeholder; the source image reaches the DiT through the VAE path only.
+EDIT_TEMPLATE = text_encoding.EDIT_PLUS_TEMPLATE
+
+
+def _validate(config):
+  config_lib.check_positive(config, "total_steps", "data.t2i_batch_size", "data.num_train",
+                            "data.image_size", "data.max_text_tokens")
+  config_lib.check_fields(config, {"model.vae_from": str})
+  if not config.model.vae_from:
+    raise config_lib.ConfigError("config.model.vae_from is required: a diffusers-format VAE "
+                                 "directory (the `vae` stage exports WORKDIR/export/vae)")
+  if not os.path.isdir(config.model.vae_from):
+    raise config_lib.ConfigError(f"config.model.vae_from={config.model.vae_from!r} is not a "
+                                 f"directory")
+  if not 0.0 <= config.loss.cfg_dropout < 1.0:
+    raise config_lib.ConfigError(f"config.loss.cfg_dropout={config.loss.cfg_dropout}: must be "
+                                 f"in [0, 1)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Frozen components and precomputed conditioning.
+# ---------------------------------------------------------------------------------------------
+
+
+def build_tokenizer(directory: str):
+  if os.path.isfile(os.path.join(directory, "tokenizer.json")):
+    return load_tokenizer(directory)
+  return build_qwen_tokenizer(captions.vocabulary(), directory)
+
+
+def build_text_encoder(config, tokenizer):
+  fields = dict(config.model.text_encoder)
+  seed = fields.pop("seed")
+  model = Qwen25VLTextModel(vocab_size=len(tokenizer), **fields)
+  params = nn.meta.unbox(model.init(jax.random.key(seed), jnp.zeros((1, 4), jnp.int32),
+                                    jnp.ones((1, 4), jnp.int32))["params"])
+  return model, params
+
+
+def encode_texts(te_model, te_params, tokenizer, texts, template, max_tokens: int,
+                 chunk: int = 256):
+  """Prompt embeddings [N, max_tokens, H] and masks [N, max_tokens], zero-padded."""
+  drop = text_encoding.template_drop_index(tokenizer, template)
+  embeds = np.zeros((len(texts), max_tokens, te_model.hidden_size), np.float32)
+  masks = np.zeros((len(texts), max_tokens), np.int32)
+  for i in range(0, len(texts), chunk):
+    e, m = text_encoding.encode_prompts(te_model, te_params, tokenizer, list(texts[i:i + chunk]),
+                                        template=template, drop_idx=drop,
+                                        max_sequence_length=max_tokens)
+    e, m = np.asarray(e), np.asarray(m)
+    embeds[i:i + len(e), :e.shape[1]] = e
+    masks[i:i + len(e), :m.shape[1]] = m
+  return embeds, masks
+
+
+def encode_images(vae: QwenImageVAE, vae_params, images_uint8, chunk: int = 128):
+  """Normalised VAE latents [N, h, w, z] of uint8 images."""
+  encode = jax.jit(lambda p, x: vae.apply({"params": p}, x, method=vae.encode))
+  out = []
+  for i in range(0, len(images_uint8), chunk):
+    out.append(np.asarray(encode(vae_params, examples.to_model_range(images_uint8[i:i + chunk]))))
+  z = np.concatenate(out)
+  return np.asarray(normalize_latents(z, np.asarray(vae.latents_mean, np.float32),
+                                      np.asarray(vae.latents_std, np.float32)))
+
+
+def pack(latents):
+  """[B, h, w, C] -> [B, (h/2)(w/2), 4C], diffusers' channel-major patch order."""
+  b, h, w, c = latents.shape
+  x = latents.reshape(b, h // 2, 2, w // 2, 2, c)
+  return x.transpose(0, 1, 3, 5, 2, 4).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss and step.
+# ---------------------------------------------------------------------------------------------
+
+
+def flow_matching_loss(model, params, x0, cond, mask, key, ref=None):
+  """MSE between predicted and true velocity at a logit-normal t. x0, ref: packed latents."""
+  b = x0.shape[0]
+  k_t, k_eps = jax.random.split(key)
+  t = jax.nn.sigmoid(jax.random.normal(k_t, (b,)))
+  eps = jax.random.normal(k_eps, x0.shape)
+  x_t = (1.0 - t[:, None, None]) * x0 + t[:, None, None] * eps
+  side = int(round(np.sqrt(x0.shape[1])))
+  img_shapes = ((1, side, side),)
+  inputs = x_t
+  if ref is not None:
+    inputs = jnp.concatenate([x_t, ref], axis=1)
+    img_shapes = img_shapes + ((1, side, side),)
+  v = model.apply({"params": params}, inputs, cond, mask, t, img_shapes)
+  return jnp.mean((v - (eps - x0)) ** 2)
+
+
+def make_train_step(model, tx, rules, cfg_dropout: float, edit_weight: float):
+  def drop_text(key, cond, mask, null_cond, null_mask):
+    drop = jax.random.uniform(key, (cond.shape[0],)) < cfg_dropout
+    return (jnp.where(drop[:, None, None], null_cond[None], cond),
+            jnp.where(drop[:, None], null_mask[None], mask))
+
+  def loss_fn(params, batch, key):
+    keys = jax.random.split(key, 4)
+    c, m = drop_text(keys[0], batch["t2i_cond"], batch["t2i_mask"], batch["null_cond"],
+                     batch["null_mask"])
+    t2i = flow_matching_loss(model, params, batch["t2i_x0"], c, m, keys[1])
+    c, m = drop_text(keys[2], batch["edit_cond"], batch["edit_mask"], batch["null_cond"],
+                     batch["null_mask"])
+    edit = flow_matching_loss(model, params, batch["edit_x0"], c, m, keys[3],
+                              ref=batch["edit_src"])
+    return (t2i + edit_weight * edit) / (1.0 + edit_weight), {"t2i_loss": t2i, "edit_loss": edit}
+
+  def step(state: TrainState, batch):
+    key = jax.random.fold_in(state.key(), state.step)
+    with nn.logical_axis_rules(rules):
+      (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new = state.replace(step=state.step + 1, params=jax.tree.map(jnp.add, state.params, updates),
+                        opt_state=opt_state)
+    return common.keep_if_finite(state, new, loss), {"loss": loss, **aux}
+
+  return step
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer.
+# ---------------------------------------------------------------------------------------------
+
+
+@config_lib.register_trainer("sft", required={
+    "total_steps": int, "seed": int, "data.image_size": int, "data.t2i_batch_size": int,
+    "data.edit_batch_size": int, "data.num_train": int, "data.max_text_tokens": int,
+    "loss.cfg_dropout": float, "loss.edit_weight": float}, validate=_validate)
+def train(config, workdir):
+  """Flow-matching pretraining of the tiny Qwen-Image base (T2I + edit)."""
+  from qwen_image_rl.convert.vae import load_vae
+
+  ctx = common.make_context(config, workdir)
+  data = config.data
+  export = os.path.join(workdir, "export")
+  tokenizer = build_tokenizer(os.path.join(export, "tokenizer"))
+  te_model, te_params = build_text_encoder(config, tokenizer)
+  vae, vae_params = load_vae(config.model.vae_from)
+  vae_params = vae_params["params"] if "params" in vae_params else vae_params
+
+  print("sft: rendering and encoding the training set ...", flush=True)
+  t2i = examples.t2i_examples(config.seed, data.num_train, "train", data.image_size)
+  edits = examples.edit_examples(config.seed, data.num_train_edits, "train", data.image_size)
+  L = data.max_text_tokens
+  arrays = {
+      "t2i_x0": pack(encode_images(vae, vae_params, t2i.images)),
+      "edit_x0": pack(encode_images(vae, vae_params, edits.targets)),
+      "edit_src": pack(encode_images(vae, vae_params, edits.sources)),
+  }
+  arrays["t2i_cond"], arrays["t2i_mask"] = encode_texts(te_model, te_params, tokenizer,
+                                                        t2i.prompts, T2I_TEMPLATE, L)
+  arrays["edit_cond"], arrays["edit_mask"] = encode_texts(te_model, te_params, tokenizer,
+                                                          edits.instructions, EDIT_TEMPLATE, L)
+  null_cond, null_mask = encode_texts(te_model, te_params, tokenizer, [""], T2I_TEMPLATE, L)
+  print(f"sft: {len(t2i)} T2I and {len(edits)} edit examples; latent tokens "
+        f"{arrays['t2i_x0'].shape[1]}, text tokens {L}", flush=True)
+
+  transformer_cfg = dict(config.model.transformer)
+  transformer_cfg.update(in_channels=4 * vae.z_dim, out_channels=vae.z_dim,
+                         joint_attention_dim=te_model.hidden_size)
+  model = QwenImageTransformer.from_config(transformer_cfg)
+  tx = optim.make_optimizer(config.optim, config.total_steps)
+  state, shardings = create_train_state(model.init_params, tx, ctx.mesh, ctx.rules, config.seed)
+  state, start = common.restore_or_keep(ctx, state, shardings)
+
+  def batch_for_step(step):
+    ti = examples.batch_indices(config.seed, step, len(t2i), data.t2i_batch_size, stream=0)
+    ei = examples.batch_indices(config.seed, step, len(edits), data.edit_batch_size, stream=1)
+    batch = {k: v[ti] for k, v in arrays.items() if k.startswith("t2i")}
+    batch.update({k: v[ei] for k, v in arrays.items() if k.startswith("edit")})
+    batch = {k: jax.device_put(v, parallel.batch_sharding(ctx.mesh, v.ndim))
+             for k, v in batch.items()}
+    batch["null_cond"], batch["null_mask"] = null_cond[0], null_mask[0]
+    return batch
+
+  step_fn = jax.jit(make_train_step(model, tx, ctx.rules, config.loss.cfg_dropout,
+                                    config.loss.edit_weight),
+                    donate_argnums=(0,), out_shardings=(shardings, None))
+  with ctx.mesh:
+    state, history = common.fit(ctx, state, train_step=step_fn, batch_for_step=batch_for_step,
+                                start_step=start, total_steps=config.total_steps)
+  ctx.close()
+  return {"state": state, "model": model, "history": history}
