@@ -26,3 +26,10 @@ def base() -> ml_collections.ConfigDict:
       name="adamw", lr=1e-4, warmup_steps=0, schedule="constant", b1=0.9, b2=0.999, eps=1e-8,
       weight_decay=0.0, grad_clip_norm=1.0))
   return c
+
+
+def tiny_eval() -> ml_collections.ConfigDict:
+  """Held-out tiny world evaluation: sampling settings and set sizes."""
+  return ml_collections.ConfigDict(dict(
+      split="val", num_t2i=64, num_edits=32, image_size=64, num_steps=20, cfg_scale=4.0,
+      negative_prompt="", batch_size=32, max_text_tokens=64))

@@ -25,7 +25,13 @@ def get_config(arg: str = "tiny"):
       text_encoder=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                         num_attention_heads=2, num_key_value_heads=2, rope_theta=1e6,
                         mrope_section=(4, 6, 6), seed=1234),
+      # Qwen-Image's scheduler_config.json values (dynamic shift, exponential).
+      scheduler=dict(_class_name="FlowMatchEulerDiscreteScheduler", num_train_timesteps=1000,
+                     shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+                     base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02,
+                     time_shift_type="exponential"),
   ))
+  c.eval = common.tiny_eval()
   c.data = ml_collections.ConfigDict(dict(
       image_size=64, num_train=4096, num_train_edits=2048, t2i_batch_size=32,
       edit_batch_size=16, max_text_tokens=64))

@@ -20,20 +20,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qwen_image_rl import config_lib, optim, parallel
+from qwen_image_rl import config_lib, evaluation, optim, parallel
 from qwen_image_rl.data import captions, examples
 from qwen_image_rl.data.tokenizer import build_qwen_tokenizer, load_tokenizer, special_token_ids
 from qwen_image_rl.models import text_encoding
 from qwen_image_rl.models.mmdit import QwenImageTransformer
 from qwen_image_rl.models.qwen2_5_vl import Qwen25VLTextModel
 from qwen_image_rl.models.vae import QwenImageVAE, normalize_latents
+from qwen_image_rl.pipelines.common import pack_latents
+from qwen_image_rl.pipelines.edit import QwenImageEditPipeline
+from qwen_image_rl.pipelines.qwen_image import QwenImagePipeline
 from qwen_image_rl.train_state import TrainState, create_train_state
 from qwen_image_rl.trainers import common
 
-T2I_TEMPLATE = text_encoding.T2I_TEMPLATE
-# The tiny world has no vision tower yet, so edit prompts use the edit system prompt without the
-# image placeholder; the source image reaches the DiT through the VAE path only.
-EDIT_TEMPLATE = text_encoding.EDIT_PLUS_TEMPLATE
+# The pipelines' templates, so that training and sampling condition identically. The tiny world
+# has no vision tower yet: edit prompts use the edit system prompt without the image
+# placeholder, and the source image reaches the DiT through the VAE path only.
+T2I_TEMPLATE = QwenImagePipeline.TEMPLATE
+EDIT_TEMPLATE = QwenImageEditPipeline.TEMPLATE
 
 
 def _validate(config):
@@ -98,13 +102,6 @@ def encode_images(vae: QwenImageVAE, vae_params, images_uint8, chunk: int = 128)
                                       np.asarray(vae.latents_std, np.float32)))
 
 
-def pack(latents):
-  """[B, h, w, C] -> [B, (h/2)(w/2), 4C], diffusers' channel-major patch order."""
-  b, h, w, c = latents.shape
-  x = latents.reshape(b, h // 2, 2, w // 2, 2, c)
-  return x.transpose(0, 1, 3, 5, 2, 4).reshape(b, (h // 2) * (w // 2), c * 4)
-
-
 # ---------------------------------------------------------------------------------------------
 # Loss and step.
 # ---------------------------------------------------------------------------------------------
@@ -135,11 +132,11 @@ def make_train_step(model, tx, rules, cfg_dropout: float, edit_weight: float):
 
   def loss_fn(params, batch, key):
     keys = jax.random.split(key, 4)
-    c, m = drop_text(keys[0], batch["t2i_cond"], batch["t2i_mask"], batch["null_cond"],
-                     batch["null_mask"])
+    c, m = drop_text(keys[0], batch["t2i_cond"], batch["t2i_mask"], batch["t2i_null_cond"],
+                     batch["t2i_null_mask"])
     t2i = flow_matching_loss(model, params, batch["t2i_x0"], c, m, keys[1])
-    c, m = drop_text(keys[2], batch["edit_cond"], batch["edit_mask"], batch["null_cond"],
-                     batch["null_mask"])
+    c, m = drop_text(keys[2], batch["edit_cond"], batch["edit_mask"], batch["edit_null_cond"],
+                     batch["edit_null_mask"])
     edit = flow_matching_loss(model, params, batch["edit_x0"], c, m, keys[3],
                               ref=batch["edit_src"])
     return (t2i + edit_weight * edit) / (1.0 + edit_weight), {"t2i_loss": t2i, "edit_loss": edit}
@@ -182,15 +179,19 @@ def train(config, workdir):
   edits = examples.edit_examples(config.seed, data.num_train_edits, "train", data.image_size)
   L = data.max_text_tokens
   arrays = {
-      "t2i_x0": pack(encode_images(vae, vae_params, t2i.images)),
-      "edit_x0": pack(encode_images(vae, vae_params, edits.targets)),
-      "edit_src": pack(encode_images(vae, vae_params, edits.sources)),
+      "t2i_x0": pack_latents(encode_images(vae, vae_params, t2i.images)),
+      "edit_x0": pack_latents(encode_images(vae, vae_params, edits.targets)),
+      "edit_src": pack_latents(encode_images(vae, vae_params, edits.sources)),
   }
   arrays["t2i_cond"], arrays["t2i_mask"] = encode_texts(te_model, te_params, tokenizer,
                                                         t2i.prompts, T2I_TEMPLATE, L)
   arrays["edit_cond"], arrays["edit_mask"] = encode_texts(te_model, te_params, tokenizer,
                                                           edits.instructions, EDIT_TEMPLATE, L)
-  null_cond, null_mask = encode_texts(te_model, te_params, tokenizer, [""], T2I_TEMPLATE, L)
+  # The empty prompt of each task: what CFG dropout trains and what sampling uses as negative.
+  nulls = {}
+  for task, template in (("t2i", T2I_TEMPLATE), ("edit", EDIT_TEMPLATE)):
+    cond, mask = encode_texts(te_model, te_params, tokenizer, [""], template, L)
+    nulls[f"{task}_null_cond"], nulls[f"{task}_null_mask"] = cond[0], mask[0]
   print(f"sft: {len(t2i)} T2I and {len(edits)} edit examples; latent tokens "
         f"{arrays['t2i_x0'].shape[1]}, text tokens {L}", flush=True)
 
@@ -209,7 +210,7 @@ def train(config, workdir):
     batch.update({k: v[ei] for k, v in arrays.items() if k.startswith("edit")})
     batch = {k: jax.device_put(v, parallel.batch_sharding(ctx.mesh, v.ndim))
              for k, v in batch.items()}
-    batch["null_cond"], batch["null_mask"] = null_cond[0], null_mask[0]
+    batch.update(nulls)
     return batch
 
   step_fn = jax.jit(make_train_step(model, tx, ctx.rules, config.loss.cfg_dropout,
@@ -218,5 +219,19 @@ def train(config, workdir):
   with ctx.mesh:
     state, history = common.fit(ctx, state, train_step=step_fn, batch_for_step=batch_for_step,
                                 start_step=start, total_steps=config.total_steps)
+
+  params = jax.device_get(state.params)
+  components = (model, params, vae, vae_params, te_model, te_params, tokenizer,
+                dict(config.model.scheduler))
+  t2i_pipe = QwenImagePipeline(*components)
+  edit_pipe = QwenImageEditPipeline(*components)
+  if jax.process_index() == 0:
+    t2i_pipe.save_pretrained(os.path.join(export, "pipeline"))
+  results = None
+  if config.eval.num_t2i > 0:
+    print("sft: evaluating on held-out prompts and edits ...", flush=True)
+    results = evaluation.evaluate(t2i_pipe, edit_pipe, config.eval, step=config.total_steps,
+                                  seed=config.seed, logger=ctx.logger)
+    print(evaluation.format_table(results), flush=True)
   ctx.close()
-  return {"state": state, "model": model, "history": history}
+  return results

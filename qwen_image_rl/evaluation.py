@@ -1,0 +1,119 @@
+"""Held-out evaluation in the tiny world: sample with the pipelines, score with the oracle.
+
+Writes `results/eval_<step>.json` in the schema of DESIGN.md section 6 and image grids to
+TensorBoard. The oracle is the held-out "human": nothing here feeds back into training.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from qwen_image_rl import metrics
+from qwen_image_rl.data import examples, oracle, world
+
+T2I_DIMENSIONS = {
+    "general": ("presence", "count", "attributes", "position", "relation"),
+    "typography": ("glyphs", "order", "colour"),
+    "portrait": ("well_formed", "attributes", "identity"),
+    "landscape": ("elements", "layout"),
+}
+
+
+def eval_sets(cfg, seed: int):
+  """The fixed held-out prompts and edits (val split, or test with cfg.split='test')."""
+  t2i = examples.t2i_examples(seed + 7919, cfg.num_t2i, cfg.split, cfg.image_size)
+  edits = examples.edit_examples(seed + 7919, cfg.num_edits, cfg.split, cfg.image_size)
+  return t2i, edits
+
+
+def _batched(fn, n: int, batch_size: int):
+  return np.concatenate([fn(i, min(i + batch_size, n)) for i in range(0, n, batch_size)])
+
+
+def sample_t2i(pipe, prompts, cfg, seed: int) -> np.ndarray:
+  """uint8 images for `prompts`, CFG against the empty prompt, one fixed seed per batch."""
+  def one(i, j):
+    return pipe(prompt=list(prompts[i:j]), negative_prompt=[cfg.negative_prompt] * (j - i),
+                true_cfg_scale=cfg.cfg_scale, num_inference_steps=cfg.num_steps,
+                height=cfg.image_size, width=cfg.image_size, seed=seed + i,
+                max_sequence_length=cfg.max_text_tokens)
+  return _batched(one, len(prompts), cfg.batch_size)
+
+
+def sample_edits(pipe, sources, instructions, cfg, seed: int) -> np.ndarray:
+  def one(i, j):
+    return pipe(sources[i:j], prompt=list(instructions[i:j]),
+                negative_prompt=[cfg.negative_prompt] * (j - i), true_cfg_scale=cfg.cfg_scale,
+                num_inference_steps=cfg.num_steps, seed=seed + i, image_area=None,
+                max_sequence_length=cfg.max_text_tokens)
+  return _batched(one, len(instructions), cfg.batch_size)
+
+
+def summarise_t2i(scores, categories) -> dict:
+  by_category, by_dimension = {}, {}
+  for c in world.CATEGORIES:
+    rows = [s for s, k in zip(scores, categories) if k == c]
+    if not rows:
+      continue
+    by_category[c] = float(np.mean([r["overall"] for r in rows]))
+    for d in T2I_DIMENSIONS[c]:
+      vals = [r[d] for r in rows if d in r]
+      if vals:
+        by_dimension[f"{c}/{d}"] = float(np.mean(vals))
+  return {"overall": float(np.mean(list(by_category.values()))),
+          "by_category": by_category, "by_dimension": by_dimension,
+          "quality": float(np.mean([s["quality"] for s in scores]))}
+
+
+def summarise_edits(scores, edits) -> dict:
+  def mean(key, rows):
+    vals = [r[key] for r in rows if key in r]
+    return float(np.mean(vals)) if vals else None
+
+  by_kind = {k: mean("instruction_following", [s for s, e in zip(scores, edits) if e.kind == k])
+             for k in sorted({e.kind for e in edits})}
+  out = {"overall": mean("overall", scores),
+         "instruction_following": mean("instruction_following", scores),
+         "preservation": mean("preservation", scores), "identity": mean("identity", scores),
+         "quality": mean("quality", scores), "instruction_following_by_kind": by_kind}
+  return out
+
+
+def evaluate(t2i_pipe, edit_pipe, cfg, *, step: int, seed: int, logger=None) -> dict:
+  """Sample and score the held-out sets; log grids and write results if `logger` is given."""
+  start = time.time()
+  t2i, edits = eval_sets(cfg, seed)
+  images = sample_t2i(t2i_pipe, t2i.prompts, cfg, seed)
+  t2i_scores = oracle.score_t2i_batch(images, t2i.specs)
+  outputs = sample_edits(edit_pipe, edits.sources, edits.instructions, cfg, seed)
+  edit_scores = oracle.score_edit_batch(edits.sources, outputs, edits.edits)
+  results = {"step": int(step), "n_samples": len(images) + len(outputs),
+             "t2i": summarise_t2i(t2i_scores, t2i.categories),
+             "edit": summarise_edits(edit_scores, edits.edits),
+             "eval_seconds": time.time() - start}
+  if logger is not None:
+    n = min(16, len(images))
+    logger.images(step, {
+        "eval/t2i": metrics.image_grid(np.concatenate([t2i.images[:n], images[:n]]), n),
+        "eval/edit": metrics.image_grid(np.concatenate(
+            [edits.sources[:n], edits.targets[:n], outputs[:n]]), min(16, len(outputs)))})
+    scalars = {f"eval/t2i/{c}": v for c, v in results["t2i"]["by_category"].items()}
+    scalars["eval/t2i/overall"] = results["t2i"]["overall"]
+    scalars.update({f"eval/edit/{k}": v for k, v in results["edit"].items()
+                    if isinstance(v, float)})
+    logger.scalars(step, scalars)
+    logger.write_results(f"eval_{step}", results)
+  return results
+
+
+def format_table(results: dict) -> str:
+  """A per-category table for the terminal."""
+  t, e = results["t2i"], results["edit"]
+  rows = [("t2i overall", t["overall"])] + [(f"  {c}", v) for c, v in t["by_category"].items()]
+  rows += [("t2i quality", t["quality"]),
+           ("edit instruction_following", e["instruction_following"]),
+           ("edit preservation", e["preservation"]), ("edit identity", e["identity"])]
+  width = max(len(r[0]) for r in rows)
+  return "\n".join(f"{name:<{width}}  {'n/a' if v is None else f'{v:.3f}'}" for name, v in rows)

@@ -1,0 +1,288 @@
+"""Qwen-Image MMDiT: float32 parity with diffusers on tiny random models, checkpoint IO, sharding
+and the 20B parameter count."""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qwen_image_rl.convert.safetensors_io import CheckpointError
+from qwen_image_rl.convert.transformer import (
+    load_transformer, params_from_torch_state_dict, params_to_torch_state_dict, save_transformer)
+from qwen_image_rl.models import layers
+from qwen_image_rl.models.mmdit import QwenImageTransformer, count_params
+from qwen_image_rl.parallel import DEFAULT_LOGICAL_AXIS_RULES, make_mesh, shard_tree, tree_shardings
+
+TOL = 1e-4
+TINY = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=32,
+            num_attention_heads=2, joint_attention_dim=24, axes_dims_rope=(8, 12, 12))
+T2I = ((1, 4, 6),)
+EDIT = ((1, 4, 6), (1, 2, 3), (1, 3, 3))
+
+
+def _torch_model(seed=0, **overrides):
+  import torch
+  from diffusers import QwenImageTransformer2DModel
+  torch.manual_seed(seed)
+  model = QwenImageTransformer2DModel(**{**TINY, **overrides}).eval()
+  with torch.no_grad():  # Move norms and biases off their trivial init so they are tested too.
+    for p in model.parameters():
+      p.add_(0.05 * torch.randn_like(p))
+  return model
+
+
+def _state_dict(torch_model):
+  return {k: v.detach().numpy() for k, v in torch_model.state_dict().items()}
+
+
+def _inputs(img_shapes, batch=2, txt_len=7, pad_from=None, in_channels=16, joint_dim=24, seed=1):
+  rng = np.random.default_rng(seed)
+  n = sum(math.prod(s) for s in img_shapes)
+  mask = None
+  if pad_from is not None:
+    mask = np.ones((batch, txt_len), np.float32)
+    mask[-1, pad_from:] = 0.0
+  return dict(hidden_states=rng.standard_normal((batch, n, in_channels), np.float32),
+              encoder_hidden_states=rng.standard_normal((batch, txt_len, joint_dim), np.float32),
+              encoder_hidden_states_mask=mask,
+              timestep=rng.uniform(0.05, 1.0, (batch,)).astype(np.float32),
+              img_shapes=img_shapes)
+
+
+def _torch_forward(torch_model, inputs):
+  import torch
+  n_target = math.prod(inputs["img_shapes"][0])
+  mask = inputs["encoder_hidden_states_mask"]
+  with torch.no_grad():
+    out = torch_model(
+        hidden_states=torch.from_numpy(inputs["hidden_states"]),
+        encoder_hidden_states=torch.from_numpy(inputs["encoder_hidden_states"]),
+        encoder_hidden_states_mask=None if mask is None else torch.from_numpy(mask),
+        timestep=torch.from_numpy(inputs["timestep"]),
+        img_shapes=[list(inputs["img_shapes"])] * inputs["hidden_states"].shape[0]).sample
+  return out[:, :n_target].numpy()
+
+
+def _flax_forward(model, params, inputs):
+  shapes = inputs["img_shapes"]
+  args = {k: None if v is None else jnp.asarray(v) for k, v in inputs.items() if k != "img_shapes"}
+  fwd = jax.jit(lambda p, a: model.apply({"params": p}, **a, img_shapes=shapes))
+  return np.asarray(fwd(params, args))
+
+
+@pytest.fixture(scope="module")
+def torch_models():
+  return {False: _torch_model(0), True: _torch_model(0, zero_cond_t=True)}
+
+
+# ------------------------------------------------------------------------------------------------
+# Parity with diffusers
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("name,img_shapes,pad_from,zero_cond_t,scan", [
+    ("t2i_nonsquare", T2I, None, False, False),
+    ("padded_mask", ((1, 3, 5),), 4, False, True),
+    ("edit_two_refs", EDIT, 5, False, False),
+    ("edit_zero_cond_t", EDIT, 5, True, True),
+])
+def test_matches_diffusers(torch_models, name, img_shapes, pad_from, zero_cond_t, scan):
+  torch_model = torch_models[zero_cond_t]
+  model = QwenImageTransformer.from_config(dict(torch_model.config), scan_layers=scan)
+  params = params_from_torch_state_dict(_state_dict(torch_model), model)
+  inputs = _inputs(img_shapes, pad_from=pad_from)
+  ref = _torch_forward(torch_model, inputs)
+  out = _flax_forward(model, params, inputs)
+  err = float(np.abs(out - ref).max())
+  print(f"{name}: max abs err {err:.2e} (|ref| max {np.abs(ref).max():.2f})")
+  assert out.shape == ref.shape == (2, math.prod(img_shapes[0]), 16)
+  assert err <= TOL, name
+
+
+@pytest.mark.torch
+def test_mask_and_zero_cond_t_change_outputs(torch_models):
+  """The parity cases exercise real behaviour: the mask and zero_cond_t each matter."""
+  sd = _state_dict(torch_models[False])
+  plain = QwenImageTransformer.from_config(dict(torch_models[False].config))
+  zero = QwenImageTransformer.from_config(dict(torch_models[True].config))
+  params = params_from_torch_state_dict(sd, plain)
+  inputs = _inputs(EDIT, pad_from=3)
+  unmasked = dict(inputs, encoder_hidden_states_mask=None)
+  out = _flax_forward(plain, params, inputs)
+  assert np.abs(out[-1] - _flax_forward(plain, params, unmasked)[-1]).max() > 1e-3
+  assert np.abs(out - _flax_forward(zero, params, inputs)).max() > 1e-3
+
+
+def test_scan_and_loop_agree():
+  loop = QwenImageTransformer(**TINY)
+  scan = QwenImageTransformer(**TINY, scan_layers=True, remat_policy="dots_saveable",
+                              attention_query_chunk=16)  # 46 tokens: 3 blocks, the last padded
+  params = nn.meta.unbox(loop.init_params(jax.random.key(0)))
+  sd = params_to_torch_state_dict(params, loop)
+  scan_params = params_from_torch_state_dict(sd, scan)
+  assert scan_params["transformer_blocks"]["attn"]["to_q"]["kernel"].shape == (2, 64, 64)
+  inputs = _inputs(EDIT, pad_from=5)
+  err = np.abs(_flax_forward(loop, params, inputs) - _flax_forward(scan, scan_params, inputs)).max()
+  print(f"scan vs loop: {err:.2e}")
+  assert err <= 1e-5
+  # The inverse conversion is exact in both layouts.
+  back = params_to_torch_state_dict(scan_params, scan)
+  assert all(np.array_equal(back[k], sd[k]) for k in sd)
+
+
+def test_chunked_attention_matches_plain():
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.standard_normal((2, 37, 3, 8), np.float32)) for _ in range(3))
+  mask = jnp.asarray(np.arange(37)[None, :] < np.array([[37], [30]]))
+
+  def loss(fn, q):
+    return jnp.sum(jnp.sin(fn(q, k, v, mask)))
+
+  plain = jax.value_and_grad(lambda q: loss(layers.dot_product_attention, q))(q)
+  chunked = jax.value_and_grad(
+      lambda q: loss(lambda *a: layers.chunked_attention(*a, query_chunk=10), q))(q)
+  for a, b in zip(plain, chunked):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def test_config_round_trip_and_rejections():
+  model = QwenImageTransformer.from_config(
+      {"_class_name": "QwenImageTransformer2DModel", "_diffusers_version": "0.36.0", **TINY})
+  assert QwenImageTransformer.from_config(model.to_config()) == model
+  assert model.to_config()["axes_dims_rope"] == [8, 12, 12]
+  for flag in ("guidance_embeds", "use_additional_t_cond", "use_layer3d_rope"):
+    with pytest.raises(NotImplementedError, match=flag):
+      QwenImageTransformer(**TINY, **{flag: True})
+  with pytest.raises(ValueError, match="unknown config keys"):
+    QwenImageTransformer.from_config({**TINY, "num_blocks": 3})
+  with pytest.raises(ValueError, match="remat_policy"):
+    QwenImageTransformer(**TINY, remat_policy="some")
+  with pytest.raises(ValueError, match="axes_dims_rope"):
+    QwenImageTransformer(**{**TINY, "axes_dims_rope": (8, 8, 8)})
+
+
+def test_msrope_positions():
+  """Centred h/w positions, frame = image index, text after the largest image on all axes."""
+  img, txt = layers.msrope_angles(((1, 5, 4), (1, 2, 2)), 3, (2, 2, 2), theta=10000.0)
+  # With 2 dims per axis the angle is the position itself (inv_freq = 1).
+  np.testing.assert_array_equal(img[:20, 1].reshape(5, 4)[:, 0], [-3, -2, -1, 0, 1])
+  np.testing.assert_array_equal(img[:4, 2], [-2, -1, 0, 1])
+  np.testing.assert_array_equal(img[20:, 0], [1, 1, 1, 1])
+  np.testing.assert_array_equal(txt, np.repeat(np.arange(2, 5)[:, None], 3, axis=1))
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoint IO
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("scan,shard_bytes", [(False, 5 * 2**30), (True, 40_000)])
+def test_save_load_round_trip(tmp_path, torch_models, scan, shard_bytes):
+  import torch
+  from diffusers import QwenImageTransformer2DModel
+  torch_model = torch_models[True]
+  torch_model.save_pretrained(tmp_path / "src")
+  model, params = load_transformer(str(tmp_path / "src"), scan_layers=scan)
+  assert model.zero_cond_t and model.scan_layers == scan
+  save_transformer(model, params, str(tmp_path / "dst"), max_shard_bytes=shard_bytes)
+  reloaded = QwenImageTransformer2DModel.from_pretrained(str(tmp_path / "dst")).eval()
+  inputs = _inputs(EDIT, pad_from=5)
+  np.testing.assert_array_equal(_torch_forward(reloaded, inputs),
+                                _torch_forward(torch_model, inputs))
+  for k, v in torch_model.state_dict().items():
+    assert torch.equal(reloaded.state_dict()[k], v), k
+
+
+@pytest.mark.parametrize("corrupt,expected", [
+    ("missing", "missing keys: transformer_blocks.1.attn.norm_k.weight"),
+    ("unexpected", "unexpected keys: transformer_blocks.2.img_mod.1.weight"),
+    ("shape", "wrong shapes: transformer_blocks.0.attn.to_q.weight (checkpoint (64, 63), "
+              "model (64, 64))"),
+])
+def test_bad_checkpoints_name_the_key(tmp_path, corrupt, expected):
+  from qwen_image_rl.convert.safetensors_io import save_state_dict
+  model = QwenImageTransformer(**TINY)
+  sd = params_to_torch_state_dict(model.init_params(jax.random.key(0)), model)
+  if corrupt == "missing":
+    del sd["transformer_blocks.1.attn.norm_k.weight"]
+  elif corrupt == "unexpected":
+    sd["transformer_blocks.2.img_mod.1.weight"] = np.zeros((384, 64), np.float32)
+  else:
+    sd["transformer_blocks.0.attn.to_q.weight"] = np.zeros((64, 63), np.float32)
+  with pytest.raises(CheckpointError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+    params_from_torch_state_dict(sd, model)
+  save_state_dict(sd, str(tmp_path))
+  (tmp_path / "config.json").write_text(__import__("json").dumps(model.to_config()))
+  with pytest.raises(CheckpointError, match=str(tmp_path)):
+    load_transformer(str(tmp_path))
+
+
+# ------------------------------------------------------------------------------------------------
+# Sharding
+# ------------------------------------------------------------------------------------------------
+
+
+def test_sharded_forward_and_grad_match_one_device():
+  rules = DEFAULT_LOGICAL_AXIS_RULES
+  model = QwenImageTransformer(**{**TINY, "num_attention_heads": 4, "attention_head_dim": 16,
+                                  "axes_dims_rope": (4, 6, 6)}, scan_layers=True,
+                               remat_policy="full")
+  abstract = model.abstract_params()
+  params = nn.meta.unbox(model.init_params(jax.random.key(0)))
+  inputs = _inputs(EDIT, batch=4, pad_from=4)
+  shapes = inputs.pop("img_shapes")
+  args = {k: jnp.asarray(v) for k, v in inputs.items()}
+
+  def loss(p, a):  # The output rides along as aux, so one compile checks forward and grad.
+    out = model.apply({"params": p}, **a, img_shapes=shapes)
+    return jnp.mean(jnp.square(out)), out
+
+  (ref_loss, ref_out), ref_grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(params, args)
+
+  mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  shardings = tree_shardings(abstract, mesh, rules)
+  sharded = shard_tree(params, shardings)
+
+  def under_mesh(p, a):
+    with mesh, nn.logical_axis_rules(rules):
+      return jax.value_and_grad(loss, has_aux=True)(p, a)
+
+  (val, out), grad = jax.jit(under_mesh, out_shardings=((None, None), shardings))(sharded, args)
+
+  kernel = sharded["transformer_blocks"]["attn"]["to_q"]["kernel"]  # [layers, embed, heads]
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+  assert kernel.addressable_shards[0].data.shape == (2, 32, 32)
+  assert grad["transformer_blocks"]["img_mlp"]["proj_in"]["kernel"].sharding.spec == (
+      jax.sharding.PartitionSpec(None, "fsdp", "tensor"))
+  out_err = float(np.abs(np.asarray(out) - np.asarray(ref_out)).max())
+  grad_err = max(float(np.abs(np.asarray(g) - np.asarray(r)).max())
+                 for g, r in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad)))
+  print(f"sharded vs one device: out {out_err:.2e}, loss {abs(val - ref_loss):.2e}, "
+        f"grad {grad_err:.2e}")
+  assert out_err <= 1e-5 and abs(val - ref_loss) <= 1e-5 and grad_err <= 1e-5
+
+
+# ------------------------------------------------------------------------------------------------
+# Scale
+# ------------------------------------------------------------------------------------------------
+
+
+def _qwen_image_param_count(d=3072, joint=3584, layers_=60, head_dim=128, in_ch=64, out=64):
+  linear = lambda i, o: i * o + o  # noqa: E731
+  block = (2 * linear(d, 6 * d) + 8 * linear(d, d) + 4 * head_dim
+           + 2 * (linear(d, 4 * d) + linear(4 * d, d)))
+  top = (linear(256, d) + linear(d, d) + joint + linear(in_ch, d) + linear(joint, d)
+         + linear(d, 2 * d) + linear(d, out))
+  return top + layers_ * block
+
+
+def test_default_config_has_20b_params():
+  model = QwenImageTransformer(scan_layers=True, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+  n = count_params(model.abstract_params())
+  assert n == _qwen_image_param_count() == 20_430_401_088  # diffusers' count (meta-device build)
+  assert abs(n - 20.43e9) < 0.01e9
