@@ -108,7 +108,15 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def batch_sharding(mesh: Mesh, ndim: int, rules=DEFAULT_LOGICAL_AXIS_RULES) -> NamedSharding:
-  """Shard the leading (batch) dimension over the data-parallel axes."""
+def batch_sharding(mesh: Mesh, ndim_or_shape, rules=DEFAULT_LOGICAL_AXIS_RULES) -> NamedSharding:
+  """Shard the leading (batch) dimension over the data-parallel axes.
+
+  Given a shape, mesh axes that do not divide the batch are dropped (see `_fit_spec_to_shape`):
+  a batch of 4 on 8 data-parallel devices is split 4 ways and replicated 2 ways.
+  """
+  shape = (ndim_or_shape,) if isinstance(ndim_or_shape, int) else tuple(ndim_or_shape)
+  ndim = shape[0] if len(shape) == 1 and isinstance(ndim_or_shape, int) else len(shape)
   spec = logical_to_spec(("act_batch",) + (None,) * (ndim - 1), rules)
+  if not isinstance(ndim_or_shape, int):
+    spec = _fit_spec_to_shape(spec, shape, mesh)
   return NamedSharding(mesh, spec)

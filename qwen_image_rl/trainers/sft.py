@@ -208,7 +208,7 @@ def train(config, workdir):
     ei = examples.batch_indices(config.seed, step, len(edits), data.edit_batch_size, stream=1)
     batch = {k: v[ti] for k, v in arrays.items() if k.startswith("t2i")}
     batch.update({k: v[ei] for k, v in arrays.items() if k.startswith("edit")})
-    batch = {k: jax.device_put(v, parallel.batch_sharding(ctx.mesh, v.ndim))
+    batch = {k: jax.device_put(v, parallel.batch_sharding(ctx.mesh, v.shape, ctx.rules))
              for k, v in batch.items()}
     batch.update(nulls)
     return batch

@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qwen_image_rl import config_lib, metrics, optim, parallel
+from qwen_image_rl import config_lib, evaluation, metrics, optim, parallel
 from qwen_image_rl.convert.vae import save_vae
-from qwen_image_rl.data import examples
+from qwen_image_rl.data import examples, oracle
 from qwen_image_rl.models.vae import QwenImageVAE
 from qwen_image_rl.train_state import TrainState, create_train_state
 from qwen_image_rl.trainers import common
@@ -81,7 +81,8 @@ def train(config, workdir):
   state, shardings = create_train_state(init, tx, ctx.mesh, ctx.rules, config.seed)
   state, start = common.restore_or_keep(ctx, state, shardings)
 
-  batch_sharding = parallel.batch_sharding(ctx.mesh, 4)
+  batch_sharding = parallel.batch_sharding(
+      ctx.mesh, (data.batch_size, data.image_size, data.image_size, 3), ctx.rules)
   images = examples.to_model_range(train_set.images)
 
   def batch_for_step(step):
@@ -101,7 +102,9 @@ def train(config, workdir):
   if jax.process_index() == 0:
     save_vae(final, jax.device_get(state.params), export_dir)
   ctx.logger.write_results(f"eval_{config.total_steps}", results)
-  print(f"vae: val PSNR {results['psnr']:.2f} dB; exported to {export_dir}", flush=True)
+  print(f"vae: val PSNR {results['psnr']:.2f} dB, oracle on reconstructions "
+        f"{results['oracle_on_reconstructions']['overall']:.3f}; exported to {export_dir}",
+        flush=True)
   ctx.close()
   return results
 
@@ -127,6 +130,11 @@ def evaluate(ctx, model, params, eval_set, config):
   for c in sorted(set(eval_set.categories)):
     m = np.array([x == c for x in eval_set.categories])
     by_category[c] = psnr(recon[m], images[m])
+  # The oracle on reconstructions is the ceiling any generator in this latent space can reach.
+  recon_scores = oracle.score_t2i_batch(examples.to_uint8(recon), eval_set.specs)
+  ceiling = evaluation.summarise_t2i(recon_scores, eval_set.categories)
   return {"step": config.total_steps, "n_samples": len(images), "psnr": psnr(recon, images),
+          "oracle_on_reconstructions": {"overall": ceiling["overall"],
+                                        "by_category": ceiling["by_category"]},
           "psnr_by_category": by_category,
           "latents_mean": flat.mean(0).tolist(), "latents_std": flat.std(0).tolist()}
