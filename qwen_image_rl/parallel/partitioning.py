@@ -22,8 +22,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 MESH_AXES = ("data", "fsdp", "tensor")
 
 DEFAULT_LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
-    # Activations: batch over data-parallel axes, heads/mlp over tensor.
-    ("act_batch", ("data", "fsdp")),
+    # Activations: batch over data-parallel axes, heads/mlp over tensor. The order (fsdp, data)
+    # is deliberate: with ('data', 'fsdp') on a mesh where data, fsdp and tensor are all > 1,
+    # XLA's CPU SPMD partitioner swaps batch shards in the masked joint attention of the MMDiT
+    # (tests/test_mmdit.py::test_batch_sharded_masked_forward_matches_one_device).
+    ("act_batch", ("fsdp", "data")),
     ("act_length", None),
     ("act_embed", None),
     ("act_heads", "tensor"),
