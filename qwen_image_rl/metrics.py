@@ -23,7 +23,6 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 from absl import logging
-from clu import metric_writers
 
 _RESULT_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
@@ -101,6 +100,7 @@ class MetricLogger:
     self.is_host0 = jax.process_index() == 0 if is_host0 is None else bool(is_host0)
     if self.is_host0:
       os.makedirs(workdir, exist_ok=True)
+    from clu import metric_writers  # Lazy: clu imports TensorFlow.
     self._writer = metric_writers.create_default_writer(
         workdir if self.is_host0 else None, just_logging=not self.is_host0)
     self._last_report: tuple[int, float] | None = None  # (step, wall time)
