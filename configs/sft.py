@@ -34,7 +34,7 @@ def get_config(arg: str = "tiny"):
   c.eval = common.tiny_eval()
   c.data = ml_collections.ConfigDict(dict(
       image_size=64, num_train=4096, num_train_edits=2048, t2i_batch_size=32,
-      edit_batch_size=16, max_text_tokens=64))
+      edit_batch_size=16, max_text_tokens=48))
   c.loss = ml_collections.ConfigDict(dict(cfg_dropout=0.1, edit_weight=0.5))
   c.optim.lr = 1e-3
   c.optim.warmup_steps = 50

@@ -144,3 +144,14 @@ def test_sft_exact_resume_after_sigkill(vae_run, tmp_path):
   assert len(leaves_a) == len(leaves_b) > 10
   for x, y in zip(leaves_a, leaves_b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_sft_rejects_a_text_budget_that_truncates_prompts(tmp_path):
+  from qwen_image_rl.config_lib import ConfigError
+  from qwen_image_rl.trainers import sft
+
+  tokenizer = sft.build_tokenizer(str(tmp_path / "tok"))
+  with pytest.raises(ConfigError, match=r"max_text_tokens=3 would truncate prompts: the longest "
+                                        r"has 12 tokens"):
+    sft.encode_texts(None, None, tokenizer, ["a red circle", "a large blue square at the top"],
+                     sft.T2I_TEMPLATE, 3)

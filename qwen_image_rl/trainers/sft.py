@@ -79,6 +79,11 @@ def encode_texts(te_model, te_params, tokenizer, texts, template, max_tokens: in
                  chunk: int = 256):
   """Prompt embeddings [N, max_tokens, H] and masks [N, max_tokens], zero-padded."""
   drop = text_encoding.template_drop_index(tokenizer, template)
+  longest = max(len(ids) for ids in tokenizer([template.format(t) for t in texts])["input_ids"])
+  if longest - drop > max_tokens:
+    raise config_lib.ConfigError(
+        f"config.data.max_text_tokens={max_tokens} would truncate prompts: the longest has "
+        f"{longest - drop} tokens")
   embeds = np.zeros((len(texts), max_tokens, te_model.hidden_size), np.float32)
   masks = np.zeros((len(texts), max_tokens), np.int32)
   for i in range(0, len(texts), chunk):
