@@ -15,7 +15,7 @@ def get_config(arg: str = "tiny"):
     raise ValueError(f"configs/vae.py: unknown variant {arg!r}; known: ['tiny']")
   c = common.base()
   c.trainer = "vae"
-  c.total_steps = 600
+  c.total_steps = 240
   c.model = ml_collections.ConfigDict(dict(vae=dict(
       base_dim=16, z_dim=8, dim_mult=(1, 2, 4), num_res_blocks=1, attn_scales=(),
       temperal_downsample=(False, True), dropout=0.0, input_channels=3,
