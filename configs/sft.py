@@ -16,7 +16,7 @@ def get_config(arg: str = "tiny"):
     raise ValueError(f"configs/sft.py: unknown variant {arg!r}; known: ['tiny']")
   c = common.base()
   c.trainer = "sft"
-  c.total_steps = 400
+  c.total_steps = 300
   c.model = ml_collections.ConfigDict(dict(
       vae_from="",
       # in_channels, out_channels and joint_attention_dim follow the VAE and text encoder.
