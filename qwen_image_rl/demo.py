@@ -16,8 +16,13 @@ import time
 
 from absl import app, flags
 
-_WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where every stage writes its run.")
-_STAGES = flags.DEFINE_list("stages", None, "Run only these stages (default: all).")
+FLAGS = flags.FLAGS
+
+
+def _define_flags():
+  # Defined only when run as a program: `qwen_image_rl.main` owns --workdir in other processes.
+  flags.DEFINE_string("workdir", "runs/demo", "Where every stage writes its run.")
+  flags.DEFINE_list("stages", None, "Run only these stages (default: all).")
 
 
 def _config(module: str, variant: str):
@@ -36,7 +41,7 @@ def stages(workdir: str):
 
 
 def run_stage(name: str, config, workdir: str):
-  from qwen_image_rl import main
+  from qwen_image_rl import runner
   from qwen_image_rl.trainers.common import final_checkpoint_exists
 
   stage_dir = os.path.join(workdir, name)
@@ -45,7 +50,7 @@ def run_stage(name: str, config, workdir: str):
     return
   print(f"== {name}: {config.trainer} -> {stage_dir}", flush=True)
   start = time.time()
-  main.run(config, stage_dir)
+  runner.run(config, stage_dir)
   print(f"== {name}: done in {time.time() - start:.0f} s", flush=True)
 
 
@@ -66,8 +71,8 @@ def summary(workdir: str) -> str:
 
 def main(argv):
   del argv
-  workdir = _WORKDIR.value
-  selected = _STAGES.value
+  workdir = FLAGS.workdir
+  selected = FLAGS.stages
   all_stages = stages(workdir)
   unknown = set(selected or ()) - {n for n, _ in all_stages}
   if unknown:
@@ -83,4 +88,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -6,13 +6,13 @@ checked). The resolved config is written to DIR/config.json before the trainer s
 
 from __future__ import annotations
 
-import os
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from qwen_image_rl import config_lib
+from qwen_image_rl.runner import run  # noqa: F401  (re-exported: `main.run(config, workdir)`)
 
 FLAGS = flags.FLAGS
 
@@ -35,39 +35,6 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, eve
 def _fail(message: str) -> None:
   print(f"error: {message}", file=sys.stderr)
   sys.exit(2)
-
-
-def check_workdir(workdir: str | None) -> str:
-  if not workdir:
-    raise config_lib.ConfigError("--workdir is required")
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise config_lib.ConfigError(f"--workdir={workdir} is a file, expected a directory")
-  return workdir
-
-
-def write_config(config, workdir: str) -> str:
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, "config.json")
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(config_lib.to_json(config))
-  os.replace(tmp, path)
-  return path
-
-
-def run(config, workdir: str):
-  """Validate, record the config, and hand over to the trainer. Returns the trainer's result."""
-  workdir = check_workdir(workdir)
-  spec = config_lib.validate(config)
-  from qwen_image_rl.parallel import maybe_initialize_distributed
-
-  maybe_initialize_distributed(config.get("distributed", "auto"))
-  import jax
-
-  if jax.process_index() == 0:
-    write_config(config, workdir)
-  logging.info("trainer=%s workdir=%s devices=%d", spec.name, workdir, jax.device_count())
-  return spec.run(config, workdir)
 
 
 def main(argv):

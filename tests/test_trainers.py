@@ -155,3 +155,18 @@ def test_sft_rejects_a_text_budget_that_truncates_prompts(tmp_path):
                                         r"has 12 tokens"):
     sft.encode_texts(None, None, tokenizer, ["a red circle", "a large blue square at the top"],
                      sft.T2I_TEMPLATE, 3)
+
+
+def test_demo_runs_a_stage_and_skips_it_once_done(tmp_path, capsys):
+  """The demo driver and the entry point live in one process (their flags must not clash)."""
+  from qwen_image_rl import demo, main  # noqa: F401  (both define absl flags)
+
+  config = _small_vae()
+  config.total_steps = 1
+  demo.run_stage("vae", config, str(tmp_path))
+  assert os.path.isdir(tmp_path / "vae" / "export" / "vae")
+  demo.run_stage("vae", config, str(tmp_path))
+  assert "final checkpoint exists" in capsys.readouterr().out
+  assert "vae" in demo.summary(str(tmp_path))
+  names = [name for name, _ in demo.stages(str(tmp_path))]
+  assert names == ["vae", "base"]
