@@ -1,0 +1,34 @@
+"""GRPO for editing from the tiny base (the paper's edit RL run: instruction following + face ID).
+
+  python -m qwen_image_rl.main --config=configs/grpo_edit.py:tiny --workdir=runs/demo/grpo_edit \
+      --config.init_from=runs/demo/base/export/pipeline
+
+Rewards: instruction_following + identity (portrait edits weight identity; other edits get the
+identity reward's neutral constant, which adds nothing to their group-normalised advantage).
+'qwen_image_edit' is the full-size 20B setup (bf16, FSDP, remat) and needs real weights.
+"""
+
+from configs import grpo_t2i
+
+EDIT_WEIGHTS = {
+    "general": {"instruction_following": 1.0, "identity": 0.0},
+    "typography": {"instruction_following": 1.0, "identity": 0.0},
+    "portrait": {"instruction_following": 0.6, "identity": 0.4},
+    "landscape": {"instruction_following": 1.0, "identity": 0.0},
+}
+
+
+def get_config(arg: str = "tiny"):
+  if arg not in ("tiny", "qwen_image_edit"):
+    raise ValueError(f"configs/grpo_edit.py: unknown variant {arg!r}; known: ['tiny', "
+                     f"'qwen_image_edit']")
+  c = grpo_t2i.get_config("tiny" if arg == "tiny" else "qwen_image")
+  c.rl.task = "edit"
+  c.rl.category_weights = EDIT_WEIGHTS
+  c.rewards.names = ("instruction_following", "identity")
+  c.data.num_prompts = 1024
+  c.data.max_text_tokens = 32  # edit instructions are short (<= 14 tokens in the tiny world)
+  if arg == "qwen_image_edit":
+    c.init_from = "/ckpt/Qwen-Image-Edit"
+    c.rl.noise_level = 1.0  # Flow-GRPO qwenimage edit configs use 1.0-1.5
+  return c

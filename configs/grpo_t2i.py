@@ -1,0 +1,127 @@
+"""GRPO for text-to-image from the tiny base (Qwen-Image-2.0-RL sec. 1-5).
+
+  python -m qwen_image_rl.main --config=configs/grpo_t2i.py:tiny --workdir=runs/demo/grpo_t2i \
+      --config.init_from=runs/demo/base/export/pipeline
+
+Rewards: alignment + aesthetics + portrait (the paper's T2I trio, tiny world oracle analogues),
+combined per prompt category (portrait prompts weight the portrait reward more, typography
+prompts weight alignment more). Hybrid CFG (CFG at rollout only), a high-noise timestep subset,
+GDPO advantages, asynchronous rewards.
+
+Measured (2-core CPU shared with other jobs, load 2.5-6; base /tmp/sft4 = 300-step tiny base,
+held-out t2i overall 0.244): 60 iterations take 9.4 min including two evals (5.5-9 s/iteration);
+held-out t2i overall 0.240 at 30 and 0.243 at 60 iterations (general 0.386 -> 0.512, portrait
+0.313 -> 0.204, landscape 0.188 -> 0.196, typography 0.089 -> 0.061): the +0.15 target is NOT
+reached with these defaults. 'qwen_image' is the full-size 20B setup (bf16, FSDP, remat); it
+needs real weights in config.init_from.
+"""
+
+import ml_collections
+
+from configs import common
+
+# Aesthetics is easy to hack (measured: weight 0.3 raised it 0.5 -> 0.95 in 25 iterations while
+# the held-out oracle fell 0.244 -> 0.198), so it only breaks ties here.
+T2I_WEIGHTS = {
+    "general": {"alignment": 0.9, "aesthetics": 0.1, "portrait": 0.0},
+    "typography": {"alignment": 0.95, "aesthetics": 0.05, "portrait": 0.0},
+    "portrait": {"alignment": 0.6, "aesthetics": 0.05, "portrait": 0.35},
+    "landscape": {"alignment": 0.9, "aesthetics": 0.1, "portrait": 0.0},
+}
+
+
+def rl_section(task: str, weights) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      task=task,
+      group_size=8,  # G rollouts per prompt
+      prompts_per_step=8,  # prompt groups per iteration
+      rollout_chunks=2,  # chunk n is scored while chunk n + 1 rolls out
+      num_steps=10,  # rollout denoising steps N (paper: 40)
+      cfg_mode="rollout_only",  # hybrid CFG: 'rollout_only' | 'both' | 'none'
+      cfg_scale=4.0,
+      negative_prompt="",
+      noise_level=0.8,  # the SDE's a in sigma_t = a sqrt(t / (1 - t))
+      clip_eps=0.01,
+      kl_beta=0.0,
+      inner_updates=1,
+      micro_batch_size=ml_collections.config_dict.placeholder(int),
+      adv_eps=1e-4,
+      adv_clip=5.0,
+      whiten_advantages=False,
+      async_rewards=True,
+      max_consecutive_nonfinite=3,
+      timesteps=dict(strategy="high_noise", num_train=3, first_m=5, power=1.0, window_start=0,
+                     slide_every=1, slide_stride=1),
+      category_weights=weights,
+      curation=dict(threshold=0.05, output="curated_prompts.jsonl", bins=20),
+  ))
+
+
+def tiny_model() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(dtype="float32", transformer_overrides={}))
+
+
+def qwen_image_model() -> ml_collections.ConfigDict:
+  """The 20B Qwen-Image DiT: bf16 params + compute, scanned and rematerialised layers."""
+  return ml_collections.ConfigDict(dict(
+      dtype="bfloat16",
+      transformer_overrides=dict(scan_layers=True, remat_policy="full",
+                                 attention_query_chunk=1024),
+      # Shapes of the released transformer/config.json, for abstract shapes without weights.
+      transformer=dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60,
+                       attention_head_dim=128, num_attention_heads=24, joint_attention_dim=3584,
+                       axes_dims_rope=(16, 56, 56)),
+  ))
+
+
+def get_config(arg: str = "tiny"):
+  if arg not in ("tiny", "qwen_image"):
+    raise ValueError(f"configs/grpo_t2i.py: unknown variant {arg!r}; known: ['tiny', "
+                     f"'qwen_image']")
+  c = common.base()
+  c.trainer = "grpo"
+  c.init_from = "runs/demo/base/export/pipeline"
+  c.total_steps = 40
+  c.model = tiny_model()
+  c.data = ml_collections.ConfigDict(dict(image_size=64, max_text_tokens=48, num_prompts=2048,
+                                          prompt_file=""))
+  c.rl = rl_section("t2i", T2I_WEIGHTS)
+  c.rewards = ml_collections.ConfigDict(dict(names=("alignment", "aesthetics", "portrait"),
+                                             kwargs={}))
+  c.optim.lr = 3e-4
+  c.optim.grad_clip_norm = 1.0
+  c.checkpoint.every = 10
+  c.log.every = 1
+  c.log.progress_every = 5
+  c.log.images_every = 10
+  c.eval = common.tiny_eval()
+  c.eval.every = 20
+  c.eval.at_start = True
+  if arg == "qwen_image":
+    c.init_from = "/ckpt/Qwen-Image"
+    c.model = qwen_image_model()
+    c.mesh = common.mesh(data=-1, fsdp=8, tensor=1)
+    c.data.image_size = 1024
+    c.data.max_text_tokens = 512
+    c.data.num_prompts = 0
+    c.data.prompt_file = ""  # set to the curated .jsonl; empty -> tiny world prompts
+    c.data.num_prompts = 4096
+    c.rl.group_size = 16  # Flow-GRPO's Qwen-Image configs
+    c.rl.prompts_per_step = 32
+    c.rl.rollout_chunks = 8
+    c.rl.num_steps = 40  # paper: 40-step rollouts
+    c.rl.noise_level = 1.2  # Flow-GRPO qwenimage T2I
+    c.rl.clip_eps = 1e-4
+    c.rl.inner_updates = 1
+    c.rl.micro_batch_size = 16
+    c.rl.timesteps.update(dict(strategy="high_noise", num_train=6, first_m=16))
+    c.total_steps = 1000
+    c.optim.lr = 1e-5
+    c.optim.warmup_steps = 20
+    c.checkpoint.every = 20
+    c.log.images_every = 50
+    c.eval.every = 100
+    c.eval.at_start = False
+    c.eval.num_t2i = 0
+    c.eval.num_edits = 0
+  return c

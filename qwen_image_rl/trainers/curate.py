@@ -1,0 +1,145 @@
+"""`curate` trainer: offline prompt curation by intra-group reward range (paper sec. 4).
+
+The base model makes rl.group_size ODE rollouts (true CFG) per prompt; each is scored with the
+composite reward, combined per sample with its category's weights (sec. 5). A prompt is kept when
+max - min of its group's composite exceeds rl.curation.threshold: prompts whose rollouts all score
+alike give GRPO no signal. Writes WORKDIR/<rl.curation.output> (.jsonl, with each tiny-world
+prompt's scene spec so the oracle rewards can score it), results/curation.json (counts, range
+histogram, per-category keep rates) and a histogram image to TensorBoard.
+
+  python -m qwen_image_rl.main --config=configs/curate.py:tiny --workdir=runs/demo/curate \
+      --config.init_from=runs/demo/base/export/pipeline
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+from qwen_image_rl import config_lib
+from qwen_image_rl.config_lib import ConfigError
+from qwen_image_rl.data import prompt_files, world
+from qwen_image_rl.metrics import MetricLogger
+from qwen_image_rl.rewards.base import RewardBatch
+from qwen_image_rl.rewards.composite import category_weighted_sum
+from qwen_image_rl.rl import reward_setup
+from qwen_image_rl.trainers import grpo
+
+
+class CurationError(RuntimeError):
+  """No prompt passed the filter."""
+
+
+def _validate(config):
+  grpo.validate_rl(config)
+  if config.rl.task != "t2i":
+    raise ConfigError("config.rl.task must be 't2i' for curate (edit curation is not built)")
+  if not config.rl.curation.threshold >= 0:
+    raise ConfigError(f"config.rl.curation.threshold={config.rl.curation.threshold}: must be >= 0")
+  if not prompt_files.is_jsonl(config.rl.curation.output):
+    raise ConfigError(f"config.rl.curation.output={config.rl.curation.output!r}: must end in "
+                      f".jsonl")
+
+
+def histogram_image(counts, height: int = 64, bar: int = 6) -> np.ndarray:
+  """A uint8 bar chart [H, W, 3] of histogram counts (for TensorBoard)."""
+  counts = np.asarray(counts, np.float64)
+  image = np.full((height, bar * len(counts), 3), 255, np.uint8)
+  top = counts.max() if counts.size and counts.max() > 0 else 1.0
+  for i, c in enumerate(counts):
+    h = int(round((height - 1) * c / top))
+    image[height - h:, i * bar:(i + 1) * bar - 1] = (40, 90, 200)
+  return image
+
+
+def group_ranges(composite: np.ndarray, group_size: int) -> np.ndarray:
+  groups = composite.reshape(-1, group_size)
+  return groups.max(axis=1) - groups.min(axis=1)
+
+
+@config_lib.register_trainer("curate", required={
+    "seed": int, "init_from": str, "model.dtype": str, "data.image_size": int,
+    "data.max_text_tokens": int, "data.num_prompts": int, "data.prompt_file": str,
+    "rl.task": str, "rl.group_size": int, "rl.prompts_per_step": int, "rl.num_steps": int,
+    "rl.cfg_mode": str, "rl.cfg_scale": float, "rl.curation.threshold": float,
+    "rl.curation.output": str, "rl.curation.bins": int, "rewards.names": tuple},
+    validate=_validate)
+def train(config, workdir):
+  """Prompt curation: keep prompts whose base-model rollouts' reward range exceeds a threshold."""
+  rl = config.rl
+  pipe = grpo.load_base(config)
+  reward_fn = reward_setup.build_reward(config)
+  weights = reward_setup.category_weights(config)
+  pool = grpo.build_pool(config, pipe)
+  reward_setup.check_categories_covered(weights, pool.categories, "the prompt set")
+  logger = MetricLogger(workdir, total_steps=1, progress_every=1)
+  neg_cond, neg_mask = grpo.negative_embeds(config, pipe, 1)
+  guided = rl.cfg_mode != "none"
+  g = rl.group_size
+  n = len(pool)
+  start = time.time()
+  composite = np.zeros((n * g,), np.float32)
+  raw = {name: np.zeros((n * g,), np.float32) for name in reward_fn.names}
+  for lo in range(0, n, rl.prompts_per_step):
+    hi = min(lo + rl.prompts_per_step, n)
+    k = hi - lo
+    kw = {}
+    if guided:
+      kw = dict(negative_prompt_embeds=np.repeat(neg_cond, k, 0),
+                negative_prompt_embeds_mask=np.repeat(neg_mask, k, 0))
+    images = pipe(prompt_embeds=pool.cond[lo:hi], prompt_embeds_mask=pool.mask[lo:hi],
+                  true_cfg_scale=rl.cfg_scale, num_inference_steps=rl.num_steps,
+                  height=config.data.image_size, width=config.data.image_size,
+                  seed=config.seed * 1_000_003 + lo, num_images_per_prompt=g,
+                  max_sequence_length=config.data.max_text_tokens, **kw)
+    index = np.repeat(np.arange(lo, hi), g)  # num_images_per_prompt repeats each prompt
+    batch = RewardBatch(images=images, prompts=[pool.prompts[i] for i in index],
+                        categories=[pool.categories[i] for i in index],
+                        sample_ids=np.arange(lo * g, hi * g), meta=[pool.metas[i] for i in index])
+    scores = reward_fn(batch)
+    for name, value in scores.items():
+      raw[name][lo * g:hi * g] = value
+    composite[lo * g:hi * g] = category_weighted_sum(scores, batch.categories, weights)
+    print(f"curate: scored {hi}/{n} prompts ({time.time() - start:.0f}s)", flush=True)
+
+  ranges = group_ranges(composite, g)
+  keep = ranges > rl.curation.threshold
+  cats = np.asarray(pool.categories, dtype=object)
+  counts, edges = np.histogram(ranges, bins=rl.curation.bins,
+                               range=(0.0, max(float(ranges.max()), 1e-6)))
+  summary = {
+      "n_prompts": n, "n_kept": int(keep.sum()), "threshold": float(rl.curation.threshold),
+      "group_size": g, "range_mean": float(ranges.mean()),
+      "range_quantiles": {str(q): float(np.quantile(ranges, q)) for q in (0.1, 0.5, 0.9)},
+      "histogram": {"counts": counts.tolist(), "edges": edges.tolist()},
+      "by_category": {c: {"n": int((cats == c).sum()), "kept": int(keep[cats == c].sum()),
+                          "range_mean": float(ranges[cats == c].mean())}
+                      for c in sorted(set(pool.categories))},
+      "reward_means": {name: float(np.nanmean(v)) for name, v in raw.items()},
+      "seconds": time.time() - start}
+  logger.write_results("curation", summary)
+  logger.images(0, {"curation/range_histogram": histogram_image(counts)})
+  logger.scalars(0, {"curation/kept_fraction": keep.mean(), "curation/range_mean": ranges.mean()})
+  logger.close()
+  if not keep.any():
+    raise CurationError(
+        f"no prompt kept: all {n} reward ranges are <= rl.curation.threshold="
+        f"{rl.curation.threshold} (max range {float(ranges.max()):.4g}); lower the threshold or "
+        f"raise rl.group_size. Histogram in {os.path.join(workdir, 'results', 'curation.json')}")
+  records = []
+  for i in np.flatnonzero(keep):
+    extra = {"range": float(ranges[i])}
+    spec = pool.metas[i].get("spec")
+    if spec is not None:
+      extra["spec"] = spec if isinstance(spec, dict) else world.to_dict(spec)
+    records.append(prompt_files.PromptRecord(prompt=pool.prompts[i], category=pool.categories[i],
+                                             extra=extra))
+  path = os.path.join(workdir, rl.curation.output)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  prompt_files.write_prompt_file(path, records)
+  summary["output"] = path
+  print(f"curate: kept {len(records)}/{n} prompts (range > {rl.curation.threshold}) -> {path}",
+        flush=True)
+  return summary

@@ -1,0 +1,276 @@
+"""The grpo and curate trainers end to end at toy size, on a tiny random diffusers pipeline.
+
+Covers: a T2I run producing eval results (with training reward means), checkpoints and a
+loadable exported pipeline whose weights moved; an edit run with CFG in the objective and a KL
+reference; NaN rewards (3 skipped iterations in a row -> NonFiniteError, last good checkpoint
+intact); bad configs failing with ConfigError before any compile; the full-size configs'
+validation and abstract shapes; curation writing a prompt file; exact resume after SIGKILL.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from configs import curate as curate_config  # noqa: E402
+from configs import grpo_edit as grpo_edit_config  # noqa: E402
+from configs import grpo_t2i as grpo_t2i_config  # noqa: E402
+
+
+def _shrink(c, pipe_dir):
+  c.init_from = pipe_dir
+  c.total_steps = 3
+  c.data.update(dict(image_size=32, num_prompts=16, max_text_tokens=48))
+  c.rl.update(dict(group_size=4, prompts_per_step=2, rollout_chunks=2, num_steps=4))
+  c.rl.timesteps.update(dict(num_train=2, first_m=3))
+  c.eval.update(dict(num_t2i=4, num_edits=2, image_size=32, num_steps=2, batch_size=4,
+                     max_text_tokens=48, every=0, at_start=False))
+  c.checkpoint.update(dict(every=1, async_save=False))
+  c.log.update(dict(every=1, images_every=2))
+  return c
+
+
+def _small_grpo(pipe_dir, task="t2i"):
+  module = grpo_t2i_config if task == "t2i" else grpo_edit_config
+  return _shrink(module.get_config("tiny"), pipe_dir)
+
+
+@pytest.fixture(scope="module")
+def pipe_dir(tmp_path_factory):
+  from qwen_image_rl.pipelines import tiny_reference
+
+  _, path = tiny_reference.build_t2i(str(tmp_path_factory.mktemp("tiny_pipe")))
+  return path
+
+
+def _transformer_params(directory):
+  from qwen_image_rl.convert.safetensors_io import load_state_dict
+
+  return load_state_dict(os.path.join(directory, "transformer"))
+
+
+@pytest.mark.torch
+def test_grpo_t2i_end_to_end(pipe_dir, tmp_path):
+  from qwen_image_rl import main
+  from qwen_image_rl.checkpoint import committed_steps
+  from qwen_image_rl.pipelines.qwen_image import QwenImagePipeline
+
+  workdir = str(tmp_path / "t2i")
+  results = main.run(_small_grpo(pipe_dir), workdir)
+  with open(os.path.join(workdir, "results", "eval_3.json")) as f:
+    saved = json.load(f)
+  assert saved["step"] == 3 and saved["n_samples"] == 6
+  assert saved["t2i"]["overall"] == pytest.approx(results["t2i"]["overall"])
+  for name in ("alignment", "aesthetics", "portrait"):
+    assert 0.0 <= saved["rewards"][f"{name}/mean"] <= 1.0, saved["rewards"]
+  assert 0.0 <= saved["rewards"]["composite/mean"] <= 1.0
+  assert 3 in committed_steps(os.path.join(workdir, "checkpoints"))
+  export = os.path.join(workdir, "export", "pipeline")
+  before, after = _transformer_params(pipe_dir), _transformer_params(export)
+  assert set(before) == set(after)
+  moved = max(float(np.abs(np.asarray(after[k], np.float32)
+                           - np.asarray(before[k], np.float32)).max()) for k in before)
+  assert 1e-6 < moved < 1.0, moved  # three small clipped updates
+  pipe = QwenImagePipeline.from_pretrained(export)
+  images = pipe(prompt=["a red circle"], num_inference_steps=2, height=32, width=32, seed=0)
+  assert images.shape == (1, 32, 32, 3) and images.dtype == np.uint8
+
+
+@pytest.mark.slow
+@pytest.mark.torch
+def test_grpo_edit_cfg_in_objective_with_kl(pipe_dir, tmp_path):
+  from qwen_image_rl import main
+
+  c = _small_grpo(pipe_dir, "edit")
+  c.total_steps = 2
+  c.rl.cfg_mode = "both"
+  c.rl.kl_beta = 0.01
+  c.rl.micro_batch_size = 4
+  c.rl.async_rewards = False
+  c.eval.num_t2i = 0
+  workdir = str(tmp_path / "edit")
+  main.run(c, workdir)
+  assert os.path.isfile(os.path.join(workdir, "export", "pipeline", "model_index.json"))
+  with open(os.path.join(workdir, "export", "pipeline", "model_index.json")) as f:
+    assert json.load(f)["_class_name"] == "QwenImageEditPipeline"
+
+
+_NAN_STATE = {"calls": 0}
+
+
+def _register_nan_reward():
+  from qwen_image_rl.rewards.base import RewardFn
+  from qwen_image_rl.rewards.registry import known_rewards, register_reward
+
+  if "k_test_nan_after" in known_rewards():
+    return
+
+  @register_reward("k_test_nan_after")
+  class NanAfter(RewardFn):  # pylint: disable=unused-variable
+    """Finite for the first 2 batches (one iteration of 2 chunks), NaN afterwards."""
+    name, names = "k_test_nan_after", ("k_test_nan_after",)
+
+    def score(self, batch):
+      _NAN_STATE["calls"] += 1
+      value = batch.images.mean(axis=(1, 2, 3)) / 255.0
+      return {self.name: value if _NAN_STATE["calls"] <= 2 else np.full_like(value, np.nan)}
+
+
+@pytest.mark.torch
+def test_nan_rewards_stop_after_three_and_keep_last_checkpoint(pipe_dir, tmp_path):
+  from qwen_image_rl import main
+  from qwen_image_rl.checkpoint import committed_steps
+  from qwen_image_rl.trainers.common import NonFiniteError
+
+  _register_nan_reward()
+  _NAN_STATE["calls"] = 0
+  c = _small_grpo(pipe_dir)
+  c.total_steps = 8
+  c.eval.num_t2i = 0
+  c.rewards.names = ("alignment", "k_test_nan_after")
+  c.rl.category_weights = {cat: {"alignment": 0.5, "k_test_nan_after": 0.5}
+                           for cat in ("general", "typography", "portrait", "landscape")}
+  workdir = str(tmp_path / "nan")
+  with pytest.raises(NonFiniteError, match="3 consecutive iterations"):
+    main.run(c, workdir)
+  assert committed_steps(os.path.join(workdir, "checkpoints")) == [1]
+  assert _NAN_STATE["calls"] == 8  # iterations 1-4, two chunks each; 2-4 skipped
+
+
+def _expect_config_error(c, match):
+  from qwen_image_rl import config_lib
+
+  with pytest.raises(config_lib.ConfigError, match=match):
+    config_lib.validate(c)
+
+
+def test_bad_configs_fail_before_compiling(tmp_path):
+  base = lambda: _shrink(grpo_t2i_config.get_config("tiny"), str(tmp_path))
+  c = base(); c.rl.group_size = 1
+  _expect_config_error(c, "group_size")
+  c = base(); c.rl.category_weights.portrait.portrait = 0.5
+  _expect_config_error(c, "sums to")
+  c = base(); c.rl.timesteps.update(dict(num_train=5, first_m=None))
+  _expect_config_error(c, "num_train")
+  c = base(); c.rl.cfg_mode = "sometimes"
+  _expect_config_error(c, "cfg_mode")
+  c = base(); c.rl.timesteps.strategy = "late"
+  _expect_config_error(c, "strategy")
+  c = base(); c.data.num_prompts = 0
+  _expect_config_error(c, "prompt set is empty")
+  empty = tmp_path / "empty.jsonl"
+  empty.write_text("\n")
+  c = base(); c.data.prompt_file = str(empty)
+  _expect_config_error(c, "no prompts")
+  c = base(); c.rewards.names = ("alignment", "nonsense")
+  _expect_config_error(c, "unknown rewards")
+  # init_from is checked when the run starts, before anything compiles.
+  from qwen_image_rl import config_lib, main
+  c = base(); c.init_from = str(tmp_path / "nowhere")
+  with pytest.raises(config_lib.ConfigError, match="init_from"):
+    main.run(c, str(tmp_path / "run"))
+
+
+def test_full_size_configs_validate_and_build_abstract_shapes():
+  import jax.numpy as jnp
+
+  from qwen_image_rl import config_lib
+  from qwen_image_rl.models.mmdit import QwenImageTransformer, count_params
+
+  for c in (grpo_t2i_config.get_config("qwen_image"),
+            grpo_edit_config.get_config("qwen_image_edit")):
+    assert config_lib.validate(c).name == "grpo"
+  c = grpo_t2i_config.get_config("qwen_image")
+  model = QwenImageTransformer.from_config(
+      dict(c.model.transformer), **dict(c.model.transformer_overrides), dtype=jnp.bfloat16,
+      param_dtype=jnp.bfloat16)
+  n = count_params(model.abstract_params())
+  assert 19e9 < n < 21e9, n
+
+
+@pytest.mark.torch
+def test_curate_writes_prompt_file(pipe_dir, tmp_path):
+  from qwen_image_rl import main
+  from qwen_image_rl.data import prompt_files
+  from qwen_image_rl.trainers.curate import CurationError
+
+  c = _shrink(curate_config.get_config("tiny"), pipe_dir)
+  c.data.num_prompts = 8
+  c.rl.update(dict(group_size=3, prompts_per_step=4, num_steps=2))
+  c.rl.curation.threshold = 0.0
+  workdir = str(tmp_path / "curate")
+  summary = main.run(c, workdir)
+  records = prompt_files.read_prompt_file(os.path.join(workdir, "curated_prompts.jsonl"))
+  assert len(records) == summary["n_kept"] >= 1
+  assert all(r.extra["range"] > 0.0 and "spec" in r.extra for r in records)
+  with open(os.path.join(workdir, "results", "curation.json")) as f:
+    saved = json.load(f)
+  assert sum(saved["histogram"]["counts"]) == 8 and saved["n_prompts"] == 8
+  # The curated file feeds a grpo run's prompt pool (validation reads it).
+  from qwen_image_rl import config_lib
+  g = _small_grpo(pipe_dir)
+  g.data.prompt_file = os.path.join(workdir, "curated_prompts.jsonl")
+  config_lib.validate(g)
+  c.rl.curation.threshold = 10.0
+  with pytest.raises(CurationError, match="no prompt kept"):
+    main.run(c, str(tmp_path / "curate_none"))
+
+
+def _run_grpo_subprocess(workdir, pipe, total_steps, kill_after_step=None):
+  from qwen_image_rl.checkpoint import committed_steps
+
+  code = (
+      "import sys; sys.path.insert(0, %r)\n"
+      "from tests.test_grpo_trainer import _small_grpo\n"
+      "from qwen_image_rl import main\n"
+      "c = _small_grpo(%r); c.total_steps = %d; c.eval.num_t2i = 0\n"
+      "main.run(c, %r)\n" % (REPO, pipe, total_steps, workdir))
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  if kill_after_step is None:
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out.decode()[-3000:]
+    return
+  ckpt = os.path.join(workdir, "checkpoints")
+  deadline = time.time() + 600
+  while time.time() < deadline:
+    if proc.poll() is not None:
+      raise AssertionError("child finished before it could be killed: "
+                           + proc.stdout.read().decode()[-3000:])
+    if os.path.isdir(ckpt) and any(s >= kill_after_step for s in committed_steps(ckpt)):
+      break
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.torch
+def test_grpo_exact_resume_after_sigkill(pipe_dir, tmp_path):
+  import jax
+  import orbax.checkpoint as ocp
+
+  from qwen_image_rl.checkpoint import committed_steps
+
+  steps = 4
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  _run_grpo_subprocess(straight, pipe_dir, steps)
+  _run_grpo_subprocess(resumed, pipe_dir, steps, kill_after_step=1)
+  assert max(committed_steps(os.path.join(resumed, "checkpoints"))) < steps
+  _run_grpo_subprocess(resumed, pipe_dir, steps)
+  load = lambda w: ocp.StandardCheckpointer().restore(
+      os.path.join(w, "checkpoints", str(steps), "state"))
+  leaves_a, leaves_b = jax.tree.leaves(load(straight)), jax.tree.leaves(load(resumed))
+  assert len(leaves_a) == len(leaves_b) > 10
+  for x, y in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
