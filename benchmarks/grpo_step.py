@@ -2,6 +2,7 @@
 achieved FLOP/s next to a large-matmul peak measured in the same run.
 
   python benchmarks/grpo_step.py --init_from=runs/demo/base/export/pipeline [--iterations=3]
+      [--scan_layers --remat_policy=full]  # how the MMDiT is compiled (transformer_overrides)
   python benchmarks/grpo_step.py   # no --init_from: a tiny random diffusers pipeline (needs torch)
 
 FLOPs come from XLA's cost analysis of the compiled rollout (its scan body times N steps) and
@@ -48,6 +49,9 @@ def main():
   parser.add_argument("--group_size", type=int, default=8)
   parser.add_argument("--prompts_per_step", type=int, default=8)
   parser.add_argument("--num_steps", type=int, default=10)
+  parser.add_argument("--scan_layers", action="store_true",
+                      help="scanned MMDiT blocks (config.model.transformer_overrides)")
+  parser.add_argument("--remat_policy", default="none")
   args = parser.parse_args()
 
   from configs import grpo_t2i
@@ -64,6 +68,8 @@ def main():
   c.rl.update(dict(group_size=args.group_size, prompts_per_step=args.prompts_per_step,
                    num_steps=args.num_steps))
   c.data.num_prompts = 256
+  c.model.transformer_overrides = dict(scan_layers=args.scan_layers,
+                                       remat_policy=args.remat_policy)
   if args.init_from:
     c.init_from = args.init_from
   else:
@@ -131,7 +137,8 @@ def main():
   b = roller.batch
   print(f"devices {jax.device_count()} ({jax.devices()[0].platform}); batch {b} = "
         f"{rl.prompts_per_step} prompts x G={rl.group_size}, {rl.num_steps} steps, "
-        f"K={rl.timesteps.num_train}, cfg_mode={rl.cfg_mode}")
+        f"K={rl.timesteps.num_train}, cfg_mode={rl.cfg_mode}, transformer "
+        f"{dict(c.model.transformer_overrides)}")
   print(f"rollout: {b / mean['rollout']:.1f} samples/s ({mean['rollout']:.2f} s incl. decode), "
         f"{rollout_flops / mean['rollout'] / 1e9:.1f} GFLOP/s")
   print(f"reward: {mean['reward']:.2f} s on the worker thread, main thread waited "

@@ -31,5 +31,5 @@ def base() -> ml_collections.ConfigDict:
 def tiny_eval() -> ml_collections.ConfigDict:
   """Held-out tiny world evaluation: sampling settings and set sizes."""
   return ml_collections.ConfigDict(dict(
-      split="val", num_t2i=64, num_edits=32, image_size=64, num_steps=20, cfg_scale=4.0,
+      split="val", num_t2i=128, num_edits=64, image_size=64, num_steps=20, cfg_scale=4.0,
       negative_prompt="", batch_size=32, max_text_tokens=48))

@@ -41,6 +41,7 @@ def rl_section(task: str, weights) -> ml_collections.ConfigDict:
       cfg_scale=4.0,
       negative_prompt="",
       noise_level=0.8,  # the SDE's a in sigma_t = a sqrt(t / (1 - t))
+      shared_initial_noise=False,  # the G rollouts of a prompt start from the same x_T
       clip_eps=0.01,
       kl_beta=0.0,
       inner_updates=1,
@@ -95,7 +96,8 @@ def get_config(arg: str = "tiny"):
   c.log.progress_every = 5
   c.log.images_every = 10
   c.eval = common.tiny_eval()
-  c.eval.every = 20
+  c.eval.num_edits = 0  # a T2I policy: held-out prompts only
+  c.eval.every = 0  # before and after only: each eval costs several iterations
   c.eval.at_start = True
   if arg == "qwen_image":
     c.init_from = "/ckpt/Qwen-Image"

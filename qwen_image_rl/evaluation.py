@@ -23,8 +23,10 @@ T2I_DIMENSIONS = {
 
 def eval_sets(cfg, seed: int):
   """The fixed held-out prompts and edits (val split, or test with cfg.split='test')."""
-  t2i = examples.t2i_examples(seed + 7919, cfg.num_t2i, cfg.split, cfg.image_size)
-  edits = examples.edit_examples(seed + 7919, cfg.num_edits, cfg.split, cfg.image_size)
+  t2i = (examples.t2i_examples(seed + 7919, cfg.num_t2i, cfg.split, cfg.image_size)
+         if cfg.num_t2i > 0 else None)
+  edits = (examples.edit_examples(seed + 7919, cfg.num_edits, cfg.split, cfg.image_size)
+           if cfg.num_edits > 0 else None)
   return t2i, edits
 
 
@@ -81,28 +83,42 @@ def summarise_edits(scores, edits) -> dict:
   return out
 
 
+def enabled(cfg) -> bool:
+  """Whether `cfg` asks for any evaluation (num_t2i or num_edits > 0)."""
+  return cfg.num_t2i > 0 or cfg.num_edits > 0
+
+
 def evaluate(t2i_pipe, edit_pipe, cfg, *, step: int, seed: int, logger=None) -> dict:
-  """Sample and score the held-out sets; log grids and write results if `logger` is given."""
+  """Sample and score the held-out sets; log grids and write results if `logger` is given.
+
+  A task with no samples (num_t2i or num_edits = 0) is skipped and left out of the results.
+  """
   start = time.time()
   t2i, edits = eval_sets(cfg, seed)
-  images = sample_t2i(t2i_pipe, t2i.prompts, cfg, seed)
-  t2i_scores = oracle.score_t2i_batch(images, t2i.specs)
-  outputs = sample_edits(edit_pipe, edits.sources, edits.instructions, cfg, seed)
-  edit_scores = oracle.score_edit_batch(edits.sources, outputs, edits.edits)
-  results = {"step": int(step), "n_samples": len(images) + len(outputs),
-             "t2i": summarise_t2i(t2i_scores, t2i.categories),
-             "edit": summarise_edits(edit_scores, edits.edits),
-             "eval_seconds": time.time() - start}
-  if logger is not None:
-    n = min(16, len(images))
-    logger.images(step, {
-        "eval/t2i": metrics.image_grid(np.concatenate([t2i.images[:n], images[:n]]), n),
-        "eval/edit": metrics.image_grid(np.concatenate(
-            [edits.sources[:n], edits.targets[:n], outputs[:n]]), min(16, len(outputs)))})
-    scalars = {f"eval/t2i/{c}": v for c, v in results["t2i"]["by_category"].items()}
+  results = {"step": int(step), "n_samples": 0}
+  grids, scalars = {}, {}
+  n = 16
+  if cfg.num_t2i > 0:
+    images = sample_t2i(t2i_pipe, t2i.prompts, cfg, seed)
+    results["t2i"] = summarise_t2i(oracle.score_t2i_batch(images, t2i.specs), t2i.categories)
+    results["n_samples"] += len(images)
+    grids["eval/t2i"] = metrics.image_grid(np.concatenate([t2i.images[:n], images[:n]]),
+                                           min(n, len(images)))
+    scalars.update({f"eval/t2i/{c}": v for c, v in results["t2i"]["by_category"].items()})
     scalars["eval/t2i/overall"] = results["t2i"]["overall"]
+  if cfg.num_edits > 0:
+    outputs = sample_edits(edit_pipe, edits.sources, edits.instructions, cfg, seed)
+    results["edit"] = summarise_edits(oracle.score_edit_batch(edits.sources, outputs, edits.edits),
+                                      edits.edits)
+    results["n_samples"] += len(outputs)
+    grids["eval/edit"] = metrics.image_grid(
+        np.concatenate([edits.sources[:n], edits.targets[:n], outputs[:n]]),
+        min(n, len(outputs)))
     scalars.update({f"eval/edit/{k}": v for k, v in results["edit"].items()
                     if isinstance(v, float)})
+  results["eval_seconds"] = time.time() - start
+  if logger is not None:
+    logger.images(step, grids)
     logger.scalars(step, scalars)
     logger.write_results(f"eval_{step}", results)
   return results
@@ -110,10 +126,16 @@ def evaluate(t2i_pipe, edit_pipe, cfg, *, step: int, seed: int, logger=None) -> 
 
 def format_table(results: dict) -> str:
   """A per-category table for the terminal."""
-  t, e = results["t2i"], results["edit"]
-  rows = [("t2i overall", t["overall"])] + [(f"  {c}", v) for c, v in t["by_category"].items()]
-  rows += [("t2i quality", t["quality"]),
-           ("edit instruction_following", e["instruction_following"]),
-           ("edit preservation", e["preservation"]), ("edit identity", e["identity"])]
+  rows = []
+  if "t2i" in results:
+    t = results["t2i"]
+    rows += [("t2i overall", t["overall"])] + [(f"  {c}", v) for c, v in t["by_category"].items()]
+    rows += [("t2i quality", t["quality"])]
+  if "edit" in results:
+    e = results["edit"]
+    rows += [("edit instruction_following", e["instruction_following"]),
+             ("edit preservation", e["preservation"]), ("edit identity", e["identity"])]
+  if not rows:
+    return "(no evaluation samples)"
   width = max(len(r[0]) for r in rows)
   return "\n".join(f"{name:<{width}}  {'n/a' if v is None else f'{v:.3f}'}" for name, v in rows)

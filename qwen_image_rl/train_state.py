@@ -56,3 +56,9 @@ def abstract_like(state, shardings):
   """ShapeDtypeStructs carrying shardings: the restore target of a checkpoint."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       state, shardings)
+
+
+def keep_if_finite(old, new, value):
+  """Inside a jitted step: `new` if `value` is finite, else `old` (a skipped update)."""
+  ok = jnp.isfinite(value)
+  return jax.tree.map(lambda a, b: jnp.where(ok, b, a), old, new)

@@ -9,10 +9,7 @@ validation and abstract shapes; curation writing a prompt file; exact resume aft
 
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -23,6 +20,7 @@ sys.path.insert(0, REPO)
 from configs import curate as curate_config  # noqa: E402
 from configs import grpo_edit as grpo_edit_config  # noqa: E402
 from configs import grpo_t2i as grpo_t2i_config  # noqa: E402
+from tests import kill_and_resume  # noqa: E402
 
 
 def _shrink(c, pipe_dir):
@@ -64,10 +62,13 @@ def test_grpo_t2i_end_to_end(pipe_dir, tmp_path):
   from qwen_image_rl.pipelines.qwen_image import QwenImagePipeline
 
   workdir = str(tmp_path / "t2i")
-  results = main.run(_small_grpo(pipe_dir), workdir)
+  c = _small_grpo(pipe_dir)
+  c.eval.num_edits = 0  # a T2I policy's eval can skip the edit set
+  results = main.run(c, workdir)
   with open(os.path.join(workdir, "results", "eval_3.json")) as f:
     saved = json.load(f)
-  assert saved["step"] == 3 and saved["n_samples"] == 6
+  assert saved["step"] == 3 and saved["n_samples"] == 4 and "edit" not in saved
+  assert saved["rewards_window"] == 3  # training rewards averaged over the last iterations
   assert saved["t2i"]["overall"] == pytest.approx(results["t2i"]["overall"])
   for name in ("alignment", "aesthetics", "portrait"):
     assert 0.0 <= saved["rewards"][f"{name}/mean"] <= 1.0, saved["rewards"]
@@ -157,7 +158,7 @@ def test_bad_configs_fail_before_compiling(tmp_path):
   c = base(); c.rl.group_size = 1
   _expect_config_error(c, "group_size")
   c = base(); c.rl.category_weights.portrait.portrait = 0.5
-  _expect_config_error(c, "sums to")
+  _expect_config_error(c, "sum to")
   c = base(); c.rl.timesteps.update(dict(num_train=5, first_m=None))
   _expect_config_error(c, "num_train")
   c = base(); c.rl.cfg_mode = "sometimes"
@@ -224,53 +225,38 @@ def test_curate_writes_prompt_file(pipe_dir, tmp_path):
     main.run(c, str(tmp_path / "curate_none"))
 
 
-def _run_grpo_subprocess(workdir, pipe, total_steps, kill_after_step=None):
-  from qwen_image_rl.checkpoint import committed_steps
-
-  code = (
-      "import sys; sys.path.insert(0, %r)\n"
-      "from tests.test_grpo_trainer import _small_grpo\n"
-      "from qwen_image_rl import main\n"
-      "c = _small_grpo(%r); c.total_steps = %d; c.eval.num_t2i = 0\n"
-      "main.run(c, %r)\n" % (REPO, pipe, total_steps, workdir))
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-  if kill_after_step is None:
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out.decode()[-3000:]
-    return
-  ckpt = os.path.join(workdir, "checkpoints")
-  deadline = time.time() + 600
-  while time.time() < deadline:
-    if proc.poll() is not None:
-      raise AssertionError("child finished before it could be killed: "
-                           + proc.stdout.read().decode()[-3000:])
-    if os.path.isdir(ckpt) and any(s >= kill_after_step for s in committed_steps(ckpt)):
-      break
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-
-
 @pytest.mark.slow
 @pytest.mark.torch
 def test_grpo_exact_resume_after_sigkill(pipe_dir, tmp_path):
-  import jax
-  import orbax.checkpoint as ocp
-
-  from qwen_image_rl.checkpoint import committed_steps
-
   steps = 4
-  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-  _run_grpo_subprocess(straight, pipe_dir, steps)
-  _run_grpo_subprocess(resumed, pipe_dir, steps, kill_after_step=1)
-  assert max(committed_steps(os.path.join(resumed, "checkpoints"))) < steps
-  _run_grpo_subprocess(resumed, pipe_dir, steps)
-  load = lambda w: ocp.StandardCheckpointer().restore(
-      os.path.join(w, "checkpoints", str(steps), "state"))
-  leaves_a, leaves_b = jax.tree.leaves(load(straight)), jax.tree.leaves(load(resumed))
-  assert len(leaves_a) == len(leaves_b) > 10
-  for x, y in zip(leaves_a, leaves_b):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  code = ("from tests.test_grpo_trainer import _small_grpo\n"
+          f"c = _small_grpo({pipe_dir!r}); c.total_steps = {steps}; c.eval.num_t2i = 0")
+  kill_and_resume.assert_killed_then_resumed_run_is_exact(
+      code, str(tmp_path / "straight"), str(tmp_path / "resumed"), steps, kill_after_step=1)
+
+
+def test_ablation_variants_and_table(tmp_path):
+  from qwen_image_rl import grpo_ablation
+
+  c = grpo_ablation.variant_config("all", "base_dir", iterations=3, num_t2i=8)
+  assert c.rl.timesteps.strategy == "all" and c.rl.timesteps.num_train == c.rl.num_steps
+  assert (c.total_steps, c.init_from, c.eval.num_t2i, c.eval.num_edits) == (3, "base_dir", 8, 0)
+  assert grpo_ablation.variant_config("cfg_none", "b", 3, 8).rl.cfg_mode == "none"
+  assert grpo_ablation.variant_config("high_noise", "b", 3, 8).rl.timesteps.strategy == \
+      "high_noise"
+  for name, before, after, reward in (("high_noise", 0.30, 0.41, 0.62), ("cfg_none", 0.30, 0.28,
+                                                                          0.70)):
+    run = tmp_path / name
+    (run / "results").mkdir(parents=True)
+    config = grpo_ablation.variant_config(name, "b", 3, 8)
+    (run / "config.json").write_text(config.to_json())
+    (run / "results" / "eval_0.json").write_text(json.dumps({"t2i": {"overall": before}}))
+    (run / "results" / "eval_3.json").write_text(json.dumps(
+        {"t2i": {"overall": after}, "rewards": {"composite/mean": reward}}))
+  (tmp_path / "all").mkdir()
+  (tmp_path / "all" / "config.json").write_text(
+      grpo_ablation.variant_config("all", "b", 3, 8).to_json())
+  lines = grpo_ablation.table(str(tmp_path), ["high_noise", "cfg_none", "all"]).splitlines()
+  assert lines[2] == "| high_noise | high_noise | rollout_only | 0.620 | 0.300 -> 0.410 | +0.110 |"
+  assert lines[3] == "| cfg_none | high_noise | none | 0.700 | 0.300 -> 0.280 | -0.020 |"
+  assert lines[4] == "| all | (incomplete) | | | | |"

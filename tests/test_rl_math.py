@@ -95,22 +95,29 @@ def test_gdpo_all_ties_give_zero_advantage():
     adv.gdpo_advantages(rewards, {"b": np.ones(8)}, group_ids, 2)
 
 
-def test_validate_category_weights_errors():
-  adv.validate_category_weights(CATEGORY_WEIGHTS, REWARDS)
-  bad_sum = {"general": {"aesthetic": 0.5, "alignment": 0.6, "portrait": 0.0}}
-  with pytest.raises(ValueError, match=r"'general'.*sums to"):
-    adv.validate_category_weights(bad_sum, REWARDS)
-  with pytest.raises(ValueError, match="unknown rewards.*'ocr'"):
-    adv.validate_category_weights({"general": {"aesthetic": 0.5, "alignment": 0.5, "portrait": 0.0, "ocr": 0.0}},
-                                  REWARDS)
-  with pytest.raises(ValueError, match="missing rewards.*'portrait'"):
-    adv.validate_category_weights({"general": {"aesthetic": 0.5, "alignment": 0.5}}, REWARDS)
-  with pytest.raises(ValueError, match="negative"):
-    adv.validate_category_weights({"general": {"aesthetic": 1.5, "alignment": -0.5, "portrait": 0.0}}, REWARDS)
-  adv.validate_category_weights({"general": {"aesthetic": 0.3, "alignment": 0.7 + 5e-7, "portrait": 0.0}},
-                                REWARDS)  # within 1e-6
-  with pytest.raises(ValueError, match="'landscape'.*no weight vector"):
+def test_category_weight_table_validates_and_fills_omitted_rewards():
+  table = adv.category_weight_table(CATEGORY_WEIGHTS, sorted(CATEGORY_WEIGHTS), REWARDS)
+  np.testing.assert_allclose(table.sum(axis=1), 1.0, atol=1e-6)
+  # A reward a category leaves out weighs 0 (the same rule as the composite reward).
+  table = adv.category_weight_table({"general": {"aesthetic": 0.5, "alignment": 0.5}},
+                                    ["general"], REWARDS)
+  np.testing.assert_array_equal(table, [[0.5 if r in ("aesthetic", "alignment") else 0.0
+                                         for r in REWARDS]])
+  with pytest.raises(ValueError, match=r"'general'.*sum to"):
+    adv.category_weight_table({"general": {"aesthetic": 0.5, "alignment": 0.6}}, ["general"],
+                              REWARDS)
+  with pytest.raises(ValueError, match="unknown reward 'ocr'"):
+    adv.category_weight_table({"general": {"aesthetic": 0.5, "alignment": 0.5, "ocr": 0.0}},
+                              ["general"], REWARDS)
+  with pytest.raises(ValueError, match="finite and >= 0"):
+    adv.category_weight_table({"general": {"aesthetic": 1.5, "alignment": -0.5}}, ["general"],
+                              REWARDS)
+  adv.category_weight_table({"general": {"aesthetic": 0.3, "alignment": 0.7 + 5e-7}},
+                            ["general"], REWARDS)  # within 1e-6
+  with pytest.raises(ValueError, match="no reward weights for categories.*'landscape'"):
     adv.category_weight_table(CATEGORY_WEIGHTS, ["general", "landscape"], REWARDS)
+  with pytest.raises(ValueError, match="duplicates"):
+    adv.category_weight_table(CATEGORY_WEIGHTS, ["general"], REWARDS + REWARDS[:1])
 
 
 # --- timesteps -----------------------------------------------------------------------------------

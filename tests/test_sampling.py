@@ -87,6 +87,23 @@ def test_schedule_from_json(tmp_path):
 
 
 @pytest.mark.torch
+@pytest.mark.parametrize("config", [
+    dict(use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, max_image_seq_len=8192,
+         time_shift_type="exponential"),
+    dict(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, time_shift_type="linear"),
+    dict(shift=3.0)])
+def test_time_shift_factor_reproduces_the_sigmas(config):
+  """The sft trainer shifts training times by this factor to train where the sampler samples."""
+  sched = schedule.FlowMatchSchedule.from_config(config)
+  s = sched.time_shift_factor(64)
+  base = np.linspace(1.0, 1 / 10, 10)
+  np.testing.assert_allclose(s * base / (1 + (s - 1) * base), sched.sigmas(10, 64)[:-1],
+                             rtol=1e-6)
+  if sched.use_dynamic_shifting:
+    with pytest.raises(ValueError, match="needs image_seq_len"):
+      sched.time_shift_factor()
+
+
 def test_euler_step_matches_scheduler_step():
   import torch
   scheduler, ref_sigmas, ref_timesteps = _diffusers_sigmas_timesteps(QWEN_IMAGE_HUB, 6, 64)

@@ -2,10 +2,7 @@
 
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -15,6 +12,7 @@ sys.path.insert(0, REPO)
 
 from configs import sft as sft_config  # noqa: E402
 from configs import vae as vae_config  # noqa: E402
+from tests import kill_and_resume  # noqa: E402
 
 
 def _small_vae():
@@ -87,63 +85,15 @@ def test_sft_trains_evaluates_and_exports(vae_run, tmp_path):
   assert images.shape == (1, 32, 32, 3) and images.dtype == np.uint8
 
 
-def _run_sft_subprocess(workdir, vae_dir, total_steps, kill_after_step=None):
-  """Run sft in a child; optionally SIGKILL it once a checkpoint >= kill_after_step exists."""
-  from qwen_image_rl.checkpoint import committed_steps
-
-  code = (
-      "import sys; sys.path.insert(0, %r)\n"
-      "from tests.test_trainers import _small_sft\n"
-      "from qwen_image_rl import main\n"
-      "c = _small_sft(%r); c.total_steps = %d; c.eval.num_t2i = 0\n"
-      "c.checkpoint.async_save = False\n"
-      "main.run(c, %r)\n" % (REPO, vae_dir, total_steps, workdir))
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-  if kill_after_step is None:
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out.decode()[-3000:]
-    return
-  ckpt = os.path.join(workdir, "checkpoints")
-  deadline = time.time() + 600
-  while time.time() < deadline:
-    if proc.poll() is not None:
-      raise AssertionError("child finished before it could be killed: "
-                           + proc.stdout.read().decode()[-3000:])
-    if os.path.isdir(ckpt) and any(s >= kill_after_step for s in committed_steps(ckpt)):
-      break
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-
-
-def _final_params(workdir, step):
-  import orbax.checkpoint as ocp
-
-  restored = ocp.StandardCheckpointer().restore(
-      os.path.join(workdir, "checkpoints", str(step), "state"))
-  return restored
-
-
 @pytest.mark.slow
 def test_sft_exact_resume_after_sigkill(vae_run, tmp_path):
-  import jax
-
   vae_dir = os.path.join(vae_run[0], "export", "vae")
   steps = 8
-  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-  _run_sft_subprocess(straight, vae_dir, steps)
-  _run_sft_subprocess(resumed, vae_dir, steps, kill_after_step=2)
-  from qwen_image_rl.checkpoint import committed_steps
-  assert max(committed_steps(os.path.join(resumed, "checkpoints"))) < steps
-  _run_sft_subprocess(resumed, vae_dir, steps)
-  a, b = _final_params(straight, steps), _final_params(resumed, steps)
-  leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
-  assert len(leaves_a) == len(leaves_b) > 10
-  for x, y in zip(leaves_a, leaves_b):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  code = ("from tests.test_trainers import _small_sft\n"
+          f"c = _small_sft({vae_dir!r}); c.total_steps = {steps}; c.eval.num_t2i = 0\n"
+          "c.checkpoint.async_save = False")
+  kill_and_resume.assert_killed_then_resumed_run_is_exact(
+      code, str(tmp_path / "straight"), str(tmp_path / "resumed"), steps, kill_after_step=2)
 
 
 def test_sft_rejects_a_text_budget_that_truncates_prompts(tmp_path):
@@ -155,6 +105,39 @@ def test_sft_rejects_a_text_budget_that_truncates_prompts(tmp_path):
                                         r"has 12 tokens"):
     sft.encode_texts(None, None, tokenizer, ["a red circle", "a large blue square at the top"],
                      sft.T2I_TEMPLATE, 3)
+
+
+def test_training_times_cover_the_first_sampling_steps():
+  """The logit-normal alone leaves t > 0.95 (where sampling starts) almost untrained."""
+  import jax
+
+  from qwen_image_rl.trainers import sft
+
+  key = jax.random.key(0)
+  high = lambda t: float(np.mean(np.asarray(t) > 0.95))
+  logit_normal = sft.sample_training_times(key, 200_000)
+  mixed = sft.sample_training_times(key, 200_000, uniform_fraction=0.5)
+  uniform = sft.sample_training_times(key, 200_000, uniform_fraction=1.0)
+  shifted = sft.sample_training_times(key, 200_000, uniform_fraction=1.0, shift=3.0)
+  assert high(logit_normal) < 0.005
+  assert high(mixed) == pytest.approx(0.025 + 0.5 * high(logit_normal), abs=0.003)
+  assert high(uniform) == pytest.approx(0.05, abs=0.003)
+  # s t / (1 + (s - 1) t) > 0.95  <=>  t > 0.95 / (s - 0.95 (s - 1)) = 0.8636 for s = 3.
+  assert high(shifted) == pytest.approx(1 - 0.95 / (3 - 0.95 * 2), abs=0.004)
+  for t in (logit_normal, shifted):
+    assert 0.0 < float(np.min(t)) and float(np.max(t)) < 1.0
+
+
+def test_sft_rejects_bad_time_sampling(tmp_path):
+  from qwen_image_rl import main
+  from qwen_image_rl.config_lib import ConfigError
+
+  for field, value, match in (("uniform_time_fraction", 1.5, "must be in \\[0, 1\\]"),
+                              ("uniform_time_fraction", -0.1, "must be in \\[0, 1\\]")):
+    c = _small_sft(str(tmp_path))
+    c.loss[field] = value
+    with pytest.raises(ConfigError, match=f"config.loss.{field}=.*{match}"):
+      main.run(c, str(tmp_path / "run"))
 
 
 def test_demo_runs_a_stage_and_skips_it_once_done(tmp_path, capsys):

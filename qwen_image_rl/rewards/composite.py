@@ -73,6 +73,10 @@ def validate_weights(weights: Mapping[str, Mapping[str, float]], reward_names: S
     ValueError naming the category and the offending value.
   """
   known = set(reward_names)
+  if len(known) != len(reward_names):
+    raise ValueError(f'reward names have duplicates: {list(reward_names)}')
+  if not weights:
+    raise ValueError('reward weights are empty: give a weight vector for at least one category')
   for category, vector in weights.items():
     where = f'reward weights for category {category!r}'
     for reward_name, w in vector.items():

@@ -21,47 +21,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-_WEIGHT_SUM_TOL = 1e-6
+from qwen_image_rl.rewards.composite import validate_weights
 
 
 # --- category weights (host-side, checked before any compile) ------------------------------------
 
-def validate_category_weights(weights: Mapping[str, Mapping[str, float]],
-                              reward_names: Sequence[str]) -> None:
-  """Checks each category's weight vector: exactly `reward_names`, non-negative, sums to 1.
-
-  Raises:
-    ValueError naming the category and the problem.
-  """
-  expected = set(reward_names)
-  if len(expected) != len(reward_names):
-    raise ValueError(f"reward_names has duplicates: {list(reward_names)}")
-  if not weights:
-    raise ValueError("category weights are empty: give at least one category.")
-  for category, vector in weights.items():
-    where = f"category weights[{category!r}]"
-    unknown = sorted(set(vector) - expected)
-    missing = sorted(expected - set(vector))
-    if unknown:
-      raise ValueError(f"{where} has unknown rewards {unknown}; known rewards: {sorted(expected)}.")
-    if missing:
-      raise ValueError(f"{where} is missing rewards {missing}; give each one a weight (0 is allowed).")
-    negative = {name: w for name, w in vector.items() if not w >= 0}  # also catches NaN
-    if negative:
-      raise ValueError(f"{where} has negative (or NaN) weights {negative}.")
-    total = float(sum(vector.values()))
-    if abs(total - 1.0) > _WEIGHT_SUM_TOL:
-      raise ValueError(f"{where} sums to {total!r}, must sum to 1 (tolerance {_WEIGHT_SUM_TOL}).")
-
 
 def category_weight_table(weights: Mapping[str, Mapping[str, float]], categories: Sequence[str],
                           reward_names: Sequence[str]) -> np.ndarray:
-  """Validated float32 table [len(categories), len(reward_names)] of per-category weights."""
-  validate_category_weights(weights, reward_names)
-  unknown = [c for c in categories if c not in weights]
-  if unknown:
-    raise ValueError(f"categories {unknown} have no weight vector; defined: {sorted(weights)}.")
-  return np.array([[weights[c][r] for r in reward_names] for c in categories], np.float32)
+  """float32 table [len(categories), len(reward_names)] of per-category weights.
+
+  Validated by `rewards.composite.validate_weights` (the one rule for weight vectors): a reward
+  a category leaves out has weight 0.
+  """
+  validate_weights(weights, reward_names, categories)
+  return np.array([[weights[c].get(r, 0.0) for r in reward_names] for c in categories],
+                  np.float32)
 
 
 def sample_weights(category_ids, table, reward_names: Sequence[str]) -> dict[str, jax.Array]:

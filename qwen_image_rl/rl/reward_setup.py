@@ -19,7 +19,8 @@ import numpy as np
 from qwen_image_rl.config_lib import ConfigError, get_field
 from qwen_image_rl.rewards.composite import CompositeReward
 from qwen_image_rl.rewards.registry import known_rewards, make_reward
-from qwen_image_rl.rl.advantages import category_weight_table, validate_category_weights
+from qwen_image_rl.rewards.composite import validate_weights
+from qwen_image_rl.rl.advantages import category_weight_table
 
 
 def reward_names(config) -> tuple[str, ...]:
@@ -43,7 +44,7 @@ def category_weights(config) -> dict[str, dict[str, float]]:
   weights = {str(c): {str(k): float(v) for k, v in dict(vec).items()} for c, vec in
              dict(raw).items()}
   try:
-    validate_category_weights(weights, names)
+    validate_weights(weights, names)
   except ValueError as e:
     raise ConfigError(f"config.rl.category_weights: {e}") from e
   return weights

@@ -116,6 +116,16 @@ class FlowMatchSchedule:
     b = self.base_shift - m * self.base_image_seq_len
     return image_seq_len * m + b
 
+  def time_shift_factor(self, image_seq_len: int | None = None) -> float:
+    """s such that the shift maps sigma to s sigma / (1 + (s - 1) sigma) (before shift_terminal):
+    e^mu (exponential), mu (linear) or `shift` (static)."""
+    if not self.use_dynamic_shifting:
+      return float(self.shift)
+    if image_seq_len is None:
+      raise ValueError("use_dynamic_shifting=True: time_shift_factor() needs image_seq_len.")
+    mu = self.mu(image_seq_len)
+    return math.exp(mu) if self.time_shift_type == "exponential" else mu
+
   def sigmas(self, num_steps: int, image_seq_len: int | None = None) -> np.ndarray:
     """Float32 sigmas [num_steps + 1], decreasing from 1 to the last step, then a final 0."""
     if num_steps < 1:

@@ -68,7 +68,7 @@ def fit(ctx: RunContext, state, *, train_step: Callable, batch_for_step: Callabl
 
   `train_step(state, batch) -> (new_state, metrics)` is jitted by the caller (it may donate the
   state); `metrics` must hold a scalar 'loss'. The step itself must return the old state when the
-  loss is not finite (see `keep_if_finite`); here such a step is logged as skipped, and
+  loss is not finite (see `train_state.keep_if_finite`); here such a step is logged as skipped, and
   `max_consecutive_nonfinite` in a row stop the run, leaving the last good checkpoint.
   """
   log_every = max(int(ctx.config.log.every), 1)
@@ -103,12 +103,6 @@ def fit(ctx: RunContext, state, *, train_step: Callable, batch_for_step: Callabl
   ctx.checkpointer.save(total_steps, state, extra={"step": total_steps})
   ctx.checkpointer.wait()
   return state, history
-
-
-def keep_if_finite(old, new, value):
-  """Inside a jitted step: `new` if `value` is finite, else `old` (a skipped update)."""
-  ok = jax.numpy.isfinite(value)
-  return jax.tree.map(lambda a, b: jax.numpy.where(ok, b, a), old, new)
 
 
 def final_checkpoint_exists(workdir: str, total_steps: int) -> bool:

@@ -17,6 +17,7 @@ in a row raise NonFiniteError, leaving the last good checkpoint. Every random dr
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import math
@@ -153,6 +154,9 @@ def with_params(pipe, params, cls=None):
   return cls(pipe.transformer, params, pipe.vae, pipe.vae_params, pipe.text_encoder,
              pipe.text_encoder_params, pipe.tokenizer, pipe.schedule,
              text_encoder_extra=pipe.text_encoder_extra)
+
+
+REWARD_WINDOW = 10  # iterations averaged for the training rewards written with eval results
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,6 +301,19 @@ class Roller:
       return None
     return jax.device_put(x, parallel.batch_sharding(self.mesh, np.shape(x), self.rules))
 
+  def initial_noise(self, key):
+    """x_T [chunk, S, C]; with rl.shared_initial_noise the G rollouts of a prompt share it.
+
+    Shared noise (DanceGRPO) leaves the trained SDE steps as the only source of difference
+    within a group, so the group-normalised advantage credits exactly the transitions the
+    objective trains instead of mostly the luck of the starting point.
+    """
+    if not self.config.rl.shared_initial_noise:
+      return jax.random.normal(key, (self.chunk, self.seq_len, self.channels), jnp.float32)
+    per_group = jax.random.normal(key, (self.chunk // self.group, self.seq_len, self.channels),
+                                  jnp.float32)
+    return jnp.repeat(per_group, self.group, axis=0)
+
   def train_steps(self, key, iteration: int):
     ts = self.config.rl.timesteps
     idx, _ = select_timesteps(
@@ -329,8 +346,7 @@ class Roller:
     for c in range(rl.rollout_chunks):
       part = slice(c * self.chunk, (c + 1) * self.chunk)
       t0 = time.perf_counter()
-      x_T = jax.random.normal(jax.random.fold_in(key, 1 + c),
-                              (self.chunk, self.seq_len, self.channels), jnp.float32)
+      x_T = self.initial_noise(jax.random.fold_in(key, 1 + c))
       res = rl_rollout.rollout(
           self.pipe.transformer, params, self._put(x_T), self._put(self.pool.cond[index[part]]),
           self._put(self.pool.mask[index[part]]), self._put(self.neg_cond),
@@ -404,7 +420,7 @@ def _has_nonfinite(scores) -> bool:
     "rl.num_steps": int, "rl.cfg_mode": str, "rl.cfg_scale": float, "rl.noise_level": float,
     "rl.clip_eps": float, "rl.kl_beta": float, "rl.inner_updates": int,
     "rl.rollout_chunks": int, "rl.timesteps.strategy": str, "rl.timesteps.num_train": int,
-    "rewards.names": tuple}, validate=_validate)
+    "rl.shared_initial_noise": bool, "rewards.names": tuple}, validate=_validate)
 def train(config, workdir):
   """GRPO for T2I or editing with hybrid CFG, timestep subsets, GDPO advantages, async rewards."""
   rl = config.rl
@@ -440,7 +456,9 @@ def train(config, workdir):
       cfg_scale=rl.cfg_scale, kl_beta=rl.kl_beta, mesh=ctx.mesh),
       donate_argnums=(0,), out_shardings=(shardings, None))
   group_ids = contiguous_group_ids(roller.batch, rl.group_size)
-  last_rewards: dict[str, float] = {}
+  # Training reward means of the last iterations: eval results report their average next to the
+  # oracle's held-out scores (the reward model's view vs the "human's").
+  recent_rewards = collections.deque(maxlen=REWARD_WINDOW)
 
   def run_eval(step):
     params = jax.device_get(state.params)
@@ -448,13 +466,16 @@ def train(config, workdir):
     edit = with_params(pipe, params, QwenImageEditPipeline)
     results = evaluation.evaluate(t2i, edit, config.eval, step=step, seed=config.seed,
                                   logger=ctx.logger)
-    results["rewards"] = dict(last_rewards)
+    if recent_rewards:
+      results["rewards"] = {k: float(np.mean([r[k] for r in recent_rewards]))
+                            for k in recent_rewards[-1]}
+      results["rewards_window"] = len(recent_rewards)
     ctx.logger.write_results(f"eval_{step}", results)
     print(f"eval at iteration {step}:\n{evaluation.format_table(results)}", flush=True)
     return results
 
   results = None
-  if config.eval.at_start and start == 0 and config.eval.num_t2i > 0:
+  if config.eval.at_start and start == 0 and evaluation.enabled(config.eval):
     results = run_eval(0)
   base_key = jax.random.wrap_key_data(jnp.asarray(np.asarray(state.rng)))  # state is donated
   nonfinite = 0
@@ -466,7 +487,8 @@ def train(config, workdir):
       got = roller.collect(state.params, key, it, rewards)
       sample_categories = [pool.categories[i] for i in got.pool_index]
       scalars = reward_metrics(got.scores, sample_categories, weights)
-      last_rewards = {k[len("reward/"):]: v for k, v in scalars.items() if k.endswith("/mean")}
+      recent_rewards.append({k[len("reward/"):]: v for k, v in scalars.items()
+                             if k.endswith("/mean")})
       t_update = time.perf_counter()
       skipped = _has_nonfinite(got.scores)
       if skipped:
@@ -543,7 +565,7 @@ def train(config, workdir):
       ctx.logger.progress(done)
       ctx.checkpointer.maybe_save(done, state, extra={"step": done})
       if config.eval.every and done % config.eval.every == 0 and done < config.total_steps \
-          and config.eval.num_t2i > 0:
+          and evaluation.enabled(config.eval):
         results = run_eval(done)
   ctx.checkpointer.save(config.total_steps, state, extra={"step": config.total_steps})
   ctx.checkpointer.wait()
@@ -553,7 +575,7 @@ def train(config, workdir):
   if jax.process_index() == 0:
     with_params(pipe, params, final_cls).save_pretrained(
         os.path.join(workdir, "export", "pipeline"))
-  if config.eval.num_t2i > 0:
+  if evaluation.enabled(config.eval):
     results = run_eval(config.total_steps)
   ctx.close()
   return results

@@ -30,7 +30,8 @@ from qwen_image_rl.models.vae import QwenImageVAE, normalize_latents
 from qwen_image_rl.pipelines.common import pack_latents
 from qwen_image_rl.pipelines.edit import QwenImageEditPipeline
 from qwen_image_rl.pipelines.qwen_image import QwenImagePipeline
-from qwen_image_rl.train_state import TrainState, create_train_state
+from qwen_image_rl.sampling.schedule import FlowMatchSchedule
+from qwen_image_rl.train_state import TrainState, create_train_state, keep_if_finite
 from qwen_image_rl.trainers import common
 
 # The pipelines' templates, so that training and sampling condition identically. The tiny world
@@ -50,6 +51,10 @@ def _validate(config):
   if not os.path.isdir(config.model.vae_from):
     raise config_lib.ConfigError(f"config.model.vae_from={config.model.vae_from!r} is not a "
                                  f"directory")
+  if not 0.0 <= config.loss.uniform_time_fraction <= 1.0:
+    raise config_lib.ConfigError(f"config.loss.uniform_time_fraction="
+                                 f"{config.loss.uniform_time_fraction}: must be in [0, 1]")
+  config_lib.check_fields(config, {"loss.shift_like_sampler": bool})
   if not 0.0 <= config.loss.cfg_dropout < 1.0:
     raise config_lib.ConfigError(f"config.loss.cfg_dropout={config.loss.cfg_dropout}: must be "
                                  f"in [0, 1)")
@@ -112,11 +117,28 @@ def encode_images(vae: QwenImageVAE, vae_params, images_uint8, chunk: int = 128)
 # ---------------------------------------------------------------------------------------------
 
 
-def flow_matching_loss(model, params, x0, cond, mask, key, ref=None):
-  """MSE between predicted and true velocity at a logit-normal t. x0, ref: packed latents."""
+def sample_training_times(key, batch: int, uniform_fraction: float = 0.0, shift: float = 1.0):
+  """t in (0, 1): logit-normal, a `uniform_fraction` of the batch uniform instead, then shifted
+  by s t / (1 + (s - 1) t).
+
+  The logit-normal alone almost never draws t > 0.95 (0.2% of samples), yet the sampler's first
+  steps start at t = 1 and decide the layout and colours from the prompt alone; a uniform share
+  trains them.
+  """
+  k_ln, k_u, k_pick = jax.random.split(key, 3)
+  t = jnp.where(jax.random.uniform(k_pick, (batch,)) < uniform_fraction,
+                jax.random.uniform(k_u, (batch,)),
+                jax.nn.sigmoid(jax.random.normal(k_ln, (batch,))))
+  return shift * t / (1.0 + (shift - 1.0) * t)
+
+
+def flow_matching_loss(model, params, x0, cond, mask, key, ref=None, *, uniform_fraction=0.0,
+                       shift=1.0):
+  """MSE between predicted and true velocity at t from `sample_training_times`. x0, ref: packed
+  latents."""
   b = x0.shape[0]
   k_t, k_eps = jax.random.split(key)
-  t = jax.nn.sigmoid(jax.random.normal(k_t, (b,)))
+  t = sample_training_times(k_t, b, uniform_fraction, shift)
   eps = jax.random.normal(k_eps, x0.shape)
   x_t = (1.0 - t[:, None, None]) * x0 + t[:, None, None] * eps
   side = int(round(np.sqrt(x0.shape[1])))
@@ -129,7 +151,8 @@ def flow_matching_loss(model, params, x0, cond, mask, key, ref=None):
   return jnp.mean((v - (eps - x0)) ** 2)
 
 
-def make_train_step(model, tx, rules, cfg_dropout: float, edit_weight: float):
+def make_train_step(model, tx, rules, cfg_dropout: float, edit_weight: float,
+                    uniform_fraction: float = 0.0, shift: float = 1.0):
   def drop_text(key, cond, mask, null_cond, null_mask):
     drop = jax.random.uniform(key, (cond.shape[0],)) < cfg_dropout
     return (jnp.where(drop[:, None, None], null_cond[None], cond),
@@ -139,11 +162,12 @@ def make_train_step(model, tx, rules, cfg_dropout: float, edit_weight: float):
     keys = jax.random.split(key, 4)
     c, m = drop_text(keys[0], batch["t2i_cond"], batch["t2i_mask"], batch["t2i_null_cond"],
                      batch["t2i_null_mask"])
-    t2i = flow_matching_loss(model, params, batch["t2i_x0"], c, m, keys[1])
+    times = dict(uniform_fraction=uniform_fraction, shift=shift)
+    t2i = flow_matching_loss(model, params, batch["t2i_x0"], c, m, keys[1], **times)
     c, m = drop_text(keys[2], batch["edit_cond"], batch["edit_mask"], batch["edit_null_cond"],
                      batch["edit_null_mask"])
     edit = flow_matching_loss(model, params, batch["edit_x0"], c, m, keys[3],
-                              ref=batch["edit_src"])
+                              ref=batch["edit_src"], **times)
     return (t2i + edit_weight * edit) / (1.0 + edit_weight), {"t2i_loss": t2i, "edit_loss": edit}
 
   def step(state: TrainState, batch):
@@ -153,7 +177,7 @@ def make_train_step(model, tx, rules, cfg_dropout: float, edit_weight: float):
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new = state.replace(step=state.step + 1, params=jax.tree.map(jnp.add, state.params, updates),
                         opt_state=opt_state)
-    return common.keep_if_finite(state, new, loss), {"loss": loss, **aux}
+    return keep_if_finite(state, new, loss), {"loss": loss, **aux}
 
   return step
 
@@ -166,7 +190,8 @@ def make_train_step(model, tx, rules, cfg_dropout: float, edit_weight: float):
 @config_lib.register_trainer("sft", required={
     "total_steps": int, "seed": int, "data.image_size": int, "data.t2i_batch_size": int,
     "data.edit_batch_size": int, "data.num_train": int, "data.max_text_tokens": int,
-    "loss.cfg_dropout": float, "loss.edit_weight": float}, validate=_validate)
+    "loss.cfg_dropout": float, "loss.edit_weight": float, "loss.uniform_time_fraction": float,
+    "loss.shift_like_sampler": bool}, validate=_validate)
 def train(config, workdir):
   """Flow-matching pretraining of the tiny Qwen-Image base (T2I + edit)."""
   from qwen_image_rl.convert.vae import load_vae
@@ -203,7 +228,9 @@ def train(config, workdir):
   transformer_cfg = dict(config.model.transformer)
   transformer_cfg.update(in_channels=4 * vae.z_dim, out_channels=vae.z_dim,
                          joint_attention_dim=te_model.hidden_size)
-  model = QwenImageTransformer.from_config(transformer_cfg)
+  # Our own fields (scan_layers, remat_policy): how the step is compiled, not what is learned.
+  overrides = dict(config.model.get("transformer_overrides", {}) or {})
+  model = QwenImageTransformer.from_config(transformer_cfg, **overrides)
   tx = optim.make_optimizer(config.optim, config.total_steps)
   state, shardings = create_train_state(model.init_params, tx, ctx.mesh, ctx.rules, config.seed)
   state, start = common.restore_or_keep(ctx, state, shardings)
@@ -218,8 +245,15 @@ def train(config, workdir):
     batch.update(nulls)
     return batch
 
+  shift = 1.0
+  if config.loss.shift_like_sampler:
+    schedule = FlowMatchSchedule.from_config(config.model.scheduler)
+    shift = schedule.time_shift_factor(arrays["t2i_x0"].shape[1])
+    print(f"sft: training times shifted like the sampler's at {arrays['t2i_x0'].shape[1]} "
+          f"tokens (factor {shift:.3f})", flush=True)
   step_fn = jax.jit(make_train_step(model, tx, ctx.rules, config.loss.cfg_dropout,
-                                    config.loss.edit_weight),
+                                    config.loss.edit_weight, config.loss.uniform_time_fraction,
+                                    shift),
                     donate_argnums=(0,), out_shardings=(shardings, None))
   with ctx.mesh:
     state, history = common.fit(ctx, state, train_step=step_fn, batch_for_step=batch_for_step,
@@ -233,7 +267,7 @@ def train(config, workdir):
   if jax.process_index() == 0:
     t2i_pipe.save_pretrained(os.path.join(export, "pipeline"))
   results = None
-  if config.eval.num_t2i > 0:
+  if evaluation.enabled(config.eval):
     print("sft: evaluating on held-out prompts and edits ...", flush=True)
     results = evaluation.evaluate(t2i_pipe, edit_pipe, config.eval, step=config.total_steps,
                                   seed=config.seed, logger=ctx.logger)

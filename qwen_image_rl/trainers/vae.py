@@ -20,7 +20,7 @@ from qwen_image_rl import config_lib, evaluation, metrics, optim, parallel
 from qwen_image_rl.convert.vae import save_vae
 from qwen_image_rl.data import examples, oracle
 from qwen_image_rl.models.vae import QwenImageVAE
-from qwen_image_rl.train_state import TrainState, create_train_state
+from qwen_image_rl.train_state import TrainState, create_train_state, keep_if_finite
 from qwen_image_rl.trainers import common
 
 
@@ -53,7 +53,7 @@ def make_train_step(model, tx, kl_weight, rules):
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new = state.replace(step=state.step + 1, params=jax.tree.map(jnp.add, state.params, updates),
                         opt_state=opt_state)
-    return common.keep_if_finite(state, new, loss), {"loss": loss, **aux}
+    return keep_if_finite(state, new, loss), {"loss": loss, **aux}
   return step
 
 
