@@ -7,7 +7,8 @@ achieved FLOP/s next to a large-matmul peak measured in the same run.
 
 FLOPs come from XLA's cost analysis of the compiled rollout (its scan body times N steps) and
 train step (the same functions the trainer runs); old log-probs are dispatched asynchronously, so
-their time shows up in the train step's. The peak is a 2048x2048 float32 matmul timed after warm-up.
+their time shows up in the train step's. With --scan_layers XLA counts the scanned block once, so
+the FLOP/s it prints are too low by about the layer count. Times are medians. The peak is a 2048x2048 float32 matmul timed after warm-up.
 """
 
 from __future__ import annotations
@@ -132,25 +133,26 @@ def main():
         rows.append(dict(rollout=got.rollout_seconds, reward=got.reward_seconds,
                          reward_wait=got.reward_wait_seconds, collect=t1 - t0,
                          old_logp=t2 - t1, update=t3 - t2, total=t3 - t0))
-  mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+  # Medians over the timed iterations (the first, compiling one is not among them).
+  med = {k: float(np.median([r[k] for r in rows])) for k in rows[0]}
   peak = matmul_peak()
   b = roller.batch
   print(f"devices {jax.device_count()} ({jax.devices()[0].platform}); batch {b} = "
         f"{rl.prompts_per_step} prompts x G={rl.group_size}, {rl.num_steps} steps, "
         f"K={rl.timesteps.num_train}, cfg_mode={rl.cfg_mode}, transformer "
         f"{dict(c.model.transformer_overrides)}")
-  print(f"rollout: {b / mean['rollout']:.1f} samples/s ({mean['rollout']:.2f} s incl. decode), "
-        f"{rollout_flops / mean['rollout'] / 1e9:.1f} GFLOP/s")
-  print(f"reward: {mean['reward']:.2f} s on the worker thread, main thread waited "
-        f"{mean['reward_wait']:.2f} s")
-  print(f"old log-probs: {mean['old_logp']:.2f} s; train step: {mean['update']:.2f} s, "
-        f"{step_flops / mean['update'] / 1e9:.1f} GFLOP/s")
-  print(f"iteration: {mean['total']:.2f} s = rollout {mean['rollout'] / mean['total']:.0%}, "
-        f"reward wait {mean['reward_wait'] / mean['total']:.0%}, old log-probs "
-        f"{mean['old_logp'] / mean['total']:.0%}, update {mean['update'] / mean['total']:.0%}")
+  print(f"rollout: {b / med['rollout']:.1f} samples/s ({med['rollout']:.2f} s incl. decode), "
+        f"{rollout_flops / med['rollout'] / 1e9:.1f} GFLOP/s")
+  print(f"reward: {med['reward']:.2f} s on the worker thread, main thread waited "
+        f"{med['reward_wait']:.2f} s")
+  print(f"old log-probs: {med['old_logp']:.2f} s; train step: {med['update']:.2f} s, "
+        f"{step_flops / med['update'] / 1e9:.1f} GFLOP/s")
+  print(f"iteration: {med['total']:.2f} s = rollout {med['rollout'] / med['total']:.0%}, "
+        f"reward wait {med['reward_wait'] / med['total']:.0%}, old log-probs "
+        f"{med['old_logp'] / med['total']:.0%}, update {med['update'] / med['total']:.0%}")
   print(f"peak (2048^2 f32 matmul, same run): {peak / 1e9:.1f} GFLOP/s; rollout at "
-        f"{rollout_flops / mean['rollout'] / peak:.1%}, train step at "
-        f"{step_flops / mean['update'] / peak:.1%} of it")
+        f"{rollout_flops / med['rollout'] / peak:.1%}, train step at "
+        f"{step_flops / med['update'] / peak:.1%} of it")
 
 
 if __name__ == "__main__":

@@ -54,8 +54,8 @@ def variant_config(name: str, init_from: str, iterations: int, num_t2i: int):
     for p in parents:
       node = node[p]
     node[leaf] = value
-  if c.rl.timesteps.strategy == "all":
-    c.rl.timesteps.num_train = c.rl.num_steps  # every step is trained
+  if c.rl.timesteps.strategy == "all":  # every step is trained
+    c.rl.timesteps.num_train = c.rl.timesteps.first_m = c.rl.num_steps
   return c
 
 
@@ -88,15 +88,22 @@ def table(workdir: str, names) -> str:
 
 def main(argv):
   del argv
-  from qwen_image_rl import runner
+  from qwen_image_rl import config_lib, runner
   from qwen_image_rl.trainers.common import final_checkpoint_exists
 
   unknown = sorted(set(FLAGS.variants) - set(VARIANTS))
   if unknown:
     print(f"error: unknown variants {unknown}; known: {list(VARIANTS)}", file=sys.stderr)
     sys.exit(2)
-  for name in FLAGS.variants:
-    config = variant_config(name, FLAGS.init_from, FLAGS.iterations, FLAGS.num_t2i)
+  configs = {name: variant_config(name, FLAGS.init_from, FLAGS.iterations, FLAGS.num_t2i)
+             for name in FLAGS.variants}
+  for name, config in configs.items():  # every variant is checked before the first one runs
+    try:
+      config_lib.validate(config)
+    except config_lib.ConfigError as e:
+      print(f"error: variant {name}: {e}", file=sys.stderr)
+      sys.exit(2)
+  for name, config in configs.items():
     run_dir = os.path.join(FLAGS.workdir, name)
     if final_checkpoint_exists(run_dir, config.total_steps):
       print(f"== {name}: final checkpoint exists in {run_dir}, skipped", flush=True)

@@ -238,6 +238,11 @@ def test_grpo_exact_resume_after_sigkill(pipe_dir, tmp_path):
 def test_ablation_variants_and_table(tmp_path):
   from qwen_image_rl import grpo_ablation
 
+  from qwen_image_rl import config_lib
+  from qwen_image_rl.trainers import grpo  # noqa: F401  (registers the trainer)
+
+  for name in grpo_ablation.VARIANTS:  # each variant passes the trainer's own checks
+    config_lib.validate(grpo_ablation.variant_config(name, "base_dir", iterations=3, num_t2i=8))
   c = grpo_ablation.variant_config("all", "base_dir", iterations=3, num_t2i=8)
   assert c.rl.timesteps.strategy == "all" and c.rl.timesteps.num_train == c.rl.num_steps
   assert (c.total_steps, c.init_from, c.eval.num_t2i, c.eval.num_edits) == (3, "base_dir", 8, 0)
@@ -260,3 +265,23 @@ def test_ablation_variants_and_table(tmp_path):
   assert lines[2] == "| high_noise | high_noise | rollout_only | 0.620 | 0.300 -> 0.410 | +0.110 |"
   assert lines[3] == "| cfg_none | high_noise | none | 0.700 | 0.300 -> 0.280 | -0.020 |"
   assert lines[4] == "| all | (incomplete) | | | | |"
+
+
+def test_shared_initial_noise_is_per_prompt_group():
+  import types
+
+  import jax
+  from qwen_image_rl.trainers import grpo
+
+  def noise(shared):
+    roller = types.SimpleNamespace(
+        config=types.SimpleNamespace(rl=types.SimpleNamespace(shared_initial_noise=shared)),
+        chunk=8, group=4, seq_len=3, channels=2)
+    return np.asarray(grpo.Roller.initial_noise(roller, jax.random.key(0)))
+
+  shared, independent = noise(True), noise(False)
+  assert shared.shape == independent.shape == (8, 3, 2)
+  for group in (shared[:4], shared[4:]):
+    np.testing.assert_array_equal(group, np.broadcast_to(group[:1], group.shape))
+  assert not np.allclose(shared[0], shared[4])  # groups differ from each other
+  assert not np.allclose(independent[0], independent[1])  # no sharing when off

@@ -11,9 +11,10 @@ import pytest
 from qwen_image_rl.convert.safetensors_io import CheckpointError, save_state_dict
 from qwen_image_rl.convert.text_encoder import (
     load_text_encoder, params_from_torch_state_dict, save_text_encoder)
-from qwen_image_rl.data.tokenizer import build_qwen_tokenizer, special_token_ids
+from qwen_image_rl.data.tokenizer import build_qwen_tokenizer
 from qwen_image_rl.models import text_encoding as te
 from qwen_image_rl.models.qwen2_5_vl import Qwen25VLTextModel
+from qwen_image_rl.pipelines import tiny_reference
 from qwen_image_rl.parallel import DEFAULT_LOGICAL_AXIS_RULES, make_mesh, tree_shardings
 
 torch = pytest.importorskip("torch")
@@ -31,22 +32,7 @@ TOL = 1e-4
 
 
 def _tiny_config(tokenizer):
-  from transformers import Qwen2_5_VLConfig
-
-  ids = special_token_ids(tokenizer)
-  vocab = len(tokenizer)
-  return Qwen2_5_VLConfig(
-      text_config=dict(vocab_size=vocab, hidden_size=32, intermediate_size=48,
-                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                       rope_scaling=dict(mrope_section=[1, 1, 2], rope_type="default",
-                                         type="default"),
-                       rope_theta=1e6, rms_norm_eps=1e-6, bos_token_id=None,
-                       eos_token_id=ids["im_end_token_id"], pad_token_id=ids["pad_token_id"]),
-      vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2,
-                         out_hidden_size=32),
-      vocab_size=vocab, image_token_id=ids["image_token_id"],
-      video_token_id=ids["video_token_id"], vision_start_token_id=ids["vision_start_token_id"],
-      vision_end_token_id=ids["vision_end_token_id"])
+  return tiny_reference.tiny_qwen2_5_vl_config(tokenizer, text_hidden=32)
 
 
 @pytest.fixture(scope="module")

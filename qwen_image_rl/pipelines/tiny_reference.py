@@ -20,20 +20,15 @@ QWEN_IMAGE_SCHEDULER = dict(
     use_dynamic_shifting=True)
 
 
-def build_components(directory: str, *, text_hidden: int = 32, seed: int = 0):
-  """Random torch components + tokenizer; the tokenizer is saved under directory/tokenizer."""
-  import torch
-  from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler,
-                         QwenImageTransformer2DModel)
-  from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+def tiny_qwen2_5_vl_config(tokenizer, text_hidden: int = 32):
+  """A 2-layer transformers Qwen2_5_VLConfig whose special ids come from `tokenizer`."""
+  from transformers import Qwen2_5_VLConfig
 
-  from qwen_image_rl.data.tokenizer import build_qwen_tokenizer, special_token_ids
+  from qwen_image_rl.data.tokenizer import special_token_ids
 
-  tokenizer = build_qwen_tokenizer(WORDS, os.path.join(directory, "tokenizer_src"))
   ids = special_token_ids(tokenizer)
   vocab = len(tokenizer)
-  torch.manual_seed(seed)
-  config = Qwen2_5_VLConfig(
+  return Qwen2_5_VLConfig(
       text_config=dict(vocab_size=vocab, hidden_size=text_hidden, intermediate_size=48,
                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                        rope_scaling=dict(mrope_section=[1, 1, 2], rope_type="default",
@@ -45,6 +40,20 @@ def build_components(directory: str, *, text_hidden: int = 32, seed: int = 0):
       vocab_size=vocab, image_token_id=ids["image_token_id"],
       video_token_id=ids["video_token_id"], vision_start_token_id=ids["vision_start_token_id"],
       vision_end_token_id=ids["vision_end_token_id"])
+
+
+def build_components(directory: str, *, text_hidden: int = 32, seed: int = 0):
+  """Random torch components + tokenizer; the tokenizer is saved under directory/tokenizer."""
+  import torch
+  from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler,
+                         QwenImageTransformer2DModel)
+  from transformers import Qwen2_5_VLForConditionalGeneration
+
+  from qwen_image_rl.data.tokenizer import build_qwen_tokenizer
+
+  tokenizer = build_qwen_tokenizer(WORDS, os.path.join(directory, "tokenizer_src"))
+  torch.manual_seed(seed)
+  config = tiny_qwen2_5_vl_config(tokenizer, text_hidden)
   text_encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
   transformer = QwenImageTransformer2DModel(
       patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
