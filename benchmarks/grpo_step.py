@@ -8,7 +8,8 @@ achieved FLOP/s next to a large-matmul peak measured in the same run.
 FLOPs come from XLA's cost analysis of the compiled rollout (its scan body times N steps) and
 train step (the same functions the trainer runs); old log-probs are dispatched asynchronously, so
 their time shows up in the train step's. With --scan_layers XLA counts the scanned block once, so
-the FLOP/s it prints are too low by about the layer count. Times are medians. The peak is a 2048x2048 float32 matmul timed after warm-up.
+the FLOP/s it prints are too low by about the layer count. Times are medians. The peak is a
+2048x2048 float32 matmul timed after warm-up.
 """
 
 from __future__ import annotations

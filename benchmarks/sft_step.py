@@ -6,8 +6,9 @@ Times value_and_grad of the sft loss (a T2I batch and an edit batch, the tiny co
 with unrolled or scanned blocks and with or without rematerialisation, and prints the median step
 time and the achieved model FLOP/s next to a 2048^2 float32 matmul peak measured in the same run.
 Model FLOPs are XLA's count for the unrolled step (the same math in every variant): XLA counts a
-scan body once, and rematerialised forwards are extra work, not model FLOPs. On XLA:CPU the unrolled backward is slow: fusion duplicates the whole residual
-gradient chain into each weight-gradient transpose; scanned + remat blocks avoid it.
+scan body once, and rematerialised forwards are extra work, not model FLOPs. On XLA:CPU the
+unrolled backward is slow: fusion duplicates the whole residual gradient chain into each
+weight-gradient transpose; scanned + remat blocks avoid it.
 """
 
 from __future__ import annotations

@@ -48,12 +48,7 @@ def variant_config(name: str, init_from: str, iterations: int, num_t2i: int):
   c.init_from = init_from
   c.total_steps = iterations
   c.eval.update(dict(num_t2i=num_t2i, num_edits=0, every=0, at_start=True))
-  for path, value in VARIANTS[name].items():
-    node = c
-    *parents, leaf = path.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  c.update_from_flattened_dict(VARIANTS[name])
   if c.rl.timesteps.strategy == "all":  # every step is trained
     c.rl.timesteps.num_train = c.rl.timesteps.first_m = c.rl.num_steps
   return c

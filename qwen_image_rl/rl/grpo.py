@@ -28,8 +28,7 @@ import optax
 from qwen_image_rl.rl.rollout import (
     CFG_MODES, num_micro_batches, policy_is_guided, split_micro_batches, transition_log_probs)
 from qwen_image_rl.sampling.sde import kl_closed_form
-from qwen_image_rl.train_state import keep_if_finite
-from qwen_image_rl.train_state import TrainState
+from qwen_image_rl.train_state import TrainState, keep_if_finite
 
 # Metrics reduced over micro-batches by min / max instead of the mean.
 _MIN_METRICS = ("ratio_min",)

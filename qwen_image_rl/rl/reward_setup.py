@@ -17,9 +17,8 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from qwen_image_rl.config_lib import ConfigError, get_field
-from qwen_image_rl.rewards.composite import CompositeReward
+from qwen_image_rl.rewards.composite import CompositeReward, validate_weights
 from qwen_image_rl.rewards.registry import known_rewards, make_reward
-from qwen_image_rl.rewards.composite import validate_weights
 from qwen_image_rl.rl.advantages import category_weight_table
 
 
