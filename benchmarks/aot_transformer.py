@@ -69,7 +69,8 @@ def transformer_flops(model: QwenImageTransformer, n_img: int, n_txt: int) -> fl
   attention = 2 * 2 * n * n * d  # logits and weighted sum
   block = per_token * n + attention
   embed = 2 * n_img * model.in_channels * d + 2 * n_txt * model.joint_attention_dim * d
-  return model.num_layers * block + embed + 2 * n_img * d * model.patch_size**2 * model.output_channels
+  return (model.num_layers * block + embed
+          + 2 * n_img * d * model.patch_size**2 * model.output_channels)
 
 
 def compile_step(args, mesh, num_layers: int, scan_layers: bool):

@@ -6,8 +6,9 @@ achieved FLOP/s next to a large-matmul peak measured in the same run.
   python benchmarks/grpo_step.py   # no --init_from: a tiny random diffusers pipeline (needs torch)
 
 FLOPs come from XLA's cost analysis of the compiled rollout (its scan body times N steps) and
-train step (the same functions the trainer runs); old log-probs are dispatched asynchronously, so
-their time shows up in the train step's. With --scan_layers XLA counts the scanned block once, so
+train step (the same functions the trainer runs). Like the trainer, a single update per batch
+skips the old-log-prob pass (the step's own log-probs are the old ones); --recompute_old times
+the pass anyway, dispatched asynchronously, so its time shows up in the train step's. With --scan_layers XLA counts the scanned block once, so
 the FLOP/s it prints are too low by about the layer count. Times are medians. The peak is a
 2048x2048 float32 matmul timed after warm-up.
 """
@@ -54,8 +55,15 @@ def main():
   parser.add_argument("--scan_layers", action="store_true",
                       help="scanned MMDiT blocks (config.model.transformer_overrides)")
   parser.add_argument("--remat_policy", default="none")
+  parser.add_argument("--malloc_tuning", default="true", choices=("true", "false"),
+                      help="false: leave glibc malloc at its defaults (qwen_image_rl/"
+                           "host_memory.py), to measure what the tuning buys")
+  parser.add_argument("--recompute_old", action="store_true",
+                      help="recompute old log-probs before the update (inner_updates > 1 does)")
   args = parser.parse_args()
+  os.environ["QWEN_IMAGE_RL_MALLOC_TUNING"] = "1" if args.malloc_tuning == "true" else "0"
 
+  import qwen_image_rl  # applies the malloc tuning unless switched off above
   from configs import grpo_t2i
   from qwen_image_rl import optim
   from qwen_image_rl.rl import reward_setup
@@ -110,7 +118,7 @@ def main():
       cond, mask = roller._put(pool.cond[got.pool_index]), roller._put(pool.mask[got.pool_index])
       neg = (roller._put(np.repeat(roller.neg_cond[:1], roller.batch, 0)),
              roller._put(np.repeat(roller.neg_mask[:1], roller.batch, 0)))
-      old = rl_rollout.recompute_old_log_probs(
+      old = None if not args.recompute_old else rl_rollout.recompute_old_log_probs(
           pipe.transformer, state.params, got.result, cond, mask, *neg, cfg_mode=rl.cfg_mode,
           cfg_scale=rl.cfg_scale, noise_level=rl.noise_level, img_shapes=roller.img_shapes,
           rules=rules)
@@ -128,7 +136,7 @@ def main():
             jnp.float32(rl.noise_level), None)
       t2 = time.perf_counter()
       state, m = step(state, batch)
-      jax.block_until_ready(m["loss"])
+      jax.block_until_ready((state, m))  # the params too: the next rollout needs them
       t3 = time.perf_counter()
       if it > 0:
         rows.append(dict(rollout=got.rollout_seconds, reward=got.reward_seconds,
@@ -141,7 +149,9 @@ def main():
   print(f"devices {jax.device_count()} ({jax.devices()[0].platform}); batch {b} = "
         f"{rl.prompts_per_step} prompts x G={rl.group_size}, {rl.num_steps} steps, "
         f"K={rl.timesteps.num_train}, cfg_mode={rl.cfg_mode}, transformer "
-        f"{dict(c.model.transformer_overrides)}")
+        f"{dict(c.model.transformer_overrides)}, old log-probs "
+        f"{'recomputed' if args.recompute_old else 'from the step (on-policy)'}, malloc tuned "
+        f"{qwen_image_rl.MALLOC_TUNED}")
   print(f"rollout: {b / med['rollout']:.1f} samples/s ({med['rollout']:.2f} s incl. decode), "
         f"{rollout_flops / med['rollout'] / 1e9:.1f} GFLOP/s")
   print(f"reward: {med['reward']:.2f} s on the worker thread, main thread waited "

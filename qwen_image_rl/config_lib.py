@@ -33,7 +33,10 @@ _TRAINERS: dict[str, TrainerSpec] = {}
 
 def register_trainer(name: str, *, required: Mapping[str, Any] = (),
                      validate: Callable[[ml_collections.ConfigDict], None] | None = None):
-  """Decorator: `@register_trainer('sft', required={'optim.lr': float})` on `run(config, workdir)`."""
+  """Decorator for `run(config, workdir)`.
+
+  Usage: `@register_trainer('sft', required={'optim.lr': float})`.
+  """
 
   def wrap(run):
     if name in _TRAINERS:
@@ -109,6 +112,12 @@ def check_positive(config, *paths: str) -> None:
     value = get_field(config, path)
     if not value > 0:
       raise ConfigError(f"config.{path}={value!r} must be > 0")
+
+
+def transformer_overrides(config: ml_collections.ConfigDict) -> dict:
+  """config.model.transformer_overrides as a dict ({} when unset): our own MMDiT fields
+  (scan_layers, remat_policy, ...) that change how the step compiles, not what it learns."""
+  return dict(config.model.get("transformer_overrides", {}) or {})
 
 
 def validate(config: ml_collections.ConfigDict) -> TrainerSpec:

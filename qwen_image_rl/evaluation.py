@@ -6,6 +6,7 @@ TensorBoard. The oracle is the held-out "human": nothing here feeds back into tr
 
 from __future__ import annotations
 
+import functools
 import time
 
 import numpy as np
@@ -23,10 +24,20 @@ T2I_DIMENSIONS = {
 
 def eval_sets(cfg, seed: int):
   """The fixed held-out prompts and edits (val split, or test with cfg.split='test')."""
-  t2i = (examples.t2i_examples(seed + 7919, cfg.num_t2i, cfg.split, cfg.image_size)
-         if cfg.num_t2i > 0 else None)
-  edits = (examples.edit_examples(seed + 7919, cfg.num_edits, cfg.split, cfg.image_size)
-           if cfg.num_edits > 0 else None)
+  return _rendered_sets(seed, cfg.num_t2i, cfg.num_edits, cfg.split, cfg.image_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _rendered_sets(seed: int, num_t2i: int, num_edits: int, split: str, image_size: int):
+  # Rendered once per process: a training run evaluates the same sets at every eval.
+  t2i = (examples.t2i_examples(seed + 7919, num_t2i, split, image_size)
+         if num_t2i > 0 else None)
+  edits = (examples.edit_examples(seed + 7919, num_edits, split, image_size)
+           if num_edits > 0 else None)
+  for sets in (t2i, edits):  # shared between calls: make accidental writes fail loudly
+    for value in vars(sets).values() if sets is not None else ():
+      if isinstance(value, np.ndarray):
+        value.flags.writeable = False
   return t2i, edits
 
 

@@ -4,7 +4,8 @@
       --workdir=runs/ablation [--iterations=20] [--variants=high_noise,all]
 
 Runs `configs/grpo_t2i.py:tiny` once per variant (each in WORKDIR/<variant>, skipped when its
-final checkpoint exists, so an interrupted ablation resumes), then prints a markdown table: the
+final checkpoint exists, so an interrupted ablation resumes). Every variant starts from the same
+base and eval settings, so only the first one evaluates the base. Then prints a markdown table: the
 training composite reward (mean of the last iterations, the "reward model's" view) next to the
 held-out oracle T2I score before and after, the "human's" view. A variant whose reward rises
 while the oracle does not is reward hacking.
@@ -38,7 +39,9 @@ def _define_flags():
   flags.DEFINE_list("variants", list(VARIANTS), f"Subset of {list(VARIANTS)}.")
 
 
-def variant_config(name: str, init_from: str, iterations: int, num_t2i: int):
+def variant_config(name: str, init_from: str, iterations: int, num_t2i: int,
+                   eval_base: bool = True):
+  """configs/grpo_t2i.py:tiny with the variant's overrides; `eval_base`: evaluate at step 0."""
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   if repo not in sys.path:
     sys.path.insert(0, repo)
@@ -47,7 +50,7 @@ def variant_config(name: str, init_from: str, iterations: int, num_t2i: int):
   c = grpo_t2i.get_config("tiny")
   c.init_from = init_from
   c.total_steps = iterations
-  c.eval.update(dict(num_t2i=num_t2i, num_edits=0, every=0, at_start=True))
+  c.eval.update(dict(num_t2i=num_t2i, num_edits=0, every=0, at_start=eval_base))
   c.update_from_flattened_dict(VARIANTS[name])
   if c.rl.timesteps.strategy == "all":  # every step is trained
     c.rl.timesteps.num_train = c.rl.timesteps.first_m = c.rl.num_steps
@@ -67,14 +70,17 @@ def _results(run_dir: str) -> dict[int, dict]:
 def table(workdir: str, names) -> str:
   rows = ["| variant | timesteps | CFG mode | training composite reward | held-out oracle T2I "
           "(before -> after) | change |", "|---|---|---|---|---|---|"]
+  runs = {name: _results(os.path.join(workdir, name)) for name in names}
+  # The base is evaluated once (by the first variant that ran); all variants share it.
+  base = [r[0]["t2i"]["overall"] for r in runs.values() if 0 in r]
   for name in names:
     with open(os.path.join(workdir, name, "config.json")) as f:
       config = json.load(f)
-    results = _results(os.path.join(workdir, name))
-    if 0 not in results or len(results) < 2:
+    results = runs[name]
+    if not base or not results or max(results) == 0:
       rows.append(f"| {name} | (incomplete) | | | | |")
       continue
-    before, after = results[0]["t2i"]["overall"], results[max(results)]["t2i"]["overall"]
+    before, after = base[0], results[max(results)]["t2i"]["overall"]
     reward = results[max(results)].get("rewards", {}).get("composite/mean", float("nan"))
     rows.append(f"| {name} | {config['rl']['timesteps']['strategy']} | {config['rl']['cfg_mode']} "
                 f"| {reward:.3f} | {before:.3f} -> {after:.3f} | {after - before:+.3f} |")
@@ -90,8 +96,9 @@ def main(argv):
   if unknown:
     print(f"error: unknown variants {unknown}; known: {list(VARIANTS)}", file=sys.stderr)
     sys.exit(2)
-  configs = {name: variant_config(name, FLAGS.init_from, FLAGS.iterations, FLAGS.num_t2i)
-             for name in FLAGS.variants}
+  configs = {name: variant_config(name, FLAGS.init_from, FLAGS.iterations, FLAGS.num_t2i,
+                                  eval_base=(i == 0))
+             for i, name in enumerate(FLAGS.variants)}
   for name, config in configs.items():  # every variant is checked before the first one runs
     try:
       config_lib.validate(config)

@@ -16,5 +16,7 @@ import pytest  # noqa: E402
 
 
 def pytest_configure(config):
-  config.addinivalue_line("markers", "slow: longer checks (scale, end-to-end); CI runs them in short form")
-  config.addinivalue_line("markers", "torch: needs the PyTorch reference (torch, diffusers, transformers)")
+  config.addinivalue_line(
+      "markers", "slow: longer checks (scale, end-to-end); CI runs them in short form")
+  config.addinivalue_line(
+      "markers", "torch: needs the PyTorch reference (torch, diffusers, transformers)")

@@ -274,6 +274,23 @@ def test_gradient_at_ratio_one_is_the_policy_gradient(model, params, inputs, rol
   assert err <= 1e-5 * scale
 
 
+@pytest.mark.parametrize("cfg_mode", ["rollout_only", "both"])
+def test_on_policy_batch_needs_no_old_log_probs(model, params, inputs, rollouts, cfg_mode):
+  # old_log_probs=None (the trainer's single update) is the recomputed-old gradient, ratio 1.
+  result = rollouts[cfg_mode]
+  old = old_log_probs(model, params, inputs, result, cfg_mode)
+  fn = jitted_grads(model, MICRO, cfg_mode)
+  grads, metrics = fn(params, train_batch(inputs, result, old, cfg_mode))
+  grads_none, metrics_none = fn(params, train_batch(inputs, result, None, cfg_mode))
+  scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads))
+  err = tree_max_abs(grads_none, grads)
+  print(f"[{cfg_mode}] on-policy vs recomputed old: grad err {err:.2e} (scale {scale:.2e})")
+  assert scale > 1e-3 and err <= 1e-5 * scale
+  assert float(metrics_none["ratio_min"]) == float(metrics_none["ratio_max"]) == 1.0
+  assert float(metrics_none["clipfrac"]) == 0.0
+  assert abs(float(metrics_none["log_prob_mean"]) - float(jnp.mean(old))) < 1e-5
+
+
 def test_clipping_zeroes_the_gradient_of_clipped_samples(model, params, inputs, rollouts):
   mode, eps = "rollout_only", 1e-3
   result = rollouts[mode]

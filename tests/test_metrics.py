@@ -1,4 +1,4 @@
-"""MetricLogger: TensorBoard scalars and images read back with tensorboard's reader; results JSON."""
+"""MetricLogger: TensorBoard scalars/images read back via tensorboard's reader; results JSON."""
 
 import io
 import json

@@ -14,8 +14,8 @@ from qwen_image_rl.convert.transformer import (
     load_transformer, params_from_torch_state_dict, params_to_torch_state_dict, save_transformer)
 from qwen_image_rl.models import layers
 from qwen_image_rl.models.mmdit import QwenImageTransformer, count_params
-from qwen_image_rl.parallel import (DEFAULT_LOGICAL_AXIS_RULES, batch_sharding, make_mesh, shard_tree,
-                                    tree_shardings)
+from qwen_image_rl.parallel import (DEFAULT_LOGICAL_AXIS_RULES, batch_sharding, make_mesh,
+                                    shard_tree, tree_shardings)
 
 TOL = 1e-4
 TINY = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=32,

@@ -40,8 +40,10 @@ def _numpy_gdpo(rewards, weights, group_ids, eps, ddof, whiten, clip):
 
 
 def _random_batch(rng, batch, num_groups, tie_groups=()):
-  group_ids = rng.permutation(np.arange(batch) % num_groups).astype(np.int32)  # unequal order, shuffled
-  rewards = {name: rng.normal(size=batch).astype(np.float32) * (k + 1) for k, name in enumerate(REWARDS)}
+  # Unequal order, shuffled.
+  group_ids = rng.permutation(np.arange(batch) % num_groups).astype(np.int32)
+  rewards = {name: rng.normal(size=batch).astype(np.float32) * (k + 1)
+             for k, name in enumerate(REWARDS)}
   for g in tie_groups:  # every rollout of this prompt scores the same on 'aesthetic'
     rewards["aesthetic"][group_ids == g] = 0.25
   categories = ["general", "portrait", "typography"]
@@ -51,11 +53,13 @@ def _random_batch(rng, batch, num_groups, tie_groups=()):
   return rewards, weights, group_ids
 
 
-@pytest.mark.parametrize("whiten,ddof,clip", [(False, 0, 5.0), (True, 0, None), (False, 1, 1.0), (True, 1, 5.0)])
+@pytest.mark.parametrize("whiten,ddof,clip",
+                         [(False, 0, 5.0), (True, 0, None), (False, 1, 1.0), (True, 1, 5.0)])
 def test_gdpo_matches_numpy_loop(whiten, ddof, clip):
   rng = np.random.default_rng(0)
   rewards, weights, group_ids = _random_batch(rng, batch=30, num_groups=7, tie_groups=(2,))
-  fn = jax.jit(functools.partial(adv.gdpo_advantages, num_groups=7, whiten=whiten, ddof=ddof, clip=clip))
+  fn = jax.jit(functools.partial(adv.gdpo_advantages, num_groups=7, whiten=whiten, ddof=ddof,
+                                 clip=clip))
   ours, stats = fn(rewards, weights, group_ids)
   expected = _numpy_gdpo(rewards, {k: np.asarray(v) for k, v in weights.items()}, group_ids,
                          1e-4, ddof, whiten, clip)
@@ -65,8 +69,8 @@ def test_gdpo_matches_numpy_loop(whiten, ddof, clip):
   assert float(stats["alignment/zero_std_frac"]) == 0.0
   if clip is not None:
     assert float(stats["advantage/clip_frac"]) == pytest.approx(np.mean(np.abs(
-        _numpy_gdpo(rewards, {k: np.asarray(v) for k, v in weights.items()}, group_ids, 1e-4, ddof, whiten,
-                    None)) > clip))
+        _numpy_gdpo(rewards, {k: np.asarray(v) for k, v in weights.items()}, group_ids, 1e-4,
+                    ddof, whiten, None)) > clip))
 
 
 def test_gdpo_contiguous_groups_and_single_reward_is_grpo():
@@ -77,10 +81,12 @@ def test_gdpo_contiguous_groups_and_single_reward_is_grpo():
   ours, stats = adv.gdpo_advantages({"score": r}, {"score": np.ones(batch, np.float32)}, group_ids,
                                     batch // group_size, clip=None)
   grouped = r.reshape(-1, group_size).astype(np.float64)
-  flow_grpo = ((grouped - grouped.mean(1, keepdims=True)) / (grouped.std(1, keepdims=True) + 1e-4)).reshape(-1)
+  flow_grpo = ((grouped - grouped.mean(1, keepdims=True))
+               / (grouped.std(1, keepdims=True) + 1e-4)).reshape(-1)
   np.testing.assert_allclose(ours, flow_grpo, atol=1e-5)
   assert float(stats["score/mean"]) == pytest.approx(r.mean(), abs=1e-6)
-  assert float(stats["score/group_range_mean"]) == pytest.approx(np.ptp(grouped, axis=1).mean(), abs=1e-5)
+  assert float(stats["score/group_range_mean"]) == pytest.approx(
+      np.ptp(grouped, axis=1).mean(), abs=1e-5)
   with pytest.raises(ValueError, match="group_size"):
     adv.contiguous_group_ids(10, 3)
 

@@ -204,7 +204,10 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Ar
 
 
 class FeedForward(nn.Module):
-  """diffusers FeedForward(activation_fn='gelu-approximate'): Dense(4d) -> GELU(tanh) -> Dense(d)."""
+  """diffusers FeedForward(activation_fn='gelu-approximate').
+
+  Dense(4d) -> GELU(tanh) -> Dense(d).
+  """
   features: int
   hidden: int
   dtype: Dtype = jnp.float32

@@ -168,8 +168,9 @@ class QwenImageTransformer(nn.Module):
       raise ValueError(f"QwenImageTransformer.remat_policy={self.remat_policy!r}: expected one of "
                        f"{sorted(REMAT_POLICIES)}")
     if len(self.axes_dims_rope) != 3 or sum(self.axes_dims_rope) != self.attention_head_dim:
-      raise ValueError(f"QwenImageTransformer.axes_dims_rope={tuple(self.axes_dims_rope)} must be 3 "
-                       f"even sizes summing to attention_head_dim={self.attention_head_dim}")
+      raise ValueError(f"QwenImageTransformer.axes_dims_rope={tuple(self.axes_dims_rope)} "
+                       f"must be 3 even sizes summing to "
+                       f"attention_head_dim={self.attention_head_dim}")
     if self.attention_query_chunk is not None and self.attention_query_chunk < 1:
       raise ValueError(f"QwenImageTransformer.attention_query_chunk={self.attention_query_chunk}: "
                        f"expected a positive block size or None")

@@ -125,7 +125,8 @@ class ScaledL2Norm(nn.Module):
   @nn.compact
   def __call__(self, x):
     channels = x.shape[-1]
-    gamma = self.param("gamma", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+    gamma = self.param("gamma",
+                       nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
                        (channels,), self.param_dtype)
     x32 = x.astype(jnp.float32)
     norm = jnp.sqrt(jnp.sum(jnp.square(x32), axis=-1, keepdims=True))

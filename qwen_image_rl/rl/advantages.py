@@ -96,7 +96,8 @@ def gdpo_advantages(rewards: Mapping[str, jax.Array], weights: Mapping[str, jax.
     clip_frac}`, `advantage/zero_frac` (samples with A == 0 before clipping).
   """
   if set(rewards) != set(weights):
-    raise ValueError(f"rewards {sorted(rewards)} and weights {sorted(weights)} must have the same keys.")
+    raise ValueError(f"rewards {sorted(rewards)} and weights {sorted(weights)} "
+                     f"must have the same keys.")
   if not rewards:
     raise ValueError("gdpo_advantages needs at least one reward.")
   group_ids = jnp.asarray(group_ids, jnp.int32)
@@ -105,7 +106,8 @@ def gdpo_advantages(rewards: Mapping[str, jax.Array], weights: Mapping[str, jax.
   for name in sorted(rewards):
     values = jnp.asarray(rewards[name], jnp.float32)
     if values.ndim != 1 or values.shape != group_ids.shape:
-      raise ValueError(f"reward {name!r} has shape {values.shape}; expected [B] = {group_ids.shape}.")
+      raise ValueError(f"reward {name!r} has shape {values.shape}; "
+                       f"expected [B] = {group_ids.shape}.")
     normalized, (_, std_g, range_g, count) = group_normalize(
         values, group_ids, num_groups, eps=eps, ddof=ddof)
     term = jnp.asarray(weights[name], jnp.float32) * normalized

@@ -14,6 +14,11 @@ The training batch is a dict of per-sample arrays (leading dim B, see `rollout.r
 latents_t, latents_next [B, K, S, C]; sigmas, sigmas_next, old_log_probs [B, K];
 advantages [B]; cond [B, T, D]; mask [B, T] or None; neg_cond / neg_mask (for 'both');
 ref_latents [B, S_ref, C] or None (editing).
+
+old_log_probs = None means the batch is on-policy for these parameters: the old log-probs are
+the current ones under stop_gradient, so the ratio is exactly 1 and the gradient is the plain
+policy gradient. With one update per rollout batch that saves the separate old-log-prob
+forward pass (`rollout.recompute_old_log_probs`), which later updates need.
 """
 
 from __future__ import annotations
@@ -74,8 +79,11 @@ def grpo_loss(params, model, batch, *, cfg_mode: str, clip_eps, kl_beta=0.0, ref
   kw = dict(cfg_mode=cfg_mode, cfg_scale=cfg_scale, noise_level=noise_level,
             img_shapes=img_shapes)
   log_probs, mean, std = transition_log_probs(model, params, batch, **kw)
-  policy_loss, metrics = clipped_surrogate(log_probs, batch["old_log_probs"],
-                                           batch["advantages"], clip_eps)
+  old_log_probs = batch.get("old_log_probs")
+  if old_log_probs is None:  # on-policy: the ratio is exactly 1 (see the module docstring)
+    old_log_probs = jax.lax.stop_gradient(log_probs)
+  policy_loss, metrics = clipped_surrogate(log_probs, old_log_probs, batch["advantages"],
+                                           clip_eps)
   kl = jnp.zeros((), jnp.float32)
   if _uses_kl(kl_beta, ref_params):
     _, ref_mean, _ = transition_log_probs(model, jax.lax.stop_gradient(ref_params), batch, **kw)

@@ -50,7 +50,8 @@ _UNSUPPORTED_TRUE_FLAGS = (
 _IGNORED_KEYS = ("_class_name", "_diffusers_version")
 
 
-def packed_image_seq_len(height: int, width: int, vae_scale_factor: int = 8, patch_size: int = 2) -> int:
+def packed_image_seq_len(height: int, width: int, vae_scale_factor: int = 8,
+                         patch_size: int = 2) -> int:
   """Number of packed latent tokens for an image, as the pipeline's `latents.shape[1]`."""
   step = vae_scale_factor * patch_size
   return (height // step) * (width // step)
@@ -75,10 +76,12 @@ class FlowMatchSchedule:
       raise ValueError(
           f"scheduler time_shift_type={self.time_shift_type!r}: must be 'exponential' or 'linear'.")
     if self.shift_terminal is not None and not 0.0 <= self.shift_terminal < 1.0:
-      raise ValueError(f"scheduler shift_terminal={self.shift_terminal}: must be in [0, 1) or None.")
+      raise ValueError(f"scheduler shift_terminal={self.shift_terminal}: "
+                       f"must be in [0, 1) or None.")
     if self.use_dynamic_shifting:
       if self.base_shift is None or self.max_shift is None:
-        raise ValueError("scheduler use_dynamic_shifting=True needs base_shift and max_shift (got None).")
+        raise ValueError("scheduler use_dynamic_shifting=True needs base_shift and max_shift "
+                         "(got None).")
       if self.max_image_seq_len == self.base_image_seq_len:
         raise ValueError("scheduler max_image_seq_len must differ from base_image_seq_len.")
 
@@ -89,11 +92,13 @@ class FlowMatchSchedule:
     """From a diffusers scheduler_config.json dict; missing keys take diffusers' defaults."""
     for flag in _UNSUPPORTED_TRUE_FLAGS:
       if config.get(flag):
-        raise ValueError(f"scheduler config sets {flag}=True, which FlowMatchSchedule does not support.")
+        raise ValueError(f"scheduler config sets {flag}=True, "
+                         f"which FlowMatchSchedule does not support.")
     class_name = config.get("_class_name")
     if class_name not in (None, "FlowMatchEulerDiscreteScheduler"):
       raise ValueError(
-          f"scheduler config _class_name={class_name!r}: only FlowMatchEulerDiscreteScheduler is supported.")
+          f"scheduler config _class_name={class_name!r}: "
+          f"only FlowMatchEulerDiscreteScheduler is supported.")
     kwargs = {k: config.get(k, default) for k, default in _DEFAULTS.items()}
     return cls(**kwargs)
 

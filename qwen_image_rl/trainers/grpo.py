@@ -9,7 +9,8 @@ One iteration (a "step" of config.total_steps):
      (AsyncRewardPipeline; every chunk uses the same policy, so the run stays on-policy);
   3. advantages: GDPO (per reward, per prompt group) with per-category weights (Eq. 10);
   4. rl.inner_updates clipped-objective updates (micro-batched) against old log-probs
-     recomputed with the policy's own branch (ratio 1 at the first update).
+     recomputed with the policy's own branch (ratio 1 at the first update); with a single
+     update the step uses its own log-probs as old ones (ratio exactly 1, one forward less).
 A NaN/inf reward or loss skips the iteration's update with a warning; rl.max_consecutive_nonfinite
 in a row raise NonFiniteError, leaving the last good checkpoint. Every random draw derives from
 (seed, iteration), so a resumed run is bit-identical to an uninterrupted one.
@@ -138,10 +139,9 @@ def resolve_pipeline_dir(init_from: str) -> str:
 
 def load_base(config) -> QwenImagePipeline:
   directory = resolve_pipeline_dir(config.init_from)
-  overrides = dict(config.model.get("transformer_overrides", {}) or {})
-  return QwenImagePipeline.from_pretrained(directory, dtype=DTYPES[config.model.dtype],
-                                           vae_dtype=jnp.float32,
-                                           transformer_overrides=overrides)
+  return QwenImagePipeline.from_pretrained(
+      directory, dtype=DTYPES[config.model.dtype], vae_dtype=jnp.float32,
+      transformer_overrides=config_lib.transformer_overrides(config))
 
 
 def with_params(pipe, params, cls=None):
@@ -508,21 +508,24 @@ def train(config, workdir):
                roller._put(np.repeat(roller.neg_mask[:1], roller.batch, 0)))
         ref_lat = None if pool.ref_latents is None else roller._put(
             pool.ref_latents[got.pool_index])
-        old = rl_rollout.recompute_old_log_probs(
-            model, state.params, got.result, cond, mask, *neg, cfg_mode=rl.cfg_mode,
-            cfg_scale=rl.cfg_scale, noise_level=rl.noise_level, img_shapes=roller.img_shapes,
-            ref_latents=ref_lat, micro_batch_size=rl.micro_batch_size, rules=ctx.rules)
+        old = None  # one update: the step takes the current log-probs as old (ratio 1)
+        if rl.inner_updates > 1:  # later updates need them fixed before the first one
+          old = rl_rollout.recompute_old_log_probs(
+              model, state.params, got.result, cond, mask, *neg, cfg_mode=rl.cfg_mode,
+              cfg_scale=rl.cfg_scale, noise_level=rl.noise_level, img_shapes=roller.img_shapes,
+              ref_latents=ref_lat, micro_batch_size=rl.micro_batch_size, rules=ctx.rules)
         # The unconditional branch enters the objective only with cfg_mode='both'.
         batch = rl_rollout.rollout_batch(got.result, cond, mask,
                                          *(neg if guided_policy else (None, None)), ref_lat,
                                          advantages=jnp.asarray(adv),
                                          old_log_probs=old)
-        scalars["rollout/behaviour_log_prob"] = float(jnp.mean(got.result.log_probs))
-        scalars["rollout/old_log_prob"] = float(jnp.mean(old))
         history = []
         for _ in range(rl.inner_updates):
           state, m = step_fn(state, batch, ref_params)
           history.append(common.scalar_metrics(m))
+        scalars["rollout/behaviour_log_prob"] = float(jnp.mean(got.result.log_probs))
+        scalars["rollout/old_log_prob"] = (history[0]["log_prob_mean"] if old is None
+                                           else float(jnp.mean(old)))
         skipped = any(not math.isfinite(h["loss"]) for h in history)
         reason = "non-finite loss"
         scalars.update({f"train/{k}": v for k, v in history[-1].items()})

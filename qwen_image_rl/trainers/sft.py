@@ -228,9 +228,8 @@ def train(config, workdir):
   transformer_cfg = dict(config.model.transformer)
   transformer_cfg.update(in_channels=4 * vae.z_dim, out_channels=vae.z_dim,
                          joint_attention_dim=te_model.hidden_size)
-  # Our own fields (scan_layers, remat_policy): how the step is compiled, not what is learned.
-  overrides = dict(config.model.get("transformer_overrides", {}) or {})
-  model = QwenImageTransformer.from_config(transformer_cfg, **overrides)
+  model = QwenImageTransformer.from_config(transformer_cfg,
+                                          **config_lib.transformer_overrides(config))
   tx = optim.make_optimizer(config.optim, config.total_steps)
   state, shardings = create_train_state(model.init_params, tx, ctx.mesh, ctx.rules, config.seed)
   state, start = common.restore_or_keep(ctx, state, shardings)
