@@ -106,19 +106,16 @@ def main():
       composite = sum(w[n] * got.scores[n] for n in names).reshape(-1, rl.group_size)
       rewards.append(float(composite.mean()))
       spreads.append((float(composite.std(axis=1).mean()), float(composite.mean(axis=1).std())))
-      cond, mask = roller._put(pool.cond[got.pool_index]), roller._put(pool.mask[got.pool_index])
-      neg = (roller._put(np.repeat(roller.neg_cond[:1], roller.batch, 0)),
-             roller._put(np.repeat(roller.neg_mask[:1], roller.batch, 0)))
-      ref = None if pool.ref_latents is None else roller._put(pool.ref_latents[got.pool_index])
+      inputs = roller.policy_inputs(got.pool_index)
       old = rl_rollout.recompute_old_log_probs(
-          pipe.transformer, params, got.result, cond, mask, *neg, cfg_mode=rl.cfg_mode,
+          pipe.transformer, params, got.result, **inputs, cfg_mode=rl.cfg_mode,
           cfg_scale=rl.cfg_scale, noise_level=rl.noise_level, img_shapes=roller.img_shapes,
-          ref_latents=ref, rules=rules)
-      guided = rl_rollout.policy_is_guided(rl.cfg_mode)
+          rules=rules)
+      if not rl_rollout.policy_is_guided(rl.cfg_mode):
+        inputs.update(neg_cond=None, neg_mask=None)
       for variant, adv in advantage_variants(got.scores, names, w, groups,
                                              rl.prompts_per_step).items():
-        batch = rl_rollout.rollout_batch(got.result, cond, mask,
-                                         *(neg if guided else (None, None)), ref,
+        batch = rl_rollout.rollout_batch(got.result, **inputs,
                                          advantages=jnp.asarray(adv, jnp.float32),
                                          old_log_probs=old)
         flat = jnp.concatenate([g.ravel() for g in jax.tree.leaves(grad_fn(params, batch))])

@@ -115,15 +115,14 @@ def main():
       adv, _ = gdpo_advantages({n: got.scores[n] for n in reward_fn.names},
                                sample_weights(cat_ids, table, reward_fn.names), groups,
                                rl.prompts_per_step)
-      cond, mask = roller._put(pool.cond[got.pool_index]), roller._put(pool.mask[got.pool_index])
-      neg = (roller._put(np.repeat(roller.neg_cond[:1], roller.batch, 0)),
-             roller._put(np.repeat(roller.neg_mask[:1], roller.batch, 0)))
+      inputs = roller.policy_inputs(got.pool_index)
       old = None if not args.recompute_old else rl_rollout.recompute_old_log_probs(
-          pipe.transformer, state.params, got.result, cond, mask, *neg, cfg_mode=rl.cfg_mode,
+          pipe.transformer, state.params, got.result, **inputs, cfg_mode=rl.cfg_mode,
           cfg_scale=rl.cfg_scale, noise_level=rl.noise_level, img_shapes=roller.img_shapes,
           rules=rules)
-      batch = rl_rollout.rollout_batch(got.result, cond, mask, advantages=jnp.asarray(adv),
-                                       old_log_probs=old)
+      # rollout_only: the objective's policy is conditional, so the batch carries no negative.
+      batch = rl_rollout.rollout_batch(got.result, inputs["cond"], inputs["mask"],
+                                       advantages=jnp.asarray(adv), old_log_probs=old)
       if step_flops is None:
         step_flops = flops_of(step, state, batch)
         x_T = jnp.zeros((roller.chunk, roller.seq_len, roller.channels), jnp.float32)

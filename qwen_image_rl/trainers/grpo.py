@@ -301,6 +301,16 @@ class Roller:
       return None
     return jax.device_put(x, parallel.batch_sharding(self.mesh, np.shape(x), self.rules))
 
+  def policy_inputs(self, pool_index) -> dict:
+    """Conditioning of a whole rollout batch, batch-sharded: cond, mask, neg_cond and neg_mask
+    (the negative prompt, repeated per sample) and ref_latents (editing; else None)."""
+    pool = self.pool
+    return dict(
+        cond=self._put(pool.cond[pool_index]), mask=self._put(pool.mask[pool_index]),
+        neg_cond=self._put(np.repeat(self.neg_cond[:1], len(pool_index), 0)),
+        neg_mask=self._put(np.repeat(self.neg_mask[:1], len(pool_index), 0)),
+        ref_latents=None if pool.ref_latents is None else self._put(pool.ref_latents[pool_index]))
+
   def initial_noise(self, key):
     """x_T [chunk, S, C]; with rl.shared_initial_noise the G rollouts of a prompt share it.
 
@@ -501,23 +511,17 @@ def train(config, workdir):
             clip=rl.adv_clip if rl.adv_clip > 0 else None)
         scalars.update({f"train/{k}": float(v) for k, v in adv_stats.items()
                         if k.startswith("advantage/")})
-        cond = roller._put(pool.cond[got.pool_index])
-        mask = roller._put(pool.mask[got.pool_index])
-        guided_policy = rl_rollout.policy_is_guided(rl.cfg_mode)
-        neg = (roller._put(np.repeat(roller.neg_cond[:1], roller.batch, 0)),
-               roller._put(np.repeat(roller.neg_mask[:1], roller.batch, 0)))
-        ref_lat = None if pool.ref_latents is None else roller._put(
-            pool.ref_latents[got.pool_index])
+        inputs = roller.policy_inputs(got.pool_index)
         old = None  # one update: the step takes the current log-probs as old (ratio 1)
         if rl.inner_updates > 1:  # later updates need them fixed before the first one
           old = rl_rollout.recompute_old_log_probs(
-              model, state.params, got.result, cond, mask, *neg, cfg_mode=rl.cfg_mode,
+              model, state.params, got.result, **inputs, cfg_mode=rl.cfg_mode,
               cfg_scale=rl.cfg_scale, noise_level=rl.noise_level, img_shapes=roller.img_shapes,
-              ref_latents=ref_lat, micro_batch_size=rl.micro_batch_size, rules=ctx.rules)
-        # The unconditional branch enters the objective only with cfg_mode='both'.
-        batch = rl_rollout.rollout_batch(got.result, cond, mask,
-                                         *(neg if guided_policy else (None, None)), ref_lat,
-                                         advantages=jnp.asarray(adv),
+              micro_batch_size=rl.micro_batch_size, rules=ctx.rules)
+        if not rl_rollout.policy_is_guided(rl.cfg_mode):
+          # The unconditional branch enters the objective only with cfg_mode='both'.
+          inputs.update(neg_cond=None, neg_mask=None)
+        batch = rl_rollout.rollout_batch(got.result, **inputs, advantages=jnp.asarray(adv),
                                          old_log_probs=old)
         history = []
         for _ in range(rl.inner_updates):
