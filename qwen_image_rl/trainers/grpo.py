@@ -24,16 +24,15 @@ import dataclasses
 import math
 import os
 import time
-from typing import Any, Optional
+from typing import Optional
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
 from qwen_image_rl import config_lib, evaluation, metrics, optim, parallel
-from qwen_image_rl.config_lib import ConfigError, get_field
+from qwen_image_rl.config_lib import ConfigError
 from qwen_image_rl.data import examples, prompt_files, world
 from qwen_image_rl.pipelines import common as pipe_common
 from qwen_image_rl.pipelines.edit import QwenImageEditPipeline
@@ -44,7 +43,6 @@ from qwen_image_rl.rewards.composite import category_weighted_sum
 from qwen_image_rl.rl import reward_setup
 from qwen_image_rl.rl import rollout as rl_rollout
 from qwen_image_rl.rl.advantages import contiguous_group_ids, gdpo_advantages, sample_weights
-# A module import: rl.grpo imports trainers.common, whose package imports this module.
 from qwen_image_rl.rl import grpo as rl_grpo
 from qwen_image_rl.rl.timesteps import STRATEGIES, select_timesteps, validate_timestep_config
 from qwen_image_rl.train_state import TrainState
