@@ -39,9 +39,11 @@ def main():
   args = parser.parse_args()
 
   from configs import sft
+  from qwen_image_rl import host_memory
   from qwen_image_rl.models.mmdit import QwenImageTransformer
   from qwen_image_rl.trainers.sft import flow_matching_loss
 
+  host_memory.tune_malloc()  # as the trainers' entry point does
   config = sft.get_config("tiny")
   z_dim, text_dim = 8, config.model.text_encoder.hidden_size
   side = config.data.image_size // 8  # VAE /4 then 2x2 patches

@@ -34,6 +34,7 @@ T2I_WEIGHTS = {
 def rl_section(task: str, weights) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       task=task,
+      objective="grpo",  # a registered RL objective (qwen_image_rl/rl/objectives/)
       group_size=8,  # G rollouts per prompt
       prompts_per_step=8,  # prompt groups per iteration
       rollout_chunks=2,  # chunk n is scored while chunk n + 1 rolls out
@@ -46,6 +47,9 @@ def rl_section(task: str, weights) -> ml_collections.ConfigDict:
       clip_eps=0.01,
       kl_beta=0.0,
       inner_updates=1,
+      # 'auto': a single update takes its own log-probs as the old ones (ratio exactly 1);
+      # 'recompute': a separate forward pass first, as more than one update always does.
+      old_log_probs="auto",
       micro_batch_size=ml_collections.config_dict.placeholder(int),
       adv_eps=1e-4,
       adv_clip=5.0,

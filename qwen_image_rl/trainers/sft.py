@@ -22,13 +22,14 @@ import numpy as np
 
 from qwen_image_rl import config_lib, evaluation, optim, parallel
 from qwen_image_rl.data import captions, examples
-from qwen_image_rl.data.tokenizer import build_qwen_tokenizer, load_tokenizer, special_token_ids
+from qwen_image_rl.data.tokenizer import build_qwen_tokenizer, load_tokenizer
 from qwen_image_rl.models import text_encoding
 from qwen_image_rl.models.mmdit import QwenImageTransformer
 from qwen_image_rl.models.qwen2_5_vl import Qwen25VLTextModel
 from qwen_image_rl.models.vae import QwenImageVAE, normalize_latents
 from qwen_image_rl.pipelines.common import pack_latents
 from qwen_image_rl.pipelines.edit import QwenImageEditPipeline
+from qwen_image_rl.pipelines.prompt_encoding import PromptTooLongError, encode_fixed_length
 from qwen_image_rl.pipelines.qwen_image import QwenImagePipeline
 from qwen_image_rl.sampling.schedule import FlowMatchSchedule
 from qwen_image_rl.train_state import TrainState, create_train_state, keep_if_finite
@@ -41,7 +42,14 @@ T2I_TEMPLATE = QwenImagePipeline.TEMPLATE
 EDIT_TEMPLATE = QwenImageEditPipeline.TEMPLATE
 
 
-def _validate(config):
+REQUIRED = {
+    "total_steps": int, "seed": int, "data.image_size": int, "data.t2i_batch_size": int,
+    "data.edit_batch_size": int, "data.num_train": int, "data.max_text_tokens": int,
+    "loss.cfg_dropout": float, "loss.edit_weight": float, "loss.uniform_time_fraction": float,
+    "loss.shift_like_sampler": bool}
+
+
+def validate(config):
   config_lib.check_positive(config, "total_steps", "data.t2i_batch_size", "data.num_train",
                             "data.image_size", "data.max_text_tokens")
   config_lib.check_fields(config, {"model.vae_from": str})
@@ -80,25 +88,15 @@ def build_text_encoder(config, tokenizer):
   return model, params
 
 
-def encode_texts(te_model, te_params, tokenizer, texts, template, max_tokens: int,
-                 chunk: int = 256):
-  """Prompt embeddings [N, max_tokens, H] and masks [N, max_tokens], zero-padded."""
+def encode_texts(te_model, te_params, tokenizer, texts, template, max_tokens: int):
+  """Prompt conditioning [N, max_tokens, H] and masks [N, max_tokens]; a prompt longer than
+  max_tokens is a ConfigError (training must see what sampling sees)."""
   drop = text_encoding.template_drop_index(tokenizer, template)
-  longest = max(len(ids) for ids in tokenizer([template.format(t) for t in texts])["input_ids"])
-  if longest - drop > max_tokens:
-    raise config_lib.ConfigError(
-        f"config.data.max_text_tokens={max_tokens} would truncate prompts: the longest has "
-        f"{longest - drop} tokens")
-  embeds = np.zeros((len(texts), max_tokens, te_model.hidden_size), np.float32)
-  masks = np.zeros((len(texts), max_tokens), np.int32)
-  for i in range(0, len(texts), chunk):
-    e, m = text_encoding.encode_prompts(te_model, te_params, tokenizer, list(texts[i:i + chunk]),
-                                        template=template, drop_idx=drop,
-                                        max_sequence_length=max_tokens)
-    e, m = np.asarray(e), np.asarray(m)
-    embeds[i:i + len(e), :e.shape[1]] = e
-    masks[i:i + len(e), :m.shape[1]] = m
-  return embeds, masks
+  try:
+    return encode_fixed_length(te_model, te_params, tokenizer, texts, template=template,
+                               drop_idx=drop, length=max_tokens)
+  except PromptTooLongError as e:
+    raise config_lib.ConfigError(f"config.data.max_text_tokens={max_tokens} {e}") from e
 
 
 def encode_images(vae: QwenImageVAE, vae_params, images_uint8, chunk: int = 128):
@@ -187,11 +185,6 @@ def make_train_step(model, tx, rules, cfg_dropout: float, edit_weight: float,
 # ---------------------------------------------------------------------------------------------
 
 
-@config_lib.register_trainer("sft", required={
-    "total_steps": int, "seed": int, "data.image_size": int, "data.t2i_batch_size": int,
-    "data.edit_batch_size": int, "data.num_train": int, "data.max_text_tokens": int,
-    "loss.cfg_dropout": float, "loss.edit_weight": float, "loss.uniform_time_fraction": float,
-    "loss.shift_like_sampler": bool}, validate=_validate)
 def train(config, workdir):
   """Flow-matching pretraining of the tiny Qwen-Image base (T2I + edit)."""
   from qwen_image_rl.convert.vae import load_vae
@@ -254,7 +247,7 @@ def train(config, workdir):
                                     config.loss.edit_weight, config.loss.uniform_time_fraction,
                                     shift),
                     donate_argnums=(0,), out_shardings=(shardings, None))
-  with ctx.mesh:
+  with parallel.sharding_context(ctx.mesh, ctx.rules):
     state, history = common.fit(ctx, state, train_step=step_fn, batch_for_step=batch_for_step,
                                 start_step=start, total_steps=config.total_steps)
 
