@@ -6,15 +6,10 @@
 Rewards: alignment + aesthetics + portrait (the paper's T2I trio, tiny world oracle analogues),
 combined per prompt category (portrait prompts weight the portrait reward more, typography
 prompts weight alignment more). Hybrid CFG (CFG at rollout only), a high-noise timestep subset,
-GDPO advantages, asynchronous rewards.
+GDPO advantages, asynchronous rewards. 'qwen_image' is the full-size 20B setup (bf16, FSDP,
+remat); it needs real weights in config.init_from.
 
-Measured from the demo's base (held-out overall 0.308), README "GRPO on the tiny base": 120
-iterations (7.6 min on the 2-core dev CPU) raise the held-out oracle to 0.335 (general 0.438 ->
-0.507, portrait 0.336 -> 0.371; 0.343 in an earlier run); the issue's +0.15 is not reached, and
-benchmarks/grpo_grad_snr.py shows why (under 1% of a batch gradient is signal). Shared initial
-noise per group and lr 1e-4 are what made it rise at all (independent noise or lr 3e-4 lost
-0.02-0.07). 'qwen_image' is the full-size 20B setup (bf16, FSDP, remat); it
-needs real weights in config.init_from.
+Results, runtime and how the settings were chosen: README "GRPO on the tiny base".
 """
 
 import ml_collections
