@@ -91,10 +91,11 @@ def main():
   grads = {}
   seconds, rewards, spreads = [], [], []
   with parallel.sharding_context(mesh, rules), \
-      iteration.reward_pipeline(c, s.reward_fn) as pipeline:
+      iteration.make_reward_pipeline(c, s.reward_fn) as reward_pipeline:
     for it in range(args.batches + 1):  # batch 0 compiles and is not timed
       t0 = time.perf_counter()
-      got = iteration.roll_out(s, params, jax.random.key(1000 + it), 1000 + it, pipeline)
+      got = iteration.roll_out(s, params, jax.random.key(1000 + it), 1000 + it,
+                               reward_pipeline)
       w = {k: np.asarray(v) for k, v in iteration.reward_weights(s, got).items()}
       composite = iteration.composite_reward(s, got)
       per_group = composite.reshape(-1, rl.group_size)

@@ -93,10 +93,10 @@ def main():
   rows = []
   rollout_flops = step_flops = None
   with parallel.sharding_context(mesh, rules), \
-      iteration.reward_pipeline(c, s.reward_fn) as rewards:
+      iteration.make_reward_pipeline(c, s.reward_fn) as reward_pipeline:
     for it in range(args.iterations + 1):  # iteration 0 compiles
       t0 = time.perf_counter()
-      got = iteration.roll_out(s, state.params, jax.random.key(it), it, rewards)
+      got = iteration.roll_out(s, state.params, jax.random.key(it), it, reward_pipeline)
       t1 = time.perf_counter()
       iteration.score(s, got)
       adv, _ = iteration.advantages(s, got)

@@ -32,7 +32,7 @@ class Collected:
   reward_wait_seconds: float
 
 
-def reward_pipeline(config, reward_fn):
+def make_reward_pipeline(config, reward_fn):
   """The reward scorer of an RL run: on a worker thread (rl.async_rewards) or inline."""
   cls = AsyncRewardPipeline if config.rl.async_rewards else SyncRewardPipeline
   return cls(reward_fn, max_pending=max(2, config.rl.rollout_chunks))
@@ -131,7 +131,7 @@ class Roller:
                                           res.final_latents, self.latent_h, self.latent_w)
     return res, pipe_common.to_uint8(np.asarray(decoded))
 
-  def collect(self, params, key, iteration: int, pipeline) -> Collected:
+  def collect(self, params, key, iteration: int, reward_pipeline) -> Collected:
     index = self.prompt_indices(iteration)
     train_idx = self.train_steps(key, iteration)
     ids = iteration * self.batch + np.arange(self.batch, dtype=np.int64)
@@ -143,12 +143,14 @@ class Roller:
       res, chunk_images = self.rollout_chunk(params, key, index[part], train_idx, c)
       rollout_seconds += time.perf_counter() - t0
       # Scored on the worker thread while the next chunk rolls out.
-      tickets.append(pipeline.submit(self.reward_batch(index[part], chunk_images, ids[part])))
+      batch = self.reward_batch(index[part], chunk_images, ids[part])
+      tickets.append(reward_pipeline.submit(batch))
       results.append(res)
       images.append(chunk_images)
     scores, reward_seconds, wait = {}, 0.0, 0.0
     for c, ticket in enumerate(tickets):
-      scored = pipeline.result(ticket, expect_sample_ids=ids[c * self.chunk:(c + 1) * self.chunk])
+      part = slice(c * self.chunk, (c + 1) * self.chunk)
+      scored = reward_pipeline.result(ticket, expect_sample_ids=ids[part])
       reward_seconds += scored.seconds
       wait += scored.wait_seconds
       for name, value in scored.scores.items():

@@ -2,7 +2,7 @@
 
   s = iteration.setup(config, mesh, rules)              # base policy, rewards, prompts, objective
   step = iteration.make_update_step(s, tx, shardings)   # the objective's jitted train step
-  got = iteration.roll_out(s, params, key, it, rewards)  # rollouts, scored asynchronously
+  got = iteration.roll_out(s, params, key, it, reward_pipeline)  # scored asynchronously
   scalars = iteration.score(s, got)                     # reward statistics (one composite)
   adv, stats = iteration.advantages(s, got)             # GDPO per reward, category weights
   state, metrics = iteration.update(s, step, state, got, adv)
@@ -24,12 +24,12 @@ import numpy as np
 from qwen_image_rl.rewards.composite import category_weighted_sum
 from qwen_image_rl.rl import objectives, reward_setup
 from qwen_image_rl.rl.advantages import contiguous_group_ids, gdpo_advantages, sample_weights
-from qwen_image_rl.rl.collect import Collected, Roller, reward_pipeline
+from qwen_image_rl.rl.collect import Collected, Roller, make_reward_pipeline
 from qwen_image_rl.rl.policy import load_base
 from qwen_image_rl.rl.prompts import PromptPool, build_pool
 
 __all__ = ["RLSetup", "setup", "make_update_step", "roll_out", "score", "advantages", "update",
-           "composite_reward", "reward_pipeline", "Collected"]
+           "composite_reward", "make_reward_pipeline", "Collected"]
 
 
 @dataclasses.dataclass
@@ -89,10 +89,10 @@ def make_update_step(s: RLSetup, tx, shardings=None):
   return jax.jit(step, donate_argnums=(0,), out_shardings=out)
 
 
-def roll_out(s: RLSetup, params, key, iteration: int, rewards) -> Collected:
-  """The iteration's rollouts under `params`, each chunk scored by `rewards` (a reward pipeline)
-  while the next one rolls out."""
-  return s.roller.collect(params, key, iteration, rewards)
+def roll_out(s: RLSetup, params, key, iteration: int, reward_pipeline) -> Collected:
+  """The iteration's rollouts under `params`, each chunk scored by `reward_pipeline` (from
+  `make_reward_pipeline`) while the next one rolls out."""
+  return s.roller.collect(params, key, iteration, reward_pipeline)
 
 
 def sample_categories(s: RLSetup, got: Collected) -> list[str]:

@@ -82,14 +82,15 @@ class Evaluator:
     return results
 
 
-def make_iteration(s: iteration.RLSetup, update_step, base_key, rewards, evaluator, last,
+def make_iteration(s: iteration.RLSetup, update_step, base_key, reward_pipeline, evaluator, last,
                    ref_params=None):
   """train_step(state, it) for `common.fit`: one RL iteration. Keeps the iteration's rollout
   images in `last` for the image log."""
 
   def run(state, it):
     t_iter = time.perf_counter()
-    got = iteration.roll_out(s, state.params, jax.random.fold_in(base_key, it), it, rewards)
+    got = iteration.roll_out(s, state.params, jax.random.fold_in(base_key, it), it,
+                              reward_pipeline)
     last["images"] = got.images
     scalars = iteration.score(s, got)
     evaluator.recent_rewards.append({k[len("reward/"):]: v for k, v in scalars.items()
@@ -162,8 +163,9 @@ def train(config, workdir):
                                 if k.startswith(("reward/", "perf/"))})
       return "reward" if scalars["rollout/nonfinite_reward"] else "loss"
 
-    with iteration.reward_pipeline(config, s.reward_fn) as rewards:
-      run = make_iteration(s, iteration.make_update_step(s, tx, shardings), base_key, rewards,
+    with iteration.make_reward_pipeline(config, s.reward_fn) as reward_pipeline:
+      run = make_iteration(s, iteration.make_update_step(s, tx, shardings), base_key,
+                           reward_pipeline,
                            evaluator, last, ref_params)
       state, _ = common.fit(ctx, state, train_step=run, batch_for_step=lambda it: it,
                             start_step=start, total_steps=config.total_steps,

@@ -130,10 +130,10 @@ def sample_training_times(key, batch: int, uniform_fraction: float = 0.0, shift:
   return shift * t / (1.0 + (shift - 1.0) * t)
 
 
-def flow_matching_loss(model, params, x0, cond, mask, key, ref=None, *, uniform_fraction=0.0,
-                       shift=1.0):
-  """MSE between predicted and true velocity at t from `sample_training_times`. x0, ref: packed
-  latents."""
+def flow_matching_loss(model, params, x0, cond, mask, key, ref_latents=None, *,
+                       uniform_fraction=0.0, shift=1.0):
+  """MSE between predicted and true velocity at t from `sample_training_times`. x0 and
+  ref_latents (editing's source image): packed latents."""
   b = x0.shape[0]
   k_t, k_eps = jax.random.split(key)
   t = sample_training_times(k_t, b, uniform_fraction, shift)
@@ -142,8 +142,8 @@ def flow_matching_loss(model, params, x0, cond, mask, key, ref=None, *, uniform_
   side = int(round(np.sqrt(x0.shape[1])))
   img_shapes = ((1, side, side),)
   inputs = x_t
-  if ref is not None:
-    inputs = jnp.concatenate([x_t, ref], axis=1)
+  if ref_latents is not None:
+    inputs = jnp.concatenate([x_t, ref_latents], axis=1)
     img_shapes = img_shapes + ((1, side, side),)
   v = model.apply({"params": params}, inputs, cond, mask, t, img_shapes)
   return jnp.mean((v - (eps - x0)) ** 2)
@@ -165,7 +165,7 @@ def make_train_step(model, tx, rules, cfg_dropout: float, edit_weight: float,
     c, m = drop_text(keys[2], batch["edit_cond"], batch["edit_mask"], batch["edit_null_cond"],
                      batch["edit_null_mask"])
     edit = flow_matching_loss(model, params, batch["edit_x0"], c, m, keys[3],
-                              ref=batch["edit_src"], **times)
+                              ref_latents=batch["edit_ref_latents"], **times)
     return (t2i + edit_weight * edit) / (1.0 + edit_weight), {"t2i_loss": t2i, "edit_loss": edit}
 
   def step(state: TrainState, batch):
@@ -204,7 +204,7 @@ def train(config, workdir):
   arrays = {
       "t2i_x0": pack_latents(encode_images(vae, vae_params, t2i.images)),
       "edit_x0": pack_latents(encode_images(vae, vae_params, edits.targets)),
-      "edit_src": pack_latents(encode_images(vae, vae_params, edits.sources)),
+      "edit_ref_latents": pack_latents(encode_images(vae, vae_params, edits.sources)),
   }
   arrays["t2i_cond"], arrays["t2i_mask"] = encode_texts(te_model, te_params, tokenizer,
                                                         t2i.prompts, T2I_TEMPLATE, L)
