@@ -101,7 +101,8 @@ def make_iteration(s: iteration.RLSetup, update_step, base_key, reward_pipeline,
     if finite:
       adv, adv_stats = iteration.advantages(s, got)
       state, update_metrics = iteration.update(s, update_step, state, got, adv, ref_params)
-      scalars.update(adv_stats, **update_metrics)
+      scalars.update(adv_stats)
+      scalars.update(update_metrics)
     else:
       scalars["loss"] = float("nan")
     now = time.perf_counter()
