@@ -166,8 +166,7 @@ def train(config, workdir):
 
     with iteration.make_reward_pipeline(config, s.reward_fn) as reward_pipeline:
       run = make_iteration(s, iteration.make_update_step(s, tx, shardings), base_key,
-                           reward_pipeline,
-                           evaluator, last, ref_params)
+                           reward_pipeline, evaluator, last, ref_params)
       state, _ = common.fit(ctx, state, train_step=run, batch_for_step=lambda it: it,
                             start_step=start, total_steps=config.total_steps,
                             max_consecutive_nonfinite=rl.max_consecutive_nonfinite,
