@@ -36,7 +36,8 @@ from jax.experimental import topologies
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from qwen_image_rl.models.mmdit import QwenImageTransformer, count_params
-from qwen_image_rl.parallel import DEFAULT_LOGICAL_AXIS_RULES, make_mesh, tree_shardings
+from qwen_image_rl.parallel import (DEFAULT_LOGICAL_AXIS_RULES, make_mesh, sharding_context,
+                                    tree_shardings)
 from qwen_image_rl.parallel.partitioning import batch_sharding
 
 GiB = 2**30
@@ -99,14 +100,14 @@ def compile_step(args, mesh, num_layers: int, scan_layers: bool):
       timestep=batch_spec((batch,), jnp.float32))
 
   def loss_fn(params, inputs):
-    with mesh, nn.logical_axis_rules(rules):
-      out = model.apply({"params": params}, **inputs, img_shapes=img_shapes)
-      return jnp.mean(jnp.square(out.astype(jnp.float32)))
+    out = model.apply({"params": params}, **inputs, img_shapes=img_shapes)
+    return jnp.mean(jnp.square(out.astype(jnp.float32)))
 
   step = jax.jit(jax.value_and_grad(loss_fn),
                  out_shardings=(NamedSharding(mesh, P()), param_shardings))
   t0 = time.time()
-  lowered = step.lower(param_specs, inputs)
+  with sharding_context(mesh, rules):  # jax.set_mesh: flax's activation constraints apply
+    lowered = step.lower(param_specs, inputs)
   t1 = time.time()
   compiled = lowered.compile()
   print(f"[{num_layers} layers, scan={scan_layers}] lower {t1 - t0:.1f} s, compile "

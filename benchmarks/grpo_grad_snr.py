@@ -28,6 +28,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from qwen_image_rl.rl.advantages import (  # noqa: E402
+    contiguous_group_ids, gdpo_advantages, group_normalize)
+
 
 def parse_value(text: str):
   for cast in (int, float):
@@ -38,10 +41,9 @@ def parse_value(text: str):
   return {"true": True, "false": False}.get(text.lower(), text)
 
 
-def advantage_variants(scores, names, weights, group_ids, num_groups):
-  from qwen_image_rl.rl.advantages import gdpo_advantages, group_normalize
+def advantage_variants(scores, names, weights, composite, group_ids, num_groups):
+  """{variant: advantages [B]}; `composite` is the trainer's category-weighted reward [B]."""
   gdpo, _ = gdpo_advantages({n: scores[n] for n in names}, weights, group_ids, num_groups)
-  composite = sum(np.asarray(weights[n]) * scores[n] for n in names)
   grpo, _ = group_normalize(composite, group_ids, num_groups)
   centred = composite - np.asarray(
       jax.ops.segment_sum(composite, group_ids, num_groups) / np.bincount(group_ids))[group_ids]
@@ -65,66 +67,53 @@ def main():
   args = parser.parse_args()
 
   from configs import grpo_edit, grpo_t2i
-  from qwen_image_rl import parallel
-  from qwen_image_rl.rl import grpo as rl_grpo
-  from qwen_image_rl.rl import reward_setup
-  from qwen_image_rl.rl import rollout as rl_rollout
-  from qwen_image_rl.rl.advantages import contiguous_group_ids, sample_weights
-  from qwen_image_rl.rewards.async_pipeline import AsyncRewardPipeline
-  from qwen_image_rl.trainers import grpo
+  from qwen_image_rl import host_memory, parallel
+  from qwen_image_rl.rl import iteration
+  from qwen_image_rl.rl.objectives import grpo
 
+  host_memory.tune_malloc()
   c = (grpo_t2i if args.config == "grpo_t2i" else grpo_edit).get_config("tiny")
   c.init_from = args.init_from
   c.data.num_prompts = 1024
+  c.rl.old_log_probs = "recompute"  # the ratio of each gradient as after a first update
   c.update_from_flattened_dict({k: parse_value(v) for k, v in
                                 (s.split("=", 1) for s in args.set)})
   rl = c.rl
-  pipe = grpo.load_base(c)
-  reward_fn = reward_setup.build_reward(c)
-  names = tuple(reward_fn.names)
-  weights = reward_setup.category_weights(c)
-  cats = tuple(sorted(weights))
-  table = reward_setup.weight_table(weights, cats, names)
-  pool = grpo.build_pool(c, pipe)
+  # The trainer's set-up and iteration steps, as it calls them (qwen_image_rl/rl/iteration.py).
   mesh = parallel.make_mesh(dict(c.mesh))
-  rules = tuple(tuple(r) for r in c.logical_axis_rules)
-  params = pipe.transformer_params
-  roller = grpo.Roller(c, pipe, pool, reward_fn, mesh, rules)
-  img_shapes = tuple(tuple(int(v) for v in s) for s in roller.img_shapes)
-  grad_fn = jax.jit(lambda p, b: rl_grpo.grpo_grads(
-      p, pipe.transformer, b, cfg_mode=rl.cfg_mode, clip_eps=rl.clip_eps,
-      noise_level=rl.noise_level, cfg_scale=rl.cfg_scale, img_shapes=img_shapes)[0])
-  groups = contiguous_group_ids(roller.batch, rl.group_size)
+  rules = parallel.as_rules(c.logical_axis_rules)
+  s = iteration.setup(c, mesh, rules)
+  names, params = s.names, s.pipe.transformer_params
+  grad_fn = jax.jit(lambda p, b: grpo.grpo_grads(
+      p, s.model, b, cfg_mode=rl.cfg_mode, clip_eps=rl.clip_eps, noise_level=rl.noise_level,
+      cfg_scale=rl.cfg_scale, img_shapes=s.img_shapes)[0])
+  groups = contiguous_group_ids(s.batch_size, rl.group_size)
   grads = {}
   seconds, rewards, spreads = [], [], []
-  with AsyncRewardPipeline(reward_fn, max_pending=4) as pipeline:
+  with iteration.make_reward_pipeline(c, s.reward_fn) as reward_pipeline:
     for it in range(args.batches + 1):  # batch 0 compiles and is not timed
       t0 = time.perf_counter()
-      got = roller.collect(params, jax.random.key(1000 + it), 1000 + it, pipeline)
-      cat_ids = np.array([cats.index(pool.categories[i]) for i in got.pool_index], np.int32)
-      w = {k: np.asarray(v) for k, v in sample_weights(cat_ids, table, names).items()}
-      composite = sum(w[n] * got.scores[n] for n in names).reshape(-1, rl.group_size)
-      rewards.append(float(composite.mean()))
-      spreads.append((float(composite.std(axis=1).mean()), float(composite.mean(axis=1).std())))
-      inputs = roller.policy_inputs(got.pool_index)
-      old = rl_rollout.recompute_old_log_probs(
-          pipe.transformer, params, got.result, **inputs, cfg_mode=rl.cfg_mode,
-          cfg_scale=rl.cfg_scale, noise_level=rl.noise_level, img_shapes=roller.img_shapes,
-          rules=rules)
-      if not rl_rollout.policy_is_guided(rl.cfg_mode):
-        inputs.update(neg_cond=None, neg_mask=None)
-      for variant, adv in advantage_variants(got.scores, names, w, groups,
+      got = iteration.roll_out(s, params, jax.random.key(1000 + it), 1000 + it,
+                               reward_pipeline)
+      w = {k: np.asarray(v) for k, v in iteration.reward_weights(s, got).items()}
+      composite = iteration.composite_reward(s, got)
+      per_group = composite.reshape(-1, rl.group_size)
+      rewards.append(float(per_group.mean()))
+      spreads.append((float(per_group.std(axis=1).mean()), float(per_group.mean(axis=1).std())))
+      inputs = s.roller.policy_inputs(got.pool_index)
+      for variant, adv in advantage_variants(got.scores, names, w, composite, groups,
                                              rl.prompts_per_step).items():
-        batch = rl_rollout.rollout_batch(got.result, **inputs,
-                                         advantages=jnp.asarray(adv, jnp.float32),
-                                         old_log_probs=old)
-        flat = jnp.concatenate([g.ravel() for g in jax.tree.leaves(grad_fn(params, batch))])
+        batch = s.objective.make_batch(s, params, got.result, inputs,
+                                       jnp.asarray(adv, jnp.float32))
+        with parallel.sharding_context(mesh, rules):  # as iteration.update's step
+          grads = grad_fn(params, batch)
+        flat = jnp.concatenate([g.ravel() for g in jax.tree.leaves(grads)])
         if variant == "gdpo":
           flat.block_until_ready()
           if it > 0:
             seconds.append(time.perf_counter() - t0)
         grads.setdefault(variant, []).append(np.asarray(flat, np.float64))
-  print(f"settings: {' '.join(args.set) or '(defaults)'}; batch {roller.batch} = "
+  print(f"settings: {' '.join(args.set) or '(defaults)'}; batch {s.batch_size} = "
         f"{rl.prompts_per_step} x G={rl.group_size}, {rl.num_steps} steps, K="
         f"{rl.timesteps.num_train} ({rl.timesteps.strategy}), noise {rl.noise_level}, "
         f"cfg_mode {rl.cfg_mode}; composite reward {np.mean(rewards):.3f}, its std within "

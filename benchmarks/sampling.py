@@ -23,8 +23,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -57,8 +55,11 @@ def main(argv=None):
   import jax
   import torch
 
-  from qwen_image_rl.pipelines import QwenImagePipeline, tiny_reference
+  from qwen_image_rl import host_memory
+  from qwen_image_rl.pipelines import QwenImagePipeline
+  from tests import tiny_reference
 
+  host_memory.tune_malloc()  # as the entry points do
   if args.torch_threads:
     torch.set_num_threads(args.torch_threads)
 

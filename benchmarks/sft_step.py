@@ -39,9 +39,11 @@ def main():
   args = parser.parse_args()
 
   from configs import sft
+  from qwen_image_rl import host_memory
   from qwen_image_rl.models.mmdit import QwenImageTransformer
   from qwen_image_rl.trainers.sft import flow_matching_loss
 
+  host_memory.tune_malloc()  # as the trainers' entry point does
   config = sft.get_config("tiny")
   z_dim, text_dim = 8, config.model.text_encoder.hidden_size
   side = config.data.image_size // 8  # VAE /4 then 2x2 patches
@@ -52,7 +54,7 @@ def main():
                t2i_cond=jax.random.normal(keys[1], (bt, L, text_dim)),
                t2i_mask=jnp.ones((bt, L), jnp.int32),
                edit_x0=jax.random.normal(keys[2], (be, n, 4 * z_dim)),
-               edit_src=jax.random.normal(keys[3], (be, n, 4 * z_dim)),
+               edit_ref_latents=jax.random.normal(keys[3], (be, n, 4 * z_dim)),
                edit_cond=jax.random.normal(keys[4], (be, L, text_dim)),
                edit_mask=jnp.ones((be, L), jnp.int32))
 
@@ -70,7 +72,7 @@ def main():
       k1, k2 = jax.random.split(key)
       return (flow_matching_loss(model, p, b["t2i_x0"], b["t2i_cond"], b["t2i_mask"], k1)
               + flow_matching_loss(model, p, b["edit_x0"], b["edit_cond"], b["edit_mask"], k2,
-                                   ref=b["edit_src"]))
+                                   ref_latents=b["edit_ref_latents"]))
 
     step = jax.jit(jax.value_and_grad(loss))
     flops = flops_of(step, params, batch, keys[5])

@@ -5,6 +5,7 @@
 
 Writes WORKDIR/curated_prompts.jsonl (use it with grpo_t2i via
 --config.data.prompt_file=runs/demo/curate/curated_prompts.jsonl) and results/curation.json.
+More in README "GRPO on the tiny base".
 """
 
 from configs import grpo_t2i

@@ -4,13 +4,11 @@
       --config.init_from=runs/demo/base/export/pipeline
 
 Rewards: instruction_following + identity (the paper's edit pair) + preservation of what the
-instruction did not touch. Without preservation the tiny run hacked instruction following
-(measured from an earlier base: held-out preservation 0.823 -> 0.448 in 50 iterations). Portrait
-edits weight identity; other edits leave it out (weight 0).
-Measured from the demo's base (README "GRPO on the tiny base"): held-out instruction following
-0.407 -> 0.408 after 60 iterations (0.432 in an earlier run, 0.409 after 100), preservation
-0.911 -> 0.943, identity 0.060 -> 0.078; the issue's +0.10 is not reached.
-'qwen_image_edit' is the full-size 20B setup (bf16, FSDP, remat) and needs real weights.
+instruction did not touch (without it the tiny run learns to ignore the source image). Portrait
+edits weight identity; other edits leave it out (weight 0). 'qwen_image_edit' is the full-size
+20B setup (bf16, FSDP, remat) and needs real weights.
+
+Results and runtime: README "GRPO on the tiny base".
 """
 
 from configs import grpo_t2i

@@ -6,15 +6,10 @@
 Rewards: alignment + aesthetics + portrait (the paper's T2I trio, tiny world oracle analogues),
 combined per prompt category (portrait prompts weight the portrait reward more, typography
 prompts weight alignment more). Hybrid CFG (CFG at rollout only), a high-noise timestep subset,
-GDPO advantages, asynchronous rewards.
+GDPO advantages, asynchronous rewards. 'qwen_image' is the full-size 20B setup (bf16, FSDP,
+remat); it needs real weights in config.init_from.
 
-Measured from the demo's base (held-out overall 0.308), README "GRPO on the tiny base": 120
-iterations (7.6 min on the 2-core dev CPU) raise the held-out oracle to 0.335 (general 0.438 ->
-0.507, portrait 0.336 -> 0.371; 0.343 in an earlier run); the issue's +0.15 is not reached, and
-benchmarks/grpo_grad_snr.py shows why (under 1% of a batch gradient is signal). Shared initial
-noise per group and lr 1e-4 are what made it rise at all (independent noise or lr 3e-4 lost
-0.02-0.07). 'qwen_image' is the full-size 20B setup (bf16, FSDP, remat); it
-needs real weights in config.init_from.
+Results, runtime and how the settings were chosen: README "GRPO on the tiny base".
 """
 
 import ml_collections
@@ -34,6 +29,7 @@ T2I_WEIGHTS = {
 def rl_section(task: str, weights) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       task=task,
+      objective="grpo",  # a registered RL objective (qwen_image_rl/rl/objectives/)
       group_size=8,  # G rollouts per prompt
       prompts_per_step=8,  # prompt groups per iteration
       rollout_chunks=2,  # chunk n is scored while chunk n + 1 rolls out
@@ -46,6 +42,9 @@ def rl_section(task: str, weights) -> ml_collections.ConfigDict:
       clip_eps=0.01,
       kl_beta=0.0,
       inner_updates=1,
+      # 'auto': a single update takes its own log-probs as the old ones (ratio exactly 1);
+      # 'recompute': a separate forward pass first, as more than one update always does.
+      old_log_probs="auto",
       micro_batch_size=ml_collections.config_dict.placeholder(int),
       adv_eps=1e-4,
       adv_clip=5.0,

@@ -1,8 +1,7 @@
-"""qwen_image_rl: RL post-training of Qwen-Image diffusion models in JAX/Flax."""
+"""qwen_image_rl: RL post-training of Qwen-Image diffusion models in JAX/Flax.
 
-from qwen_image_rl import host_memory as _host_memory
+Importing the package changes nothing process-wide: the entry points (`main`, `demo`,
+`grpo_ablation`, the benchmarks) tune glibc malloc for XLA:CPU themselves.
+"""
 
 __version__ = "0.1.0"
-
-# Before any jitted step allocates: see host_memory.py (XLA:CPU speed; opt out by env var).
-MALLOC_TUNED = _host_memory.tune_malloc()

@@ -34,13 +34,11 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from qwen_image_rl.errors import CheckpointError
+
 _STEP_DIR = re.compile(r"^\d+$")
 _COMMIT_FILE = "commit_success.txt"  # Written by orbax just before the atomic rename.
 _STATE, _EXTRA = "state", "extra"
-
-
-class CheckpointError(RuntimeError):
-  """A checkpoint cannot be written or restored; the message names the path or keys."""
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,64 +1,21 @@
-"""Config checks shared by every trainer: required fields, types, and the trainer registry.
+"""Config checks shared by every trainer: required fields, types, choices (a leaf module).
 
 Configs are ml_collections ConfigDicts built by `configs/<file>.py:get_config(arg)`. Overrides on
 the command line are type-checked by ml_collections itself; this module checks what the config
 file produced, so a bad config fails with a one-line message naming the field, before anything
-compiles.
+compiles. The trainers themselves (and their schemas) are found in `qwen_image_rl.trainers`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import ml_collections
 
 
 class ConfigError(ValueError):
   """A config field is missing, unknown, of the wrong type or inconsistent."""
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainerSpec:
-  name: str
-  run: Callable[[ml_collections.ConfigDict, str], Any]
-  required: Mapping[str, type | tuple[type, ...]]
-  validate: Callable[[ml_collections.ConfigDict], None] | None
-  doc: str
-
-
-_TRAINERS: dict[str, TrainerSpec] = {}
-
-
-def register_trainer(name: str, *, required: Mapping[str, Any] = (),
-                     validate: Callable[[ml_collections.ConfigDict], None] | None = None):
-  """Decorator for `run(config, workdir)`.
-
-  Usage: `@register_trainer('sft', required={'optim.lr': float})`.
-  """
-
-  def wrap(run):
-    if name in _TRAINERS:
-      raise ValueError(f"trainer {name!r} registered twice")
-    doc = (run.__doc__ or "").strip().splitlines()
-    _TRAINERS[name] = TrainerSpec(name, run, dict(required), validate, doc[0] if doc else "")
-    return run
-
-  return wrap
-
-
-def trainers() -> dict[str, TrainerSpec]:
-  import qwen_image_rl.trainers  # noqa: F401  (registers every trainer module)
-
-  return dict(_TRAINERS)
-
-
-def get_trainer(name: str) -> TrainerSpec:
-  known = trainers()
-  if name not in known:
-    raise ConfigError(f"config.trainer={name!r} is not a known trainer; known: {sorted(known)}")
-  return known[name]
 
 
 _MISSING = object()
@@ -118,20 +75,6 @@ def transformer_overrides(config: ml_collections.ConfigDict) -> dict:
   """config.model.transformer_overrides as a dict ({} when unset): our own MMDiT fields
   (scan_layers, remat_policy, ...) that change how the step compiles, not what it learns."""
   return dict(config.model.get("transformer_overrides", {}) or {})
-
-
-def validate(config: ml_collections.ConfigDict) -> TrainerSpec:
-  """Everything that can be checked without building a model. Returns the trainer spec."""
-  if not isinstance(config, ml_collections.ConfigDict):
-    raise ConfigError("--config did not produce a ConfigDict (is the file path right?)")
-  trainer = get_field(config, "trainer", None)
-  if not isinstance(trainer, str):
-    raise ConfigError("config.trainer is required (a string naming the trainer)")
-  spec = get_trainer(trainer)
-  check_fields(config, spec.required)
-  if spec.validate is not None:
-    spec.validate(config)
-  return spec
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

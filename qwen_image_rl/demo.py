@@ -26,9 +26,7 @@ def _define_flags():
 
 
 def _config(module: str, variant: str):
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  if repo not in sys.path:
-    sys.path.insert(0, repo)
+  # `configs` is the repo's config directory: run from the repo root, as `main` is.
   return importlib.import_module(f"configs.{module}").get_config(variant)
 
 
@@ -88,5 +86,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from qwen_image_rl import host_memory
+
+  host_memory.tune_malloc()
   _define_flags()
   app.run(main)

@@ -42,10 +42,7 @@ def _define_flags():
 def variant_config(name: str, init_from: str, iterations: int, num_t2i: int,
                    eval_base: bool = True):
   """configs/grpo_t2i.py:tiny with the variant's overrides; `eval_base`: evaluate at step 0."""
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  if repo not in sys.path:
-    sys.path.insert(0, repo)
-  from configs import grpo_t2i
+  from configs import grpo_t2i  # the repo's config directory: run from the repo root
 
   c = grpo_t2i.get_config("tiny")
   c.init_from = init_from
@@ -89,7 +86,7 @@ def table(workdir: str, names) -> str:
 
 def main(argv):
   del argv
-  from qwen_image_rl import config_lib, runner
+  from qwen_image_rl import config_lib, runner, trainers
   from qwen_image_rl.trainers.common import final_checkpoint_exists
 
   unknown = sorted(set(FLAGS.variants) - set(VARIANTS))
@@ -101,7 +98,7 @@ def main(argv):
              for i, name in enumerate(FLAGS.variants)}
   for name, config in configs.items():  # every variant is checked before the first one runs
     try:
-      config_lib.validate(config)
+      trainers.validate(config)
     except config_lib.ConfigError as e:
       print(f"error: variant {name}: {e}", file=sys.stderr)
       sys.exit(2)
@@ -118,5 +115,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from qwen_image_rl import host_memory
+
+  host_memory.tune_malloc()
   _define_flags()
   app.run(main)

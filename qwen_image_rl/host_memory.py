@@ -1,4 +1,4 @@
-"""glibc malloc settings for XLA:CPU's host buffers (applied when the package is imported).
+"""glibc malloc settings for XLA:CPU's host buffers (applied by the entry points at start).
 
 XLA:CPU takes its activation buffers from malloc. glibc serves blocks above its mmap threshold
 with fresh mmap'd pages and gives them back on free, and trims freed memory off the top of the

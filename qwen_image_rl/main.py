@@ -11,7 +11,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from qwen_image_rl import config_lib
+from qwen_image_rl import config_lib, host_memory, trainers
 from qwen_image_rl.runner import run  # noqa: F401  (re-exported: `main.run(config, workdir)`)
 
 FLAGS = flags.FLAGS
@@ -20,10 +20,10 @@ FLAGS = flags.FLAGS
 def _trainer_list() -> str:
   # Listing trainers imports them; keep it out of the import path of `main` itself.
   try:
-    specs = config_lib.trainers()
+    specs = [trainers.get(name) for name in trainers.names()]
   except Exception as e:  # pragma: no cover - a broken trainer should not hide --help
     return f"(could not list trainers: {e})"
-  return "; ".join(f"{n}: {s.doc}" if s.doc else n for n, s in sorted(specs.items()))
+  return "; ".join(f"{s.name}: {s.doc}" if s.doc else s.name for s in specs)
 
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -71,6 +71,7 @@ def _help_with_trainers():
 
 
 def cli():
+  host_memory.tune_malloc()  # before any jitted step allocates (see host_memory.py)
   if any(a in ("--help", "--helpshort", "--helpfull", "-h") for a in sys.argv[1:]):
     _help_with_trainers()
   app.run(main, flags_parser=_parse_flags)

@@ -10,7 +10,7 @@ import os
 
 from absl import logging
 
-from qwen_image_rl import config_lib
+from qwen_image_rl import config_lib, trainers
 
 
 def check_workdir(workdir: str | None) -> str:
@@ -34,7 +34,7 @@ def write_config(config, workdir: str) -> str:
 def run(config, workdir: str):
   """Validate, record the config, and hand over to the trainer. Returns the trainer's result."""
   workdir = check_workdir(workdir)
-  spec = config_lib.validate(config)
+  spec = trainers.validate(config)
   from qwen_image_rl.parallel import maybe_initialize_distributed
 
   maybe_initialize_distributed(config.get("distributed", "auto"))

@@ -47,7 +47,7 @@ def create_train_state(init_params: Callable[[jax.Array], Any], tx: optax.Gradie
   seed_key = jax.random.key(seed)
   abstract = jax.eval_shape(init, seed_key)
   shardings = parallel.tree_shardings(abstract, mesh, rules)
-  with mesh:
+  with parallel.sharding_context(mesh, rules):
     state = jax.jit(lambda k: nn.meta.unbox(init(k)), out_shardings=shardings)(seed_key)
   return state, shardings
 

@@ -12,6 +12,12 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def sigkill(proc, timeout: float = 30.0) -> None:
+  """Kill a child process the hard way (no cleanup, as a preempted host) and reap it."""
+  proc.send_signal(signal.SIGKILL)
+  proc.wait(timeout=timeout)
+
+
 def run_child(config_code: str, workdir: str, kill_after_step: int | None = None,
               timeout: float = 600.0) -> None:
   """Runs main.run on the config that `config_code` (Python defining `c`) builds.
@@ -42,8 +48,7 @@ def run_child(config_code: str, workdir: str, kill_after_step: int | None = None
     if os.path.isdir(ckpt) and any(s >= kill_after_step for s in committed_steps(ckpt)):
       break
     time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
+  sigkill(proc)
 
 
 def assert_killed_then_resumed_run_is_exact(config_code: str, straight: str, resumed: str,

@@ -1,7 +1,6 @@
 """Checkpointer: exact resume after SIGKILL, killed saves, sharded restore, clear errors."""
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from qwen_image_rl import parallel
 from qwen_image_rl.checkpoint import Checkpointer, CheckpointError, committed_steps
+from tests import kill_and_resume
 
 WORKER = os.path.join(os.path.dirname(__file__), "resume_worker.py")
 TOTAL_STEPS = 20
@@ -63,11 +63,6 @@ def _wait_for(predicate, proc, what, timeout=60):
   raise AssertionError(f"timed out waiting for {what}")
 
 
-def _kill(proc):
-  proc.send_signal(signal.SIGKILL)
-  proc.wait(timeout=30)
-
-
 def _final(workdir):
   with np.load(os.path.join(workdir, "final.npz")) as f:
     return {k: f[k] for k in f.files}
@@ -100,7 +95,7 @@ def test_sigkill_mid_run_resumes_bit_identical(tmp_path, reference_run):
   progress = os.path.join(workdir, "progress")
   proc = _start(workdir)
   _wait_for(lambda: int(_read(progress) or 0) >= 11, proc, "step 11")
-  _kill(proc)
+  kill_and_resume.sigkill(proc)
   killed_at = int(_read(progress))
   assert killed_at < TOTAL_STEPS
   steps = committed_steps(os.path.join(workdir, "checkpoints"))
@@ -119,7 +114,7 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path, reference_run):
   # The worker blocks the save of step 6 after all its files are written, just before the
   # atomic rename; kill it there.
   _wait_for(lambda: _read(os.path.join(workdir, "pausing")) == "6", proc, "the step-6 save")
-  _kill(proc)
+  kill_and_resume.sigkill(proc)
   leftovers = [n for n in os.listdir(ckpt_dir) if n.startswith("6.orbax-checkpoint-tmp")]
   assert leftovers, os.listdir(ckpt_dir)  # The kill did land mid-save.
   assert os.path.exists(os.path.join(ckpt_dir, leftovers[0], "commit_success.txt"))

@@ -17,8 +17,9 @@ import pytest
 
 from qwen_image_rl import parallel
 from qwen_image_rl.models.mmdit import QwenImageTransformer
-from qwen_image_rl.rl import grpo
+from qwen_image_rl.rl.objectives import grpo
 from qwen_image_rl.rl import rollout as rl_rollout
+from qwen_image_rl.sampling import guidance
 from qwen_image_rl.sampling.guidance import true_cfg
 from qwen_image_rl.sampling.schedule import FlowMatchSchedule, euler_step
 from qwen_image_rl.sampling.sde import gaussian_log_prob, sde_step_mean_std
@@ -127,7 +128,7 @@ def rollouts(model, params, inputs):
 
 
 def velocity_fn(model, img_shapes=IMG):
-  return jax.jit(lambda p, x, t, c, m, ref=None: rl_rollout.model_velocity(
+  return jax.jit(lambda p, x, t, c, m, ref=None: guidance.velocity(
       model, p, x, t, c, m, img_shapes, ref))
 
 
@@ -414,7 +415,7 @@ def test_eight_devices_match_one(model, params, inputs):
           if k not in ("sigmas", "key") else v) for k, v in inputs.items()}
   n_sharded = sum(not x.sharding.is_fully_replicated for x in jax.tree.leaves(sharded_params))
   assert n_sharded > 0
-  with mesh:
+  with parallel.sharding_context(mesh, SHARDED_RULES):
     eight = run(sharded_params, sharded_state, sharded_inputs, SHARDED_RULES)
 
   err_roll = max(tree_max_abs(one[0].final_latents, eight[0].final_latents),

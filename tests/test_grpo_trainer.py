@@ -43,7 +43,7 @@ def _small_grpo(pipe_dir, task="t2i"):
 
 @pytest.fixture(scope="module")
 def pipe_dir(tmp_path_factory):
-  from qwen_image_rl.pipelines import tiny_reference
+  from tests import tiny_reference
 
   _, path = tiny_reference.build_t2i(str(tmp_path_factory.mktemp("tiny_pipe")))
   return path
@@ -147,10 +147,10 @@ def test_nan_rewards_stop_after_three_and_keep_last_checkpoint(pipe_dir, tmp_pat
 
 
 def _expect_config_error(c, match):
-  from qwen_image_rl import config_lib
+  from qwen_image_rl import config_lib, trainers
 
   with pytest.raises(config_lib.ConfigError, match=match):
-    config_lib.validate(c)
+    trainers.validate(c)
 
 
 def test_bad_configs_fail_before_compiling(tmp_path):
@@ -183,12 +183,12 @@ def test_bad_configs_fail_before_compiling(tmp_path):
 def test_full_size_configs_validate_and_build_abstract_shapes():
   import jax.numpy as jnp
 
-  from qwen_image_rl import config_lib
+  from qwen_image_rl import trainers
   from qwen_image_rl.models.mmdit import QwenImageTransformer, count_params
 
   for c in (grpo_t2i_config.get_config("qwen_image"),
             grpo_edit_config.get_config("qwen_image_edit")):
-    assert config_lib.validate(c).name == "grpo"
+    assert trainers.validate(c).name == "grpo"
   c = grpo_t2i_config.get_config("qwen_image")
   model = QwenImageTransformer.from_config(
       dict(c.model.transformer), **dict(c.model.transformer_overrides), dtype=jnp.bfloat16,
@@ -216,10 +216,10 @@ def test_curate_writes_prompt_file(pipe_dir, tmp_path):
     saved = json.load(f)
   assert sum(saved["histogram"]["counts"]) == 8 and saved["n_prompts"] == 8
   # The curated file feeds a grpo run's prompt pool (validation reads it).
-  from qwen_image_rl import config_lib
+  from qwen_image_rl import trainers
   g = _small_grpo(pipe_dir)
   g.data.prompt_file = os.path.join(workdir, "curated_prompts.jsonl")
-  config_lib.validate(g)
+  trainers.validate(g)
   c.rl.curation.threshold = 10.0
   with pytest.raises(CurationError, match="no prompt kept"):
     main.run(c, str(tmp_path / "curate_none"))
@@ -236,13 +236,10 @@ def test_grpo_exact_resume_after_sigkill(pipe_dir, tmp_path):
 
 
 def test_ablation_variants_and_table(tmp_path):
-  from qwen_image_rl import grpo_ablation
-
-  from qwen_image_rl import config_lib
-  from qwen_image_rl.trainers import grpo  # noqa: F401  (registers the trainer)
+  from qwen_image_rl import grpo_ablation, trainers
 
   for name in grpo_ablation.VARIANTS:  # each variant passes the trainer's own checks
-    config_lib.validate(grpo_ablation.variant_config(name, "base_dir", iterations=3, num_t2i=8))
+    trainers.validate(grpo_ablation.variant_config(name, "base_dir", iterations=3, num_t2i=8))
   c = grpo_ablation.variant_config("all", "base_dir", iterations=3, num_t2i=8)
   assert c.rl.timesteps.strategy == "all" and c.rl.timesteps.num_train == c.rl.num_steps
   assert (c.total_steps, c.init_from, c.eval.num_t2i, c.eval.num_edits) == (3, "base_dir", 8, 0)
@@ -273,13 +270,13 @@ def test_shared_initial_noise_is_per_prompt_group():
   import types
 
   import jax
-  from qwen_image_rl.trainers import grpo
+  from qwen_image_rl.rl.collect import Roller
 
   def noise(shared):
     roller = types.SimpleNamespace(
         config=types.SimpleNamespace(rl=types.SimpleNamespace(shared_initial_noise=shared)),
         chunk=8, group=4, seq_len=3, channels=2)
-    return np.asarray(grpo.Roller.initial_noise(roller, jax.random.key(0)))
+    return np.asarray(Roller.initial_noise(roller, jax.random.key(0)))
 
   shared, independent = noise(True), noise(False)
   assert shared.shape == independent.shape == (8, 3, 2)

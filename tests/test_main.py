@@ -1,6 +1,5 @@
 """The entry point rejects bad input with one line naming the problem, before compiling."""
 
-import json
 import os
 import subprocess
 import sys
@@ -9,7 +8,7 @@ import textwrap
 import ml_collections
 import pytest
 
-from qwen_image_rl import config_lib
+from qwen_image_rl import config_lib, trainers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -78,7 +77,7 @@ def test_missing_config_file(tmp_path):
 def test_missing_required_trainer_field():
   c = ml_collections.ConfigDict({"trainer": ml_collections.config_dict.placeholder(str)})
   with pytest.raises(config_lib.ConfigError, match="config.trainer is required"):
-    config_lib.validate(c)
+    trainers.validate(c)
 
 
 def test_check_fields_names_the_field():

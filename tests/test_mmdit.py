@@ -15,7 +15,7 @@ from qwen_image_rl.convert.transformer import (
 from qwen_image_rl.models import layers
 from qwen_image_rl.models.mmdit import QwenImageTransformer, count_params
 from qwen_image_rl.parallel import (DEFAULT_LOGICAL_AXIS_RULES, batch_sharding, make_mesh,
-                                    shard_tree, tree_shardings)
+                                    shard_tree, sharding_context, tree_shardings)
 
 TOL = 1e-4
 TINY = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=32,
@@ -253,14 +253,14 @@ def test_sharded_forward_and_grad_match_one_device():
   sharded = shard_tree(params, shardings)
 
   def under_mesh(p, a):
-    with mesh, nn.logical_axis_rules(rules):
-      return jax.value_and_grad(loss, has_aux=True)(p, a)
+    return jax.value_and_grad(loss, has_aux=True)(p, a)
 
   # Inputs split over the data-parallel axes, as the trainers feed them.
   sharded_args = {k: jax.device_put(v, batch_sharding(mesh, v.shape, rules))
                   for k, v in args.items()}
-  (val, out), grad = jax.jit(under_mesh, out_shardings=((None, None), shardings))(
-      sharded, sharded_args)
+  with sharding_context(mesh, rules):
+    (val, out), grad = jax.jit(under_mesh, out_shardings=((None, None), shardings))(
+        sharded, sharded_args)
 
   kernel = sharded["transformer_blocks"]["attn"]["to_q"]["kernel"]  # [layers, embed, heads]
   assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
@@ -295,10 +295,10 @@ def test_batch_sharded_masked_forward_matches_one_device():
   put = lambda a: jax.device_put(a, batch_sharding(mesh, a.shape, rules))  # noqa: E731
 
   def fwd(p, x, c, m, t):
-    with mesh, nn.logical_axis_rules(rules):
-      return model.apply({"params": p}, x, c, m, t, shapes)
+    return model.apply({"params": p}, x, c, m, t, shapes)
 
-  out = jax.jit(fwd)(sharded, put(x), put(ctx), put(mask), put(t))
+  with sharding_context(mesh, rules):
+    out = jax.jit(fwd)(sharded, put(x), put(ctx), put(mask), put(t))
   per_sample = np.abs(np.asarray(out) - np.asarray(ref)).max(axis=(1, 2))
   assert per_sample.max() <= 1e-5, per_sample
 

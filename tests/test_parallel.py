@@ -63,7 +63,7 @@ def _run(mesh, steps=3):
   x, y = jax.device_put(x, data), jax.device_put(y, data)
   step = jax.jit(_train_fn(model, tx, mesh), donate_argnums=(0, 1))
   losses = []
-  with mesh:
+  with parallel.sharding_context(mesh, RULES):
     for _ in range(steps):
       params, opt_state, loss = step(params, opt_state, x, y)
       losses.append(float(loss))

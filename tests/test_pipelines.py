@@ -10,7 +10,6 @@ import os
 import shutil
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,7 +17,8 @@ import pytest
 
 from qwen_image_rl.convert.safetensors_io import CheckpointError
 from qwen_image_rl.pipelines import (QwenImageEditPipeline, QwenImagePipeline,
-                                     calculate_dimensions, common, edit, tiny_reference)
+                                     calculate_dimensions, common, edit)
+from tests import tiny_reference
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.torch
@@ -265,7 +265,7 @@ def test_denoise_with_sharded_params_matches(reference):
   params = parallel.shard_tree(ours.transformer_params, shardings)
   assert any(len(p.sharding.device_set) > 1 and not p.sharding.is_fully_replicated
              for p in jax.tree.leaves(params))
-  with mesh, nn.logical_axis_rules(rules):
+  with parallel.sharding_context(mesh, rules):
     got = fn(params, x, embeds, mask, neg, neg_mask, sigmas, 4.0)
   err = _max_err(got, want)
   print(f"denoise with params sharded on data2 x fsdp2 x tensor2: max abs err {err:.2e}")

@@ -2,7 +2,6 @@
 
 import os
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,8 +13,9 @@ from qwen_image_rl.convert.text_encoder import (
 from qwen_image_rl.data.tokenizer import build_qwen_tokenizer
 from qwen_image_rl.models import text_encoding as te
 from qwen_image_rl.models.qwen2_5_vl import Qwen25VLTextModel
-from qwen_image_rl.pipelines import tiny_reference
-from qwen_image_rl.parallel import DEFAULT_LOGICAL_AXIS_RULES, make_mesh, tree_shardings
+from tests import tiny_reference
+from qwen_image_rl.parallel import (DEFAULT_LOGICAL_AXIS_RULES, make_mesh, sharding_context,
+                                    tree_shardings)
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.torch
@@ -290,10 +290,9 @@ def test_sharded_scanned_forward_matches_single_device(reference, tokenizer):
   placed = jax.tree.map(jax.device_put, scan_params, shardings)
 
   def forward(p, i, m):
-    with mesh, nn.logical_axis_rules(rules):
-      return scan_model.apply({"params": p}, i, m)
+    return scan_model.apply({"params": p}, i, m)
 
-  with mesh, nn.logical_axis_rules(rules):
+  with sharding_context(mesh, rules):
     got = jax.jit(forward)(placed, ids, mask)
   assert len(got.sharding.device_set) == 8
   valid = np.asarray(mask).astype(bool)

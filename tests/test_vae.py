@@ -236,9 +236,13 @@ def test_sharded_encode_decode_match_single_device(pair, jitted):
 
   def under_mesh(method):
     def fn(p, x):
-      with mesh, nn.logical_axis_rules(rules):
-        return model.apply(p, x, method=method)
-    return jax.jit(fn, in_shardings=(param_shardings, batch), out_shardings=batch)
+      return model.apply(p, x, method=method)
+    jitted = jax.jit(fn, in_shardings=(param_shardings, batch), out_shardings=batch)
+
+    def call(p, x):
+      with parallel.sharding_context(mesh, rules):
+        return jitted(p, x)
+    return call
 
   x = jax.device_put(images, batch)
   mean = under_mesh(model.encode)(sharded_params, x)

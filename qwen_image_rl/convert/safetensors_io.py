@@ -13,9 +13,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-
-class CheckpointError(ValueError):
-  """A checkpoint directory is missing files, keys, or has wrong shapes."""
+from qwen_image_rl.errors import CheckpointError
 
 
 def _fmt_keys(keys: Iterable[str], limit: int = 20) -> str:

@@ -2,9 +2,9 @@
 
 - Packing: the DiT sees 2x2 latent patches flattened channel-major, exactly diffusers'
   `_pack_latents` (`b c (h p) (w q) -> b (h w) (c p q)`), but our latents are NHWC.
-- `denoise`: the whole flow-matching Euler loop (with Qwen-Image's norm-rescaled true CFG) as
-  ONE jitted computation, a `fori_loop` over the sigma array with params as arguments, so the
-  same function serves sampling and the RL rollouts with sharded params.
+- `denoise`: the whole flow-matching Euler loop (with Qwen-Image's norm-rescaled true CFG,
+  `sampling.guidance.guided_velocity`, the velocity the RL rollouts and objectives use too) as
+  ONE jitted computation, a `fori_loop` over the sigma array with params as arguments.
 - `PipelineBase`: components in memory (models + params), `from_pretrained` reading the
   diffusers directory layout and `save_pretrained` writing one that diffusers loads.
 
@@ -18,6 +18,7 @@ Deliberate differences from diffusers, each numerically neutral in float32:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -32,8 +33,9 @@ import numpy as np
 from qwen_image_rl.convert.safetensors_io import CheckpointError, read_json
 from qwen_image_rl.models import text_encoding
 from qwen_image_rl.models.vae import denormalize_latents, normalize_latents
+from qwen_image_rl.parallel.context import sharding_context
 from qwen_image_rl.parallel.partitioning import DEFAULT_LOGICAL_AXIS_RULES
-from qwen_image_rl.sampling.guidance import true_cfg
+from qwen_image_rl.sampling.guidance import guided_velocity
 from qwen_image_rl.sampling.schedule import FlowMatchSchedule, euler_step
 
 DIFFUSERS_VERSION = "0.42.1"
@@ -95,66 +97,17 @@ def img_shape(latent_h: int, latent_w: int) -> tuple[int, int, int]:
 # The jitted denoising loop
 # ------------------------------------------------------------------------------------------
 
-def _pad_text(embeds, mask, length):
-  """Right-pad [B, T, D] embeddings and their [B, T] mask (None = all real) to `length`."""
-  b, t = embeds.shape[:2]
-  if mask is None:
-    mask = jnp.ones((b, t), jnp.int32)
-  pad = length - t
-  embeds = jnp.pad(embeds, ((0, 0), (0, pad), (0, 0)))
-  mask = jnp.pad(mask.astype(jnp.int32), ((0, 0), (0, pad)))
-  return embeds, mask
-
-
-def cfg_batch(embeds, mask, neg_embeds, neg_mask):
-  """[cond; negative] text batch of size 2B, padded to a common length with masked keys."""
-  if mask is None and neg_mask is None and embeds.shape[1] == neg_embeds.shape[1]:
-    return jnp.concatenate([embeds, neg_embeds.astype(embeds.dtype)]), None
-  length = max(embeds.shape[1], neg_embeds.shape[1])
-  e1, m1 = _pad_text(embeds, mask, length)
-  e2, m2 = _pad_text(neg_embeds.astype(embeds.dtype), neg_mask, length)
-  return jnp.concatenate([e1, e2]), jnp.concatenate([m1, m2])
-
-
-def velocity(model, params, latents, embeds, mask, sigma, img_shapes, image_latents=None):
-  """One transformer call: target velocity [B, S_target, 4C] (float32).
-
-  `image_latents` (packed reference tokens, edit) are appended after the target tokens.
-  The model gets the timestep as diffusers computes it, (sigma * 1000) / 1000 in float32.
-  """
-  b = latents.shape[0]
-  x = latents if image_latents is None else jnp.concatenate(
-      [latents, image_latents.astype(latents.dtype)], axis=1)
-  t = (jnp.asarray(sigma, jnp.float32) * 1000.0) / 1000.0
-  t = jnp.broadcast_to(t, (b,))
-  out = model.apply({"params": params}, x.astype(model.dtype), embeds, mask, t, img_shapes)
-  return out.astype(jnp.float32)
-
-
-def guided_velocity(model, params, latents, embeds, mask, neg_embeds, neg_mask, sigma,
-                    cfg_scale, img_shapes, image_latents=None):
-  """Velocity with true CFG when `neg_embeds` is given (one batched forward), else plain."""
-  if neg_embeds is None:
-    return velocity(model, params, latents, embeds, mask, sigma, img_shapes, image_latents)
-  b = latents.shape[0]
-  text, text_mask = cfg_batch(embeds, mask, neg_embeds, neg_mask)
-  double = lambda x: None if x is None else jnp.concatenate([x, x])
-  v = velocity(model, params, double(latents), text, text_mask, sigma, img_shapes,
-               double(image_latents))
-  return true_cfg(v[:b], v[b:], cfg_scale)
-
-
-def denoise(model: nn.Module, img_shapes, params, latents, embeds, mask, neg_embeds, neg_mask,
-            sigmas, cfg_scale, image_latents=None):
+def denoise(model: nn.Module, img_shapes, params, latents, cond, mask, neg_cond, neg_mask,
+            sigmas, cfg_scale, ref_latents=None):
   """Integrate the flow ODE from sigmas[0] to sigmas[-1] with Euler steps (pure, traceable).
 
   Args:
     model: a QwenImageTransformer; img_shapes: ((1, h/2, w/2), [reference shapes...]).
     params: the transformer's params (unboxed).
-    latents: packed noise [B, S, 4C]; embeds/mask: [B, T, D] / [B, T] or None.
-    neg_embeds/neg_mask: negative-prompt text, or None for no CFG.
+    latents: packed noise [B, S, 4C]; cond/mask: prompt embeddings [B, T, D] / [B, T] or None.
+    neg_cond/neg_mask: negative-prompt text, or None for no CFG.
     sigmas: [N + 1] float32 (FlowMatchSchedule.sigmas); cfg_scale: scalar.
-    image_latents: packed, normalised reference latents [B, S_ref, 4C] (edit) or None.
+    ref_latents: packed, normalised reference latents [B, S_ref, 4C] (edit) or None.
   Returns:
     float32 packed latents [B, S, 4C].
   """
@@ -163,8 +116,8 @@ def denoise(model: nn.Module, img_shapes, params, latents, embeds, mask, neg_emb
 
   def step(i, x):
     x = nn.with_logical_constraint(x, LATENT_AXES)
-    v = guided_velocity(model, params, x, embeds, mask, neg_embeds, neg_mask, sigmas[i],
-                        cfg_scale, img_shapes, image_latents)
+    v = guided_velocity(model, params, x, sigmas[i], cond, mask, neg_cond, neg_mask,
+                        cfg_scale=cfg_scale, img_shapes=img_shapes, ref_latents=ref_latents)
     return euler_step(x, v, sigmas[i], sigmas[i + 1])
 
   return jax.lax.fori_loop(0, sigmas.shape[0] - 1, step, x)
@@ -174,10 +127,10 @@ def denoise(model: nn.Module, img_shapes, params, latents, embeds, mask, neg_emb
 def make_denoise(model: nn.Module, img_shapes: tuple):
   """`denoise` jitted for one model and image layout:
 
-    fn(params, latents, embeds, mask, neg_embeds, neg_mask, sigmas, cfg_scale,
-       image_latents=None) -> float32 packed latents
+    fn(params, latents, cond, mask, neg_cond, neg_mask, sigmas, cfg_scale,
+       ref_latents=None) -> float32 packed latents
 
-  Pass None for neg_embeds/neg_mask to sample without CFG (a separate compile).
+  Pass None for neg_cond/neg_mask to sample without CFG (a separate compile).
   """
   img_shapes = tuple(tuple(int(v) for v in s) for s in img_shapes)
   return jax.jit(functools.partial(denoise, model, img_shapes))
@@ -303,14 +256,10 @@ class PipelineBase:
     return self.vae.z_dim
 
   def _context(self):
-    """Mesh + logical-axis-rules context for jitted calls (a no-op without a mesh)."""
-    import contextlib
+    """The sharding context of jitted calls (a no-op without a mesh: the caller's, if any)."""
     if self.mesh is None:
       return contextlib.nullcontext()
-    stack = contextlib.ExitStack()
-    stack.enter_context(self.mesh)
-    stack.enter_context(nn.logical_axis_rules(self.rules))
-    return stack
+    return sharding_context(self.mesh, self.rules)
 
   # --- loading / saving -------------------------------------------------------------------
 
@@ -465,14 +414,14 @@ class PipelineBase:
                               (batch, latent_h, latent_w, self.latent_channels), jnp.float32)
     return pack_latents(noise)
 
-  def _sample(self, img_shapes, latents, embeds, mask, neg_embeds, neg_mask, num_steps,
-              true_cfg_scale, image_latents=None):
+  def _sample(self, img_shapes, latents, cond, mask, neg_cond, neg_mask, num_steps,
+              true_cfg_scale, ref_latents=None):
     image_seq_len = latents.shape[1]
     sigmas = self.schedule.sigmas(num_steps, image_seq_len)
     fn = make_denoise(self.transformer, tuple(img_shapes))
     with self._context():
-      return fn(self.transformer_params, latents, embeds, mask, neg_embeds, neg_mask,
-                jnp.asarray(sigmas), jnp.float32(true_cfg_scale), image_latents)
+      return fn(self.transformer_params, latents, cond, mask, neg_cond, neg_mask,
+                jnp.asarray(sigmas), jnp.float32(true_cfg_scale), ref_latents)
 
   def _output(self, packed, latent_h, latent_w, output_type: str):
     if output_type == "latent":
@@ -495,5 +444,5 @@ def default_hw(height, width, vae_scale_factor: int) -> tuple[int, int]:
 
 
 __all__ = ["pack_latents", "unpack_latents", "latent_size", "img_shape", "denoise",
-           "make_denoise", "velocity", "guided_velocity", "cfg_batch", "decode_packed",
+           "make_denoise", "decode_packed",
            "encode_normalized", "to_uint8", "PipelineBase", "scheduler_config"]

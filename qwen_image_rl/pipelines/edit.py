@@ -128,10 +128,10 @@ class QwenImageEditPipeline(common.PipelineBase):
       raise ValueError(f"cannot duplicate {n_src} source images to a batch of {batch}")
     # diffusers tiles (torch.cat([x] * k)), it does not repeat each image in place.
     source = jnp.concatenate([source] * (batch // n_src))
-    image_latents = common.pack_latents(source)
+    ref_latents = common.pack_latents(source)
     x = self._initial_latents(batch, latent_h, latent_w, seed, latents)
     img_shapes = (common.img_shape(latent_h, latent_w),
                   common.img_shape(source.shape[1], source.shape[2]))
     packed = self._sample(img_shapes, x, embeds, mask, neg_embeds, neg_mask,
-                          num_inference_steps, true_cfg_scale, image_latents)
+                          num_inference_steps, true_cfg_scale, ref_latents)
     return self._output(packed, latent_h, latent_w, output_type)

@@ -194,16 +194,3 @@ class FunctionReward(RewardFn):
   def score(self, batch):
     out = self._fn(batch)
     return {self.name: out} if self._single and not isinstance(out, Mapping) else out
-
-
-def per_sample_reward(name: str, fn: Callable[..., float]) -> FunctionReward:
-  """A one-score reward from `fn(image, prompt, category, source_image, meta) -> float`."""
-
-  def score(batch: RewardBatch) -> np.ndarray:
-    return np.array([
-        fn(batch.images[i], batch.prompts[i], batch.categories[i],
-           None if batch.source_images is None else batch.source_images[i],
-           None if batch.meta is None else batch.meta[i])
-        for i in range(batch.size)], np.float32)
-
-  return FunctionReward(name, score)

@@ -31,8 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qwen_image_rl.parallel.context import sharding_context
 from qwen_image_rl.parallel.partitioning import DEFAULT_LOGICAL_AXIS_RULES
-from qwen_image_rl.sampling.guidance import true_cfg
+from qwen_image_rl.sampling.guidance import guided_velocity
 from qwen_image_rl.sampling.schedule import euler_step
 from qwen_image_rl.sampling.sde import gaussian_log_prob, sde_step_mean_std
 
@@ -54,7 +55,7 @@ class RolloutResult:
 
 
 # ------------------------------------------------------------------------------------------
-# Velocities
+# CFG modes (the velocity itself is sampling.guidance.guided_velocity, as in the pipelines)
 # ------------------------------------------------------------------------------------------
 
 
@@ -64,47 +65,6 @@ def check_cfg_mode(cfg_mode: str, neg_cond) -> None:
   if cfg_mode != "none" and neg_cond is None:
     raise ValueError(f"cfg_mode={cfg_mode!r} needs a negative prompt (neg_cond); pass one or use "
                      f"cfg_mode='none'.")
-
-
-def model_velocity(model, params, x, sigma, cond, mask, img_shapes, ref_latents=None):
-  """Float32 velocity of the target tokens; reference tokens (edit) go after the target."""
-  inputs = x if ref_latents is None else jnp.concatenate(
-      [x, ref_latents.astype(x.dtype)], axis=1)
-  sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), (x.shape[0],))
-  v = model.apply({"params": params}, inputs, cond, mask, sigma, img_shapes)
-  return v.astype(jnp.float32)
-
-
-def _pad_text(cond, mask, length: int):
-  """Pad [B, T, D] embeddings (mask [B, T] or None) to `length` tokens with masked zeros."""
-  b, t = cond.shape[:2]
-  mask = jnp.ones((b, t), jnp.int32) if mask is None else mask.astype(jnp.int32)
-  if t == length:
-    return cond, mask
-  return (jnp.pad(cond, ((0, 0), (0, length - t), (0, 0))),
-          jnp.pad(mask, ((0, 0), (0, length - t))))
-
-
-def velocity(model, params, x, sigma, cond, mask, neg_cond, neg_mask, *, guided: bool,
-             cfg_scale, img_shapes, ref_latents=None):
-  """Conditional velocity, or Qwen's norm-rescaled true CFG when `guided`.
-
-  With CFG the conditional and negative branches run as one forward of batch 2B, the shorter
-  text padded with masked keys (exact up to rounding), which keeps the compiled graph and the
-  accelerator's batch twice as large as two separate calls would.
-  """
-  if not guided:
-    return model_velocity(model, params, x, sigma, cond, mask, img_shapes, ref_latents)
-  length = max(cond.shape[1], neg_cond.shape[1])
-  cond, mask = _pad_text(cond, mask, length)
-  neg_cond, neg_mask = _pad_text(neg_cond, neg_mask, length)
-  sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), (x.shape[0],))
-  both = lambda a, b: jnp.concatenate([a, b], axis=0)
-  ref = None if ref_latents is None else both(ref_latents, ref_latents)
-  v = model_velocity(model, params, both(x, x), both(sigma, sigma), both(cond, neg_cond),
-                     both(mask, neg_mask), img_shapes, ref)
-  v_cond, v_neg = jnp.split(v, 2, axis=0)
-  return true_cfg(v_cond, v_neg, cfg_scale)
 
 
 def policy_is_guided(cfg_mode: str) -> bool:
@@ -122,11 +82,16 @@ def rollout_is_guided(cfg_mode: str) -> bool:
 
 
 def validate_train_idx(train_idx, num_steps: int) -> None:
-  """Host-side check of concrete step indices: sorted, distinct, in [0, num_steps)."""
+  """Host-side check of concrete step indices: sorted, distinct, in [0, num_steps).
+
+  An empty array is allowed: the plain ODE rollout, no transitions recorded (objectives that
+  train on the final latents only).
+  """
   idx = np.asarray(train_idx)
-  if idx.ndim != 1 or idx.size == 0:
-    raise ValueError(f"train_idx must be a non-empty 1-D array of step indices, got shape "
-                     f"{idx.shape}.")
+  if idx.ndim != 1:
+    raise ValueError(f"train_idx must be a 1-D array of step indices, got shape {idx.shape}.")
+  if idx.size == 0:
+    return
   if idx.min() < 0 or idx.max() >= num_steps:
     raise ValueError(f"train_idx {idx.tolist()} must lie in [0, {num_steps}) (N = len(sigmas)-1).")
   if np.any(np.diff(idx) <= 0):
@@ -134,7 +99,7 @@ def validate_train_idx(train_idx, num_steps: int) -> None:
                      f"(as rl.timesteps.select_timesteps returns them).")
 
 
-def _rollout(model, img_shapes, guided, rules, params, x_T, cond, mask, neg_cond, neg_mask,
+def _rollout(model, img_shapes, guided, params, x_T, cond, mask, neg_cond, neg_mask,
              sigmas, train_idx, key, cfg_scale, noise_level, ref_latents):
   sigmas = jnp.asarray(sigmas, jnp.float32)
   train_idx = jnp.asarray(train_idx, jnp.int32)
@@ -147,30 +112,31 @@ def _rollout(model, img_shapes, guided, rules, params, x_T, cond, mask, neg_cond
     x, buf_t, buf_next, buf_logp = carry
     x = nn.with_logical_constraint(x, LATENT_AXES)
     t, t_next = sigmas[i], sigmas[i + 1]
-    v = velocity(model, params, x, t, cond, mask, neg_cond, neg_mask, guided=guided,
-                 cfg_scale=cfg_scale, img_shapes=img_shapes, ref_latents=ref_latents)
+    v = guided_velocity(model, params, x, t, cond, mask, neg_cond if guided else None,
+                        neg_mask, cfg_scale=cfg_scale, img_shapes=img_shapes,
+                        ref_latents=ref_latents)
     mean, std = sde_step_mean_std(x, v, t, t_next, noise_level)
     noise = jax.random.normal(jax.random.fold_in(key, i), x.shape, jnp.float32)
     x_sde = mean + std * noise
     hits = train_idx == i
     is_train = jnp.any(hits)
-    slot = jnp.argmax(hits)
 
     def store(bufs):
       buf_t, buf_next, buf_logp = bufs
+      slot = jnp.argmax(hits)
       return (buf_t.at[:, slot].set(x), buf_next.at[:, slot].set(x_sde),
               buf_logp.at[:, slot].set(gaussian_log_prob(x_sde, mean, std)))
 
-    buf_t, buf_next, buf_logp = jax.lax.cond(is_train, store, lambda bufs: bufs,
-                                             (buf_t, buf_next, buf_logp))
+    if k:  # static: an ODE-only rollout records nothing
+      buf_t, buf_next, buf_logp = jax.lax.cond(is_train, store, lambda bufs: bufs,
+                                               (buf_t, buf_next, buf_logp))
     x_new = jnp.where(is_train, x_sde, euler_step(x, v, t, t_next))
     return (x_new, nn.with_logical_constraint(buf_t, STEP_LATENT_AXES),
             nn.with_logical_constraint(buf_next, STEP_LATENT_AXES), buf_logp), None
 
-  with nn.logical_axis_rules(rules):
-    init = (x, zeros, zeros, jnp.zeros((b, k), jnp.float32))
-    (x, buf_t, buf_next, buf_logp), _ = jax.lax.scan(
-        step, init, jnp.arange(sigmas.shape[0] - 1, dtype=jnp.int32))
+  init = (x, zeros, zeros, jnp.zeros((b, k), jnp.float32))
+  (x, buf_t, buf_next, buf_logp), _ = jax.lax.scan(
+      step, init, jnp.arange(sigmas.shape[0] - 1, dtype=jnp.int32))
   step_sigmas = jnp.broadcast_to(sigmas[train_idx], (b, k))
   step_sigmas_next = jnp.broadcast_to(sigmas[train_idx + 1], (b, k))
   return RolloutResult(final_latents=x, latents_t=buf_t, latents_next=buf_next,
@@ -179,13 +145,15 @@ def _rollout(model, img_shapes, guided, rules, params, x_T, cond, mask, neg_cond
 
 
 @functools.lru_cache(maxsize=None)
-def _jitted_rollout(model, img_shapes, guided, rules):
-  return jax.jit(functools.partial(_rollout, model, img_shapes, guided, rules))
+def jitted_rollout(model, img_shapes, guided: bool):
+  """fn(params, x_T, cond, mask, neg_cond, neg_mask, sigmas, train_idx, key, cfg_scale,
+  noise_level, ref_latents) -> RolloutResult; call it under `parallel.sharding_context`."""
+  return jax.jit(functools.partial(_rollout, model, img_shapes, guided))
 
 
 def rollout(model, params, x_T, cond, mask, neg_cond, neg_mask, sigmas, train_idx, key, *,
             cfg_scale: float, cfg_mode: str, noise_level: float, img_shapes,
-            ref_latents=None, rules=DEFAULT_LOGICAL_AXIS_RULES) -> RolloutResult:
+            ref_latents=None, rules=DEFAULT_LOGICAL_AXIS_RULES, mesh=None) -> RolloutResult:
   """Sample B trajectories; SDE on the steps `train_idx`, Euler ODE on the others.
 
   Args:
@@ -202,8 +170,8 @@ def rollout(model, params, x_T, cond, mask, neg_cond, neg_mask, sigmas, train_id
       steps are Euler steps too and their log-probs are undefined (NaN).
     img_shapes: static ((1, h, w), [reference (1, h, w)]) in patches.
     ref_latents: packed reference latents [B, S_ref, C] for editing, or None.
-    rules: logical axis rules for the activation constraints (the mesh comes from the caller's
-      `with mesh:`).
+    rules, mesh: the activation constraints' logical axis rules and mesh, entered with
+      `parallel.sharding_context` around the jitted call (mesh None: the caller's, if any).
 
   Returns:
     RolloutResult (all float32; log_probs are the behaviour policy's, see the module docstring).
@@ -216,13 +184,14 @@ def rollout(model, params, x_T, cond, mask, neg_cond, neg_mask, sigmas, train_id
   if concrete_idx is not None:
     validate_train_idx(concrete_idx, int(np.shape(sigmas)[0]) - 1)
   img_shapes = tuple(tuple(int(v) for v in s) for s in img_shapes)
-  rules = tuple(tuple(r) for r in rules)
   if not rollout_is_guided(cfg_mode):
     neg_cond = neg_mask = None
-  fn = _jitted_rollout(model, img_shapes, rollout_is_guided(cfg_mode), rules)
-  return fn(params, x_T, cond, mask, neg_cond, neg_mask, sigmas, train_idx, key,
-            jnp.asarray(cfg_scale, jnp.float32), jnp.asarray(noise_level, jnp.float32),
-            ref_latents)
+  fn = jitted_rollout(model, img_shapes, rollout_is_guided(cfg_mode))
+  with sharding_context(mesh, rules):
+    return fn(params, x_T, cond, mask, neg_cond, neg_mask, sigmas, train_idx, key,
+              jnp.asarray(cfg_scale, jnp.float32), jnp.asarray(noise_level, jnp.float32),
+              ref_latents)
+
 
 
 # ------------------------------------------------------------------------------------------
@@ -252,11 +221,10 @@ def transition_log_probs(model, params, batch, *, cfg_mode: str, cfg_scale, nois
   t = fold(batch["sigmas"])
   t_next = fold(batch["sigmas_next"])
   guided = policy_is_guided(cfg_mode)
-  v = velocity(model, params, x, t, repeat(batch["cond"]), repeat(batch.get("mask")),
-               repeat(batch.get("neg_cond")) if guided else None,
-               repeat(batch.get("neg_mask")) if guided else None,
-               guided=guided, cfg_scale=cfg_scale, img_shapes=img_shapes,
-               ref_latents=repeat(batch.get("ref_latents")))
+  v = guided_velocity(model, params, x, t, repeat(batch["cond"]), repeat(batch.get("mask")),
+                      repeat(batch.get("neg_cond")) if guided else None,
+                      repeat(batch.get("neg_mask")) if guided else None, cfg_scale=cfg_scale,
+                      img_shapes=img_shapes, ref_latents=repeat(batch.get("ref_latents")))
   mean, std = sde_step_mean_std(x, v, t, t_next, noise_level)
   log_probs = gaussian_log_prob(fold(batch["latents_next"]), mean, std)
   unfold = lambda a: a.reshape((b, k) + a.shape[1:])
@@ -307,42 +275,42 @@ def rollout_batch(result: RolloutResult, cond, mask=None, neg_cond=None, neg_mas
   return batch
 
 
-def _old_log_probs(model, img_shapes, cfg_mode, rules, n, params, batch, cfg_scale,
-                   noise_level):
+def _old_log_probs(model, img_shapes, cfg_mode, n, params, batch, cfg_scale, noise_level):
   def one(micro):
     return transition_log_probs(model, params, micro, cfg_mode=cfg_mode, cfg_scale=cfg_scale,
                                 noise_level=noise_level, img_shapes=img_shapes)[0]
-  with nn.logical_axis_rules(rules):
-    per_micro = jax.lax.map(one, split_micro_batches(batch, n))
+  per_micro = jax.lax.map(one, split_micro_batches(batch, n))
   return merge_micro_batches(per_micro)
 
 
 @functools.lru_cache(maxsize=None)
-def jitted_old_log_probs(model, img_shapes, cfg_mode, rules, n):
-  """fn(params, batch, cfg_scale, noise_level) -> [B, K] policy log-probs, micro-batched."""
-  return jax.jit(functools.partial(_old_log_probs, model, img_shapes, cfg_mode, rules, n))
+def jitted_old_log_probs(model, img_shapes, cfg_mode, n):
+  """fn(params, batch, cfg_scale, noise_level) -> [B, K] policy log-probs, micro-batched;
+  call it under `parallel.sharding_context`."""
+  return jax.jit(functools.partial(_old_log_probs, model, img_shapes, cfg_mode, n))
 
 
 def recompute_old_log_probs(model, params, result: RolloutResult, cond, mask, neg_cond=None,
                             neg_mask=None, *, cfg_mode: str, cfg_scale: float,
                             noise_level: float, img_shapes, ref_latents=None,
                             micro_batch_size: int | None = None,
-                            rules=DEFAULT_LOGICAL_AXIS_RULES):
+                            rules=DEFAULT_LOGICAL_AXIS_RULES, mesh=None):
   """Old log-probs [B, K] of the stored transitions under the policy's objective branch.
 
   'rollout_only' and 'none' use the conditional velocity, 'both' the CFG one. Pass the train
   step's `micro_batch_size` so that each sample is evaluated in the same batch composition as in
-  the loss; the ratio is then 1 (to rounding) before the first update.
+  the loss; the ratio is then 1 (to rounding) before the first update. `rules` and `mesh` as
+  in `rollout`.
   """
   check_cfg_mode(cfg_mode, neg_cond)
   img_shapes = tuple(tuple(int(v) for v in s) for s in img_shapes)
-  rules = tuple(tuple(r) for r in rules)
   n = num_micro_batches(result.latents_t.shape[0], micro_batch_size)
   batch = rollout_batch(result, cond, mask, neg_cond, neg_mask, ref_latents)
   if not policy_is_guided(cfg_mode):
     batch["neg_cond"] = batch["neg_mask"] = None
   # 'none' and 'rollout_only' share the conditional policy, hence one compile.
   policy_mode = "both" if policy_is_guided(cfg_mode) else "none"
-  fn = jitted_old_log_probs(model, img_shapes, policy_mode, rules, n)
-  return fn(params, batch, jnp.asarray(cfg_scale, jnp.float32),
-            jnp.asarray(noise_level, jnp.float32))
+  fn = jitted_old_log_probs(model, img_shapes, policy_mode, n)
+  with sharding_context(mesh, rules):
+    return fn(params, batch, jnp.asarray(cfg_scale, jnp.float32),
+              jnp.asarray(noise_level, jnp.float32))

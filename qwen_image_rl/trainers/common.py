@@ -35,8 +35,8 @@ class RunContext:
     self.logger.close()
 
 
-def make_context(config, workdir: str) -> RunContext:
-  mesh = parallel.make_mesh(dict(config.mesh))
+def make_context(config, workdir: str, mesh=None) -> RunContext:
+  mesh = parallel.make_mesh(dict(config.mesh)) if mesh is None else mesh
   logging.info("Mesh %s over %d devices.", dict(mesh.shape), mesh.size)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=config.checkpoint.every,
                       keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
@@ -61,45 +61,54 @@ class NonFiniteError(RuntimeError):
   """Too many consecutive updates had a NaN/inf loss."""
 
 
+def _stop(ctx: RunContext, nonfinite: int, unit: str, done: int, reason: str):
+  ctx.checkpointer.wait()
+  raise NonFiniteError(
+      f"{nonfinite} consecutive {unit}s with a non-finite {reason} at {unit} {done}; stopping. "
+      f"The last good checkpoint is step {ctx.checkpointer.latest_step()} in "
+      f"{ctx.checkpointer.directory}")
+
+
 def fit(ctx: RunContext, state, *, train_step: Callable, batch_for_step: Callable[[int], Any],
         start_step: int, total_steps: int, max_consecutive_nonfinite: int = 3,
-        on_step_end: Callable[[int, Any], None] | None = None):
+        on_step_end: Callable[[int, Any, dict], None] | None = None,
+        on_skip: Callable[[int, dict], str] | None = None, unit: str = "step"):
   """Run steps [start_step, total_steps) with logging, progress and periodic checkpoints.
 
   `train_step(state, batch) -> (new_state, metrics)` is jitted by the caller (it may donate the
-  state); `metrics` must hold a scalar 'loss'. The step itself must return the old state when the
-  loss is not finite (see `train_state.keep_if_finite`); here such a step is logged as skipped, and
+  state), or is a host function around jitted calls (an RL iteration); `metrics` must hold a
+  scalar 'loss'. Metric names without a '/' are logged as 'train/<name>', others as they are.
+  The step itself must return the old state when the loss is not finite (see
+  `train_state.keep_if_finite`); here such a step is logged as skipped (`on_skip(done,
+  metrics)` may log more and returns what was non-finite, default 'loss'), and
   `max_consecutive_nonfinite` in a row stop the run, leaving the last good checkpoint.
+  `on_step_end(done, state, scalars)` runs after each completed step (evals, images).
   """
   log_every = max(int(ctx.config.log.every), 1)
   nonfinite = 0
   history = []
   for step in range(start_step, total_steps):
-    batch = batch_for_step(step)
-    state, metrics = train_step(state, batch)
-    loss = float(metrics["loss"])
-    if not math.isfinite(loss):
+    done = step + 1
+    state, metrics = train_step(state, batch_for_step(step))
+    scalars = scalar_metrics(metrics)
+    if not math.isfinite(scalars["loss"]):
       nonfinite += 1
-      logging.warning("step %d: non-finite loss %s, update skipped (%d in a row)", step + 1, loss,
+      reason = on_skip(done, scalars) if on_skip is not None else "loss"
+      logging.warning("%s %d: non-finite %s, update skipped (%d in a row)", unit, done, reason,
                       nonfinite)
-      print(f"warning: step {step + 1}: non-finite loss, update skipped", flush=True)
+      print(f"warning: {unit} {done}: non-finite {reason}, update skipped ({nonfinite} in a "
+            f"row)", flush=True)
       if nonfinite >= max_consecutive_nonfinite:
-        ctx.checkpointer.wait()
-        raise NonFiniteError(
-            f"{nonfinite} consecutive non-finite losses at step {step + 1}; stopping. The last "
-            f"good checkpoint is step {ctx.checkpointer.latest_step()} in "
-            f"{ctx.checkpointer.directory}")
+        _stop(ctx, nonfinite, unit, done, reason)
       continue
     nonfinite = 0
-    done = step + 1
     if done % log_every == 0 or done == total_steps:
-      scalars = {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
-      ctx.logger.scalars(done, {f"train/{k}": v for k, v in scalars.items()})
+      ctx.logger.scalars(done, {k if "/" in k else f"train/{k}": v for k, v in scalars.items()})
       history.append({"step": done, **scalars})
     ctx.logger.progress(done)
     ctx.checkpointer.maybe_save(done, state, extra={"step": done})
     if on_step_end is not None:
-      on_step_end(done, state)
+      on_step_end(done, state, scalars)
   ctx.checkpointer.save(total_steps, state, extra={"step": total_steps})
   ctx.checkpointer.wait()
   return state, history

@@ -18,22 +18,30 @@ import time
 
 import numpy as np
 
-from qwen_image_rl import config_lib
 from qwen_image_rl.config_lib import ConfigError
 from qwen_image_rl.data import prompt_files, world
 from qwen_image_rl.metrics import MetricLogger
 from qwen_image_rl.rewards.base import RewardBatch
 from qwen_image_rl.rewards.composite import category_weighted_sum
-from qwen_image_rl.rl import reward_setup
-from qwen_image_rl.trainers import grpo
+from qwen_image_rl.rl import config_checks, reward_setup
+from qwen_image_rl.rl.policy import load_base
+from qwen_image_rl.rl.prompts import build_pool, negative_cond
 
 
 class CurationError(RuntimeError):
   """No prompt passed the filter."""
 
 
-def _validate(config):
-  grpo.validate_rl(config)
+REQUIRED = {
+    "seed": int, "init_from": str, "model.dtype": str, "data.image_size": int,
+    "data.max_text_tokens": int, "data.num_prompts": int, "data.prompt_file": str,
+    "rl.task": str, "rl.group_size": int, "rl.prompts_per_step": int, "rl.num_steps": int,
+    "rl.cfg_mode": str, "rl.cfg_scale": float, "rl.curation.threshold": float,
+    "rl.curation.output": str, "rl.curation.bins": int, "rewards.names": tuple}
+
+
+def validate(config):
+  config_checks.check_rollout(config)
   if config.rl.task != "t2i":
     raise ConfigError("config.rl.task must be 't2i' for curate (edit curation is not built)")
   if not config.rl.curation.threshold >= 0:
@@ -59,23 +67,16 @@ def group_ranges(composite: np.ndarray, group_size: int) -> np.ndarray:
   return groups.max(axis=1) - groups.min(axis=1)
 
 
-@config_lib.register_trainer("curate", required={
-    "seed": int, "init_from": str, "model.dtype": str, "data.image_size": int,
-    "data.max_text_tokens": int, "data.num_prompts": int, "data.prompt_file": str,
-    "rl.task": str, "rl.group_size": int, "rl.prompts_per_step": int, "rl.num_steps": int,
-    "rl.cfg_mode": str, "rl.cfg_scale": float, "rl.curation.threshold": float,
-    "rl.curation.output": str, "rl.curation.bins": int, "rewards.names": tuple},
-    validate=_validate)
 def train(config, workdir):
   """Prompt curation: keep prompts whose base-model rollouts' reward range exceeds a threshold."""
   rl = config.rl
-  pipe = grpo.load_base(config)
+  pipe = load_base(config)
   reward_fn = reward_setup.build_reward(config)
   weights = reward_setup.category_weights(config)
-  pool = grpo.build_pool(config, pipe)
+  pool = build_pool(config, pipe)
   reward_setup.check_categories_covered(weights, pool.categories, "the prompt set")
   logger = MetricLogger(workdir, total_steps=1, progress_every=1)
-  neg_cond, neg_mask = grpo.negative_embeds(config, pipe, 1)
+  neg_cond, neg_mask = negative_cond(config, pipe, 1)
   guided = rl.cfg_mode != "none"
   g = rl.group_size
   n = len(pool)

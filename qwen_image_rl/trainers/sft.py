@@ -22,13 +22,14 @@ import numpy as np
 
 from qwen_image_rl import config_lib, evaluation, optim, parallel
 from qwen_image_rl.data import captions, examples
-from qwen_image_rl.data.tokenizer import build_qwen_tokenizer, load_tokenizer, special_token_ids
+from qwen_image_rl.data.tokenizer import build_qwen_tokenizer, load_tokenizer
 from qwen_image_rl.models import text_encoding
 from qwen_image_rl.models.mmdit import QwenImageTransformer
 from qwen_image_rl.models.qwen2_5_vl import Qwen25VLTextModel
 from qwen_image_rl.models.vae import QwenImageVAE, normalize_latents
 from qwen_image_rl.pipelines.common import pack_latents
 from qwen_image_rl.pipelines.edit import QwenImageEditPipeline
+from qwen_image_rl.pipelines.prompt_encoding import PromptTooLongError, encode_fixed_length
 from qwen_image_rl.pipelines.qwen_image import QwenImagePipeline
 from qwen_image_rl.sampling.schedule import FlowMatchSchedule
 from qwen_image_rl.train_state import TrainState, create_train_state, keep_if_finite
@@ -41,7 +42,14 @@ T2I_TEMPLATE = QwenImagePipeline.TEMPLATE
 EDIT_TEMPLATE = QwenImageEditPipeline.TEMPLATE
 
 
-def _validate(config):
+REQUIRED = {
+    "total_steps": int, "seed": int, "data.image_size": int, "data.t2i_batch_size": int,
+    "data.edit_batch_size": int, "data.num_train": int, "data.max_text_tokens": int,
+    "loss.cfg_dropout": float, "loss.edit_weight": float, "loss.uniform_time_fraction": float,
+    "loss.shift_like_sampler": bool}
+
+
+def validate(config):
   config_lib.check_positive(config, "total_steps", "data.t2i_batch_size", "data.num_train",
                             "data.image_size", "data.max_text_tokens")
   config_lib.check_fields(config, {"model.vae_from": str})
@@ -80,25 +88,15 @@ def build_text_encoder(config, tokenizer):
   return model, params
 
 
-def encode_texts(te_model, te_params, tokenizer, texts, template, max_tokens: int,
-                 chunk: int = 256):
-  """Prompt embeddings [N, max_tokens, H] and masks [N, max_tokens], zero-padded."""
+def encode_texts(te_model, te_params, tokenizer, texts, template, max_tokens: int):
+  """Prompt conditioning [N, max_tokens, H] and masks [N, max_tokens]; a prompt longer than
+  max_tokens is a ConfigError (training must see what sampling sees)."""
   drop = text_encoding.template_drop_index(tokenizer, template)
-  longest = max(len(ids) for ids in tokenizer([template.format(t) for t in texts])["input_ids"])
-  if longest - drop > max_tokens:
-    raise config_lib.ConfigError(
-        f"config.data.max_text_tokens={max_tokens} would truncate prompts: the longest has "
-        f"{longest - drop} tokens")
-  embeds = np.zeros((len(texts), max_tokens, te_model.hidden_size), np.float32)
-  masks = np.zeros((len(texts), max_tokens), np.int32)
-  for i in range(0, len(texts), chunk):
-    e, m = text_encoding.encode_prompts(te_model, te_params, tokenizer, list(texts[i:i + chunk]),
-                                        template=template, drop_idx=drop,
-                                        max_sequence_length=max_tokens)
-    e, m = np.asarray(e), np.asarray(m)
-    embeds[i:i + len(e), :e.shape[1]] = e
-    masks[i:i + len(e), :m.shape[1]] = m
-  return embeds, masks
+  try:
+    return encode_fixed_length(te_model, te_params, tokenizer, texts, template=template,
+                               drop_idx=drop, length=max_tokens)
+  except PromptTooLongError as e:
+    raise config_lib.ConfigError(f"config.data.max_text_tokens={max_tokens} {e}") from e
 
 
 def encode_images(vae: QwenImageVAE, vae_params, images_uint8, chunk: int = 128):
@@ -132,10 +130,10 @@ def sample_training_times(key, batch: int, uniform_fraction: float = 0.0, shift:
   return shift * t / (1.0 + (shift - 1.0) * t)
 
 
-def flow_matching_loss(model, params, x0, cond, mask, key, ref=None, *, uniform_fraction=0.0,
-                       shift=1.0):
-  """MSE between predicted and true velocity at t from `sample_training_times`. x0, ref: packed
-  latents."""
+def flow_matching_loss(model, params, x0, cond, mask, key, ref_latents=None, *,
+                       uniform_fraction=0.0, shift=1.0):
+  """MSE between predicted and true velocity at t from `sample_training_times`. x0 and
+  ref_latents (editing's source image): packed latents."""
   b = x0.shape[0]
   k_t, k_eps = jax.random.split(key)
   t = sample_training_times(k_t, b, uniform_fraction, shift)
@@ -144,8 +142,8 @@ def flow_matching_loss(model, params, x0, cond, mask, key, ref=None, *, uniform_
   side = int(round(np.sqrt(x0.shape[1])))
   img_shapes = ((1, side, side),)
   inputs = x_t
-  if ref is not None:
-    inputs = jnp.concatenate([x_t, ref], axis=1)
+  if ref_latents is not None:
+    inputs = jnp.concatenate([x_t, ref_latents], axis=1)
     img_shapes = img_shapes + ((1, side, side),)
   v = model.apply({"params": params}, inputs, cond, mask, t, img_shapes)
   return jnp.mean((v - (eps - x0)) ** 2)
@@ -167,7 +165,7 @@ def make_train_step(model, tx, rules, cfg_dropout: float, edit_weight: float,
     c, m = drop_text(keys[2], batch["edit_cond"], batch["edit_mask"], batch["edit_null_cond"],
                      batch["edit_null_mask"])
     edit = flow_matching_loss(model, params, batch["edit_x0"], c, m, keys[3],
-                              ref=batch["edit_src"], **times)
+                              ref_latents=batch["edit_ref_latents"], **times)
     return (t2i + edit_weight * edit) / (1.0 + edit_weight), {"t2i_loss": t2i, "edit_loss": edit}
 
   def step(state: TrainState, batch):
@@ -187,11 +185,6 @@ def make_train_step(model, tx, rules, cfg_dropout: float, edit_weight: float,
 # ---------------------------------------------------------------------------------------------
 
 
-@config_lib.register_trainer("sft", required={
-    "total_steps": int, "seed": int, "data.image_size": int, "data.t2i_batch_size": int,
-    "data.edit_batch_size": int, "data.num_train": int, "data.max_text_tokens": int,
-    "loss.cfg_dropout": float, "loss.edit_weight": float, "loss.uniform_time_fraction": float,
-    "loss.shift_like_sampler": bool}, validate=_validate)
 def train(config, workdir):
   """Flow-matching pretraining of the tiny Qwen-Image base (T2I + edit)."""
   from qwen_image_rl.convert.vae import load_vae
@@ -211,7 +204,7 @@ def train(config, workdir):
   arrays = {
       "t2i_x0": pack_latents(encode_images(vae, vae_params, t2i.images)),
       "edit_x0": pack_latents(encode_images(vae, vae_params, edits.targets)),
-      "edit_src": pack_latents(encode_images(vae, vae_params, edits.sources)),
+      "edit_ref_latents": pack_latents(encode_images(vae, vae_params, edits.sources)),
   }
   arrays["t2i_cond"], arrays["t2i_mask"] = encode_texts(te_model, te_params, tokenizer,
                                                         t2i.prompts, T2I_TEMPLATE, L)
@@ -254,7 +247,7 @@ def train(config, workdir):
                                     config.loss.edit_weight, config.loss.uniform_time_fraction,
                                     shift),
                     donate_argnums=(0,), out_shardings=(shardings, None))
-  with ctx.mesh:
+  with parallel.sharding_context(ctx.mesh, ctx.rules):
     state, history = common.fit(ctx, state, train_step=step_fn, batch_for_step=batch_for_step,
                                 start_step=start, total_steps=config.total_steps)
 

@@ -24,7 +24,11 @@ from qwen_image_rl.train_state import TrainState, create_train_state, keep_if_fi
 from qwen_image_rl.trainers import common
 
 
-def _validate(config):
+REQUIRED = {"total_steps": int, "seed": int, "data.image_size": int, "data.batch_size": int,
+            "data.num_train": int, "data.num_eval": int, "loss.kl_weight": float}
+
+
+def validate(config):
   config_lib.check_positive(config, "total_steps", "data.batch_size", "data.num_train",
                             "data.num_eval", "data.image_size")
   vae = QwenImageVAE.from_config(config.model.vae.to_dict())
@@ -63,9 +67,6 @@ def psnr(a, b) -> float:
   return float(10 * np.log10(4.0 / max(mse, 1e-12)))
 
 
-@config_lib.register_trainer("vae", required={
-    "total_steps": int, "seed": int, "data.image_size": int, "data.batch_size": int,
-    "data.num_train": int, "data.num_eval": int, "loss.kl_weight": float}, validate=_validate)
 def train(config, workdir):
   """Train the tiny world's VAE (reconstruction + KL) and export it in diffusers layout."""
   ctx = common.make_context(config, workdir)
@@ -92,7 +93,7 @@ def train(config, workdir):
   step_fn = jax.jit(make_train_step(model, tx, config.loss.kl_weight, ctx.rules),
                     in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
                     donate_argnums=(0,))
-  with ctx.mesh:
+  with parallel.sharding_context(ctx.mesh, ctx.rules):
     state, _ = common.fit(ctx, state, train_step=step_fn, batch_for_step=batch_for_step,
                           start_step=start, total_steps=config.total_steps)
     results = evaluate(ctx, model, state.params, eval_set, config)
@@ -112,14 +113,13 @@ def train(config, workdir):
 def evaluate(ctx, model, params, eval_set, config):
   """Reconstruction PSNR on held-out images and the latent statistics for normalisation."""
   images = examples.to_model_range(eval_set.images)
-  with nn.logical_axis_rules(ctx.rules):
-    encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.encode))
-    decode = jax.jit(lambda p, z: model.apply({"params": p}, z, method=model.decode))
-    latents, recon = [], []
-    for i in range(0, len(images), 64):
-      z = encode(params, images[i:i + 64])
-      latents.append(np.asarray(z))
-      recon.append(np.asarray(decode(params, z)))
+  encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.encode))
+  decode = jax.jit(lambda p, z: model.apply({"params": p}, z, method=model.decode))
+  latents, recon = [], []
+  for i in range(0, len(images), 64):  # under the caller's sharding context
+    z = encode(params, images[i:i + 64])
+    latents.append(np.asarray(z))
+    recon.append(np.asarray(decode(params, z)))
   latents, recon = np.concatenate(latents), np.concatenate(recon)
   n_show = min(8, len(images))
   grid = metrics.image_grid(np.concatenate([eval_set.images[:n_show],

@@ -23,15 +23,15 @@ forward pass (`rollout.recompute_old_log_probs`), which later updates need.
 
 from __future__ import annotations
 
-import contextlib
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
+from qwen_image_rl.rl.objectives.registry import Objective, register
 from qwen_image_rl.rl.rollout import (
-    CFG_MODES, num_micro_batches, policy_is_guided, split_micro_batches, transition_log_probs)
+    CFG_MODES, num_micro_batches, policy_is_guided, recompute_old_log_probs, rollout_batch,
+    split_micro_batches, transition_log_probs)
 from qwen_image_rl.sampling.sde import kl_closed_form
 from qwen_image_rl.train_state import TrainState, keep_if_finite
 
@@ -128,24 +128,23 @@ def grpo_grads(params, model, batch, *, micro_batch_size: int | None = None, ref
 
 def make_grpo_train_step(model, tx: optax.GradientTransformation, rules, *,
                          micro_batch_size: int | None, cfg_mode: str, clip_eps: float,
-                         noise_level, img_shapes, cfg_scale=1.0, kl_beta: float = 0.0,
-                         mesh=None):
+                         noise_level, img_shapes, cfg_scale=1.0, kl_beta: float = 0.0):
   """step(state, batch, ref_params=None) -> (state, metrics), to be jitted by the caller.
 
   Gradients are accumulated over micro-batches; clipping and the optimiser live in `tx` (e.g.
   optim.make_optimizer's chain). A step whose loss or gradient is not finite leaves the state
-  unchanged and reports loss = NaN (trainers.common.fit counts it as skipped). `mesh`, when
-  given, is entered for the activation constraints; otherwise use the caller's `with mesh:`.
+  unchanged and reports loss = NaN (trainers.common.fit counts it as skipped). Call the jitted
+  step under `parallel.sharding_context(mesh, rules)`, or its activation constraints are off.
   """
   img_shapes = tuple(tuple(int(v) for v in s) for s in img_shapes)
   loss_kw = dict(cfg_mode=cfg_mode, clip_eps=clip_eps, kl_beta=kl_beta, noise_level=noise_level,
                  cfg_scale=cfg_scale, img_shapes=img_shapes)
 
   def step(state: TrainState, batch, ref_params=None):
-    with (mesh if mesh is not None else contextlib.nullcontext()), nn.logical_axis_rules(rules):
+    with nn.logical_axis_rules(rules):
       grads, metrics = grpo_grads(state.params, model, batch, micro_batch_size=micro_batch_size,
                                   ref_params=ref_params, **loss_kw)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                         opt_state=opt_state)
@@ -156,3 +155,43 @@ def make_grpo_train_step(model, tx: optax.GradientTransformation, rules, *,
 
   return step
 
+
+
+# ---------------------------------------------------------------------------------------------
+# The objective as the RL loop sees it (rl/objectives/registry.py).
+# ---------------------------------------------------------------------------------------------
+
+OLD_LOG_PROBS = ("auto", "recompute")
+
+
+def make_step_from_config(model, tx, rules, rl, img_shapes):
+  """`make_grpo_train_step` with the settings of config.rl."""
+  return make_grpo_train_step(
+      model, tx, rules, micro_batch_size=rl.micro_batch_size, cfg_mode=rl.cfg_mode,
+      clip_eps=rl.clip_eps, noise_level=rl.noise_level, img_shapes=img_shapes,
+      cfg_scale=rl.cfg_scale, kl_beta=rl.kl_beta)
+
+
+def recomputes_old_log_probs(rl) -> bool:
+  """Later updates need the old log-probs fixed before the first one; a single update takes
+  its own (ratio exactly 1, one forward less) unless rl.old_log_probs='recompute'."""
+  return rl.inner_updates > 1 or rl.get("old_log_probs", "auto") == "recompute"
+
+
+def make_batch(policy, params, result, inputs, advantages):
+  """The GRPO batch of a rollout: its transitions, conditioning, advantages, old log-probs."""
+  rl = policy.rl
+  old = None
+  if recomputes_old_log_probs(rl):
+    old = recompute_old_log_probs(
+        policy.model, params, result, **inputs, cfg_mode=rl.cfg_mode, cfg_scale=rl.cfg_scale,
+        noise_level=rl.noise_level, img_shapes=policy.img_shapes,
+        micro_batch_size=rl.micro_batch_size, rules=policy.rules, mesh=policy.mesh)
+  if not policy_is_guided(rl.cfg_mode):
+    # The unconditional branch enters the objective only with cfg_mode='both'.
+    inputs = dict(inputs, neg_cond=None, neg_mask=None)
+  return rollout_batch(result, **inputs, advantages=advantages, old_log_probs=old)
+
+
+register(Objective(name="grpo", records="transitions", make_step=make_step_from_config,
+                   make_batch=make_batch))

@@ -1,0 +1,84 @@
+"""Checks of `config.rl` before anything is built: one home for the rules the RL trainers share.
+
+`check_rollout` is what every trainer that rolls out the base policy needs (grpo, curate);
+`check_update` adds what the grpo trainer's updates need. Both raise ConfigError naming the
+field.
+"""
+
+from __future__ import annotations
+
+from qwen_image_rl import config_lib
+from qwen_image_rl.config_lib import ConfigError
+from qwen_image_rl.data import prompt_files, world
+from qwen_image_rl.rl import objectives, reward_setup
+from qwen_image_rl.rl.objectives.grpo import OLD_LOG_PROBS
+from qwen_image_rl.rl.policy import DTYPES
+from qwen_image_rl.rl.rollout import CFG_MODES
+from qwen_image_rl.rl.timesteps import STRATEGIES, validate_timestep_config
+
+TASKS = ("t2i", "edit")
+
+
+def check_prompts(config, weights) -> None:
+  """The prompt set exists and every category it holds has reward weights."""
+  rl = config.rl
+  if config.data.prompt_file:
+    if rl.task == "edit":
+      raise ConfigError("config.data.prompt_file is only supported for rl.task='t2i' (edit "
+                        "prompts come from the tiny world's edit triples)")
+    try:
+      records = prompt_files.read_prompt_file(config.data.prompt_file)
+    except (OSError, ValueError) as e:
+      raise ConfigError(f"config.data.prompt_file: {e}") from e
+    reward_setup.check_categories_covered(weights, [r.category for r in records],
+                                          f"config.data.prompt_file={config.data.prompt_file}")
+  elif config.data.num_prompts < 1:
+    raise ConfigError(f"config.data.num_prompts={config.data.num_prompts}: the prompt set is "
+                      f"empty (set it > 0 or give config.data.prompt_file)")
+  else:
+    reward_setup.check_categories_covered(weights, world.CATEGORIES, "the tiny world")
+
+
+def check_rollout(config) -> None:
+  """Task, group size, CFG, reward weights, model dtype and the prompt set."""
+  rl = config.rl
+  config_lib.check_choice(config, "rl.task", TASKS)
+  if not isinstance(rl.group_size, int) or rl.group_size < 2:
+    raise ConfigError(f"config.rl.group_size={rl.group_size!r}: GRPO needs at least 2 rollouts "
+                      f"per prompt (advantages are normalised within each group)")
+  config_lib.check_positive(config, "rl.prompts_per_step", "rl.num_steps")
+  config_lib.check_choice(config, "rl.cfg_mode", CFG_MODES)
+  if rl.cfg_mode != "none" and not rl.cfg_scale > 1.0:
+    raise ConfigError(f"config.rl.cfg_scale={rl.cfg_scale}: must be > 1 with cfg_mode="
+                      f"{rl.cfg_mode!r} (or use cfg_mode='none')")
+  weights = reward_setup.category_weights(config)
+  config_lib.check_choice(config, "model.dtype", DTYPES)
+  check_prompts(config, weights)
+
+
+def check_update(config) -> None:
+  """The objective, the trained timesteps, chunks, micro-batches and the loss settings."""
+  rl = config.rl
+  config_lib.check_choice(config, "rl.objective", objectives.names())
+  config_lib.check_choice(config, "rl.old_log_probs", OLD_LOG_PROBS)
+  ts = rl.timesteps
+  config_lib.check_choice(config, "rl.timesteps.strategy", STRATEGIES)
+  try:
+    validate_timestep_config(ts.strategy, ts.num_train, ts.first_m, rl.num_steps,
+                             window_start=ts.window_start, slide_every=ts.slide_every,
+                             where="config.rl.timesteps")
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  config_lib.check_positive(config, "rl.inner_updates", "rl.rollout_chunks", "rl.clip_eps")
+  if rl.prompts_per_step % rl.rollout_chunks:
+    raise ConfigError(f"config.rl.rollout_chunks={rl.rollout_chunks} must divide "
+                      f"config.rl.prompts_per_step={rl.prompts_per_step}")
+  batch = rl.prompts_per_step * rl.group_size
+  if rl.micro_batch_size is not None and (rl.micro_batch_size < 1 or batch % rl.micro_batch_size):
+    raise ConfigError(f"config.rl.micro_batch_size={rl.micro_batch_size} must divide the batch "
+                      f"prompts_per_step * group_size = {batch}")
+  if rl.kl_beta < 0:
+    raise ConfigError(f"config.rl.kl_beta={rl.kl_beta} must be >= 0")
+  if not rl.noise_level > 0:
+    raise ConfigError(f"config.rl.noise_level={rl.noise_level} must be > 0 (the SDE's a; 0 "
+                      f"makes the trained steps deterministic and their log-probs undefined)")

@@ -1,0 +1,74 @@
+"""The policy of an RL run: the base pipeline it starts from and its sharded train state."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import jax
+import jax.numpy as jnp
+
+from qwen_image_rl import parallel
+from qwen_image_rl.config_lib import ConfigError, transformer_overrides
+from qwen_image_rl.pipelines import common as pipe_common
+from qwen_image_rl.pipelines.edit import QwenImageEditPipeline
+from qwen_image_rl.pipelines.qwen_image import QwenImagePipeline
+from qwen_image_rl.train_state import TrainState
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def resolve_pipeline_dir(init_from: str) -> str:
+  """A diffusers pipeline directory, or a workdir holding export/pipeline."""
+  if not init_from:
+    raise ConfigError("config.init_from is required: a diffusers-format pipeline directory "
+                      "(e.g. runs/demo/base/export/pipeline) or a workdir that exported one")
+  for candidate in (init_from, os.path.join(init_from, "export", "pipeline")):
+    if os.path.isfile(os.path.join(candidate, pipe_common.MODEL_INDEX)):
+      return candidate
+  raise ConfigError(f"config.init_from={init_from!r}: no {pipe_common.MODEL_INDEX} there nor in "
+                    f"its export/pipeline")
+
+
+def load_base(config) -> QwenImagePipeline:
+  directory = resolve_pipeline_dir(config.init_from)
+  return QwenImagePipeline.from_pretrained(
+      directory, dtype=DTYPES[config.model.dtype], vae_dtype=jnp.float32,
+      transformer_overrides=transformer_overrides(config))
+
+
+def task_pipeline_class(task: str):
+  return QwenImagePipeline if task == "t2i" else QwenImageEditPipeline
+
+
+def with_params(pipe, params, cls=None):
+  """A pipeline like `pipe` (same components) with other transformer params, as class `cls`."""
+  cls = cls or type(pipe)
+  if cls is type(pipe):
+    out = copy.copy(pipe)
+    out.transformer_params = params
+    return out
+  return cls(pipe.transformer, params, pipe.vae, pipe.vae_params, pipe.text_encoder,
+             pipe.text_encoder_params, pipe.tokenizer, pipe.schedule,
+             text_encoder_extra=pipe.text_encoder_extra)
+
+
+def policy_shardings(model, tx, mesh, rules):
+  boxed = model.abstract_params()
+  params = parallel.tree_shardings(boxed, mesh, rules)
+  opt = parallel.tree_shardings(jax.eval_shape(tx.init, boxed), mesh, rules)
+  rep = parallel.replicated(mesh)
+  return TrainState(step=rep, params=params, opt_state=opt, rng=rep)
+
+
+def init_policy_state(model, params, tx, mesh, rules, seed: int):
+  """TrainState holding `params` (loaded weights) sharded by their logical axes."""
+  shardings = policy_shardings(model, tx, mesh, rules)
+  params = parallel.shard_tree(params, shardings.params)
+  with parallel.sharding_context(mesh, rules):
+    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+  rep = shardings.step
+  state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), rep), params=params,
+                     opt_state=opt_state,
+                     rng=jax.device_put(jax.random.key_data(jax.random.key(seed)), rep))
+  return state, shardings
