@@ -119,6 +119,11 @@ def _box_mask(size: int, x0, y0, x1, y1) -> np.ndarray:
   return (xs >= x0) & (xs <= x1) & (ys >= y0) & (ys <= y1)
 
 
+def _expand(box, margin):
+  x0, y0, x1, y1 = box
+  return x0 - margin, y0 - margin, x1 + margin, y1 + margin
+
+
 def _disc_mask(size: int, cx, cy, r0, r1=None) -> np.ndarray:
   """Pixels whose centre lies within radius r0 (or in the annulus r0..r1)."""
   ys, xs = _coords(size)
@@ -222,6 +227,7 @@ def detect_shapes(image) -> list[dict]:
 SIZE_LOG_SCALE = 0.07
 POSITION_SIGMA, POSITION_DEAD_ZONE = 0.07, 0.02
 RELATION_MARGIN, RELATION_SCALE = 0.1, 0.03
+JUNK_WEIGHT = 2.0  # one small shape's worth of speckle counts as two extra objects
 
 
 def _shape_scores(shape: W.Shape, det: dict) -> dict:
@@ -260,21 +266,56 @@ def _relation_score(relation: str, a: dict, b: dict) -> float:
   return _sigmoid((gap - RELATION_MARGIN) / RELATION_SCALE)
 
 
-def score_general(image, spec: W.GeneralScene) -> dict:
+def _junk_objects(image: np.ndarray) -> float:
+  """Foreground too small to be a shape, in units of one small shape (confetti, speckle)."""
+  size = image.shape[0]
+  labels, n = ndimage.label(_dist(image, W.GENERAL_BACKGROUND) > 50)
+  if n == 0:
+    return 0.0
+  counts = np.bincount(labels.ravel())[1:]
+  min_pixels = 0.35 * W.shape_area('small') * size * size
+  return float(counts[counts < min_pixels].sum() / (W.shape_area('small') * size * size))
+
+
+def _shape_check(p) -> float:
+  return min(p['presence'], p['colour'], p['kind'], p['size'], p['position']) if p else 0.0
+
+
+def _general(image, spec: W.GeneralScene) -> tuple[dict, dict]:
   dets = detect_shapes(image)
   matches = _match(spec.shapes, dets)
   per = [m[1] if m else None for m in matches]
+  # Extra objects (and confetti too small to be one) are a count failure, as are missing ones.
+  extra = abs(len(dets) - len(spec.shapes)) + JUNK_WEIGHT * _junk_objects(image)
   out = {
       'presence': np.mean([p['presence'] if p else 0.0 for p in per]),
-      'count': 1.0 / (1.0 + abs(len(dets) - len(spec.shapes))),
+      'count': 1.0 / (1.0 + extra),
       'attributes': np.mean([np.mean([p['colour'], p['size'], p['kind']]) if p else 0.0
                              for p in per]),
       'position': np.mean([p['position'] if p else 0.0 for p in per]),
   }
+  checks = {'count': out['count']}
+  for i, p in enumerate(per):
+    for k in ('presence', 'colour', 'kind', 'size', 'position'):
+      checks[f'shape{i}/{k}'] = p[k] if p else 0.0
   if spec.relation is not None:
     a, b = matches[0], matches[1]
     out['relation'] = _relation_score(spec.relation, a[0], b[0]) if a and b else 0.0
-  return {k: float(v) for k, v in out.items()}
+    checks['relation'] = out['relation']
+  return {k: float(v) for k, v in out.items()}, {k: float(v) for k, v in checks.items()}
+
+
+def score_general(image, spec: W.GeneralScene) -> dict:
+  return _general(as_float_image(image), spec)[0]
+
+
+def shape_absence(image, shape: W.Shape) -> float:
+  """1 - how well some detected object is `shape`'s colour at `shape`'s place (edits: removed)."""
+  best = 0.0
+  for det in detect_shapes(image)[:MAX_DETECTIONS]:
+    s = _shape_scores(shape, det)
+    best = max(best, min(s['presence'], s['colour'], s['position']))
+  return 1.0 - best
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,6 +325,9 @@ def score_general(image, spec: W.GeneralScene) -> dict:
 INK_SCALE = 150.0    # RGB distance from the background that counts as full ink
 GLYPH_TEMPERATURE = 0.02
 SEARCH_FRACTION = 0.035  # slot search radius, fraction of the image side
+STRAY_MARGIN = 0.03     # ink this far beyond a slot's search window still belongs to it
+GLYPH_INK_FILL = 0.45   # rough ink fraction of a glyph box (the unit of stray ink)
+STRAY_DEAD_ZONE = 0.1   # a tenth of a glyph of stray ink (blur halo, speckle) is free
 
 
 def _slot_pixels(size: int, box) -> tuple[int, int, int, int]:
@@ -332,19 +376,40 @@ def glyph_probabilities(image, n: int) -> np.ndarray:
   return np.stack(probs)
 
 
-def score_typography(image, spec: W.TypographyScene) -> dict:
+def stray_ink(image, n: int) -> float:
+  """Ink outside the n glyph slots (and their search margin), in units of one glyph's ink."""
   img = as_float_image(image)
+  size = img.shape[0]
+  ink = np.clip(_dist(img, W.TEXT_BACKGROUND) / INK_SCALE, 0, 1)
+  slots = np.zeros((size, size), bool)
+  for box in W.glyph_boxes(n):
+    slots |= _box_mask(size, *_expand(box, SEARCH_FRACTION + STRAY_MARGIN))
+  x0, y0, x1, y1 = W.glyph_boxes(1)[0]
+  glyph_ink = GLYPH_INK_FILL * (x1 - x0) * (y1 - y0) * size * size
+  return float(ink[~slots].sum() / glyph_ink)
+
+
+def _typography(img, spec: W.TypographyScene) -> tuple[dict, dict]:
   probs = glyph_probabilities(img, len(spec.text))
   idx = [W.GLYPHS.index(c) for c in spec.text]
   # Text colour: the pixels farthest from the background (stroke cores, not anti-aliased rims).
   dist = _dist(img, W.TEXT_BACKGROUND)
   core = dist >= max(0.85 * float(np.percentile(dist, 99.5)), 0.3 * INK_SCALE)
-  return {
+  out = {
       'glyphs': float(np.mean([probs[:, g].max() for g in idx])),
       'order': float(np.mean([probs[k, g] for k, g in enumerate(idx)])),
       'colour': unmixed_colour_sim(_median_colour(img, core), W.TEXT_COLOURS[spec.colour],
                                    W.TEXT_BACKGROUND),
+      # Extra glyphs or blotches outside the requested slots are a count failure.
+      'count': 1.0 / (1.0 + max(0.0, stray_ink(img, len(spec.text)) - STRAY_DEAD_ZONE)),
   }
+  checks = {f'glyph{k}': float(probs[k, g]) for k, g in enumerate(idx)}
+  checks.update(colour=out['colour'], count=out['count'])
+  return out, checks
+
+
+def score_typography(image, spec: W.TypographyScene) -> dict:
+  return _typography(as_float_image(image), spec)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -491,8 +556,8 @@ def identity_similarity(img_a, img_b) -> float:
   return embedding_similarity(identity_embedding(img_a), identity_embedding(img_b))
 
 
-def score_portrait(image, spec: W.PortraitScene) -> dict:
-  f = portrait_features(image)
+def _portrait(img, spec: W.PortraitScene) -> tuple[dict, dict]:
+  f = portrait_features(img)
   emb = _embedding(f['skin'], f['eye'], f['hair'], f['a'], f['b'], f['squareness'])
   shape_logits = {}
   for name in W.FACE_SHAPES:
@@ -502,28 +567,38 @@ def score_portrait(image, spec: W.PortraitScene) -> dict:
   curve_logits = {e: -0.5 * ((f['curvature'] - CURVE_GAIN * s * W.MOUTH_DEPTH) / CURVE_SIGMA) ** 2
                   for e, s in EXPRESSION_SIGN.items()}
   p_glasses = _sigmoid((f['glasses'] - GLASSES_THRESHOLD) / GLASSES_SCALE)
-  attributes = [
-      _softmax_pick(shape_logits, spec.face_shape),
-      colour_sim(f['skin'], W.SKIN_TONES[spec.skin]),
-      unmixed_colour_sim(f['eye'], W.EYE_COLOURS[spec.eyes], W.SCLERA_COLOUR, alpha_min=0.6),
-      colour_sim(f['hair'], W.HAIR_COLOURS[spec.hair]),
-      _softmax_pick(curve_logits, spec.expression),
-      p_glasses if spec.glasses else 1 - p_glasses,
-  ]
+  attributes = {
+      'face_shape': _softmax_pick(shape_logits, spec.face_shape),
+      'skin': colour_sim(f['skin'], W.SKIN_TONES[spec.skin]),
+      'eyes': unmixed_colour_sim(f['eye'], W.EYE_COLOURS[spec.eyes], W.SCLERA_COLOUR,
+                                 alpha_min=0.6),
+      'hair': colour_sim(f['hair'], W.HAIR_COLOURS[spec.hair]),
+      'expression': _softmax_pick(curve_logits, spec.expression),
+      'glasses': p_glasses if spec.glasses else 1 - p_glasses,
+  }
   # Spec-free structure: a face of plausible width, white sclera, distinct irises, a mouth,
   # and left/right symmetry.
   a_lo, a_hi = 0.17, 0.29
   iris_vs_sclera = min(colour_sim(f['eye_left'], W.SCLERA_COLOUR, 25),
                        colour_sim(f['eye_right'], W.SCLERA_COLOUR, 25))
-  well_formed = np.mean([
-      _gauss(max(a_lo - f['a'], f['a'] - a_hi, 0.0), 0.03),
-      f['sclera_whiteness'],
-      1 - iris_vs_sclera,
-      min(1.0, f['mouth_present'] / 0.8),
-      colour_sim(f['eye_left'], f['eye_right'], 30),
-  ])
-  return {'well_formed': float(well_formed), 'attributes': float(np.mean(attributes)),
-          'identity': embedding_similarity(emb, spec_identity_embedding(spec))}
+  structure = {
+      'face_width': _gauss(max(a_lo - f['a'], f['a'] - a_hi, 0.0), 0.03),
+      'sclera': f['sclera_whiteness'],
+      'irises': 1 - iris_vs_sclera,
+      'mouth': min(1.0, f['mouth_present'] / 0.8),
+      'symmetry': colour_sim(f['eye_left'], f['eye_right'], 30),
+  }
+  out = {'well_formed': float(np.mean(list(structure.values()))),
+         'attributes': float(np.mean(list(attributes.values()))),
+         'identity': embedding_similarity(emb, spec_identity_embedding(spec))}
+  checks = {**{f'attributes/{k}': v for k, v in attributes.items()},
+            **{f'well_formed/{k}': v for k, v in structure.items()},
+            'identity': out['identity']}
+  return out, {k: float(v) for k, v in checks.items()}
+
+
+def score_portrait(image, spec: W.PortraitScene) -> dict:
+  return _portrait(as_float_image(image), spec)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -534,8 +609,7 @@ HORIZON_SIGMA, HORIZON_DEAD_ZONE = 0.04, 0.015
 BODY_X_SIGMA, BODY_X_DEAD_ZONE = 0.07, 0.02
 
 
-def score_landscape(image, spec: W.LandscapeScene) -> dict:
-  img = as_float_image(image)
+def _landscape(img, spec: W.LandscapeScene) -> tuple[dict, dict]:
   size = img.shape[0]
   sky, ground = W.SKY_COLOURS[spec.sky], W.GROUND_COLOURS[spec.ground]
   rows = np.median(img, axis=1)  # robust to the sun/moon (narrower than half the width)
@@ -556,6 +630,11 @@ def score_landscape(image, spec: W.LandscapeScene) -> dict:
     body_cov = np.zeros((size, size), np.float32)
   mass = float(body_cov.sum())
   present = min(1.0, mass / size**2 / (0.3 * np.pi * W.BODY_RADIUS**2))
+  # More than one body (or sky blotches as large as a fifth of one) is a count failure.
+  labels, n = ndimage.label(body_cov >= 0.5)
+  blobs = np.bincount(labels.ravel())[1:] if n else np.zeros(0)
+  extra = max(0, int(np.sum(blobs >= 0.2 * np.pi * (W.BODY_RADIUS * size) ** 2)) - 1)
+  count = 1.0 / (1.0 + extra)
   if mass > 1e-3:
     kind = unmixed_colour_sim(_median_colour(img, body_cov >= 0.99), W.BODIES[spec.body],
                               sky_measured)
@@ -564,11 +643,19 @@ def score_landscape(image, spec: W.LandscapeScene) -> dict:
     position = _gauss(body_x - expected_x, BODY_X_SIGMA, BODY_X_DEAD_ZONE)
   else:
     kind, position = 0.0, 0.0
-  elements = np.mean([colour_sim(sky_measured, sky), colour_sim(ground_measured, ground),
-                      present * kind])
-  layout = np.mean([_gauss(horizon - W.HORIZONS[spec.horizon], HORIZON_SIGMA, HORIZON_DEAD_ZONE),
-                    present * position])
-  return {'elements': float(elements), 'layout': float(layout)}
+  checks = {
+      'sky': colour_sim(sky_measured, sky), 'ground': colour_sim(ground_measured, ground),
+      'body': present * kind, 'body_count': count,
+      'horizon': _gauss(horizon - W.HORIZONS[spec.horizon], HORIZON_SIGMA, HORIZON_DEAD_ZONE),
+      'body_position': present * position,
+  }
+  out = {'elements': count * np.mean([checks['sky'], checks['ground'], checks['body']]),
+         'layout': np.mean([checks['horizon'], checks['body_position']])}
+  return ({k: float(v) for k, v in out.items()}, {k: float(v) for k, v in checks.items()})
+
+
+def score_landscape(image, spec: W.LandscapeScene) -> dict:
+  return _landscape(as_float_image(image), spec)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -577,27 +664,81 @@ def score_landscape(image, spec: W.LandscapeScene) -> dict:
 
 ALIGNMENT_DIMS = {
     'general': ('presence', 'count', 'attributes', 'position', 'relation'),
-    'typography': ('glyphs', 'order', 'colour'),
+    'typography': ('glyphs', 'count', 'order', 'colour'),
     'portrait': ('well_formed', 'attributes', 'identity'),
     'landscape': ('elements', 'layout'),
 }
-_SCORERS = {'general': score_general, 'typography': score_typography,
-            'portrait': score_portrait, 'landscape': score_landscape}
+# The paper's alignment rubric (presence and count, then attributes, then spatial relations,
+# then pose) mapped onto each category's dimensions, highest priority first.
+RUBRIC_TIERS = {
+    'general': (('presence', 'count'), ('attributes',), ('position', 'relation')),
+    'typography': (('glyphs', 'count'), ('colour',), ('order',)),
+    'portrait': (('well_formed',), ('attributes', 'identity')),
+    'landscape': (('elements',), ('layout',)),
+    # Edits (the paper's edit rubric): the core requirement, then the rest of the target scene;
+    # instruction following, then preserving what the instruction did not touch.
+    'edit': (('core',), ('target',)),
+    'edit_overall': (('instruction_following',), ('preservation', 'identity')),
+}
+# A tier whose worst dimension reaches TIER_PASS does not cap the tiers below it; under it, the
+# later tiers are scaled by (score / TIER_PASS)^2, so a failed tier caps the score low.
+TIER_PASS = 0.8
+# Strict (GenEval-like) success: every item-level check of the category (each requested shape's
+# presence, colour, kind, size and position; each glyph slot; each face attribute, structure
+# part and the identity; each landscape element) must reach STRICT_THRESHOLD, the count checks
+# (no missing, extra or confetti objects; one extra object scores 0.5) STRICT_COUNT_THRESHOLD.
+STRICT_THRESHOLD = 0.5
+STRICT_COUNT_THRESHOLD = 0.7
+_SCORERS = {'general': _general, 'typography': _typography,
+            'portrait': _portrait, 'landscape': _landscape}
+
+
+def capped_alignment(scores: dict, category: str) -> float:
+  """Rubric-capped alignment: mean over tiers of tier score x the gates of the tiers above.
+
+  A tier's score is its worst dimension (all of its items must hold); dimensions that do not
+  apply to a scene (a single shape's relation) are skipped.
+  """
+  if category not in RUBRIC_TIERS:
+    raise ValueError(f'no rubric for {category!r}; known: {tuple(RUBRIC_TIERS)}')
+  total, gate, tiers = 0.0, 1.0, 0
+  for tier in RUBRIC_TIERS[category]:
+    values = [scores[d] for d in tier if d in scores]
+    if not values:
+      continue
+    tier_score = min(values)
+    total += gate * tier_score
+    gate *= min(1.0, tier_score / TIER_PASS) ** 2
+    tiers += 1
+  return float(total / max(tiers, 1))
+
+
+def strict_pass(checks: dict) -> bool:
+  """Every item-level check reaches its threshold (count checks their own)."""
+  return all(v >= (STRICT_COUNT_THRESHOLD if k.endswith('count') else STRICT_THRESHOLD)
+             for k, v in checks.items())
+
+
+def t2i_checks(image, spec) -> dict:
+  """The item-level checks behind `score_t2i`'s `strict` (name -> score in [0, 1])."""
+  return _SCORERS[W.check_category(getattr(spec, 'category', None))](as_float_image(image),
+                                                                     spec)[1]
 
 
 def score_t2i(image, spec) -> dict:
-  """Alignment dimensions of `spec`'s category, 'overall' (their mean) and 'quality'."""
+  """Alignment dimensions of `spec`'s category, their rubric-capped `overall`, the plain mean
+  `overall_mean` (the scorer before capping), `strict` (1.0 when every check passes) and
+  `quality`."""
   category = W.check_category(getattr(spec, 'category', None))
   img = as_float_image(image)
-  scores = _SCORERS[category](img, spec)
-  scores['overall'] = float(np.mean(list(scores.values())))
+  scores, checks = _SCORERS[category](img, spec)
+  scores = dict(scores)
+  mean = float(np.mean(list(scores.values())))
+  scores['overall'] = capped_alignment(scores, category)
+  scores['overall_mean'] = mean
+  scores['strict'] = float(strict_pass(checks))
   scores['quality'] = image_quality(img)['quality']
   return scores
-
-
-def _expand(box, margin):
-  x0, y0, x1, y1 = box
-  return x0 - margin, y0 - margin, x1 + margin, y1 + margin
 
 
 EDIT_MARGIN = 0.03
@@ -660,14 +801,71 @@ def preservation(source_image, output_image, source, target) -> float:
   return float(np.clip(1 - (diff - 0.06) / 0.25, 0, 1).mean())
 
 
+PRESERVATION_STRICT = 0.9  # strict edit success keeps 90% of the untouched pixels
+
+
+def core_checks(output_image, source, target) -> dict:
+  """The instruction's core requirement: the target's checks on what the edit changes.
+
+  Derived from the spec difference, so it holds for any edit: new or changed shapes must be
+  there with every attribute and removed ones gone from their place (general); changed glyph
+  slots or the new colour (typography); the new expression or glasses (portrait); the new sky,
+  ground or body position (landscape). An output that ignores the instruction fails it.
+  """
+  img = as_float_image(output_image)
+  checks = t2i_checks(img, target)
+  core = {}
+  if target.category == 'general':
+    for i, shape in enumerate(target.shapes):
+      if shape not in source.shapes:
+        core.update({k: v for k, v in checks.items() if k.startswith(f'shape{i}/')})
+    for j, shape in enumerate(set(source.shapes) - set(target.shapes)):
+      if (shape.row, shape.col) not in {(t.row, t.col) for t in target.shapes}:
+        core[f'absent{j}'] = shape_absence(img, shape)
+  elif target.category == 'typography':
+    same_length = len(source.text) == len(target.text)
+    for k, char in enumerate(target.text):
+      if not same_length or source.text[k] != char:
+        core[f'glyph{k}'] = checks[f'glyph{k}']
+    if source.colour != target.colour:
+      core['colour'] = checks['colour']
+  elif target.category == 'portrait':
+    for field in ('expression', 'glasses'):
+      if getattr(source, field) != getattr(target, field):
+        core[field] = checks[f'attributes/{field}']
+  else:
+    fields = {'sky': ('sky',), 'ground': ('ground',), 'body': ('body', 'body_position'),
+              'body_pos': ('body_position',)}
+    for field, names in fields.items():
+      if getattr(source, field) != getattr(target, field):
+        core.update({n: checks[n] for n in names})
+  return core
+
+
 def score_edit(source_image, output_image, edit) -> dict:
-  """instruction_following, preservation, identity (portraits), quality, overall, target/*."""
+  """Edit scores: `core` (the instruction's core requirement, the worst of `core_checks`),
+  `instruction_following` (rubric-capped: core, then the output's capped alignment to the
+  target spec), preservation, identity (portraits), `overall` (capped: instruction following,
+  then preservation and identity), `strict` (core, target and identity checks pass and
+  preservation >= PRESERVATION_STRICT), quality, `target/*`, and the uncapped means
+  `instruction_following_mean` and `overall_mean` (the scorer before capping)."""
   target_scores = score_t2i(output_image, edit.target)
-  out = {'instruction_following': target_scores['overall'],
+  core = core_checks(output_image, edit.source, edit.target)
+  core_score = min(core.values()) if core else 1.0
+  out = {'core': core_score,
+         'instruction_following': capped_alignment(
+             {'core': core_score, 'target': target_scores['overall']}, 'edit'),
          'preservation': preservation(source_image, output_image, edit.source, edit.target)}
+  checks = {**t2i_checks(output_image, edit.target), **{f'core/{k}': v for k, v in core.items()}}
   if edit.target.category == 'portrait':
     out['identity'] = identity_similarity(source_image, output_image)
-  out['overall'] = float(np.mean(list(out.values())))
+    checks['source_identity'] = out['identity']
+  keep = {k: out[k] for k in ('preservation', 'identity') if k in out}
+  out['overall'] = capped_alignment(
+      {'instruction_following': out['instruction_following'], **keep}, 'edit_overall')
+  out['overall_mean'] = float(np.mean([target_scores['overall_mean'], *keep.values()]))
+  out['instruction_following_mean'] = target_scores['overall_mean']
+  out['strict'] = float(strict_pass(checks) and out['preservation'] >= PRESERVATION_STRICT)
   out['quality'] = target_scores['quality']
   out.update({f'target/{k}': v for k, v in target_scores.items()})
   return out
