@@ -203,6 +203,9 @@ def detect_shapes(image) -> list[dict]:
     if comp.sum() < min_pixels:
       continue
     colour = np.median(img[sl][comp], axis=0)
+    # Core colour: the quarter of the component farthest from the background (no blurred rim).
+    comp_dist = dist[sl][comp]
+    core_colour = np.median(img[sl][comp][comp_dist >= np.percentile(comp_dist, 75)], axis=0)
     full = max(float(np.linalg.norm(colour - np.asarray(W.GENERAL_BACKGROUND))), 1.0)
     region = ndimage.binary_dilation(comp) & ((labels[sl] == 0) | comp)
     cov = np.clip(dist[sl] / full, 0, 1) * region
@@ -216,7 +219,7 @@ def detect_shapes(image) -> list[dict]:
     logits = {k: -0.5 * (((fill - f) / KIND_SIGMAS[0]) ** 2 + ((offset - o) / KIND_SIGMAS[1]) ** 2)
               for k, (f, o) in KIND_PROTOTYPES.items()}
     found.append({
-        'colour': colour, 'area': area / size**2, 'fill': fill, 'offset': offset,
+        'colour': colour, 'core_colour': core_colour, 'area': area / size**2, 'fill': fill, 'offset': offset,
         'x': (cx + sl[1].start + 0.5) / size, 'y': (cy + sl[0].start + 0.5) / size,
         'kind_logits': logits,
     })
@@ -295,9 +298,12 @@ def _general(image, spec: W.GeneralScene) -> tuple[dict, dict]:
       'position': np.mean([p['position'] if p else 0.0 for p in per]),
   }
   checks = {'count': out['count']}
-  for i, p in enumerate(per):
+  for i, (shape, p) in enumerate(zip(spec.shapes, per)):
     for k in ('presence', 'colour', 'kind', 'size', 'position'):
       checks[f'shape{i}/{k}'] = p[k] if p else 0.0
+    # Solid: the shape shows its own colour, not only a blurred mixture (`colour` unmixes).
+    checks[f'shape{i}/solid'] = (colour_sim(matches[i][0]['core_colour'],
+                                            W.SHAPE_COLOURS[shape.colour]) if p else 0.0)
   if spec.relation is not None:
     a, b = matches[0], matches[1]
     out['relation'] = _relation_score(spec.relation, a[0], b[0]) if a and b else 0.0
@@ -328,6 +334,8 @@ SEARCH_FRACTION = 0.035  # slot search radius, fraction of the image side
 STRAY_MARGIN = 0.03     # ink this far beyond a slot's search window still belongs to it
 GLYPH_INK_FILL = 0.45   # rough ink fraction of a glyph box (the unit of stray ink)
 STRAY_DEAD_ZONE = 0.1   # a tenth of a glyph of stray ink (blur halo, speckle) is free
+STRAY_WEIGHT = 2.0      # like JUNK_WEIGHT: a glyph's worth of stray ink is two extra objects
+STRAY_INK_FLOOR = 30.0  # RGB distance from the background below which nothing is stray ink
 
 
 def _slot_pixels(size: int, box) -> tuple[int, int, int, int]:
@@ -377,16 +385,21 @@ def glyph_probabilities(image, n: int) -> np.ndarray:
 
 
 def stray_ink(image, n: int) -> float:
-  """Ink outside the n glyph slots (and their search margin), in units of one glyph's ink."""
+  """Ink outside the n glyph slots (and their search margin), in glyphs' worth of ink.
+
+  The unit is the ink per slot inside the slots (floored, so a blank image has no stray ink
+  to divide by zero); faint ink (noise, a blur halo) under STRAY_INK_FLOOR does not count.
+  """
   img = as_float_image(image)
   size = img.shape[0]
-  ink = np.clip(_dist(img, W.TEXT_BACKGROUND) / INK_SCALE, 0, 1)
+  ink = np.clip((_dist(img, W.TEXT_BACKGROUND) - STRAY_INK_FLOOR) / INK_SCALE, 0, 1)
   slots = np.zeros((size, size), bool)
   for box in W.glyph_boxes(n):
     slots |= _box_mask(size, *_expand(box, SEARCH_FRACTION + STRAY_MARGIN))
   x0, y0, x1, y1 = W.glyph_boxes(1)[0]
   glyph_ink = GLYPH_INK_FILL * (x1 - x0) * (y1 - y0) * size * size
-  return float(ink[~slots].sum() / glyph_ink)
+  per_glyph = max(float(ink[slots].sum()) / n, 0.25 * glyph_ink)
+  return float(ink[~slots].sum() / per_glyph)
 
 
 def _typography(img, spec: W.TypographyScene) -> tuple[dict, dict]:
@@ -401,10 +414,14 @@ def _typography(img, spec: W.TypographyScene) -> tuple[dict, dict]:
       'colour': unmixed_colour_sim(_median_colour(img, core), W.TEXT_COLOURS[spec.colour],
                                    W.TEXT_BACKGROUND),
       # Extra glyphs or blotches outside the requested slots are a count failure.
-      'count': 1.0 / (1.0 + max(0.0, stray_ink(img, len(spec.text)) - STRAY_DEAD_ZONE)),
+      'count': 1.0 / (1.0 + STRAY_WEIGHT * max(0.0, stray_ink(img, len(spec.text))
+                                               - STRAY_DEAD_ZONE)),
   }
   checks = {f'glyph{k}': float(probs[k, g]) for k, g in enumerate(idx)}
-  checks.update(colour=out['colour'], count=out['count'])
+  # Solid ink: the stroke cores show the text colour itself, not only a blurred mixture that
+  # the unmixing in `colour` reads back (a text blurred past legibility fails here).
+  solid = colour_sim(_median_colour(img, core), W.TEXT_COLOURS[spec.colour])
+  checks.update(colour=out['colour'], ink_solid=solid, count=out['count'])
   return out, checks
 
 
@@ -591,9 +608,10 @@ def _portrait(img, spec: W.PortraitScene) -> tuple[dict, dict]:
   out = {'well_formed': float(np.mean(list(structure.values()))),
          'attributes': float(np.mean(list(attributes.values()))),
          'identity': embedding_similarity(emb, spec_identity_embedding(spec))}
+  # Strict checks: each requested attribute, the identity, and the face structure as a whole
+  # (its parts are small, blur-sensitive probes: one weak part alone is no failure).
   checks = {**{f'attributes/{k}': v for k, v in attributes.items()},
-            **{f'well_formed/{k}': v for k, v in structure.items()},
-            'identity': out['identity']}
+            'well_formed': out['well_formed'], 'identity': out['identity']}
   return out, {k: float(v) for k, v in checks.items()}
 
 
@@ -606,6 +624,7 @@ def score_portrait(image, spec: W.PortraitScene) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 HORIZON_SIGMA, HORIZON_DEAD_ZONE = 0.04, 0.015
+BODY_COMPACT_RADIUS = 1.6  # body radii around the body's centroid that hold a disc's mass
 BODY_X_SIGMA, BODY_X_DEAD_ZONE = 0.07, 0.02
 
 
@@ -638,14 +657,20 @@ def _landscape(img, spec: W.LandscapeScene) -> tuple[dict, dict]:
   if mass > 1e-3:
     kind = unmixed_colour_sim(_median_colour(img, body_cov >= 0.99), W.BODIES[spec.body],
                               sky_measured)
-    body_x = float((body_cov * xs).sum() / mass)
+    body_x, body_y = float((body_cov * xs).sum() / mass), float((body_cov * ys).sum() / mass)
     expected_x = W.body_centroid(spec.body, spec.body_pos, spec.horizon)[0]
     position = _gauss(body_x - expected_x, BODY_X_SIGMA, BODY_X_DEAD_ZONE)
+    # A disc (or crescent): its mass sits near its centroid, unlike a stripe of the colour.
+    near = np.hypot(xs - body_x, ys - body_y) <= BODY_COMPACT_RADIUS * W.BODY_RADIUS
+    compact = float(np.clip(((body_cov * near).sum() / mass - 0.5) / 0.4, 0, 1))
+    # Solid: somewhere the body shows its own colour, not only a blurred mixture with the sky.
+    solid = float(np.max(np.exp(-0.5 * (_dist(img[sky_region], W.BODIES[spec.body])
+                                         / COLOUR_SIGMA) ** 2)))
   else:
-    kind, position = 0.0, 0.0
+    kind, position, compact, solid = 0.0, 0.0, 0.0, 0.0
   checks = {
       'sky': colour_sim(sky_measured, sky), 'ground': colour_sim(ground_measured, ground),
-      'body': present * kind, 'body_count': count,
+      'body': present * kind * compact, 'body_solid': solid, 'body_count': count,
       'horizon': _gauss(horizon - W.HORIZONS[spec.horizon], HORIZON_SIGMA, HORIZON_DEAD_ZONE),
       'body_position': present * position,
   }
@@ -681,8 +706,9 @@ RUBRIC_TIERS = {
     'edit_overall': (('instruction_following',), ('preservation', 'identity')),
 }
 # A tier whose worst dimension reaches TIER_PASS does not cap the tiers below it; under it, the
-# later tiers are scaled by (score / TIER_PASS)^2, so a failed tier caps the score low.
-TIER_PASS = 0.8
+# later tiers are scaled by (score / TIER_PASS)^TIER_GATE_POWER, so a failed tier caps the score
+# low (a count of 0.5, one extra object, leaves the later tiers 15%).
+TIER_PASS, TIER_GATE_POWER = 0.8, 4
 # Strict (GenEval-like) success: every item-level check of the category (each requested shape's
 # presence, colour, kind, size and position; each glyph slot; each face attribute, structure
 # part and the identity; each landscape element) must reach STRICT_THRESHOLD, the count checks
@@ -708,7 +734,7 @@ def capped_alignment(scores: dict, category: str) -> float:
       continue
     tier_score = min(values)
     total += gate * tier_score
-    gate *= min(1.0, tier_score / TIER_PASS) ** 2
+    gate *= min(1.0, tier_score / TIER_PASS) ** TIER_GATE_POWER
     tiers += 1
   return float(total / max(tiers, 1))
 
