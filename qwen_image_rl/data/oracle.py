@@ -434,7 +434,8 @@ def score_typography(image, spec: W.TypographyScene) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 CHEEK_OFFSET, CHEEK_RADIUS = (0.14, 0.1), 0.025  # clear of glasses, mouth and outline
-SQUARENESS_ROW = 0.18   # width ratio measured this far below the face centre
+SQUARENESS_ROW = 0.18   # width ratio measured this far below the face centre ...
+FACE_WIDTH_ROW = 0.09   # ... to the width here: below the glasses' frames, which end at 0.066
 SCLERA_PROBE_X = (W.IRIS_RADIUS + W.SCLERA_RADII[0]) / 2  # between iris and sclera edge
 GLASSES_THRESHOLD, GLASSES_SCALE = 0.35, 0.06
 CHIN_COLUMNS = 0.02     # chin height measured over columns within this of the centre
@@ -442,7 +443,15 @@ HAIR_BOX = (0.06, -0.235, -0.2)  # half-width, top and bottom (relative to the f
 COLOUR_SCALE = 60.0     # embedding units: RGB / 60 (identity colours are >= 60 apart)
 SHAPE_SCALES = (0.025, 0.025, 0.06)  # a, b, squareness
 IDENTITY_GROUPS = (slice(0, 3), slice(3, 6), slice(6, 9), slice(9, 12))
-IDENTITY_DEAD_ZONE, IDENTITY_SIGMA = 0.25, 0.5
+# Per group (skin, eyes, hair, face shape), in embedding units: identity colours are >= 1.38
+# units (83 RGB) apart and face shapes >= 3 units, so a changed identity field still scores
+# < 0.15 while blur, VAE softening and a generator's imprecision (up to about the dead zone plus
+# a sigma) keep most of the similarity.
+IDENTITY_DEAD_ZONES = (0.35, 0.35, 0.35, 0.6)
+IDENTITY_SIGMAS = (0.5, 0.5, 0.5, 0.8)
+# Blur mixes the small iris with the white sclera around it, a glasses frame and the skin: eye
+# colours are compared after undoing a mixture of up to 1 - IRIS_ALPHA_MIN with them.
+IRIS_ALPHA_MIN = 0.45
 EXPRESSION_SIGN = {'smiling': 1.0, 'neutral': 0.0, 'frowning': -1.0}
 # Curvature = mean mouth height in the centre columns minus that in the corner columns,
 # about CURVE_GAIN * depth for a smile.
@@ -488,7 +497,7 @@ def portrait_features(image) -> dict:
   skin = _median_colour(img, cheeks)
   bg_dist = _dist(img, W.PORTRAIT_BACKGROUND)
   cov = np.clip(bg_dist / max(40.0, float(np.linalg.norm(skin - W.PORTRAIT_BACKGROUND))), 0, 1)
-  width0 = _row_width(cov, cy)
+  width0 = _row_width(cov, cy + FACE_WIDTH_ROW)
   a = width0 / 2
   squareness = _row_width(cov, cy + SQUARENESS_ROW) / max(width0, 1e-3)
   cols = slice(int(np.floor((cx - CHIN_COLUMNS) * size)), int(np.ceil((cx + CHIN_COLUMNS) * size)))
@@ -542,30 +551,71 @@ def _embedding(skin, eye, hair, a, b, squareness) -> np.ndarray:
   return np.concatenate([c / COLOUR_SCALE for c in colours] + [shape]).astype(np.float32)
 
 
-def expected_squareness(face_shape: str) -> float:
-  _, b, n = W.FACE_SHAPES[face_shape]
-  return float((1 - (SQUARENESS_ROW / b) ** n) ** (1 / n))
+def expected_half_width(face_shape: str, dy: float) -> float:
+  """Half-width of a face outline dy below the face centre (the superellipse)."""
+  a, b, n = W.FACE_SHAPES[face_shape]
+  return float(a * (1 - (dy / b) ** n) ** (1 / n))
+
+
+def expected_shape(face_shape: str) -> tuple[float, float, float]:
+  """(a, b, squareness) as portrait_features measures them on a clean render."""
+  a = expected_half_width(face_shape, FACE_WIDTH_ROW)
+  squareness = expected_half_width(face_shape, SQUARENESS_ROW) / a
+  return a, W.FACE_SHAPES[face_shape][1], squareness
 
 
 def identity_embedding(image) -> np.ndarray:
-  """12-d identity vector: skin, eye and hair RGB / 60, face (a, b, squareness) / scales."""
+  """12-d identity vector: skin, eye and hair RGB / 60, face (a, b, squareness) / scales.
+
+  a is the half-width FACE_WIDTH_ROW below the face centre, squareness the width ratio of the
+  rows SQUARENESS_ROW and FACE_WIDTH_ROW below it, b the chin's depth below the centre.
+  """
   f = portrait_features(image)
   return _embedding(f['skin'], f['eye'], f['hair'], f['a'], f['b'], f['squareness'])
 
 
 def spec_identity_embedding(spec: W.PortraitScene) -> np.ndarray:
   """The embedding a perfect render of `spec` has, from the world definition."""
-  a, b, _ = W.FACE_SHAPES[spec.face_shape]
   return _embedding(W.SKIN_TONES[spec.skin], W.EYE_COLOURS[spec.eyes], W.HAIR_COLOURS[spec.hair],
-                    a, b, expected_squareness(spec.face_shape))
+                    *expected_shape(spec.face_shape))
+
+
+def _iris_candidates(eye, skin) -> np.ndarray:
+  """Iris colours (embedding units) that `eye` may be a blurred mixture of: measured = a iris +
+  the rest split between the sclera, a glasses frame and the skin, a >= IRIS_ALPHA_MIN."""
+  others = np.stack([np.asarray(W.SCLERA_COLOUR, np.float64) / COLOUR_SCALE,
+                     np.asarray(W.GLASSES_COLOUR, np.float64) / COLOUR_SCALE,
+                     np.asarray(skin, np.float64)])
+  steps = 4
+  splits = np.array([(i, j, steps - i - j) for i in range(steps + 1)
+                     for j in range(steps + 1 - i)], np.float64) / steps
+  alphas = np.linspace(IRIS_ALPHA_MIN, 1.0, 12)[:, None, None]
+  rest = (1 - alphas) * (splits @ others)[None]
+  candidates = (np.asarray(eye, np.float64) - rest) / alphas
+  return np.clip(candidates.reshape(-1, 3), 0.0, 255.0 / COLOUR_SCALE)
+
+
+def _unmixed_eye_distance(ea: np.ndarray, eb: np.ndarray) -> float:
+  """Smallest distance (embedding units) between any iris colours the two eyes may show."""
+  groups = IDENTITY_GROUPS
+  a, b = _iris_candidates(ea[groups[1]], ea[groups[0]]), _iris_candidates(eb[groups[1]],
+                                                                          eb[groups[0]])
+  return float(np.min(np.linalg.norm(a[:, None] - b[None], axis=-1)))
 
 
 def embedding_similarity(ea: np.ndarray, eb: np.ndarray) -> float:
-  """exp(-sum_g max(0, |d_g| - 0.25)^2 / (2 * 0.5^2)) over the four feature groups."""
-  total = 0.0
-  for g in IDENTITY_GROUPS:
-    total += max(0.0, float(np.linalg.norm(ea[g] - eb[g])) - IDENTITY_DEAD_ZONE) ** 2
-  return float(np.exp(-total / (2 * IDENTITY_SIGMA**2)))
+  """exp(-sum_g max(0, d_g - dead_zone_g)^2 / (2 sigma_g^2)) over the four feature groups.
+
+  d_g is the Euclidean distance of group g (the eyes' after unmixing from the sclera).
+  """
+  z = 0.0
+  for i, g in enumerate(IDENTITY_GROUPS):
+    if i == 1:
+      d = _unmixed_eye_distance(ea, eb)
+    else:
+      d = float(np.linalg.norm(ea[g] - eb[g]))
+    z += (max(0.0, d - IDENTITY_DEAD_ZONES[i]) / IDENTITY_SIGMAS[i]) ** 2
+  return float(np.exp(-z / 2))
 
 
 def identity_similarity(img_a, img_b) -> float:
@@ -578,8 +628,7 @@ def _portrait(img, spec: W.PortraitScene) -> tuple[dict, dict]:
   emb = _embedding(f['skin'], f['eye'], f['hair'], f['a'], f['b'], f['squareness'])
   shape_logits = {}
   for name in W.FACE_SHAPES:
-    a, b, _ = W.FACE_SHAPES[name]
-    proto = np.array([a, b, expected_squareness(name)]) / np.array(SHAPE_SCALES)
+    proto = np.array(expected_shape(name)) / np.array(SHAPE_SCALES)
     shape_logits[name] = -0.5 * float(np.sum((emb[9:] - proto) ** 2))
   curve_logits = {e: -0.5 * ((f['curvature'] - CURVE_GAIN * s * W.MOUTH_DEPTH) / CURVE_SIGMA) ** 2
                   for e, s in EXPRESSION_SIGN.items()}
