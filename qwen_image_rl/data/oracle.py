@@ -420,7 +420,7 @@ def _typography(img, spec: W.TypographyScene) -> tuple[dict, dict]:
   checks = {f'glyph{k}': float(probs[k, g]) for k, g in enumerate(idx)}
   # Solid ink: the stroke cores show the text colour itself, not only a blurred mixture that
   # the unmixing in `colour` reads back (a text blurred past legibility fails here).
-  solid = colour_sim(_median_colour(img, core), W.TEXT_COLOURS[spec.colour])
+  solid = colour_sim(_median_colour(img, core), W.TEXT_COLOURS[spec.colour], 2 * COLOUR_SIGMA)
   checks.update(colour=out['colour'], ink_solid=solid, count=out['count'])
   return out, checks
 
@@ -595,6 +595,13 @@ def _iris_candidates(eye, skin) -> np.ndarray:
   return np.clip(candidates.reshape(-1, 3), 0.0, 255.0 / COLOUR_SCALE)
 
 
+def iris_colour_sim(eye, skin, target) -> float:
+  """colour_sim of the measured eye colour, unmixed as in the identity, to an iris colour."""
+  candidates = _iris_candidates(np.asarray(eye, np.float64) / COLOUR_SCALE,
+                                np.asarray(skin, np.float64) / COLOUR_SCALE) * COLOUR_SCALE
+  return colour_sim(candidates[np.argmin(np.linalg.norm(candidates - target, axis=-1))], target)
+
+
 def _unmixed_eye_distance(ea: np.ndarray, eb: np.ndarray) -> float:
   """Smallest distance (embedding units) between any iris colours the two eyes may show."""
   groups = IDENTITY_GROUPS
@@ -636,8 +643,7 @@ def _portrait(img, spec: W.PortraitScene) -> tuple[dict, dict]:
   attributes = {
       'face_shape': _softmax_pick(shape_logits, spec.face_shape),
       'skin': colour_sim(f['skin'], W.SKIN_TONES[spec.skin]),
-      'eyes': unmixed_colour_sim(f['eye'], W.EYE_COLOURS[spec.eyes], W.SCLERA_COLOUR,
-                                 alpha_min=0.6),
+      'eyes': iris_colour_sim(f['eye'], f['skin'], W.EYE_COLOURS[spec.eyes]),
       'hair': colour_sim(f['hair'], W.HAIR_COLOURS[spec.hair]),
       'expression': _softmax_pick(curve_logits, spec.expression),
       'glasses': p_glasses if spec.glasses else 1 - p_glasses,
