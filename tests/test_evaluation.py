@@ -30,7 +30,8 @@ def test_eval_sets_are_rendered_once_and_read_only():
 
 
 def test_summaries_hold_capped_uncapped_and_strict_scores():
-  from qwen_image_rl.data import edits as E, oracle, render, world
+  from qwen_image_rl.data import edits as E
+  from qwen_image_rl.data import oracle, render, world
 
   specs = world.sample_scenes(4, 8, split="val")
   images = [render.render(s) for s in specs]

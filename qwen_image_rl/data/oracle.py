@@ -219,7 +219,8 @@ def detect_shapes(image) -> list[dict]:
     logits = {k: -0.5 * (((fill - f) / KIND_SIGMAS[0]) ** 2 + ((offset - o) / KIND_SIGMAS[1]) ** 2)
               for k, (f, o) in KIND_PROTOTYPES.items()}
     found.append({
-        'colour': colour, 'core_colour': core_colour, 'area': area / size**2, 'fill': fill, 'offset': offset,
+        'colour': colour, 'core_colour': core_colour, 'area': area / size**2, 'fill': fill,
+        'offset': offset,
         'x': (cx + sl[1].start + 0.5) / size, 'y': (cy + sl[0].start + 0.5) / size,
         'kind_logits': logits,
     })
