@@ -119,6 +119,11 @@ def _box_mask(size: int, x0, y0, x1, y1) -> np.ndarray:
   return (xs >= x0) & (xs <= x1) & (ys >= y0) & (ys <= y1)
 
 
+def _expand(box, margin):
+  x0, y0, x1, y1 = box
+  return x0 - margin, y0 - margin, x1 + margin, y1 + margin
+
+
 def _disc_mask(size: int, cx, cy, r0, r1=None) -> np.ndarray:
   """Pixels whose centre lies within radius r0 (or in the annulus r0..r1)."""
   ys, xs = _coords(size)
@@ -198,6 +203,9 @@ def detect_shapes(image) -> list[dict]:
     if comp.sum() < min_pixels:
       continue
     colour = np.median(img[sl][comp], axis=0)
+    # Core colour: the quarter of the component farthest from the background (no blurred rim).
+    comp_dist = dist[sl][comp]
+    core_colour = np.median(img[sl][comp][comp_dist >= np.percentile(comp_dist, 75)], axis=0)
     full = max(float(np.linalg.norm(colour - np.asarray(W.GENERAL_BACKGROUND))), 1.0)
     region = ndimage.binary_dilation(comp) & ((labels[sl] == 0) | comp)
     cov = np.clip(dist[sl] / full, 0, 1) * region
@@ -211,7 +219,7 @@ def detect_shapes(image) -> list[dict]:
     logits = {k: -0.5 * (((fill - f) / KIND_SIGMAS[0]) ** 2 + ((offset - o) / KIND_SIGMAS[1]) ** 2)
               for k, (f, o) in KIND_PROTOTYPES.items()}
     found.append({
-        'colour': colour, 'area': area / size**2, 'fill': fill, 'offset': offset,
+        'colour': colour, 'core_colour': core_colour, 'area': area / size**2, 'fill': fill, 'offset': offset,
         'x': (cx + sl[1].start + 0.5) / size, 'y': (cy + sl[0].start + 0.5) / size,
         'kind_logits': logits,
     })
@@ -222,6 +230,7 @@ def detect_shapes(image) -> list[dict]:
 SIZE_LOG_SCALE = 0.07
 POSITION_SIGMA, POSITION_DEAD_ZONE = 0.07, 0.02
 RELATION_MARGIN, RELATION_SCALE = 0.1, 0.03
+JUNK_WEIGHT = 2.0  # one small shape's worth of speckle counts as two extra objects
 
 
 def _shape_scores(shape: W.Shape, det: dict) -> dict:
@@ -260,21 +269,59 @@ def _relation_score(relation: str, a: dict, b: dict) -> float:
   return _sigmoid((gap - RELATION_MARGIN) / RELATION_SCALE)
 
 
-def score_general(image, spec: W.GeneralScene) -> dict:
+def _junk_objects(image: np.ndarray) -> float:
+  """Foreground too small to be a shape, in units of one small shape (confetti, speckle)."""
+  size = image.shape[0]
+  labels, n = ndimage.label(_dist(image, W.GENERAL_BACKGROUND) > 50)
+  if n == 0:
+    return 0.0
+  counts = np.bincount(labels.ravel())[1:]
+  min_pixels = 0.35 * W.shape_area('small') * size * size
+  return float(counts[counts < min_pixels].sum() / (W.shape_area('small') * size * size))
+
+
+def _shape_check(p) -> float:
+  return min(p['presence'], p['colour'], p['kind'], p['size'], p['position']) if p else 0.0
+
+
+def _general(image, spec: W.GeneralScene) -> tuple[dict, dict]:
   dets = detect_shapes(image)
   matches = _match(spec.shapes, dets)
   per = [m[1] if m else None for m in matches]
+  # Extra objects (and confetti too small to be one) are a count failure, as are missing ones.
+  extra = abs(len(dets) - len(spec.shapes)) + JUNK_WEIGHT * _junk_objects(image)
   out = {
       'presence': np.mean([p['presence'] if p else 0.0 for p in per]),
-      'count': 1.0 / (1.0 + abs(len(dets) - len(spec.shapes))),
+      'count': 1.0 / (1.0 + extra),
       'attributes': np.mean([np.mean([p['colour'], p['size'], p['kind']]) if p else 0.0
                              for p in per]),
       'position': np.mean([p['position'] if p else 0.0 for p in per]),
   }
+  checks = {'count': out['count']}
+  for i, (shape, p) in enumerate(zip(spec.shapes, per)):
+    for k in ('presence', 'colour', 'kind', 'size', 'position'):
+      checks[f'shape{i}/{k}'] = p[k] if p else 0.0
+    # Solid: the shape shows its own colour, not only a blurred mixture (`colour` unmixes).
+    checks[f'shape{i}/solid'] = (colour_sim(matches[i][0]['core_colour'],
+                                            W.SHAPE_COLOURS[shape.colour]) if p else 0.0)
   if spec.relation is not None:
     a, b = matches[0], matches[1]
     out['relation'] = _relation_score(spec.relation, a[0], b[0]) if a and b else 0.0
-  return {k: float(v) for k, v in out.items()}
+    checks['relation'] = out['relation']
+  return {k: float(v) for k, v in out.items()}, {k: float(v) for k, v in checks.items()}
+
+
+def score_general(image, spec: W.GeneralScene) -> dict:
+  return _general(as_float_image(image), spec)[0]
+
+
+def shape_absence(image, shape: W.Shape) -> float:
+  """1 - how well some detected object is `shape`'s colour at `shape`'s place (edits: removed)."""
+  best = 0.0
+  for det in detect_shapes(image)[:MAX_DETECTIONS]:
+    s = _shape_scores(shape, det)
+    best = max(best, min(s['presence'], s['colour'], s['position']))
+  return 1.0 - best
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,6 +331,11 @@ def score_general(image, spec: W.GeneralScene) -> dict:
 INK_SCALE = 150.0    # RGB distance from the background that counts as full ink
 GLYPH_TEMPERATURE = 0.02
 SEARCH_FRACTION = 0.035  # slot search radius, fraction of the image side
+STRAY_MARGIN = 0.03     # ink this far beyond a slot's search window still belongs to it
+GLYPH_INK_FILL = 0.45   # rough ink fraction of a glyph box (the unit of stray ink)
+STRAY_DEAD_ZONE = 0.1   # a tenth of a glyph of stray ink (blur halo, speckle) is free
+STRAY_WEIGHT = 2.0      # like JUNK_WEIGHT: a glyph's worth of stray ink is two extra objects
+STRAY_INK_FLOOR = 30.0  # RGB distance from the background below which nothing is stray ink
 
 
 def _slot_pixels(size: int, box) -> tuple[int, int, int, int]:
@@ -332,19 +384,49 @@ def glyph_probabilities(image, n: int) -> np.ndarray:
   return np.stack(probs)
 
 
-def score_typography(image, spec: W.TypographyScene) -> dict:
+def stray_ink(image, n: int) -> float:
+  """Ink outside the n glyph slots (and their search margin), in glyphs' worth of ink.
+
+  The unit is the ink per slot inside the slots (floored, so a blank image has no stray ink
+  to divide by zero); faint ink (noise, a blur halo) under STRAY_INK_FLOOR does not count.
+  """
   img = as_float_image(image)
+  size = img.shape[0]
+  ink = np.clip((_dist(img, W.TEXT_BACKGROUND) - STRAY_INK_FLOOR) / INK_SCALE, 0, 1)
+  slots = np.zeros((size, size), bool)
+  for box in W.glyph_boxes(n):
+    slots |= _box_mask(size, *_expand(box, SEARCH_FRACTION + STRAY_MARGIN))
+  x0, y0, x1, y1 = W.glyph_boxes(1)[0]
+  glyph_ink = GLYPH_INK_FILL * (x1 - x0) * (y1 - y0) * size * size
+  per_glyph = max(float(ink[slots].sum()) / n, 0.25 * glyph_ink)
+  return float(ink[~slots].sum() / per_glyph)
+
+
+def _typography(img, spec: W.TypographyScene) -> tuple[dict, dict]:
   probs = glyph_probabilities(img, len(spec.text))
   idx = [W.GLYPHS.index(c) for c in spec.text]
   # Text colour: the pixels farthest from the background (stroke cores, not anti-aliased rims).
   dist = _dist(img, W.TEXT_BACKGROUND)
   core = dist >= max(0.85 * float(np.percentile(dist, 99.5)), 0.3 * INK_SCALE)
-  return {
+  out = {
       'glyphs': float(np.mean([probs[:, g].max() for g in idx])),
       'order': float(np.mean([probs[k, g] for k, g in enumerate(idx)])),
       'colour': unmixed_colour_sim(_median_colour(img, core), W.TEXT_COLOURS[spec.colour],
                                    W.TEXT_BACKGROUND),
+      # Extra glyphs or blotches outside the requested slots are a count failure.
+      'count': 1.0 / (1.0 + STRAY_WEIGHT * max(0.0, stray_ink(img, len(spec.text))
+                                               - STRAY_DEAD_ZONE)),
   }
+  checks = {f'glyph{k}': float(probs[k, g]) for k, g in enumerate(idx)}
+  # Solid ink: the stroke cores show the text colour itself, not only a blurred mixture that
+  # the unmixing in `colour` reads back (a text blurred past legibility fails here).
+  solid = colour_sim(_median_colour(img, core), W.TEXT_COLOURS[spec.colour], 2 * COLOUR_SIGMA)
+  checks.update(colour=out['colour'], ink_solid=solid, count=out['count'])
+  return out, checks
+
+
+def score_typography(image, spec: W.TypographyScene) -> dict:
+  return _typography(as_float_image(image), spec)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,7 +434,8 @@ def score_typography(image, spec: W.TypographyScene) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 CHEEK_OFFSET, CHEEK_RADIUS = (0.14, 0.1), 0.025  # clear of glasses, mouth and outline
-SQUARENESS_ROW = 0.18   # width ratio measured this far below the face centre
+SQUARENESS_ROW = 0.18   # width ratio measured this far below the face centre ...
+FACE_WIDTH_ROW = 0.09   # ... to the width here: below the glasses' frames, which end at 0.066
 SCLERA_PROBE_X = (W.IRIS_RADIUS + W.SCLERA_RADII[0]) / 2  # between iris and sclera edge
 GLASSES_THRESHOLD, GLASSES_SCALE = 0.35, 0.06
 CHIN_COLUMNS = 0.02     # chin height measured over columns within this of the centre
@@ -360,7 +443,15 @@ HAIR_BOX = (0.06, -0.235, -0.2)  # half-width, top and bottom (relative to the f
 COLOUR_SCALE = 60.0     # embedding units: RGB / 60 (identity colours are >= 60 apart)
 SHAPE_SCALES = (0.025, 0.025, 0.06)  # a, b, squareness
 IDENTITY_GROUPS = (slice(0, 3), slice(3, 6), slice(6, 9), slice(9, 12))
-IDENTITY_DEAD_ZONE, IDENTITY_SIGMA = 0.25, 0.5
+# Per group (skin, eyes, hair, face shape), in embedding units: identity colours are >= 1.38
+# units (83 RGB) apart and face shapes >= 3 units, so a changed identity field still scores
+# < 0.15 while blur, VAE softening and a generator's imprecision (up to about the dead zone plus
+# a sigma) keep most of the similarity.
+IDENTITY_DEAD_ZONES = (0.35, 0.35, 0.35, 0.6)
+IDENTITY_SIGMAS = (0.5, 0.5, 0.5, 0.8)
+# Blur mixes the small iris with the white sclera around it, a glasses frame and the skin: eye
+# colours are compared after undoing a mixture of up to 1 - IRIS_ALPHA_MIN with them.
+IRIS_ALPHA_MIN = 0.45
 EXPRESSION_SIGN = {'smiling': 1.0, 'neutral': 0.0, 'frowning': -1.0}
 # Curvature = mean mouth height in the centre columns minus that in the corner columns,
 # about CURVE_GAIN * depth for a smile.
@@ -406,7 +497,7 @@ def portrait_features(image) -> dict:
   skin = _median_colour(img, cheeks)
   bg_dist = _dist(img, W.PORTRAIT_BACKGROUND)
   cov = np.clip(bg_dist / max(40.0, float(np.linalg.norm(skin - W.PORTRAIT_BACKGROUND))), 0, 1)
-  width0 = _row_width(cov, cy)
+  width0 = _row_width(cov, cy + FACE_WIDTH_ROW)
   a = width0 / 2
   squareness = _row_width(cov, cy + SQUARENESS_ROW) / max(width0, 1e-3)
   cols = slice(int(np.floor((cx - CHIN_COLUMNS) * size)), int(np.ceil((cx + CHIN_COLUMNS) * size)))
@@ -460,30 +551,78 @@ def _embedding(skin, eye, hair, a, b, squareness) -> np.ndarray:
   return np.concatenate([c / COLOUR_SCALE for c in colours] + [shape]).astype(np.float32)
 
 
-def expected_squareness(face_shape: str) -> float:
-  _, b, n = W.FACE_SHAPES[face_shape]
-  return float((1 - (SQUARENESS_ROW / b) ** n) ** (1 / n))
+def expected_half_width(face_shape: str, dy: float) -> float:
+  """Half-width of a face outline dy below the face centre (the superellipse)."""
+  a, b, n = W.FACE_SHAPES[face_shape]
+  return float(a * (1 - (dy / b) ** n) ** (1 / n))
+
+
+def expected_shape(face_shape: str) -> tuple[float, float, float]:
+  """(a, b, squareness) as portrait_features measures them on a clean render."""
+  a = expected_half_width(face_shape, FACE_WIDTH_ROW)
+  squareness = expected_half_width(face_shape, SQUARENESS_ROW) / a
+  return a, W.FACE_SHAPES[face_shape][1], squareness
 
 
 def identity_embedding(image) -> np.ndarray:
-  """12-d identity vector: skin, eye and hair RGB / 60, face (a, b, squareness) / scales."""
+  """12-d identity vector: skin, eye and hair RGB / 60, face (a, b, squareness) / scales.
+
+  a is the half-width FACE_WIDTH_ROW below the face centre, squareness the width ratio of the
+  rows SQUARENESS_ROW and FACE_WIDTH_ROW below it, b the chin's depth below the centre.
+  """
   f = portrait_features(image)
   return _embedding(f['skin'], f['eye'], f['hair'], f['a'], f['b'], f['squareness'])
 
 
 def spec_identity_embedding(spec: W.PortraitScene) -> np.ndarray:
   """The embedding a perfect render of `spec` has, from the world definition."""
-  a, b, _ = W.FACE_SHAPES[spec.face_shape]
   return _embedding(W.SKIN_TONES[spec.skin], W.EYE_COLOURS[spec.eyes], W.HAIR_COLOURS[spec.hair],
-                    a, b, expected_squareness(spec.face_shape))
+                    *expected_shape(spec.face_shape))
+
+
+def _iris_candidates(eye, skin) -> np.ndarray:
+  """Iris colours (embedding units) that `eye` may be a blurred mixture of: measured = a iris +
+  the rest split between the sclera, a glasses frame and the skin, a >= IRIS_ALPHA_MIN."""
+  others = np.stack([np.asarray(W.SCLERA_COLOUR, np.float64) / COLOUR_SCALE,
+                     np.asarray(W.GLASSES_COLOUR, np.float64) / COLOUR_SCALE,
+                     np.asarray(skin, np.float64)])
+  steps = 4
+  splits = np.array([(i, j, steps - i - j) for i in range(steps + 1)
+                     for j in range(steps + 1 - i)], np.float64) / steps
+  alphas = np.linspace(IRIS_ALPHA_MIN, 1.0, 12)[:, None, None]
+  rest = (1 - alphas) * (splits @ others)[None]
+  candidates = (np.asarray(eye, np.float64) - rest) / alphas
+  return np.clip(candidates.reshape(-1, 3), 0.0, 255.0 / COLOUR_SCALE)
+
+
+def iris_colour_sim(eye, skin, target) -> float:
+  """colour_sim of the measured eye colour, unmixed as in the identity, to an iris colour."""
+  candidates = _iris_candidates(np.asarray(eye, np.float64) / COLOUR_SCALE,
+                                np.asarray(skin, np.float64) / COLOUR_SCALE) * COLOUR_SCALE
+  return colour_sim(candidates[np.argmin(np.linalg.norm(candidates - target, axis=-1))], target)
+
+
+def _unmixed_eye_distance(ea: np.ndarray, eb: np.ndarray) -> float:
+  """Smallest distance (embedding units) between any iris colours the two eyes may show."""
+  groups = IDENTITY_GROUPS
+  a, b = _iris_candidates(ea[groups[1]], ea[groups[0]]), _iris_candidates(eb[groups[1]],
+                                                                          eb[groups[0]])
+  return float(np.min(np.linalg.norm(a[:, None] - b[None], axis=-1)))
 
 
 def embedding_similarity(ea: np.ndarray, eb: np.ndarray) -> float:
-  """exp(-sum_g max(0, |d_g| - 0.25)^2 / (2 * 0.5^2)) over the four feature groups."""
-  total = 0.0
-  for g in IDENTITY_GROUPS:
-    total += max(0.0, float(np.linalg.norm(ea[g] - eb[g])) - IDENTITY_DEAD_ZONE) ** 2
-  return float(np.exp(-total / (2 * IDENTITY_SIGMA**2)))
+  """exp(-sum_g max(0, d_g - dead_zone_g)^2 / (2 sigma_g^2)) over the four feature groups.
+
+  d_g is the Euclidean distance of group g (the eyes' after unmixing from the sclera).
+  """
+  z = 0.0
+  for i, g in enumerate(IDENTITY_GROUPS):
+    if i == 1:
+      d = _unmixed_eye_distance(ea, eb)
+    else:
+      d = float(np.linalg.norm(ea[g] - eb[g]))
+    z += (max(0.0, d - IDENTITY_DEAD_ZONES[i]) / IDENTITY_SIGMAS[i]) ** 2
+  return float(np.exp(-z / 2))
 
 
 def identity_similarity(img_a, img_b) -> float:
@@ -491,39 +630,48 @@ def identity_similarity(img_a, img_b) -> float:
   return embedding_similarity(identity_embedding(img_a), identity_embedding(img_b))
 
 
-def score_portrait(image, spec: W.PortraitScene) -> dict:
-  f = portrait_features(image)
+def _portrait(img, spec: W.PortraitScene) -> tuple[dict, dict]:
+  f = portrait_features(img)
   emb = _embedding(f['skin'], f['eye'], f['hair'], f['a'], f['b'], f['squareness'])
   shape_logits = {}
   for name in W.FACE_SHAPES:
-    a, b, _ = W.FACE_SHAPES[name]
-    proto = np.array([a, b, expected_squareness(name)]) / np.array(SHAPE_SCALES)
+    proto = np.array(expected_shape(name)) / np.array(SHAPE_SCALES)
     shape_logits[name] = -0.5 * float(np.sum((emb[9:] - proto) ** 2))
   curve_logits = {e: -0.5 * ((f['curvature'] - CURVE_GAIN * s * W.MOUTH_DEPTH) / CURVE_SIGMA) ** 2
                   for e, s in EXPRESSION_SIGN.items()}
   p_glasses = _sigmoid((f['glasses'] - GLASSES_THRESHOLD) / GLASSES_SCALE)
-  attributes = [
-      _softmax_pick(shape_logits, spec.face_shape),
-      colour_sim(f['skin'], W.SKIN_TONES[spec.skin]),
-      unmixed_colour_sim(f['eye'], W.EYE_COLOURS[spec.eyes], W.SCLERA_COLOUR, alpha_min=0.6),
-      colour_sim(f['hair'], W.HAIR_COLOURS[spec.hair]),
-      _softmax_pick(curve_logits, spec.expression),
-      p_glasses if spec.glasses else 1 - p_glasses,
-  ]
+  attributes = {
+      'face_shape': _softmax_pick(shape_logits, spec.face_shape),
+      'skin': colour_sim(f['skin'], W.SKIN_TONES[spec.skin]),
+      'eyes': iris_colour_sim(f['eye'], f['skin'], W.EYE_COLOURS[spec.eyes]),
+      'hair': colour_sim(f['hair'], W.HAIR_COLOURS[spec.hair]),
+      'expression': _softmax_pick(curve_logits, spec.expression),
+      'glasses': p_glasses if spec.glasses else 1 - p_glasses,
+  }
   # Spec-free structure: a face of plausible width, white sclera, distinct irises, a mouth,
   # and left/right symmetry.
   a_lo, a_hi = 0.17, 0.29
   iris_vs_sclera = min(colour_sim(f['eye_left'], W.SCLERA_COLOUR, 25),
                        colour_sim(f['eye_right'], W.SCLERA_COLOUR, 25))
-  well_formed = np.mean([
-      _gauss(max(a_lo - f['a'], f['a'] - a_hi, 0.0), 0.03),
-      f['sclera_whiteness'],
-      1 - iris_vs_sclera,
-      min(1.0, f['mouth_present'] / 0.8),
-      colour_sim(f['eye_left'], f['eye_right'], 30),
-  ])
-  return {'well_formed': float(well_formed), 'attributes': float(np.mean(attributes)),
-          'identity': embedding_similarity(emb, spec_identity_embedding(spec))}
+  structure = {
+      'face_width': _gauss(max(a_lo - f['a'], f['a'] - a_hi, 0.0), 0.03),
+      'sclera': f['sclera_whiteness'],
+      'irises': 1 - iris_vs_sclera,
+      'mouth': min(1.0, f['mouth_present'] / 0.8),
+      'symmetry': colour_sim(f['eye_left'], f['eye_right'], 30),
+  }
+  out = {'well_formed': float(np.mean(list(structure.values()))),
+         'attributes': float(np.mean(list(attributes.values()))),
+         'identity': embedding_similarity(emb, spec_identity_embedding(spec))}
+  # Strict checks: each requested attribute, the identity, and the face structure as a whole
+  # (its parts are small, blur-sensitive probes: one weak part alone is no failure).
+  checks = {**{f'attributes/{k}': v for k, v in attributes.items()},
+            'well_formed': out['well_formed'], 'identity': out['identity']}
+  return out, {k: float(v) for k, v in checks.items()}
+
+
+def score_portrait(image, spec: W.PortraitScene) -> dict:
+  return _portrait(as_float_image(image), spec)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -531,11 +679,11 @@ def score_portrait(image, spec: W.PortraitScene) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 HORIZON_SIGMA, HORIZON_DEAD_ZONE = 0.04, 0.015
+BODY_COMPACT_RADIUS = 1.6  # body radii around the body's centroid that hold a disc's mass
 BODY_X_SIGMA, BODY_X_DEAD_ZONE = 0.07, 0.02
 
 
-def score_landscape(image, spec: W.LandscapeScene) -> dict:
-  img = as_float_image(image)
+def _landscape(img, spec: W.LandscapeScene) -> tuple[dict, dict]:
   size = img.shape[0]
   sky, ground = W.SKY_COLOURS[spec.sky], W.GROUND_COLOURS[spec.ground]
   rows = np.median(img, axis=1)  # robust to the sun/moon (narrower than half the width)
@@ -556,19 +704,38 @@ def score_landscape(image, spec: W.LandscapeScene) -> dict:
     body_cov = np.zeros((size, size), np.float32)
   mass = float(body_cov.sum())
   present = min(1.0, mass / size**2 / (0.3 * np.pi * W.BODY_RADIUS**2))
+  # More than one body (or sky blotches as large as a fifth of one) is a count failure.
+  labels, n = ndimage.label(body_cov >= 0.5)
+  blobs = np.bincount(labels.ravel())[1:] if n else np.zeros(0)
+  extra = max(0, int(np.sum(blobs >= 0.2 * np.pi * (W.BODY_RADIUS * size) ** 2)) - 1)
+  count = 1.0 / (1.0 + extra)
   if mass > 1e-3:
     kind = unmixed_colour_sim(_median_colour(img, body_cov >= 0.99), W.BODIES[spec.body],
                               sky_measured)
-    body_x = float((body_cov * xs).sum() / mass)
+    body_x, body_y = float((body_cov * xs).sum() / mass), float((body_cov * ys).sum() / mass)
     expected_x = W.body_centroid(spec.body, spec.body_pos, spec.horizon)[0]
     position = _gauss(body_x - expected_x, BODY_X_SIGMA, BODY_X_DEAD_ZONE)
+    # A disc (or crescent): its mass sits near its centroid, unlike a stripe of the colour.
+    near = np.hypot(xs - body_x, ys - body_y) <= BODY_COMPACT_RADIUS * W.BODY_RADIUS
+    compact = float(np.clip(((body_cov * near).sum() / mass - 0.5) / 0.4, 0, 1))
+    # Solid: somewhere the body shows its own colour, not only a blurred mixture with the sky.
+    solid = float(np.max(np.exp(-0.5 * (_dist(img[sky_region], W.BODIES[spec.body])
+                                         / COLOUR_SIGMA) ** 2)))
   else:
-    kind, position = 0.0, 0.0
-  elements = np.mean([colour_sim(sky_measured, sky), colour_sim(ground_measured, ground),
-                      present * kind])
-  layout = np.mean([_gauss(horizon - W.HORIZONS[spec.horizon], HORIZON_SIGMA, HORIZON_DEAD_ZONE),
-                    present * position])
-  return {'elements': float(elements), 'layout': float(layout)}
+    kind, position, compact, solid = 0.0, 0.0, 0.0, 0.0
+  checks = {
+      'sky': colour_sim(sky_measured, sky), 'ground': colour_sim(ground_measured, ground),
+      'body': present * kind * compact, 'body_solid': solid, 'body_count': count,
+      'horizon': _gauss(horizon - W.HORIZONS[spec.horizon], HORIZON_SIGMA, HORIZON_DEAD_ZONE),
+      'body_position': present * position,
+  }
+  out = {'elements': count * np.mean([checks['sky'], checks['ground'], checks['body']]),
+         'layout': np.mean([checks['horizon'], checks['body_position']])}
+  return ({k: float(v) for k, v in out.items()}, {k: float(v) for k, v in checks.items()})
+
+
+def score_landscape(image, spec: W.LandscapeScene) -> dict:
+  return _landscape(as_float_image(image), spec)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -577,27 +744,82 @@ def score_landscape(image, spec: W.LandscapeScene) -> dict:
 
 ALIGNMENT_DIMS = {
     'general': ('presence', 'count', 'attributes', 'position', 'relation'),
-    'typography': ('glyphs', 'order', 'colour'),
+    'typography': ('glyphs', 'count', 'order', 'colour'),
     'portrait': ('well_formed', 'attributes', 'identity'),
     'landscape': ('elements', 'layout'),
 }
-_SCORERS = {'general': score_general, 'typography': score_typography,
-            'portrait': score_portrait, 'landscape': score_landscape}
+# The paper's alignment rubric (presence and count, then attributes, then spatial relations,
+# then pose) mapped onto each category's dimensions, highest priority first.
+RUBRIC_TIERS = {
+    'general': (('presence', 'count'), ('attributes',), ('position', 'relation')),
+    'typography': (('glyphs', 'count'), ('colour',), ('order',)),
+    'portrait': (('well_formed',), ('attributes', 'identity')),
+    'landscape': (('elements',), ('layout',)),
+    # Edits (the paper's edit rubric): the core requirement, then the rest of the target scene;
+    # instruction following, then preserving what the instruction did not touch.
+    'edit': (('core',), ('target',)),
+    'edit_overall': (('instruction_following',), ('preservation', 'identity')),
+}
+# A tier whose worst dimension reaches TIER_PASS does not cap the tiers below it; under it, the
+# later tiers are scaled by (score / TIER_PASS)^TIER_GATE_POWER, so a failed tier caps the score
+# low (a count of 0.5, one extra object, leaves the later tiers 15%).
+TIER_PASS, TIER_GATE_POWER = 0.8, 4
+# Strict (GenEval-like) success: every item-level check of the category (each requested shape's
+# presence, colour, kind, size and position; each glyph slot; each face attribute, structure
+# part and the identity; each landscape element) must reach STRICT_THRESHOLD, the count checks
+# (no missing, extra or confetti objects; one extra object scores 0.5) STRICT_COUNT_THRESHOLD.
+STRICT_THRESHOLD = 0.5
+STRICT_COUNT_THRESHOLD = 0.7
+_SCORERS = {'general': _general, 'typography': _typography,
+            'portrait': _portrait, 'landscape': _landscape}
+
+
+def capped_alignment(scores: dict, category: str) -> float:
+  """Rubric-capped alignment: mean over tiers of tier score x the gates of the tiers above.
+
+  A tier's score is its worst dimension (all of its items must hold); dimensions that do not
+  apply to a scene (a single shape's relation) are skipped.
+  """
+  if category not in RUBRIC_TIERS:
+    raise ValueError(f'no rubric for {category!r}; known: {tuple(RUBRIC_TIERS)}')
+  total, gate, tiers = 0.0, 1.0, 0
+  for tier in RUBRIC_TIERS[category]:
+    values = [scores[d] for d in tier if d in scores]
+    if not values:
+      continue
+    tier_score = min(values)
+    total += gate * tier_score
+    gate *= min(1.0, tier_score / TIER_PASS) ** TIER_GATE_POWER
+    tiers += 1
+  return float(total / max(tiers, 1))
+
+
+def strict_pass(checks: dict) -> bool:
+  """Every item-level check reaches its threshold (count checks their own)."""
+  return all(v >= (STRICT_COUNT_THRESHOLD if k.endswith('count') else STRICT_THRESHOLD)
+             for k, v in checks.items())
+
+
+def t2i_checks(image, spec) -> dict:
+  """The item-level checks behind `score_t2i`'s `strict` (name -> score in [0, 1])."""
+  return _SCORERS[W.check_category(getattr(spec, 'category', None))](as_float_image(image),
+                                                                     spec)[1]
 
 
 def score_t2i(image, spec) -> dict:
-  """Alignment dimensions of `spec`'s category, 'overall' (their mean) and 'quality'."""
+  """Alignment dimensions of `spec`'s category, their rubric-capped `overall`, the plain mean
+  `overall_mean` (the scorer before capping), `strict` (1.0 when every check passes) and
+  `quality`."""
   category = W.check_category(getattr(spec, 'category', None))
   img = as_float_image(image)
-  scores = _SCORERS[category](img, spec)
-  scores['overall'] = float(np.mean(list(scores.values())))
+  scores, checks = _SCORERS[category](img, spec)
+  scores = dict(scores)
+  mean = float(np.mean(list(scores.values())))
+  scores['overall'] = capped_alignment(scores, category)
+  scores['overall_mean'] = mean
+  scores['strict'] = float(strict_pass(checks))
   scores['quality'] = image_quality(img)['quality']
   return scores
-
-
-def _expand(box, margin):
-  x0, y0, x1, y1 = box
-  return x0 - margin, y0 - margin, x1 + margin, y1 + margin
 
 
 EDIT_MARGIN = 0.03
@@ -660,14 +882,71 @@ def preservation(source_image, output_image, source, target) -> float:
   return float(np.clip(1 - (diff - 0.06) / 0.25, 0, 1).mean())
 
 
+PRESERVATION_STRICT = 0.9  # strict edit success keeps 90% of the untouched pixels
+
+
+def core_checks(output_image, source, target) -> dict:
+  """The instruction's core requirement: the target's checks on what the edit changes.
+
+  Derived from the spec difference, so it holds for any edit: new or changed shapes must be
+  there with every attribute and removed ones gone from their place (general); changed glyph
+  slots or the new colour (typography); the new expression or glasses (portrait); the new sky,
+  ground or body position (landscape). An output that ignores the instruction fails it.
+  """
+  img = as_float_image(output_image)
+  checks = t2i_checks(img, target)
+  core = {}
+  if target.category == 'general':
+    for i, shape in enumerate(target.shapes):
+      if shape not in source.shapes:
+        core.update({k: v for k, v in checks.items() if k.startswith(f'shape{i}/')})
+    for j, shape in enumerate(set(source.shapes) - set(target.shapes)):
+      if (shape.row, shape.col) not in {(t.row, t.col) for t in target.shapes}:
+        core[f'absent{j}'] = shape_absence(img, shape)
+  elif target.category == 'typography':
+    same_length = len(source.text) == len(target.text)
+    for k, char in enumerate(target.text):
+      if not same_length or source.text[k] != char:
+        core[f'glyph{k}'] = checks[f'glyph{k}']
+    if source.colour != target.colour:
+      core['colour'] = checks['colour']
+  elif target.category == 'portrait':
+    for field in ('expression', 'glasses'):
+      if getattr(source, field) != getattr(target, field):
+        core[field] = checks[f'attributes/{field}']
+  else:
+    fields = {'sky': ('sky',), 'ground': ('ground',), 'body': ('body', 'body_position'),
+              'body_pos': ('body_position',)}
+    for field, names in fields.items():
+      if getattr(source, field) != getattr(target, field):
+        core.update({n: checks[n] for n in names})
+  return core
+
+
 def score_edit(source_image, output_image, edit) -> dict:
-  """instruction_following, preservation, identity (portraits), quality, overall, target/*."""
+  """Edit scores: `core` (the instruction's core requirement, the worst of `core_checks`),
+  `instruction_following` (rubric-capped: core, then the output's capped alignment to the
+  target spec), preservation, identity (portraits), `overall` (capped: instruction following,
+  then preservation and identity), `strict` (core, target and identity checks pass and
+  preservation >= PRESERVATION_STRICT), quality, `target/*`, and the uncapped means
+  `instruction_following_mean` and `overall_mean` (the scorer before capping)."""
   target_scores = score_t2i(output_image, edit.target)
-  out = {'instruction_following': target_scores['overall'],
+  core = core_checks(output_image, edit.source, edit.target)
+  core_score = min(core.values()) if core else 1.0
+  out = {'core': core_score,
+         'instruction_following': capped_alignment(
+             {'core': core_score, 'target': target_scores['overall']}, 'edit'),
          'preservation': preservation(source_image, output_image, edit.source, edit.target)}
+  checks = {**t2i_checks(output_image, edit.target), **{f'core/{k}': v for k, v in core.items()}}
   if edit.target.category == 'portrait':
     out['identity'] = identity_similarity(source_image, output_image)
-  out['overall'] = float(np.mean(list(out.values())))
+    checks['source_identity'] = out['identity']
+  keep = {k: out[k] for k in ('preservation', 'identity') if k in out}
+  out['overall'] = capped_alignment(
+      {'instruction_following': out['instruction_following'], **keep}, 'edit_overall')
+  out['overall_mean'] = float(np.mean([target_scores['overall_mean'], *keep.values()]))
+  out['instruction_following_mean'] = target_scores['overall_mean']
+  out['strict'] = float(strict_pass(checks) and out['preservation'] >= PRESERVATION_STRICT)
   out['quality'] = target_scores['quality']
   out.update({f'target/{k}': v for k, v in target_scores.items()})
   return out

@@ -1,8 +1,11 @@
 """The tiny world's oracle as registered rewards: the analogues of the paper's five rewards.
 
 Text-to-image (per-sample spec in `batch.meta[i]['spec']`, a scene or its `world.to_dict`):
-  alignment     oracle alignment of the image to its spec, the mean of the category's dimensions
-                (`oracle.score_t2i(...)['overall']`).
+  alignment     oracle alignment of the image to its spec: by default (`metric='capped'`) the
+                paper's rubric-capped score (`oracle.score_t2i(...)['overall']`: a failed
+                presence/count caps attributes and relations), so extra blobs cannot buy
+                presence; `metric='mean'` is the plain mean of the dimensions (`overall_mean`,
+                the earlier reward, which extra objects can game).
   aesthetics    spec-free image quality (noise x sharpness x artefacts, `oracle.image_quality`).
   portrait      portrait prompts: mean of the oracle's portrait dimensions `dims` (default the
                 spec-free `well_formed` face structure, the analogue of the paper's penalty on
@@ -10,7 +13,9 @@ Text-to-image (per-sample spec in `batch.meta[i]['spec']`, a scene or its `world
                 within a prompt group adds nothing to its group-normalised advantage nor to the
                 group's reward range, and it keeps `reward/portrait/mean` mid-scale.
 Edit (edit triple in `batch.meta[i]['edit']`, source pixels in `batch.source_images`):
-  instruction_following   the output against the target spec (`oracle.score_edit`).
+  instruction_following   the output against the target spec (`oracle.score_edit`): by default
+                the capped score (the instruction's core requirement first, then the target
+                scene); `metric='mean'` the earlier uncapped target alignment.
   identity      portrait edits: identity similarity of source and output faces (the face-ID
                 reward); other edits get the constant `neutral` (0.5), as for `portrait`.
   preservation  pixels outside the edited region kept from the source (visual consistency).
@@ -78,13 +83,29 @@ class _OracleReward(RewardFn):
     self.names = (self.name,)
 
 
+METRICS = ('capped', 'mean')
+
+
+class _MetricReward(_OracleReward):
+  """A score read under one of METRICS: the rubric-capped key or its uncapped `*_mean` twin."""
+  key = ''
+
+  def __init__(self, name: str | None = None, metric: str = 'capped'):
+    super().__init__(name)
+    if metric not in METRICS:
+      raise ValueError(f'{self.default_name} reward metric={metric!r}: choose one of {METRICS}')
+    self.metric = metric
+    self.score_key = self.key if metric == 'capped' else f'{self.key}_mean'
+
+
 @register_reward('alignment')
-class OracleAlignment(_OracleReward):
+class OracleAlignment(_MetricReward):
   default_name = 'alignment'
+  key = 'overall'
 
   def score(self, batch):
     specs = batch_specs(batch)
-    return {self.name: np.array([oracle.score_t2i(image, spec)['overall']
+    return {self.name: np.array([oracle.score_t2i(image, spec)[self.score_key]
                                  for image, spec in zip(batch.images, specs)], np.float32)}
 
 
@@ -124,13 +145,14 @@ class OraclePortrait(_OracleReward):
 
 
 @register_reward('instruction_following')
-class OracleInstructionFollowing(_OracleReward):
+class OracleInstructionFollowing(_MetricReward):
   default_name = 'instruction_following'
+  key = 'instruction_following'
 
   def score(self, batch):
     edits = batch_edits(batch)
     return {self.name: np.array(
-        [oracle.score_edit(src, out, edit)['instruction_following']
+        [oracle.score_edit(src, out, edit)[self.score_key]
          for src, out, edit in zip(batch.source_images, batch.images, edits)], np.float32)}
 
 
