@@ -18,6 +18,7 @@ RUNTIME = [
     "numpy>=2.0",
     "pillow>=10",
     "absl-py>=2.1",
+    "matplotlib>=3.8",  # arena and curve plots
 ]
 
 TEST = [

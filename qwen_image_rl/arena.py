@@ -1,0 +1,218 @@
+"""An image arena: pairwise battles on held-out tiny-world prompts, Bradley-Terry Elo with 95% CIs.
+
+  python -m qwen_image_rl.arena --pipelines base=runs/demo/base rl=runs/demo/rl_t2i@4 \
+      student=runs/demo/opd@1 --rater=oracle [--split=val] [--battles=600] \
+      [--out=runs/demo/arena]
+
+Every pipeline (NAME=DIR, DIR a diffusers-format pipeline or a workdir that exported one, with an
+optional @CFG scale, default 4) samples the same held-out prompts from the same seeds. For each
+prompt, every pair of pipelines battles once: the rater scores both images and the higher score
+wins (a tie within --tie scores half). Ratings are fitted per category (the four T2I categories
+and `edit`) and over all T2I prompts (`ratings.py`: Bradley-Terry, Elo scale, bootstrap
+intervals), then written as arena.json, arena.md and arena.png in --out.
+
+The paper's arena uses human raters; ours is the tiny world's oracle, which training never sees
+(the learned judges of the reward-model work will plug in as other raters). `--battles` is per
+task: the number of prompts is battles / (number of pairs), rounded up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import sys
+import types
+
+import numpy as np
+
+from qwen_image_rl import ratings
+from qwen_image_rl.data import examples, oracle, world
+
+RATERS = ("oracle",)
+TASKS = ("t2i", "edit")
+
+
+class ArenaError(ValueError):
+  """Bad arena arguments (pipelines, rater, sizes); the message names the fix."""
+
+
+def parse_player(text: str) -> tuple[str, str, float]:
+  """'NAME=DIR[@CFG]' -> (name, pipeline directory, cfg scale)."""
+  name, sep, rest = text.partition("=")
+  if not sep or not name or not rest:
+    raise ArenaError(f"--pipelines entry {text!r}: expected NAME=DIR or NAME=DIR@CFG")
+  directory, at, cfg = rest.rpartition("@") if "@" in rest else (rest, "", "")
+  try:
+    scale = float(cfg) if at else 4.0
+  except ValueError:
+    raise ArenaError(f"--pipelines entry {text!r}: CFG scale {cfg!r} is not a number") from None
+  for candidate in (directory, os.path.join(directory, "export", "pipeline")):
+    if os.path.isfile(os.path.join(candidate, "model_index.json")):
+      return name, candidate, scale
+  raise ArenaError(f"--pipelines entry {text!r}: no model_index.json in {directory!r} nor in its "
+                   f"export/pipeline (pass a pipeline exported by a trainer)")
+
+
+def pair_outcomes(scores: np.ndarray, tie: float) -> list[tuple[int, int, float, int]]:
+  """Battles (a, b, outcome, prompt) from per-player scores [P, n]: every pair on every prompt."""
+  out = []
+  for k in range(scores.shape[1]):
+    for a, b in itertools.combinations(range(scores.shape[0]), 2):
+      diff = scores[a, k] - scores[b, k]
+      out.append((a, b, 0.5 if abs(diff) <= tie else float(diff > 0), k))
+  return out
+
+
+def _sampling(args, cfg_scale: float):
+  return types.SimpleNamespace(negative_prompt="", cfg_scale=cfg_scale, num_steps=args.num_steps,
+                               image_size=args.image_size, max_text_tokens=48,
+                               batch_size=args.batch_size)
+
+
+def score_players(players, args, num_prompts: int) -> dict:
+  """{task: (scores [P, n], categories [n])} with the oracle's overall score per image."""
+  from qwen_image_rl import evaluation
+  from qwen_image_rl.pipelines import QwenImageEditPipeline, QwenImagePipeline
+
+  t2i = examples.t2i_examples(args.seed + 7919, num_prompts, args.split, args.image_size)
+  edits = examples.edit_examples(args.seed + 7919, num_prompts, args.split, args.image_size)
+  out = {}
+  for task in args.tasks:
+    rows = []
+    for name, directory, scale in players:
+      print(f"arena: sampling {task} with {name} (CFG {scale:g}), {num_prompts} prompts",
+            flush=True)
+      if task == "t2i":
+        pipe = QwenImagePipeline.from_pretrained(directory)
+        images = evaluation.sample_t2i(pipe, t2i.prompts, _sampling(args, scale), args.seed)
+        rows.append([s["overall"] for s in oracle.score_t2i_batch(images, t2i.specs)])
+      else:
+        pipe = QwenImageEditPipeline.from_pretrained(directory)
+        images = evaluation.sample_edits(pipe, edits.sources, edits.instructions,
+                                         _sampling(args, scale), args.seed)
+        rows.append([s["overall"] for s in oracle.score_edit_batch(edits.sources, images,
+                                                                   edits.edits)])
+    categories = list(t2i.categories) if task == "t2i" else ["edit"] * num_prompts
+    out[task] = (np.asarray(rows, np.float64), categories)
+  return out
+
+
+def rate(scored: dict, names, *, tie: float, rounds: int, seed: int) -> dict:
+  """Per-category (and T2I overall) Elo with intervals, win rates and battle counts."""
+  table = {}
+  groups = []
+  if "t2i" in scored:
+    scores, cats = scored["t2i"]
+    battles = pair_outcomes(scores, tie)
+    groups.append(("t2i", battles))
+    groups += [(c, [x for x in battles if cats[x[3]] == c]) for c in world.CATEGORIES]
+  if "edit" in scored:
+    groups.append(("edit", pair_outcomes(scored["edit"][0], tie)))
+  for group, battles in groups:
+    if not battles:
+      continue
+    triples = [x[:3] for x in battles]
+    fit = ratings.bootstrap_elo(triples, len(names), rounds=rounds, seed=seed)
+    wins = ratings.win_rates(triples, len(names))
+    table[group] = {"battles": len(battles), "players": {
+        n: dict(elo=float(fit["elo"][i]), low=float(fit["low"][i]), high=float(fit["high"][i]),
+                win_rate=float(wins[i])) for i, n in enumerate(names)}}
+  return table
+
+
+def markdown(table: dict, names) -> str:
+  head = "| category | battles | " + " | ".join(names) + " |"
+  lines = [head, "|" + "---|" * (len(names) + 2)]
+  for group, row in table.items():
+    cells = [f"{p['elo']:.0f} [{p['low']:.0f}, {p['high']:.0f}]"
+             for p in (row["players"][n] for n in names)]
+    lines.append(f"| {group} | {row['battles']} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def plot(table: dict, names, path: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  groups = list(table)
+  fig, axes = plt.subplots(1, len(groups), figsize=(2.6 * len(groups), 0.5 * len(names) + 1.6),
+                           sharey=True, squeeze=False)
+  for ax, group in zip(axes[0], groups):
+    rows = [table[group]["players"][n] for n in names]
+    elo = np.array([r["elo"] for r in rows])
+    err = np.array([[r["elo"] - r["low"] for r in rows], [r["high"] - r["elo"] for r in rows]])
+    ax.errorbar(elo, np.arange(len(names)), xerr=err, fmt="o", capsize=3)
+    ax.set_title(f"{group} ({table[group]['battles']})", fontsize=9)
+    ax.axvline(ratings.ELO_CENTRE, color="0.8", lw=0.8)
+    ax.tick_params(labelsize=8)
+  axes[0][0].set_yticks(np.arange(len(names)), names)
+  fig.supxlabel("Elo (95% bootstrap interval)", fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def parse_args(argv):
+  p = argparse.ArgumentParser(prog="python -m qwen_image_rl.arena",
+                              description=__doc__.split("\n")[0])
+  p.add_argument("--pipelines", nargs="+", required=True, metavar="NAME=DIR[@CFG]")
+  p.add_argument("--rater", default="oracle")
+  p.add_argument("--split", default="val", choices=("val", "test"))
+  p.add_argument("--battles", type=int, default=600, help="per task")
+  p.add_argument("--tasks", default="t2i,edit")
+  p.add_argument("--out", default="runs/arena")
+  p.add_argument("--num_steps", type=int, default=20)
+  p.add_argument("--image_size", type=int, default=64)
+  p.add_argument("--batch_size", type=int, default=32)
+  p.add_argument("--tie", type=float, default=1e-3, help="score gap counted as a tie")
+  p.add_argument("--bootstrap", type=int, default=200, help="bootstrap rounds")
+  p.add_argument("--seed", type=int, default=0)
+  args = p.parse_args(argv)
+  args.tasks = tuple(t for t in args.tasks.split(",") if t)
+  if args.rater not in RATERS:
+    raise ArenaError(f"--rater={args.rater!r}: only {RATERS} exist so far (learned judges are "
+                     f"not implemented yet)")
+  if not args.tasks or any(t not in TASKS for t in args.tasks):
+    raise ArenaError(f"--tasks={','.join(args.tasks)!r}: choose from {TASKS}")
+  if args.battles < 1:
+    raise ArenaError(f"--battles={args.battles}: must be at least 1")
+  return args
+
+
+def run(argv) -> dict:
+  args = parse_args(argv)
+  players = [parse_player(t) for t in args.pipelines]
+  names = [p[0] for p in players]
+  if len(set(names)) != len(names) or len(names) < 2:
+    raise ArenaError(f"--pipelines: need at least two players with distinct names, got {names}")
+  num_prompts = math.ceil(args.battles / math.comb(len(names), 2))
+  scored = score_players(players, args, num_prompts)
+  table = rate(scored, names, tie=args.tie, rounds=args.bootstrap, seed=args.seed)
+  os.makedirs(args.out, exist_ok=True)
+  result = dict(rater=args.rater, split=args.split, prompts_per_task=num_prompts,
+                players={n: dict(directory=d, cfg_scale=s) for n, d, s in players},
+                mean_score={t: dict(zip(names, map(float, scored[t][0].mean(axis=1))))
+                            for t in scored}, ratings=table)
+  with open(os.path.join(args.out, "arena.json"), "w") as f:
+    json.dump(result, f, indent=2)
+  text = markdown(table, names)
+  with open(os.path.join(args.out, "arena.md"), "w") as f:
+    f.write(text + "\n")
+  plot(table, names, os.path.join(args.out, "arena.png"))
+  print(text)
+  return result
+
+
+def main(argv=None):
+  try:
+    run(sys.argv[1:] if argv is None else argv)
+  except ArenaError as e:
+    sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+  main()
