@@ -28,7 +28,7 @@ import types
 
 import numpy as np
 
-from qwen_image_rl import ratings
+from qwen_image_rl import host_memory, ratings
 from qwen_image_rl.data import examples, oracle, world
 
 RATERS = ("oracle",)
@@ -208,6 +208,7 @@ def run(argv) -> dict:
 
 
 def main(argv=None):
+  host_memory.tune_malloc()  # before any jitted sampling allocates (see host_memory.py)
   try:
     run(sys.argv[1:] if argv is None else argv)
   except ArenaError as e:

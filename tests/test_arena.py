@@ -88,7 +88,7 @@ def test_bad_arguments_name_the_problem(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_t2i_pipeline_dir(tmp_path_factory):
-  from qwen_image_rl.pipelines import tiny_reference
+  from tests import tiny_reference
   _, path = tiny_reference.build_t2i(str(tmp_path_factory.mktemp("arena_pipe")))
   return path
 
