@@ -20,7 +20,7 @@ from qwen_image_rl.convert import text_encoder
 from qwen_image_rl.convert.safetensors_io import (
     CheckpointError, check_state_dict, load_state_dict, read_json, save_state_dict)
 from qwen_image_rl.models.qwen2_5_vl_full import Qwen25VL
-from qwen_image_rl.models.qwen2_5_vl_vision import VisionConfig
+from qwen_image_rl.models.qwen2_5_vl_vision import Qwen25VLVisionModel, VisionConfig
 
 LEGACY_VISUAL = "visual."
 V5_VISUAL = "model.visual."
@@ -183,3 +183,18 @@ def _get(tree, path: tuple[str, ...]):
   for key in path:
     tree = tree[key]
   return tree
+
+
+def vision_from_text_encoder_extra(extra: Mapping[str, Any], dtype=jnp.float32):
+  """(vision module, vision params, image_token_id) from `load_text_encoder(...,
+  return_extra=True)`'s extra {"config", "state"}: the vision tower a text-encoder checkpoint
+  carries alongside the language model."""
+  config, state = extra["config"], {k: text_encoder.to_numpy(v)
+                                    for k, v in extra["state"].items()}
+  if "image_token_id" not in config:
+    raise CheckpointError("text encoder config.json lacks image_token_id")
+  cfg = VisionConfig.from_config(config)
+  prefix = V5_VISUAL if any(k.startswith(V5_VISUAL) for k in state) else LEGACY_VISUAL
+  params = vision_params_from_state_dict(state, cfg, prefix, dtype, "text encoder vision tower")
+  return Qwen25VLVisionModel(cfg, dtype=dtype, param_dtype=dtype), params, int(
+      config["image_token_id"])
