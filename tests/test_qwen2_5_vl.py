@@ -295,3 +295,22 @@ def test_bad_inputs(reference, tokenizer):
                  np.concatenate([mask, np.zeros_like(mask[:, :1])], axis=1))
   with pytest.raises(ValueError, match="multiples of spatial_merge_size"):
     vision_layout([[1, 3, 4]], reference["model"].vision_config)
+
+
+def test_7b_parameter_count_matches_transformers():
+  """jax.eval_shape of the Qwen2.5-VL-7B config vs transformers' count (meta device, no
+  weights)."""
+  from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+  from qwen_image_rl.models.mmdit import count_params
+  from qwen_image_rl.models.qwen2_5_vl_full import QWEN2_5_VL_7B_CONFIG, Qwen25VL
+
+  with torch.device("meta"):
+    reference = Qwen2_5_VLForConditionalGeneration(
+        Qwen2_5_VLConfig(**QWEN2_5_VL_7B_CONFIG))
+  want = sum(p.numel() for p in reference.parameters())
+  model = Qwen25VL.from_config(QWEN2_5_VL_7B_CONFIG, dtype=jnp.bfloat16)
+  got = count_params(model.abstract_params())
+  print(f"Qwen2.5-VL-7B: {got:,} params (transformers {want:,})")
+  assert got == want
+  assert 8.0e9 < got < 8.5e9

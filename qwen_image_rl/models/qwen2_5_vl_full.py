@@ -30,6 +30,24 @@ from qwen_image_rl.models.qwen2_5_vl_vision import (
 Dtype = Any
 
 
+# Qwen/Qwen2.5-VL-7B-Instruct config.json (the fields the architecture depends on).
+QWEN2_5_VL_7B_CONFIG = {
+    "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
+    "vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944,
+    "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
+    "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "hidden_act": "silu",
+    "max_position_embeddings": 128000, "tie_word_embeddings": False,
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+    "image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
+    "vision_end_token_id": 151653, "bos_token_id": 151643, "eos_token_id": 151645,
+    "vision_config": {"depth": 32, "hidden_act": "silu", "hidden_size": 1280,
+                      "intermediate_size": 3420, "num_heads": 16, "in_chans": 3,
+                      "out_hidden_size": 3584, "patch_size": 14, "spatial_merge_size": 2,
+                      "temporal_patch_size": 2, "window_size": 112,
+                      "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2},
+}
+
+
 def rope_index(input_ids, attention_mask, image_grid_thw, *, image_token_id: int,
                spatial_merge_size: int, sequential: bool = False):
   """(position_ids [3, B, L] int32, deltas [B]) exactly as transformers' get_rope_index.
@@ -131,6 +149,14 @@ class Qwen25VL(nn.Module):
             "video_token_id": self.video_token_id,
             "vision_start_token_id": self.vision_start_token_id,
             "vision_end_token_id": self.vision_end_token_id}
+
+  def init_params(self, rng):
+    """Random params (boxed with logical axis names); the vision tower sees a 1-group image."""
+    return self.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+
+  def abstract_params(self):
+    """ShapeDtypeStructs of the (boxed) parameters, without allocating anything."""
+    return jax.eval_shape(self.init_params, jax.random.key(0))
 
   def rope_index(self, input_ids, attention_mask=None, image_grid_thw=None, **kw):
     return rope_index(input_ids, attention_mask, image_grid_thw,

@@ -62,6 +62,8 @@ class VisionConfig:
       raise ValueError(f"vision hidden_act={act!r}: only silu is implemented")
     names = {f.name for f in dataclasses.fields(cls)} - {"rope_theta", "fullatt_block_indexes"}
     fields = {k: vision[k] for k in names if k in vision}
+    if "in_channels" not in vision and "in_chans" in vision:  # hub configs' legacy name
+      fields["in_channels"] = vision["in_chans"]
     rope = vision.get("rope_parameters") or {}
     fields["rope_theta"] = float(rope.get("rope_theta", vision.get("rope_theta", 10000.0)))
     if "fullatt_block_indexes" in vision:
