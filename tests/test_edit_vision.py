@@ -169,3 +169,19 @@ def test_image_positions_matter(components):
   assert np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-2
   with pytest.raises(ValueError, match="one image per prompt"):
     ours.encode_prompt_with_images("make it red", image * 2)
+
+
+def test_save_round_trip_keeps_vision(components, tmp_path):
+  from diffusers import QwenImageEditPipeline as TorchEdit
+
+  _, ours = _pipelines(components, TorchEdit, QwenImageEditPipeline, "edit_save")
+  out = str(tmp_path / "saved")
+  ours.save_pretrained(out)
+  reloaded = QwenImageEditPipeline.from_pretrained(out)
+  assert reloaded.has_vision and reloaded.image_processor == ours.image_processor
+  image = _images(0, [(32, 48)])
+  np.testing.assert_array_equal(
+      np.asarray(reloaded.encode_prompt_with_images("make it red", image)[0]),
+      np.asarray(ours.encode_prompt_with_images("make it red", image)[0]))
+  loaded = TorchEdit.from_pretrained(out, processor=None)
+  assert loaded.processor is None

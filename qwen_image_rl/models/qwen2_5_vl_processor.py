@@ -93,6 +93,16 @@ class ImageProcessor:
         fields[key] = tuple(float(x) for x in config[key])
     return cls(**fields)
 
+  def to_dict(self) -> dict:
+    """preprocessor_config.json fields transformers' Qwen2-VL image processor reads."""
+    return {"image_processor_type": "Qwen2VLImageProcessor",
+            "size": {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels},
+            "min_pixels": self.min_pixels, "max_pixels": self.max_pixels,
+            "patch_size": self.patch_size, "temporal_patch_size": self.temporal_patch_size,
+            "merge_size": self.merge_size, "image_mean": list(self.image_mean),
+            "image_std": list(self.image_std), "do_resize": True, "do_rescale": True,
+            "do_normalize": True, "do_convert_rgb": True, "resample": 3}
+
   @property
   def factor(self) -> int:
     return self.patch_size * self.merge_size

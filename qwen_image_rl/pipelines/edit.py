@@ -141,6 +141,17 @@ class QwenImageEditPipeline(common.PipelineBase):
                          ImageProcessor.from_dict(read_json(config)))
     return pipe
 
+  def save_pretrained(self, directory: str) -> None:
+    """As `PipelineBase.save_pretrained`, plus processor/preprocessor_config.json when a vision
+    tower is attached, so that `from_pretrained` restores image-conditioned prompts."""
+    import json
+
+    super().save_pretrained(directory)
+    if self.has_vision:
+      os.makedirs(os.path.join(directory, "processor"), exist_ok=True)
+      with open(os.path.join(directory, "processor", "preprocessor_config.json"), "w") as f:
+        json.dump(self.image_processor.to_dict(), f, indent=2)
+
   def encode_prompt_with_images(self, prompt, images: list):
     """(embeds [B, T, D], mask [B, T]) of prompt(s) shown `images` (each prompt sees all)."""
     if not self.has_vision:
