@@ -149,8 +149,9 @@ def test_edit_plus_two_images_matches_diffusers(components, monkeypatch, mrope):
   torch_pipe, ours = _pipelines(components, TorchEditPlus, QwenImageEditPlusPipeline, "plus")
   images = _images(1, [(40, 24), (32, 48)])  # output follows the last: 64x32
   latents = _noise(torch_pipe, 1, 32, 64, seed=3)
+  # max_sequence_length below the prompt's length: diffusers' edit pipelines do not truncate.
   kwargs = dict(prompt="move the circle left", negative_prompt="ugly", num_inference_steps=4,
-                true_cfg_scale=4.0)
+                true_cfg_scale=4.0, max_sequence_length=8)
   err = _compare(torch_pipe, ours, monkeypatch, images, latents, mrope, **kwargs)
   print(f"Edit-Plus (mrope={mrope}) 2 images, CFG 4, 4 steps: max abs err {err:.2e}")
   assert err <= TOL

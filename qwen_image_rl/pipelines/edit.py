@@ -164,6 +164,15 @@ class QwenImageEditPipeline(common.PipelineBase):
           self.vl_model, self.vl_params, self.tokenizer, self.image_processor, texts,
           list(images) * len(prompts), drop_idx=self.vision_drop_idx, mrope=self.mrope)
 
+  def _prompt_inputs(self, prompt, embeds, mask, num_images_per_prompt, max_sequence_length,
+                     what: str):
+    # diffusers' edit pipelines never cut prompt embeddings (an image alone can be ~1300
+    # tokens); max_sequence_length only bounds text-only encoding here.
+    if embeds is not None:
+      max_sequence_length = max(max_sequence_length, np.shape(embeds)[1])
+    return super()._prompt_inputs(prompt, embeds, mask, num_images_per_prompt,
+                                  max_sequence_length, what)
+
   def _image_prompt(self, prompt: str, num_images: int) -> str:
     if num_images != 1:
       raise ValueError(f"{type(self).__name__} shows one image per prompt, got {num_images} "
