@@ -15,6 +15,10 @@ Differences, on purpose:
     recompiles) whatever the tokenizer's padding side: RoPE is relative and attention causal, so
     valid-token embeddings do not depend on the padding (equal up to float rounding).
 The ragged bookkeeping (lengths, gather indices) is numpy; the jitted part sees fixed shapes.
+
+Edit prompts with source images (`encode_prompts_with_images`) follow diffusers' Edit /
+Edit-Plus `_get_qwen_prompt_embeds`: image placeholders expanded by the Qwen2-VL processor rule,
+the full VL model (vision tower + language model), no truncation.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from qwen_image_rl.models.qwen2_5_vl_processor import expand_image_tokens
 
 T2I_TEMPLATE = (
     "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, "
@@ -212,8 +218,6 @@ def encode_prompts_with_images(model: nn.Module, params, tokenizer, image_proces
   diffusers calls it (no mm_token_type_ids, so positions are arange(L)).
   Returns (prompt_embeds [B, S, H], prompt_embeds_mask [B, S] int32).
   """
-  from qwen_image_rl.models.qwen2_5_vl_processor import expand_image_tokens
-
   if not texts:
     raise ValueError("encode_prompts_with_images: empty prompt list")
   processed = image_processor(list(images))
