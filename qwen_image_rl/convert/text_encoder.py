@@ -81,7 +81,7 @@ def params_from_torch_state_dict(state_dict: Mapping[str, Any], model: Qwen25VLT
   Accepts torch tensors or numpy arrays, either key layout. Visual and lm_head keys are ignored;
   any other missing / unexpected / wrong-shape key raises CheckpointError naming it.
   """
-  state = {k: _to_numpy(v) for k, v in state_dict.items()}
+  state = {k: to_numpy(v) for k, v in state_dict.items()}
   prefix, text, _ = split_state_dict(state)
   check_state_dict(text, expected_text_shapes(model, prefix), where)
   dtype = model.param_dtype
@@ -161,7 +161,7 @@ def save_text_encoder(model: Qwen25VLTextModel, params, directory: str,
   a config with only a text_config is written, and transformers then initialises the vision
   tower and lm_head randomly unless `extra_state` holds them for its default vision config.
   """
-  extra = {k: _to_numpy(v) for k, v in (extra_state or {}).items()}
+  extra = {k: to_numpy(v) for k, v in (extra_state or {}).items()}
   bad = [k for k in extra if not k.startswith(EXTRA_PREFIXES)]
   if bad:
     raise CheckpointError(f"extra_state may only hold {EXTRA_PREFIXES} keys, "
@@ -194,7 +194,8 @@ def save_text_encoder(model: Qwen25VLTextModel, params, directory: str,
   os.replace(tmp, os.path.join(directory, "config.json"))
 
 
-def _to_numpy(value) -> np.ndarray:
+def to_numpy(value) -> np.ndarray:
+  """torch tensor (bfloat16 too) / array-like -> numpy array."""
   if isinstance(value, np.ndarray):
     return value
   if hasattr(value, "detach"):  # torch.Tensor, without importing torch here.

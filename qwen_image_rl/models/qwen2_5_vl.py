@@ -36,7 +36,9 @@ REMAT_POLICIES = {
 }
 
 
-def _dense(features: int, axes: tuple[str, str], use_bias: bool, dtype, param_dtype, name: str):
+def logical_dense(features: int, axes: tuple[str, str], use_bias: bool, dtype, param_dtype,
+                  name: str):
+  """nn.Dense whose kernel/bias carry logical axis names (so they shard by rules)."""
   return nn.Dense(
       features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
       kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), axes),
@@ -98,10 +100,14 @@ class Attention(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, cos, sin, mask):
+  def __call__(self, x, cos, sin, mask, kv_cache=None, cache_index=None):
+    """mask [B, Lq, Lk] bool. With kv_cache {"k", "v": [B, S, kv_heads, D]} the new keys and
+    values are written at slot `cache_index` and the queries attend over all S slots (mask
+    [B, Lq, S]); returns (out, updated cache), else (out, None)."""
     batch, length, _ = x.shape
     hidden = x.shape[-1]
-    dense = lambda n, axes, bias, name: _dense(n, axes, bias, self.dtype, self.param_dtype, name)
+    dense = lambda n, axes, bias, name: logical_dense(n, axes, bias, self.dtype,
+                                                      self.param_dtype, name)
     q = dense(self.num_heads * self.head_dim, ("embed", "heads"), True, "q_proj")(x)
     k = dense(self.num_kv_heads * self.head_dim, ("embed", "heads"), True, "k_proj")(x)
     v = dense(self.num_kv_heads * self.head_dim, ("embed", "heads"), True, "v_proj")(x)
@@ -112,6 +118,13 @@ class Attention(nn.Module):
     q = nn.with_logical_constraint(apply_rope(q, cos, sin), heads_axes)
     k = nn.with_logical_constraint(apply_rope(k, cos, sin), heads_axes)
     v = nn.with_logical_constraint(v, heads_axes)
+    new_cache = None
+    if kv_cache is not None:
+      start = (0, cache_index, 0, 0)
+      k = jax.lax.dynamic_update_slice(kv_cache["k"], k.astype(kv_cache["k"].dtype), start)
+      v = jax.lax.dynamic_update_slice(kv_cache["v"], v.astype(kv_cache["v"].dtype), start)
+      new_cache = {"k": k, "v": v}
+      k, v = k.astype(self.dtype), v.astype(self.dtype)
 
     # Group the query heads by their shared KV head instead of repeating K and V.
     groups = self.num_heads // self.num_kv_heads
@@ -123,7 +136,7 @@ class Attention(nn.Module):
     probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
     out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v)
     out = out.reshape(batch, length, self.num_heads * self.head_dim)
-    return dense(hidden, ("heads", "embed"), False, "o_proj")(out)
+    return dense(hidden, ("heads", "embed"), False, "o_proj")(out), new_cache
 
 
 class MLP(nn.Module):
@@ -134,7 +147,7 @@ class MLP(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    dense = lambda n, axes, name: _dense(n, axes, False, self.dtype, self.param_dtype, name)
+    dense = lambda n, axes, name: logical_dense(n, axes, False, self.dtype, self.param_dtype, name)
     h = (nn.silu(dense(self.intermediate_size, ("embed", "mlp"), "gate_proj")(x))
          * dense(self.intermediate_size, ("embed", "mlp"), "up_proj")(x))
     h = nn.with_logical_constraint(h, ("act_batch", "act_length", "act_mlp"))
@@ -151,23 +164,26 @@ class DecoderLayer(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, cos, sin, mask):
+  def __call__(self, x, cos, sin, mask, kv_cache=None, cache_index=None):
+    """Returns (x, updated kv_cache or None)."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = RMSNorm(self.rms_norm_eps, name="input_layernorm", **kw)(x)
-    x = x + Attention(self.num_heads, self.num_kv_heads, self.head_dim, name="self_attn",
-                      **kw)(h, cos, sin, mask)
+    attn, kv_cache = Attention(self.num_heads, self.num_kv_heads, self.head_dim,
+                               name="self_attn", **kw)(h, cos, sin, mask, kv_cache, cache_index)
+    x = x + attn
     h = RMSNorm(self.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
     x = x + MLP(self.intermediate_size, name="mlp", **kw)(h)
-    return nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
+    return nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed")), kv_cache
 
 
 class _ScanLayer(nn.Module):
-  """DecoderLayer in the (carry, xs) -> (carry, ys) form nn.scan wants."""
+  """DecoderLayer in the (carry, xs) -> (carry, ys) form nn.scan wants (xs: the layer's cache)."""
   layer_kwargs: Mapping[str, Any]
 
   @nn.compact
-  def __call__(self, x, cos, sin, mask):
-    return DecoderLayer(**self.layer_kwargs, name="layer")(x, cos, sin, mask), None
+  def __call__(self, x, cos, sin, mask, kv_cache, cache_index):
+    return DecoderLayer(**self.layer_kwargs, name="layer")(x, cos, sin, mask, kv_cache,
+                                                           cache_index)
 
 
 class Qwen25VLTextModel(nn.Module):
@@ -191,6 +207,9 @@ class Qwen25VLTextModel(nn.Module):
   param_dtype: Dtype = jnp.float32
   remat_policy: str = "none"
   scan_layers: bool = False
+  # LM head: "none" (return hidden states, the text-encoder use), "tied" (logits through the
+  # token embedding) or "separate" (its own [H, V] kernel, transformers' lm_head).
+  head: str = "none"
 
   @property
   def head_dim(self) -> int:
@@ -212,19 +231,34 @@ class Qwen25VLTextModel(nn.Module):
     if sum(self.mrope_section) != self.head_dim // 2:
       raise ValueError(f"mrope_section={tuple(self.mrope_section)} must sum to head_dim/2 = "
                        f"{self.head_dim // 2}")
+    if self.head not in ("none", "tied", "separate"):
+      raise ValueError(f"head={self.head!r}: expected 'none', 'tied' or 'separate'")
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"remat_policy={self.remat_policy!r}: expected one of "
                        f"{sorted(REMAT_POLICIES)}")
 
   @nn.compact
-  def __call__(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None):
+  def __call__(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
+               *, kv_cache=None, cache_index=0, splice_embeds=None, splice_mask=None,
+               output_positions=None, skip_head: bool = False):
     """
     Args:
       input_ids: [B, L] int token ids (or None when `inputs_embeds` is given).
-      attention_mask: [B, L], 1 for real tokens, 0 for padding (keys only); None = all real.
-      position_ids: None (arange(L) for every sample, as transformers for text-only input),
-        [B, L], or [3, B, L] mRoPE streams (temporal, height, width).
+      attention_mask: [B, L] (or [B, S] over the cache slots with `kv_cache`), 1 for real
+        tokens, 0 for padding (keys only); None = all real.
+      position_ids: None (arange(L) + cache_index for every sample, as transformers for
+        text-only input), [B, L], or [3, B, L] mRoPE streams (temporal, height, width).
       inputs_embeds: [B, L, H] embeddings used instead of looking up `input_ids`.
+      kv_cache: None, or per-layer {"k", "v": [B, S, kv_heads, head_dim]} (a list; with
+        scan_layers one tree with a leading layer axis) from `init_kv_cache`. The L new tokens
+        occupy slots cache_index .. cache_index + L - 1 and attend causally over the slots.
+      splice_embeds, splice_mask: [B, L, H] and [B, L] bool: embeddings (image features) that
+        replace the token embeddings where the mask is set.
+      output_positions: [B, K] int: return only these positions (before the LM head).
+      skip_head: return hidden states even when the model has an LM head.
+    Returns:
+      the last hidden state after the final norm [B, L, H] (head="none") or logits [B, L, V];
+      with kv_cache a pair (that, updated kv_cache).
     """
     self._validate()
     embed = nn.Embed(self.vocab_size, self.hidden_size, dtype=self.dtype,
@@ -240,24 +274,35 @@ class Qwen25VLTextModel(nn.Module):
       if self.is_initializing():
         embed(jnp.zeros((1, 1), jnp.int32))
       x = inputs_embeds.astype(self.dtype)
+    if splice_embeds is not None:
+      x = jnp.where(splice_mask[..., None], splice_embeds.astype(self.dtype), x)
     batch, length, _ = x.shape
     x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
 
+    cos, sin = mrope_cos_sin(self._position_streams(position_ids, batch, length, cache_index),
+                             self.head_dim, self.rope_theta, self.mrope_section, self.dtype)
+    slots = length if kv_cache is None else _cache_length(kv_cache, self.scan_layers)
+    mask = causal_mask(attention_mask, batch, length, slots, cache_index)
+    x, kv_cache = self._layers(x, cos, sin, mask, kv_cache, cache_index)
+    x = RMSNorm(self.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
+                name="norm")(x)
+    if output_positions is not None:
+      x = jnp.take_along_axis(x, output_positions[..., None], axis=1)
+    if not skip_head:
+      x = self._head(x, embed)
+    return x if kv_cache is None else (x, kv_cache)
+
+  def _position_streams(self, position_ids, batch, length, cache_index):
     if position_ids is None:
-      position_ids = jnp.broadcast_to(jnp.arange(length)[None, None, :], (3, batch, length))
-    elif position_ids.ndim == 2:
-      position_ids = jnp.broadcast_to(position_ids[None], (3,) + position_ids.shape)
-    elif position_ids.ndim != 3 or position_ids.shape[0] != 3:
+      positions = jnp.arange(length) + cache_index
+      return jnp.broadcast_to(positions[None, None, :], (3, batch, length))
+    if position_ids.ndim == 2:
+      return jnp.broadcast_to(position_ids[None], (3,) + position_ids.shape)
+    if position_ids.ndim != 3 or position_ids.shape[0] != 3:
       raise ValueError(f"position_ids shape {position_ids.shape}: expected [B,L] or [3,B,L]")
-    cos, sin = mrope_cos_sin(position_ids, self.head_dim, self.rope_theta, self.mrope_section,
-                             self.dtype)
+    return position_ids
 
-    causal = jnp.tril(jnp.ones((length, length), jnp.bool_))[None]
-    if attention_mask is None:
-      mask = jnp.broadcast_to(causal, (batch, length, length))
-    else:
-      mask = causal & attention_mask.astype(jnp.bool_)[:, None, :]
-
+  def _layers(self, x, cos, sin, mask, kv_cache, cache_index):
     layer_kwargs = dict(num_heads=self.num_attention_heads, num_kv_heads=self.num_key_value_heads,
                         head_dim=self.head_dim, intermediate_size=self.intermediate_size,
                         rms_norm_eps=self.rms_norm_eps, dtype=self.dtype,
@@ -269,19 +314,54 @@ class Qwen25VLTextModel(nn.Module):
         block = nn.remat(block, policy=getattr(jax.checkpoint_policies, policy),
                          prevent_cse=False)
       scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
                         length=self.num_hidden_layers,
                         metadata_params={nn.PARTITION_NAME: "layers"})
-      x, _ = scanned(layer_kwargs, name="layers")(x, cos, sin, mask)
-    else:
-      block = DecoderLayer
-      if policy is not None:
-        block = nn.remat(block, policy=getattr(jax.checkpoint_policies, policy))
-      for i in range(self.num_hidden_layers):
-        x = block(**layer_kwargs, name=f"layers_{i}")(x, cos, sin, mask)
+      return scanned(layer_kwargs, name="layers")(x, cos, sin, mask, kv_cache, cache_index)
+    block = DecoderLayer
+    if policy is not None:
+      block = nn.remat(block, policy=getattr(jax.checkpoint_policies, policy))
+    new_cache = []
+    for i in range(self.num_hidden_layers):
+      layer_cache = None if kv_cache is None else kv_cache[i]
+      x, layer_cache = block(**layer_kwargs, name=f"layers_{i}")(x, cos, sin, mask, layer_cache,
+                                                                 cache_index)
+      new_cache.append(layer_cache)
+    return x, (None if kv_cache is None else new_cache)
 
-    return RMSNorm(self.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
-                   name="norm")(x)
+  def _head(self, x, embed):
+    if self.head == "none":
+      return x
+    if self.head == "tied":
+      return embed.attend(x)
+    return logical_dense(self.vocab_size, ("embed", "vocab"), False, self.dtype,
+                         self.param_dtype, "lm_head")(x)
+
+
+def causal_mask(attention_mask, batch: int, length: int, slots: int, cache_index) -> jax.Array:
+  """[B, L, S] bool: query i (slot cache_index + i) sees key slots <= its own that are real."""
+  q_slots = cache_index + jnp.arange(length)
+  mask = (jnp.arange(slots)[None, :] <= q_slots[:, None])[None]
+  if attention_mask is None:
+    return jnp.broadcast_to(mask, (batch, length, slots))
+  if attention_mask.shape[-1] != slots:
+    raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} keys, expected {slots}")
+  return mask & attention_mask.astype(jnp.bool_)[:, None, :]
+
+
+def _cache_length(kv_cache, scan_layers: bool) -> int:
+  return (kv_cache if scan_layers else kv_cache[0])["k"].shape[-3]
+
+
+def init_kv_cache(model: Qwen25VLTextModel, batch: int, slots: int, dtype=None):
+  """Zero KV cache for `slots` positions, in the form Qwen25VLTextModel takes."""
+  shape = (batch, slots, model.num_key_value_heads, model.head_dim)
+  dtype = dtype or model.dtype
+  if model.scan_layers:
+    layered = (model.num_hidden_layers,) + shape
+    return {"k": jnp.zeros(layered, dtype), "v": jnp.zeros(layered, dtype)}
+  return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+          for _ in range(model.num_hidden_layers)]
 
 
 def text_fields_from_config(config: Mapping[str, Any]) -> dict[str, Any]:

@@ -15,6 +15,10 @@ Differences, on purpose:
     recompiles) whatever the tokenizer's padding side: RoPE is relative and attention causal, so
     valid-token embeddings do not depend on the padding (equal up to float rounding).
 The ragged bookkeeping (lengths, gather indices) is numpy; the jitted part sees fixed shapes.
+
+Edit prompts with source images (`encode_prompts_with_images`) follow diffusers' Edit /
+Edit-Plus `_get_qwen_prompt_embeds`: image placeholders expanded by the Qwen2-VL processor rule,
+the full VL model (vision tower + language model), no truncation.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from qwen_image_rl.models.qwen2_5_vl_processor import expand_image_tokens
 
 T2I_TEMPLATE = (
     "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, "
@@ -118,7 +124,16 @@ def tokenize_prompts(tokenizer, prompts: Sequence[str] | str, template: str, dro
   max_tokens = max_sequence_length + drop_idx
   enc = tokenizer(texts, max_length=max_tokens, truncation=True, padding=False,
                   add_special_tokens=True)
-  ids = [list(x) for x in enc["input_ids"]]
+  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+  return pack_token_lists(enc["input_ids"], pad_id, drop_idx, max_sequence_length,
+                          pad_to_multiple_of)
+
+
+def pack_token_lists(token_lists: Sequence[Sequence[int]], pad_id: int, drop_idx: int,
+                     max_keep: int, pad_to_multiple_of: int = 32) -> TokenizedPrompts:
+  """Right-pad token lists and precompute the gather that keeps tokens drop_idx onwards
+  (at most `max_keep` per sample)."""
+  ids = [list(x) for x in token_lists]
   lengths = np.array([len(x) for x in ids])
   too_short = np.flatnonzero(lengths <= drop_idx)
   if too_short.size:
@@ -127,14 +142,13 @@ def tokenize_prompts(tokenizer, prompts: Sequence[str] | str, template: str, dro
 
   batch = len(ids)
   length = _round_up(int(lengths.max()), pad_to_multiple_of)
-  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   input_ids = np.full((batch, length), pad_id, np.int32)
   attention_mask = np.zeros((batch, length), np.int32)
   for b, row in enumerate(ids):
     input_ids[b, :len(row)] = row
     attention_mask[b, :len(row)] = 1
 
-  kept = np.minimum(lengths - drop_idx, max_sequence_length)
+  kept = np.minimum(lengths - drop_idx, max_keep)
   seq = int(kept.max())
   positions = np.arange(seq)[None, :]
   prompt_mask = (positions < kept[:, None]).astype(np.int32)
@@ -169,3 +183,59 @@ def encode_prompts(model: nn.Module, params, tokenizer, prompts: Sequence[str] |
   tokens = tokenize_prompts(tokenizer, prompts, template, drop_idx, max_sequence_length,
                             pad_to_multiple_of=pad_to_multiple_of)
   return encode_tokenized(model, params, tokens)
+
+
+# diffusers QwenImageEditPlusPipeline: each reference image is announced in the user turn.
+EDIT_PLUS_IMAGE_PROMPT = "Picture {}: <|vision_start|><|image_pad|><|vision_end|>"
+
+
+def edit_plus_prompt(prompt: str, num_images: int) -> str:
+  """"Picture 1: <image>Picture 2: <image>..." + prompt, as diffusers' Edit-Plus builds it."""
+  return "".join(EDIT_PLUS_IMAGE_PROMPT.format(i + 1) for i in range(num_images)) + prompt
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode_vl_tokens(model: nn.Module, params, input_ids, attention_mask, position_ids,
+                      pixel_values, vision_layout, gather_index, prompt_mask):
+  hidden = model.apply({"params": params}, input_ids, attention_mask, pixel_values,
+                       position_ids=position_ids, vision_layout=vision_layout,
+                       output_hidden=True)
+  embeds = jnp.take_along_axis(hidden, gather_index[..., None], axis=1)
+  return jnp.where(prompt_mask[..., None] == 1, embeds, jnp.zeros((), embeds.dtype))
+
+
+def encode_prompts_with_images(model: nn.Module, params, tokenizer, image_processor,
+                               texts: Sequence[str], images: Sequence, *, drop_idx: int,
+                               mrope: bool = True, pad_to_multiple_of: int = 32):
+  """Embeddings of full prompt `texts` whose `<|image_pad|>` placeholders show `images`.
+
+  Matches diffusers' Edit / Edit-Plus `_get_qwen_prompt_embeds`: the Qwen2-VL processor expands
+  each placeholder to its image's merged-token count, the VL model (vision tower + language
+  model, `Qwen25VL` with params {"visual", "language_model"}) runs, and per sample the tokens
+  from `drop_idx` on are kept (no truncation, as diffusers' edit pipelines). Images are taken
+  in text order across the batch. mrope=True gives image tokens their 3-D rotary positions as
+  the model was trained (transformers v4); mrope=False reproduces transformers v5 called as
+  diffusers calls it (no mm_token_type_ids, so positions are arange(L)).
+  Returns (prompt_embeds [B, S, H], prompt_embeds_mask [B, S] int32).
+  """
+  if not texts:
+    raise ValueError("encode_prompts_with_images: empty prompt list")
+  processed = image_processor(list(images))
+  grid = processed["image_grid_thw"]
+  expanded = expand_image_tokens(texts, grid, image_processor.merge_size)
+  enc = tokenizer(expanded, padding=False, truncation=False, add_special_tokens=True)
+  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+  tokens = pack_token_lists(enc["input_ids"], pad_id, drop_idx, max(map(len, enc["input_ids"])),
+                            pad_to_multiple_of)
+  if mrope:
+    position_ids = model.rope_index(tokens.input_ids, tokens.attention_mask, grid)[0]
+  else:
+    position_ids = np.broadcast_to(np.arange(tokens.input_ids.shape[1], dtype=np.int32),
+                                   tokens.input_ids.shape)
+  position_ids = jnp.asarray(position_ids)
+  layout = {k: jnp.asarray(v) for k, v in model.layout(grid).items()}
+  embeds = _encode_vl_tokens(model, params, jnp.asarray(tokens.input_ids),
+                             jnp.asarray(tokens.attention_mask), position_ids,
+                             jnp.asarray(processed["pixel_values"]), layout,
+                             jnp.asarray(tokens.gather_index), jnp.asarray(tokens.prompt_mask))
+  return embeds, jnp.asarray(tokens.prompt_mask)
