@@ -22,7 +22,7 @@ def get_config(arg: str = "tiny"):
     raise ValueError(f"configs/judge.py: unknown variant {arg!r}; known: {list(VARIANTS)}")
   c = common.base()
   c.trainer = "reward_sft"
-  c.total_steps = 600
+  c.total_steps = 400
   c.model = ml_collections.ConfigDict(dict(
       text=dict(hidden_size=96, intermediate_size=256, num_hidden_layers=3,
                 num_attention_heads=4, num_key_value_heads=2, rope_theta=1e4,
