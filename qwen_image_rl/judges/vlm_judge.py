@@ -232,13 +232,7 @@ class VLMJudge:
     out = np.asarray(gen.generate(self.model, self.params, ids, mask,
                                   pixel_values=processed['pixel_values'],
                                   image_grid_thw=processed['image_grid_thw'], config=config))
-    cots, valid = [], np.zeros(len(out), bool)
-    for b, row in enumerate(out.tolist()):
-      end = row.index(self.tokens.marker) if self.tokens.marker in row else None
-      stopped = self.tokens.im_end in row[:end] if end is not None else True
-      valid[b] = end is not None and not stopped
-      cots.append(row[:end] if valid[b] else [])
-    return cots, valid
+    return parse_cot(out.tolist(), self.tokens)
 
   def read_logits(self, seqs, processed) -> np.ndarray:
     """Logits [B, V] at the last token of each (left-padded) sequence: the score position."""
@@ -248,6 +242,18 @@ class VLMJudge:
                        pixel_values=processed['pixel_values'],
                        image_grid_thw=processed['image_grid_thw'])
     return np.asarray(logits[:, 0], np.float32)
+
+
+def parse_cot(rows: Sequence[Sequence[int]], tokens: ScoreTokens):
+  """(chains of thought, valid [B]) from generated rows: a chain of thought ends at the first
+  " Score" marker; a row without one, or with <|im_end|> before it, is invalid."""
+  cots, valid = [], np.zeros(len(rows), bool)
+  for b, row in enumerate(rows):
+    row = list(row)
+    end = row.index(tokens.marker) if tokens.marker in row else None
+    valid[b] = end is not None and tokens.im_end not in row[:end]
+    cots.append(row[:end] if valid[b] else [])
+  return cots, valid
 
 
 def save_processor(processor: ImageProcessor, directory: str) -> None:
