@@ -166,6 +166,16 @@ class VLMJudge:
     from qwen_image_rl.convert import save_qwen2_5_vl
 
     save_qwen2_5_vl(self.model, jax.device_get(self.params), directory)
+    # Our vocabulary's special-token ids (transformers would default to the real Qwen's).
+    path = os.path.join(directory, 'config.json')
+    with open(path) as f:
+      config = json.load(f)
+    ids = {'bos_token_id': None, 'eos_token_id': self.tokens.im_end,
+           'pad_token_id': self.tokens.pad}
+    config.update(ids)
+    config['text_config'].update(ids)
+    with open(path, 'w') as f:
+      json.dump(config, f, indent=2)
     self.tokenizer.save_pretrained(directory)
     save_processor(self.processor, directory)
     with open(os.path.join(directory, JUDGE_CONFIG), 'w') as f:
