@@ -194,7 +194,7 @@ def test_face_id_embedder_separates_held_out_identities(tmp_path):
   scorer = F.FaceIdScorer.load(str(tmp_path / 'export' / 'face_id'))
   a, b, same = F.identity_pairs(F.HELD_OUT, 64, 5, 64, None)
   cos = scorer.cosine(a, b)
-  assert cos[same].mean() > cos[~same].mean() + 0.2
+  assert F.auc(cos[same], cos[~same]) > 0.8  # the exported embedder, on fresh pairs
   reward = scorer.reward(a, b)
   assert reward.min() >= 0 and reward.max() <= 1
 
