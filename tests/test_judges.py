@@ -3,7 +3,6 @@ ArcFace vs numpy, a tiny face-ID embedder's AUC, the reward registry, judge_eval
 exact resume of reward_sft after SIGKILL."""
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp
