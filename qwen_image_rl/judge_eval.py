@@ -1,0 +1,116 @@
+"""Learned rewards against the oracle on held-out tiny-world images; prints one JSON line.
+
+  python -m qwen_image_rl.judge_eval --judge=runs/demo/judge/export/judge [--split=val|test]
+      [--n=256] [--mode=both|cot|no_cot] [--samples_from=runs/demo/base/export/pipeline]
+  python -m qwen_image_rl.judge_eval --judge=face_id:runs/demo/face_id/export/face_id
+
+VLM judge: per task (alignment, aesthetics, portrait, instruction) and mode, the Spearman and
+Pearson correlations of the judge reward with the oracle reward over the valid outputs, the
+pairwise accuracy (the two images of one spec, oracle gap >= 0.02: does the judge order them as
+the oracle?), n and the number of invalid outputs. Images: n held-out specs' renders corrupted
+as in training (n / 2 specs x 2 draws), and with --samples_from the base pipeline's samples of
+the same prompts as the second draw. Face-ID: same- vs different-identity AUC of the embedding
+cosine on held-out identities (clean, augmented and blurred renders).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+from absl import app, flags
+from scipy import stats
+
+from qwen_image_rl.judges import judge_data as D
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("judge", None, "A judge export dir, or face_id:DIR for the face embedder.")
+flags.DEFINE_enum("split", "val", ["val", "test"], "Held-out split of the world's specs.")
+flags.DEFINE_integer("n", 256, "Images per task (face_id: identity pairs).")
+flags.DEFINE_enum("mode", "both", ["both", "cot", "no_cot"], "Judge answer mode(s).")
+flags.DEFINE_integer("max_cot_tokens", 0, "Override the judge's bound (0: the exported value).")
+flags.DEFINE_string("samples_from", "", "A pipeline dir: its samples join the held-out images.")
+flags.DEFINE_integer("seed", 1, "Seed of the held-out draws.")
+PAIR_MARGIN = 0.02
+
+
+def correlation_metrics(judge: np.ndarray, oracle: np.ndarray, groups: int) -> dict:
+  """Spearman / Pearson over valid entries and pairwise accuracy within groups of `groups`."""
+  valid = ~np.isnan(judge)
+  out = {"n": int(len(judge)), "invalid": int((~valid).sum())}
+  if valid.sum() >= 3 and np.std(judge[valid]) > 0 and np.std(oracle[valid]) > 0:
+    out["spearman"] = float(stats.spearmanr(judge[valid], oracle[valid])[0])
+    out["pearson"] = float(stats.pearsonr(judge[valid], oracle[valid])[0])
+  else:
+    out["spearman"] = out["pearson"] = float("nan")
+  right = total = 0
+  for g in range(0, len(judge) - groups + 1, groups):
+    for a in range(g, g + groups):
+      for b in range(a + 1, g + groups):
+        if abs(oracle[a] - oracle[b]) < PAIR_MARGIN:
+          continue
+        total += 1
+        right += bool(valid[a] and valid[b] and
+                      (judge[a] - judge[b]) * (oracle[a] - oracle[b]) > 0)
+  out["pairwise_accuracy"] = right / total if total else float("nan")
+  out["pairs"] = total
+  return out
+
+
+def held_out_sets(split: str, n: int, seed: int, samples_from: str = "", size: int = 64):
+  extra = None
+  if samples_from:
+    from qwen_image_rl.data import examples
+    from qwen_image_rl.trainers.reward_sft import pipeline_samples
+
+    prompts = examples.t2i_examples(seed, n // 2, split, size).prompts
+    extra = pipeline_samples(samples_from, prompts, size, seed)
+  return (D.t2i_set(seed, n // 2, split, size, 2, extra),
+          D.edit_set(seed, n // 2, split, size, 2))
+
+
+def evaluate_judge(judge, t2i, edits, modes) -> dict:
+  results = {}
+  for task in D.TASKS:
+    data = edits if task == "instruction" else t2i
+    oracle = data.scores(task)
+    rows = np.flatnonzero(~np.isnan(oracle))
+    # Keep whole groups (the portrait task applies to every draw of a portrait spec).
+    for mode in modes:
+      out = judge.score(task, data.images[rows], [data.prompts[i] for i in rows],
+                        None if data.sources is None else data.sources[rows],
+                        cot=mode == "cot")
+      results[f"{task}/{mode}"] = correlation_metrics(out.reward, oracle[rows], data.variants)
+  return results
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not FLAGS.judge:
+    raise app.UsageError("--judge is required (a judge export dir or face_id:DIR)")
+  if FLAGS.judge.startswith("face_id:"):
+    from qwen_image_rl.judges import face_id as F
+
+    scorer = F.FaceIdScorer.load(FLAGS.judge[len("face_id:"):])
+    result = {"judge": FLAGS.judge, "held_out_identities": len(F.HELD_OUT),
+              "pairs": FLAGS.n, **F.evaluate_auc(scorer, n_pairs=FLAGS.n, seed=FLAGS.seed)}
+  else:
+    from qwen_image_rl.judges.vlm_judge import VLMJudge
+
+    kw = {"max_cot_tokens": FLAGS.max_cot_tokens} if FLAGS.max_cot_tokens else {}
+    judge = VLMJudge.load(FLAGS.judge, **kw)
+    modes = ("cot", "no_cot") if FLAGS.mode == "both" else (FLAGS.mode,)
+    t2i, edits = held_out_sets(FLAGS.split, FLAGS.n, FLAGS.seed, FLAGS.samples_from)
+    result = {"judge": FLAGS.judge, "split": FLAGS.split, "max_cot_tokens": judge.max_cot_tokens,
+              **evaluate_judge(judge, t2i, edits, modes)}
+  print(json.dumps(result, sort_keys=True), flush=True)
+
+
+if __name__ == "__main__":
+  try:
+    app.run(main)
+  except FileNotFoundError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)

@@ -1,0 +1,237 @@
+"""Oracle-labelled judge data: renders, corrupted renders and (optionally) pipeline samples.
+
+The judge must see the distribution it will score, from perfect to broken, so each spec gets
+`variants_per_spec` images drawn from a mix of: the clean render, pixel corruptions (noise, blur,
+impulses, recolour), semantic corruptions (the render of a mutated spec: a missing or extra
+object, a changed colour, text, expression or layout; the prompt still asks for the original),
+face distortions (portraits: stretched face, erased mouth or eye, odd iris), and a render of an
+unrelated scene. Labels come from the oracle, exactly what the registered oracle rewards return.
+
+Edit examples are (source, instruction, output) with outputs from the same mix applied to the
+target render, plus the untouched source (the edit not done).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from scipy import ndimage
+
+from qwen_image_rl.data import edits as E
+from qwen_image_rl.data import examples, oracle, render
+from qwen_image_rl.data import world as W
+
+TASKS = ('alignment', 'aesthetics', 'portrait', 'instruction')
+T2I_TASKS = ('alignment', 'aesthetics', 'portrait')
+
+
+# ---------------------------------------------------------------------------------------------
+# Corruptions.
+# ---------------------------------------------------------------------------------------------
+
+
+def _clip(x) -> np.ndarray:
+  return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+def noise(image, rng):
+  return _clip(image + rng.normal(0, rng.uniform(4, 40), image.shape))
+
+
+def blur(image, rng):
+  sigma = rng.uniform(0.5, 2.5)
+  return _clip(ndimage.gaussian_filter(image.astype(np.float32), (sigma, sigma, 0)))
+
+
+def impulses(image, rng):
+  out = image.copy()
+  hit = rng.random(image.shape[:2]) < rng.uniform(0.005, 0.06)
+  out[hit] = rng.integers(0, 256, (int(hit.sum()), 3))
+  return out
+
+
+def recolour(image, rng):
+  return image[..., rng.permutation(3)] if rng.random() < 0.5 else _clip(
+      (image.astype(np.float32) - 128) * rng.uniform(0.3, 0.8) + 128 + rng.uniform(-40, 40, 3))
+
+
+PIXEL_CORRUPTIONS = (noise, blur, impulses, recolour)
+
+
+def distort_face(image, rng):
+  """A structural face defect the oracle's well_formed check sees."""
+  size = image.shape[0]
+  cx, cy = W.FACE_CENTER
+  out = image.copy()
+  kind = int(rng.integers(4))
+  if kind == 0:  # too wide or too narrow: stretch horizontally about the centre
+    zoom = rng.choice([rng.uniform(0.6, 0.8), rng.uniform(1.25, 1.6)])
+    xs = (np.arange(size) + 0.5 - size * cx) / zoom + size * cx - 0.5
+    coords = np.meshgrid(np.arange(size), xs, indexing='ij')
+    return np.stack([ndimage.map_coordinates(image[..., c].astype(np.float32), coords, order=1,
+                                             mode='nearest') for c in range(3)], -1).round(
+                                             ).astype(np.uint8)
+  skin = image[int((cy + 0.1) * size), int((cx + 0.14) * size)]
+  if kind == 1:  # no mouth
+    y0, y1 = int((cy + W.MOUTH_Y - 0.08) * size), int((cy + W.MOUTH_Y + 0.08) * size)
+    x0, x1 = int((cx - 0.11) * size), int((cx + 0.11) * size)
+    out[y0:y1, x0:x1] = skin
+    return out
+  side = W.EYE_DX * (1 if rng.random() < 0.5 else -1)
+  ey, ex = cy + W.EYE_DY, cx + side
+  ys, xs = np.meshgrid((np.arange(size) + 0.5) / size, (np.arange(size) + 0.5) / size,
+                       indexing='ij')
+  r = 0.075 if kind == 2 else W.IRIS_RADIUS
+  disc = (xs - ex) ** 2 + (ys - ey) ** 2 <= r * r
+  out[disc] = skin if kind == 2 else rng.integers(0, 256, 3)  # no eye / an odd iris
+  return out
+
+
+def mutate_spec(spec, rng):
+  """A different scene of the same category that differs in one thing (or None)."""
+  if spec.category == 'general':
+    kinds = [k for k in ('recolour', 'move', 'add', 'remove') if k != 'remove' or
+             len(spec.shapes) > 1]
+    edit = E.make_edit(spec, kinds[int(rng.integers(len(kinds)))], rng)
+    return None if edit is None else edit.target
+  options = {
+      'typography': {'colour': W.TEXT_COLOURS, 'text': None},
+      'portrait': {'face_shape': W.FACE_SHAPES, 'skin': W.SKIN_TONES, 'eyes': W.EYE_COLOURS,
+                   'hair': W.HAIR_COLOURS, 'expression': W.EXPRESSIONS, 'glasses': (True, False)},
+      'landscape': {'sky': W.SKY_COLOURS, 'body': W.BODIES, 'body_pos': W.BODY_POSITIONS,
+                    'ground': W.GROUND_COLOURS, 'horizon': W.HORIZONS},
+  }[spec.category]
+  field = list(options)[int(rng.integers(len(options)))]
+  if field == 'text':
+    text = list(spec.text)
+    text[int(rng.integers(len(text)))] = W.GLYPHS[int(rng.integers(len(W.GLYPHS)))]
+    value = ''.join(text)
+  else:
+    values = list(options[field])
+    value = values[int(rng.integers(len(values)))]
+  new = dataclasses.replace(spec, **{field: value})
+  return None if new == spec else new
+
+
+VARIANTS = ('clean', 'pixel', 'semantic', 'semantic+pixel', 'face', 'unrelated')
+VARIANT_PROBS = (0.2, 0.3, 0.25, 0.1, 0.1, 0.05)
+# Portraits: face defects are what the portrait reward judges, so they get a larger share.
+PORTRAIT_VARIANT_PROBS = (0.15, 0.2, 0.15, 0.05, 0.4, 0.05)
+
+
+def corrupt(spec, image, size, rng):
+  """(image, variant name): one draw from the corruption mix for a render of `spec`."""
+  probs = PORTRAIT_VARIANT_PROBS if spec.category == 'portrait' else VARIANT_PROBS
+  variant = VARIANTS[int(rng.choice(len(VARIANTS), p=probs))]
+  if variant == 'face' and spec.category != 'portrait':
+    variant = 'pixel'
+  if variant == 'clean':
+    return image, variant
+  if variant == 'face':
+    out = distort_face(image, rng)
+    return (PIXEL_CORRUPTIONS[int(rng.integers(4))](out, rng) if rng.random() < 0.3 else out,
+            variant)
+  if variant == 'unrelated':
+    return render.render(W.sample_scene(rng, spec.category), size), variant
+  if variant.startswith('semantic'):
+    mutated = mutate_spec(spec, rng)
+    image = image if mutated is None else render.render(mutated, size)
+  if variant.endswith('pixel'):
+    image = PIXEL_CORRUPTIONS[int(rng.integers(4))](image, rng)
+  return image, variant
+
+
+# ---------------------------------------------------------------------------------------------
+# Labelled sets.
+# ---------------------------------------------------------------------------------------------
+
+
+def t2i_labels(image, spec) -> dict:
+  """The oracle's alignment / aesthetics / portrait rewards and per-dimension verdict inputs."""
+  scores = oracle.score_t2i(image, spec)
+  quality = oracle.image_quality(image)
+  out = {'alignment': scores['overall'], 'aesthetics': quality['quality'],
+         'dims/alignment': {k: v for k, v in scores.items() if k not in ('overall', 'quality')},
+         'dims/aesthetics': {k: quality[k] for k in ('noise', 'sharpness', 'artefacts')}}
+  if spec.category == 'portrait':
+    out['portrait'] = scores['well_formed']
+    out['dims/portrait'] = {'structure': scores['well_formed'], 'quality': quality['quality']}
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class JudgeSet:
+  """Images with their prompts and oracle labels. Groups of `variants` images share a spec.
+
+  T2I: images [N, H, W, 3], prompts, categories, specs, labels (dicts from `t2i_labels`).
+  Edits: sources, images (outputs), prompts (instructions), categories, edits, labels.
+  """
+  images: np.ndarray
+  prompts: tuple
+  categories: tuple
+  labels: tuple
+  variants: int
+  sources: np.ndarray | None = None
+  specs: tuple = ()
+  edits: tuple = ()
+
+  def __len__(self):
+    return len(self.prompts)
+
+  def scores(self, task: str) -> np.ndarray:
+    return np.array([l.get(task, np.nan) for l in self.labels], np.float32)
+
+
+def t2i_set(seed: int, n_specs: int, split: str, size: int, variants: int = 2,
+            extra_images: np.ndarray | None = None) -> JudgeSet:
+  """`variants` corrupted draws per spec (`extra_images` [n_specs, H, W, 3], e.g. pipeline
+  samples of the same prompts, replace the last draw when given)."""
+  ex = examples.t2i_examples(seed, n_specs, split, size)
+  rng = np.random.default_rng([seed, W.SPLITS.index(split), 7])
+  images, rows = [], []
+  for i, spec in enumerate(ex.specs):
+    for v in range(variants):
+      if extra_images is not None and v == variants - 1:
+        image = extra_images[i]
+      else:
+        image, _ = corrupt(spec, ex.images[i], size, rng)
+      images.append(image)
+      rows.append(i)
+  images = np.stack(images)
+  return JudgeSet(images=images, prompts=tuple(ex.prompts[i] for i in rows),
+                  categories=tuple(ex.categories[i] for i in rows),
+                  labels=tuple(t2i_labels(im, ex.specs[i]) for im, i in zip(images, rows)),
+                  variants=variants, specs=tuple(ex.specs[i] for i in rows))
+
+
+def edit_labels(source, output, edit) -> dict:
+  scores = oracle.score_edit(source, output, edit)
+  return {'instruction': scores['instruction_following'],
+          'dims/instruction': {'core': scores['instruction_following'],
+                               'noncore': scores['preservation'], 'coherent': scores['quality']}}
+
+
+def edit_set(seed: int, n_edits: int, split: str, size: int, variants: int = 2,
+             extra_outputs: np.ndarray | None = None) -> JudgeSet:
+  ex = examples.edit_examples(seed, n_edits, split, size)
+  rng = np.random.default_rng([seed, W.SPLITS.index(split), 8])
+  outputs, rows = [], []
+  for i, edit in enumerate(ex.edits):
+    for v in range(variants):
+      if extra_outputs is not None and v == variants - 1:
+        out = extra_outputs[i]
+      elif rng.random() < 0.15:
+        out = ex.sources[i]  # the edit not done
+      else:
+        out, _ = corrupt(edit.target, ex.targets[i], size, rng)
+      outputs.append(out)
+      rows.append(i)
+  outputs = np.stack(outputs)
+  sources = ex.sources[rows]
+  return JudgeSet(images=outputs, sources=sources,
+                  prompts=tuple(ex.instructions[i] for i in rows),
+                  categories=tuple(ex.categories[i] for i in rows),
+                  labels=tuple(edit_labels(s, o, ex.edits[i])
+                               for s, o, i in zip(sources, outputs, rows)),
+                  variants=variants, edits=tuple(ex.edits[i] for i in rows))

@@ -1,0 +1,305 @@
+"""`reward_sft` trainer: a tiny multi-task Qwen2.5-VL judge on oracle-labelled tiny-world data.
+
+Pointwise (paper sec. 6): token-level SFT on `<chain of thought> Score: <digit>` targets, the
+CoT written from the oracle's per-dimension verdicts and the digit binned from the oracle score,
+plus the paper's regression L = (R - y)^2 on the expected score R = sum_s s p(s) at the score
+position (y = 1 + 4 * oracle, continuous). A `data.no_cot_fraction` of the examples are
+no-CoT answers (the forced " Score: " then the digit), so one judge serves both modes; the
+forced marker carries no loss, so greedy CoT generation never starts with it.
+
+Pairwise (the paper's ablation, `loss.kind='pairwise'`): the same backbone, images and prompts,
+trained with Bradley-Terry -log sigmoid(R_w - R_l) on the two images of one spec ordered by the
+oracle (near-ties, |delta| < loss.min_margin, are dropped); R is the no-CoT expected score.
+
+Each step holds `data.t2i_batch_size` one-image examples (alignment / aesthetics / portrait, by
+`data.task_weights`) and `data.edit_batch_size` two-image instruction-following examples (pairs
+for the pairwise loss), drawn from (seed, step): a resumed run replays the same batches.
+Exports WORKDIR/export/judge (transformers layout + tokenizer + preprocessor + judge_config).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qwen_image_rl import config_lib, optim, parallel
+from qwen_image_rl.data.tokenizer import special_token_ids
+from qwen_image_rl.judges import judge_data as D
+from qwen_image_rl.judges import prompts as P
+from qwen_image_rl.judges import vlm_judge as V
+from qwen_image_rl.models.qwen2_5_vl import Qwen25VLTextModel
+from qwen_image_rl.models.qwen2_5_vl_full import Qwen25VL
+from qwen_image_rl.models.qwen2_5_vl_processor import ImageProcessor
+from qwen_image_rl.models.qwen2_5_vl_vision import Qwen25VLVisionModel, VisionConfig
+from qwen_image_rl.train_state import TrainState, create_train_state, keep_if_finite
+from qwen_image_rl.trainers import common
+
+LOSS_KINDS = ("pointwise", "pairwise")
+
+
+def validate(config):
+  config_lib.check_positive(config, "total_steps", "data.n_specs", "data.n_edits",
+                            "data.t2i_batch_size", "data.edit_batch_size", "data.image_size")
+  config_lib.check_choice(config, "loss.kind", LOSS_KINDS)
+  if not 0.0 <= config.data.no_cot_fraction <= 1.0:
+    raise config_lib.ConfigError(f"config.data.no_cot_fraction={config.data.no_cot_fraction}: "
+                                 "must be in [0, 1]")
+  weights = dict(config.data.task_weights)
+  if set(weights) != set(D.T2I_TASKS) or min(weights.values()) < 0 or not sum(weights.values()):
+    raise config_lib.ConfigError(f"config.data.task_weights={weights}: non-negative weights for "
+                                 f"exactly {D.T2I_TASKS}")
+  if config.data.variants < 2 and config.loss.kind == "pairwise":
+    raise config_lib.ConfigError("pairwise training needs config.data.variants >= 2")
+  if config.data.samples_from and not os.path.isdir(config.data.samples_from):
+    raise config_lib.ConfigError(f"config.data.samples_from={config.data.samples_from!r} is not "
+                                 "a directory (a pipeline exported by sft or grpo)")
+
+
+def build_model(config, tokenizer) -> Qwen25VL:
+  ids = special_token_ids(tokenizer)
+  text = Qwen25VLTextModel(vocab_size=len(tokenizer), head="tied", **dict(config.model.text))
+  vision = VisionConfig(out_hidden_size=text.hidden_size, **{
+      k: tuple(v) if isinstance(v, (list, tuple)) else v
+      for k, v in dict(config.model.vision).items()})
+  return Qwen25VL(text, Qwen25VLVisionModel(vision), ids["image_token_id"], ids["video_token_id"],
+                  ids["vision_start_token_id"], ids["vision_end_token_id"])
+
+
+def build_processor(config) -> ImageProcessor:
+  v = config.model.vision
+  return ImageProcessor(patch_size=v.patch_size, merge_size=v.spatial_merge_size,
+                        temporal_patch_size=v.temporal_patch_size,
+                        min_pixels=(v.patch_size * v.spatial_merge_size) ** 2)
+
+
+def pipeline_samples(directory: str, prompts, size: int, seed: int) -> np.ndarray:
+  """uint8 [N, size, size, 3]: the base pipeline's samples of `prompts` (so the judge sees the
+  distribution it will score)."""
+  from qwen_image_rl.pipelines.qwen_image import QwenImagePipeline
+
+  pipe = QwenImagePipeline.from_pretrained(directory)
+  out = [pipe(prompt=list(prompts[i:i + 32]), num_inference_steps=20, height=size, width=size,
+              seed=seed + i) for i in range(0, len(prompts), 32)]
+  return np.concatenate(out)
+
+
+def build_sets(config):
+  d = config.data
+  t2i_extra = None
+  if d.samples_from:
+    from qwen_image_rl.data import examples
+
+    prompts = examples.t2i_examples(config.seed, d.n_specs, "train", d.image_size).prompts
+    t2i_extra = pipeline_samples(d.samples_from, prompts, d.image_size, config.seed)
+  t2i = D.t2i_set(config.seed, d.n_specs, "train", d.image_size, d.variants, t2i_extra)
+  edits = D.edit_set(config.seed, d.n_edits, "train", d.image_size, d.variants)
+  return t2i, edits
+
+
+class Batcher:
+  """Builds the step's token / image arrays from the labelled sets (a pure function of step)."""
+
+  def __init__(self, config, judge: V.VLMJudge, t2i: D.JudgeSet, edits: D.JudgeSet):
+    self.config, self.judge, self.t2i, self.edits = config, judge, t2i, edits
+    self.pairwise = config.loss.kind == "pairwise"
+    weights = dict(config.data.task_weights)
+    self.tasks = D.T2I_TASKS
+    self.task_probs = np.array([weights[t] for t in self.tasks], np.float64)
+    self.task_probs /= self.task_probs.sum()
+    self.rows = {t: np.flatnonzero(~np.isnan(t2i.scores(t))) for t in self.tasks}
+    self.rows["instruction"] = np.arange(len(edits))
+    size = config.data.image_size
+    grid = judge.processor(np.zeros((size, size, 3), np.uint8))["image_grid_thw"]
+    self.grid = grid
+    self.length = self._max_length()
+
+  def _example(self, task, row, cot: bool, with_target: bool = True):
+    data = self.edits if task == "instruction" else self.t2i
+    grids = np.repeat(self.grid, P.NUM_IMAGES[task], axis=0)
+    prompt = self.judge.prompt_ids(task, data.prompts[row], grids)
+    label = data.labels[row]
+    cot_ids = []
+    if cot:
+      text = P.chain_of_thought(task, label[f"dims/{task}"], data.prompts[row])
+      cot_ids = self.judge.tokenizer(text)["input_ids"]
+    digit = P.score_bin(label[task]) if with_target else None
+    ids, pos = V.assemble(prompt, cot_ids, self.judge.tokens, digit)
+    weights = np.zeros(len(ids), np.float32)
+    # Targets: the CoT and its marker (CoT mode), then the digit and <|im_end|>.
+    weights[len(prompt) if cot else pos + 1:] = 1.0
+    return ids, weights, pos, 1.0 + 4.0 * label[task]
+
+  def _max_length(self) -> int:
+    longest = 0
+    for task, rows in self.rows.items():
+      for row in rows[:64]:
+        longest = max(longest, len(self._example(task, row, cot=True)[0]))
+    return -(-(longest + 16) // 16) * 16  # headroom for longer verdict lists, then round up
+
+  def _images(self, task, row):
+    data = self.edits if task == "instruction" else self.t2i
+    return [data.sources[row], data.images[row]] if task == "instruction" else [data.images[row]]
+
+  def picks(self, step: int):
+    """[(task, row, cot)] of the step: t2i examples first, then edit examples."""
+    rng = np.random.default_rng([self.config.seed, step])
+    d = self.config.data
+    tasks = [self.tasks[i] for i in rng.choice(len(self.tasks), d.t2i_batch_size,
+                                               p=self.task_probs)]
+    tasks += ["instruction"] * d.edit_batch_size
+    picks = []
+    for task in tasks:
+      row = int(rng.choice(self.rows[task]))
+      cot = bool(rng.random() >= d.no_cot_fraction)
+      picks.append((task, row, cot))
+    return picks
+
+  def pair_picks(self, step: int):
+    """[(task, winner row, loser row, weight)]: the two images of one spec, oracle-ordered."""
+    rng = np.random.default_rng([self.config.seed, step])
+    picks = []
+    for task, row, _ in self.picks(step):
+      data = self.edits if task == "instruction" else self.t2i
+      group = row - row % data.variants
+      a, b = group + rng.choice(data.variants, 2, replace=False)
+      sa, sb = data.labels[a].get(task), data.labels[b].get(task)
+      if sa is None or sb is None:  # portrait task: both rows are portraits (same spec)
+        sa = sb = 0.0
+      w, l = (a, b) if sa >= sb else (b, a)
+      picks.append((task, w, l, float(abs(sa - sb) >= self.config.loss.min_margin)))
+    return picks
+
+  def __call__(self, step: int) -> dict:
+    if self.pairwise:
+      pairs = self.pair_picks(step)
+      rows = [(t, w, False) for t, w, _, _ in pairs] + [(t, l, False) for t, _, l, _ in pairs]
+      batch = self._arrays(rows, with_target=False)
+      batch["pair_weight"] = np.array([p[3] for p in pairs], np.float32)
+      return batch
+    return self._arrays(self.picks(step))
+
+  def _arrays(self, picks, with_target: bool = True) -> dict:
+    n, L = len(picks), self.length
+    ids = np.full((n, L), self.judge.tokens.pad, np.int32)
+    mask = np.zeros((n, L), np.int32)
+    weights = np.zeros((n, L), np.float32)
+    pos, target, images = np.zeros(n, np.int32), np.zeros(n, np.float32), []
+    for i, (task, row, cot) in enumerate(picks):
+      seq, w, p, y = self._example(task, row, cot, with_target)
+      if len(seq) > L:
+        raise ValueError(f"judge example of {len(seq)} tokens exceeds the batch length {L}")
+      ids[i, :len(seq)], mask[i, :len(seq)], weights[i, :len(seq)] = seq, 1, w
+      pos[i], target[i] = p, y
+      images += self._images(task, row)
+    processed = self.judge.processor(images)
+    positions, _ = self.judge.model.rope_index(ids, mask, processed["image_grid_thw"])
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
+            "pixel_values": processed["pixel_values"], "weights": weights, "score_pos": pos,
+            "score_target": target}
+
+
+def make_loss(model: Qwen25VL, digit_ids, layout, config):
+  kind, mse_weight = config.loss.kind, config.loss.score_mse_weight
+
+  def forward(params, batch):
+    return model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                       batch["pixel_values"], position_ids=batch["position_ids"],
+                       vision_layout=layout)
+
+  def expected_at_score(logits, batch):
+    at = jnp.take_along_axis(logits, batch["score_pos"][:, None, None], axis=1)[:, 0]
+    return V.expected_score(at, digit_ids)
+
+  def pointwise(params, batch):
+    logits = forward(params, batch).astype(jnp.float32)
+    logp = jax.nn.log_softmax(logits[:, :-1])
+    nll = -jnp.take_along_axis(logp, batch["input_ids"][:, 1:, None], axis=-1)[..., 0]
+    w = batch["weights"][:, 1:]
+    ce = jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
+    mse = jnp.mean((expected_at_score(logits, batch) - batch["score_target"]) ** 2)
+    return ce + mse_weight * mse, {"token_ce": ce, "score_mse": mse}
+
+  def pairwise(params, batch):
+    # Only the score position is needed: the LM head runs there alone.
+    hidden_logits = model.apply(
+        {"params": params}, batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+        position_ids=batch["position_ids"], vision_layout=layout,
+        output_positions=batch["score_pos"][:, None])
+    r = V.expected_score(hidden_logits[:, 0], digit_ids)
+    half = r.shape[0] // 2
+    w = batch["pair_weight"]
+    bt = -jax.nn.log_sigmoid(r[:half] - r[half:])
+    loss = jnp.sum(bt * w) / jnp.maximum(jnp.sum(w), 1.0)
+    acc = jnp.sum((r[:half] > r[half:]) * w) / jnp.maximum(jnp.sum(w), 1.0)
+    return loss, {"pair_accuracy": acc}
+
+  return pointwise if kind == "pointwise" else pairwise
+
+
+def make_train_step(loss_fn, tx):
+  def step(state: TrainState, batch):
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new = state.replace(step=state.step + 1, params=jax.tree.map(jnp.add, state.params, updates),
+                        opt_state=opt_state)
+    return keep_if_finite(state, new, loss), {"loss": loss, **aux}
+
+  return step
+
+
+REQUIRED = {"total_steps": int, "seed": int, "data.image_size": int, "data.n_specs": int,
+            "data.n_edits": int, "data.variants": int, "data.t2i_batch_size": int,
+            "data.edit_batch_size": int, "data.no_cot_fraction": float, "data.samples_from": str,
+            "loss.kind": str, "loss.score_mse_weight": float, "loss.min_margin": float,
+            "judge.max_cot_tokens": int}
+
+
+def train(config, workdir):
+  """Tiny multi-task VLM judge (CoT SFT + expected-score regression, or Bradley-Terry pairs)."""
+  ctx = common.make_context(config, workdir)
+  export = os.path.join(workdir, "export")
+  tokenizer = V.build_judge_tokenizer(os.path.join(export, "tokenizer"))
+  model = build_model(config, tokenizer)
+  judge = V.VLMJudge(model, None, tokenizer, build_processor(config),
+                     max_cot_tokens=config.judge.max_cot_tokens)
+  print("reward_sft: rendering, corrupting and labelling the training set ...", flush=True)
+  t2i, edits = build_sets(config)
+  batcher = Batcher(config, judge, t2i, edits)
+  print(f"reward_sft: {len(t2i)} T2I and {len(edits)} edit images, sequence length "
+        f"{batcher.length}, loss {config.loss.kind}", flush=True)
+
+  example = batcher(0)
+  layout = {k: jnp.asarray(v) for k, v in model.layout(
+      np.repeat(batcher.grid, len(example["pixel_values"]) // int(batcher.grid.prod()),
+                axis=0)).items()}
+  tx = optim.make_optimizer(config.optim, config.total_steps)
+  init = lambda key: model.init(key, jnp.zeros((1, 8), jnp.int32), jnp.ones((1, 8), jnp.int32))[
+      "params"]
+  state, shardings = create_train_state(init, tx, ctx.mesh, ctx.rules, config.seed)
+  state, start = common.restore_or_keep(ctx, state, shardings)
+
+  def batch_for_step(step):
+    batch = batcher(step)
+    out = {}
+    for k, v in batch.items():
+      if k == "position_ids" or k == "pixel_values":
+        out[k] = jax.device_put(v, parallel.replicated(ctx.mesh))
+      else:
+        out[k] = jax.device_put(v, parallel.batch_sharding(ctx.mesh, v.shape, ctx.rules))
+    return out
+
+  loss_fn = make_loss(model, jnp.asarray(judge.tokens.digits), layout, config)
+  step_fn = jax.jit(make_train_step(loss_fn, tx), donate_argnums=(0,),
+                    out_shardings=(shardings, None))
+  with parallel.sharding_context(ctx.mesh, ctx.rules):
+    state, history = common.fit(ctx, state, train_step=step_fn, batch_for_step=batch_for_step,
+                                start_step=start, total_steps=config.total_steps)
+  judge.params = jax.device_get(state.params)
+  if jax.process_index() == 0:
+    judge.save(os.path.join(export, "judge"), extra={"loss": config.loss.kind})
+    print(f"reward_sft: exported {os.path.join(export, 'judge')}", flush=True)
+  ctx.close()
+  return history

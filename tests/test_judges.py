@@ -1,0 +1,269 @@
+"""Learned rewards: the expected-score readout, CoT / no-CoT score positions, invalid outputs,
+ArcFace vs numpy, a tiny face-ID embedder's AUC, the reward registry, judge_eval's metrics, and
+exact resume of reward_sft after SIGKILL."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qwen_image_rl.judges import face_id as F
+from qwen_image_rl.judges import judge_data as D
+from qwen_image_rl.judges import prompts as P
+from qwen_image_rl.judges import vlm_judge as V
+from tests import kill_and_resume
+
+
+def _softmax(x):
+  e = np.exp(x - x.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+def test_expected_score_is_the_renormalised_five_token_mean():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(3, 40)).astype(np.float32) * 3
+  digits = (7, 3, 30, 12, 21)
+  p = _softmax(logits[:, list(digits)].astype(np.float64))
+  hand = (p * np.arange(1, 6)).sum(-1)
+  np.testing.assert_allclose(np.asarray(V.expected_score(jnp.asarray(logits), digits)), hand,
+                             rtol=1e-6)
+  # Logits of every other token do not matter (renormalised over the five).
+  other = logits.copy()
+  other[:, 0] += 50
+  np.testing.assert_allclose(V.expected_score(jnp.asarray(other), digits),
+                             V.expected_score(jnp.asarray(logits), digits), rtol=1e-6)
+  # One-hot cases: a certain "5" reads 5 (reward 1), a certain "1" reads 1 (reward 0).
+  sure = np.full((2, 40), -1e4, np.float32)
+  sure[0, digits[4]] = sure[1, digits[0]] = 0
+  np.testing.assert_allclose(V.expected_score(jnp.asarray(sure), digits), [5, 1])
+  np.testing.assert_allclose(P.to_unit([5, 1, 3]), [1, 0, 0.5])
+
+
+def test_score_bins_and_chain_of_thought_follow_the_rubric_order():
+  assert [P.score_bin(v) for v in (0, 0.12, 0.13, 0.5, 0.87, 1)] == [1, 1, 2, 3, 4, 5]
+  cot = P.chain_of_thought('alignment', {'relation': 0.1, 'presence': 1.0, 'attributes': 0.7,
+                                         'count': 0.4})
+  assert cot == 'presence good. count poor. attributes fair. relation failed.'
+  assert P.chain_of_thought('instruction', {'core': 0.9, 'noncore': 0.2, 'coherent': 0.95},
+                            'make the sky blue').startswith('core: make the sky blue. non core')
+
+
+@pytest.fixture(scope='module')
+def judge(tmp_path_factory):
+  """A tiny random judge (the reward_sft model at toy width)."""
+  import ml_collections
+
+  from qwen_image_rl.trainers import reward_sft
+
+  config = ml_collections.ConfigDict(dict(model=dict(
+      text=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, rope_theta=1e4, mrope_section=(2, 2, 4)),
+      vision=dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, patch_size=8,
+                  spatial_merge_size=2, temporal_patch_size=2, window_size=64,
+                  fullatt_block_indexes=(0,)))))
+  tokenizer = V.build_judge_tokenizer(str(tmp_path_factory.mktemp('tok')))
+  model = reward_sft.build_model(config, tokenizer)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params']
+  return V.VLMJudge(model, jax.tree.map(np.asarray, params), tokenizer,
+                    reward_sft.build_processor(config), max_cot_tokens=6)
+
+
+def test_cot_and_no_cot_read_the_same_score_position(judge):
+  tokens = judge.tokens
+  prompt = judge.prompt_ids('alignment', 'a red circle', judge.processor(
+      np.zeros((64, 64, 3), np.uint8))['image_grid_thw'])
+  cot = judge.tokenizer('presence good.')['input_ids']
+  for cot_ids in ([], cot):
+    train_ids, train_pos = V.assemble(prompt, cot_ids, tokens, digit=4)
+    infer_ids, infer_pos = V.assemble(prompt, cot_ids, tokens)
+    # Training's target digit is the token after the position inference reads.
+    assert train_pos == infer_pos == len(infer_ids) - 1
+    assert train_ids[train_pos + 1] == tokens.digits[3]
+    assert train_ids[:len(infer_ids)] == infer_ids
+    assert infer_ids[-3:] == [tokens.marker, tokens.colon, tokens.space]
+  # The CoT path with an empty chain of thought is the no-CoT path, logit for logit.
+  ds = D.t2i_set(3, 2, 'val', 64)
+  ids, processed = judge._inputs('alignment', ds.images, list(ds.prompts), None)
+  no_cot = judge.score('alignment', ds.images, list(ds.prompts), cot=False)
+  logits = judge.read_logits([V.assemble(p, [], tokens)[0] for p in ids], processed)
+  np.testing.assert_allclose(no_cot.expected, V.expected_score(logits, tokens.digits), rtol=1e-5)
+  assert no_cot.valid.all() and np.all((no_cot.expected >= 1) & (no_cot.expected <= 5))
+
+
+def test_outputs_without_a_score_marker_are_invalid_nan_and_counted(judge):
+  # All-zero weights: every logit ties, greedy picks token 0, never the " Score" marker.
+  zero = V.VLMJudge(judge.model, jax.tree.map(np.zeros_like, judge.params), judge.tokenizer,
+                    judge.processor, max_cot_tokens=4)
+  assert zero.tokens.marker != 0 and zero.tokens.im_end != 0
+  ds = D.t2i_set(3, 2, 'val', 64)
+  out = zero.score('alignment', ds.images, list(ds.prompts), cot=True)
+  assert out.invalid_count == len(ds) and np.isnan(out.reward).all()
+  assert not np.isnan(zero.score('alignment', ds.images, list(ds.prompts), cot=False).reward).any()
+  # Parsing: a marker ends the CoT; none, or <|im_end|> before it, is invalid.
+  t = judge.tokens
+  cots, valid = V.parse_cot([[5, 6, t.marker, t.pad], [5, 6, 7, 8], [5, t.im_end, t.marker, 0]],
+                            t)
+  assert valid.tolist() == [True, False, False] and cots == [[5, 6], [], []]
+
+
+def test_judge_reward_reports_invalid_as_nan_and_keeps_neutral_for_other_categories():
+  from qwen_image_rl.rewards.base import RewardBatch, nan_counts
+  from qwen_image_rl.rewards.registry import make_reward
+
+  def scorer(task, images, prompts, sources, cot):
+    n = len(images)
+    valid = np.arange(n) % 2 == 0
+    return V.JudgeOutput(expected=np.full(n, 4.0), reward=np.where(valid, 0.75, np.nan),
+                         valid=valid, cot=[''] * n)
+
+  images = np.zeros((3, 16, 16, 3), np.uint8)
+  batch = RewardBatch(images=images, prompts=['a', 'b', 'c'],
+                      categories=['portrait', 'general', 'portrait'], sample_ids=np.arange(3))
+  scores = make_reward('judge_portrait', scorer=scorer)(batch)['judge_portrait']
+  np.testing.assert_array_equal(scores[:2], [0.75, 0.5])  # 2nd: not a portrait -> neutral
+  assert np.isnan(scores[2]) and nan_counts({'x': scores}) == {'x': 1}
+  with pytest.raises(ValueError, match='exactly one of judge_dir'):
+    make_reward('judge_alignment')
+
+
+def test_reward_registry_names():
+  from qwen_image_rl.rewards.registry import known_rewards
+
+  assert {'judge_alignment', 'judge_aesthetics', 'judge_portrait', 'judge_instruction',
+          'face_id'} <= set(known_rewards())
+
+
+def _arcface_reference(emb, centres, labels, scale, margin):
+  emb = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+  centres = centres / np.linalg.norm(centres, axis=0, keepdims=True)
+  cos = emb @ centres
+  logits = scale * cos.copy()
+  for i, y in enumerate(labels):
+    theta = np.arccos(np.clip(cos[i, y], -1, 1))
+    logits[i, y] = scale * (np.cos(theta + margin) if theta + margin <= np.pi
+                            else cos[i, y] - margin * np.sin(margin))
+  logits -= logits.max(1, keepdims=True)
+  logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+  return -logp[np.arange(len(labels)), labels].mean()
+
+
+def test_arcface_loss_matches_numpy():
+  rng = np.random.default_rng(0)
+  emb, centres = rng.normal(size=(6, 8)), rng.normal(size=(8, 5))
+  labels = np.array([0, 1, 4, 2, 3, 0])
+  centres[:, 2] = -emb[2] / np.linalg.norm(emb[2])  # theta ~ pi: the fallback branch
+  for scale, margin in ((16.0, 0.3), (4.0, 0.5)):
+    ours = F.arcface_loss(jnp.asarray(emb, jnp.float32), jnp.asarray(centres, jnp.float32),
+                          jnp.asarray(labels), scale=scale, margin=margin)
+    np.testing.assert_allclose(float(ours), _arcface_reference(emb, centres, labels, scale,
+                                                               margin), rtol=1e-4)
+  assert float(F.arcface_loss(jnp.asarray(emb, jnp.float32), jnp.asarray(centres, jnp.float32),
+                              jnp.asarray(labels), scale=16.0, margin=0.3)) > float(
+      F.arcface_loss(jnp.asarray(emb, jnp.float32), jnp.asarray(centres, jnp.float32),
+                     jnp.asarray(labels), scale=16.0, margin=0.0))
+
+
+def test_auc_matches_pair_counting():
+  pos, neg = np.array([0.9, 0.5, 0.3]), np.array([0.4, 0.3, 0.1, 0.95])
+  pairs = [(p > n) + 0.5 * (p == n) for p in pos for n in neg]
+  assert F.auc(pos, neg) == pytest.approx(np.mean(pairs))
+
+
+def _tiny_face_id():
+  from configs import face_id
+
+  c = face_id.get_config('tiny')
+  c.total_steps = 40
+  c.data.batch_size = 32
+  c.model.widths = (16, 32, 32)
+  c.model.dim = 32
+  c.eval.num_pairs = 128
+  c.checkpoint.every = 10
+  c.log.every = 10
+  return c
+
+
+def test_face_id_embedder_separates_held_out_identities(tmp_path):
+  from qwen_image_rl import main
+
+  results = main.run(_tiny_face_id(), str(tmp_path))
+  assert results['auc_clean'] > 0.85 and results['auc_blurred'] > 0.8, results
+  scorer = F.FaceIdScorer.load(str(tmp_path / 'export' / 'face_id'))
+  a, b, same = F.identity_pairs(F.HELD_OUT, 64, 5, 64, None)
+  cos = scorer.cosine(a, b)
+  assert F.auc(cos[same], cos[~same]) > 0.8  # the exported embedder, on fresh pairs
+  reward = scorer.reward(a, b)
+  assert reward.min() >= 0 and reward.max() <= 1
+
+
+def test_face_id_reward_and_bad_directory(tmp_path):
+  from qwen_image_rl.rewards.registry import make_reward
+
+  with pytest.raises(FileNotFoundError, match='lacks'):
+    make_reward('face_id', embedder_dir=str(tmp_path))
+
+
+def test_correlation_metrics_against_scipy_and_counts():
+  from scipy import stats
+
+  from qwen_image_rl import judge_eval
+
+  oracle = np.array([0.1, 0.9, 0.5, 0.5, 0.8, 0.2])
+  judge = np.array([0.2, 0.7, np.nan, 0.4, 0.9, 0.1])
+  out = judge_eval.correlation_metrics(judge, oracle, groups=2)
+  ok = ~np.isnan(judge)
+  assert out['invalid'] == 1 and out['n'] == 6
+  assert out['spearman'] == pytest.approx(stats.spearmanr(judge[ok], oracle[ok])[0])
+  # Pairs (0,1) right, (2,3) a tie (skipped), (4,5) right.
+  assert out['pairs'] == 2 and out['pairwise_accuracy'] == 1.0
+
+
+def _tiny_judge_config():
+  from configs import judge
+
+  c = judge.get_config('tiny')
+  c.total_steps = 6
+  c.model.text = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, rope_theta=1e4,
+                      mrope_section=(2, 2, 4))
+  c.model.vision.update(depth=1, hidden_size=32, intermediate_size=32, fullatt_block_indexes=(0,))
+  c.data.update(n_specs=8, n_edits=4, t2i_batch_size=4, edit_batch_size=2)
+  c.checkpoint.every = 2
+  c.checkpoint.async_save = False
+  c.log.every = 2
+  return c
+
+
+@pytest.mark.parametrize('kind', ['pointwise', 'pairwise'])
+def test_reward_sft_trains_and_exports_a_loadable_judge(tmp_path, kind):
+  from qwen_image_rl import main
+
+  c = _tiny_judge_config()
+  c.loss.kind = kind
+  history = main.run(c, str(tmp_path))
+  assert all(np.isfinite(h['loss']) for h in history)
+  loaded = V.VLMJudge.load(str(tmp_path / 'export' / 'judge'), max_cot_tokens=3)
+  with open(tmp_path / 'export' / 'judge' / V.JUDGE_CONFIG) as f:
+    assert json.load(f)['loss'] == kind
+  ds = D.edit_set(2, 2, 'val', 64)
+  out = loaded.score('instruction', ds.images, list(ds.prompts), ds.sources, cot=False)
+  assert out.valid.all() and np.all((out.reward >= 0) & (out.reward <= 1))
+
+
+@pytest.mark.slow
+def test_reward_sft_exact_resume_after_sigkill(tmp_path):
+  code = ('from tests.test_judges import _tiny_judge_config\n'
+          'c = _tiny_judge_config()')
+  kill_and_resume.assert_killed_then_resumed_run_is_exact(
+      code, str(tmp_path / 'straight'), str(tmp_path / 'resumed'), 6, kill_after_step=2)
+
+
+@pytest.mark.slow
+def test_face_id_exact_resume_after_sigkill(tmp_path):
+  code = ('from tests.test_judges import _tiny_face_id\n'
+          'c = _tiny_face_id(); c.total_steps = 20; c.eval.num_pairs = 0\n'
+          'c.checkpoint.async_save = False')
+  kill_and_resume.assert_killed_then_resumed_run_is_exact(
+      code, str(tmp_path / 'straight'), str(tmp_path / 'resumed'), 20, kill_after_step=10)
