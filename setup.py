@@ -18,6 +18,7 @@ RUNTIME = [
     "numpy>=2.0",
     "pillow>=10",
     "absl-py>=2.1",
+    "aiohttp>=3.9",  # the judge server (qwen_image_rl.serve) and the remote reward client
 ]
 
 TEST = [

@@ -60,6 +60,8 @@ class RewardResult(Mapping[str, np.ndarray]):
     nan_counts: {name: number of failed (NaN) samples}.
     seconds: wall time the reward function took.
     wait_seconds: how long `result()` blocked the caller (0 when scoring was already done).
+    extra_metrics: the reward function's `last_metrics` right after it scored this batch (e.g.
+      a remote judge's latency percentiles, retries and failures), or {}.
   """
   ticket: int
   scores: dict[str, np.ndarray]
@@ -67,6 +69,7 @@ class RewardResult(Mapping[str, np.ndarray]):
   nan_counts: dict[str, int]
   seconds: float
   wait_seconds: float = 0.0
+  extra_metrics: dict[str, float] = dataclasses.field(default_factory=dict)
 
   def __getitem__(self, name: str) -> np.ndarray:
     return self.scores[name]
@@ -92,7 +95,7 @@ class RewardResult(Mapping[str, np.ndarray]):
 
   def metrics(self, prefix: str = 'reward') -> dict[str, float]:
     """Scalars for logging: `<prefix>/<name>/{mean,std,min,max,nan_count}` over finite samples,
-    and `perf/reward_seconds`, `perf/reward_wait_seconds`."""
+    `perf/reward_seconds`, `perf/reward_wait_seconds`, and `extra_metrics`."""
     out = {}
     for name, value in self.scores.items():
       finite = value[np.isfinite(value)]
@@ -103,6 +106,7 @@ class RewardResult(Mapping[str, np.ndarray]):
       out[f'{prefix}/{name}/nan_count'] = float(self.nan_counts[name])
     out['perf/reward_seconds'] = self.seconds
     out['perf/reward_wait_seconds'] = self.wait_seconds
+    out.update(self.extra_metrics)
     return out
 
 
@@ -146,8 +150,11 @@ class _RewardPipelineBase:
       scores = check_scores(scores, names, batch.size, where)
     except Exception as e:  # pylint: disable=broad-except
       return _Failure(e, traceback.format_exc())
+    # Read on the thread that scored, before the next batch overwrites it.
+    extra = dict(getattr(self.reward_fn, 'last_metrics', None) or {})
     return RewardResult(ticket=ticket, scores=scores, sample_ids=batch.sample_ids,
-                        nan_counts=nan_counts(scores), seconds=time.perf_counter() - start)
+                        nan_counts=nan_counts(scores), seconds=time.perf_counter() - start,
+                        extra_metrics=extra)
 
   # --- tickets ----------------------------------------------------------------------------
 

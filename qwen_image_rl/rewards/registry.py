@@ -18,7 +18,7 @@ from typing import Callable
 from qwen_image_rl.rewards.base import RewardFn
 
 _REGISTRY: dict[str, Callable[..., RewardFn]] = {}
-_BUILTIN_MODULES = ('qwen_image_rl.rewards.oracle_rewards',)
+_BUILTIN_MODULES = ('qwen_image_rl.rewards.oracle_rewards', 'qwen_image_rl.rewards.remote')
 
 
 def register_reward(name: str):
