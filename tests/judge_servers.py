@@ -1,94 +1,35 @@
 """Judge server processes on loopback for the serving tests; every one is killed at test end.
 
   def test_x(judge_servers):
-    server = judge_servers.start('--judge=oracle')        # python -m qwen_image_rl.serve ...
-    fault = judge_servers.start_fault('--mode=delay', '--delay_s=0.05')
-    server.url, server.port; server.kill(); server.restart()
+    server = judge_servers.start('--judge=oracle')          # python -m qwen_image_rl.serve ...
+    fault = judge_servers.start_fault('--mode=delay', '--delay_s=0.05')  # fault_judge_server.py
+    server.base_url; server.kill(); server.start()          # same port again
 """
 
 import os
-import queue
-import signal
-import subprocess
 import sys
-import threading
-import time
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAULT_SERVER = os.path.join(ROOT, 'tests', 'fault_judge_server.py')
-STARTUP_TIMEOUT_S = 60
+from qwen_image_rl.serving.local import ServerProcess, serve_command
 
-
-class ServerProcess:
-  """One server process; `--port=0` on the first start, the same port on restarts."""
-
-  def __init__(self, command, env=None):
-    self.command, self.env = list(command), env
-    self.port = 0
-    self.process = None
-    self.output = []
-
-  @property
-  def url(self) -> str:
-    return f'http://127.0.0.1:{self.port}'
-
-  @property
-  def base_url(self) -> str:
-    return self.url + '/v1'
-
-  def start(self) -> 'ServerProcess':
-    env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT, **(self.env or {}))
-    self.process = subprocess.Popen(
-        [*self.command, f'--port={self.port}'], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    lines = queue.Queue()
-    threading.Thread(target=self._pump, args=(self.process, lines), daemon=True).start()
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-      try:
-        line = lines.get(timeout=0.1)
-      except queue.Empty:
-        if self.process.poll() is not None:
-          break
-        continue
-      if line.startswith('listening on http://'):
-        self.port = int(line.rsplit(':', 1)[1])
-        return self
-    self.kill()
-    raise RuntimeError(f'judge server did not start: {" ".join(self.command)}\n'
-                       + ''.join(self.output[-30:]))
-
-  def _pump(self, process, lines):
-    for line in process.stdout:
-      self.output.append(line)
-      lines.put(line)
-
-  def kill(self) -> None:
-    """SIGKILL, as a crash would."""
-    if self.process is not None and self.process.poll() is None:
-      os.killpg(self.process.pid, signal.SIGKILL)
-      self.process.wait(10)
-
-  def restart(self) -> 'ServerProcess':
-    self.kill()
-    return self.start()
+FAULT_SERVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fault_judge_server.py')
 
 
 class ServerFactory:
   def __init__(self):
     self.servers = []
 
-  def start(self, *args, env=None) -> ServerProcess:
-    server = ServerProcess([sys.executable, '-m', 'qwen_image_rl.serve', *args], env)
+  def _start(self, command, env=None) -> ServerProcess:
+    server = ServerProcess(command, env)
     self.servers.append(server)
     return server.start()
 
+  def start(self, *args, env=None) -> ServerProcess:
+    return self._start(serve_command(*args), env)
+
   def start_fault(self, *args) -> ServerProcess:
-    server = ServerProcess([sys.executable, FAULT_SERVER, *args])
-    self.servers.append(server)
-    return server.start()
+    return self._start([sys.executable, FAULT_SERVER, *args])
 
   def kill_all(self) -> None:
     for server in self.servers:
