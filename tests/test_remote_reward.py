@@ -287,3 +287,19 @@ def test_oversized_request_is_a_configuration_error(judge_servers):  # noqa: F81
   reward = remote(server, 'aesthetics', **FAST)
   with pytest.raises(RemoteRewardError, match='HTTP 413'):
     reward(t2i_batch(2))
+
+
+def test_a_config_points_a_reward_at_the_server(oracle_server):
+  import ml_collections
+  from qwen_image_rl.rl import reward_setup
+  config = ml_collections.ConfigDict(dict(
+      rewards=dict(names=('remote_alignment', 'aesthetics'), kwargs={'remote_alignment': dict(
+          base_url=oracle_server.base_url, model='oracle', max_concurrency=8)}),
+      rl=dict(category_weights={c: {'remote_alignment': 0.9, 'aesthetics': 0.1}
+                                for c in W.CATEGORIES})))
+  reward = reward_setup.build_reward(config)
+  assert reward.names == ('remote_alignment', 'aesthetics')
+  batch = t2i_batch(8)
+  got = reward(batch)
+  np.testing.assert_array_equal(got['remote_alignment'],
+                                in_process(('alignment',), batch)['remote_alignment'])

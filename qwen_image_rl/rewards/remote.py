@@ -23,7 +23,8 @@ NaN rewards make the GRPO trainer skip that iteration's update (rl.max_consecuti
 
 At most `max_concurrency` requests are in flight. Each response is matched to its sample by its
 request (and by the X-Request-Id the server echoes, when it does), so no score is lost, moved or
-counted twice. `last_metrics` holds the latest call's latency p50/p95, retries, failures and
+counted twice. `last_metrics` holds the latest call's latency p50/p95 (per sample, from its first attempt to
+its reply, retries included, queueing for a free slot not), retries, failures and
 invalid replies (`remote/<name>/...`), for TensorBoard; the async pipeline attaches them to each
 RewardResult.
 
@@ -216,11 +217,12 @@ class RemoteReward(RewardFn):
 
   async def _one(self, session, slots: asyncio.Semaphore, index: int, data: bytes,
                  request_id: str) -> _Outcome:
-    start, error = time.perf_counter(), ''
+    start, error = None, ''  # latency counts from the first attempt, not the wait for a slot
     for attempt in range(self.max_retries + 1):
       if attempt:
         await asyncio.sleep(self._backoff(attempt - 1))
       async with slots:
+        start = time.perf_counter() if start is None else start
         try:
           value = await asyncio.wait_for(self._attempt(session, data, request_id),
                                          self.timeout_s)

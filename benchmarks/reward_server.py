@@ -1,0 +1,203 @@
+"""Reward serving: judge-server throughput, and how much reward latency an RL iteration hides.
+
+  python benchmarks/reward_server.py [--requests=128] [--batch_sizes=1,8,32]
+      [--concurrency=1,8,32,64] [--chunks=2,8,16] [--rollout_s=1.88] [--iterations=5]
+
+1. Throughput: `python -m qwen_image_rl.serve --judge=oracle --max_batch=B` as a child process;
+   the remote reward (rubric alignment) scores `--requests` tiny-world images with C requests in
+   flight. Prints requests/s, per-request latency p50/p95 and the server's mean judge batch.
+2. Overlap: an RL iteration's reward pattern without the model: the rollout of `--batch`
+   samples is simulated by a jitted JAX computation (a chain of matmuls calibrated to take
+   `--rollout_s` per iteration, 1.88 s = the tiny T2I config's measured rollout), split into
+   `--chunks` chunks; after each chunk its images (pre-rendered tiny-world scenes) are submitted
+   to the AsyncRewardPipeline, and the iteration collects every chunk's scores at the end, as the
+   GRPO trainer's Roller.collect does. The reward is the composite (alignment, aesthetics,
+   portrait), in-process oracle vs the remote oracle judge. Hidden share = 1 - (time the caller
+   waited for rewards) / (time the rewards took), per iteration; medians over `--iterations`
+   after one warm-up iteration. The last chunk's reward can only be waited for (nothing rolls
+   out after it), so the share is at most about 1 - 1/chunks.
+
+Both the judge server and the simulated rollout run on this machine's CPU cores; on a real
+deployment the judge runs on other machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import urllib.request
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from qwen_image_rl.data import render  # noqa: E402
+from qwen_image_rl.data import world  # noqa: E402
+from qwen_image_rl.rewards.async_pipeline import AsyncRewardPipeline  # noqa: E402
+from qwen_image_rl.rewards.base import RewardBatch  # noqa: E402
+from qwen_image_rl.rewards.composite import CompositeReward  # noqa: E402
+from qwen_image_rl.rewards.registry import make_reward  # noqa: E402
+from qwen_image_rl.serving.local import local_server  # noqa: E402
+
+T2I = ('alignment', 'aesthetics', 'portrait')
+
+
+def tiny_world_batch(n: int, seed: int = 0, first_id: int = 0) -> RewardBatch:
+  """n renders of tiny-world scenes, every other one noisy (so scores vary)."""
+  specs = world.sample_scenes(seed, n)
+  images = render.render_batch(specs, 64)
+  noisy = np.arange(0, n, 2)
+  images[noisy] = np.clip(images[noisy].astype(int) + np.random.default_rng(seed).normal(
+      0, 25, images[noisy].shape), 0, 255).astype(np.uint8)
+  return RewardBatch(images=images, prompts=['p'] * n, categories=[s.category for s in specs],
+                     sample_ids=first_id + np.arange(n), meta=[{'spec': s} for s in specs])
+
+
+def server_stats(server) -> dict:
+  with urllib.request.urlopen(server.url + '/health', timeout=30) as response:
+    return json.loads(response.read())
+
+
+# --- 1. throughput ------------------------------------------------------------------------------
+
+
+def throughput(args) -> list[dict]:
+  batch = tiny_world_batch(args.requests)
+  rows = []
+  for max_batch in args.batch_sizes:
+    with local_server('--judge=oracle', f'--max_batch={max_batch}') as server:
+      make_reward('remote_alignment', base_url=server.base_url)(batch.select(range(8)))  # warm
+      for concurrency in args.concurrency:
+        reward = make_reward('remote_alignment', base_url=server.base_url,
+                             max_concurrency=concurrency)
+        before = server_stats(server)
+        start = time.perf_counter()
+        reward(batch)
+        seconds = time.perf_counter() - start
+        after = server_stats(server)
+        m = reward.last_metrics
+        row = dict(max_batch=max_batch, concurrency=concurrency,
+                   requests_per_s=args.requests / seconds,
+                   p50_ms=1e3 * m['remote/remote_alignment/latency_p50_s'],
+                   p95_ms=1e3 * m['remote/remote_alignment/latency_p95_s'],
+                   mean_judge_batch=(after['requests'] - before['requests'])
+                   / max(after['batches'] - before['batches'], 1))
+        rows.append(row)
+        print(f"{max_batch:>9}{concurrency:>12}{row['requests_per_s']:>12.1f}"
+              f"{row['p50_ms']:>10.1f}{row['p95_ms']:>10.1f}{row['mean_judge_batch']:>12.1f}",
+              flush=True)
+  return rows
+
+
+# --- 2. overlap ---------------------------------------------------------------------------------
+
+
+def simulated_rollout(seconds: float):
+  """A jitted computation taking about `seconds`: `run()` blocks until it is done."""
+  w = jax.random.normal(jax.random.key(0), (512, 512), jnp.float32) / 512 ** 0.5
+
+  @jax.jit
+  def chain(x, n):
+    return jax.lax.fori_loop(0, n, lambda i, y: jnp.tanh(y @ w), x)
+
+  x = jnp.ones((256, 512), jnp.float32)
+  n = jnp.int32(20)
+  chain(x, n).block_until_ready()
+  start = time.perf_counter()
+  for _ in range(3):
+    chain(x, n).block_until_ready()
+  per_step = (time.perf_counter() - start) / 60
+  steps = jnp.int32(max(1, round(seconds / per_step)))
+  return lambda: chain(x, steps).block_until_ready()
+
+
+def rl_iterations(reward_fn, images: RewardBatch, chunks: int, rollout, iterations: int):
+  """Per iteration (after a warm-up): rollout, reward and wait seconds, as Roller.collect."""
+  size = images.size // chunks
+  out = []
+  with AsyncRewardPipeline(reward_fn, max_pending=max(2, chunks)) as pipeline:
+    for it in range(iterations + 1):
+      start = time.perf_counter()
+      tickets, rollout_s = [], 0.0
+      for c in range(chunks):
+        t0 = time.perf_counter()
+        rollout()
+        rollout_s += time.perf_counter() - t0
+        part = images.select(range(c * size, (c + 1) * size))
+        part = RewardBatch(images=part.images, prompts=part.prompts,
+                           categories=part.categories, meta=part.meta,
+                           sample_ids=it * images.size + part.sample_ids)
+        tickets.append(pipeline.submit(part))
+      reward_s = wait_s = 0.0
+      for ticket in tickets:
+        result = pipeline.result(ticket)
+        reward_s += result.seconds
+        wait_s += result.wait_seconds
+      if it:  # the first iteration warms up the server, caches and threads
+        out.append(dict(rollout_s=rollout_s, reward_s=reward_s, wait_s=wait_s,
+                        iteration_s=time.perf_counter() - start,
+                        hidden=1 - wait_s / reward_s))
+  return out
+
+
+def overlap(args) -> list[dict]:
+  images = tiny_world_batch(args.batch, seed=1)
+  rows = []
+  with local_server('--judge=oracle', '--max_batch=64') as server:
+    rewards = {
+        'in-process': CompositeReward({r: make_reward(r) for r in T2I}),
+        'remote': CompositeReward({r: make_reward(f'remote_{r}', base_url=server.base_url,
+                                                  max_concurrency=64) for r in T2I})}
+    for chunks in args.chunks:
+      rollout = simulated_rollout(args.rollout_s / chunks)
+      for mode, reward_fn in rewards.items():
+        its = rl_iterations(reward_fn, images, chunks, rollout, args.iterations)
+        med = {k: float(np.median([i[k] for i in its])) for k in its[0]}
+        row = dict(chunks=chunks, reward=mode, **med)
+        rows.append(row)
+        print(f"{chunks:>7}  {mode:<11}{med['rollout_s']:>10.2f}{med['reward_s']:>10.2f}"
+              f"{med['wait_s']:>9.2f}{med['iteration_s']:>13.2f}{100 * med['hidden']:>8.1f}%",
+              flush=True)
+  return rows
+
+
+def parse_ints(text: str) -> list[int]:
+  return [int(v) for v in text.split(',') if v]
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--requests', type=int, default=128)
+  parser.add_argument('--batch_sizes', type=parse_ints, default=[1, 8, 32])
+  parser.add_argument('--concurrency', type=parse_ints, default=[1, 8, 32, 64])
+  parser.add_argument('--batch', type=int, default=64, help='rollout samples per iteration')
+  parser.add_argument('--chunks', type=parse_ints, default=[2, 8, 16])
+  parser.add_argument('--rollout_s', type=float, default=1.88,
+                      help='simulated rollout seconds per iteration')
+  parser.add_argument('--iterations', type=int, default=5)
+  parser.add_argument('--skip', choices=('', 'throughput', 'overlap'), default='')
+  args = parser.parse_args()
+  if any(args.batch % c for c in args.chunks):
+    parser.error(f'--batch={args.batch} must divide into every --chunks {args.chunks}')
+  result = {}
+  if args.skip != 'throughput':
+    print(f'judge server throughput, oracle judge, {args.requests} requests (rubric alignment)')
+    print(f"{'max_batch':>9}{'concurrency':>12}{'requests/s':>12}{'p50 ms':>10}{'p95 ms':>10}"
+          f"{'judge batch':>12}")
+    result['throughput'] = throughput(args)
+  if args.skip != 'overlap':
+    print(f'\nRL iteration, {args.batch} samples, simulated rollout {args.rollout_s} s '
+          f'(jitted JAX), rewards {"+".join(T2I)}; medians of {args.iterations} iterations')
+    print(f"{'chunks':>7}  {'reward':<11}{'rollout s':>10}{'reward s':>10}{'wait s':>9}"
+          f"{'iteration s':>13}{'hidden':>9}")
+    result['overlap'] = overlap(args)
+  print(json.dumps(result))
+
+
+if __name__ == '__main__':
+  main()
