@@ -97,8 +97,8 @@ def throughput(args) -> list[dict]:
 # --- 2. overlap ---------------------------------------------------------------------------------
 
 
-def simulated_rollout(seconds: float):
-  """A jitted computation taking about `seconds`: `run()` blocks until it is done."""
+def simulated_rollout():
+  """`rollout(seconds)`: a jitted matmul chain calibrated (once) to take about `seconds`."""
   w = jax.random.normal(jax.random.key(0), (512, 512), jnp.float32) / 512 ** 0.5
 
   @jax.jit
@@ -106,17 +106,18 @@ def simulated_rollout(seconds: float):
     return jax.lax.fori_loop(0, n, lambda i, y: jnp.tanh(y @ w), x)
 
   x = jnp.ones((256, 512), jnp.float32)
-  n = jnp.int32(20)
-  chain(x, n).block_until_ready()
-  start = time.perf_counter()
-  for _ in range(3):
-    chain(x, n).block_until_ready()
-  per_step = (time.perf_counter() - start) / 60
-  steps = jnp.int32(max(1, round(seconds / per_step)))
-  return lambda: chain(x, steps).block_until_ready()
+  chain(x, jnp.int32(20)).block_until_ready()  # compile; the step count is traced
+  times = []
+  for _ in range(5):
+    start = time.perf_counter()
+    chain(x, jnp.int32(20)).block_until_ready()
+    times.append(time.perf_counter() - start)
+  per_step = float(np.median(times)) / 20
+  return lambda seconds: chain(x, jnp.int32(max(1, round(seconds / per_step)))).block_until_ready()
 
 
-def rl_iterations(reward_fn, images: RewardBatch, chunks: int, rollout, iterations: int):
+def rl_iterations(reward_fn, images: RewardBatch, chunks: int, rollout, rollout_chunk_s: float,
+                  iterations: int):
   """Per iteration (after a warm-up): rollout, reward and wait seconds, as Roller.collect."""
   size = images.size // chunks
   out = []
@@ -126,7 +127,7 @@ def rl_iterations(reward_fn, images: RewardBatch, chunks: int, rollout, iteratio
       tickets, rollout_s = [], 0.0
       for c in range(chunks):
         t0 = time.perf_counter()
-        rollout()
+        rollout(rollout_chunk_s)
         rollout_s += time.perf_counter() - t0
         part = images.select(range(c * size, (c + 1) * size))
         part = RewardBatch(images=part.images, prompts=part.prompts,
@@ -153,10 +154,11 @@ def overlap(args) -> list[dict]:
         'in-process': CompositeReward({r: make_reward(r) for r in T2I}),
         'remote': CompositeReward({r: make_reward(f'remote_{r}', base_url=server.base_url,
                                                   max_concurrency=64) for r in T2I})}
+    rollout = simulated_rollout()
     for chunks in args.chunks:
-      rollout = simulated_rollout(args.rollout_s / chunks)
       for mode, reward_fn in rewards.items():
-        its = rl_iterations(reward_fn, images, chunks, rollout, args.iterations)
+        its = rl_iterations(reward_fn, images, chunks, rollout, args.rollout_s / chunks,
+                            args.iterations)
         med = {k: float(np.median([i[k] for i in its])) for k in its[0]}
         row = dict(chunks=chunks, reward=mode, **med)
         rows.append(row)

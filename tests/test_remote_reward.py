@@ -125,6 +125,10 @@ def test_registry_and_argument_checks():
     make_reward('remote', base_url='127.0.0.1:8000')
   with pytest.raises(ValueError, match='prompt_template'):
     make_reward('remote', prompt_template='rate {image}')
+  reward.close()
+  reward.close()  # idempotent
+  with pytest.raises(RemoteRewardError, match='closed'):
+    reward(t2i_batch(2))
 
 
 # --- parity and load ----------------------------------------------------------------------------

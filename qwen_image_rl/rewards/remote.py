@@ -23,10 +23,10 @@ NaN rewards make the GRPO trainer skip that iteration's update (rl.max_consecuti
 
 At most `max_concurrency` requests are in flight. Each response is matched to its sample by its
 request (and by the X-Request-Id the server echoes, when it does), so no score is lost, moved or
-counted twice. `last_metrics` holds the latest call's latency p50/p95 (per sample, from its first attempt to
-its reply, retries included, queueing for a free slot not), retries, failures and
+counted twice. `last_metrics` holds the latest call's latency p50/p95 (per sample, from its first
+attempt to its reply, retries included, queueing for a free slot not), retries, failures and
 invalid replies (`remote/<name>/...`), for TensorBoard; the async pipeline attaches them to each
-RewardResult.
+RewardResult (`extra_metrics`, included in `RewardResult.metrics()`).
 
 Config (rewards registered as `remote` and `remote_<rubric>`):
   c.rewards.names = ('remote_alignment', 'aesthetics', 'portrait')
@@ -43,7 +43,9 @@ import json
 import os
 import random
 import secrets
+import threading
 import time
+import weakref
 from typing import Any, Optional
 
 import aiohttp
@@ -81,6 +83,36 @@ class RemoteRewardError(RewardError):
 
 class _Retryable(Exception):
   """One attempt failed in a way a retry may fix."""
+
+
+class _LoopThread:
+  """An event loop on a daemon thread: `run(coro)` from any thread blocks for its result.
+
+  One loop for the reward's lifetime keeps its HTTP connections alive between batches (a new
+  loop per batch would reconnect, and redo TLS, every time).
+  """
+
+  def __init__(self, name: str):
+    self.session: Optional[aiohttp.ClientSession] = None  # created and used on the loop
+    self.loop = asyncio.new_event_loop()
+    self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+    self._thread.start()
+
+  def run(self, coro):
+    if self.loop.is_closed():
+      coro.close()
+      raise RemoteRewardError('the remote reward was closed')
+    return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+  def close(self) -> None:
+    if self.loop.is_closed():
+      return
+    if self.session is not None:
+      asyncio.run_coroutine_threadsafe(self.session.close(), self.loop).result()
+      self.session = None
+    self.loop.call_soon_threadsafe(self.loop.stop)
+    self._thread.join()
+    self.loop.close()
 
 
 @dataclasses.dataclass
@@ -161,6 +193,8 @@ class RemoteReward(RewardFn):
     self._consecutive_failures = 0
     self.totals = {'requests': 0, 'retries': 0, 'failures': 0, 'invalid': 0}
     self.last_metrics: dict[str, float] = {}
+    self._loop = _LoopThread(f'remote-reward-{name}')
+    weakref.finalize(self, self._loop.close)
 
   # --- requests ---------------------------------------------------------------------------
 
@@ -192,11 +226,13 @@ class RemoteReward(RewardFn):
   def _backoff(self, attempt: int) -> float:
     return self._rng.uniform(0, min(self.backoff_max_s, self.backoff_base_s * 2**attempt))
 
-  async def _attempt(self, session, data: bytes, request_id: str) -> Optional[float]:
+  async def _attempt(self, session, data: bytes, request_id: str,
+                     headers: dict) -> Optional[float]:
     """One POST; the readout, None for an invalid reply; raises _Retryable or
     RemoteRewardError."""
     try:
-      async with session.post(self.url, data=data, headers={'X-Request-Id': request_id}) as resp:
+      async with session.post(self.url, data=data,
+                              headers={**headers, 'X-Request-Id': request_id}) as resp:
         text = await resp.text(errors='replace')
         status, echoed = resp.status, resp.headers.get('X-Request-Id')
     except (aiohttp.ClientError, asyncio.TimeoutError) as e:
@@ -216,7 +252,7 @@ class RemoteReward(RewardFn):
     return protocol.expected_score(content, self.scale)
 
   async def _one(self, session, slots: asyncio.Semaphore, index: int, data: bytes,
-                 request_id: str) -> _Outcome:
+                 request_id: str, headers: dict) -> _Outcome:
     start, error = None, ''  # latency counts from the first attempt, not the wait for a slot
     for attempt in range(self.max_retries + 1):
       if attempt:
@@ -224,7 +260,7 @@ class RemoteReward(RewardFn):
       async with slots:
         start = time.perf_counter() if start is None else start
         try:
-          value = await asyncio.wait_for(self._attempt(session, data, request_id),
+          value = await asyncio.wait_for(self._attempt(session, data, request_id, headers),
                                          self.timeout_s)
         except (_Retryable, asyncio.TimeoutError) as e:
           error = str(e) or f'timed out after {self.timeout_s} s'
@@ -243,18 +279,24 @@ class RemoteReward(RewardFn):
                     self.max_retries, error)
 
   async def _score_all(self, bodies: list[bytes], request_ids: list[str]) -> list[_Outcome]:
+    headers = self._headers()
+    if self._loop.session is None:  # Kept open across calls: connections are reused.
+      self._loop.session = aiohttp.ClientSession(
+          connector=aiohttp.TCPConnector(limit=self.max_concurrency),
+          timeout=aiohttp.ClientTimeout(total=None))
     slots = asyncio.Semaphore(self.max_concurrency)
-    connector = aiohttp.TCPConnector(limit=self.max_concurrency)
-    async with aiohttp.ClientSession(connector=connector, headers=self._headers(),
-                                     timeout=aiohttp.ClientTimeout(total=None)) as session:
-      tasks = [asyncio.create_task(self._one(session, slots, i, body, rid))
-               for i, (body, rid) in enumerate(zip(bodies, request_ids))]
-      try:
-        return await asyncio.gather(*tasks)
-      finally:
-        for task in tasks:
-          task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    tasks = [asyncio.create_task(self._one(self._loop.session, slots, i, body, rid, headers))
+             for i, (body, rid) in enumerate(zip(bodies, request_ids))]
+    try:
+      return await asyncio.gather(*tasks)
+    finally:
+      for task in tasks:
+        task.cancel()
+      await asyncio.gather(*tasks, return_exceptions=True)
+
+  def close(self) -> None:
+    """Closes the HTTP connections and stops the client's event-loop thread. Idempotent."""
+    self._loop.close()
 
   # --- the reward -------------------------------------------------------------------------
 
@@ -262,7 +304,7 @@ class RemoteReward(RewardFn):
     bodies = [json.dumps(self.request_body(batch, i)).encode() for i in range(batch.size)]
     nonce = secrets.token_hex(4)
     request_ids = [f'{nonce}-{int(sid)}' for sid in batch.sample_ids]
-    outcomes = asyncio.run(self._score_all(bodies, request_ids))
+    outcomes = self._loop.run(self._score_all(bodies, request_ids))
     if [o.index for o in outcomes] != list(range(batch.size)):  # bookkeeping guard
       raise RemoteRewardError(f'remote reward {self.name!r}: outcomes out of order')
     self._record(outcomes)

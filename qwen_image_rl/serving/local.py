@@ -32,6 +32,7 @@ class ServerProcess:
     self.command, self.env = list(command), dict(env or {})
     self.port = 0
     self.process: Optional[subprocess.Popen] = None
+    self._pump_thread: Optional[threading.Thread] = None
     self.output: list[str] = []
 
   @property
@@ -55,7 +56,9 @@ class ServerProcess:
         [*self.command, f'--port={self.port}'], cwd=ROOT, env=env, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines: queue.Queue = queue.Queue()
-    threading.Thread(target=self._pump, args=(self.process, lines), daemon=True).start()
+    self._pump_thread = threading.Thread(target=self._pump, args=(self.process, lines),
+                                         daemon=True)
+    self._pump_thread.start()
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
       try:
@@ -78,9 +81,13 @@ class ServerProcess:
 
   def kill(self) -> None:
     """SIGKILL to the child's process group; a no-op if it is not running."""
-    if self.process is not None and self.process.poll() is None:
+    if self.process is None:
+      return
+    if self.process.poll() is None:
       os.killpg(self.process.pid, signal.SIGKILL)
       self.process.wait(10)
+    self._pump_thread.join(10)  # the pipe is at EOF once the child is gone
+    self.process.stdout.close()
 
   def restart(self) -> 'ServerProcess':
     self.kill()
