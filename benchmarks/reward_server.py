@@ -12,9 +12,9 @@
    `--chunks` chunks; after each chunk its images (pre-rendered tiny-world scenes) are submitted
    to the AsyncRewardPipeline, and the iteration collects every chunk's scores at the end, as the
    GRPO trainer's Roller.collect does. The reward is the composite (alignment, aesthetics,
-   portrait), in-process oracle vs the remote oracle judge. Hidden share = 1 - (time the caller
-   waited for rewards) / (time the rewards took), per iteration; medians over `--iterations`
-   after one warm-up iteration. The last chunk's reward can only be waited for (nothing rolls
+   portrait), in-process oracle vs the remote oracle judge, their iterations alternating so
+   both see the same machine load. Hidden share = 1 - (time the caller waited for rewards) /
+   (time the rewards took), per iteration; medians over `--iterations` after a warm-up. The last chunk's reward can only be waited for (nothing rolls
    out after it), so the share is at most about 1 - 1/chunks.
 
 Both the judge server and the simulated rollout run on this machine's CPU cores; on a real
@@ -116,37 +116,31 @@ def simulated_rollout():
   return lambda seconds: chain(x, jnp.int32(max(1, round(seconds / per_step)))).block_until_ready()
 
 
-def rl_iterations(reward_fn, images: RewardBatch, chunks: int, rollout, rollout_chunk_s: float,
-                  iterations: int):
-  """Per iteration (after a warm-up): rollout, reward and wait seconds, as Roller.collect."""
+def rl_iteration(pipeline, images: RewardBatch, chunks: int, rollout, rollout_chunk_s: float,
+                 iteration: int) -> dict:
+  """One iteration's rollout, reward and wait seconds, in the pattern of Roller.collect."""
   size = images.size // chunks
-  out = []
-  with AsyncRewardPipeline(reward_fn, max_pending=max(2, chunks)) as pipeline:
-    for it in range(iterations + 1):
-      start = time.perf_counter()
-      tickets, rollout_s = [], 0.0
-      for c in range(chunks):
-        t0 = time.perf_counter()
-        rollout(rollout_chunk_s)
-        rollout_s += time.perf_counter() - t0
-        part = images.select(range(c * size, (c + 1) * size))
-        part = RewardBatch(images=part.images, prompts=part.prompts,
-                           categories=part.categories, meta=part.meta,
-                           sample_ids=it * images.size + part.sample_ids)
-        tickets.append(pipeline.submit(part))
-      reward_s = wait_s = 0.0
-      for ticket in tickets:
-        result = pipeline.result(ticket)
-        reward_s += result.seconds
-        wait_s += result.wait_seconds
-      if it:  # the first iteration warms up the server, caches and threads
-        out.append(dict(rollout_s=rollout_s, reward_s=reward_s, wait_s=wait_s,
-                        iteration_s=time.perf_counter() - start,
-                        hidden=1 - wait_s / reward_s))
-  return out
+  start = time.perf_counter()
+  tickets, rollout_s = [], 0.0
+  for c in range(chunks):
+    t0 = time.perf_counter()
+    rollout(rollout_chunk_s)
+    rollout_s += time.perf_counter() - t0
+    part = images.select(range(c * size, (c + 1) * size))
+    part = RewardBatch(images=part.images, prompts=part.prompts, categories=part.categories,
+                       meta=part.meta, sample_ids=iteration * images.size + part.sample_ids)
+    tickets.append(pipeline.submit(part))
+  reward_s = wait_s = 0.0
+  for ticket in tickets:
+    result = pipeline.result(ticket)
+    reward_s += result.seconds
+    wait_s += result.wait_seconds
+  return dict(rollout_s=rollout_s, reward_s=reward_s, wait_s=wait_s,
+              iteration_s=time.perf_counter() - start, hidden=1 - wait_s / reward_s)
 
 
 def overlap(args) -> list[dict]:
+  """Per chunk count, in-process and remote iterations alternate (both see the same load)."""
   images = tiny_world_batch(args.batch, seed=1)
   rows = []
   with local_server('--judge=oracle', '--max_batch=64') as server:
@@ -156,10 +150,17 @@ def overlap(args) -> list[dict]:
                                                   max_concurrency=64) for r in T2I})}
     rollout = simulated_rollout()
     for chunks in args.chunks:
-      for mode, reward_fn in rewards.items():
-        its = rl_iterations(reward_fn, images, chunks, rollout, args.rollout_s / chunks,
-                            args.iterations)
-        med = {k: float(np.median([i[k] for i in its])) for k in its[0]}
+      pipelines = {mode: AsyncRewardPipeline(fn, max_pending=max(2, chunks))
+                   for mode, fn in rewards.items()}
+      its = {mode: [] for mode in rewards}
+      for it in range(args.iterations + 1):  # iteration 0 warms up
+        for mode, pipeline in pipelines.items():
+          got = rl_iteration(pipeline, images, chunks, rollout, args.rollout_s / chunks, it)
+          if it:
+            its[mode].append(got)
+      for mode, pipeline in pipelines.items():
+        pipeline.close()
+        med = {k: float(np.median([i[k] for i in its[mode]])) for k in its[mode][0]}
         row = dict(chunks=chunks, reward=mode, **med)
         rows.append(row)
         print(f"{chunks:>7}  {mode:<11}{med['rollout_s']:>10.2f}{med['reward_s']:>10.2f}"

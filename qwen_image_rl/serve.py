@@ -1,7 +1,7 @@
 """An OpenAI-compatible judge server (vLLM's chat-completions API subset that judges use).
 
   python -m qwen_image_rl.serve --judge=oracle [--host=127.0.0.1] [--port=8000]
-      [--api_key_env=NAME] [--max_batch=32] [--max_request_mb=16] [--max_wait_ms=5]
+      [--api_key_env=NAME] [--max_batch=32] [--max_request_mb=16] [--max_wait_ms=2]
 
 Routes:
   POST /v1/chat/completions  messages with text and image_url data-URI parts -> the judge's text
@@ -120,7 +120,7 @@ class _Handlers:
 
 
 def make_app(judge: judges.Judge, *, api_key: Optional[str] = None, max_batch: int = 32,
-             max_request_mb: float = 16, max_wait_ms: float = 5.0,
+             max_request_mb: float = 16, max_wait_ms: float = 2.0,
              middlewares: Sequence = ()) -> web.Application:
   """The aiohttp application serving `judge`; `middlewares` run after authentication (the
   fault tests inject delays and garbage there)."""
@@ -172,7 +172,7 @@ def parse_args(argv):
                       help='environment variable holding the API key; unset: no auth')
   parser.add_argument('--max_batch', type=int, default=32)
   parser.add_argument('--max_request_mb', type=float, default=16.0)
-  parser.add_argument('--max_wait_ms', type=float, default=5.0,
+  parser.add_argument('--max_wait_ms', type=float, default=2.0,
                       help='how long a batch waits for more requests')
   args = parser.parse_args(argv)
   if args.max_batch < 1 or args.max_request_mb <= 0 or args.max_wait_ms < 0:

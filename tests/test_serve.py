@@ -181,3 +181,33 @@ def test_cli_errors(capsys, tmp_path, monkeypatch):
   with pytest.raises(SystemExit):
     serve.main(['--judge=oracle', f'--api_key_env={KEY_ENV}'])
   assert f'${KEY_ENV} is unset' in capsys.readouterr().err
+
+
+def test_batcher_batches_and_keeps_replies_with_their_requests():
+  import asyncio
+  from qwen_image_rl.serving.batcher import Batcher
+  calls = []
+
+  def judge(items):
+    calls.append(list(items))
+    if -1 in items:
+      raise RuntimeError('judge exploded')
+    return [f'reply to {item}' for item in items]
+
+  async def run():
+    batcher = Batcher(judge, max_batch=8, max_wait_s=0.01)
+    batcher.start()
+    try:
+      replies = await asyncio.gather(*(batcher.submit(i) for i in range(40)))
+      failed = await asyncio.gather(batcher.submit(-1), return_exceptions=True)
+      after = await batcher.submit(99)
+    finally:
+      await batcher.stop()
+    return replies, failed, after, batcher.stats
+
+  replies, failed, after, stats = asyncio.run(run())
+  assert replies == [f'reply to {i}' for i in range(40)]
+  assert all(len(c) <= 8 for c in calls) and len(calls[0]) == 8  # full batches under load
+  assert sorted(i for c in calls[:-2] for i in c) == list(range(40))  # each scored once
+  assert isinstance(failed[0], RuntimeError) and after == 'reply to 99'
+  assert stats['requests'] == 41 and stats['max_batch_seen'] == 8

@@ -1,7 +1,7 @@
 """Concurrent requests into batched judge calls: an asyncio queue drained by one batching task.
 
-The first waiting request opens a batch; requests arriving within `max_wait_s` (or until
-`max_batch`) join it; the judge scores the batch on one executor thread (so the event loop keeps
+The first waiting request opens a batch; those queued while the previous batch was being judged
+join it at once, and those arriving within `max_wait_s` more (until `max_batch`) too; the judge scores the batch on one executor thread (so the event loop keeps
 accepting requests while it runs) and each request's future gets its reply. A judge exception
 fails every request of that batch and nothing else.
 """
@@ -18,7 +18,7 @@ class Batcher:
   """`await batcher.submit(item)` -> `score_fn([items...])[i]`, batched across callers."""
 
   def __init__(self, score_fn: Callable[[Sequence[Any]], list], max_batch: int = 32,
-               max_wait_s: float = 0.005):
+               max_wait_s: float = 0.002):
     if max_batch < 1:
       raise ValueError(f'max_batch={max_batch} must be >= 1')
     self._score_fn = score_fn
@@ -48,8 +48,10 @@ class Batcher:
 
   async def _collect(self) -> list:
     batch = [await self._queue.get()]
+    while len(batch) < self.max_batch and not self._queue.empty():  # arrived while judging
+      batch.append(self._queue.get_nowait())
     deadline = time.monotonic() + self.max_wait_s
-    while len(batch) < self.max_batch:
+    while len(batch) < self.max_batch and self.max_wait_s > 0:
       remaining = deadline - time.monotonic()
       if remaining <= 0:
         break
