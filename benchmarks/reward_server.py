@@ -10,12 +10,16 @@
    samples is simulated by a jitted JAX computation (a chain of matmuls calibrated to take
    `--rollout_s` per iteration, 1.88 s = the tiny T2I config's measured rollout), split into
    `--chunks` chunks; after each chunk its images (pre-rendered tiny-world scenes) are submitted
-   to the AsyncRewardPipeline, and the iteration collects every chunk's scores at the end, as the
-   GRPO trainer's Roller.collect does. The reward is the composite (alignment, aesthetics,
-   portrait), in-process oracle vs the remote oracle judge, their iterations alternating so
-   both see the same machine load. Hidden share = 1 - (time the caller waited for rewards) /
-   (time the rewards took), per iteration; medians over `--iterations` after a warm-up. The last chunk's reward can only be waited for (nothing rolls
-   out after it), so the share is at most about 1 - 1/chunks.
+   to the reward pipeline, and the iteration collects every chunk's scores at the end, as the
+   GRPO trainer's Roller.collect does. Rewards: the composite (alignment, aesthetics, portrait),
+   in-process oracle or remote oracle judge. The reward latency to hide is what a synchronous
+   pipeline (SyncRewardPipeline: scoring in the caller after each chunk) spends scoring; the
+   asynchronous pipeline (1 worker, as the trainer uses it, or `--workers` workers scoring chunks
+   concurrently) leaves `wait` of it exposed: hidden share = 1 - median(wait) / median(sync
+   reward seconds), medians over `--iterations` after a warm-up, all variants' iterations
+   alternating so they see the same machine load. The last chunk's reward can only be waited
+   for (nothing rolls out after it), so with one worker the share is at most about
+   1 - 1/chunks.
 
 Both the judge server and the simulated rollout run on this machine's CPU cores; on a real
 deployment the judge runs on other machines.
@@ -39,6 +43,7 @@ import numpy as np  # noqa: E402
 from qwen_image_rl.data import render  # noqa: E402
 from qwen_image_rl.data import world  # noqa: E402
 from qwen_image_rl.rewards.async_pipeline import AsyncRewardPipeline  # noqa: E402
+from qwen_image_rl.rewards.async_pipeline import SyncRewardPipeline  # noqa: E402
 from qwen_image_rl.rewards.base import RewardBatch  # noqa: E402
 from qwen_image_rl.rewards.composite import CompositeReward  # noqa: E402
 from qwen_image_rl.rewards.registry import make_reward  # noqa: E402
@@ -136,11 +141,13 @@ def rl_iteration(pipeline, images: RewardBatch, chunks: int, rollout, rollout_ch
     reward_s += result.seconds
     wait_s += result.wait_seconds
   return dict(rollout_s=rollout_s, reward_s=reward_s, wait_s=wait_s,
-              iteration_s=time.perf_counter() - start, hidden=1 - wait_s / reward_s)
+              iteration_s=time.perf_counter() - start)
 
 
 def overlap(args) -> list[dict]:
-  """Per chunk count, in-process and remote iterations alternate (both see the same load)."""
+  """Per chunk count and reward: a synchronous baseline (scoring in the caller: the reward
+  latency to hide) and asynchronous pipelines, iterations alternating so all see the same load.
+  """
   images = tiny_world_batch(args.batch, seed=1)
   rows = []
   with local_server('--judge=oracle', '--max_batch=64') as server:
@@ -148,24 +155,33 @@ def overlap(args) -> list[dict]:
         'in-process': CompositeReward({r: make_reward(r) for r in T2I}),
         'remote': CompositeReward({r: make_reward(f'remote_{r}', base_url=server.base_url,
                                                   max_concurrency=64) for r in T2I})}
+    modes = [('in-process', 'sync', 0), ('in-process', 'async', 1), ('remote', 'sync', 0),
+             ('remote', 'async', 1), ('remote', 'async', args.workers)]
     rollout = simulated_rollout()
     for chunks in args.chunks:
-      pipelines = {mode: AsyncRewardPipeline(fn, max_pending=max(2, chunks))
-                   for mode, fn in rewards.items()}
-      its = {mode: [] for mode in rewards}
+      pipelines = [SyncRewardPipeline(rewards[r]) if kind == 'sync' else
+                   AsyncRewardPipeline(rewards[r], max_pending=max(2, chunks), workers=workers)
+                   for r, kind, workers in modes]
+      its = [[] for _ in modes]
       for it in range(args.iterations + 1):  # iteration 0 warms up
-        for mode, pipeline in pipelines.items():
+        for runs, pipeline in zip(its, pipelines):
           got = rl_iteration(pipeline, images, chunks, rollout, args.rollout_s / chunks, it)
           if it:
-            its[mode].append(got)
-      for mode, pipeline in pipelines.items():
+            runs.append(got)
+      latency = {}  # reward -> median reward seconds of the synchronous iterations
+      for (reward, kind, workers), runs, pipeline in zip(modes, its, pipelines):
         pipeline.close()
-        med = {k: float(np.median([i[k] for i in its[mode]])) for k in its[mode][0]}
-        row = dict(chunks=chunks, reward=mode, **med)
+        med = {k: float(np.median([i[k] for i in runs])) for k in runs[0]}
+        if kind == 'sync':
+          latency[reward] = med['reward_s']
+          continue
+        hidden = 1 - med['wait_s'] / latency[reward]
+        row = dict(chunks=chunks, reward=reward, workers=workers, sync_reward_s=latency[reward],
+                   hidden=hidden, **{k: v for k, v in med.items() if k != 'hidden'})
         rows.append(row)
-        print(f"{chunks:>7}  {mode:<11}{med['rollout_s']:>10.2f}{med['reward_s']:>10.2f}"
-              f"{med['wait_s']:>9.2f}{med['iteration_s']:>13.2f}{100 * med['hidden']:>8.1f}%",
-              flush=True)
+        print(f"{chunks:>7}  {reward:<11}{workers:>8}{latency[reward]:>10.2f}"
+              f"{med['rollout_s']:>10.2f}{med['wait_s']:>9.2f}{med['iteration_s']:>12.2f}"
+              f"{100 * hidden:>9.1f}%", flush=True)
   return rows
 
 
@@ -183,6 +199,8 @@ def main():
   parser.add_argument('--rollout_s', type=float, default=1.88,
                       help='simulated rollout seconds per iteration')
   parser.add_argument('--iterations', type=int, default=5)
+  parser.add_argument('--workers', type=int, default=3,
+                      help='reward pipeline workers of the "remote xN" mode')
   parser.add_argument('--skip', choices=('', 'throughput', 'overlap'), default='')
   args = parser.parse_args()
   if any(args.batch % c for c in args.chunks):
@@ -196,8 +214,8 @@ def main():
   if args.skip != 'overlap':
     print(f'\nRL iteration, {args.batch} samples, simulated rollout {args.rollout_s} s '
           f'(jitted JAX), rewards {"+".join(T2I)}; medians of {args.iterations} iterations')
-    print(f"{'chunks':>7}  {'reward':<11}{'rollout s':>10}{'reward s':>10}{'wait s':>9}"
-          f"{'iteration s':>13}{'hidden':>9}")
+    print(f"{'chunks':>7}  {'reward':<11}{'workers':>8}{'reward s':>10}{'rollout s':>10}"
+          f"{'wait s':>9}{'iteration s':>12}{'hidden':>10}")
     result['overlap'] = overlap(args)
   print(json.dumps(result))
 

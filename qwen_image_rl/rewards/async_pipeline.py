@@ -273,28 +273,41 @@ _STOP = object()
 
 
 class AsyncRewardPipeline(_RewardPipelineBase):
-  """Scores submitted batches in FIFO order on one background thread.
+  """Scores submitted batches in FIFO order on one background thread (or `workers` threads).
 
   Args:
     reward_fn: `fn(RewardBatch) -> {name: [B]}`, e.g. a RewardFn or CompositeReward. Called only
-      from the worker thread, one batch at a time.
-    max_pending: batches that may wait unscored (not counting the one being scored); `submit`
+      from the worker threads; with workers=1 one batch at a time.
+    max_pending: batches that may wait unscored (not counting those being scored); `submit`
       blocks beyond that.
     copy_inputs: submit a private read-only copy of the batch (the caller may reuse buffers).
     on_nan: 'warn' logs NaN scores; 'raise' makes `result()` raise RewardError.
+    workers: threads scoring batches; > 1 overlaps batches whose scoring mostly waits (a remote
+      judge's round trips), and then reward_fn is called concurrently (it must be thread-safe;
+      batches start in FIFO order but may finish in any order; each result stays with its
+      ticket).
   """
 
   def __init__(self, reward_fn, max_pending: int = 2, *, copy_inputs: bool = True,
-               on_nan: str = 'warn', thread_name: str = 'reward-worker'):
+               on_nan: str = 'warn', thread_name: str = 'reward-worker', workers: int = 1):
     super().__init__(reward_fn, copy_inputs=copy_inputs, on_nan=on_nan)
     if not isinstance(max_pending, int) or max_pending < 1:
       raise ValueError(f'max_pending={max_pending!r} must be an int >= 1')
+    if not isinstance(workers, int) or workers < 1:
+      raise ValueError(f'workers={workers!r} must be an int >= 1')
     self.max_pending = max_pending
+    self.workers = workers
     self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
     self._cancel = threading.Event()
     self._exited = False
-    self._thread = threading.Thread(target=self._run, name=thread_name, daemon=True)
-    self._thread.start()
+    self._running = workers
+    self._threads = [
+        threading.Thread(target=self._run, daemon=True,
+                         name=thread_name if workers == 1 else f'{thread_name}-{i}')
+        for i in range(workers)]
+    self._thread = self._threads[0]  # with workers=1 the only one
+    for thread in self._threads:
+      thread.start()
 
   def _run(self) -> None:
     try:
@@ -311,7 +324,8 @@ class AsyncRewardPipeline(_RewardPipelineBase):
           self._store(ticket, self._score(ticket, batch))
     finally:
       with self._cond:
-        self._exited = True
+        self._running -= 1
+        self._exited = self._running == 0
         self._cond.notify_all()
 
   def _worker_gone(self) -> bool:
@@ -353,12 +367,15 @@ class AsyncRewardPipeline(_RewardPipelineBase):
       self._cancel.set()
     if not self._closed:
       self._closed = True
-      while not self._exited:  # The worker drains the queue, so a slot frees up.
+      stops = 0  # one per worker; the workers drain the queue, so slots free up
+      while stops < self.workers and not self._exited:
         try:
           self._queue.put(_STOP, timeout=0.1)
-          break
+          stops += 1
         except queue.Full:
           continue
-    self._thread.join(timeout)
-    if self._thread.is_alive():
+    deadline = None if timeout is None else time.monotonic() + timeout
+    for thread in self._threads:
+      thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+    if any(thread.is_alive() for thread in self._threads):
       raise TimeoutError(f'the reward worker did not stop within {timeout} s (still scoring)')

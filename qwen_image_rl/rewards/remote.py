@@ -26,7 +26,9 @@ request (and by the X-Request-Id the server echoes, when it does), so no score i
 counted twice. `last_metrics` holds the latest call's latency p50/p95 (per sample, from its first
 attempt to its reply, retries included, queueing for a free slot not), retries, failures and
 invalid replies (`remote/<name>/...`), for TensorBoard; the async pipeline attaches them to each
-RewardResult (`extra_metrics`, included in `RewardResult.metrics()`).
+RewardResult (`extra_metrics`, included in `RewardResult.metrics()`). The reward is thread-safe:
+concurrent calls (AsyncRewardPipeline(workers > 1)) share one event loop and connection pool,
+and `last_metrics` is per calling thread.
 
 Config (rewards registered as `remote` and `remote_<rubric>`):
   c.rewards.names = ('remote_alignment', 'aesthetics', 'portrait')
@@ -192,7 +194,8 @@ class RemoteReward(RewardFn):
     self._rng = random.Random(seed)
     self._consecutive_failures = 0
     self.totals = {'requests': 0, 'retries': 0, 'failures': 0, 'invalid': 0}
-    self.last_metrics: dict[str, float] = {}
+    self._totals_lock = threading.Lock()
+    self._local = threading.local()  # last_metrics per calling thread (pipeline workers)
     self._loop = _LoopThread(f'remote-reward-{name}')
     weakref.finalize(self, self._loop.close)
 
@@ -294,6 +297,11 @@ class RemoteReward(RewardFn):
         task.cancel()
       await asyncio.gather(*tasks, return_exceptions=True)
 
+  @property
+  def last_metrics(self) -> dict[str, float]:
+    """Metrics of this thread's latest call (a pipeline worker reads its own batch's)."""
+    return dict(getattr(self._local, 'metrics', {}))
+
   def close(self) -> None:
     """Closes the HTTP connections and stops the client's event-loop thread. Idempotent."""
     self._loop.close()
@@ -316,11 +324,12 @@ class RemoteReward(RewardFn):
     retries = sum(o.retries for o in outcomes)
     answered = [o.seconds for o in outcomes if o.status != 'failed']
     p50, p95 = (np.percentile(answered, [50, 95]) if answered else (float('nan'),) * 2)
-    for key, value in (('requests', len(outcomes)), ('retries', retries),
-                       ('failures', counts['failed']), ('invalid', counts['invalid'])):
-      self.totals[key] += value
+    with self._totals_lock:
+      for key, value in (('requests', len(outcomes)), ('retries', retries),
+                         ('failures', counts['failed']), ('invalid', counts['invalid'])):
+        self.totals[key] += value
     prefix = f'remote/{self.name}'
-    self.last_metrics = {
+    self._local.metrics = {
         f'{prefix}/latency_p50_s': float(p50), f'{prefix}/latency_p95_s': float(p95),
         f'{prefix}/requests': float(len(outcomes)), f'{prefix}/retries': float(retries),
         f'{prefix}/failures': float(counts['failed']),
