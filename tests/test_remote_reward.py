@@ -338,3 +338,14 @@ def test_pipeline_workers_overlap_remote_batches(oracle_server):
 def make_reward_fn(fn):
   from qwen_image_rl.rewards.base import FunctionReward
   return FunctionReward('ids', fn, names=('ids',))
+
+
+def test_broken_log_probs_are_garbage_or_invalid():
+  zero = [entry('4', -math.inf, [('4', -math.inf), ('5', -math.inf)])]
+  assert protocol.expected_score(protocol.reply_token_logprobs(
+      {'choices': [{'logprobs': {'content': zero}}]})) is None  # no probability mass: invalid
+  for bad in (math.nan, math.inf, 'high', True):
+    with pytest.raises(protocol.ProtocolError, match='content\\[0\\]'):
+      protocol.reply_token_logprobs({'choices': [{'logprobs': {'content': [entry('4', bad)]}}]})
+  with pytest.raises(protocol.ProtocolError, match='logprobs'):
+    protocol.reply_token_logprobs({'choices': [{'message': {'content': '4'}, 'logprobs': None}]})

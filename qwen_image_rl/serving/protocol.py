@@ -235,7 +235,9 @@ def reply_token_logprobs(response: Any) -> list:
 
 
 def _is_number(x) -> bool:
-  return isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isnan(x)
+  """A log-prob: a finite number or -inf (JSON from Python may carry -Infinity)."""
+  return (isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isnan(x)
+          and x != math.inf)
 
 
 def _score_of(token: str) -> Optional[int]:
@@ -263,6 +265,8 @@ def expected_score(content: Sequence[Mapping[str, Any]], scale: str = 'unit') ->
     candidates.setdefault(alt['token'], float(alt['logprob']))
   by_value = [(s, lp) for tok, lp in candidates.items() if (s := _score_of(tok)) is not None]
   top = max(lp for _, lp in by_value)
+  if not math.isfinite(top):  # every score token has probability 0 (or the reply is broken)
+    return None
   mass = {s: 0.0 for s in SCORE_VALUES}
   for s, lp in by_value:
     mass[s] += math.exp(lp - top)
