@@ -11,7 +11,9 @@ The GRPO loop overlaps rollout n+1 with the scoring of rollout n:
       train_step(scored.scores, ...)
       ticket = next_ticket
 
-One worker thread scores batches strictly in submission order (FIFO). `submit` copies the batch
+One worker thread scores batches strictly in submission order (FIFO); `workers=N` lets N batches
+be scored at once, for a reward that mostly waits on a remote judge (rewards/remote.py), whose
+chunks would otherwise queue behind each other's round trips. `submit` copies the batch
 (read-only), so the caller may reuse its buffers, and blocks once `max_pending` batches wait, to
 bound host memory. Each result carries the sample ids of the batch it scored and is checked
 against the ids recorded at submit time, so a score can never move to another sample. A failure
