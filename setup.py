@@ -19,6 +19,7 @@ RUNTIME = [
     "pillow>=10",
     "absl-py>=2.1",
     "matplotlib>=3.8",  # arena and curve plots
+    "aiohttp>=3.9",  # the judge server (qwen_image_rl.serve) and the remote reward client
 ]
 
 TEST = [

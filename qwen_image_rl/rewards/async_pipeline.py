@@ -11,7 +11,9 @@ The GRPO loop overlaps rollout n+1 with the scoring of rollout n:
       train_step(scored.scores, ...)
       ticket = next_ticket
 
-One worker thread scores batches strictly in submission order (FIFO). `submit` copies the batch
+One worker thread scores batches strictly in submission order (FIFO); `workers=N` lets N batches
+be scored at once, for a reward that mostly waits on a remote judge (rewards/remote.py), whose
+chunks would otherwise queue behind each other's round trips. `submit` copies the batch
 (read-only), so the caller may reuse its buffers, and blocks once `max_pending` batches wait, to
 bound host memory. Each result carries the sample ids of the batch it scored and is checked
 against the ids recorded at submit time, so a score can never move to another sample. A failure
@@ -60,6 +62,8 @@ class RewardResult(Mapping[str, np.ndarray]):
     nan_counts: {name: number of failed (NaN) samples}.
     seconds: wall time the reward function took.
     wait_seconds: how long `result()` blocked the caller (0 when scoring was already done).
+    extra_metrics: the reward function's `last_metrics` right after it scored this batch (e.g.
+      a remote judge's latency percentiles, retries and failures), or {}.
   """
   ticket: int
   scores: dict[str, np.ndarray]
@@ -67,6 +71,7 @@ class RewardResult(Mapping[str, np.ndarray]):
   nan_counts: dict[str, int]
   seconds: float
   wait_seconds: float = 0.0
+  extra_metrics: dict[str, float] = dataclasses.field(default_factory=dict)
 
   def __getitem__(self, name: str) -> np.ndarray:
     return self.scores[name]
@@ -92,7 +97,7 @@ class RewardResult(Mapping[str, np.ndarray]):
 
   def metrics(self, prefix: str = 'reward') -> dict[str, float]:
     """Scalars for logging: `<prefix>/<name>/{mean,std,min,max,nan_count}` over finite samples,
-    and `perf/reward_seconds`, `perf/reward_wait_seconds`."""
+    `perf/reward_seconds`, `perf/reward_wait_seconds`, and `extra_metrics`."""
     out = {}
     for name, value in self.scores.items():
       finite = value[np.isfinite(value)]
@@ -103,6 +108,7 @@ class RewardResult(Mapping[str, np.ndarray]):
       out[f'{prefix}/{name}/nan_count'] = float(self.nan_counts[name])
     out['perf/reward_seconds'] = self.seconds
     out['perf/reward_wait_seconds'] = self.wait_seconds
+    out.update(self.extra_metrics)
     return out
 
 
@@ -146,8 +152,11 @@ class _RewardPipelineBase:
       scores = check_scores(scores, names, batch.size, where)
     except Exception as e:  # pylint: disable=broad-except
       return _Failure(e, traceback.format_exc())
+    # Read on the thread that scored, before the next batch overwrites it.
+    extra = dict(getattr(self.reward_fn, 'last_metrics', None) or {})
     return RewardResult(ticket=ticket, scores=scores, sample_ids=batch.sample_ids,
-                        nan_counts=nan_counts(scores), seconds=time.perf_counter() - start)
+                        nan_counts=nan_counts(scores), seconds=time.perf_counter() - start,
+                        extra_metrics=extra)
 
   # --- tickets ----------------------------------------------------------------------------
 
@@ -266,28 +275,41 @@ _STOP = object()
 
 
 class AsyncRewardPipeline(_RewardPipelineBase):
-  """Scores submitted batches in FIFO order on one background thread.
+  """Scores submitted batches in FIFO order on one background thread (or `workers` threads).
 
   Args:
     reward_fn: `fn(RewardBatch) -> {name: [B]}`, e.g. a RewardFn or CompositeReward. Called only
-      from the worker thread, one batch at a time.
-    max_pending: batches that may wait unscored (not counting the one being scored); `submit`
+      from the worker threads; with workers=1 one batch at a time.
+    max_pending: batches that may wait unscored (not counting those being scored); `submit`
       blocks beyond that.
     copy_inputs: submit a private read-only copy of the batch (the caller may reuse buffers).
     on_nan: 'warn' logs NaN scores; 'raise' makes `result()` raise RewardError.
+    workers: threads scoring batches; > 1 overlaps batches whose scoring mostly waits (a remote
+      judge's round trips), and then reward_fn is called concurrently (it must be thread-safe;
+      batches start in FIFO order but may finish in any order; each result stays with its
+      ticket).
   """
 
   def __init__(self, reward_fn, max_pending: int = 2, *, copy_inputs: bool = True,
-               on_nan: str = 'warn', thread_name: str = 'reward-worker'):
+               on_nan: str = 'warn', thread_name: str = 'reward-worker', workers: int = 1):
     super().__init__(reward_fn, copy_inputs=copy_inputs, on_nan=on_nan)
     if not isinstance(max_pending, int) or max_pending < 1:
       raise ValueError(f'max_pending={max_pending!r} must be an int >= 1')
+    if not isinstance(workers, int) or workers < 1:
+      raise ValueError(f'workers={workers!r} must be an int >= 1')
     self.max_pending = max_pending
+    self.workers = workers
     self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
     self._cancel = threading.Event()
     self._exited = False
-    self._thread = threading.Thread(target=self._run, name=thread_name, daemon=True)
-    self._thread.start()
+    self._running = workers
+    self._threads = [
+        threading.Thread(target=self._run, daemon=True,
+                         name=thread_name if workers == 1 else f'{thread_name}-{i}')
+        for i in range(workers)]
+    self._thread = self._threads[0]  # with workers=1 the only one
+    for thread in self._threads:
+      thread.start()
 
   def _run(self) -> None:
     try:
@@ -304,7 +326,8 @@ class AsyncRewardPipeline(_RewardPipelineBase):
           self._store(ticket, self._score(ticket, batch))
     finally:
       with self._cond:
-        self._exited = True
+        self._running -= 1
+        self._exited = self._running == 0
         self._cond.notify_all()
 
   def _worker_gone(self) -> bool:
@@ -346,12 +369,15 @@ class AsyncRewardPipeline(_RewardPipelineBase):
       self._cancel.set()
     if not self._closed:
       self._closed = True
-      while not self._exited:  # The worker drains the queue, so a slot frees up.
+      stops = 0  # one per worker; the workers drain the queue, so slots free up
+      while stops < self.workers and not self._exited:
         try:
           self._queue.put(_STOP, timeout=0.1)
-          break
+          stops += 1
         except queue.Full:
           continue
-    self._thread.join(timeout)
-    if self._thread.is_alive():
+    deadline = None if timeout is None else time.monotonic() + timeout
+    for thread in self._threads:
+      thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+    if any(thread.is_alive() for thread in self._threads):
       raise TimeoutError(f'the reward worker did not stop within {timeout} s (still scoring)')

@@ -60,6 +60,14 @@ class CompositeReward(RewardFn):
     self.last_seconds = seconds
     return out
 
+  @property
+  def last_metrics(self) -> dict[str, float]:
+    """The members' `last_metrics` (e.g. a remote judge's latency and retries), merged."""
+    out = {}
+    for reward in self.rewards.values():
+      out.update(getattr(reward, 'last_metrics', None) or {})
+    return out
+
 
 def validate_weights(weights: Mapping[str, Mapping[str, float]], reward_names: Sequence[str],
                      categories: Sequence[str] = ()) -> None:

@@ -18,7 +18,8 @@ from typing import Callable
 from qwen_image_rl.rewards.base import RewardFn
 
 _REGISTRY: dict[str, Callable[..., RewardFn]] = {}
-_BUILTIN_MODULES = ('qwen_image_rl.rewards.oracle_rewards', 'qwen_image_rl.judges.rewards')
+_BUILTIN_MODULES = ('qwen_image_rl.rewards.oracle_rewards', 'qwen_image_rl.judges.rewards',
+                    'qwen_image_rl.rewards.remote')
 
 
 def register_reward(name: str):

@@ -1,0 +1,43 @@
+"""The tiny world's ground truth as JSON: the `judge_context` request field the oracle judge reads.
+
+  {'rubric': 'alignment', 'category': 'general', 'spec': world.to_dict(scene)}     text-to-image
+  {'rubric': 'preservation', 'category': ..., 'edit': edit_to_dict(edit)}          edits
+
+A caption does not determine its scene uniquely in general (templates paraphrase, and some
+leave attributes out of the words the oracle scores), so the spec travels as structured data
+next to the prompt text instead of being parsed back from it. A learned judge ignores it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+from qwen_image_rl.data import edits as edits_lib
+from qwen_image_rl.data import world
+
+T2I_RUBRICS = ('alignment', 'aesthetics', 'portrait')
+EDIT_RUBRICS = ('instruction_following', 'identity', 'preservation')
+RUBRICS = T2I_RUBRICS + EDIT_RUBRICS
+
+
+def edit_to_dict(edit: edits_lib.Edit) -> dict:
+  return {'kind': edit.kind, 'source': world.to_dict(edit.source),
+          'instruction': edit.instruction, 'target': world.to_dict(edit.target)}
+
+
+def edit_from_dict(d: Mapping[str, Any]) -> edits_lib.Edit:
+  return edits_lib.Edit(kind=d['kind'], source=world.from_dict(d['source']),
+                        instruction=d['instruction'], target=world.from_dict(d['target']))
+
+
+def judge_context(rubric: str, category: str, meta: Optional[Mapping[str, Any]]) -> dict:
+  """One sample's context: {'rubric', 'category'} plus its 'spec' and/or 'edit' (JSON-ready)."""
+  context: dict[str, Any] = {'rubric': rubric, 'category': category}
+  meta = meta or {}
+  if 'spec' in meta:
+    spec = meta['spec']
+    context['spec'] = spec if isinstance(spec, dict) else world.to_dict(spec)
+  if 'edit' in meta:
+    edit = meta['edit']
+    context['edit'] = edit if isinstance(edit, dict) else edit_to_dict(edit)
+  return context
