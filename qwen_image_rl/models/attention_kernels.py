@@ -12,6 +12,11 @@ A Pallas call is opaque to XLA's SPMD partitioner, so under a mesh the kernel ru
 `shard_map` over the batch and head axes (attention is independent per sample and head): each
 chip attends its own samples and heads with no communication.
 
+Mosaic cannot contract bf16 operands at fp32 precision: under a global 'highest' matmul precision
+(JAX_DEFAULT_MATMUL_PRECISION, as the parity tests set) bf16 kernels fail to compile, so trace
+them under `jax.default_matmul_precision("default")` (the backward kernels are traced by
+`jax.grad`, so the context must cover the whole step).
+
 `attention(..., implementation="flash")` uses the kernel on TPU and the XLA path anywhere else
 (tests run the kernel on CPU in Pallas' TPU interpret mode, see `interpret_mode`).
 """
