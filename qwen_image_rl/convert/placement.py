@@ -2,8 +2,9 @@
 
 A loader reads one tensor into host memory, and `put` hands each addressable device only its
 own slice (`jax.make_array_from_callback`): no device ever holds a full copy of a sharded
-parameter, each host of a pod materialises only its local shards, and the host copy is dropped
-before the next tensor is read, so host memory stays near the model size plus the largest tensor.
+parameter, each host of a pod reads a tensor whole but copies out and transfers only its own
+devices' shards, and the host copy is dropped before the next tensor is read, so host memory
+stays near the largest tensor plus (on CPU, where device memory is host memory) the model.
 
 Scanned models keep all layers of a parameter in one stacked leaf [layers, ...]. `StackedLeaf`
 fills only this host's shards of that leaf, layer by layer, so the loader reads the checkpoint
