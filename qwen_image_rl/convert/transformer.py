@@ -16,9 +16,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qwen_image_rl import parallel
+from qwen_image_rl.convert import placement
 from qwen_image_rl.convert.safetensors_io import (
-    CheckpointError, check_state_dict, load_state_dict, read_json, save_state_dict)
-from qwen_image_rl.models.mmdit import QwenImageTransformer
+    CheckpointError, DictSource, SafetensorsReader, check_state_dict, known_config, read_json,
+    save_state_dict)
+from qwen_image_rl.models.mmdit import DIFFUSERS_FIELDS, QwenImageTransformer
 
 # (torch module name, flax path) for the Linear layers outside / inside a block.
 _TOP_LINEARS = (
@@ -105,26 +108,48 @@ def expected_torch_shapes(model: QwenImageTransformer) -> dict[str, tuple[int, .
   return shapes
 
 
-def params_from_torch_state_dict(state_dict: Mapping[str, np.ndarray],
-                                 model: QwenImageTransformer, where: str = "transformer") -> dict:
-  """Flax params (unboxed, `model.param_dtype`) from a diffusers state dict.
+def params_from_source(source, model: QwenImageTransformer, shardings=None,
+                       where: str = "transformer") -> dict:
+  """Flax params (unboxed, `model.param_dtype`) read tensor by tensor from `source`.
 
+  `source` has `shapes()` and `read(key)` (a `SafetensorsReader` or a `DictSource`).
+  `shardings`: a tree of target shardings matching the params (e.g. from
+  `parallel.tree_shardings(model.abstract_params(), mesh, rules)`); each leaf is placed directly
+  with its sharding. None puts every leaf on the first local device.
   Raises CheckpointError listing every missing / unexpected / wrong-shape key first.
   """
-  check_state_dict(state_dict, expected_torch_shapes(model), where)
-  params: dict[str, Any] = {}
-  stacks: dict[tuple, list] = {}
+  check_state_dict(source.shapes(), expected_torch_shapes(model), where)
+  abstract = nn.meta.unbox(model.abstract_params())
+  if shardings is None:
+    shardings = placement.single_device(abstract)
+  # Group the layers of each stacked leaf, so one stacked leaf is assembled at a time.
+  groups: dict[tuple, list] = {}
   for key, layer, path, transpose in _leaf_map(model.num_layers):
-    value = np.asarray(state_dict[key])
-    value = value.T if transpose else value
     full, index = _flax_location(model, layer, path)
-    if index is None:
-      _set(params, full, jnp.asarray(value, dtype=model.param_dtype))
-    else:
-      stacks.setdefault(full, [None] * model.num_layers)[index] = value
-  for full, values in stacks.items():
-    _set(params, full, jnp.asarray(np.stack(values), dtype=model.param_dtype))
+    groups.setdefault(full, []).append((key, index, transpose))
+  params: dict[str, Any] = {}
+  for full, entries in groups.items():
+    sharding = _get(shardings, full)
+    if entries[0][1] is None:
+      (key, _, transpose), = entries
+      value = source.read(key)
+      _set(params, full, placement.put(value.T if transpose else value, sharding,
+                                       model.param_dtype))
+      continue
+    stack = placement.StackedLeaf(_get(abstract, full).shape, sharding, model.param_dtype)
+    for key, index, transpose in entries:
+      value = source.read(key)
+      stack.set(index, value.T if transpose else value)
+      del value  # one tensor on the host at a time
+    _set(params, full, stack.result())
   return params
+
+
+def params_from_torch_state_dict(state_dict: Mapping[str, np.ndarray],
+                                 model: QwenImageTransformer, where: str = "transformer",
+                                 shardings=None) -> dict:
+  """Flax params from a diffusers state dict in memory (see `params_from_source`)."""
+  return params_from_source(DictSource(state_dict), model, shardings, where)
 
 
 def params_to_torch_state_dict(params, model: QwenImageTransformer) -> dict[str, np.ndarray]:
@@ -140,22 +165,29 @@ def params_to_torch_state_dict(params, model: QwenImageTransformer) -> dict[str,
   return state
 
 
-def load_transformer(directory: str, dtype=jnp.float32, **overrides
-                     ) -> tuple[QwenImageTransformer, dict]:
+def load_transformer(directory: str, dtype=jnp.float32, *, shardings=None, mesh=None,
+                     rules=None, **overrides) -> tuple[QwenImageTransformer, dict]:
   """(model, params) from a diffusers `transformer/` folder (config.json + safetensors).
 
   `dtype` sets both the parameter and the compute dtype unless `overrides` name them;
-  other overrides (scan_layers, remat_policy) set our own fields.
+  other overrides (scan_layers, remat_policy) set our own fields. Placement: `shardings` (a tree
+  matching the params), or `mesh` (+ logical `rules`, default the package's) to derive them
+  from the model's logical axes, or neither for everything on the first local device.
+  Tensors are read one at a time, so host memory peaks near the model plus its largest tensor.
   """
   config = read_json(os.path.join(directory, "config.json"))
+  config = known_config(config, DIFFUSERS_FIELDS, f"{directory}/config.json")
   overrides.setdefault("dtype", dtype)
   overrides.setdefault("param_dtype", dtype)
   try:
     model = QwenImageTransformer.from_config(config, **overrides)
   except (ValueError, NotImplementedError) as e:
     raise CheckpointError(f"{directory}/config.json: {e}") from e
-  state = load_state_dict(directory)
-  return model, params_from_torch_state_dict(state, model, where=directory)
+  if shardings is None and mesh is not None:
+    rules = parallel.DEFAULT_LOGICAL_AXIS_RULES if rules is None else rules
+    shardings = parallel.tree_shardings(model.abstract_params(), mesh, rules)
+  reader = SafetensorsReader(directory)
+  return model, params_from_source(reader, model, shardings, where=directory)
 
 
 def save_transformer(model: QwenImageTransformer, params, directory: str, *,

@@ -20,8 +20,11 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from qwen_image_rl import parallel
+from qwen_image_rl.convert import placement
 from qwen_image_rl.convert.safetensors_io import (
-    CheckpointError, check_state_dict, load_state_dict, read_json, save_state_dict)
+    CheckpointError, DictSource, SafetensorsReader, check_state_dict, known_config, read_json,
+    save_state_dict)
 from qwen_image_rl.models.vae import QwenImageVAE, abstract_variables
 
 CLASS_NAME = "AutoencoderKLQwenImage"
@@ -76,34 +79,40 @@ def _to_torch_layout(path, array: np.ndarray, flat) -> np.ndarray:
   return array
 
 
-def _as_numpy(value) -> np.ndarray:
-  if hasattr(value, "detach"):  # a torch tensor; .float() also handles bfloat16
-    return value.detach().cpu().float().numpy()
-  return np.asarray(value)
-
-
 def expected_torch_shapes(model: QwenImageVAE) -> dict[str, tuple[int, ...]]:
   """Every state-dict key the diffusers model with this config has, with its shape."""
   flat = flax.traverse_util.flatten_dict(nn.meta.unbox(abstract_variables(model))["params"])
   return {_torch_key(p): _torch_shape(p, v.shape, flat) for p, v in flat.items()}
 
 
-def params_from_torch_state_dict(state_dict: Mapping[str, Any], model: QwenImageVAE, *,
-                                 where: str = "AutoencoderKLQwenImage state dict") -> dict:
-  """diffusers state dict (torch tensors or numpy) -> {'params': ...} as numpy in param_dtype.
+def params_from_source(source, model: QwenImageVAE, shardings=None, *,
+                       where: str = "AutoencoderKLQwenImage state dict") -> dict:
+  """{'params': ...} in `model.param_dtype`, read tensor by tensor from `source`.
 
-  Raises CheckpointError naming missing, unexpected and wrong-shape keys.
+  `source` has `shapes()` and `read(key)` (a `SafetensorsReader` or a `DictSource`).
+  `shardings` (a tree matching {'params': ...}) places each leaf directly with its sharding;
+  None returns host numpy arrays. Raises CheckpointError naming missing, unexpected and
+  wrong-shape keys.
   """
-  state = {k: _as_numpy(v) for k, v in state_dict.items()}
   flat = flax.traverse_util.flatten_dict(nn.meta.unbox(abstract_variables(model))["params"])
   expected = {_torch_key(p): _torch_shape(p, v.shape, flat) for p, v in flat.items()}
-  check_state_dict(state, expected, where)
-  dtype = jnp.dtype(model.param_dtype)
+  check_state_dict(source.shapes(), expected, where)
+  flat_shardings = (None if shardings is None
+                    else flax.traverse_util.flatten_dict(shardings["params"]))
   params = {}
   for path in flat:
-    array = state[_torch_key(path)].astype(np.float32)
-    params[path] = np.ascontiguousarray(_to_flax_layout(path, array)).astype(dtype)
+    value = _to_flax_layout(path, source.read(_torch_key(path)))
+    sharding = None if flat_shardings is None else flat_shardings[path]
+    params[path] = placement.put(value, sharding, model.param_dtype)
+    del value  # one tensor on the host at a time
   return {"params": flax.traverse_util.unflatten_dict(params)}
+
+
+def params_from_torch_state_dict(state_dict: Mapping[str, Any], model: QwenImageVAE, *,
+                                 where: str = "AutoencoderKLQwenImage state dict",
+                                 shardings=None) -> dict:
+  """diffusers state dict (torch tensors or numpy) -> {'params': ...}; see `params_from_source`."""
+  return params_from_source(DictSource(state_dict), model, shardings, where=where)
 
 
 def params_to_torch_state_dict(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -117,19 +126,29 @@ def params_to_torch_state_dict(params: Mapping[str, Any]) -> dict[str, np.ndarra
   return out
 
 
-def load_vae(directory: str, dtype=jnp.float32, param_dtype=jnp.float32):
-  """A diffusers `vae/` directory (config.json + safetensors) -> (QwenImageVAE, {'params': ...})."""
+def load_vae(directory: str, dtype=jnp.float32, param_dtype=jnp.float32, *, shardings=None,
+             mesh=None, rules=None):
+  """A diffusers `vae/` directory (config.json + safetensors) -> (QwenImageVAE, {'params': ...}).
+
+  Placement: `shardings` (a tree matching {'params': ...}), or `mesh` (+ logical `rules`) to
+  derive them from the model's logical axes, or neither for host numpy arrays.
+  """
   config = read_json(os.path.join(directory, "config.json"))
   name = config.get("_class_name", CLASS_NAME)
   if name != CLASS_NAME:
     raise CheckpointError(f"{directory}/config.json: _class_name is {name!r}, expected "
                           f"{CLASS_NAME!r}")
+  fields = tuple(QwenImageVAE().to_config())  # diffusers' __init__ arguments
+  config = known_config(config, fields, f"{directory}/config.json")
   try:
     model = QwenImageVAE.from_config(config, dtype=dtype, param_dtype=param_dtype)
   except ValueError as e:
     raise CheckpointError(f"{directory}/config.json: {e}") from e
-  state = load_state_dict(directory)
-  return model, params_from_torch_state_dict(state, model, where=directory)
+  if shardings is None and mesh is not None:
+    rules = parallel.DEFAULT_LOGICAL_AXIS_RULES if rules is None else rules
+    shardings = parallel.tree_shardings(abstract_variables(model), mesh, rules)
+  reader = SafetensorsReader(directory)
+  return model, params_from_source(reader, model, shardings, where=directory)
 
 
 def save_vae(model: QwenImageVAE, params: Mapping[str, Any], directory: str) -> None:
