@@ -67,7 +67,7 @@ def qwen_image_model() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       dtype="bfloat16",
       transformer_overrides=dict(scan_layers=True, remat_policy="full",
-                                 attention_query_chunk=1024),
+                                 attention_query_chunk=1024, attention_implementation="flash"),
       # Shapes of the released transformer/config.json, for abstract shapes without weights.
       transformer=dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60,
                        attention_head_dim=128, num_attention_heads=24, joint_attention_dim=3584,

@@ -110,3 +110,10 @@ def test_flash_aot_compiles_for_a_tpu_topology():
     compiled = lowered.compile()
   assert "tpu_custom_call" in lowered.as_text()  # the Mosaic kernel, not the XLA fallback
   assert compiled.memory_analysis().temp_size_in_bytes < 2**30
+
+
+def test_transformer_rejects_an_unknown_attention_implementation():
+  from qwen_image_rl.models.mmdit import QwenImageTransformer
+  with pytest.raises(ValueError, match="attention_implementation='cudnn'"):
+    QwenImageTransformer(num_layers=1, attention_head_dim=8, num_attention_heads=2,
+                         axes_dims_rope=(2, 2, 4), attention_implementation="cudnn")

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qwen_image_rl.models import layers
+from qwen_image_rl.models import attention_kernels, layers
 from qwen_image_rl.models.layers import constrain, dense
 
 Dtype = Any
@@ -52,6 +52,7 @@ class JointAttention(nn.Module):
   num_heads: int
   head_dim: int
   query_chunk: int | None = None
+  implementation: str = "xla"  # 'flash': the Pallas TPU kernel (attention_kernels.py)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -75,7 +76,8 @@ class JointAttention(nn.Module):
     v = jnp.concatenate([heads(txt, "add_v_proj"), heads(img, "to_v")], axis=1)
     q = layers.apply_rope_interleaved(q, rope_cos, rope_sin)
     k = layers.apply_rope_interleaved(k, rope_cos, rope_sin)
-    out = layers.chunked_attention(q, k, v, key_mask, self.query_chunk)
+    out = attention_kernels.attention(q, k, v, key_mask, implementation=self.implementation,
+                                      query_chunk=self.query_chunk)
     out = constrain(out, HEAD_AXES).reshape(*out.shape[:2], inner)
     n_txt = txt.shape[1]
     img_out = dense(dim, ("heads", "embed"), name="to_out", **kw)(out[:, n_txt:])
@@ -91,6 +93,7 @@ class QwenImageBlock(nn.Module):
   head_dim: int
   num_target_tokens: int
   attention_query_chunk: int | None = None
+  attention_implementation: str = "xla"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -113,7 +116,7 @@ class QwenImageBlock(nn.Module):
     img_in, img_gate = mod(img, img_params, 0)
     txt_in, txt_gate = mod(txt, txt_params, 0)
     img_attn, txt_attn = JointAttention(self.num_heads, self.head_dim, self.attention_query_chunk,
-                                        name="attn", **kw)(
+                                        self.attention_implementation, name="attn", **kw)(
         img_in, txt_in, key_mask, rope_cos, rope_sin)
     img = constrain(img + img_gate * img_attn, HIDDEN_AXES)
     txt = constrain(txt + txt_gate * txt_attn, HIDDEN_AXES)
@@ -155,6 +158,8 @@ class QwenImageTransformer(nn.Module):
   remat_policy: str = "none"
   scan_layers: bool = False
   attention_query_chunk: int | None = None  # memory-efficient attention block; None = one block
+  # 'xla' (any backend) | 'flash' (Pallas TPU kernel on TPU, the XLA path elsewhere)
+  attention_implementation: str = "xla"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -174,6 +179,10 @@ class QwenImageTransformer(nn.Module):
     if self.attention_query_chunk is not None and self.attention_query_chunk < 1:
       raise ValueError(f"QwenImageTransformer.attention_query_chunk={self.attention_query_chunk}: "
                        f"expected a positive block size or None")
+    if self.attention_implementation not in attention_kernels.IMPLEMENTATIONS:
+      raise ValueError(f"QwenImageTransformer.attention_implementation="
+                       f"{self.attention_implementation!r}: expected one of "
+                       f"{list(attention_kernels.IMPLEMENTATIONS)}")
     if any(d % 2 for d in self.axes_dims_rope):
       raise ValueError(f"QwenImageTransformer.axes_dims_rope={tuple(self.axes_dims_rope)}: sizes "
                        f"must be even")
@@ -272,7 +281,8 @@ class QwenImageTransformer(nn.Module):
 
     block_kw = dict(dim=d, num_heads=self.num_attention_heads, head_dim=self.attention_head_dim,
                     num_target_tokens=n_target,
-                    attention_query_chunk=self.attention_query_chunk, **kw)
+                    attention_query_chunk=self.attention_query_chunk,
+                    attention_implementation=self.attention_implementation, **kw)
     block_cls = self._block_cls()
     carry = (img, txt)
     if self.scan_layers:
