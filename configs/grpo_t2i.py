@@ -59,13 +59,15 @@ def rl_section(task: str, weights) -> ml_collections.ConfigDict:
 
 
 def tiny_model() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(dtype="float32", transformer_overrides={}))
+  return ml_collections.ConfigDict(dict(dtype="float32", master_weights="auto",
+                                        transformer_overrides={}))
 
 
 def qwen_image_model() -> ml_collections.ConfigDict:
   """The 20B Qwen-Image DiT: bf16 params + compute, scanned and rematerialised layers."""
   return ml_collections.ConfigDict(dict(
       dtype="bfloat16",
+      master_weights="auto",  # float32 params and AdamW moments, bf16 compute (precision.py)
       transformer_overrides=dict(scan_layers=True, remat_policy="full",
                                  attention_query_chunk=1024, attention_implementation="flash"),
       # Shapes of the released transformer/config.json, for abstract shapes without weights.

@@ -109,3 +109,23 @@ def test_bf16_model_with_master_weights_learns_at_1e5(master_weights):
   else:
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(new))
     assert did < 0.5 * should
+
+
+@pytest.mark.torch
+def test_rl_policy_of_a_bf16_config_keeps_float32_masters(tmp_path):
+  """load_base with model.dtype=bfloat16: f32 params (the master weights), bf16 compute."""
+  from configs import grpo_t2i
+  from qwen_image_rl.rl import policy
+  from tests import tiny_reference
+
+  _, path = tiny_reference.build_t2i(str(tmp_path))
+  config = grpo_t2i.get_config("tiny")
+  config.init_from = path
+  config.model.dtype = "bfloat16"
+  pipe = policy.load_base(config)
+  assert pipe.transformer.dtype == jnp.bfloat16
+  dtypes = {x.dtype for x in jax.tree.leaves(pipe.transformer_params)}
+  assert dtypes == {jnp.dtype(jnp.float32)}
+  config.model.master_weights = "off"
+  pipe = policy.load_base(config)
+  assert {x.dtype for x in jax.tree.leaves(pipe.transformer_params)} == {jnp.dtype(jnp.bfloat16)}

@@ -7,7 +7,7 @@ field.
 
 from __future__ import annotations
 
-from qwen_image_rl import config_lib
+from qwen_image_rl import config_lib, precision
 from qwen_image_rl.config_lib import ConfigError
 from qwen_image_rl.data import prompt_files, world
 from qwen_image_rl.rl import objectives, reward_setup
@@ -53,6 +53,8 @@ def check_rollout(config) -> None:
                       f"{rl.cfg_mode!r} (or use cfg_mode='none')")
   weights = reward_setup.category_weights(config)
   config_lib.check_choice(config, "model.dtype", DTYPES)
+  if "master_weights" in config.model:
+    config_lib.check_choice(config, "model.master_weights", precision.SETTINGS)
   check_prompts(config, weights)
 
 

@@ -8,7 +8,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from qwen_image_rl import parallel
+from qwen_image_rl import parallel, precision
 from qwen_image_rl.config_lib import ConfigError, transformer_overrides
 from qwen_image_rl.pipelines import common as pipe_common
 from qwen_image_rl.pipelines.edit import QwenImageEditPipeline
@@ -31,10 +31,14 @@ def resolve_pipeline_dir(init_from: str) -> str:
 
 
 def load_base(config) -> QwenImagePipeline:
+  """The base pipeline; a bf16 model keeps float32 master weights (config.model.master_weights,
+  see precision.py) and computes in bf16."""
   directory = resolve_pipeline_dir(config.init_from)
+  dtypes = precision.model_dtypes(config)
+  overrides = dict(transformer_overrides(config))
+  overrides.setdefault("param_dtype", dtypes["param_dtype"])
   return QwenImagePipeline.from_pretrained(
-      directory, dtype=DTYPES[config.model.dtype], vae_dtype=jnp.float32,
-      transformer_overrides=transformer_overrides(config))
+      directory, dtype=dtypes["dtype"], vae_dtype=jnp.float32, transformer_overrides=overrides)
 
 
 def task_pipeline_class(task: str):

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qwen_image_rl import evaluation, metrics, optim, parallel
+from qwen_image_rl import evaluation, metrics, optim, parallel, precision
 from qwen_image_rl.pipelines.edit import QwenImageEditPipeline
 from qwen_image_rl.pipelines.qwen_image import QwenImagePipeline
 from qwen_image_rl.rl import config_checks, iteration
@@ -174,7 +174,9 @@ def train(config, workdir):
                           on_step_end=on_step_end, on_skip=on_skip, unit="iteration")
   params = jax.device_get(state.params)
   if jax.process_index() == 0:
-    with_params(pipe, params, task_pipeline_class(rl.task)).save_pretrained(
+    # Exported in the compute dtype (the released bf16 format), not the f32 master weights.
+    exported = precision.cast_floating(params, precision.model_dtypes(config)["dtype"])
+    with_params(pipe, exported, task_pipeline_class(rl.task)).save_pretrained(
         os.path.join(workdir, "export", "pipeline"))
   if evaluation.enabled(config.eval):
     results[0] = evaluator(config.total_steps, params)
