@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from qwen_image_rl.models import text_encoding
-from qwen_image_rl.pipelines import common, tiny_reference
+from qwen_image_rl.pipelines import common
+from tests import tiny_reference
 from qwen_image_rl.pipelines.edit import QwenImageEditPipeline, QwenImageEditPlusPipeline
 
 torch = pytest.importorskip("torch")

@@ -25,7 +25,7 @@ CATEGORIES = ('general', 'typography', 'portrait', 'landscape')
 
 @pytest.fixture(scope='module')
 def pipe_dir(tmp_path_factory):
-  from qwen_image_rl.pipelines import tiny_reference
+  from tests import tiny_reference
 
   _, path = tiny_reference.build_t2i(str(tmp_path_factory.mktemp('tiny_pipe')))
   return path
