@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 export JAX_PLATFORMS ?= cpu
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 
-.PHONY: demo test venv clean
+.PHONY: demo test lint venv clean
 
 $(VENV)/.installed: setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,12 @@ venv: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) -m qwen_image_rl.demo --workdir=$(WORKDIR)
 
-test: $(VENV)/.installed
+# The linter and formatter (ruff.toml) run first: a lint error fails the test command.
+lint: $(VENV)/.installed
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean:
