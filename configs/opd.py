@@ -20,6 +20,7 @@ from configs import common, grpo_t2i
 def opd_section() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       t2i_fraction=0.5,  # probability that an iteration's batch is T2I (else edit) [U]
+      route_block=1,  # consecutive iterations of one task (fewer teacher swaps)
       batch_size=16,  # prompts per iteration, all of one task
       num_steps=10,  # the student's ODE steps N (paper: 40, the base schedule)
       num_train_steps=0,  # states trained per iteration; 0 = all N (deviation when > 0)
@@ -65,6 +66,7 @@ def get_config(arg: str = "tiny"):
     c.opd.num_steps = 40  # the base schedule
     c.opd.num_train_steps = 8  # deviation for cost: 8 of the 40 states per iteration
     c.opd.micro_batch_size = 4
+    c.opd.route_block = 4  # a 20B teacher swap (40 GB host -> HBM) every 4 iterations at most
     c.total_steps = 2000
     c.optim.lr = 1e-5
     c.optim.warmup_steps = 50

@@ -235,12 +235,12 @@ def test_missing_or_mismatched_teacher_fails_at_start(pipe_dirs, tmp_path):
 def test_opd_trains_routes_both_tasks_evaluates_and_exports(pipe_dirs, tmp_path, capsys):
   from qwen_image_rl import main
   from qwen_image_rl.pipelines.qwen_image import QwenImagePipeline
-  from qwen_image_rl.rl import opd
+  from qwen_image_rl.rl import routing
 
   c = small_opd(pipe_dirs[0], teacher_edit=pipe_dirs[1])
   c.total_steps = 4
-  tasks = [opd.route_task(c.seed, it, c.opd.t2i_fraction) for it in range(4)]
-  assert set(tasks) == {"t2i", "edit"}, tasks  # the seed routes both tasks in 4 iterations
+  tasks = [routing.route_task(c.seed, it, c.opd.t2i_fraction) for it in range(4)]
+  assert tasks.count("t2i") == 2, tasks  # half T2I in any window
   workdir = str(tmp_path / "opd")
   results = main.run(c, workdir)
   assert 0.0 <= results["t2i"]["overall"] <= 1.0 and results["n_samples"] == 6
@@ -253,6 +253,20 @@ def test_opd_trains_routes_both_tasks_evaluates_and_exports(pipe_dirs, tmp_path,
   pipe = QwenImagePipeline.from_pretrained(export)
   images = pipe(prompt=["a red circle"], num_inference_steps=2, height=32, width=32, seed=0)
   assert images.shape == (1, 32, 32, 3)
+
+
+def test_routing_keeps_the_ratio_in_every_window():
+  from qwen_image_rl.rl import routing
+
+  for seed in range(3):
+    for f, block in ((0.5, 1), (0.25, 1), (0.7, 3)):
+      tasks = np.array([routing.route_task(seed, it, f, block) == "t2i" for it in range(300)])
+      blocks = tasks[::block]
+      assert all(np.all(tasks[j * block:(j + 1) * block] == blocks[j])
+                 for j in range(len(blocks)))
+      for start in range(0, len(blocks) - 20, 7):
+        assert abs(blocks[start:start + 20].sum() - 20 * f) <= 1.0
+  assert len({tuple(routing.route_task(s, it, 0.5) for it in range(6)) for s in range(6)}) == 2
 
 
 @pytest.mark.slow

@@ -35,18 +35,9 @@ from qwen_image_rl.sampling.guidance import guided_velocity
 from qwen_image_rl.sampling.schedule import euler_step
 from qwen_image_rl.train_state import TrainState, keep_if_finite
 
-TASKS = ("t2i", "edit")
-
-
 # ------------------------------------------------------------------------------------------
-# Routing and step subsets: pure functions of (seed, iteration)
+# Step subsets: a pure function of (seed, iteration) (task routing: rl/routing.py)
 # ------------------------------------------------------------------------------------------
-
-
-def route_task(seed: int, iteration: int, t2i_fraction: float) -> str:
-  """The task of an iteration's batch: 't2i' with probability t2i_fraction, else 'edit'."""
-  rng = np.random.default_rng([seed, iteration, 11])
-  return "t2i" if rng.random() < t2i_fraction else "edit"
 
 
 def select_steps(seed: int, iteration: int, num_steps: int, num_train: int) -> np.ndarray:
@@ -79,7 +70,9 @@ def _trajectory(model, img_shapes, params, x_T, cond, mask, sigmas, ref_latents)
 
 
 @functools.lru_cache(maxsize=None)
-def _jitted_trajectory(model, img_shapes):
+def jitted_trajectory(model, img_shapes):
+  """fn(params, x_T, cond, mask, sigmas, ref_latents) -> (states, final); call it under
+  `parallel.sharding_context`."""
   return jax.jit(functools.partial(_trajectory, model, img_shapes))
 
 
@@ -92,7 +85,7 @@ def student_trajectory(model, params, x_T, cond, mask, sigmas, *, img_shapes, re
   """
   img_shapes = tuple(tuple(int(v) for v in s) for s in img_shapes)
   with sharding_context(mesh, rules):
-    return _jitted_trajectory(model, img_shapes)(params, x_T, cond, mask, sigmas, ref_latents)
+    return jitted_trajectory(model, img_shapes)(params, x_T, cond, mask, sigmas, ref_latents)
 
 
 def _fold(a, k):
@@ -129,7 +122,9 @@ def _teacher_velocities(model, img_shapes, n, params, batch, cfg_scale):
 
 
 @functools.lru_cache(maxsize=None)
-def _jitted_teacher(model, img_shapes, n):
+def jitted_teacher_velocities(model, img_shapes, n):
+  """fn(params, batch, cfg_scale) -> velocities over n micro-batches; call it under
+  `parallel.sharding_context`."""
   return jax.jit(functools.partial(_teacher_velocities, model, img_shapes, n))
 
 
@@ -145,7 +140,7 @@ def teacher_velocities(model, params, batch, *, cfg_scale: float, img_shapes,
   n = num_micro_batches(batch["states"].shape[0], micro_batch_size)
   batch = {k: v for k, v in batch.items() if v is not None}
   with sharding_context(mesh, rules):
-    return _jitted_teacher(model, img_shapes, n)(params, batch,
+    return jitted_teacher_velocities(model, img_shapes, n)(params, batch,
                                                  jnp.asarray(cfg_scale, jnp.float32))
 
 

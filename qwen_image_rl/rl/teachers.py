@@ -90,8 +90,9 @@ def to_host(params, shardings):
 class TeacherBank:
   """Every teacher's params in host memory; the active one's also on the device."""
 
-  def __init__(self, host_params: dict, shardings):
+  def __init__(self, host_params: dict, shardings, directories: dict | None = None):
     self.host = host_params
+    self.directories = dict(directories or {})  # {task: the pipeline it was read from}
     self.shardings = shardings
     self.active_task = None
     self.active = None
@@ -109,7 +110,7 @@ class TeacherBank:
                                      **(overrides or {}))
         by_dir[directory] = to_host(params, shardings)
       host[task] = by_dir[directory]
-    return cls(host, shardings)
+    return cls(host, shardings, dirs)
 
   def activate(self, task: str):
     """The task's teacher params on the device (the previous teacher's device copy freed)."""
