@@ -120,10 +120,10 @@ def train(config, workdir):
                           on_step_end=on_step_end, unit="iteration")
     bank.release()
     params = jax.device_get(state.params)
-    if jax.process_index() == 0:
-      with_params(pipe, params, QwenImagePipeline).save_pretrained(
-          os.path.join(workdir, "export", "pipeline"))
     if evaluation.enabled(config.eval):
       results[0] = evaluate(config.total_steps, params)
+  if jax.process_index() == 0:  # outside the mesh: the VAE's abstract shapes are host-side
+    with_params(pipe, params, QwenImagePipeline).save_pretrained(
+        os.path.join(workdir, "export", "pipeline"))
   ctx.close()
   return results[0]

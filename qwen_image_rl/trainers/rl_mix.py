@@ -114,10 +114,10 @@ def train(config, workdir):
                           max_consecutive_nonfinite=config.max_consecutive_nonfinite,
                           on_step_end=on_step_end, unit="iteration")
     params = jax.device_get(state.params)
-    if jax.process_index() == 0:
-      with_params(pipe, params, QwenImagePipeline).save_pretrained(
-          os.path.join(workdir, "export", "pipeline"))
     if evaluation.enabled(config.eval):
       results[0] = evaluator(config.total_steps, params)
+  if jax.process_index() == 0:  # outside the mesh: the VAE's abstract shapes are host-side
+    with_params(pipe, params, QwenImagePipeline).save_pretrained(
+        os.path.join(workdir, "export", "pipeline"))
   ctx.close()
   return results[0]
