@@ -95,34 +95,35 @@ def train(config, workdir):
         f"{start}/{config.total_steps}", flush=True)
   evaluate = make_evaluator(config, pipe, ctx.logger)
   results = [None]
-  with parallel.sharding_context(mesh, rules):
-    if config.eval.at_start and start == 0 and evaluation.enabled(config.eval):
-      results[0] = evaluate(0, state.params)
-    base_key = jax.random.wrap_key_data(jnp.asarray(np.asarray(state.rng)))
+  # The rollout, teacher and update calls enter `parallel.sharding_context` themselves; the
+  # evaluation and export run outside it (flax unboxing under a mesh would constrain).
+  if config.eval.at_start and start == 0 and evaluation.enabled(config.eval):
+    results[0] = evaluate(0, state.params)
+  base_key = jax.random.wrap_key_data(jnp.asarray(np.asarray(state.rng)))
 
-    def on_step_end(done, state, scalars):
-      if done % max(int(config.log.every), 1) == 0 or done == config.total_steps:
-        task = "t2i" if scalars["opd/task_is_t2i"] else "edit"
-        print(f"iteration {done} [{task}]: loss {scalars['loss']:.4g} (relative "
-              f"{scalars[f'train/relative_error_{task}']:.3f}); "
-              f"{scalars['perf/iteration_seconds']:.2f}s (swap "
-              f"{scalars['perf/swap_seconds']:.2f}, rollout {scalars['perf/rollout_seconds']:.2f}"
-              f", teacher {scalars['perf/teacher_seconds']:.2f}, update "
-              f"{scalars['perf/update_seconds']:.2f})", flush=True)
-      if config.eval.every and done % config.eval.every == 0 and done < config.total_steps \
-          and evaluation.enabled(config.eval):
-        results[0] = evaluate(done, state.params)
+  def on_step_end(done, state, scalars):
+    if done % max(int(config.log.every), 1) == 0 or done == config.total_steps:
+      task = "t2i" if scalars["opd/task_is_t2i"] else "edit"
+      print(f"iteration {done} [{task}]: loss {scalars['loss']:.4g} (relative "
+            f"{scalars[f'train/relative_error_{task}']:.3f}); "
+            f"{scalars['perf/iteration_seconds']:.2f}s (swap "
+            f"{scalars['perf/swap_seconds']:.2f}, rollout {scalars['perf/rollout_seconds']:.2f}"
+            f", teacher {scalars['perf/teacher_seconds']:.2f}, update "
+            f"{scalars['perf/update_seconds']:.2f})", flush=True)
+    if config.eval.every and done % config.eval.every == 0 and done < config.total_steps \
+        and evaluation.enabled(config.eval):
+      results[0] = evaluate(done, state.params)
 
-    state, _ = common.fit(ctx, state, train_step=distiller.make_iteration(base_key),
-                          batch_for_step=lambda it: it, start_step=start,
-                          total_steps=config.total_steps,
-                          max_consecutive_nonfinite=o.max_consecutive_nonfinite,
-                          on_step_end=on_step_end, unit="iteration")
-    bank.release()
-    params = jax.device_get(state.params)
-    if evaluation.enabled(config.eval):
-      results[0] = evaluate(config.total_steps, params)
-  if jax.process_index() == 0:  # outside the mesh: the VAE's abstract shapes are host-side
+  state, _ = common.fit(ctx, state, train_step=distiller.make_iteration(base_key),
+                        batch_for_step=lambda it: it, start_step=start,
+                        total_steps=config.total_steps,
+                        max_consecutive_nonfinite=o.max_consecutive_nonfinite,
+                        on_step_end=on_step_end, unit="iteration")
+  bank.release()
+  params = jax.device_get(state.params)
+  if evaluation.enabled(config.eval):
+    results[0] = evaluate(config.total_steps, params)
+  if jax.process_index() == 0:
     with_params(pipe, params, QwenImagePipeline).save_pretrained(
         os.path.join(workdir, "export", "pipeline"))
   ctx.close()

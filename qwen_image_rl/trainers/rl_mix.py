@@ -81,7 +81,8 @@ def train(config, workdir):
         f"iteration {start}/{config.total_steps}", flush=True)
   evaluator = grpo.Evaluator(config, pipe, ctx.logger)
   results = [None]
-  with parallel.sharding_context(mesh, rules), contextlib.ExitStack() as stack:
+  # As in the grpo trainer, each jitted call enters `parallel.sharding_context` itself.
+  with contextlib.ExitStack() as stack:
     if config.eval.at_start and start == 0 and evaluation.enabled(config.eval):
       results[0] = evaluator(0, state.params)
     base_key = jax.random.wrap_key_data(jnp.asarray(np.asarray(state.rng)))
