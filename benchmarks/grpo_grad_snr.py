@@ -90,8 +90,7 @@ def main():
   groups = contiguous_group_ids(s.batch_size, rl.group_size)
   grads = {}
   seconds, rewards, spreads = [], [], []
-  with parallel.sharding_context(mesh, rules), \
-      iteration.make_reward_pipeline(c, s.reward_fn) as reward_pipeline:
+  with iteration.make_reward_pipeline(c, s.reward_fn) as reward_pipeline:
     for it in range(args.batches + 1):  # batch 0 compiles and is not timed
       t0 = time.perf_counter()
       got = iteration.roll_out(s, params, jax.random.key(1000 + it), 1000 + it,
@@ -106,7 +105,9 @@ def main():
                                              rl.prompts_per_step).items():
         batch = s.objective.make_batch(s, params, got.result, inputs,
                                        jnp.asarray(adv, jnp.float32))
-        flat = jnp.concatenate([g.ravel() for g in jax.tree.leaves(grad_fn(params, batch))])
+        with parallel.sharding_context(mesh, rules):  # as iteration.update's step
+          grads = grad_fn(params, batch)
+        flat = jnp.concatenate([g.ravel() for g in jax.tree.leaves(grads)])
         if variant == "gdpo":
           flat.block_until_ready()
           if it > 0:

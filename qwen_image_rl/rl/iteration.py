@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qwen_image_rl import parallel
 from qwen_image_rl.rewards.composite import category_weighted_sum
 from qwen_image_rl.rl import objectives, reward_setup
 from qwen_image_rl.rl.advantages import contiguous_group_ids, gdpo_advantages, sample_weights
@@ -152,9 +153,10 @@ def update(s: RLSetup, step_fn, state, got: Collected, adv, ref_params=None):
   inputs = s.roller.policy_inputs(got.pool_index)
   batch = s.objective.make_batch(s, state.params, got.result, inputs, jnp.asarray(adv))
   history = []
-  for _ in range(s.rl.inner_updates):
-    state, m = step_fn(state, batch, ref_params)
-    history.append({k: float(np.asarray(v)) for k, v in jax.device_get(m).items()})
+  with parallel.sharding_context(s.mesh, s.rules):
+    for _ in range(s.rl.inner_updates):
+      state, m = step_fn(state, batch, ref_params)
+      history.append({k: float(np.asarray(v)) for k, v in jax.device_get(m).items()})
   nonfinite = [h["loss"] for h in history if not np.isfinite(h["loss"])]
   metrics = {f"train/{k}": v for k, v in history[-1].items()}
   metrics["loss"] = nonfinite[0] if nonfinite else history[-1]["loss"]
