@@ -277,3 +277,21 @@ def test_opd_exact_resume_after_sigkill(pipe_dirs, tmp_path):
           f"c.total_steps = {steps}; c.eval.update(dict(num_t2i=0, num_edits=0))")
   kill_and_resume.assert_killed_then_resumed_run_is_exact(
       code, str(tmp_path / "straight"), str(tmp_path / "resumed"), steps, kill_after_step=1)
+
+
+def test_configs_validate_and_bad_settings_are_named():
+  from qwen_image_rl import trainers
+  from qwen_image_rl.config_lib import ConfigError
+
+  for variant in ("tiny", "qwen_image"):
+    assert trainers.validate(opd_config.get_config(variant)).name == "opd"
+  big = opd_config.get_config("qwen_image")
+  assert (big.opd.num_steps, big.data.image_size, big.model.dtype) == (40, 1024, "bfloat16")
+  for field, value, match in (("t2i_fraction", 1.5, "opd.t2i_fraction=1.5"),
+                              ("num_train_steps", 11, "opd.num_train_steps=11"),
+                              ("teacher_cfg_scale", 0.5, "opd.teacher_cfg_scale=0.5"),
+                              ("micro_batch_size", 5, "opd.micro_batch_size=5")):
+    c = opd_config.get_config("tiny")
+    c.opd[field] = value
+    with pytest.raises(ConfigError, match=match):
+      trainers.validate(c)
