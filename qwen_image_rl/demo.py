@@ -1,9 +1,19 @@
-"""`make demo`: every stage of the tiny pipeline that exists, each in WORKDIR/<stage>/.
+"""`make demo`: the paper's pipeline in miniature, each stage in WORKDIR/<stage>/.
 
-  python -m qwen_image_rl.demo --workdir=runs/demo
+  python -m qwen_image_rl.demo --workdir=runs/demo [--rl_mix] [--stages=opd]
 
-Stages run in order and a stage whose final checkpoint is already in its workdir is skipped, so
-an interrupted demo resumes where it stopped (a stage itself resumes from its last checkpoint).
+  vae      configs/vae.py:tiny        the tiny VAE                  -> vae/export/vae
+  base     configs/sft.py:tiny        flow-matching pretraining     -> base/export/pipeline
+  rl_t2i   RL_T2I_CONFIG, shorter     the T2I teacher (GRPO)        -> rl_t2i/export/pipeline
+  rl_edit  RL_EDIT_CONFIG, shorter    the edit teacher (GRPO)       -> rl_edit/export/pipeline
+  rl_mix   (--rl_mix)                 the Mix-RL baseline           -> rl_mix/export/pipeline
+  opd      configs/opd.py:tiny        CFG-free student of both      -> opd/export/pipeline
+
+A stage whose final checkpoint and export exist is skipped; an interrupted one resumes from its
+last checkpoint. The RL stages run DEMO_ITERATIONS instead of their standalone budgets, and
+evaluate nothing themselves: at the end `summary` scores every export on the same held-out sets
+(base at CFG 4 and 1, teachers and Mix-RL at CFG 4, the student at CFG 1), measures each
+sampler's images/s, prints a table and writes WORKDIR/summary.json.
 """
 
 from __future__ import annotations
@@ -18,11 +28,27 @@ from absl import app, flags
 
 FLAGS = flags.FLAGS
 
+# The RL stages' configs: one name each, to switch to configs/rl_t2i.py / rl_edit.py.
+RL_T2I_CONFIG = ("grpo_t2i", "tiny")
+RL_EDIT_CONFIG = ("grpo_edit", "tiny")
+RL_MIX_CONFIG = ("rl_mix", "tiny")
+# Iterations per stage in the demo (standalone: grpo_t2i 120, grpo_edit 60), sized so the demo
+# stays within 45 minutes on a 2-core CPU.
+DEMO_ITERATIONS = {"rl_t2i": 60, "rl_edit": 40, "opd": 150}  # rl_mix: rl_t2i + rl_edit
+# Rough stage times on the idle 2-core CPU (seconds), for the ETA before a stage has run.
+ESTIMATED_SECONDS = {"vae": 200, "base": 300, "rl_t2i": 220, "rl_edit": 150, "rl_mix": 350,
+                     "opd": 450, "summary": 300}
+SUMMARY_ROWS = (  # (label, stage, CFG scale)
+    ("base_cfg4", "base", 4.0), ("base_cfg1", "base", 1.0), ("teacher_t2i_cfg4", "rl_t2i", 4.0),
+    ("teacher_edit_cfg4", "rl_edit", 4.0), ("mix_rl_cfg4", "rl_mix", 4.0),
+    ("student_cfg1", "opd", 1.0))
+
 
 def _define_flags():
   # Defined only when run as a program: `qwen_image_rl.main` owns --workdir in other processes.
   flags.DEFINE_string("workdir", "runs/demo", "Where every stage writes its run.")
   flags.DEFINE_list("stages", None, "Run only these stages (default: all).")
+  flags.DEFINE_bool("rl_mix", False, "Also run the Mix-RL baseline stage (rl_mix).")
 
 
 def _config(module: str, variant: str):
@@ -30,59 +56,213 @@ def _config(module: str, variant: str):
   return importlib.import_module(f"configs.{module}").get_config(variant)
 
 
-def stages(workdir: str):
+def _export(workdir: str, stage: str) -> str:
+  return os.path.join(workdir, stage, "export", "pipeline")
+
+
+def _rl_stage(config_name, workdir: str, stage: str):
+  c = _config(*config_name)
+  c.init_from = _export(workdir, "base")
+  c.total_steps = DEMO_ITERATIONS[stage]
+  c.eval.update(dict(num_t2i=0, num_edits=0, at_start=False))  # the summary evaluates
+  return c
+
+
+def stages(workdir: str, rl_mix: bool = False):
   """(name, config) for every stage, with the links between them filled in."""
   vae = _config("vae", "tiny")
   base = _config("sft", "tiny")
   base.model.vae_from = os.path.join(workdir, "vae", "export", "vae")
-  return [("vae", vae), ("base", base)]
+  out = [("vae", vae), ("base", base), ("rl_t2i", _rl_stage(RL_T2I_CONFIG, workdir, "rl_t2i")),
+         ("rl_edit", _rl_stage(RL_EDIT_CONFIG, workdir, "rl_edit"))]
+  if rl_mix:
+    mix = _rl_stage(RL_MIX_CONFIG, workdir, "rl_mix")
+    # The teachers' rollout budget together, T2I on the T2I teacher's share of it.
+    mix.total_steps = DEMO_ITERATIONS["rl_t2i"] + DEMO_ITERATIONS["rl_edit"]
+    mix.mix.t2i_fraction = DEMO_ITERATIONS["rl_t2i"] / mix.total_steps
+    out.append(("rl_mix", mix))
+  opd = _config("opd", "tiny")
+  opd.init_from = _export(workdir, "base")
+  opd.teachers.t2i = _export(workdir, "rl_t2i")
+  opd.teachers.edit = _export(workdir, "rl_edit")
+  opd.total_steps = DEMO_ITERATIONS["opd"]
+  opd.eval.update(dict(num_t2i=0, num_edits=0, at_start=False))
+  out.append(("opd", opd))
+  return out
 
 
-def run_stage(name: str, config, workdir: str):
-  from qwen_image_rl import runner
+def stage_done(workdir: str, name: str, config) -> bool:
+  """The final checkpoint and the export are both there."""
   from qwen_image_rl.trainers.common import final_checkpoint_exists
 
   stage_dir = os.path.join(workdir, name)
-  if final_checkpoint_exists(stage_dir, config.total_steps):
+  export = (os.path.join(stage_dir, "export", "vae", "config.json") if name == "vae"
+            else os.path.join(stage_dir, "export", "pipeline", "model_index.json"))
+  return final_checkpoint_exists(stage_dir, config.total_steps) and os.path.isfile(export)
+
+
+def run_stage(name: str, config, workdir: str) -> bool:
+  """Runs (or resumes) a stage; False if it was already done."""
+  from qwen_image_rl import runner
+
+  stage_dir = os.path.join(workdir, name)
+  if stage_done(workdir, name, config):
     print(f"== {name}: final checkpoint exists in {stage_dir}, skipping", flush=True)
-    return
+    return False
   print(f"== {name}: {config.trainer} -> {stage_dir}", flush=True)
   start = time.time()
   runner.run(config, stage_dir)
   print(f"== {name}: done in {time.time() - start:.0f} s", flush=True)
+  return True
 
 
-def summary(workdir: str) -> str:
-  """The latest results of each stage as a small table."""
-  lines = []
-  for name in sorted(os.listdir(workdir)) if os.path.isdir(workdir) else []:
-    results = os.path.join(workdir, name, "results")
-    if not os.path.isdir(results):
-      continue
-    files = sorted((f for f in os.listdir(results) if f.startswith("eval_")),
-                   key=lambda f: int(f[5:-5]))
-    if files:
-      with open(os.path.join(results, files[-1])) as f:
-        lines.append(f"{name:>8} {files[-1]}: " + json.dumps(json.load(f), sort_keys=True))
+class Progress:
+  """Stage k of n and the demo's ETA: estimates scaled by how fast the stages so far ran."""
+
+  def __init__(self, names):
+    self.names = list(names)
+    self.start = time.time()
+    self.measured = {}  # stage -> seconds, for stages that ran in this process
+
+  def ratio(self) -> float:
+    if not self.measured:
+      return 1.0
+    return (sum(self.measured.values())
+            / sum(ESTIMATED_SECONDS.get(n, 300) for n in self.measured))
+
+  def eta_seconds(self, remaining) -> float:
+    return self.ratio() * sum(ESTIMATED_SECONDS.get(n, 300) for n in remaining)
+
+  def report(self, k: int) -> str:
+    name = self.names[k]
+    eta = self.eta_seconds(self.names[k:])
+    return (f"[demo {k + 1}/{len(self.names)}] {name}; elapsed "
+            f"{(time.time() - self.start) / 60:.1f} min, ETA {eta / 60:.1f} min")
+
+
+# ------------------------------------------------------------------------------------------
+# Summary: every export on the same held-out sets
+# ------------------------------------------------------------------------------------------
+
+
+def _load(directory: str):
+  from qwen_image_rl.pipelines.edit import QwenImageEditPipeline
+  from qwen_image_rl.pipelines.qwen_image import QwenImagePipeline
+  from qwen_image_rl.rl.policy import with_params
+
+  t2i = QwenImagePipeline.from_pretrained(directory)
+  return t2i, with_params(t2i, t2i.transformer_params, QwenImageEditPipeline)
+
+
+def images_per_second(pipe, eval_cfg, seed: int) -> float:
+  """T2I sampler throughput at eval_cfg's CFG scale: one eval batch, timed after a warm-up
+  call (CFG > 1 runs two transformer passes per step, CFG 1 one)."""
+  from qwen_image_rl import evaluation
+  from qwen_image_rl.data import examples
+
+  n = eval_cfg.batch_size
+  prompts = examples.t2i_examples(seed, n, eval_cfg.split, eval_cfg.image_size).prompts
+  evaluation.sample_t2i(pipe, prompts, eval_cfg, seed)  # compiled (usually already)
+  start = time.perf_counter()
+  evaluation.sample_t2i(pipe, prompts, eval_cfg, seed)
+  return n / (time.perf_counter() - start)
+
+
+def evaluate_row(workdir: str, label: str, stage: str, cfg_scale: float, eval_cfg, seed: int):
+  """The row's eval results (cached in WORKDIR/summary/<label>.json), or None if the stage has
+  no export."""
+  from qwen_image_rl import evaluation
+
+  directory = _export(workdir, stage)
+  if not os.path.isfile(os.path.join(directory, "model_index.json")):
+    return None
+  cache = os.path.join(workdir, "summary", f"{label}.json")
+  if os.path.isfile(cache) and os.path.getmtime(cache) > os.path.getmtime(
+      os.path.join(directory, "model_index.json")):
+    with open(cache) as f:
+      return json.load(f)
+  cfg = eval_cfg.copy_and_resolve_references()
+  cfg.cfg_scale = cfg_scale
+  t2i, edit = _load(directory)
+  results = evaluation.evaluate(t2i, edit, cfg, step=0, seed=seed)
+  results.update(stage=stage, cfg_scale=cfg_scale,
+                 images_per_second=images_per_second(t2i, cfg, seed))
+  os.makedirs(os.path.dirname(cache), exist_ok=True)
+  with open(cache, "w") as f:
+    json.dump(results, f, indent=1, sort_keys=True)
+  return results
+
+
+COLUMNS = (  # (header, path in the eval results)
+    ("T2I capped", ("t2i", "overall")), ("T2I soft", ("t2i", "overall_mean")),
+    ("T2I strict", ("t2i", "strict")), ("general", ("t2i", "by_category", "general")),
+    ("typogr.", ("t2i", "by_category", "typography")),
+    ("portrait", ("t2i", "by_category", "portrait")),
+    ("landsc.", ("t2i", "by_category", "landscape")),
+    ("edit IF", ("edit", "instruction_following")), ("preserv.", ("edit", "preservation")),
+    ("identity", ("edit", "identity")), ("img/s", ("images_per_second",)))
+
+
+def _get(results, path):
+  for key in path:
+    if not isinstance(results, dict) or key not in results:
+      return None
+    results = results[key]
+  return results
+
+
+def format_summary(rows: dict) -> str:
+  """A markdown table: one row per (stage, CFG), the COLUMNS as columns."""
+  lines = ["| run | " + " | ".join(h for h, _ in COLUMNS) + " |",
+           "|---|" + "---|" * len(COLUMNS)]
+  for label, results in rows.items():
+    cells = []
+    for _, path in COLUMNS:
+      v = _get(results, path)
+      cells.append("-" if v is None else f"{v:.3f}" if path[0] != "images_per_second"
+                   else f"{v:.1f}")
+    lines.append(f"| {label} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
+
+
+def summary(workdir: str, seed: int = 0) -> str:
+  """Scores every stage's export (SUMMARY_ROWS), writes WORKDIR/summary.json, returns the
+  table."""
+  from configs import common
+
+  eval_cfg = common.tiny_eval()
+  rows = {}
+  for label, stage, cfg_scale in SUMMARY_ROWS:
+    results = evaluate_row(workdir, label, stage, cfg_scale, eval_cfg, seed)
+    if results is not None:
+      rows[label] = results
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "summary.json"), "w") as f:
+    json.dump({"eval": eval_cfg.to_dict(), "rows": rows}, f, indent=1, sort_keys=True)
+  return format_summary(rows)
 
 
 def main(argv):
   del argv
   workdir = FLAGS.workdir
   selected = FLAGS.stages
-  all_stages = stages(workdir)
+  all_stages = stages(workdir, rl_mix=FLAGS.rl_mix)
   unknown = set(selected or ()) - {n for n, _ in all_stages}
   if unknown:
     print(f"error: unknown stages {sorted(unknown)}; known: {[n for n, _ in all_stages]}",
           file=sys.stderr)
     sys.exit(2)
-  start = time.time()
-  for name, config in all_stages:
-    if selected is None or name in selected:
-      run_stage(name, config, workdir)
-  print(f"== demo finished in {time.time() - start:.0f} s", flush=True)
-  print(summary(workdir), flush=True)
+  todo = [(n, c) for n, c in all_stages if selected is None or n in selected]
+  progress = Progress([n for n, _ in todo] + ["summary"])
+  for k, (name, config) in enumerate(todo):
+    print(progress.report(k), flush=True)
+    start = time.time()
+    if run_stage(name, config, workdir):
+      progress.measured[name] = time.time() - start
+  print(progress.report(len(todo)), flush=True)
+  table = summary(workdir)
+  print(f"== demo finished in {time.time() - progress.start:.0f} s; "
+        f"{os.path.join(workdir, 'summary.json')}\n{table}", flush=True)
 
 
 if __name__ == "__main__":

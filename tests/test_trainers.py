@@ -148,8 +148,37 @@ def test_demo_runs_a_stage_and_skips_it_once_done(tmp_path, capsys):
   config.total_steps = 1
   demo.run_stage("vae", config, str(tmp_path))
   assert os.path.isdir(tmp_path / "vae" / "export" / "vae")
-  demo.run_stage("vae", config, str(tmp_path))
+  assert demo.run_stage("vae", config, str(tmp_path)) is False
   assert "final checkpoint exists" in capsys.readouterr().out
-  assert "vae" in demo.summary(str(tmp_path))
-  names = [name for name, _ in demo.stages(str(tmp_path))]
-  assert names == ["vae", "base"]
+  # No pipeline exported yet: the summary has no rows, but writes its JSON.
+  assert demo.summary(str(tmp_path)).count("\n") == 1
+  assert os.path.isfile(tmp_path / "summary.json")
+  stages = dict(demo.stages(str(tmp_path)))
+  assert list(stages) == ["vae", "base", "rl_t2i", "rl_edit", "opd"]
+  export = lambda s: str(tmp_path / s / "export" / "pipeline")  # noqa: E731
+  for rl in ("rl_t2i", "rl_edit"):
+    assert stages[rl].init_from == export("base")
+    assert stages[rl].total_steps == demo.DEMO_ITERATIONS[rl]
+  assert stages["opd"].init_from == export("base")
+  assert (stages["opd"].teachers.t2i, stages["opd"].teachers.edit) == (
+      export("rl_t2i"), export("rl_edit"))
+  assert stages["base"].model.vae_from == str(tmp_path / "vae" / "export" / "vae")
+
+
+def test_demo_summary_table_and_eta():
+  from qwen_image_rl import demo
+
+  rows = {"base_cfg4": {"t2i": {"overall": 0.3, "overall_mean": 0.5, "strict": 0.1,
+                                "by_category": {"general": 0.4}},
+                        "edit": {"instruction_following": 0.41, "preservation": 0.9,
+                                 "identity": 0.06}, "images_per_second": 12.34},
+          "student_cfg1": {"t2i": {"overall": 0.31}}}
+  table = demo.format_summary(rows).splitlines()
+  assert len(table) == 4 and table[0].startswith("| run | T2I capped | T2I soft")
+  assert "| base_cfg4 | 0.300 | 0.500 | 0.100 | 0.400 | - |" in table[2]
+  assert table[2].endswith("| 0.410 | 0.900 | 0.060 | 12.3 |")
+  assert table[3].startswith("| student_cfg1 | 0.310 | - |")
+  progress = demo.Progress(["vae", "base", "summary"])
+  assert progress.eta_seconds(["base", "summary"]) == 600
+  progress.measured["vae"] = 2 * demo.ESTIMATED_SECONDS["vae"]  # this machine is 2x slower
+  assert progress.eta_seconds(["base", "summary"]) == 1200
