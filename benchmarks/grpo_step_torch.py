@@ -76,7 +76,8 @@ def sde_mean_std(x, v, t, t_next, noise_level):
 
 
 def gaussian_log_prob(x_next, mean, std):
-  density = -((x_next - mean) ** 2) / (2.0 * std ** 2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+  density = (-((x_next - mean) ** 2) / (2.0 * std ** 2) - torch.log(std)
+             - 0.5 * math.log(2 * math.pi))
   return density.mean(dim=tuple(range(1, x_next.ndim)))
 
 

@@ -7,8 +7,9 @@
 The grid has one row per source, 8 held-out test-split prompts per row: the world's own render
 (the target) on top, then each pipeline's samples in the order given, with the eval's sampler
 settings (configs/common.py tiny_eval: 20 steps, CFG 4). The cells are upscaled (nearest) so
-a 64 px image stays legible. With --score_json, each pipeline is also evaluated like a training run's eval (the val split's
-128 prompts and 64 edits) and the eval JSON of each is written there, keyed by name.
+a 64 px image stays legible. With --score_json, each pipeline is also evaluated like a training
+run's eval (the val split's 128 prompts and 64 edits) and the eval JSON of each is written
+there, keyed by name.
 """
 
 from __future__ import annotations

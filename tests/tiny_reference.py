@@ -70,7 +70,7 @@ def build_components(directory: str, *, text_hidden: int = 32, seed: int = 0):
         p.normal_(0.0, 1.0)
       elif not name.startswith(("model.visual", "visual")):
         p.normal_(0.0, 0.15)
-    for name, p in transformer.named_parameters():
+    for p in transformer.parameters():
       if p.dim() == 2:  # O(1) modulation so the timestep and CFG paths matter
         p.normal_(0.0, 1.0 / p.shape[1] ** 0.5)
     for name, p in vae.named_parameters():

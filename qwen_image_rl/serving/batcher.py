@@ -1,8 +1,9 @@
 """Concurrent requests into batched judge calls: an asyncio queue drained by one batching task.
 
 The first waiting request opens a batch; those queued while the previous batch was being judged
-join it at once, and those arriving within `max_wait_s` more (until `max_batch`) too; the judge scores the batch on one executor thread (so the event loop keeps
-accepting requests while it runs) and each request's future gets its reply. A judge exception
+join it at once, and those arriving within `max_wait_s` more (until `max_batch`) too; the judge
+scores the batch on one executor thread (so the event loop keeps accepting requests while it
+runs) and each request's future gets its reply. A judge exception
 fails every request of that batch and nothing else.
 """
 
