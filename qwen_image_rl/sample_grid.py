@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import numpy as np
 from absl import app, flags
@@ -107,9 +106,6 @@ def main(argv):
       json.dump(results, f, indent=1, sort_keys=True)
 
 
-if __name__ == "__main__":
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  if repo not in sys.path:
-    sys.path.insert(0, repo)
+if __name__ == "__main__":  # run from the repository root, as `qwen_image_rl.main`
   _define_flags()
   app.run(main)
