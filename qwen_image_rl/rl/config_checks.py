@@ -11,6 +11,7 @@ from qwen_image_rl import config_lib
 from qwen_image_rl.config_lib import ConfigError
 from qwen_image_rl.data import prompt_files, world
 from qwen_image_rl.rl import objectives, reward_setup
+from qwen_image_rl.rl.objectives import awm, forward, nft
 from qwen_image_rl.rl.objectives.grpo import OLD_LOG_PROBS
 from qwen_image_rl.rl.policy import DTYPES
 from qwen_image_rl.rl.rollout import CFG_MODES
@@ -79,6 +80,40 @@ def check_update(config) -> None:
                       f"prompts_per_step * group_size = {batch}")
   if rl.kl_beta < 0:
     raise ConfigError(f"config.rl.kl_beta={rl.kl_beta} must be >= 0")
+  check_objective_settings(config)
   if not rl.noise_level > 0:
     raise ConfigError(f"config.rl.noise_level={rl.noise_level} must be > 0 (the SDE's a; 0 "
                       f"makes the trained steps deterministic and their log-probs undefined)")
+
+
+ADVANTAGE_STDS = ("group", "batch")
+
+
+def check_objective_settings(config) -> None:
+  """Advantage normalisation, the forward-process objectives' draws and settings."""
+  rl = config.rl
+  if "advantage_std" in rl:
+    config_lib.check_choice(config, "rl.advantage_std", ADVANTAGE_STDS)
+  if objectives.get(rl.objective).records != "final_latents":
+    return
+  if rl.shared_initial_noise:
+    raise ConfigError(f"config.rl.shared_initial_noise=True with rl.objective={rl.objective!r}: "
+                      f"its rollout is the deterministic ODE, so rollouts sharing x_T are "
+                      f"identical and every advantage is 0; set it to False")
+  if not isinstance(rl.get("fm_draws", 4), int) or rl.get("fm_draws", 4) < 1:
+    raise ConfigError(f"config.rl.fm_draws={rl.get('fm_draws')!r} must be an integer >= 1")
+  if "fm_time" in rl:
+    config_lib.check_choice(config, "rl.fm_time", forward.TIME_SAMPLING)
+  if rl.objective == "nft":
+    s = nft.settings(rl)
+    if not 0.0 < s["beta"] or not s["adv_max"] > 0:
+      raise ConfigError(f"config.rl.nft: beta={s['beta']} and adv_max={s['adv_max']} must be > 0")
+    try:
+      nft.wrap_optimizer(None, rl)
+    except ValueError as e:
+      raise ConfigError(f"config.rl.nft: {e}") from e
+  if rl.objective == "awm":
+    s = awm.settings(rl)
+    if not s["clip"] > 0 or s["weighting"] not in awm.WEIGHTINGS:
+      raise ConfigError(f"config.rl.awm: clip={s['clip']} must be > 0 and weighting="
+                        f"{s['weighting']!r} one of {awm.WEIGHTINGS}")

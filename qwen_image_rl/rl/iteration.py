@@ -1,6 +1,7 @@
 """One RL iteration, as named steps: roll out a batch, score it, compute advantages, update.
 
   s = iteration.setup(config, mesh, rules)              # base policy, rewards, prompts, objective
+  tx = iteration.make_optimizer(s, total_updates)       # config.optim, wrapped by the objective
   step = iteration.make_update_step(s, tx, shardings)   # the objective's jitted train step
   got = iteration.roll_out(s, params, key, it, reward_pipeline)  # scored asynchronously
   scalars = iteration.score(s, got)                     # reward statistics (one composite)
@@ -21,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qwen_image_rl import optim
 from qwen_image_rl.rewards.composite import category_weighted_sum
 from qwen_image_rl.rl import objectives, reward_setup
 from qwen_image_rl.rl.advantages import contiguous_group_ids, gdpo_advantages, sample_weights
@@ -28,7 +30,7 @@ from qwen_image_rl.rl.collect import Collected, Roller, make_reward_pipeline
 from qwen_image_rl.rl.policy import load_base
 from qwen_image_rl.rl.prompts import PromptPool, build_pool
 
-__all__ = ["RLSetup", "setup", "make_update_step", "roll_out", "score", "advantages", "update",
+__all__ = ["RLSetup", "setup", "make_optimizer", "make_update_step", "roll_out", "score", "advantages", "update",
            "composite_reward", "make_reward_pipeline", "Collected"]
 
 
@@ -77,6 +79,12 @@ def setup(config, mesh, rules) -> RLSetup:
   roller = Roller(config, pipe, pool, mesh, rules,
                   record_transitions=objective.records == "transitions")
   return RLSetup(config, pipe, pool, reward_fn, weights, objective, roller, mesh, rules)
+
+
+def make_optimizer(s: RLSetup, total_updates: int):
+  """config.optim's optimiser, wrapped by the objective (e.g. to keep an old policy in its
+  state; see registry.Objective.wrap_optimizer)."""
+  return s.objective.wrap_optimizer(optim.make_optimizer(s.config.optim, total_updates), s.rl)
 
 
 def make_update_step(s: RLSetup, tx, shardings=None):

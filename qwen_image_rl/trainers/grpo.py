@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qwen_image_rl import evaluation, metrics, optim, parallel
+from qwen_image_rl import evaluation, metrics, parallel
 from qwen_image_rl.pipelines.edit import QwenImageEditPipeline
 from qwen_image_rl.pipelines.qwen_image import QwenImagePipeline
 from qwen_image_rl.rl import config_checks, iteration
@@ -125,7 +125,7 @@ def train(config, workdir):
   s = iteration.setup(config, mesh, rules)
   ctx = common.make_context(config, workdir, mesh)
   pipe = s.pipe
-  tx = optim.make_optimizer(config.optim, config.total_steps * rl.inner_updates)
+  tx = iteration.make_optimizer(s, config.total_steps * rl.inner_updates)
   state, shardings = init_policy_state(s.model, pipe.transformer_params, tx, mesh, rules,
                                        config.seed)
   ref_params = None
