@@ -52,6 +52,9 @@ def rl_section(task: str, weights) -> ml_collections.ConfigDict:
       # 'group': each reward divided by its prompt group's std (GDPO, the paper's Eq. 10);
       # 'batch': centred per group, weighted, then divided by one batch-wide std (Flow-GRPO).
       advantage_std="group",
+      # Shaping of near-constant rewards (0 = off): preservation as -max(0, tau - R); identity
+      # weighted only in groups where some sample reaches the floor (a face was read).
+      shaping=dict(preservation_threshold=0.0, identity_floor=0.0),
       sde_type="flow_grpo",  # grpo's SDE step: 'flow_grpo' | 'cps' (coefficients-preserving)
       # Forward-process objectives ('nft', 'awm'): (t, eps) draws per sample and update, and
       # where t comes from ('schedule': the rollout's sigmas; 'uniform': U(0, 1)).

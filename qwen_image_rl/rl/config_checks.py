@@ -16,6 +16,7 @@ from qwen_image_rl.rl.objectives.grpo import OLD_LOG_PROBS
 from qwen_image_rl.rl.policy import DTYPES
 from qwen_image_rl.rl.rollout import CFG_MODES
 from qwen_image_rl.rl.timesteps import STRATEGIES, validate_timestep_config
+from qwen_image_rl.sampling.sde import SDE_TYPES
 
 TASKS = ("t2i", "edit")
 
@@ -92,8 +93,12 @@ ADVANTAGE_STDS = ("group", "batch")
 def check_objective_settings(config) -> None:
   """Advantage normalisation, the forward-process objectives' draws and settings."""
   rl = config.rl
+  if "sde_type" in rl:
+    config_lib.check_choice(config, "rl.sde_type", SDE_TYPES)
   if "advantage_std" in rl:
     config_lib.check_choice(config, "rl.advantage_std", ADVANTAGE_STDS)
+  if rl.get("sde_type", "flow_grpo") == "cps":
+    check_cps(config)
   if objectives.get(rl.objective).records != "final_latents":
     return
   if rl.shared_initial_noise:
@@ -117,3 +122,16 @@ def check_objective_settings(config) -> None:
     if not s["clip"] > 0 or s["weighting"] not in awm.WEIGHTINGS:
       raise ConfigError(f"config.rl.awm: clip={s['clip']} must be > 0 and weighting="
                         f"{s['weighting']!r} one of {awm.WEIGHTINGS}")
+
+
+def check_cps(config) -> None:
+  """CPS: a noise level a in (0, 1] and no trained step that ends at t' = 0 (std s = 0 there)."""
+  rl = config.rl
+  if not 0.0 < rl.noise_level <= 1.0:
+    raise ConfigError(f"config.rl.noise_level={rl.noise_level}: with rl.sde_type='cps' it is a "
+                      f"in s = t' sin(a pi / 2) and must lie in (0, 1]")
+  ts = rl.timesteps
+  last_trainable = rl.num_steps if ts.first_m is None else ts.first_m
+  if ts.strategy == "all" or last_trainable >= rl.num_steps:
+    raise ConfigError(f"config.rl.timesteps: with rl.sde_type='cps' the last step (to t' = 0, "
+                      f"std 0) cannot be trained; set first_m < num_steps={rl.num_steps}")

@@ -25,13 +25,14 @@ import numpy as np
 from qwen_image_rl import optim
 from qwen_image_rl.rewards.composite import category_weighted_sum
 from qwen_image_rl.rl import objectives, reward_setup
-from qwen_image_rl.rl.advantages import contiguous_group_ids, gdpo_advantages, sample_weights
+from qwen_image_rl.rl.advantages import (
+    contiguous_group_ids, gdpo_advantages, readable_groups, sample_weights, threshold_penalty)
 from qwen_image_rl.rl.collect import Collected, Roller, make_reward_pipeline
 from qwen_image_rl.rl.policy import load_base
 from qwen_image_rl.rl.prompts import PromptPool, build_pool
 
 __all__ = ["RLSetup", "setup", "make_optimizer", "make_update_step", "roll_out", "score", "advantages", "update",
-           "composite_reward", "make_reward_pipeline", "Collected"]
+           "composite_reward", "make_reward_pipeline", "Collected", "shaped_rewards"]
 
 
 @dataclasses.dataclass
@@ -143,14 +144,35 @@ def reward_weights(s: RLSetup, got: Collected) -> dict[str, jax.Array]:
   return sample_weights(cat_ids, table, s.names)
 
 
+def shaped_rewards(s: RLSetup, got: Collected):
+  """The rewards and per-sample weights the advantages see, after rl.shaping (if any):
+  preservation_threshold > 0 turns preservation into the penalty -max(0, tau - R);
+  identity_floor > 0 zeroes identity's weight in groups where no sample reaches the floor
+  (the oracle read no face there). Returns ({name: [B]}, {name: [B] weights})."""
+  rewards = {n: np.asarray(got.scores[n], np.float32) for n in s.names}
+  weights = {k: np.asarray(v) for k, v in reward_weights(s, got).items()}
+  shaping = s.rl.get("shaping", None) or {}
+  tau = float(shaping.get("preservation_threshold", 0.0))
+  if tau > 0 and "preservation" in rewards:
+    rewards["preservation"] = threshold_penalty(rewards["preservation"], tau)
+  floor = float(shaping.get("identity_floor", 0.0))
+  if floor > 0 and "identity" in rewards:
+    groups = contiguous_group_ids(s.batch_size, s.rl.group_size)
+    weights["identity"] = np.where(readable_groups(rewards["identity"], groups, floor),
+                                   weights["identity"], 0.0).astype(np.float32)
+  return rewards, weights
+
+
 def advantages(s: RLSetup, got: Collected):
-  """GDPO advantages [B] (per reward, per prompt group, then category-weighted) and their
-  statistics as {'train/advantage/...': float}. Scores must be finite (see `score`)."""
+  """Advantages [B] (per reward, per prompt group, then category-weighted; rl.advantage_std
+  'group' is GDPO, 'batch' one batch-wide std) and their statistics as
+  {'train/advantage/...': float}. Scores must be finite (see `score`)."""
   rl = s.rl
+  rewards, weights = shaped_rewards(s, got)
   adv, stats = gdpo_advantages(
-      {n: got.scores[n] for n in s.names}, reward_weights(s, got),
-      contiguous_group_ids(s.batch_size, rl.group_size), rl.prompts_per_step, eps=rl.adv_eps,
-      whiten=rl.whiten_advantages, clip=rl.adv_clip if rl.adv_clip > 0 else None)
+      rewards, weights, contiguous_group_ids(s.batch_size, rl.group_size), rl.prompts_per_step,
+      eps=rl.adv_eps, whiten=rl.whiten_advantages, clip=rl.adv_clip if rl.adv_clip > 0 else None,
+      std=rl.get("advantage_std", "group"))
   return adv, {f"train/{k}": float(v) for k, v in stats.items() if k.startswith("advantage/")}
 
 
