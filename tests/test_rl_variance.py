@@ -92,3 +92,23 @@ def test_cps_preserves_the_marginal_variance_where_flow_grpo_adds_some():
   (first, want), *_ = chain_variance("flow_grpo", sigmas, 0.8, 0.0)
   print(f"one step 1 -> 0.8, a = 0.8: flow_grpo var {first:.4f} vs marginal {want:.4f}")
   assert first > 1.1 * want
+
+
+def test_b_noise_and_its_jackknife_interval_on_synthetic_gradients():
+  import os
+  import sys
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from benchmarks import grad_snr
+
+  rng = np.random.default_rng(3)
+  dim, n, batch = 4000, 40, 64
+  signal = rng.normal(size=dim) * 0.1  # |s|^2 = 40
+  noise_sd = 0.5  # |n|^2 = 1000 per batch: B_noise = 64 * 1000 / 40 = 1600
+  g = signal + noise_sd * rng.normal(size=(n, dim))
+  stats = grad_snr.jackknife(g @ g.T, batch)
+  truth = batch * noise_sd ** 2 * dim / float(signal @ signal)
+  est, lo, hi = stats["b_noise"]
+  print(f"B_noise {est:.0f} [{lo:.0f}, {hi:.0f}] vs true {truth:.0f}")
+  assert lo < truth < hi and hi - lo < truth
+  pure_noise = rng.normal(size=(n, dim))
+  assert grad_snr.jackknife(pure_noise @ pure_noise.T, batch)["signal"][1] < 0.0

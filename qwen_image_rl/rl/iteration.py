@@ -31,7 +31,7 @@ from qwen_image_rl.rl.collect import Collected, Roller, make_reward_pipeline
 from qwen_image_rl.rl.policy import load_base
 from qwen_image_rl.rl.prompts import PromptPool, build_pool
 
-__all__ = ["RLSetup", "setup", "make_optimizer", "make_update_step", "roll_out", "score", "advantages", "update",
+__all__ = ["RLSetup", "setup", "make_optimizer", "make_update_step", "make_grad_fn", "roll_out", "score", "advantages", "update",
            "composite_reward", "make_reward_pipeline", "Collected", "shaped_rewards"]
 
 
@@ -96,6 +96,15 @@ def make_update_step(s: RLSetup, tx, shardings=None):
   step = s.objective.make_step(s.model, tx, s.rules, s.rl, s.img_shapes)
   out = None if shardings is None else (shardings, None)
   return jax.jit(step, donate_argnums=(0,), out_shardings=out)
+
+
+def make_grad_fn(s: RLSetup, objective: str | None = None):
+  """The gradient of an objective (default: the run's) without an update, jitted:
+  fn(params, batch, key) -> (grads, metrics); the batch from that objective's make_batch."""
+  obj = s.objective if objective is None else objectives.get(objective)
+  if obj.make_grads is None:
+    raise ValueError(f"objective {obj.name!r} provides no make_grads")
+  return jax.jit(obj.make_grads(s.model, s.rules, s.rl, s.img_shapes))
 
 
 def roll_out(s: RLSetup, params, key, iteration: int, reward_pipeline) -> Collected:

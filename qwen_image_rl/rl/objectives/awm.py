@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from qwen_image_rl.rl.objectives import forward, old_policy
-from qwen_image_rl.rl.objectives.registry import Objective, register
+from qwen_image_rl.rl.objectives.registry import register
 
 WEIGHTINGS = ("uniform", "t")
 
@@ -92,7 +92,7 @@ def wrap_optimizer(tx, rl):
   return old_policy.with_old_policy(tx, mode="snapshot", refresh_every=int(rl.inner_updates))
 
 
-def make_step(model, tx, rules, rl, img_shapes):
+def make_loss(model, rl, img_shapes):
   s = settings(rl)
   img_shapes = tuple(tuple(int(v) for v in shape) for shape in img_shapes)
 
@@ -100,12 +100,8 @@ def make_step(model, tx, rules, rl, img_shapes):
     return awm_loss(params, micro, old_params=old_params, ref_params=ref_params, model=model,
                     clip=float(s["clip"]), weighting=s["weighting"], kl_beta=float(rl.kl_beta),
                     cfg_mode=rl.cfg_mode, cfg_scale=rl.cfg_scale, img_shapes=img_shapes)
-
-  return forward.make_forward_step(loss, tx, rules, micro_batch_size=rl.micro_batch_size,
-                                   draws=int(rl.get("fm_draws", 4)),
-                                   time_sampling=rl.get("fm_time", "schedule"),
-                                   inner_updates=int(rl.inner_updates))
+  return loss
 
 
-register(Objective(name="awm", records="final_latents", make_step=make_step,
-                   make_batch=forward.make_batch, wrap_optimizer=wrap_optimizer))
+OBJECTIVE = register(forward.forward_objective("awm", make_loss, wrap_optimizer))
+make_step, make_grads = OBJECTIVE.make_step, OBJECTIVE.make_grads

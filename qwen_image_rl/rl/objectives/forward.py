@@ -34,6 +34,7 @@ import numpy as np
 import optax
 
 from qwen_image_rl.rl.objectives import old_policy
+from qwen_image_rl.rl.objectives.registry import Objective
 from qwen_image_rl.rl.rollout import (
     num_micro_batches, policy_is_guided, split_micro_batches)
 from qwen_image_rl.sampling.guidance import guided_velocity
@@ -121,32 +122,71 @@ def apply_update(state: TrainState, tx, grads, metrics):
   return keep_if_finite(state, new, metrics["loss"]), metrics
 
 
-def make_forward_step(loss_fn: Callable, tx, rules, *, micro_batch_size: int | None,
-                      draws: int, time_sampling: str, inner_updates: int = 1):
-  """step(state, batch, ref_params=None) -> (state, metrics), to be jitted by the caller.
+def make_forward_grads(loss_fn: Callable, *, micro_batch_size: int | None, draws: int,
+                       time_sampling: str):
+  """grads(params, batch, key, old_params=None, ref_params=None) -> (grads, metrics).
 
   loss_fn(params, micro, *, old_params, ref_params) -> (loss, metrics) sees a micro-batch with
-  the draws added (t [b, D], eps [b, D, S, C]); old_params is theta_old from the optimiser state
-  (`old_policy.with_old_policy`) or None. Call the jitted step under
-  `parallel.sharding_context(mesh, rules)`.
+  the draws from `key` added (t [b, D], eps [b, D, S, C]); old_params None means theta_old =
+  theta. Run under `nn.logical_axis_rules` / `parallel.sharding_context`.
   """
   if draws < 1:
     raise ValueError(f"fm_draws={draws} must be >= 1.")
   if time_sampling not in TIME_SAMPLING:
     raise ValueError(f"fm_time={time_sampling!r}: expected one of {TIME_SAMPLING}.")
 
-  def step(state: TrainState, batch, ref_params=None):
-    key = draw_key(state.rng, state.step // inner_updates)
+  def grads(params, batch, key, old_params=None, ref_params=None):
     t, eps = draw_times_and_noise(key, batch["x0"], batch["schedule"], draws, time_sampling)
     batch = dict(batch, t=t, eps=eps)
     n = num_micro_batches(batch["advantages"].shape[0], micro_batch_size)
-    old = old_policy.old_params(state.opt_state)
+    return accumulate_grads(loss_fn, params, batch, n, old_params=old_params,
+                            ref_params=ref_params)
+
+  return grads
+
+
+def make_forward_step(loss_fn: Callable, tx, rules, *, micro_batch_size: int | None,
+                      draws: int, time_sampling: str, inner_updates: int = 1):
+  """step(state, batch, ref_params=None) -> (state, metrics), to be jitted by the caller: the
+  draws keyed by the iteration (module docstring), theta_old from the optimiser state
+  (`old_policy.with_old_policy`, else None). Call the jitted step under
+  `parallel.sharding_context(mesh, rules)`.
+  """
+  grads_fn = make_forward_grads(loss_fn, micro_batch_size=micro_batch_size, draws=draws,
+                                time_sampling=time_sampling)
+
+  def step(state: TrainState, batch, ref_params=None):
+    key = draw_key(state.rng, state.step // inner_updates)
     with nn.logical_axis_rules(rules):
-      grads, metrics = accumulate_grads(loss_fn, state.params, batch, n, old_params=old,
-                                        ref_params=ref_params)
+      grads, metrics = grads_fn(state.params, batch, key, old_policy.old_params(state.opt_state),
+                                ref_params)
     return apply_update(state, tx, grads, metrics)
 
   return step
+
+
+def forward_objective(name: str, make_loss: Callable, wrap_optimizer: Callable) -> Objective:
+  """The registry entry of a forward-process objective whose loss is
+  make_loss(model, rl, img_shapes) -> loss_fn (see `make_forward_grads`)."""
+
+  def settings(rl):
+    return dict(micro_batch_size=rl.micro_batch_size, draws=int(rl.get("fm_draws", 4)),
+                time_sampling=rl.get("fm_time", "schedule"))
+
+  def make_step(model, tx, rules, rl, img_shapes):
+    return make_forward_step(make_loss(model, rl, img_shapes), tx, rules,
+                             inner_updates=int(rl.inner_updates), **settings(rl))
+
+  def make_grads(model, rules, rl, img_shapes):
+    grads_fn = make_forward_grads(make_loss(model, rl, img_shapes), **settings(rl))
+
+    def grads(params, batch, key):
+      with nn.logical_axis_rules(rules):
+        return grads_fn(params, batch, key)
+    return grads
+
+  return Objective(name=name, records="final_latents", make_step=make_step,
+                   make_batch=make_batch, wrap_optimizer=wrap_optimizer, make_grads=make_grads)
 
 
 def make_batch(policy, params, result, inputs, advantages):

@@ -195,5 +195,20 @@ def make_batch(policy, params, result, inputs, advantages):
   return rollout_batch(result, **inputs, advantages=advantages, old_log_probs=old)
 
 
+def make_grads(model, rules, rl, img_shapes):
+  """grads(params, batch, key) -> (grads, metrics): `grpo_grads` with config.rl's settings
+  (the key is unused: the batch holds the rollout's noise)."""
+  img_shapes = tuple(tuple(int(v) for v in s) for s in img_shapes)
+
+  def grads(params, batch, key):
+    del key
+    with nn.logical_axis_rules(rules):
+      return grpo_grads(params, model, batch, micro_batch_size=rl.micro_batch_size,
+                        cfg_mode=rl.cfg_mode, clip_eps=rl.clip_eps, noise_level=rl.noise_level,
+                        cfg_scale=rl.cfg_scale, img_shapes=img_shapes,
+                        sde_type=rl.get("sde_type", "flow_grpo"))
+  return grads
+
+
 register(Objective(name="grpo", records="transitions", make_step=make_step_from_config,
-                   make_batch=make_batch))
+                   make_batch=make_batch, make_grads=make_grads))
