@@ -106,7 +106,7 @@ def compile_step(args, mesh, num_layers: int, scan_layers: bool):
   step = jax.jit(jax.value_and_grad(loss_fn),
                  out_shardings=(NamedSharding(mesh, P()), param_shardings))
   t0 = time.time()
-  with sharding_context(mesh, rules):  # activation constraints: set_mesh, not `with mesh`
+  with sharding_context(mesh, rules):  # jax.set_mesh: flax's activation constraints apply
     lowered = step.lower(param_specs, inputs)
   t1 = time.time()
   compiled = lowered.compile()

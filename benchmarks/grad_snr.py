@@ -91,14 +91,12 @@ def build_config(args):
 
 def collect_gradients(s, objective_names, stds, batches, iteration):
   """{(objective, std): [flat float32 gradients]} and the median seconds of a rollout."""
-  from qwen_image_rl import parallel
   from qwen_image_rl.rl import objectives
 
   params = s.pipe.transformer_params
   grad_fns = {name: iteration.make_grad_fn(s, name) for name in objective_names}
   grads, seconds = {}, []
-  with parallel.sharding_context(s.mesh, s.rules), \
-      iteration.make_reward_pipeline(s.config, s.reward_fn) as reward_pipeline:
+  with iteration.make_reward_pipeline(s.config, s.reward_fn) as reward_pipeline:
     for it in range(batches):
       t0 = time.perf_counter()
       key = jax.random.key(1000 + it)

@@ -92,8 +92,7 @@ def main():
   rl, roller = c.rl, s.roller
   rows = []
   rollout_flops = step_flops = None
-  with parallel.sharding_context(mesh, rules), \
-      iteration.make_reward_pipeline(c, s.reward_fn) as reward_pipeline:
+  with iteration.make_reward_pipeline(c, s.reward_fn) as reward_pipeline:
     for it in range(args.iterations + 1):  # iteration 0 compiles
       t0 = time.perf_counter()
       got = iteration.roll_out(s, state.params, jax.random.key(it), it, reward_pipeline)
@@ -103,15 +102,17 @@ def main():
       if step_flops is None:
         batch = s.objective.make_batch(s, state.params, got.result,
                                        roller.policy_inputs(got.pool_index), jnp.asarray(adv))
-        step_flops = flops_of(step, state, batch, None)
+        with parallel.sharding_context(mesh, rules):  # as iteration.update calls it
+          step_flops = flops_of(step, state, batch, None)
         x_T = jnp.zeros((roller.chunk, roller.seq_len, roller.channels), jnp.float32)
         fn = rl_rollout.jitted_rollout(s.model, roller.img_shapes, True)
         # XLA's cost analysis counts a while loop's body once: scale by the N scanned steps.
-        rollout_flops = rl.rollout_chunks * rl.num_steps * flops_of(
-            fn, state.params, x_T, s.pool.cond[:roller.chunk], s.pool.mask[:roller.chunk],
-            roller.neg_cond, roller.neg_mask, roller.sigmas, roller.train_steps(
-                jax.random.key(0), 0), jax.random.key(0), jnp.float32(rl.cfg_scale),
-            jnp.float32(rl.noise_level), None)
+        with parallel.sharding_context(mesh, rules):  # as rl_rollout.rollout calls it
+          rollout_flops = rl.rollout_chunks * rl.num_steps * flops_of(
+              fn, state.params, x_T, s.pool.cond[:roller.chunk], s.pool.mask[:roller.chunk],
+              roller.neg_cond, roller.neg_mask, roller.sigmas, roller.train_steps(
+                  jax.random.key(0), 0), jax.random.key(0), jnp.float32(rl.cfg_scale),
+              jnp.float32(rl.noise_level), None)
       t2 = time.perf_counter()
       state, _ = iteration.update(s, step, state, got, adv)
       jax.block_until_ready(state)  # the params too: the next rollout needs them

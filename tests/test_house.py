@@ -3,7 +3,8 @@
 - no module outside the package imports a private name of it;
 - no function in qwen_image_rl/ is longer than 100 lines;
 - no import circle inside qwen_image_rl/, counting imports inside functions (lazy) too;
-- no deprecated `with mesh:` anywhere (flax drops activation constraints under it), and the
+- no mesh entered as a context manager (deprecated: flax drops activation constraints under
+  it; `parallel.sharding_context` uses jax.set_mesh), and the
   package does not edit sys.path.
 """
 

@@ -2,9 +2,9 @@
 
 Each test lowers one function the trainers run (the MMDiT forward, the GRPO rollout, the GRPO
 train step) on an 8-device data2 x fsdp2 x tensor2 mesh under `parallel.sharding_context` and
-reads the constraints from the lowered text. Under the deprecated `with mesh:` flax sees no mesh
-and every one of them is dropped (0 constraints), with no change in the results, which is why
-only the program text can tell.
+reads the constraints from the lowered text. With the mesh entered as a context manager
+(deprecated in jax 0.10) flax sees no mesh and drops every one of them (0 constraints), with no
+change in the results, which is why only the program text can tell.
 """
 
 import collections

@@ -164,7 +164,7 @@ def encode_prompts(model: nn.Module, params, tokenizer, prompts: Sequence[str] |
   """Qwen-Image prompt embeddings, as diffusers QwenImagePipeline.encode_prompt computes them.
 
   Returns (prompt_embeds [B, S, H] in the model dtype, prompt_embeds_mask [B, S] int32).
-  To run sharded, call it under `with mesh, nn.logical_axis_rules(rules):` with sharded params.
+  To run sharded, call it under `parallel.sharding_context(mesh, rules)` with sharded params.
   """
   tokens = tokenize_prompts(tokenizer, prompts, template, drop_idx, max_sequence_length,
                             pad_to_multiple_of=pad_to_multiple_of)

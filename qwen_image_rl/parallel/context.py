@@ -3,7 +3,7 @@
 Every `nn.with_logical_constraint` in the models needs two things at trace time: the logical
 axis rules (flax's `nn.logical_axis_rules`) and a mesh that flax can see. flax 0.12 reads the
 mesh from `jax.sharding.get_abstract_mesh()`, which only `jax.set_mesh` sets; under the
-deprecated `with mesh:` it finds none and drops every constraint without a word. Enter
+deprecated `Mesh` context manager it finds none and drops every constraint without a word. Enter
 `sharding_context` once around each jitted step, rollout or pipeline call (tracing happens at
 the call, so that is where it counts).
 """

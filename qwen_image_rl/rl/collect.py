@@ -16,7 +16,7 @@ from qwen_image_rl.pipelines import common as pipe_common
 from qwen_image_rl.rewards.async_pipeline import AsyncRewardPipeline, SyncRewardPipeline
 from qwen_image_rl.rewards.base import RewardBatch
 from qwen_image_rl.rl import rollout as rl_rollout
-from qwen_image_rl.rl.prompts import PromptPool, negative_embeds
+from qwen_image_rl.rl.prompts import PromptPool, negative_cond
 from qwen_image_rl.rl.timesteps import select_timesteps
 
 
@@ -60,7 +60,7 @@ class Roller:
     self.seq_len = shape[1] * shape[2]
     self.channels = 4 * pipe.latent_channels
     self.sigmas = np.asarray(pipe.schedule.sigmas(rl.num_steps, self.seq_len), np.float32)
-    self.neg_cond, self.neg_mask = negative_embeds(config, pipe, self.chunk)
+    self.neg_cond, self.neg_mask = negative_cond(config, pipe, self.chunk)
 
   def put(self, x):
     """A host array, sharded over the batch (None stays None)."""

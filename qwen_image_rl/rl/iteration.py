@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qwen_image_rl import optim
+from qwen_image_rl import optim, parallel
 from qwen_image_rl.rewards.composite import category_weighted_sum
 from qwen_image_rl.rl import objectives, reward_setup
 from qwen_image_rl.rl.advantages import (
@@ -104,7 +104,12 @@ def make_grad_fn(s: RLSetup, objective: str | None = None):
   obj = s.objective if objective is None else objectives.get(objective)
   if obj.make_grads is None:
     raise ValueError(f"objective {obj.name!r} provides no make_grads")
-  return jax.jit(obj.make_grads(s.model, s.rules, s.rl, s.img_shapes))
+  fn = jax.jit(obj.make_grads(s.model, s.rules, s.rl, s.img_shapes))
+
+  def grads(params, batch, key):
+    with parallel.sharding_context(s.mesh, s.rules):  # as `update`'s step
+      return fn(params, batch, key)
+  return grads
 
 
 def roll_out(s: RLSetup, params, key, iteration: int, reward_pipeline) -> Collected:
@@ -191,9 +196,10 @@ def update(s: RLSetup, step_fn, state, got: Collected, adv, ref_params=None):
   inputs = s.roller.policy_inputs(got.pool_index)
   batch = s.objective.make_batch(s, state.params, got.result, inputs, jnp.asarray(adv))
   history = []
-  for _ in range(s.rl.inner_updates):
-    state, m = step_fn(state, batch, ref_params)
-    history.append({k: float(np.asarray(v)) for k, v in jax.device_get(m).items()})
+  with parallel.sharding_context(s.mesh, s.rules):
+    for _ in range(s.rl.inner_updates):
+      state, m = step_fn(state, batch, ref_params)
+      history.append({k: float(np.asarray(v)) for k, v in jax.device_get(m).items()})
   nonfinite = [h["loss"] for h in history if not np.isfinite(h["loss"])]
   metrics = {f"train/{k}": v for k, v in history[-1].items()}
   metrics["loss"] = nonfinite[0] if nonfinite else history[-1]["loss"]

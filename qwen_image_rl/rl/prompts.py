@@ -72,7 +72,7 @@ def build_pool(config, pipe) -> PromptPool:
   return pool
 
 
-def negative_embeds(config, pipe, batch: int):
+def negative_cond(config, pipe, batch: int):
   """The negative prompt's conditioning, broadcast to `batch` rows."""
   task_pipe = with_params(pipe, pipe.transformer_params, task_pipeline_class(config.rl.task))
   cond, mask = encode_with(task_pipe, [config.rl.negative_prompt], config.data.max_text_tokens)

@@ -25,7 +25,7 @@ from qwen_image_rl.rewards.base import RewardBatch
 from qwen_image_rl.rewards.composite import category_weighted_sum
 from qwen_image_rl.rl import config_checks, reward_setup
 from qwen_image_rl.rl.policy import load_base
-from qwen_image_rl.rl.prompts import build_pool, negative_embeds
+from qwen_image_rl.rl.prompts import build_pool, negative_cond
 
 
 class CurationError(RuntimeError):
@@ -76,7 +76,7 @@ def train(config, workdir):
   pool = build_pool(config, pipe)
   reward_setup.check_categories_covered(weights, pool.categories, "the prompt set")
   logger = MetricLogger(workdir, total_steps=1, progress_every=1)
-  neg_cond, neg_mask = negative_embeds(config, pipe, 1)
+  neg_cond, neg_mask = negative_cond(config, pipe, 1)
   guided = rl.cfg_mode != "none"
   g = rl.group_size
   n = len(pool)

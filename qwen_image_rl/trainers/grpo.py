@@ -101,7 +101,8 @@ def make_iteration(s: iteration.RLSetup, update_step, base_key, reward_pipeline,
     if finite:
       adv, adv_stats = iteration.advantages(s, got)
       state, update_metrics = iteration.update(s, update_step, state, got, adv, ref_params)
-      scalars.update(adv_stats, **update_metrics)
+      scalars.update(adv_stats)
+      scalars.update(update_metrics)
     else:
       scalars["loss"] = float("nan")
     now = time.perf_counter()
@@ -140,42 +141,42 @@ def train(config, workdir):
         f"{start}/{config.total_steps}", flush=True)
   evaluator = Evaluator(config, pipe, ctx.logger)
   results = [None]  # the latest evaluation's
-  with parallel.sharding_context(mesh, rules):
-    if config.eval.at_start and start == 0 and evaluation.enabled(config.eval):
-      results[0] = evaluator(0, state.params)
-    base_key = jax.random.wrap_key_data(jnp.asarray(np.asarray(state.rng)))  # state is donated
-    last = {}
+  # Each jitted rollout, decode and update enters `parallel.sharding_context` itself; the
+  # evaluation and export run outside it (flax unboxing under a mesh would constrain).
+  if config.eval.at_start and start == 0 and evaluation.enabled(config.eval):
+    results[0] = evaluator(0, state.params)
+  base_key = jax.random.wrap_key_data(jnp.asarray(np.asarray(state.rng)))  # state is donated
+  last = {}
 
-    def on_step_end(done, state, scalars):
-      log_every = max(int(config.log.every), 1)
-      if done % log_every == 0 or done == config.total_steps:
-        print(iteration_summary(done, s.names, scalars), flush=True)
-      if config.log.images_every and done % config.log.images_every == 0:
-        images = last["images"]
-        ctx.logger.images(done, {"rollout/images": metrics.image_grid(
-            images[:min(len(images), 4 * rl.group_size)], rl.group_size)})
-      if config.eval.every and done % config.eval.every == 0 and done < config.total_steps \
-          and evaluation.enabled(config.eval):
-        results[0] = evaluator(done, state.params)
+  def on_step_end(done, state, scalars):
+    log_every = max(int(config.log.every), 1)
+    if done % log_every == 0 or done == config.total_steps:
+      print(iteration_summary(done, s.names, scalars), flush=True)
+    if config.log.images_every and done % config.log.images_every == 0:
+      images = last["images"]
+      ctx.logger.images(done, {"rollout/images": metrics.image_grid(
+          images[:min(len(images), 4 * rl.group_size)], rl.group_size)})
+    if config.eval.every and done % config.eval.every == 0 and done < config.total_steps \
+        and evaluation.enabled(config.eval):
+      results[0] = evaluator(done, state.params)
 
-    def on_skip(done, scalars):
-      ctx.logger.scalars(done, {k: v for k, v in scalars.items()
-                                if k.startswith(("reward/", "perf/"))})
-      return "reward" if scalars["rollout/nonfinite_reward"] else "loss"
+  def on_skip(done, scalars):
+    ctx.logger.scalars(done, {k: v for k, v in scalars.items()
+                              if k.startswith(("reward/", "perf/"))})
+    return "reward" if scalars["rollout/nonfinite_reward"] else "loss"
 
-    with iteration.make_reward_pipeline(config, s.reward_fn) as reward_pipeline:
-      run = make_iteration(s, iteration.make_update_step(s, tx, shardings), base_key,
-                           reward_pipeline,
-                           evaluator, last, ref_params)
-      state, _ = common.fit(ctx, state, train_step=run, batch_for_step=lambda it: it,
-                            start_step=start, total_steps=config.total_steps,
-                            max_consecutive_nonfinite=rl.max_consecutive_nonfinite,
-                            on_step_end=on_step_end, on_skip=on_skip, unit="iteration")
-    params = jax.device_get(state.params)
-    if jax.process_index() == 0:
-      with_params(pipe, params, task_pipeline_class(rl.task)).save_pretrained(
-          os.path.join(workdir, "export", "pipeline"))
-    if evaluation.enabled(config.eval):
-      results[0] = evaluator(config.total_steps, params)
+  with iteration.make_reward_pipeline(config, s.reward_fn) as reward_pipeline:
+    run = make_iteration(s, iteration.make_update_step(s, tx, shardings), base_key,
+                         reward_pipeline, evaluator, last, ref_params)
+    state, _ = common.fit(ctx, state, train_step=run, batch_for_step=lambda it: it,
+                          start_step=start, total_steps=config.total_steps,
+                          max_consecutive_nonfinite=rl.max_consecutive_nonfinite,
+                          on_step_end=on_step_end, on_skip=on_skip, unit="iteration")
+  params = jax.device_get(state.params)
+  if jax.process_index() == 0:
+    with_params(pipe, params, task_pipeline_class(rl.task)).save_pretrained(
+        os.path.join(workdir, "export", "pipeline"))
+  if evaluation.enabled(config.eval):
+    results[0] = evaluator(config.total_steps, params)
   ctx.close()
   return results[0]
