@@ -5,9 +5,9 @@
   python -m qwen_image_rl.sample_grid --pipelines=base=runs/demo/base --score_json=base.json
 
 The grid has one row per source, 8 held-out test-split prompts per row: the world's own render
-(the target) on top, then each pipeline's samples in the order given with the eval's sampler settings (configs/common.py
-tiny_eval: 20 steps, CFG 4). The cells are upscaled (nearest) so a 64 px image stays legible.
-With --score_json, each pipeline is also evaluated like a training run's eval (the val split's
+(the target) on top, then each pipeline's samples in the order given, with the eval's sampler
+settings (configs/common.py tiny_eval: 20 steps, CFG 4). The cells are upscaled (nearest) so
+a 64 px image stays legible. With --score_json, each pipeline is also evaluated like a training run's eval (the val split's
 128 prompts and 64 edits) and the eval JSON of each is written there, keyed by name.
 """
 
@@ -17,8 +17,8 @@ import json
 import os
 import sys
 
-from absl import app, flags
 import numpy as np
+from absl import app, flags
 
 FLAGS = flags.FLAGS
 
@@ -50,9 +50,9 @@ def load_pipelines(directory: str):
   """(t2i, edit) pipelines sharing one set of components, from an export or its workdir."""
   import jax.numpy as jnp
 
+  from qwen_image_rl.pipelines import common
   from qwen_image_rl.pipelines.edit import QwenImageEditPipeline
   from qwen_image_rl.pipelines.qwen_image import QwenImagePipeline
-  from qwen_image_rl.pipelines import common
 
   for candidate in (directory, os.path.join(directory, "export", "pipeline")):
     if os.path.isfile(os.path.join(candidate, common.MODEL_INDEX)):

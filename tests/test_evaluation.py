@@ -27,3 +27,39 @@ def test_eval_sets_are_rendered_once_and_read_only():
   small, none = evaluation.eval_sets(_cfg(image_size=16, num_edits=0), seed=3)
   assert small.images.shape[1:3] == (16, 16) and none is None
   np.testing.assert_array_equal(t2i.images, evaluation.eval_sets(_cfg(), seed=3)[0].images)
+
+
+def test_summaries_hold_capped_uncapped_and_strict_scores():
+  from qwen_image_rl.data import edits as E
+  from qwen_image_rl.data import oracle, render, world
+
+  specs = world.sample_scenes(4, 8, split="val")
+  images = [render.render(s) for s in specs]
+  images[0] = np.full_like(images[0], 128)  # one failure: it must lower strict by category
+  t2i = evaluation.summarise_t2i(oracle.score_t2i_batch(images, specs),
+                                 [s.category for s in specs])
+  failed = specs[0].category
+  assert t2i["strict_by_category"][failed] == 0.5
+  assert all(v == 1.0 for c, v in t2i["strict_by_category"].items() if c != failed)
+  assert t2i["strict"] == 0.875  # categories weigh equally: (0.5 + 1 + 1 + 1) / 4
+  assert t2i["by_category"][failed] < t2i["by_category_mean"][failed] < 0.99
+  assert t2i["overall"] < t2i["overall_mean"]
+  edits = E.sample_edits(5, 7, split="val")
+  sources = [render.render(e.source) for e in edits]
+  outputs = [render.render(e.target) for e in edits]
+  outputs[0] = sources[0]  # an edit that ignores its instruction
+  e = evaluation.summarise_edits(oracle.score_edit_batch(sources, outputs, edits), edits)
+  assert e["strict"] == 6 / 7 and e["strict_by_kind"][edits[0].kind] == 0.0
+  assert e["instruction_following"] < e["instruction_following_mean"]
+
+
+def test_sample_grid_rejects_bad_pipeline_arguments():
+  from qwen_image_rl import sample_grid
+
+  assert sample_grid.parse_pipelines(["base=a", "grpo=b/c"]) == {"base": "a", "grpo": "b/c"}
+  with pytest.raises(ValueError, match="expected name=DIR"):
+    sample_grid.parse_pipelines(["runs/demo/base"])
+  with pytest.raises(ValueError, match="twice"):
+    sample_grid.parse_pipelines(["a=x", "a=y"])
+  with pytest.raises(FileNotFoundError, match="model_index.json"):
+    sample_grid.load_pipelines("/nonexistent/pipeline")

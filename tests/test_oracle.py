@@ -302,8 +302,8 @@ def test_identity_reads_blurred_faces_and_still_tells_identities_apart():
     spec = W.sample_scene(rng, 'portrait')
     state = dataclasses.replace(spec, expression=W.EXPRESSIONS[i % 3], glasses=not spec.glasses)
 
-    def soft(s):
-      return _noisy(_blurred(R.render(s), 2.0), 4, seed=i)
+    def soft(s, seed=i):
+      return _noisy(_blurred(R.render(s), 2.0), 4, seed=seed)
 
     others = {f: [v for v in tables[f] if v != getattr(spec, f)] for f in tables}
     field = W.IDENTITY_FIELDS[i % 4]

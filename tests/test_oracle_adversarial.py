@@ -114,8 +114,8 @@ def duplicated(spec):
     small = image.reshape(SIZE // 2, 2, SIZE // 2, 2, 3).mean(axis=(1, 3))
     return _u8(np.tile(small, (2, 2, 1)))
   other = W.BODY_POSITIONS if spec.body_pos == 'center' else ['center']
-  twin = R.render(dataclasses.replace(spec, body_pos=[p for p in other if p != spec.body_pos][0]),
-                  SIZE)
+  twin = R.render(dataclasses.replace(
+      spec, body_pos=next(p for p in other if p != spec.body_pos)), SIZE)
   return _composite(image, twin, W.SKY_COLOURS[spec.sky])
 
 
@@ -146,7 +146,8 @@ ADVERSARIES = {'blank': blank, 'noise': noise, 'blur': heavy_blur, 'confetti': c
 
 
 def one_attribute_wrong(spec):
-  """An honest but worse attempt: one colour wrong (a shape's, the text's, the hair), or the moon for the sun."""
+  """An honest but worse attempt: one colour wrong (a shape's, the text's, the hair), or the
+  moon for the sun."""
   if spec.category == 'general':
     used = {s.colour for s in spec.shapes}
     new = next(c for c in W.SHAPE_COLOURS if c not in used)
@@ -178,7 +179,8 @@ def test_adversaries_lose_to_correct_and_imperfect_renders(category):
     for name, make in ADVERSARIES.items():
       s = O.score_t2i(make(spec), spec)
       if not (s['overall'] < min(good['overall'], correct['overall']) and s['strict'] == 0.0):
-        failures.append((name, spec, round(s['overall'], 3), s['strict'], round(good['overall'], 3)))
+        failures.append((name, spec, round(s['overall'], 3), s['strict'],
+                         round(good['overall'], 3)))
   assert not failures, failures
 
 

@@ -219,7 +219,8 @@ def detect_shapes(image) -> list[dict]:
     logits = {k: -0.5 * (((fill - f) / KIND_SIGMAS[0]) ** 2 + ((offset - o) / KIND_SIGMAS[1]) ** 2)
               for k, (f, o) in KIND_PROTOTYPES.items()}
     found.append({
-        'colour': colour, 'core_colour': core_colour, 'area': area / size**2, 'fill': fill, 'offset': offset,
+        'colour': colour, 'core_colour': core_colour, 'area': area / size**2, 'fill': fill,
+        'offset': offset,
         'x': (cx + sl[1].start + 0.5) / size, 'y': (cy + sl[0].start + 0.5) / size,
         'kind_logits': logits,
     })
@@ -806,10 +807,7 @@ def t2i_checks(image, spec) -> dict:
                                                                      spec)[1]
 
 
-def score_t2i(image, spec) -> dict:
-  """Alignment dimensions of `spec`'s category, their rubric-capped `overall`, the plain mean
-  `overall_mean` (the scorer before capping), `strict` (1.0 when every check passes) and
-  `quality`."""
+def _t2i_scores_and_checks(image, spec) -> tuple[dict, dict]:
   category = W.check_category(getattr(spec, 'category', None))
   img = as_float_image(image)
   scores, checks = _SCORERS[category](img, spec)
@@ -819,7 +817,14 @@ def score_t2i(image, spec) -> dict:
   scores['overall_mean'] = mean
   scores['strict'] = float(strict_pass(checks))
   scores['quality'] = image_quality(img)['quality']
-  return scores
+  return scores, checks
+
+
+def score_t2i(image, spec) -> dict:
+  """Alignment dimensions of `spec`'s category, their rubric-capped `overall`, the plain mean
+  `overall_mean` (the scorer before capping), `strict` (1.0 when every check passes) and
+  `quality`."""
+  return _t2i_scores_and_checks(image, spec)[0]
 
 
 EDIT_MARGIN = 0.03
@@ -885,16 +890,17 @@ def preservation(source_image, output_image, source, target) -> float:
 PRESERVATION_STRICT = 0.9  # strict edit success keeps 90% of the untouched pixels
 
 
-def core_checks(output_image, source, target) -> dict:
+def core_checks(output_image, source, target, checks=None) -> dict:
   """The instruction's core requirement: the target's checks on what the edit changes.
 
   Derived from the spec difference, so it holds for any edit: new or changed shapes must be
   there with every attribute and removed ones gone from their place (general); changed glyph
   slots or the new colour (typography); the new expression or glasses (portrait); the new sky,
   ground or body position (landscape). An output that ignores the instruction fails it.
+  `checks` may pass `t2i_checks(output_image, target)` when the caller already has them.
   """
   img = as_float_image(output_image)
-  checks = t2i_checks(img, target)
+  checks = t2i_checks(img, target) if checks is None else checks
   core = {}
   if target.category == 'general':
     for i, shape in enumerate(target.shapes):
@@ -930,14 +936,15 @@ def score_edit(source_image, output_image, edit) -> dict:
   then preservation and identity), `strict` (core, target and identity checks pass and
   preservation >= PRESERVATION_STRICT), quality, `target/*`, and the uncapped means
   `instruction_following_mean` and `overall_mean` (the scorer before capping)."""
-  target_scores = score_t2i(output_image, edit.target)
-  core = core_checks(output_image, edit.source, edit.target)
+  output_image = as_float_image(output_image)
+  target_scores, target_checks = _t2i_scores_and_checks(output_image, edit.target)
+  core = core_checks(output_image, edit.source, edit.target, target_checks)
   core_score = min(core.values()) if core else 1.0
   out = {'core': core_score,
          'instruction_following': capped_alignment(
              {'core': core_score, 'target': target_scores['overall']}, 'edit'),
          'preservation': preservation(source_image, output_image, edit.source, edit.target)}
-  checks = {**t2i_checks(output_image, edit.target), **{f'core/{k}': v for k, v in core.items()}}
+  checks = {**target_checks, **{f'core/{k}': v for k, v in core.items()}}
   if edit.target.category == 'portrait':
     out['identity'] = identity_similarity(source_image, output_image)
     checks['source_identity'] = out['identity']
