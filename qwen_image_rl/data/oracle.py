@@ -7,20 +7,26 @@ glyphs from template correlation, face features from coverage profiles. Scores a
 distances through a Gaussian, small dead zones for sub-pixel error) so mild blur and noise lower
 them gradually instead of flipping them.
 
-Alignment dimensions per category (`overall` is their mean; a dimension that does not apply to
-a scene, like `relation` with a single shape, is left out of the dict and of the mean):
-  general     presence, count, attributes (colour, size, kind), position, relation
-  typography  glyphs (each requested glyph somewhere), order (glyph i in slot i), colour
+Alignment dimensions per category (a dimension that does not apply to a scene, like `relation`
+with a single shape, is left out of the dict):
+  general     presence, count (missing, extra and confetti objects), attributes (colour, size,
+              kind), position, relation
+  typography  glyphs (each requested glyph somewhere), count (no ink outside the slots), order
+              (glyph i in slot i), colour
   portrait    well_formed (spec-free face structure), attributes (face shape, skin, eyes, hair,
               expression, glasses), identity (embedding similarity to the spec's identity)
-  landscape   elements (sky colour, ground colour, sun/moon present and of the right kind),
+  landscape   elements (sky colour, ground colour, one compact sun/moon of the right kind),
               layout (horizon height, sun/moon position)
-Every t2i score dict also holds `quality` (noise x sharpness x artefacts; not part of overall).
+`overall` is the rubric-capped alignment (capped_alignment: presence and count, then attributes,
+then spatial relations; a failed tier caps the ones below it), `overall_mean` the plain mean of
+the dimensions, `strict` 1.0 when every item-level check passes (strict_pass, t2i_checks), and
+`quality` noise x sharpness x artefacts (not part of the alignment).
 
-Edits (score_edit): instruction_following (= overall of the output against the target spec),
-preservation (pixels outside the region the edit touches, output vs source), identity (portrait
-edits only: identity_similarity(source, output)), quality; overall = mean of the first three
-that apply. `target/<dim>` entries give the target-spec dimensions.
+Edits (score_edit): core (the instruction's core requirement, core_checks), instruction_following
+(capped: core, then the target scene), preservation (pixels outside the region the edit touches,
+output vs source), identity (portrait edits only: identity_similarity(source, output)), overall
+(capped: instruction following, then preservation and identity), strict, quality, the uncapped
+`*_mean` twins, and `target/<dim>` entries with the target-spec scores.
 """
 
 import functools
