@@ -31,10 +31,12 @@ def sharding_context(mesh: Mesh | None, rules=DEFAULT_LOGICAL_AXIS_RULES) -> Ite
   """`jax.set_mesh(mesh)` and `nn.logical_axis_rules(rules)`.
 
   Without a mesh only the rules are entered: an enclosing `sharding_context`'s mesh stays in
-  force, and with none at all the constraints stay off (one device, nothing to shard over).
+  force, and with none at all the constraints stay off. A one-device mesh is not entered
+  either: there is nothing to shard, and XLA:CPU treats each constraint as a fusion barrier
+  (a tiny GRPO rollout ran ~10% slower with them).
   """
   with contextlib.ExitStack() as stack:
-    if mesh is not None:
+    if mesh is not None and mesh.size > 1:
       stack.enter_context(jax.set_mesh(mesh))
     stack.enter_context(nn.logical_axis_rules(as_rules(rules)))
     yield
