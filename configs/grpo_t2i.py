@@ -49,6 +49,20 @@ def rl_section(task: str, weights) -> ml_collections.ConfigDict:
       adv_eps=1e-4,
       adv_clip=5.0,
       whiten_advantages=False,
+      # 'group': each reward divided by its prompt group's std (GDPO, the paper's Eq. 10);
+      # 'batch': centred per group, weighted, then divided by one batch-wide std (Flow-GRPO).
+      advantage_std="group",
+      # Shaping of near-constant rewards (0 = off): preservation as -max(0, tau - R); identity
+      # weighted only in groups where some sample reaches the floor (a face was read).
+      shaping=dict(preservation_threshold=0.0, identity_floor=0.0),
+      sde_type="flow_grpo",  # grpo's SDE step: 'flow_grpo' | 'cps' (coefficients-preserving)
+      # Forward-process objectives ('nft', 'awm'): (t, eps) draws per sample and update, and
+      # where t comes from ('schedule': the rollout's sigmas; 'uniform': U(0, 1)).
+      fm_draws=4,
+      fm_time="schedule",
+      nft=dict(beta=1.0, adv_max=5.0, old_policy="ema", ema_decay=0.5, ema_ramp=0.001,
+               refresh_every=1),
+      awm=dict(clip=5.0, weighting="uniform"),
       async_rewards=True,
       max_consecutive_nonfinite=3,
       timesteps=dict(strategy="high_noise", num_train=3, first_m=5, power=1.0, window_start=0,

@@ -5,6 +5,14 @@ prompt), then combined with the sample's category weights:
 
   A_i = sum_k w_k(c_i) * (R_k,i - mean_k,g(i)) / (std_k,g(i) + eps),   sum_k w_k(c) = 1.
 
+With std='batch' (Flow-GRPO's, DiffusionNFT's and AWM's `global_std`) each reward is only centred
+per group, the weighted sum is divided by one batch-wide std:
+
+  A_i = C_i / (std_batch(C) + eps),   C_i = sum_k w_k(c_i) * (R_k,i - mean_k,g(i)),
+
+so a reward with little spread (oracle jitter in a flat group) stays small instead of becoming a
+unit-variance term.
+
 Options: whitening of A across the whole batch, (A - mean) / (std + eps), as NVlabs/GDPO does
 (off by default, the paper does not say); clipping to [-clip, clip]. Defaults follow flow_grpo's
 `stat_tracking.py`: population std (ddof=0), eps=1e-4, and its config's clip of 5.
@@ -73,9 +81,12 @@ def group_normalize(values, group_ids, num_groups: int, *, eps: float = 1e-4, dd
   return normalized, (mean_g, std_g, jnp.where(count > 0, range_g, 0.0), count)
 
 
+STDS = ("group", "batch")
+
+
 def gdpo_advantages(rewards: Mapping[str, jax.Array], weights: Mapping[str, jax.Array], group_ids,
                     num_groups: int, *, eps: float = 1e-4, ddof: int = 0, whiten: bool = False,
-                    clip: float | None = 5.0):
+                    clip: float | None = 5.0, std: str = "group"):
   """Multi-reward advantages A [B] and a stats dict.
 
   Args:
@@ -88,6 +99,8 @@ def gdpo_advantages(rewards: Mapping[str, jax.Array], weights: Mapping[str, jax.
     ddof: std degrees of freedom (0 = population std as flow_grpo).
     whiten: subtract the batch mean and divide by the batch std (+ eps) after the weighted sum.
     clip: clip advantages to [-clip, clip]; None disables.
+    std: 'group' divides each reward by its group std (GDPO); 'batch' centres each reward per
+      group and divides the weighted sum by one batch-wide std (see the module docstring).
 
   Returns:
     advantages float32 [B]; stats {name: scalar}: per reward `<name>/mean`, `<name>/std`
@@ -100,6 +113,8 @@ def gdpo_advantages(rewards: Mapping[str, jax.Array], weights: Mapping[str, jax.
                      f"must have the same keys.")
   if not rewards:
     raise ValueError("gdpo_advantages needs at least one reward.")
+  if std not in STDS:
+    raise ValueError(f"advantage std={std!r}: expected one of {STDS}.")
   group_ids = jnp.asarray(group_ids, jnp.int32)
   stats = {}
   total = None
@@ -108,8 +123,10 @@ def gdpo_advantages(rewards: Mapping[str, jax.Array], weights: Mapping[str, jax.
     if values.ndim != 1 or values.shape != group_ids.shape:
       raise ValueError(f"reward {name!r} has shape {values.shape}; "
                        f"expected [B] = {group_ids.shape}.")
-    normalized, (_, std_g, range_g, count) = group_normalize(
+    normalized, (mean_g, std_g, range_g, count) = group_normalize(
         values, group_ids, num_groups, eps=eps, ddof=ddof)
+    if std == "batch":
+      normalized = values - mean_g[group_ids]
     term = jnp.asarray(weights[name], jnp.float32) * normalized
     total = term if total is None else total + term
     nonempty = (count > 0).astype(jnp.float32)
@@ -120,6 +137,8 @@ def gdpo_advantages(rewards: Mapping[str, jax.Array], weights: Mapping[str, jax.
     stats[f"{name}/group_range_mean"] = (range_g * nonempty).sum() / n_groups
     stats[f"{name}/zero_std_frac"] = ((range_g == 0) * nonempty).sum() / n_groups
   advantages = total
+  if std == "batch":
+    advantages = advantages / (advantages.std(ddof=ddof) + eps)
   if whiten:
     advantages = (advantages - advantages.mean()) / (advantages.std(ddof=ddof) + eps)
   stats["advantage/zero_frac"] = (advantages == 0).mean()
@@ -132,3 +151,24 @@ def gdpo_advantages(rewards: Mapping[str, jax.Array], weights: Mapping[str, jax.
   stats["advantage/std"] = advantages.std()
   stats["advantage/abs_mean"] = jnp.abs(advantages).mean()
   return advantages, stats
+
+
+# --- reward shaping for near-constant rewards (host-side) ------------------------------------
+
+
+def threshold_penalty(values, threshold: float) -> np.ndarray:
+  """-max(0, threshold - R): 0 at or above the threshold, so a reward that is already high
+  (preservation ~0.9 with little spread) only penalises real drops instead of rewarding
+  "preserve more" through its jitter."""
+  values = np.asarray(values, np.float32)
+  return -np.maximum(0.0, threshold - values)
+
+
+def readable_groups(values, group_ids, floor: float) -> np.ndarray:
+  """bool [B]: the sample's prompt group has some score >= floor. For a face-identity score, a
+  group that never reaches the floor is one where the oracle read no face: its spread is noise."""
+  values = np.asarray(values, np.float32)
+  group_ids = np.asarray(group_ids)
+  best = np.full(group_ids.max() + 1, -np.inf, np.float32)
+  np.maximum.at(best, group_ids, values)
+  return best[group_ids] >= floor

@@ -125,7 +125,8 @@ class Roller:
         self.sigmas, train_idx, jax.random.fold_in(key, 1000 + c), cfg_scale=rl.cfg_scale,
         cfg_mode=rl.cfg_mode, noise_level=rl.noise_level, img_shapes=self.img_shapes,
         ref_latents=None if self.pool.ref_latents is None
-        else self.put(self.pool.ref_latents[index]), rules=self.rules, mesh=self.mesh)
+        else self.put(self.pool.ref_latents[index]), rules=self.rules, mesh=self.mesh,
+        sde_type=rl.get("sde_type", "flow_grpo"))
     with parallel.sharding_context(self.mesh, self.rules):
       decoded = pipe_common.decode_packed(self.pipe.vae, self.pipe.vae_params,
                                           res.final_latents, self.latent_h, self.latent_w)

@@ -11,10 +11,12 @@ from qwen_image_rl import config_lib, precision
 from qwen_image_rl.config_lib import ConfigError
 from qwen_image_rl.data import prompt_files, world
 from qwen_image_rl.rl import objectives, reward_setup
+from qwen_image_rl.rl.objectives import awm, forward, nft
 from qwen_image_rl.rl.objectives.grpo import OLD_LOG_PROBS
 from qwen_image_rl.rl.policy import DTYPES
 from qwen_image_rl.rl.rollout import CFG_MODES
 from qwen_image_rl.rl.timesteps import STRATEGIES, validate_timestep_config
+from qwen_image_rl.sampling.sde import SDE_TYPES
 
 TASKS = ("t2i", "edit")
 
@@ -81,6 +83,57 @@ def check_update(config) -> None:
                       f"prompts_per_step * group_size = {batch}")
   if rl.kl_beta < 0:
     raise ConfigError(f"config.rl.kl_beta={rl.kl_beta} must be >= 0")
+  check_objective_settings(config)
   if not rl.noise_level > 0:
     raise ConfigError(f"config.rl.noise_level={rl.noise_level} must be > 0 (the SDE's a; 0 "
                       f"makes the trained steps deterministic and their log-probs undefined)")
+
+
+ADVANTAGE_STDS = ("group", "batch")
+
+
+def check_objective_settings(config) -> None:
+  """Advantage normalisation, the forward-process objectives' draws and settings."""
+  rl = config.rl
+  if "sde_type" in rl:
+    config_lib.check_choice(config, "rl.sde_type", SDE_TYPES)
+  if "advantage_std" in rl:
+    config_lib.check_choice(config, "rl.advantage_std", ADVANTAGE_STDS)
+  if rl.get("sde_type", "flow_grpo") == "cps":
+    check_cps(config)
+  if objectives.get(rl.objective).records != "final_latents":
+    return
+  if rl.shared_initial_noise:
+    raise ConfigError(f"config.rl.shared_initial_noise=True with rl.objective={rl.objective!r}: "
+                      f"its rollout is the deterministic ODE, so rollouts sharing x_T are "
+                      f"identical and every advantage is 0; set it to False")
+  if not isinstance(rl.get("fm_draws", 4), int) or rl.get("fm_draws", 4) < 1:
+    raise ConfigError(f"config.rl.fm_draws={rl.get('fm_draws')!r} must be an integer >= 1")
+  if "fm_time" in rl:
+    config_lib.check_choice(config, "rl.fm_time", forward.TIME_SAMPLING)
+  if rl.objective == "nft":
+    s = nft.settings(rl)
+    if not 0.0 < s["beta"] or not s["adv_max"] > 0:
+      raise ConfigError(f"config.rl.nft: beta={s['beta']} and adv_max={s['adv_max']} must be > 0")
+    try:
+      nft.wrap_optimizer(None, rl)
+    except ValueError as e:
+      raise ConfigError(f"config.rl.nft: {e}") from e
+  if rl.objective == "awm":
+    s = awm.settings(rl)
+    if not s["clip"] > 0 or s["weighting"] not in awm.WEIGHTINGS:
+      raise ConfigError(f"config.rl.awm: clip={s['clip']} must be > 0 and weighting="
+                        f"{s['weighting']!r} one of {awm.WEIGHTINGS}")
+
+
+def check_cps(config) -> None:
+  """CPS: a noise level a in (0, 1] and no trained step that ends at t' = 0 (std s = 0 there)."""
+  rl = config.rl
+  if not 0.0 < rl.noise_level <= 1.0:
+    raise ConfigError(f"config.rl.noise_level={rl.noise_level}: with rl.sde_type='cps' it is a "
+                      f"in s = t' sin(a pi / 2) and must lie in (0, 1]")
+  ts = rl.timesteps
+  last_trainable = rl.num_steps if ts.first_m is None else ts.first_m
+  if ts.strategy == "all" or last_trainable >= rl.num_steps:
+    raise ConfigError(f"config.rl.timesteps: with rl.sde_type='cps' the last step (to t' = 0, "
+                      f"std 0) cannot be trained; set first_m < num_steps={rl.num_steps}")

@@ -1,6 +1,7 @@
 """One RL iteration, as named steps: roll out a batch, score it, compute advantages, update.
 
   s = iteration.setup(config, mesh, rules)              # base policy, rewards, prompts, objective
+  tx = iteration.make_optimizer(s, total_updates)       # config.optim, wrapped by the objective
   step = iteration.make_update_step(s, tx, shardings)   # the objective's jitted train step
   got = iteration.roll_out(s, params, key, it, reward_pipeline)  # scored asynchronously
   scalars = iteration.score(s, got)                     # reward statistics (one composite)
@@ -21,16 +22,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qwen_image_rl import parallel
+from qwen_image_rl import optim, parallel
 from qwen_image_rl.rewards.composite import category_weighted_sum
 from qwen_image_rl.rl import objectives, reward_setup
-from qwen_image_rl.rl.advantages import contiguous_group_ids, gdpo_advantages, sample_weights
+from qwen_image_rl.rl.advantages import (
+    contiguous_group_ids, gdpo_advantages, readable_groups, sample_weights, threshold_penalty)
 from qwen_image_rl.rl.collect import Collected, Roller, make_reward_pipeline
 from qwen_image_rl.rl.policy import load_base
 from qwen_image_rl.rl.prompts import PromptPool, build_pool
 
-__all__ = ["RLSetup", "setup", "make_update_step", "roll_out", "score", "advantages", "update",
-           "composite_reward", "make_reward_pipeline", "Collected"]
+__all__ = ["RLSetup", "setup", "make_optimizer", "make_update_step", "make_grad_fn", "roll_out", "score", "advantages", "update",
+           "composite_reward", "make_reward_pipeline", "Collected", "shaped_rewards"]
 
 
 @dataclasses.dataclass
@@ -80,6 +82,12 @@ def setup(config, mesh, rules) -> RLSetup:
   return RLSetup(config, pipe, pool, reward_fn, weights, objective, roller, mesh, rules)
 
 
+def make_optimizer(s: RLSetup, total_updates: int):
+  """config.optim's optimiser, wrapped by the objective (e.g. to keep an old policy in its
+  state; see registry.Objective.wrap_optimizer)."""
+  return s.objective.wrap_optimizer(optim.make_optimizer(s.config.optim, total_updates), s.rl)
+
+
 def make_update_step(s: RLSetup, tx, shardings=None):
   """The objective's train step, jitted: step(state, batch, ref_params) -> (state, metrics).
 
@@ -88,6 +96,20 @@ def make_update_step(s: RLSetup, tx, shardings=None):
   step = s.objective.make_step(s.model, tx, s.rules, s.rl, s.img_shapes)
   out = None if shardings is None else (shardings, None)
   return jax.jit(step, donate_argnums=(0,), out_shardings=out)
+
+
+def make_grad_fn(s: RLSetup, objective: str | None = None):
+  """The gradient of an objective (default: the run's) without an update, jitted:
+  fn(params, batch, key) -> (grads, metrics); the batch from that objective's make_batch."""
+  obj = s.objective if objective is None else objectives.get(objective)
+  if obj.make_grads is None:
+    raise ValueError(f"objective {obj.name!r} provides no make_grads")
+  fn = jax.jit(obj.make_grads(s.model, s.rules, s.rl, s.img_shapes))
+
+  def grads(params, batch, key):
+    with parallel.sharding_context(s.mesh, s.rules):  # as `update`'s step
+      return fn(params, batch, key)
+  return grads
 
 
 def roll_out(s: RLSetup, params, key, iteration: int, reward_pipeline) -> Collected:
@@ -136,14 +158,35 @@ def reward_weights(s: RLSetup, got: Collected) -> dict[str, jax.Array]:
   return sample_weights(cat_ids, table, s.names)
 
 
+def shaped_rewards(s: RLSetup, got: Collected):
+  """The rewards and per-sample weights the advantages see, after rl.shaping (if any):
+  preservation_threshold > 0 turns preservation into the penalty -max(0, tau - R);
+  identity_floor > 0 zeroes identity's weight in groups where no sample reaches the floor
+  (the oracle read no face there). Returns ({name: [B]}, {name: [B] weights})."""
+  rewards = {n: np.asarray(got.scores[n], np.float32) for n in s.names}
+  weights = {k: np.asarray(v) for k, v in reward_weights(s, got).items()}
+  shaping = s.rl.get("shaping", None) or {}
+  tau = float(shaping.get("preservation_threshold", 0.0))
+  if tau > 0 and "preservation" in rewards:
+    rewards["preservation"] = threshold_penalty(rewards["preservation"], tau)
+  floor = float(shaping.get("identity_floor", 0.0))
+  if floor > 0 and "identity" in rewards:
+    groups = contiguous_group_ids(s.batch_size, s.rl.group_size)
+    weights["identity"] = np.where(readable_groups(rewards["identity"], groups, floor),
+                                   weights["identity"], 0.0).astype(np.float32)
+  return rewards, weights
+
+
 def advantages(s: RLSetup, got: Collected):
-  """GDPO advantages [B] (per reward, per prompt group, then category-weighted) and their
-  statistics as {'train/advantage/...': float}. Scores must be finite (see `score`)."""
+  """Advantages [B] (per reward, per prompt group, then category-weighted; rl.advantage_std
+  'group' is GDPO, 'batch' one batch-wide std) and their statistics as
+  {'train/advantage/...': float}. Scores must be finite (see `score`)."""
   rl = s.rl
+  rewards, weights = shaped_rewards(s, got)
   adv, stats = gdpo_advantages(
-      {n: got.scores[n] for n in s.names}, reward_weights(s, got),
-      contiguous_group_ids(s.batch_size, rl.group_size), rl.prompts_per_step, eps=rl.adv_eps,
-      whiten=rl.whiten_advantages, clip=rl.adv_clip if rl.adv_clip > 0 else None)
+      rewards, weights, contiguous_group_ids(s.batch_size, rl.group_size), rl.prompts_per_step,
+      eps=rl.adv_eps, whiten=rl.whiten_advantages, clip=rl.adv_clip if rl.adv_clip > 0 else None,
+      std=rl.get("advantage_std", "group"))
   return adv, {f"train/{k}": float(v) for k, v in stats.items() if k.startswith("advantage/")}
 
 

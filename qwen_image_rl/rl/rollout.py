@@ -35,7 +35,7 @@ from qwen_image_rl.parallel.context import sharding_context
 from qwen_image_rl.parallel.partitioning import DEFAULT_LOGICAL_AXIS_RULES
 from qwen_image_rl.sampling.guidance import guided_velocity
 from qwen_image_rl.sampling.schedule import euler_step
-from qwen_image_rl.sampling.sde import gaussian_log_prob, sde_step_mean_std
+from qwen_image_rl.sampling.sde import gaussian_log_prob, step_mean_std
 
 CFG_MODES = ("none", "rollout_only", "both")
 LATENT_AXES = ("act_batch", "act_length", "act_embed")
@@ -99,7 +99,7 @@ def validate_train_idx(train_idx, num_steps: int) -> None:
                      f"(as rl.timesteps.select_timesteps returns them).")
 
 
-def _rollout(model, img_shapes, guided, params, x_T, cond, mask, neg_cond, neg_mask,
+def _rollout(model, img_shapes, guided, sde_type, params, x_T, cond, mask, neg_cond, neg_mask,
              sigmas, train_idx, key, cfg_scale, noise_level, ref_latents):
   sigmas = jnp.asarray(sigmas, jnp.float32)
   train_idx = jnp.asarray(train_idx, jnp.int32)
@@ -115,7 +115,7 @@ def _rollout(model, img_shapes, guided, params, x_T, cond, mask, neg_cond, neg_m
     v = guided_velocity(model, params, x, t, cond, mask, neg_cond if guided else None,
                         neg_mask, cfg_scale=cfg_scale, img_shapes=img_shapes,
                         ref_latents=ref_latents)
-    mean, std = sde_step_mean_std(x, v, t, t_next, noise_level)
+    mean, std = step_mean_std(sde_type, x, v, t, t_next, noise_level)
     noise = jax.random.normal(jax.random.fold_in(key, i), x.shape, jnp.float32)
     x_sde = mean + std * noise
     hits = train_idx == i
@@ -145,15 +145,16 @@ def _rollout(model, img_shapes, guided, params, x_T, cond, mask, neg_cond, neg_m
 
 
 @functools.lru_cache(maxsize=None)
-def jitted_rollout(model, img_shapes, guided: bool):
+def jitted_rollout(model, img_shapes, guided: bool, sde_type: str = "flow_grpo"):
   """fn(params, x_T, cond, mask, neg_cond, neg_mask, sigmas, train_idx, key, cfg_scale,
   noise_level, ref_latents) -> RolloutResult; call it under `parallel.sharding_context`."""
-  return jax.jit(functools.partial(_rollout, model, img_shapes, guided))
+  return jax.jit(functools.partial(_rollout, model, img_shapes, guided, sde_type))
 
 
 def rollout(model, params, x_T, cond, mask, neg_cond, neg_mask, sigmas, train_idx, key, *,
             cfg_scale: float, cfg_mode: str, noise_level: float, img_shapes,
-            ref_latents=None, rules=DEFAULT_LOGICAL_AXIS_RULES, mesh=None) -> RolloutResult:
+            ref_latents=None, rules=DEFAULT_LOGICAL_AXIS_RULES, mesh=None,
+            sde_type: str = "flow_grpo") -> RolloutResult:
   """Sample B trajectories; SDE on the steps `train_idx`, Euler ODE on the others.
 
   Args:
@@ -172,6 +173,7 @@ def rollout(model, params, x_T, cond, mask, neg_cond, neg_mask, sigmas, train_id
     ref_latents: packed reference latents [B, S_ref, C] for editing, or None.
     rules, mesh: the activation constraints' logical axis rules and mesh, entered with
       `parallel.sharding_context` around the jitted call (mesh None: the caller's, if any).
+    sde_type: the trained steps' stochastic step, 'flow_grpo' or 'cps' (sampling/sde.py).
 
   Returns:
     RolloutResult (all float32; log_probs are the behaviour policy's, see the module docstring).
@@ -186,7 +188,7 @@ def rollout(model, params, x_T, cond, mask, neg_cond, neg_mask, sigmas, train_id
   img_shapes = tuple(tuple(int(v) for v in s) for s in img_shapes)
   if not rollout_is_guided(cfg_mode):
     neg_cond = neg_mask = None
-  fn = jitted_rollout(model, img_shapes, rollout_is_guided(cfg_mode))
+  fn = jitted_rollout(model, img_shapes, rollout_is_guided(cfg_mode), sde_type)
   with sharding_context(mesh, rules):
     return fn(params, x_T, cond, mask, neg_cond, neg_mask, sigmas, train_idx, key,
               jnp.asarray(cfg_scale, jnp.float32), jnp.asarray(noise_level, jnp.float32),
@@ -200,7 +202,7 @@ def rollout(model, params, x_T, cond, mask, neg_cond, neg_mask, sigmas, train_id
 
 
 def transition_log_probs(model, params, batch, *, cfg_mode: str, cfg_scale, noise_level,
-                         img_shapes):
+                         img_shapes, sde_type: str = "flow_grpo"):
   """Log-probs of the stored transitions under the policy's objective branch.
 
   The K steps of each sample are folded into the batch: one forward of b * K tokens sets.
@@ -225,7 +227,7 @@ def transition_log_probs(model, params, batch, *, cfg_mode: str, cfg_scale, nois
                       repeat(batch.get("neg_cond")) if guided else None,
                       repeat(batch.get("neg_mask")) if guided else None, cfg_scale=cfg_scale,
                       img_shapes=img_shapes, ref_latents=repeat(batch.get("ref_latents")))
-  mean, std = sde_step_mean_std(x, v, t, t_next, noise_level)
+  mean, std = step_mean_std(sde_type, x, v, t, t_next, noise_level)
   log_probs = gaussian_log_prob(fold(batch["latents_next"]), mean, std)
   unfold = lambda a: a.reshape((b, k) + a.shape[1:])
   return unfold(log_probs), unfold(mean), unfold(std)
@@ -275,26 +277,29 @@ def rollout_batch(result: RolloutResult, cond, mask=None, neg_cond=None, neg_mas
   return batch
 
 
-def _old_log_probs(model, img_shapes, cfg_mode, n, params, batch, cfg_scale, noise_level):
+def _old_log_probs(model, img_shapes, cfg_mode, n, sde_type, params, batch, cfg_scale,
+                   noise_level):
   def one(micro):
     return transition_log_probs(model, params, micro, cfg_mode=cfg_mode, cfg_scale=cfg_scale,
-                                noise_level=noise_level, img_shapes=img_shapes)[0]
+                                noise_level=noise_level, img_shapes=img_shapes,
+                                sde_type=sde_type)[0]
   per_micro = jax.lax.map(one, split_micro_batches(batch, n))
   return merge_micro_batches(per_micro)
 
 
 @functools.lru_cache(maxsize=None)
-def jitted_old_log_probs(model, img_shapes, cfg_mode, n):
+def jitted_old_log_probs(model, img_shapes, cfg_mode, n, sde_type="flow_grpo"):
   """fn(params, batch, cfg_scale, noise_level) -> [B, K] policy log-probs, micro-batched;
   call it under `parallel.sharding_context`."""
-  return jax.jit(functools.partial(_old_log_probs, model, img_shapes, cfg_mode, n))
+  return jax.jit(functools.partial(_old_log_probs, model, img_shapes, cfg_mode, n, sde_type))
 
 
 def recompute_old_log_probs(model, params, result: RolloutResult, cond, mask, neg_cond=None,
                             neg_mask=None, *, cfg_mode: str, cfg_scale: float,
                             noise_level: float, img_shapes, ref_latents=None,
                             micro_batch_size: int | None = None,
-                            rules=DEFAULT_LOGICAL_AXIS_RULES, mesh=None):
+                            rules=DEFAULT_LOGICAL_AXIS_RULES, mesh=None,
+                            sde_type: str = "flow_grpo"):
   """Old log-probs [B, K] of the stored transitions under the policy's objective branch.
 
   'rollout_only' and 'none' use the conditional velocity, 'both' the CFG one. Pass the train
@@ -310,7 +315,7 @@ def recompute_old_log_probs(model, params, result: RolloutResult, cond, mask, ne
     batch["neg_cond"] = batch["neg_mask"] = None
   # 'none' and 'rollout_only' share the conditional policy, hence one compile.
   policy_mode = "both" if policy_is_guided(cfg_mode) else "none"
-  fn = jitted_old_log_probs(model, img_shapes, policy_mode, n)
+  fn = jitted_old_log_probs(model, img_shapes, policy_mode, n, sde_type)
   with sharding_context(mesh, rules):
     return fn(params, batch, jnp.asarray(cfg_scale, jnp.float32),
               jnp.asarray(noise_level, jnp.float32))

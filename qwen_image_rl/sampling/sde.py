@@ -21,6 +21,16 @@ of the schedule. Because t == 1 only at the first step, whose t_next *is* sigmas
 `sigma_max_t=None` here uses t_next in its place, which gives flow_grpo's value exactly. We test
 `t >= 1` rather than `t == 1` so a schedule that starts a rounding error above 1 behaves the same.
 
+Coefficients-Preserving Sampling (CPS, arXiv 2509.05952), `sde_type='cps'`: from the model's
+predictions x0_hat = x - t v and eps_hat = x + (1 - t) v,
+
+  x_next = (1 - t') x0_hat + sqrt(t'^2 - s^2) eps_hat + s xi,   s = t' sin(a pi / 2),
+
+a Gaussian with mean (1 - t') x0_hat + sqrt(t'^2 - s^2) eps_hat and std s (t' = t_next, a the
+noise level in [0, 1]). The noise coefficient stays t' (sqrt(t'^2 - s^2)^2 + s^2 = t'^2), so no
+step adds variance beyond the marginal's, unlike the SDE above at few steps. At t' = 0 the std
+is 0 and the step is deterministic: train only steps with t' > 0.
+
 Log-probabilities are per element Gaussian densities *averaged* (not summed) over all non-batch
 dimensions, as flow_grpo does; they are per-sample [B].
 """
@@ -72,6 +82,35 @@ def sde_step_mean_std(x, v, t, t_next, noise_level, sigma_max_t=None):
           - v * delta * (1.0 + sigma_sq * (1.0 - t_b) / (2.0 * t_b)))
   std = sigma * jnp.sqrt(delta)
   return mean, std
+
+
+SDE_TYPES = ("flow_grpo", "cps")
+
+
+def cps_step_mean_std(x, v, t, t_next, noise_level):
+  """Mean and std of the CPS transition x_t -> x_{t_next} (see the module docstring).
+
+  noise_level is a in s = t_next sin(a pi / 2), in [0, 1]. Returns (mean [B, ...] float32,
+  std [B, 1, ...] float32).
+  """
+  x = jnp.asarray(x, jnp.float32)
+  v = jnp.asarray(v, jnp.float32)
+  t_b = per_sample_time(t, x.ndim)
+  t_next_b = per_sample_time(t_next, x.ndim)
+  std = t_next_b * jnp.sin(noise_level * (math.pi / 2.0))
+  x0_hat = x - t_b * v
+  eps_hat = x + (1.0 - t_b) * v
+  mean = (1.0 - t_next_b) * x0_hat + jnp.sqrt(jnp.maximum(t_next_b ** 2 - std ** 2, 0.0)) * eps_hat
+  return mean, std
+
+
+def step_mean_std(sde_type: str, x, v, t, t_next, noise_level):
+  """The stochastic step's (mean, std) of `sde_type` ('flow_grpo' | 'cps')."""
+  if sde_type == "flow_grpo":
+    return sde_step_mean_std(x, v, t, t_next, noise_level)
+  if sde_type == "cps":
+    return cps_step_mean_std(x, v, t, t_next, noise_level)
+  raise ValueError(f"sde_type={sde_type!r}: expected one of {SDE_TYPES}.")
 
 
 def sde_sample(mean, std, key):

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qwen_image_rl import evaluation, metrics, optim, parallel, precision
+from qwen_image_rl import evaluation, metrics, parallel, precision
 from qwen_image_rl.parallel import batch_check
 from qwen_image_rl.pipelines.edit import QwenImageEditPipeline
 from qwen_image_rl.pipelines.qwen_image import QwenImagePipeline
@@ -127,7 +127,7 @@ def train(config, workdir):
   s = iteration.setup(config, mesh, rules)
   ctx = common.make_context(config, workdir, mesh)
   pipe = s.pipe
-  tx = optim.make_optimizer(config.optim, config.total_steps * rl.inner_updates)
+  tx = iteration.make_optimizer(s, config.total_steps * rl.inner_updates)
   # A mesh axis that does not divide the rollout batch silently replicates it: say so.
   batch_check.check_batches(batch_check.config_batches(
       config, ["rl.prompts_per_step*rl.group_size"]), mesh, rules, mode="warn")

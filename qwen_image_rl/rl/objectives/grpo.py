@@ -66,7 +66,7 @@ def _uses_kl(kl_beta, ref_params) -> bool:
 
 
 def grpo_loss(params, model, batch, *, cfg_mode: str, clip_eps, kl_beta=0.0, ref_params=None,
-              noise_level, cfg_scale=1.0, img_shapes):
+              noise_level, cfg_scale=1.0, img_shapes, sde_type: str = "flow_grpo"):
   """GRPO loss of one (micro-)batch. Returns (loss, metrics); metrics are scalars.
 
   clip_eps, kl_beta, noise_level and cfg_scale may be traced. The KL term is computed when
@@ -77,7 +77,7 @@ def grpo_loss(params, model, batch, *, cfg_mode: str, clip_eps, kl_beta=0.0, ref
   if policy_is_guided(cfg_mode) and batch.get("neg_cond") is None:
     raise ValueError("cfg_mode='both' trains the CFG velocity: the batch needs neg_cond.")
   kw = dict(cfg_mode=cfg_mode, cfg_scale=cfg_scale, noise_level=noise_level,
-            img_shapes=img_shapes)
+            img_shapes=img_shapes, sde_type=sde_type)
   log_probs, mean, std = transition_log_probs(model, params, batch, **kw)
   old_log_probs = batch.get("old_log_probs")
   if old_log_probs is None:  # on-policy: the ratio is exactly 1 (see the module docstring)
@@ -128,7 +128,8 @@ def grpo_grads(params, model, batch, *, micro_batch_size: int | None = None, ref
 
 def make_grpo_train_step(model, tx: optax.GradientTransformation, rules, *,
                          micro_batch_size: int | None, cfg_mode: str, clip_eps: float,
-                         noise_level, img_shapes, cfg_scale=1.0, kl_beta: float = 0.0):
+                         noise_level, img_shapes, cfg_scale=1.0, kl_beta: float = 0.0,
+                         sde_type: str = "flow_grpo"):
   """step(state, batch, ref_params=None) -> (state, metrics), to be jitted by the caller.
 
   Gradients are accumulated over micro-batches; clipping and the optimiser live in `tx` (e.g.
@@ -138,7 +139,7 @@ def make_grpo_train_step(model, tx: optax.GradientTransformation, rules, *,
   """
   img_shapes = tuple(tuple(int(v) for v in s) for s in img_shapes)
   loss_kw = dict(cfg_mode=cfg_mode, clip_eps=clip_eps, kl_beta=kl_beta, noise_level=noise_level,
-                 cfg_scale=cfg_scale, img_shapes=img_shapes)
+                 cfg_scale=cfg_scale, img_shapes=img_shapes, sde_type=sde_type)
 
   def step(state: TrainState, batch, ref_params=None):
     with nn.logical_axis_rules(rules):
@@ -169,7 +170,7 @@ def make_step_from_config(model, tx, rules, rl, img_shapes):
   return make_grpo_train_step(
       model, tx, rules, micro_batch_size=rl.micro_batch_size, cfg_mode=rl.cfg_mode,
       clip_eps=rl.clip_eps, noise_level=rl.noise_level, img_shapes=img_shapes,
-      cfg_scale=rl.cfg_scale, kl_beta=rl.kl_beta)
+      cfg_scale=rl.cfg_scale, kl_beta=rl.kl_beta, sde_type=rl.get("sde_type", "flow_grpo"))
 
 
 def recomputes_old_log_probs(rl) -> bool:
@@ -186,12 +187,28 @@ def make_batch(policy, params, result, inputs, advantages):
     old = recompute_old_log_probs(
         policy.model, params, result, **inputs, cfg_mode=rl.cfg_mode, cfg_scale=rl.cfg_scale,
         noise_level=rl.noise_level, img_shapes=policy.img_shapes,
-        micro_batch_size=rl.micro_batch_size, rules=policy.rules, mesh=policy.mesh)
+        micro_batch_size=rl.micro_batch_size, rules=policy.rules, mesh=policy.mesh,
+        sde_type=rl.get("sde_type", "flow_grpo"))
   if not policy_is_guided(rl.cfg_mode):
     # The unconditional branch enters the objective only with cfg_mode='both'.
     inputs = dict(inputs, neg_cond=None, neg_mask=None)
   return rollout_batch(result, **inputs, advantages=advantages, old_log_probs=old)
 
 
+def make_grads(model, rules, rl, img_shapes):
+  """grads(params, batch, key) -> (grads, metrics): `grpo_grads` with config.rl's settings
+  (the key is unused: the batch holds the rollout's noise)."""
+  img_shapes = tuple(tuple(int(v) for v in s) for s in img_shapes)
+
+  def grads(params, batch, key):
+    del key
+    with nn.logical_axis_rules(rules):
+      return grpo_grads(params, model, batch, micro_batch_size=rl.micro_batch_size,
+                        cfg_mode=rl.cfg_mode, clip_eps=rl.clip_eps, noise_level=rl.noise_level,
+                        cfg_scale=rl.cfg_scale, img_shapes=img_shapes,
+                        sde_type=rl.get("sde_type", "flow_grpo"))
+  return grads
+
+
 register(Objective(name="grpo", records="transitions", make_step=make_step_from_config,
-                   make_batch=make_batch))
+                   make_batch=make_batch, make_grads=make_grads))

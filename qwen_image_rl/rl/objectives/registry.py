@@ -19,6 +19,12 @@ update to the objective. An objective is a module of `rl/objectives/` that regis
               batch-sharded conditioning `inputs` (cond, mask, neg_cond, neg_mask, ref_latents)
               and the advantages [B]. `policy` carries model, rl config, img_shapes, mesh and
               rules, for objectives that need a forward pass first (old log-probs).
+  make_grads  make_grads(model, rules, rl, img_shapes) -> grads(params, batch, key) -> (grads,
+              metrics): the objective's gradient at `params` with no update (theta_old = theta;
+              `key` feeds any draws), for benchmarks of the gradient's signal.
+  wrap_optimizer  wrap_optimizer(tx, rl) -> tx (optional, default: tx itself): an objective that
+              keeps extra per-run arrays beside the params (an old policy) keeps them in the
+              optimiser state, so they are sharded, checkpointed and resumed with it.
 
 `register(objective)` adds one (a second objective of the same name is an error), `get(name)`
 returns it or raises KeyError listing the known names, `names()` lists them.
@@ -38,6 +44,8 @@ class Objective:
   records: str
   make_step: Callable[..., Callable]
   make_batch: Callable[..., dict[str, Any]]
+  make_grads: Callable[..., Callable] | None = None
+  wrap_optimizer: Callable[..., Any] = lambda tx, rl: tx
 
   def __post_init__(self):
     if self.records not in RECORDS:
