@@ -349,3 +349,13 @@ def test_broken_log_probs_are_garbage_or_invalid():
       protocol.reply_token_logprobs({'choices': [{'logprobs': {'content': [entry('4', bad)]}}]})
   with pytest.raises(protocol.ProtocolError, match='logprobs'):
     protocol.reply_token_logprobs({'choices': [{'message': {'content': '4'}, 'logprobs': None}]})
+
+
+def test_an_iteration_reports_remote_metrics_summed_or_averaged_over_chunks():
+  """What the GRPO trainer logs to TensorBoard from a remote judge (rl/collect.py)."""
+  from qwen_image_rl.rl.collect import merge_reward_metrics
+  merged = merge_reward_metrics({'remote/alignment/retries': [1.0, 2.0],
+                                 'remote/alignment/failures': [0.0, 1.0],
+                                 'remote/alignment/latency_p95_s': [0.2, 0.4]})
+  assert merged == {'remote/alignment/retries': 3.0, 'remote/alignment/failures': 1.0,
+                    'remote/alignment/latency_p95_s': pytest.approx(0.3)}

@@ -30,6 +30,18 @@ class Collected:
   rollout_seconds: float
   reward_seconds: float
   reward_wait_seconds: float
+  # What the reward reported of its own scoring (e.g. a remote judge's remote/<name>/latency_p95_s,
+  # retries, failures), summed over chunks for counts and averaged for the rest.
+  reward_metrics: dict = dataclasses.field(default_factory=dict)
+
+
+_COUNTS = ("requests", "retries", "failures", "invalid")
+
+
+def merge_reward_metrics(per_chunk: dict[str, list[float]]) -> dict[str, float]:
+  """One value per metric over an iteration's chunks: counts add up, the rest are averaged."""
+  return {name: float(np.sum(v) if name.rsplit("/", 1)[-1] in _COUNTS else np.mean(v))
+          for name, v in per_chunk.items()}
 
 
 def make_reward_pipeline(config, reward_fn):
@@ -148,7 +160,7 @@ class Roller:
       tickets.append(reward_pipeline.submit(batch))
       results.append(res)
       images.append(chunk_images)
-    scores, reward_seconds, wait = {}, 0.0, 0.0
+    scores, reward_seconds, wait, reward_metrics = {}, 0.0, 0.0, {}
     for c, ticket in enumerate(tickets):
       part = slice(c * self.chunk, (c + 1) * self.chunk)
       scored = reward_pipeline.result(ticket, expect_sample_ids=ids[part])
@@ -156,8 +168,11 @@ class Roller:
       wait += scored.wait_seconds
       for name, value in scored.scores.items():
         scores.setdefault(name, []).append(value)
+      for name, value in scored.extra_metrics.items():
+        reward_metrics.setdefault(name, []).append(float(value))
     scores = {name: np.concatenate(v) for name, v in scores.items()}
     result = jax.tree.map(lambda *xs: jnp.concatenate(xs), *results)
     result = result.replace(step_indices=results[0].step_indices)
     return Collected(result, index, ids, scores, np.concatenate(images), rollout_seconds,
-                     reward_seconds, wait)
+                     reward_seconds, wait,
+                     merge_reward_metrics(reward_metrics))

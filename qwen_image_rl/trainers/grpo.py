@@ -114,6 +114,7 @@ def make_iteration(s: iteration.RLSetup, update_step, base_key, reward_pipeline,
         "perf/samples_per_sec": s.batch_size / max(now - t_iter, 1e-9),
         "rollout/samples": float(s.batch_size),
         "rollout/train_step_mean": float(np.mean(np.asarray(got.result.step_indices)))})
+    scalars.update(got.reward_metrics)  # a remote judge's latency, retries and failures
     return state, scalars
 
   return run
