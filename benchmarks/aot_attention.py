@@ -30,14 +30,15 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from jax.experimental import topologies  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.experimental import topologies
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from qwen_image_rl.models import attention_kernels  # noqa: E402
-from qwen_image_rl.parallel import DEFAULT_LOGICAL_AXIS_RULES, make_mesh  # noqa: E402
+from qwen_image_rl.models import attention_kernels
+from qwen_image_rl.parallel import DEFAULT_LOGICAL_AXIS_RULES, make_mesh
 
 GiB = 2**30
 
@@ -49,27 +50,45 @@ def compile_one(implementation, mesh, shape, query_chunk):
 
   def loss(q, k, v, mask):
     with nn.logical_axis_rules(rules):
-      out = attention_kernels.attention(q, k, v, mask, implementation=implementation,
-                                        query_chunk=query_chunk or None, kernel_off_tpu=True)
+      out = attention_kernels.attention(
+        q,
+        k,
+        v,
+        mask,
+        implementation=implementation,
+        query_chunk=query_chunk or None,
+        kernel_off_tpu=True,
+      )
     return jnp.sum(out.astype(jnp.float32))
 
-  step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)),
-                 in_shardings=(qkv_sharding,) * 3 + (mask_sharding,),
-                 out_shardings=(qkv_sharding,) * 3)
+  step = jax.jit(
+    jax.grad(loss, argnums=(0, 1, 2)),
+    in_shardings=(qkv_sharding,) * 3 + (mask_sharding,),
+    out_shardings=(qkv_sharding,) * 3,
+  )
   args = [jax.ShapeDtypeStruct(shape, jnp.bfloat16)] * 3 + [
-      jax.ShapeDtypeStruct(shape[:2], jnp.bool_)]
+    jax.ShapeDtypeStruct(shape[:2], jnp.bool_)
+  ]
   start = time.time()
   with jax.set_mesh(mesh):
     compiled = step.lower(*args).compile()
   mem, cost = compiled.memory_analysis(), compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  total = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-           - mem.alias_size_in_bytes)
-  return {"implementation": implementation, "compile_seconds": round(time.time() - start, 1),
-          "temp_bytes": int(mem.temp_size_in_bytes), "per_chip_bytes": int(total),
-          "flops_per_chip": float(cost.get("flops", 0.0)),
-          "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
-          "estimated_seconds": float(cost.get("optimal_seconds", 0.0))}
+  total = (
+    mem.argument_size_in_bytes
+    + mem.output_size_in_bytes
+    + mem.temp_size_in_bytes
+    - mem.alias_size_in_bytes
+  )
+  return {
+    "implementation": implementation,
+    "compile_seconds": round(time.time() - start, 1),
+    "temp_bytes": int(mem.temp_size_in_bytes),
+    "per_chip_bytes": int(total),
+    "flops_per_chip": float(cost.get("flops", 0.0)),
+    "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
+    "estimated_seconds": float(cost.get("optimal_seconds", 0.0)),
+  }
 
 
 def main():
@@ -85,17 +104,26 @@ def main():
   args = p.parse_args()
   devices = topologies.get_topology_desc(platform="tpu", topology_name=args.topology).devices
   mesh = make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, devices)
-  shape = (args.per_chip_batch * len(devices), args.image_tokens + args.txt_len, args.heads,
-           args.head_dim)
-  print(f"# {args.topology}: {len(devices)} chips ({devices[0].device_kind}); q/k/v {shape} bf16, "
-        f"batch sharded over fsdp={len(devices)}")
+  shape = (
+    args.per_chip_batch * len(devices),
+    args.image_tokens + args.txt_len,
+    args.heads,
+    args.head_dim,
+  )
+  print(
+    f"# {args.topology}: {len(devices)} chips ({devices[0].device_kind}); q/k/v {shape} bf16, "
+    f"batch sharded over fsdp={len(devices)}"
+  )
   for implementation in args.implementations.split(","):
     result = compile_one(implementation, mesh, shape, args.query_chunk)
     result.update(topology=args.topology, shape=list(shape), query_chunk=args.query_chunk)
     print(json.dumps(result))
-    print(f"#   {implementation}: temp {result['temp_bytes'] / GiB:.3f} GiB, per chip "
-          f"{result['per_chip_bytes'] / GiB:.3f} GiB, estimate "
-          f"{result['estimated_seconds'] * 1e3:.2f} ms", flush=True)
+    print(
+      f"#   {implementation}: temp {result['temp_bytes'] / GiB:.3f} GiB, per chip "
+      f"{result['per_chip_bytes'] / GiB:.3f} GiB, estimate "
+      f"{result['estimated_seconds'] * 1e3:.2f} ms",
+      flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -34,15 +34,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import topologies
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from qwen_image_rl.models.mmdit import count_params  # noqa: E402
-from qwen_image_rl.models.qwen2_5_vl_full import QWEN2_5_VL_7B_CONFIG, Qwen25VL  # noqa: E402
-from qwen_image_rl.parallel import (  # noqa: E402
-    DEFAULT_LOGICAL_AXIS_RULES, make_mesh, tree_shardings)
-from qwen_image_rl.parallel.partitioning import batch_sharding  # noqa: E402
+from qwen_image_rl.models.mmdit import count_params
+from qwen_image_rl.models.qwen2_5_vl_full import QWEN2_5_VL_7B_CONFIG, Qwen25VL
+from qwen_image_rl.parallel import DEFAULT_LOGICAL_AXIS_RULES, make_mesh, tree_shardings
+from qwen_image_rl.parallel.partitioning import batch_sharding
 
 GiB = 2**30
 
@@ -50,15 +50,27 @@ GiB = 2**30
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--topology", default="v5p:2x2x1", help="TPU topology, e.g. v5p:2x2x1, v5e:2x4")
-  p.add_argument("--mesh", default="data=1,fsdp=-1,tensor=1",
-                 help="mesh axis sizes; -1 takes the remaining devices")
+  p.add_argument(
+    "--mesh",
+    default="data=1,fsdp=-1,tensor=1",
+    help="mesh axis sizes; -1 takes the remaining devices",
+  )
   p.add_argument("--per_chip_batch", type=int, default=1)
   p.add_argument("--text_len", type=int, default=256, help="text tokens per prompt")
-  p.add_argument("--image_size", type=int, default=448, help="square image side in pixels "
-                 "(multiple of 28): (side/14)^2 patches, a quarter of that LLM tokens")
+  p.add_argument(
+    "--image_size",
+    type=int,
+    default=448,
+    help="square image side in pixels "
+    "(multiple of 28): (side/14)^2 patches, a quarter of that LLM tokens",
+  )
   p.add_argument("--dtype", default="bfloat16")
-  p.add_argument("--last_logits_only", type=int, default=0,
-                 help="1: logits of the last position only (what generation needs)")
+  p.add_argument(
+    "--last_logits_only",
+    type=int,
+    default=0,
+    help="1: logits of the last position only (what generation needs)",
+  )
   return p.parse_args(argv)
 
 
@@ -84,29 +96,42 @@ def main(argv=None):
   dtype = jnp.dtype(args.dtype)
   model = Qwen25VL.from_config(QWEN2_5_VL_7B_CONFIG, dtype=dtype, scan_layers=True)
   batch = args.per_chip_batch * mesh.shape["data"] * mesh.shape["fsdp"]
-  grid, image_tokens, length, layout = build_inputs(model, batch, args.text_len,
-                                                    args.image_size)
+  grid, image_tokens, length, layout = build_inputs(model, batch, args.text_len, args.image_size)
 
   abstract = model.abstract_params()
   param_shardings = tree_shardings(abstract, mesh, rules)
-  param_specs = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                             nn.meta.unbox(abstract), param_shardings)
+  param_specs = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+    nn.meta.unbox(abstract),
+    param_shardings,
+  )
   spec = lambda shape, dt, axis=0: jax.ShapeDtypeStruct(
-      shape, dt, sharding=batch_sharding(mesh, len(shape), rules) if axis == 0 else
-      NamedSharding(mesh, P(None, *batch_sharding(mesh, len(shape) - 1, rules).spec)))
+    shape,
+    dt,
+    sharding=batch_sharding(mesh, len(shape), rules)
+    if axis == 0
+    else NamedSharding(mesh, P(None, *batch_sharding(mesh, len(shape) - 1, rules).spec)),
+  )
   patches = int(grid.prod(-1).sum())
   inputs = dict(
-      input_ids=spec((batch, length), jnp.int32),
-      attention_mask=spec((batch, length), jnp.int32),
-      position_ids=spec((3, batch, length), jnp.int32, axis=1),
-      pixel_values=spec((patches, model.vision_config.patch_dim), dtype))
-  last = (jnp.full((batch, 1), length - 1, jnp.int32) if args.last_logits_only else None)
+    input_ids=spec((batch, length), jnp.int32),
+    attention_mask=spec((batch, length), jnp.int32),
+    position_ids=spec((3, batch, length), jnp.int32, axis=1),
+    pixel_values=spec((patches, model.vision_config.patch_dim), dtype),
+  )
+  last = jnp.full((batch, 1), length - 1, jnp.int32) if args.last_logits_only else None
 
   def forward(params, inputs):
     with nn.logical_axis_rules(rules):
-      return model.apply({"params": params}, inputs["input_ids"], inputs["attention_mask"],
-                         inputs["pixel_values"], position_ids=inputs["position_ids"],
-                         vision_layout=layout, output_positions=last)
+      return model.apply(
+        {"params": params},
+        inputs["input_ids"],
+        inputs["attention_mask"],
+        inputs["pixel_values"],
+        position_ids=inputs["position_ids"],
+        vision_layout=layout,
+        output_positions=last,
+      )
 
   t0 = time.time()
   with jax.set_mesh(mesh):
@@ -114,24 +139,37 @@ def main(argv=None):
   t1 = time.time()
   compiled = lowered.compile()
   print(f"lower {t1 - t0:.1f} s, compile {time.time() - t1:.1f} s")
-  print(f"topology {args.topology}: {len(devices)} chips ({devices[0].device_kind}), mesh "
-        f"{dict(mesh.shape)}; Qwen2.5-VL-7B {count_params(abstract) / 1e9:.3f}B params, "
-        f"{args.dtype}; global batch {batch} prompts x ({args.text_len} text + {image_tokens} "
-        f"image tokens = {length}), {patches // batch} patches per image")
+  print(
+    f"topology {args.topology}: {len(devices)} chips ({devices[0].device_kind}), mesh "
+    f"{dict(mesh.shape)}; Qwen2.5-VL-7B {count_params(abstract) / 1e9:.3f}B params, "
+    f"{args.dtype}; global batch {batch} prompts x ({args.text_len} text + {image_tokens} "
+    f"image tokens = {length}), {patches // batch} patches per image"
+  )
   mem = compiled.memory_analysis()
   if mem is not None:
-    fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
-              "temp_size_in_bytes", "generated_code_size_in_bytes")
+    fields = (
+      "argument_size_in_bytes",
+      "output_size_in_bytes",
+      "alias_size_in_bytes",
+      "temp_size_in_bytes",
+      "generated_code_size_in_bytes",
+    )
     vals = {f: getattr(mem, f, 0) for f in fields}
     for f, v in vals.items():
       print(f"  {f:32s} {v / GiB:9.3f} GiB")
-    peak = (vals["argument_size_in_bytes"] + vals["output_size_in_bytes"]
-            - vals["alias_size_in_bytes"] + vals["temp_size_in_bytes"])
+    peak = (
+      vals["argument_size_in_bytes"]
+      + vals["output_size_in_bytes"]
+      - vals["alias_size_in_bytes"]
+      + vals["temp_size_in_bytes"]
+    )
     print(f"  per-chip total (args+out-alias+temp) {peak / GiB:9.3f} GiB")
   cost = compiled.cost_analysis()
   cost = (cost[0] if isinstance(cost, (list, tuple)) and cost else cost) or {}
-  print("  cost_analysis (a scanned layer counted once): " + ", ".join(
-      f"{k} {cost.get(k, float('nan')):.3e}" for k in ("flops", "bytes accessed")))
+  print(
+    "  cost_analysis (a scanned layer counted once): "
+    + ", ".join(f"{k} {cost.get(k, float('nan')):.3e}" for k in ("flops", "bytes accessed"))
+  )
   return compiled
 
 

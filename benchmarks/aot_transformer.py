@@ -33,11 +33,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import topologies
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from qwen_image_rl.models.mmdit import QwenImageTransformer, count_params
-from qwen_image_rl.parallel import (DEFAULT_LOGICAL_AXIS_RULES, make_mesh, sharding_context,
-                                    tree_shardings)
+from qwen_image_rl.parallel import (
+  DEFAULT_LOGICAL_AXIS_RULES,
+  make_mesh,
+  sharding_context,
+  tree_shardings,
+)
 from qwen_image_rl.parallel.partitioning import batch_sharding
 
 GiB = 2**30
@@ -45,21 +50,35 @@ GiB = 2**30
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--topology", default="v5p:4x4x4", help="TPU topology name, e.g. v5p:4x4x4, "
-                 "v5e:16x16, v6e:16x16, v4:4x4x4")
+  p.add_argument(
+    "--topology",
+    default="v5p:4x4x4",
+    help="TPU topology name, e.g. v5p:4x4x4, v5e:16x16, v6e:16x16, v4:4x4x4",
+  )
   p.add_argument("--num_layers", type=int, default=60)
   p.add_argument("--height", type=int, default=1024, help="image pixels (latent = /8, patch 2)")
   p.add_argument("--width", type=int, default=1024)
   p.add_argument("--txt_len", type=int, default=512)
   p.add_argument("--per_chip_batch", type=int, default=1)
   p.add_argument("--remat_policy", default="full")
-  p.add_argument("--mesh", default="data=1,fsdp=-1,tensor=1",
-                 help="mesh axis sizes; -1 takes the remaining devices")
+  p.add_argument(
+    "--mesh",
+    default="data=1,fsdp=-1,tensor=1",
+    help="mesh axis sizes; -1 takes the remaining devices",
+  )
   p.add_argument("--dtype", default="bfloat16")
-  p.add_argument("--attention_query_chunk", type=int, default=0,
-                 help="memory-efficient attention block (queries); 0 = plain attention")
-  p.add_argument("--cost_from_unrolled", type=int, default=1,
-                 help="also compile unrolled 1- and 2-layer programs to extrapolate the cost")
+  p.add_argument(
+    "--attention_query_chunk",
+    type=int,
+    default=0,
+    help="memory-efficient attention block (queries); 0 = plain attention",
+  )
+  p.add_argument(
+    "--cost_from_unrolled",
+    type=int,
+    default=1,
+    help="also compile unrolled 1- and 2-layer programs to extrapolate the cost",
+  )
   return p.parse_args(argv)
 
 
@@ -70,8 +89,9 @@ def transformer_flops(model: QwenImageTransformer, n_img: int, n_txt: int) -> fl
   attention = 2 * 2 * n * n * d  # logits and weighted sum
   block = per_token * n + attention
   embed = 2 * n_img * model.in_channels * d + 2 * n_txt * model.joint_attention_dim * d
-  return (model.num_layers * block + embed
-          + 2 * n_img * d * model.patch_size**2 * model.output_channels)
+  return (
+    model.num_layers * block + embed + 2 * n_img * d * model.patch_size**2 * model.output_channels
+  )
 
 
 def compile_step(args, mesh, num_layers: int, scan_layers: bool):
@@ -79,39 +99,52 @@ def compile_step(args, mesh, num_layers: int, scan_layers: bool):
   dtype = jnp.dtype(args.dtype)
   rules = DEFAULT_LOGICAL_AXIS_RULES
   batch = args.per_chip_batch * mesh.shape["data"] * mesh.shape["fsdp"]
-  model = QwenImageTransformer(num_layers=num_layers, scan_layers=scan_layers,
-                               remat_policy=args.remat_policy, dtype=dtype, param_dtype=dtype,
-                               attention_query_chunk=args.attention_query_chunk or None)
+  model = QwenImageTransformer(
+    num_layers=num_layers,
+    scan_layers=scan_layers,
+    remat_policy=args.remat_policy,
+    dtype=dtype,
+    param_dtype=dtype,
+    attention_query_chunk=args.attention_query_chunk or None,
+  )
   h, w = args.height // 16, args.width // 16  # VAE /8, then 2x2 patches
   img_shapes = ((1, h, w),)
 
   abstract = model.abstract_params()
   param_shardings = tree_shardings(abstract, mesh, rules)
-  param_specs = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                             nn.meta.unbox(abstract), param_shardings)
+  param_specs = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+    nn.meta.unbox(abstract),
+    param_shardings,
+  )
 
   def batch_spec(shape, dt):
     return jax.ShapeDtypeStruct(shape, dt, sharding=batch_sharding(mesh, len(shape), rules))
 
   inputs = dict(
-      hidden_states=batch_spec((batch, h * w, model.in_channels), dtype),
-      encoder_hidden_states=batch_spec((batch, args.txt_len, model.joint_attention_dim), dtype),
-      encoder_hidden_states_mask=batch_spec((batch, args.txt_len), jnp.int32),
-      timestep=batch_spec((batch,), jnp.float32))
+    hidden_states=batch_spec((batch, h * w, model.in_channels), dtype),
+    encoder_hidden_states=batch_spec((batch, args.txt_len, model.joint_attention_dim), dtype),
+    encoder_hidden_states_mask=batch_spec((batch, args.txt_len), jnp.int32),
+    timestep=batch_spec((batch,), jnp.float32),
+  )
 
   def loss_fn(params, inputs):
     out = model.apply({"params": params}, **inputs, img_shapes=img_shapes)
     return jnp.mean(jnp.square(out.astype(jnp.float32)))
 
-  step = jax.jit(jax.value_and_grad(loss_fn),
-                 out_shardings=(NamedSharding(mesh, P()), param_shardings))
+  step = jax.jit(
+    jax.value_and_grad(loss_fn), out_shardings=(NamedSharding(mesh, P()), param_shardings)
+  )
   t0 = time.time()
   with sharding_context(mesh, rules):  # jax.set_mesh: flax's activation constraints apply
     lowered = step.lower(param_specs, inputs)
   t1 = time.time()
   compiled = lowered.compile()
-  print(f"[{num_layers} layers, scan={scan_layers}] lower {t1 - t0:.1f} s, compile "
-        f"{time.time() - t1:.1f} s", flush=True)
+  print(
+    f"[{num_layers} layers, scan={scan_layers}] lower {t1 - t0:.1f} s, compile "
+    f"{time.time() - t1:.1f} s",
+    flush=True,
+  )
   return compiled, model
 
 
@@ -132,21 +165,32 @@ def main(argv=None):
   batch = args.per_chip_batch * mesh.shape["data"] * mesh.shape["fsdp"]
 
   compiled, model = compile_step(args, mesh, args.num_layers, scan_layers=True)
-  print(f"topology {args.topology}: {len(devices)} chips ({devices[0].device_kind}), mesh "
-        f"{dict(mesh.shape)}; {count_params(model.abstract_params()) / 1e9:.3f}B params "
-        f"({args.num_layers} layers), {args.dtype}, remat={args.remat_policy}, attention query "
-        f"chunk {args.attention_query_chunk or 'off'}; global batch "
-        f"{batch}, tokens {n_img} image + {args.txt_len} text")
+  print(
+    f"topology {args.topology}: {len(devices)} chips ({devices[0].device_kind}), mesh "
+    f"{dict(mesh.shape)}; {count_params(model.abstract_params()) / 1e9:.3f}B params "
+    f"({args.num_layers} layers), {args.dtype}, remat={args.remat_policy}, attention query "
+    f"chunk {args.attention_query_chunk or 'off'}; global batch "
+    f"{batch}, tokens {n_img} image + {args.txt_len} text"
+  )
 
   mem = compiled.memory_analysis()
   if mem is not None:
-    fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
-              "temp_size_in_bytes", "generated_code_size_in_bytes")
+    fields = (
+      "argument_size_in_bytes",
+      "output_size_in_bytes",
+      "alias_size_in_bytes",
+      "temp_size_in_bytes",
+      "generated_code_size_in_bytes",
+    )
     vals = {f: getattr(mem, f, 0) for f in fields}
     for f, v in vals.items():
       print(f"  {f:32s} {v / GiB:9.3f} GiB")
-    peak = (vals["argument_size_in_bytes"] + vals["output_size_in_bytes"]
-            - vals["alias_size_in_bytes"] + vals["temp_size_in_bytes"])
+    peak = (
+      vals["argument_size_in_bytes"]
+      + vals["output_size_in_bytes"]
+      - vals["alias_size_in_bytes"]
+      + vals["temp_size_in_bytes"]
+    )
     print(f"  per-chip total (args+out-alias+temp) {peak / GiB:9.3f} GiB")
 
   keys = ("flops", "bytes accessed", "optimal_seconds")
@@ -157,8 +201,10 @@ def main(argv=None):
   if args.cost_from_unrolled:
     # Unrolled 1- and 2-layer programs give the per-layer cost; extrapolate linearly.
     one, two = (cost_of(compile_step(args, mesh, n, scan_layers=False)[0]) for n in (1, 2))
-    print(f"  cost extrapolated to {args.num_layers} layers from unrolled 1/2-layer compiles "
-          f"(per chip):")
+    print(
+      f"  cost extrapolated to {args.num_layers} layers from unrolled 1/2-layer compiles "
+      f"(per chip):"
+    )
     for k in keys:
       per_layer = two.get(k, np.nan) - one.get(k, np.nan)
       total = one.get(k, np.nan) + (args.num_layers - 1) * per_layer

@@ -33,9 +33,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 Z95 = 1.959964
 
@@ -84,8 +84,7 @@ def build_config(args):
   if args.rollout == "ode":
     c.rl.objective = "nft"  # any forward objective: the roller then rolls out the plain ODE
     c.rl.shared_initial_noise = False
-  c.update_from_flattened_dict({k: parse_value(v) for k, v in
-                                (s.split("=", 1) for s in args.set)})
+  c.update_from_flattened_dict({k: parse_value(v) for k, v in (s.split("=", 1) for s in args.set)})
   return c
 
 
@@ -111,8 +110,11 @@ def collect_gradients(s, objective_names, stds, batches, iteration):
           g, _ = grad_fns[name](params, batch, jax.random.fold_in(key, 7))
           flat = jnp.concatenate([x.ravel() for x in jax.tree.leaves(g)])
           grads.setdefault((name, std), []).append(np.asarray(flat, np.float32))
-      print(f"batch {it + 1}/{batches}: composite reward "
-            f"{float(iteration.composite_reward(s, got).mean()):.3f}", flush=True)
+      print(
+        f"batch {it + 1}/{batches}: composite reward "
+        f"{float(iteration.composite_reward(s, got).mean()):.3f}",
+        flush=True,
+      )
   return grads, float(np.median(seconds))
 
 
@@ -120,13 +122,15 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--init_from", required=True)
   parser.add_argument("--task", default="t2i", choices=("t2i", "edit"))
-  parser.add_argument("--objective", default="grpo,nft,awm",
-                      help="comma-separated registered objectives")
+  parser.add_argument(
+    "--objective", default="grpo,nft,awm", help="comma-separated registered objectives"
+  )
   parser.add_argument("--batches", type=int, default=30)
   parser.add_argument("--rollout", default="sde", choices=("sde", "ode"))
   parser.add_argument("--advantage_std", default="batch", help="comma-separated: group,batch")
-  parser.add_argument("--set", action="append", default=[],
-                      help="config override key=value, e.g. rl.noise_level=1.2")
+  parser.add_argument(
+    "--set", action="append", default=[], help="config override key=value, e.g. rl.noise_level=1.2"
+  )
   args = parser.parse_args()
   if args.batches < 3:
     parser.error("--batches must be >= 3 for a jackknife interval (30 or more to rank settings)")
@@ -147,18 +151,22 @@ def main():
   s = iteration.setup(c, mesh, parallel.as_rules(c.logical_axis_rules))
   grads, sec = collect_gradients(s, names, stds, args.batches, iteration)
   rl = c.rl
-  print(f"\nsettings: {' '.join(args.set) or '(defaults)'}; task {args.task}, rollout "
-        f"{args.rollout}, batch B = {s.batch_size} = {rl.prompts_per_step} x G={rl.group_size}, "
-        f"{rl.num_steps} steps, K={rl.timesteps.num_train}, noise {rl.noise_level}, fm_draws "
-        f"{rl.fm_draws}; {args.batches} batches, {sec:.1f} s per rollout batch (median)\n")
+  print(
+    f"\nsettings: {' '.join(args.set) or '(defaults)'}; task {args.task}, rollout "
+    f"{args.rollout}, batch B = {s.batch_size} = {rl.prompts_per_step} x G={rl.group_size}, "
+    f"{rl.num_steps} steps, K={rl.timesteps.num_train}, noise {rl.noise_level}, fm_draws "
+    f"{rl.fm_draws}; {args.batches} batches, {sec:.1f} s per rollout batch (median)\n"
+  )
   print("| objective | advantage std | signal fraction [95% CI] | B_noise [95% CI] |")
   print("|---|---|---|---|")
   for (name, std), vs in grads.items():
     v = np.stack(vs).astype(np.float64)
     stats = jackknife(v @ v.T, s.batch_size)
     sig, bn = stats["signal"], stats["b_noise"]
-    print(f"| {name} | {std} | {sig[0]:.4f} [{sig[1]:.4f}, {sig[2]:.4f}] | "
-          f"{bn[0]:.0f} [{bn[1]:.0f}, {bn[2]:.0f}] |")
+    print(
+      f"| {name} | {std} | {sig[0]:.4f} [{sig[1]:.4f}, {sig[2]:.4f}] | "
+      f"{bn[0]:.0f} [{bn[1]:.0f}, {bn[2]:.0f}] |"
+    )
 
 
 if __name__ == "__main__":

@@ -24,9 +24,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 
 def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
@@ -37,7 +37,7 @@ def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
   for _ in range(repeats):
     out = f(a)
   out.block_until_ready()
-  return 2 * n ** 3 * repeats / (time.perf_counter() - start)
+  return 2 * n**3 * repeats / (time.perf_counter() - start)
 
 
 def flops_of(jitted, *args) -> float:
@@ -53,14 +53,24 @@ def main():
   parser.add_argument("--group_size", type=int, default=8)
   parser.add_argument("--prompts_per_step", type=int, default=8)
   parser.add_argument("--num_steps", type=int, default=10)
-  parser.add_argument("--scan_layers", action="store_true",
-                      help="scanned MMDiT blocks (config.model.transformer_overrides)")
+  parser.add_argument(
+    "--scan_layers",
+    action="store_true",
+    help="scanned MMDiT blocks (config.model.transformer_overrides)",
+  )
   parser.add_argument("--remat_policy", default="none")
-  parser.add_argument("--malloc_tuning", default="true", choices=("true", "false"),
-                      help="false: leave glibc malloc at its defaults (qwen_image_rl/"
-                           "host_memory.py), to measure what the tuning buys")
-  parser.add_argument("--recompute_old", action="store_true",
-                      help="recompute old log-probs before the update (inner_updates > 1 does)")
+  parser.add_argument(
+    "--malloc_tuning",
+    default="true",
+    choices=("true", "false"),
+    help="false: leave glibc malloc at its defaults (qwen_image_rl/"
+    "host_memory.py), to measure what the tuning buys",
+  )
+  parser.add_argument(
+    "--recompute_old",
+    action="store_true",
+    help="recompute old log-probs before the update (inner_updates > 1 does)",
+  )
   args = parser.parse_args()
   from configs import grpo_t2i
   from qwen_image_rl import host_memory, optim, parallel
@@ -70,16 +80,19 @@ def main():
 
   malloc_tuned = host_memory.tune_malloc() if args.malloc_tuning == "true" else False
   c = grpo_t2i.get_config("tiny")
-  c.rl.update(dict(group_size=args.group_size, prompts_per_step=args.prompts_per_step,
-                   num_steps=args.num_steps))
+  c.rl.update(
+    dict(
+      group_size=args.group_size, prompts_per_step=args.prompts_per_step, num_steps=args.num_steps
+    )
+  )
   c.rl.old_log_probs = "recompute" if args.recompute_old else "auto"
   c.data.num_prompts = 256
-  c.model.transformer_overrides = dict(scan_layers=args.scan_layers,
-                                       remat_policy=args.remat_policy)
+  c.model.transformer_overrides = dict(scan_layers=args.scan_layers, remat_policy=args.remat_policy)
   if args.init_from:
     c.init_from = args.init_from
   else:
     from tests import tiny_reference
+
     _, c.init_from = tiny_reference.build_t2i(tempfile.mkdtemp())
     c.data.image_size = 32
   # The trainer's set-up and iteration steps, as it calls them (qwen_image_rl/rl/iteration.py).
@@ -100,49 +113,83 @@ def main():
       iteration.score(s, got)
       adv, _ = iteration.advantages(s, got)
       if step_flops is None:
-        batch = s.objective.make_batch(s, state.params, got.result,
-                                       roller.policy_inputs(got.pool_index), jnp.asarray(adv))
+        batch = s.objective.make_batch(
+          s, state.params, got.result, roller.policy_inputs(got.pool_index), jnp.asarray(adv)
+        )
         with parallel.sharding_context(mesh, rules):  # as iteration.update calls it
           step_flops = flops_of(step, state, batch, None)
         x_T = jnp.zeros((roller.chunk, roller.seq_len, roller.channels), jnp.float32)
         fn = rl_rollout.jitted_rollout(s.model, roller.img_shapes, True)
         # XLA's cost analysis counts a while loop's body once: scale by the N scanned steps.
         with parallel.sharding_context(mesh, rules):  # as rl_rollout.rollout calls it
-          rollout_flops = rl.rollout_chunks * rl.num_steps * flops_of(
-              fn, state.params, x_T, s.pool.cond[:roller.chunk], s.pool.mask[:roller.chunk],
-              roller.neg_cond, roller.neg_mask, roller.sigmas, roller.train_steps(
-                  jax.random.key(0), 0), jax.random.key(0), jnp.float32(rl.cfg_scale),
-              jnp.float32(rl.noise_level), None)
+          rollout_flops = (
+            rl.rollout_chunks
+            * rl.num_steps
+            * flops_of(
+              fn,
+              state.params,
+              x_T,
+              s.pool.cond[: roller.chunk],
+              s.pool.mask[: roller.chunk],
+              roller.neg_cond,
+              roller.neg_mask,
+              roller.sigmas,
+              roller.train_steps(jax.random.key(0), 0),
+              jax.random.key(0),
+              jnp.float32(rl.cfg_scale),
+              jnp.float32(rl.noise_level),
+              None,
+            )
+          )
       t2 = time.perf_counter()
       state, _ = iteration.update(s, step, state, got, adv)
       jax.block_until_ready(state)  # the params too: the next rollout needs them
       t3 = time.perf_counter()
       if it > 0:
-        rows.append(dict(rollout=got.rollout_seconds, reward=got.reward_seconds,
-                         reward_wait=got.reward_wait_seconds, collect=t1 - t0,
-                         update=t3 - t2, total=t3 - t0))
+        rows.append(
+          dict(
+            rollout=got.rollout_seconds,
+            reward=got.reward_seconds,
+            reward_wait=got.reward_wait_seconds,
+            collect=t1 - t0,
+            update=t3 - t2,
+            total=t3 - t0,
+          )
+        )
   # Medians over the timed iterations (the first, compiling one is not among them).
   med = {k: float(np.median([r[k] for r in rows])) for k in rows[0]}
   peak = matmul_peak()
   b = roller.batch
-  print(f"devices {jax.device_count()} ({jax.devices()[0].platform}); batch {b} = "
-        f"{rl.prompts_per_step} prompts x G={rl.group_size}, {rl.num_steps} steps, "
-        f"K={rl.timesteps.num_train}, cfg_mode={rl.cfg_mode}, transformer "
-        f"{dict(c.model.transformer_overrides)}, old log-probs "
-        f"{'recomputed' if args.recompute_old else 'from the step (on-policy)'}, malloc tuned "
-        f"{malloc_tuned}")
-  print(f"rollout: {b / med['rollout']:.1f} samples/s ({med['rollout']:.2f} s incl. decode), "
-        f"{rollout_flops / med['rollout'] / 1e9:.1f} GFLOP/s")
-  print(f"reward: {med['reward']:.2f} s on the worker thread, main thread waited "
-        f"{med['reward_wait']:.2f} s")
-  print(f"update (old log-probs if recomputed, then the train step): {med['update']:.2f} s, "
-        f"train step {step_flops / med['update'] / 1e9:.1f} GFLOP/s")
-  print(f"iteration: {med['total']:.2f} s = rollout {med['rollout'] / med['total']:.0%}, "
-        f"reward wait {med['reward_wait'] / med['total']:.0%}, update "
-        f"{med['update'] / med['total']:.0%}")
-  print(f"peak (2048^2 f32 matmul, same run): {peak / 1e9:.1f} GFLOP/s; rollout at "
-        f"{rollout_flops / med['rollout'] / peak:.1%}, train step at "
-        f"{step_flops / med['update'] / peak:.1%} of it")
+  print(
+    f"devices {jax.device_count()} ({jax.devices()[0].platform}); batch {b} = "
+    f"{rl.prompts_per_step} prompts x G={rl.group_size}, {rl.num_steps} steps, "
+    f"K={rl.timesteps.num_train}, cfg_mode={rl.cfg_mode}, transformer "
+    f"{dict(c.model.transformer_overrides)}, old log-probs "
+    f"{'recomputed' if args.recompute_old else 'from the step (on-policy)'}, malloc tuned "
+    f"{malloc_tuned}"
+  )
+  print(
+    f"rollout: {b / med['rollout']:.1f} samples/s ({med['rollout']:.2f} s incl. decode), "
+    f"{rollout_flops / med['rollout'] / 1e9:.1f} GFLOP/s"
+  )
+  print(
+    f"reward: {med['reward']:.2f} s on the worker thread, main thread waited "
+    f"{med['reward_wait']:.2f} s"
+  )
+  print(
+    f"update (old log-probs if recomputed, then the train step): {med['update']:.2f} s, "
+    f"train step {step_flops / med['update'] / 1e9:.1f} GFLOP/s"
+  )
+  print(
+    f"iteration: {med['total']:.2f} s = rollout {med['rollout'] / med['total']:.0%}, "
+    f"reward wait {med['reward_wait'] / med['total']:.0%}, update "
+    f"{med['update'] / med['total']:.0%}"
+  )
+  print(
+    f"peak (2048^2 f32 matmul, same run): {peak / 1e9:.1f} GFLOP/s; rollout at "
+    f"{rollout_flops / med['rollout'] / peak:.1%}, train step at "
+    f"{step_flops / med['update'] / peak:.1%} of it"
+  )
 
 
 if __name__ == "__main__":

@@ -32,18 +32,33 @@ import torch
 
 # The issue-18 reference shapes: the tiny MMDiT (configs/sft.py:tiny) on 8x8x16 latents
 # (16 image tokens beside 48 text tokens), with a tiny VAE that downsamples 4x (32 px images).
-TINY_TRANSFORMER = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=4,
-                        attention_head_dim=32, num_attention_heads=4, joint_attention_dim=64,
-                        axes_dims_rope=(8, 12, 12))
-TINY_VAE = dict(base_dim=16, z_dim=16, dim_mult=[1, 2, 4], num_res_blocks=1, attn_scales=[],
-                temperal_downsample=[False, True])
+TINY_TRANSFORMER = dict(
+  patch_size=2,
+  in_channels=64,
+  out_channels=16,
+  num_layers=4,
+  attention_head_dim=32,
+  num_attention_heads=4,
+  joint_attention_dim=64,
+  axes_dims_rope=(8, 12, 12),
+)
+TINY_VAE = dict(
+  base_dim=16,
+  z_dim=16,
+  dim_mult=[1, 2, 4],
+  num_res_blocks=1,
+  attn_scales=[],
+  temperal_downsample=[False, True],
+)
 
 
 def load_models(init_from: str):
   from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+
   if init_from:
     transformer = QwenImageTransformer2DModel.from_pretrained(
-        os.path.join(init_from, "transformer"))
+      os.path.join(init_from, "transformer")
+    )
     vae = AutoencoderKLQwenImage.from_pretrained(os.path.join(init_from, "vae"))
   else:
     torch.manual_seed(0)
@@ -70,14 +85,14 @@ def sde_mean_std(x, v, t, t_next, noise_level):
   denominator_t = torch.where(t >= 1.0, t_next, t)
   sigma = noise_level * torch.sqrt(t / (1.0 - denominator_t))
   delta = t - t_next
-  mean = (x * (1.0 - sigma ** 2 * delta / (2.0 * t))
-          - v * delta * (1.0 + sigma ** 2 * (1.0 - t) / (2.0 * t)))
+  mean = x * (1.0 - sigma**2 * delta / (2.0 * t)) - v * delta * (
+    1.0 + sigma**2 * (1.0 - t) / (2.0 * t)
+  )
   return mean, sigma * torch.sqrt(delta)
 
 
 def gaussian_log_prob(x_next, mean, std):
-  density = (-((x_next - mean) ** 2) / (2.0 * std ** 2) - torch.log(std)
-             - 0.5 * math.log(2 * math.pi))
+  density = -((x_next - mean) ** 2) / (2.0 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
   return density.mean(dim=tuple(range(1, x_next.ndim)))
 
 
@@ -88,7 +103,7 @@ class Work:
     cfg = transformer.config
     downsample = 2 ** (len(vae.config.dim_mult) - 1)
     self.latent_hw = image_size // downsample // cfg.patch_size
-    self.tokens = self.latent_hw ** 2
+    self.tokens = self.latent_hw**2
     self.channels = cfg.in_channels
     self.batch = batch
     self.img_shapes = [[(1, self.latent_hw, self.latent_hw)]] * (2 * batch)
@@ -103,9 +118,14 @@ class Work:
 
 def velocity(transformer, x, sigma, cond, mask, img_shapes):
   t = torch.as_tensor(sigma, dtype=torch.float32).expand(x.shape[0])
-  return transformer(hidden_states=x, encoder_hidden_states=cond,
-                     encoder_hidden_states_mask=mask, timestep=t, img_shapes=img_shapes,
-                     return_dict=False)[0]
+  return transformer(
+    hidden_states=x,
+    encoder_hidden_states=cond,
+    encoder_hidden_states_mask=mask,
+    timestep=t,
+    img_shapes=img_shapes,
+    return_dict=False,
+  )[0]
 
 
 @torch.no_grad()
@@ -136,8 +156,11 @@ def vae_decode(vae, latents, work: Work):
   """Unpack [B, (h w), (c 2 2)] tokens to [B, c, 1, 2h, 2w] and decode (latent scaling omitted)."""
   b, hw, c4 = latents.shape
   h = work.latent_hw
-  z = latents.view(b, h, h, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c4 // 4, 1,
-                                                                             2 * h, 2 * h)
+  z = (
+    latents.view(b, h, h, c4 // 4, 2, 2)
+    .permute(0, 3, 1, 4, 2, 5)
+    .reshape(b, c4 // 4, 1, 2 * h, 2 * h)
+  )
   return vae.decode(z, return_dict=False)[0]
 
 
@@ -168,12 +191,22 @@ def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
   start = time.perf_counter()
   for _ in range(repeats):
     a @ a
-  return 2 * n ** 3 * repeats / (time.perf_counter() - start)
+  return 2 * n**3 * repeats / (time.perf_counter() - start)
 
 
-def run(init_from: str = "", iterations: int = 3, prompts: int = 8, group_size: int = 8,
-        num_steps: int = 10, train_idx=(0, 2, 4), image_size: int = 32, cfg_scale: float = 4.0,
-        noise_level: float = 0.8, clip_eps: float = 0.01, lr: float = 1e-4) -> dict:
+def run(
+  init_from: str = "",
+  iterations: int = 3,
+  prompts: int = 8,
+  group_size: int = 8,
+  num_steps: int = 10,
+  train_idx=(0, 2, 4),
+  image_size: int = 32,
+  cfg_scale: float = 4.0,
+  noise_level: float = 0.8,
+  clip_eps: float = 0.01,
+  lr: float = 1e-4,
+) -> dict:
   """Median seconds of the rollout (transformer only), VAE decode, update and iteration."""
   transformer, vae = load_models(init_from)
   work = Work(transformer, vae, prompts * group_size, image_size, num_steps, train_idx)
@@ -186,8 +219,15 @@ def run(init_from: str = "", iterations: int = 3, prompts: int = 8, group_size: 
     vae_decode(vae, final, work)
     t2 = time.perf_counter()
     advantages = torch.randn(work.batch)
-    update(transformer.train(), optimizer, work, kept, advantages, noise_level=noise_level,
-           clip_eps=clip_eps)
+    update(
+      transformer.train(),
+      optimizer,
+      work,
+      kept,
+      advantages,
+      noise_level=noise_level,
+      clip_eps=clip_eps,
+    )
     t3 = time.perf_counter()
     if it > 0:
       rows.append(dict(rollout=t1 - t0, decode=t2 - t1, update=t3 - t2, total=t3 - t0))
@@ -202,10 +242,14 @@ def main():
   args = parser.parse_args()
   med = run(args.init_from, args.iterations, image_size=args.image_size)
   peak = matmul_peak()
-  print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch 64 = 8 x G=8, "
-        f"10 steps, K=3, true CFG 4 in the rollout, conditional update")
-  print(f"rollout (transformer): {med['rollout']:.2f} s; VAE decode {med['decode']:.2f} s; "
-        f"update {med['update']:.2f} s; iteration {med['total']:.2f} s")
+  print(
+    f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch 64 = 8 x G=8, "
+    f"10 steps, K=3, true CFG 4 in the rollout, conditional update"
+  )
+  print(
+    f"rollout (transformer): {med['rollout']:.2f} s; VAE decode {med['decode']:.2f} s; "
+    f"update {med['update']:.2f} s; iteration {med['total']:.2f} s"
+  )
   print(f"peak (2048^2 f32 matmul, same run): {peak / 1e9:.1f} GFLOP/s")
 
 

@@ -46,8 +46,9 @@ def _random_judge(max_cot_tokens: int):
   tokenizer = V.build_judge_tokenizer(tempfile.mkdtemp())
   model = reward_sft.build_model(config, tokenizer)
   params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
-  return V.VLMJudge(model, params, tokenizer, reward_sft.build_processor(config),
-                    max_cot_tokens=max_cot_tokens)
+  return V.VLMJudge(
+    model, params, tokenizer, reward_sft.build_processor(config), max_cot_tokens=max_cot_tokens
+  )
 
 
 def main():
@@ -62,13 +63,19 @@ def main():
   from qwen_image_rl.judges import judge_data as D
   from qwen_image_rl.judges.vlm_judge import VLMJudge
 
-  judge = (VLMJudge.load(args.judge, max_cot_tokens=args.max_cot_tokens, batch_size=args.batch)
-           if args.judge else _random_judge(args.max_cot_tokens))
+  judge = (
+    VLMJudge.load(args.judge, max_cot_tokens=args.max_cot_tokens, batch_size=args.batch)
+    if args.judge
+    else _random_judge(args.max_cot_tokens)
+  )
   judge.batch_size = args.batch
   data = D.t2i_set(11, args.batch // 2 + args.batch % 2, "val", 64)
-  images, prompts = data.images[:args.batch], list(data.prompts[:args.batch])
-  result = {"judge": args.judge or "random configs/judge.py:tiny", "batch": args.batch,
-            "max_cot_tokens": args.max_cot_tokens}
+  images, prompts = data.images[: args.batch], list(data.prompts[: args.batch])
+  result = {
+    "judge": args.judge or "random configs/judge.py:tiny",
+    "batch": args.batch,
+    "max_cot_tokens": args.max_cot_tokens,
+  }
   for mode in ("no_cot", "cot"):
     last = {}
 
@@ -79,8 +86,9 @@ def main():
     result[f"{mode}/seconds_per_batch"] = seconds
     result[f"{mode}/images_per_s"] = args.batch / seconds
     result[f"{mode}/invalid"] = last["out"].invalid_count
-  result["cot_over_no_cot_time"] = result["cot/seconds_per_batch"] / result[
-      "no_cot/seconds_per_batch"]
+  result["cot_over_no_cot_time"] = (
+    result["cot/seconds_per_batch"] / result["no_cot/seconds_per_batch"]
+  )
   print(json.dumps(result), flush=True)
 
 

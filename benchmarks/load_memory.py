@@ -70,31 +70,52 @@ def child(directory: str, mode: str, scan_layers: bool) -> None:
   mesh = make_mesh({"data": 1, "fsdp": len(devices), "tensor": 1})
   baseline = _status_kib("VmRSS")
   if mode == "streaming":
-    _, params = transformer.load_transformer(directory, jnp.bfloat16, mesh=mesh,
-                                             scan_layers=scan_layers)
+    _, params = transformer.load_transformer(
+      directory, jnp.bfloat16, mesh=mesh, scan_layers=scan_layers
+    )
   else:
     # The eager way: the whole state dict in memory, then the params built from it.
     state = safetensors_io.load_state_dict(directory)
     config = safetensors_io.read_json(os.path.join(directory, "config.json"))
     config.pop("pooled_projection_dim")
-    model = QwenImageTransformer.from_config(config, dtype=jnp.bfloat16,
-                                             param_dtype=jnp.bfloat16, scan_layers=scan_layers)
+    model = QwenImageTransformer.from_config(
+      config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, scan_layers=scan_layers
+    )
     params = transformer.params_from_torch_state_dict(state, model)
     del state
   jax.block_until_ready(params)
   param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
-  print(json.dumps({"mode": mode, "devices": len(devices), "scan_layers": scan_layers,
-                    "baseline_rss_bytes": baseline * 1024,
-                    "peak_rss_bytes": _status_kib("VmHWM") * 1024,
-                    "param_bytes": int(param_bytes)}))
+  print(
+    json.dumps(
+      {
+        "mode": mode,
+        "devices": len(devices),
+        "scan_layers": scan_layers,
+        "baseline_rss_bytes": baseline * 1024,
+        "peak_rss_bytes": _status_kib("VmHWM") * 1024,
+        "param_bytes": int(param_bytes),
+      }
+    )
+  )
 
 
 def run_child(directory: str, mode: str, devices: int, scan_layers: bool) -> dict:
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-  out = subprocess.run([sys.executable, os.path.abspath(__file__), f"--child={directory}",
-                        f"--mode={mode}", f"--scan_layers={scan_layers}"],
-                       env=env, check=True, capture_output=True, text=True)
+  env = dict(
+    os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}"
+  )
+  out = subprocess.run(
+    [
+      sys.executable,
+      os.path.abspath(__file__),
+      f"--child={directory}",
+      f"--mode={mode}",
+      f"--scan_layers={scan_layers}",
+    ],
+    env=env,
+    check=True,
+    capture_output=True,
+    text=True,
+  )
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -112,15 +133,19 @@ def main():
     return
   with tempfile.TemporaryDirectory() as directory:
     size = write_checkpoint(directory, args.num_layers)
-    print(f"checkpoint: {args.num_layers} full-width layers, {size / 2**30:.2f} GiB of bf16 "
-          f"tensors; loading on {args.devices} CPU device(s), scan_layers={args.scan_layers}")
+    print(
+      f"checkpoint: {args.num_layers} full-width layers, {size / 2**30:.2f} GiB of bf16 "
+      f"tensors; loading on {args.devices} CPU device(s), scan_layers={args.scan_layers}"
+    )
     for mode in args.modes.split(","):
       r = run_child(directory, mode, args.devices, args.scan_layers)
       growth = r["peak_rss_bytes"] - r["baseline_rss_bytes"]
       r.update(checkpoint_bytes=size, growth_over_checkpoint=round(growth / size, 3))
-      print(f"{mode:>9}: baseline {r['baseline_rss_bytes'] / 2**30:.2f} GiB, peak "
-            f"{r['peak_rss_bytes'] / 2**30:.2f} GiB, growth {growth / 2**30:.2f} GiB = "
-            f"{growth / size:.2f}x the checkpoint (params {r['param_bytes'] / 2**30:.2f} GiB)")
+      print(
+        f"{mode:>9}: baseline {r['baseline_rss_bytes'] / 2**30:.2f} GiB, peak "
+        f"{r['peak_rss_bytes'] / 2**30:.2f} GiB, growth {growth / 2**30:.2f} GiB = "
+        f"{growth / size:.2f}x the checkpoint (params {r['param_bytes'] / 2**30:.2f} GiB)"
+      )
       print(json.dumps(r))
 
 

@@ -22,9 +22,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 
 def final_samples(dist, params, task, cfg_scale, it, bank_params=None):
@@ -39,8 +39,18 @@ def final_samples(dist, params, task, cfg_scale, it, bank_params=None):
   x_T = dist.put(jax.random.normal(key, (b, d.seq_len, d.channels), jnp.float32))  # the same
   fn = pipe_common.make_denoise(dist.model, d.img_shapes)
   neg = dist.put(np.repeat(d.neg_cond, b, 0)), dist.put(np.repeat(d.neg_mask, b, 0))
-  return np.asarray(fn(bank_params, x_T, inputs["cond"], inputs["mask"], *neg, d.sigmas,
-                       jnp.float32(cfg_scale), inputs["ref_latents"]))
+  return np.asarray(
+    fn(
+      bank_params,
+      x_T,
+      inputs["cond"],
+      inputs["mask"],
+      *neg,
+      d.sigmas,
+      jnp.float32(cfg_scale),
+      inputs["ref_latents"],
+    )
+  )
 
 
 def gap(dist, params, teacher, task, n_batches):
@@ -50,7 +60,7 @@ def gap(dist, params, teacher, task, n_batches):
     it = 1_000_000 + j  # batches no training iteration draws
     s = final_samples(dist, params, task, 1.0, it)
     t = final_samples(dist, None, task, dist.config.opd.teacher_cfg_scale, it, teacher)
-    out.append(np.sum((s - t) ** 2) / np.sum(t ** 2))
+    out.append(np.sum((s - t) ** 2) / np.sum(t**2))
   return float(np.mean(out))
 
 
@@ -74,6 +84,7 @@ def main():
     c.init_from = args.init_from
   else:
     from tests import tiny_reference
+
     _, c.init_from = tiny_reference.build_t2i(tempfile.mkdtemp())
     c.data.image_size = 32
   c.teachers.t2i = c.teachers.edit = c.init_from
@@ -94,13 +105,17 @@ def main():
       history[task].append(scalars[f"train/relative_error_{task}"])
     seconds = time.time() - start
     after = {t: gap(dist, state.params, bank.activate(t), t, args.eval_batches) for t in s.data}
-  print(f"{args.iterations} iterations in {seconds:.0f} s (load {os.getloadavg()[0]:.1f}); "
-        f"teacher = the base at CFG {c.opd.teacher_cfg_scale:g}, lr {args.lr:g}")
+  print(
+    f"{args.iterations} iterations in {seconds:.0f} s (load {os.getloadavg()[0]:.1f}); "
+    f"teacher = the base at CFG {c.opd.teacher_cfg_scale:g}, lr {args.lr:g}"
+  )
   for task in s.data:
     h = history[task]
-    print(f"{task}: velocity relative error {np.mean(h[:3]):.4f} (first 3) -> "
-          f"{np.mean(h[-3:]):.4f} (last 3); sample gap student(CFG 1) vs teacher(CFG 4) "
-          f"{before[task]:.4f} -> {after[task]:.4f}")
+    print(
+      f"{task}: velocity relative error {np.mean(h[:3]):.4f} (first 3) -> "
+      f"{np.mean(h[-3:]):.4f} (last 3); sample gap student(CFG 1) vs teacher(CFG 4) "
+      f"{before[task]:.4f} -> {after[task]:.4f}"
+    )
 
 
 if __name__ == "__main__":

@@ -23,11 +23,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from benchmarks.grpo_step import flops_of, matmul_peak  # noqa: E402
+from benchmarks.grpo_step import flops_of, matmul_peak
 
 
 def cost_flops(s, task, state, teacher, key, it):
@@ -38,14 +38,21 @@ def cost_flops(s, task, state, teacher, key, it):
   d, dist = s.data[task], s.distiller
   inputs = dist.inputs(task, it)
   x_T = jnp.zeros((dist.config.opd.batch_size, d.seq_len, d.channels), jnp.float32)
-  rollout = flops_of(opd.jitted_trajectory(dist.model, d.img_shapes), state.params, x_T,
-                     inputs["cond"], inputs["mask"], d.sigmas,
-                     inputs["ref_latents"]) * (len(d.sigmas) - 1)
+  rollout = flops_of(
+    opd.jitted_trajectory(dist.model, d.img_shapes),
+    state.params,
+    x_T,
+    inputs["cond"],
+    inputs["mask"],
+    d.sigmas,
+    inputs["ref_latents"],
+  ) * (len(d.sigmas) - 1)
   states, _ = dist.rollout(state.params, task, key, inputs)
   batch = {k: v for k, v in dist.batch(task, it, states, inputs).items() if v is not None}
   n = num_micro_batches(batch["states"].shape[0], dist.micro)
-  teacher_flops = n * flops_of(opd.jitted_teacher_velocities(dist.model, d.img_shapes, n),
-                               teacher, batch, jnp.float32(4.0))
+  teacher_flops = n * flops_of(
+    opd.jitted_teacher_velocities(dist.model, d.img_shapes, n), teacher, batch, jnp.float32(4.0)
+  )
   train = {k: v for k, v in batch.items() if k not in ("neg_cond", "neg_mask")}
   train["teacher_v"] = jnp.zeros_like(batch["states"])
   return rollout, teacher_flops, flops_of(dist.steps[task], state, train)
@@ -68,8 +75,9 @@ def main():
 
   host_memory.tune_malloc()
   c = opd_config.get_config("tiny")
-  c.opd.update(dict(batch_size=args.batch_size, num_steps=args.num_steps,
-                    num_train_steps=args.num_train_steps))
+  c.opd.update(
+    dict(batch_size=args.batch_size, num_steps=args.num_steps, num_train_steps=args.num_train_steps)
+  )
   if args.micro_batch_size:
     c.opd.micro_batch_size = args.micro_batch_size
   c.data.num_prompts = 64
@@ -77,6 +85,7 @@ def main():
     c.init_from = args.init_from
   else:
     from tests import tiny_reference
+
     _, c.init_from = tiny_reference.build_t2i(tempfile.mkdtemp())
     c.data.image_size = 32
   c.teachers.t2i = args.teacher_t2i or c.init_from
@@ -105,28 +114,35 @@ def main():
       jax.block_until_ready(state)
       t4 = time.perf_counter()
       if it >= 2:
-        rows[task].append(dict(swap=t1 - t0, rollout=t2 - t1, teacher=t3 - t2, update=t4 - t3,
-                               total=t4 - t0))
+        rows[task].append(
+          dict(swap=t1 - t0, rollout=t2 - t1, teacher=t3 - t2, update=t4 - t3, total=t4 - t0)
+        )
   peak = matmul_peak()
   o = c.opd
-  print(f"devices {jax.device_count()} ({jax.devices()[0].platform}); batch {o.batch_size}, "
-        f"N={o.num_steps} steps ({o.num_train_steps or o.num_steps} trained), teacher CFG "
-        f"{o.teacher_cfg_scale:g}, micro-batch {o.get('micro_batch_size')}; load: "
-        f"{os.getloadavg()[0]:.1f}")
+  print(
+    f"devices {jax.device_count()} ({jax.devices()[0].platform}); batch {o.batch_size}, "
+    f"N={o.num_steps} steps ({o.num_train_steps or o.num_steps} trained), teacher CFG "
+    f"{o.teacher_cfg_scale:g}, micro-batch {o.get('micro_batch_size')}; load: "
+    f"{os.getloadavg()[0]:.1f}"
+  )
   for task, timed in rows.items():
     if not timed:
       continue
     med = {k: float(np.median([r[k] for r in timed])) for k in timed[0]}
     f_roll, f_teach, f_upd = flops[task]
-    print(f"{task}: iteration {med['total']:.2f} s = swap {med['swap']:.3f} s "
-          f"({med['swap'] / med['total']:.0%}), student rollout {med['rollout']:.2f} s "
-          f"({med['rollout'] / med['total']:.0%}, {f_roll / med['rollout'] / 1e9:.1f} GFLOP/s), "
-          f"teacher passes {med['teacher']:.2f} s ({med['teacher'] / med['total']:.0%}, "
-          f"{f_teach / med['teacher'] / 1e9:.1f} GFLOP/s), update {med['update']:.2f} s "
-          f"({med['update'] / med['total']:.0%}, {f_upd / med['update'] / 1e9:.1f} GFLOP/s)")
+    print(
+      f"{task}: iteration {med['total']:.2f} s = swap {med['swap']:.3f} s "
+      f"({med['swap'] / med['total']:.0%}), student rollout {med['rollout']:.2f} s "
+      f"({med['rollout'] / med['total']:.0%}, {f_roll / med['rollout'] / 1e9:.1f} GFLOP/s), "
+      f"teacher passes {med['teacher']:.2f} s ({med['teacher'] / med['total']:.0%}, "
+      f"{f_teach / med['teacher'] / 1e9:.1f} GFLOP/s), update {med['update']:.2f} s "
+      f"({med['update'] / med['total']:.0%}, {f_upd / med['update'] / 1e9:.1f} GFLOP/s)"
+    )
     total = f_roll + f_teach + f_upd
-    print(f"{task}: whole iteration {total / med['total'] / 1e9:.1f} GFLOP/s = "
-          f"{total / med['total'] / peak:.1%} of the peak")
+    print(
+      f"{task}: whole iteration {total / med['total'] / 1e9:.1f} GFLOP/s = "
+      f"{total / med['total'] / peak:.1%} of the peak"
+    )
   print(f"peak (2048^2 f32 matmul, same run): {peak / 1e9:.1f} GFLOP/s")
 
 

@@ -47,9 +47,13 @@ def main(argv=None):
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--runs", type=int, default=5)
   parser.add_argument("--json", default=None)
-  parser.add_argument("--torch_threads", type=int, default=0,
-                      help="torch.set_num_threads (0 = torch's default). On a loaded machine "
-                           "torch's OpenMP threads degrade badly; 1 gives a steadier baseline.")
+  parser.add_argument(
+    "--torch_threads",
+    type=int,
+    default=0,
+    help="torch.set_num_threads (0 = torch's default). On a loaded machine "
+    "torch's OpenMP threads degrade badly; 1 gives a steadier baseline.",
+  )
   args = parser.parse_args(argv)
 
   import jax
@@ -64,22 +68,28 @@ def main(argv=None):
     torch.set_num_threads(args.torch_threads)
 
   words = tiny_reference.WORDS
-  prompts = [" ".join(words[i % len(words):][:4]) for i in range(0, 4 * args.batch, 4)]
+  prompts = [" ".join(words[i % len(words) :][:4]) for i in range(0, 4 * args.batch, 4)]
   negative = ["blurry"] * args.batch
   with tempfile.TemporaryDirectory() as tmp:
     torch_pipe, path = tiny_reference.build_t2i(tmp)
     torch_pipe.set_progress_bar_config(disable=True)
     ours = QwenImagePipeline.from_pretrained(path)
-  call = dict(height=args.height, width=args.width, num_inference_steps=args.steps,
-              true_cfg_scale=args.cfg)
+  call = dict(
+    height=args.height, width=args.width, num_inference_steps=args.steps, true_cfg_scale=args.cfg
+  )
 
   def run_ours():
     return ours(prompts, negative_prompt=negative, seed=0, output_type="float", **call)
 
   def run_torch():
     with torch.no_grad():
-      return torch_pipe(prompt=prompts, negative_prompt=negative, output_type="np",
-                        generator=torch.Generator().manual_seed(0), **call).images
+      return torch_pipe(
+        prompt=prompts,
+        negative_prompt=negative,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+        **call,
+      ).images
 
   start = time.perf_counter()
   run_ours()
@@ -87,20 +97,27 @@ def main(argv=None):
   t_ours, all_ours = _median_seconds(run_ours, args.warmup, args.runs)
   t_torch, all_torch = _median_seconds(run_torch, args.warmup, args.runs)
   result = dict(
-      config=dict(vars(args)), devices=str(jax.devices()[0].platform),
-      torch_threads=torch.get_num_threads(),
-      ours=dict(median_s=t_ours, images_per_s=args.batch / t_ours, runs_s=all_ours,
-                first_call_s=first_call),
-      diffusers=dict(median_s=t_torch, images_per_s=args.batch / t_torch, runs_s=all_torch),
-      speedup=t_torch / t_ours)
-  print(f"Qwen-Image T2I sampling, tiny model, {args.batch} x {args.height}x{args.width}, "
-        f"{args.steps} steps, true CFG {args.cfg} (median of {args.runs} after {args.warmup} "
-        f"warm-up)")
+    config=dict(vars(args)),
+    devices=str(jax.devices()[0].platform),
+    torch_threads=torch.get_num_threads(),
+    ours=dict(
+      median_s=t_ours, images_per_s=args.batch / t_ours, runs_s=all_ours, first_call_s=first_call
+    ),
+    diffusers=dict(median_s=t_torch, images_per_s=args.batch / t_torch, runs_s=all_torch),
+    speedup=t_torch / t_ours,
+  )
+  print(
+    f"Qwen-Image T2I sampling, tiny model, {args.batch} x {args.height}x{args.width}, "
+    f"{args.steps} steps, true CFG {args.cfg} (median of {args.runs} after {args.warmup} "
+    f"warm-up)"
+  )
   print(f"{'pipeline':<12}{'median s':>10}{'images/s':>10}")
   print(f"{'ours (JAX)':<12}{t_ours:>10.3f}{args.batch / t_ours:>10.2f}")
   print(f"{'diffusers':<12}{t_torch:>10.3f}{args.batch / t_torch:>10.2f}")
-  print(f"speedup (ours / diffusers images/s): {result['speedup']:.2f}x; our first call "
-        f"(with compile) {first_call:.1f} s")
+  print(
+    f"speedup (ours / diffusers images/s): {result['speedup']:.2f}x; our first call "
+    f"(with compile) {first_call:.1f} s"
+  )
   if args.json:
     with open(args.json, "w") as f:
       json.dump(result, f, indent=2)

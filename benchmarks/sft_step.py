@@ -20,17 +20,19 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from benchmarks.grpo_step import flops_of, matmul_peak  # noqa: E402
+from benchmarks.grpo_step import flops_of, matmul_peak
 
-VARIANTS = (("unrolled", dict(scan_layers=False, remat_policy="none")),
-            ("unrolled+remat", dict(scan_layers=False, remat_policy="full")),
-            ("scanned", dict(scan_layers=True, remat_policy="none")),
-            ("scanned+remat", dict(scan_layers=True, remat_policy="full")))
+VARIANTS = (
+  ("unrolled", dict(scan_layers=False, remat_policy="none")),
+  ("unrolled+remat", dict(scan_layers=False, remat_policy="full")),
+  ("scanned", dict(scan_layers=True, remat_policy="none")),
+  ("scanned+remat", dict(scan_layers=True, remat_policy="full")),
+)
 
 
 def main():
@@ -50,17 +52,21 @@ def main():
   n, L = side * side, config.data.max_text_tokens
   bt, be = config.data.t2i_batch_size, config.data.edit_batch_size
   keys = jax.random.split(jax.random.key(0), 6)
-  batch = dict(t2i_x0=jax.random.normal(keys[0], (bt, n, 4 * z_dim)),
-               t2i_cond=jax.random.normal(keys[1], (bt, L, text_dim)),
-               t2i_mask=jnp.ones((bt, L), jnp.int32),
-               edit_x0=jax.random.normal(keys[2], (be, n, 4 * z_dim)),
-               edit_ref_latents=jax.random.normal(keys[3], (be, n, 4 * z_dim)),
-               edit_cond=jax.random.normal(keys[4], (be, L, text_dim)),
-               edit_mask=jnp.ones((be, L), jnp.int32))
+  batch = dict(
+    t2i_x0=jax.random.normal(keys[0], (bt, n, 4 * z_dim)),
+    t2i_cond=jax.random.normal(keys[1], (bt, L, text_dim)),
+    t2i_mask=jnp.ones((bt, L), jnp.int32),
+    edit_x0=jax.random.normal(keys[2], (be, n, 4 * z_dim)),
+    edit_ref_latents=jax.random.normal(keys[3], (be, n, 4 * z_dim)),
+    edit_cond=jax.random.normal(keys[4], (be, L, text_dim)),
+    edit_mask=jnp.ones((be, L), jnp.int32),
+  )
 
   peak = matmul_peak()
-  print(f"tiny sft step: T2I batch {bt} + edit batch {be}, {n} latent tokens, {L} text tokens; "
-        f"matmul peak {peak / 1e9:.0f} GFLOP/s")
+  print(
+    f"tiny sft step: T2I batch {bt} + edit batch {be}, {n} latent tokens, {L} text tokens; "
+    f"matmul peak {peak / 1e9:.0f} GFLOP/s"
+  )
   transformer_cfg = dict(config.model.transformer)
   transformer_cfg.update(in_channels=4 * z_dim, out_channels=z_dim, joint_attention_dim=text_dim)
   baseline = model_flops = None
@@ -70,9 +76,17 @@ def main():
 
     def loss(p, b, key):
       k1, k2 = jax.random.split(key)
-      return (flow_matching_loss(model, p, b["t2i_x0"], b["t2i_cond"], b["t2i_mask"], k1)
-              + flow_matching_loss(model, p, b["edit_x0"], b["edit_cond"], b["edit_mask"], k2,
-                                   ref_latents=b["edit_ref_latents"]))
+      return flow_matching_loss(
+        model, p, b["t2i_x0"], b["t2i_cond"], b["t2i_mask"], k1
+      ) + flow_matching_loss(
+        model,
+        p,
+        b["edit_x0"],
+        b["edit_cond"],
+        b["edit_mask"],
+        k2,
+        ref_latents=b["edit_ref_latents"],
+      )
 
     step = jax.jit(jax.value_and_grad(loss))
     flops = flops_of(step, params, batch, keys[5])
@@ -85,9 +99,11 @@ def main():
     median = float(np.median(times))
     baseline = baseline or median
     model_flops = model_flops or flops  # the first variant is the unrolled one
-    print(f"  {name:15s} {median * 1e3:7.0f} ms/step  ({baseline / median:4.2f}x unrolled)  "
-          f"XLA count {flops / 1e9:5.1f} GFLOP; model {model_flops / median / 1e9:4.0f} GFLOP/s "
-          f"({model_flops / median / peak:4.0%} of peak)")
+    print(
+      f"  {name:15s} {median * 1e3:7.0f} ms/step  ({baseline / median:4.2f}x unrolled)  "
+      f"XLA count {flops / 1e9:5.1f} GFLOP; model {model_flops / median / 1e9:4.0f} GFLOP/s "
+      f"({model_flops / median / peak:4.0%} of peak)"
+    )
 
 
 if __name__ == "__main__":

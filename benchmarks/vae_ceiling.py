@@ -31,8 +31,10 @@ def reconstruct(vae_dir: str, images: np.ndarray, batch: int = 64) -> np.ndarray
   encode = jax.jit(lambda p, x: model.apply(p, x, method=model.encode))
   decode = jax.jit(lambda p, z: model.apply(p, z, method=model.decode))
   x = examples.to_model_range(images)
-  out = [np.asarray(decode(variables, encode(variables, x[i:i + batch])))
-         for i in range(0, len(x), batch)]
+  out = [
+    np.asarray(decode(variables, encode(variables, x[i : i + batch])))
+    for i in range(0, len(x), batch)
+  ]
   return examples.to_uint8(np.concatenate(out))
 
 
@@ -52,11 +54,19 @@ def main(argv=None):
   recon = reconstruct(args.vae, ex.images)
   scores = oracle.score_t2i_batch(recon, ex.specs)
   out = evaluation.summarise_t2i(scores, ex.categories)
-  out["identity_vs_source"] = float(np.mean([
-      oracle.identity_similarity(a, b)
-      for a, b, c in zip(ex.images, recon, ex.categories) if c == "portrait"]))
-  out["psnr"] = float(10 * np.log10(255.0**2 / np.mean(
-      (recon.astype(np.float64) - ex.images.astype(np.float64)) ** 2)))
+  out["identity_vs_source"] = float(
+    np.mean(
+      [
+        oracle.identity_similarity(a, b)
+        for a, b, c in zip(ex.images, recon, ex.categories)
+        if c == "portrait"
+      ]
+    )
+  )
+  out["psnr"] = float(
+    10
+    * np.log10(255.0**2 / np.mean((recon.astype(np.float64) - ex.images.astype(np.float64)) ** 2))
+  )
   print(json.dumps(out, indent=1, sort_keys=True))
   if args.json:
     with open(args.json, "w") as f:

@@ -22,14 +22,34 @@ def base() -> ml_collections.ConfigDict:
   c.total_steps = 100
   c.checkpoint = ml_collections.ConfigDict(dict(every=50, keep=3, async_save=True))
   c.log = ml_collections.ConfigDict(dict(every=10, progress_every=20, images_every=0))
-  c.optim = ml_collections.ConfigDict(dict(
-      name="adamw", lr=1e-4, warmup_steps=0, schedule="constant", b1=0.9, b2=0.999, eps=1e-8,
-      weight_decay=0.0, grad_clip_norm=1.0))
+  c.optim = ml_collections.ConfigDict(
+    dict(
+      name="adamw",
+      lr=1e-4,
+      warmup_steps=0,
+      schedule="constant",
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      weight_decay=0.0,
+      grad_clip_norm=1.0,
+    )
+  )
   return c
 
 
 def tiny_eval() -> ml_collections.ConfigDict:
   """Held-out tiny world evaluation: sampling settings and set sizes."""
-  return ml_collections.ConfigDict(dict(
-      split="val", num_t2i=128, num_edits=64, image_size=64, num_steps=20, cfg_scale=4.0,
-      negative_prompt="", batch_size=32, max_text_tokens=48))
+  return ml_collections.ConfigDict(
+    dict(
+      split="val",
+      num_t2i=128,
+      num_edits=64,
+      image_size=64,
+      num_steps=20,
+      cfg_scale=4.0,
+      negative_prompt="",
+      batch_size=32,
+      max_text_tokens=48,
+    )
+  )

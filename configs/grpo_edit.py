@@ -14,17 +14,18 @@ Results and runtime: README "GRPO on the tiny base".
 from configs import grpo_t2i
 
 EDIT_WEIGHTS = {
-    "general": {"instruction_following": 0.7, "preservation": 0.3},
-    "typography": {"instruction_following": 0.7, "preservation": 0.3},
-    "portrait": {"instruction_following": 0.5, "identity": 0.3, "preservation": 0.2},
-    "landscape": {"instruction_following": 0.7, "preservation": 0.3},
+  "general": {"instruction_following": 0.7, "preservation": 0.3},
+  "typography": {"instruction_following": 0.7, "preservation": 0.3},
+  "portrait": {"instruction_following": 0.5, "identity": 0.3, "preservation": 0.2},
+  "landscape": {"instruction_following": 0.7, "preservation": 0.3},
 }
 
 
 def get_config(arg: str = "tiny"):
   if arg not in ("tiny", "qwen_image_edit"):
-    raise ValueError(f"configs/grpo_edit.py: unknown variant {arg!r}; known: ['tiny', "
-                     f"'qwen_image_edit']")
+    raise ValueError(
+      f"configs/grpo_edit.py: unknown variant {arg!r}; known: ['tiny', 'qwen_image_edit']"
+    )
   c = grpo_t2i.get_config("tiny" if arg == "tiny" else "qwen_image")
   c.rl.task = "edit"
   c.rl.category_weights = EDIT_WEIGHTS

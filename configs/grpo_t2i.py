@@ -19,15 +19,16 @@ from configs import common
 # Aesthetics is easy to hack (measured: weight 0.3 raised it 0.5 -> 0.95 in 25 iterations while
 # the held-out oracle fell 0.244 -> 0.198), so it only breaks ties here.
 T2I_WEIGHTS = {
-    "general": {"alignment": 0.9, "aesthetics": 0.1, "portrait": 0.0},
-    "typography": {"alignment": 0.95, "aesthetics": 0.05, "portrait": 0.0},
-    "portrait": {"alignment": 0.6, "aesthetics": 0.05, "portrait": 0.35},
-    "landscape": {"alignment": 0.9, "aesthetics": 0.1, "portrait": 0.0},
+  "general": {"alignment": 0.9, "aesthetics": 0.1, "portrait": 0.0},
+  "typography": {"alignment": 0.95, "aesthetics": 0.05, "portrait": 0.0},
+  "portrait": {"alignment": 0.6, "aesthetics": 0.05, "portrait": 0.35},
+  "landscape": {"alignment": 0.9, "aesthetics": 0.1, "portrait": 0.0},
 }
 
 
 def rl_section(task: str, weights) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
+  return ml_collections.ConfigDict(
+    dict(
       task=task,
       objective="grpo",  # a registered RL objective (qwen_image_rl/rl/objectives/)
       group_size=8,  # G rollouts per prompt
@@ -60,51 +61,75 @@ def rl_section(task: str, weights) -> ml_collections.ConfigDict:
       # where t comes from ('schedule': the rollout's sigmas; 'uniform': U(0, 1)).
       fm_draws=4,
       fm_time="schedule",
-      nft=dict(beta=1.0, adv_max=5.0, old_policy="ema", ema_decay=0.5, ema_ramp=0.001,
-               refresh_every=1),
+      nft=dict(
+        beta=1.0, adv_max=5.0, old_policy="ema", ema_decay=0.5, ema_ramp=0.001, refresh_every=1
+      ),
       awm=dict(clip=5.0, weighting="uniform"),
       async_rewards=True,
       max_consecutive_nonfinite=3,
-      timesteps=dict(strategy="high_noise", num_train=3, first_m=5, power=1.0, window_start=0,
-                     slide_every=1, slide_stride=1),
+      timesteps=dict(
+        strategy="high_noise",
+        num_train=3,
+        first_m=5,
+        power=1.0,
+        window_start=0,
+        slide_every=1,
+        slide_stride=1,
+      ),
       category_weights=weights,
       curation=dict(threshold=0.05, output="curated_prompts.jsonl", bins=20),
-  ))
+    )
+  )
 
 
 def tiny_model() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(dtype="float32", master_weights="auto",
-                                        transformer_overrides={}))
+  return ml_collections.ConfigDict(
+    dict(dtype="float32", master_weights="auto", transformer_overrides={})
+  )
 
 
 def qwen_image_model() -> ml_collections.ConfigDict:
   """The 20B Qwen-Image DiT: bf16 params + compute, scanned and rematerialised layers."""
-  return ml_collections.ConfigDict(dict(
+  return ml_collections.ConfigDict(
+    dict(
       dtype="bfloat16",
       master_weights="auto",  # float32 params and AdamW moments, bf16 compute (precision.py)
-      transformer_overrides=dict(scan_layers=True, remat_policy="full",
-                                 attention_query_chunk=1024, attention_implementation="flash"),
+      transformer_overrides=dict(
+        scan_layers=True,
+        remat_policy="full",
+        attention_query_chunk=1024,
+        attention_implementation="flash",
+      ),
       # Shapes of the released transformer/config.json, for abstract shapes without weights.
-      transformer=dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60,
-                       attention_head_dim=128, num_attention_heads=24, joint_attention_dim=3584,
-                       axes_dims_rope=(16, 56, 56)),
-  ))
+      transformer=dict(
+        patch_size=2,
+        in_channels=64,
+        out_channels=16,
+        num_layers=60,
+        attention_head_dim=128,
+        num_attention_heads=24,
+        joint_attention_dim=3584,
+        axes_dims_rope=(16, 56, 56),
+      ),
+    )
+  )
 
 
 def get_config(arg: str = "tiny"):
   if arg not in ("tiny", "qwen_image"):
-    raise ValueError(f"configs/grpo_t2i.py: unknown variant {arg!r}; known: ['tiny', "
-                     f"'qwen_image']")
+    raise ValueError(f"configs/grpo_t2i.py: unknown variant {arg!r}; known: ['tiny', 'qwen_image']")
   c = common.base()
   c.trainer = "grpo"
   c.init_from = "runs/demo/base/export/pipeline"
   c.total_steps = 120  # measured: held-out gains flatten after ~120 iterations
   c.model = tiny_model()
-  c.data = ml_collections.ConfigDict(dict(image_size=64, max_text_tokens=48, num_prompts=2048,
-                                          prompt_file=""))
+  c.data = ml_collections.ConfigDict(
+    dict(image_size=64, max_text_tokens=48, num_prompts=2048, prompt_file="")
+  )
   c.rl = rl_section("t2i", T2I_WEIGHTS)
-  c.rewards = ml_collections.ConfigDict(dict(names=("alignment", "aesthetics", "portrait"),
-                                             kwargs={}))
+  c.rewards = ml_collections.ConfigDict(
+    dict(names=("alignment", "aesthetics", "portrait"), kwargs={})
+  )
   c.optim.lr = 1e-4  # measured: 3e-4 (Flow-GRPO's LoRA rate) degrades the tiny base
   c.optim.grad_clip_norm = 1.0
   c.checkpoint.every = 10

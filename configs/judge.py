@@ -23,22 +23,51 @@ def get_config(arg: str = "tiny"):
   c = common.base()
   c.trainer = "reward_sft"
   c.total_steps = 400
-  c.model = ml_collections.ConfigDict(dict(
-      text=dict(hidden_size=96, intermediate_size=256, num_hidden_layers=3,
-                num_attention_heads=4, num_key_value_heads=2, rope_theta=1e4,
-                mrope_section=(4, 4, 4)),
+  c.model = ml_collections.ConfigDict(
+    dict(
+      text=dict(
+        hidden_size=96,
+        intermediate_size=256,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_theta=1e4,
+        mrope_section=(4, 4, 4),
+      ),
       # 8-pixel patches merged 2x2: a 64-pixel image is 16 tokens; one window covers it.
-      vision=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=8,
-                  spatial_merge_size=2, temporal_patch_size=2, window_size=64,
-                  fullatt_block_indexes=(1,)),
-  ))
-  c.data = ml_collections.ConfigDict(dict(
-      image_size=64, n_specs=1024, n_edits=512, variants=2, t2i_batch_size=24,
-      edit_batch_size=8, no_cot_fraction=0.5, samples_from="",
-      task_weights=dict(alignment=0.45, aesthetics=0.3, portrait=0.25)))
-  c.loss = ml_collections.ConfigDict(dict(
-      kind="pairwise" if arg == "tiny_pairwise" else "pointwise", score_mse_weight=1.0,
-      min_margin=0.02))
+      vision=dict(
+        depth=2,
+        hidden_size=64,
+        intermediate_size=128,
+        num_heads=2,
+        patch_size=8,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        window_size=64,
+        fullatt_block_indexes=(1,),
+      ),
+    )
+  )
+  c.data = ml_collections.ConfigDict(
+    dict(
+      image_size=64,
+      n_specs=1024,
+      n_edits=512,
+      variants=2,
+      t2i_batch_size=24,
+      edit_batch_size=8,
+      no_cot_fraction=0.5,
+      samples_from="",
+      task_weights=dict(alignment=0.45, aesthetics=0.3, portrait=0.25),
+    )
+  )
+  c.loss = ml_collections.ConfigDict(
+    dict(
+      kind="pairwise" if arg == "tiny_pairwise" else "pointwise",
+      score_mse_weight=1.0,
+      min_margin=0.02,
+    )
+  )
   c.judge = ml_collections.ConfigDict(dict(max_cot_tokens=40))
   c.optim.lr = 2e-3
   c.optim.warmup_steps = 30

@@ -18,7 +18,8 @@ from configs import common, grpo_t2i
 
 
 def opd_section() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
+  return ml_collections.ConfigDict(
+    dict(
       t2i_fraction=0.5,  # probability that an iteration's batch is T2I (else edit) [U]
       route_block=1,  # consecutive iterations of one task (fewer teacher swaps)
       batch_size=16,  # prompts per iteration, all of one task
@@ -29,7 +30,8 @@ def opd_section() -> ml_collections.ConfigDict:
       negative_prompt="",
       micro_batch_size=ml_collections.config_dict.placeholder(int),
       max_consecutive_nonfinite=3,
-  ))
+    )
+  )
 
 
 def get_config(arg: str = "tiny"):
@@ -38,12 +40,14 @@ def get_config(arg: str = "tiny"):
   c = common.base()
   c.trainer = "opd"
   c.init_from = "runs/demo/base/export/pipeline"
-  c.teachers = ml_collections.ConfigDict(dict(t2i="runs/demo/rl_t2i/export/pipeline",
-                                              edit="runs/demo/rl_edit/export/pipeline"))
+  c.teachers = ml_collections.ConfigDict(
+    dict(t2i="runs/demo/rl_t2i/export/pipeline", edit="runs/demo/rl_edit/export/pipeline")
+  )
   c.total_steps = 150
   c.model = grpo_t2i.tiny_model()
-  c.data = ml_collections.ConfigDict(dict(image_size=64, max_text_tokens=48, num_prompts=1024,
-                                          prompt_file=""))
+  c.data = ml_collections.ConfigDict(
+    dict(image_size=64, max_text_tokens=48, num_prompts=1024, prompt_file="")
+  )
   c.opd = opd_section()
   c.optim.lr = 1e-4
   c.optim.grad_clip_norm = 1.0

@@ -25,12 +25,16 @@ def get_config(arg: str = "tiny"):
   c.trainer = "rl_mix"
   c.init_from = t2i.init_from
   c.model = t2i.model
-  c.tasks = ml_collections.ConfigDict({
+  c.tasks = ml_collections.ConfigDict(
+    {
       task: dict(rl=src.rl, rewards=src.rewards, data=src.data)
-      for task, src in (("t2i", t2i), ("edit", edit))})
+      for task, src in (("t2i", t2i), ("edit", edit))
+    }
+  )
   c.total_steps = t2i.total_steps + edit.total_steps  # the teachers' rollouts together
-  c.mix = ml_collections.ConfigDict(dict(
-      t2i_fraction=t2i.total_steps / c.total_steps, route_block=1))
+  c.mix = ml_collections.ConfigDict(
+    dict(t2i_fraction=t2i.total_steps / c.total_steps, route_block=1)
+  )
   c.max_consecutive_nonfinite = 3
   c.optim = t2i.optim
   c.checkpoint = t2i.checkpoint

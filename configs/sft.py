@@ -17,32 +17,63 @@ def get_config(arg: str = "tiny"):
   c = common.base()
   c.trainer = "sft"
   c.total_steps = 600
-  c.model = ml_collections.ConfigDict(dict(
+  c.model = ml_collections.ConfigDict(
+    dict(
       vae_from="",
       # in_channels, out_channels and joint_attention_dim follow the VAE and text encoder.
-      transformer=dict(patch_size=2, num_layers=4, attention_head_dim=32, num_attention_heads=4,
-                       axes_dims_rope=(8, 12, 12), zero_cond_t=False),
+      transformer=dict(
+        patch_size=2,
+        num_layers=4,
+        attention_head_dim=32,
+        num_attention_heads=4,
+        axes_dims_rope=(8, 12, 12),
+        zero_cond_t=False,
+      ),
       # Scanned, rematerialised blocks: 1.4x faster steps on CPU (benchmarks/sft_step.py), where
       # XLA otherwise fuses the whole residual-gradient chain into every weight-gradient transpose.
       transformer_overrides=dict(scan_layers=True, remat_policy="full"),
-      text_encoder=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=2, num_key_value_heads=2, rope_theta=1e6,
-                        mrope_section=(4, 6, 6), seed=1234),
+      text_encoder=dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        rope_theta=1e6,
+        mrope_section=(4, 6, 6),
+        seed=1234,
+      ),
       # Qwen-Image's scheduler_config.json values (dynamic shift, exponential).
-      scheduler=dict(_class_name="FlowMatchEulerDiscreteScheduler", num_train_timesteps=1000,
-                     shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
-                     base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02,
-                     time_shift_type="exponential"),
-  ))
+      scheduler=dict(
+        _class_name="FlowMatchEulerDiscreteScheduler",
+        num_train_timesteps=1000,
+        shift=1.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=0.9,
+        base_image_seq_len=256,
+        max_image_seq_len=8192,
+        shift_terminal=0.02,
+        time_shift_type="exponential",
+      ),
+    )
+  )
   c.eval = common.tiny_eval()
-  c.data = ml_collections.ConfigDict(dict(
-      image_size=64, num_train=4096, num_train_edits=2048, t2i_batch_size=32,
-      edit_batch_size=16, max_text_tokens=48))
+  c.data = ml_collections.ConfigDict(
+    dict(
+      image_size=64,
+      num_train=4096,
+      num_train_edits=2048,
+      t2i_batch_size=32,
+      edit_batch_size=16,
+      max_text_tokens=48,
+    )
+  )
   # Training times follow the sampler's own distribution (uniform, then its resolution shift):
   # with the usual logit-normal the first sampling steps (t > 0.95) were almost never trained and
   # the base drew blended colours (held-out T2I 0.295 -> 0.31, landscapes 0.25 -> 0.39).
-  c.loss = ml_collections.ConfigDict(dict(cfg_dropout=0.1, edit_weight=0.5,
-                                          uniform_time_fraction=1.0, shift_like_sampler=True))
+  c.loss = ml_collections.ConfigDict(
+    dict(cfg_dropout=0.1, edit_weight=0.5, uniform_time_fraction=1.0, shift_like_sampler=True)
+  )
   c.optim.lr = 2e-3
   c.optim.warmup_steps = 50
   c.optim.schedule = "cosine"

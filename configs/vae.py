@@ -20,12 +20,25 @@ def get_config(arg: str = "tiny"):
   # 23.7 -> 27.7 dB; oracle on reconstructions 0.73 -> 0.82 (portraits 0.48 -> 0.59) with the
   # earlier oracle, 0.89 (portraits 0.84) uncapped and 0.79 (0.80) capped with the current one.
   c.total_steps = 600
-  c.model = ml_collections.ConfigDict(dict(vae=dict(
-      base_dim=16, z_dim=8, dim_mult=(1, 2, 4), num_res_blocks=1, attn_scales=(),
-      temperal_downsample=(False, True), dropout=0.0, input_channels=3,
-      latents_mean=(0.0,) * 8, latents_std=(1.0,) * 8)))
-  c.data = ml_collections.ConfigDict(dict(image_size=64, batch_size=16, num_train=4096,
-                                          num_eval=256))
+  c.model = ml_collections.ConfigDict(
+    dict(
+      vae=dict(
+        base_dim=16,
+        z_dim=8,
+        dim_mult=(1, 2, 4),
+        num_res_blocks=1,
+        attn_scales=(),
+        temperal_downsample=(False, True),
+        dropout=0.0,
+        input_channels=3,
+        latents_mean=(0.0,) * 8,
+        latents_std=(1.0,) * 8,
+      )
+    )
+  )
+  c.data = ml_collections.ConfigDict(
+    dict(image_size=64, batch_size=16, num_train=4096, num_eval=256)
+  )
   c.loss = ml_collections.ConfigDict(dict(kl_weight=1e-4))
   c.optim.lr = 2e-3
   c.optim.warmup_steps = 50

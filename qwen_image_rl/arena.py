@@ -52,8 +52,10 @@ def parse_player(text: str) -> tuple[str, str, float]:
   for candidate in (directory, os.path.join(directory, "export", "pipeline")):
     if os.path.isfile(os.path.join(candidate, "model_index.json")):
       return name, candidate, scale
-  raise ArenaError(f"--pipelines entry {text!r}: no model_index.json in {directory!r} nor in its "
-                   f"export/pipeline (pass a pipeline exported by a trainer)")
+  raise ArenaError(
+    f"--pipelines entry {text!r}: no model_index.json in {directory!r} nor in its "
+    f"export/pipeline (pass a pipeline exported by a trainer)"
+  )
 
 
 def pair_outcomes(scores: np.ndarray, tie: float) -> list[tuple[int, int, float, int]]:
@@ -67,9 +69,14 @@ def pair_outcomes(scores: np.ndarray, tie: float) -> list[tuple[int, int, float,
 
 
 def _sampling(args, cfg_scale: float):
-  return types.SimpleNamespace(negative_prompt="", cfg_scale=cfg_scale, num_steps=args.num_steps,
-                               image_size=args.image_size, max_text_tokens=48,
-                               batch_size=args.batch_size)
+  return types.SimpleNamespace(
+    negative_prompt="",
+    cfg_scale=cfg_scale,
+    num_steps=args.num_steps,
+    image_size=args.image_size,
+    max_text_tokens=48,
+    batch_size=args.batch_size,
+  )
 
 
 def score_players(players, args, num_prompts: int) -> dict:
@@ -83,18 +90,21 @@ def score_players(players, args, num_prompts: int) -> dict:
   for task in args.tasks:
     rows = []
     for name, directory, scale in players:
-      print(f"arena: sampling {task} with {name} (CFG {scale:g}), {num_prompts} prompts",
-            flush=True)
+      print(
+        f"arena: sampling {task} with {name} (CFG {scale:g}), {num_prompts} prompts", flush=True
+      )
       if task == "t2i":
         pipe = QwenImagePipeline.from_pretrained(directory)
         images = evaluation.sample_t2i(pipe, t2i.prompts, _sampling(args, scale), args.seed)
         rows.append([s["overall"] for s in oracle.score_t2i_batch(images, t2i.specs)])
       else:
         pipe = QwenImageEditPipeline.from_pretrained(directory)
-        images = evaluation.sample_edits(pipe, edits.sources, edits.instructions,
-                                         _sampling(args, scale), args.seed)
-        rows.append([s["overall"] for s in oracle.score_edit_batch(edits.sources, images,
-                                                                   edits.edits)])
+        images = evaluation.sample_edits(
+          pipe, edits.sources, edits.instructions, _sampling(args, scale), args.seed
+        )
+        rows.append(
+          [s["overall"] for s in oracle.score_edit_batch(edits.sources, images, edits.edits)]
+        )
     categories = list(t2i.categories) if task == "t2i" else ["edit"] * num_prompts
     out[task] = (np.asarray(rows, np.float64), categories)
   return out
@@ -117,9 +127,18 @@ def rate(scored: dict, names, *, tie: float, rounds: int, seed: int) -> dict:
     triples = [x[:3] for x in battles]
     fit = ratings.bootstrap_elo(triples, len(names), rounds=rounds, seed=seed)
     wins = ratings.win_rates(triples, len(names))
-    table[group] = {"battles": len(battles), "players": {
-        n: dict(elo=float(fit["elo"][i]), low=float(fit["low"][i]), high=float(fit["high"][i]),
-                win_rate=float(wins[i])) for i, n in enumerate(names)}}
+    table[group] = {
+      "battles": len(battles),
+      "players": {
+        n: dict(
+          elo=float(fit["elo"][i]),
+          low=float(fit["low"][i]),
+          high=float(fit["high"][i]),
+          win_rate=float(wins[i]),
+        )
+        for i, n in enumerate(names)
+      },
+    }
   return table
 
 
@@ -127,20 +146,24 @@ def markdown(table: dict, names) -> str:
   head = "| category | battles | " + " | ".join(names) + " |"
   lines = [head, "|" + "---|" * (len(names) + 2)]
   for group, row in table.items():
-    cells = [f"{p['elo']:.0f} [{p['low']:.0f}, {p['high']:.0f}]"
-             for p in (row["players"][n] for n in names)]
+    cells = [
+      f"{p['elo']:.0f} [{p['low']:.0f}, {p['high']:.0f}]"
+      for p in (row["players"][n] for n in names)
+    ]
     lines.append(f"| {group} | {row['battles']} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
 def plot(table: dict, names, path: str) -> None:
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
   groups = list(table)
-  fig, axes = plt.subplots(1, len(groups), figsize=(2.6 * len(groups), 0.5 * len(names) + 1.6),
-                           sharey=True, squeeze=False)
+  fig, axes = plt.subplots(
+    1, len(groups), figsize=(2.6 * len(groups), 0.5 * len(names) + 1.6), sharey=True, squeeze=False
+  )
   for ax, group in zip(axes[0], groups):
     rows = [table[group]["players"][n] for n in names]
     elo = np.array([r["elo"] for r in rows])
@@ -157,8 +180,9 @@ def plot(table: dict, names, path: str) -> None:
 
 
 def parse_args(argv):
-  p = argparse.ArgumentParser(prog="python -m qwen_image_rl.arena",
-                              description=__doc__.split("\n")[0])
+  p = argparse.ArgumentParser(
+    prog="python -m qwen_image_rl.arena", description=__doc__.split("\n")[0]
+  )
   p.add_argument("--pipelines", nargs="+", required=True, metavar="NAME=DIR[@CFG]")
   p.add_argument("--rater", default="oracle")
   p.add_argument("--split", default="val", choices=("val", "test"))
@@ -174,8 +198,9 @@ def parse_args(argv):
   args = p.parse_args(argv)
   args.tasks = tuple(t for t in args.tasks.split(",") if t)
   if args.rater not in RATERS:
-    raise ArenaError(f"--rater={args.rater!r}: only {RATERS} exist so far (learned judges are "
-                     f"not implemented yet)")
+    raise ArenaError(
+      f"--rater={args.rater!r}: only {RATERS} exist so far (learned judges are not implemented yet)"
+    )
   if not args.tasks or any(t not in TASKS for t in args.tasks):
     raise ArenaError(f"--tasks={','.join(args.tasks)!r}: choose from {TASKS}")
   if args.battles < 1:
@@ -193,10 +218,14 @@ def run(argv) -> dict:
   scored = score_players(players, args, num_prompts)
   table = rate(scored, names, tie=args.tie, rounds=args.bootstrap, seed=args.seed)
   os.makedirs(args.out, exist_ok=True)
-  result = dict(rater=args.rater, split=args.split, prompts_per_task=num_prompts,
-                players={n: dict(directory=d, cfg_scale=s) for n, d, s in players},
-                mean_score={t: dict(zip(names, map(float, scored[t][0].mean(axis=1))))
-                            for t in scored}, ratings=table)
+  result = dict(
+    rater=args.rater,
+    split=args.split,
+    prompts_per_task=num_prompts,
+    players={n: dict(directory=d, cfg_scale=s) for n, d, s in players},
+    mean_score={t: dict(zip(names, map(float, scored[t][0].mean(axis=1)))) for t in scored},
+    ratings=table,
+  )
   with open(os.path.join(args.out, "arena.json"), "w") as f:
     json.dump(result, f, indent=2)
   text = markdown(table, names)

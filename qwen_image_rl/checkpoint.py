@@ -109,10 +109,11 @@ def _check_tree_matches(stored_metadata, target, where: str) -> None:
   missing = sorted(set(wanted) - set(stored))
   unexpected = sorted(set(stored) - set(wanted))
   wrong_shape = sorted(
-      f"{k}: checkpoint {tuple(stored[k].shape)} vs target {tuple(wanted[k].shape)}"
-      for k in set(stored) & set(wanted)
-      if getattr(stored[k], "shape", None) is not None
-      and tuple(stored[k].shape) != tuple(wanted[k].shape))
+    f"{k}: checkpoint {tuple(stored[k].shape)} vs target {tuple(wanted[k].shape)}"
+    for k in set(stored) & set(wanted)
+    if getattr(stored[k], "shape", None) is not None
+    and tuple(stored[k].shape) != tuple(wanted[k].shape)
+  )
   if missing or unexpected or wrong_shape:
     parts = []
     if missing:
@@ -121,8 +122,9 @@ def _check_tree_matches(stored_metadata, target, where: str) -> None:
       parts.append(f"unexpected in checkpoint (not in target): {unexpected}")
     if wrong_shape:
       parts.append(f"wrong shape: {wrong_shape}")
-    raise CheckpointError(f"{where}: the checkpoint tree does not match the restore target; "
-                          + "; ".join(parts))
+    raise CheckpointError(
+      f"{where}: the checkpoint tree does not match the restore target; " + "; ".join(parts)
+    )
 
 
 def _check_json(extra: dict, where: str) -> dict:
@@ -156,7 +158,8 @@ def committed_steps(directory: str) -> list[int]:
       continue
     if not path.is_dir():
       raise CheckpointError(
-          f"checkpoint path {path} is a file, expected a step directory; move or delete it")
+        f"checkpoint path {path} is a file, expected a step directory; move or delete it"
+      )
     if (path / _COMMIT_FILE).exists():
       steps.append(int(path.name))
     else:
@@ -181,22 +184,24 @@ class Checkpointer:
       probe = probe.parent
     if probe.exists() and not probe.is_dir():
       raise CheckpointError(
-          f"checkpoint directory {directory}: {probe} is a file, expected a directory")
+        f"checkpoint directory {directory}: {probe} is a file, expected a directory"
+      )
     self.directory = directory
     self.save_every = int(save_every)
     self.keep = keep
     self.async_save = bool(async_save)
     options = ocp.CheckpointManagerOptions(
-        save_interval_steps=1,  # We decide when to save; orbax just writes.
-        max_to_keep=keep,
-        create=True,
-        cleanup_tmp_directories=True,  # Remove what a killed save left behind.
-        enable_async_checkpointing=async_save,
+      save_interval_steps=1,  # We decide when to save; orbax just writes.
+      max_to_keep=keep,
+      create=True,
+      cleanup_tmp_directories=True,  # Remove what a killed save left behind.
+      enable_async_checkpointing=async_save,
     )
     self._manager = ocp.CheckpointManager(
-        directory, options=options,
-        item_handlers={_STATE: ocp.StandardCheckpointHandler(),
-                       _EXTRA: ocp.JsonCheckpointHandler()})
+      directory,
+      options=options,
+      item_handlers={_STATE: ocp.StandardCheckpointHandler(), _EXTRA: ocp.JsonCheckpointHandler()},
+    )
 
   # -- queries -----------------------------------------------------------------------------------
 
@@ -229,19 +234,27 @@ class Checkpointer:
     where = f"Checkpointer.save(step={step}) in {self.directory}"
     extra = _check_json(extra, where)
     if step in self._manager.all_steps() or step in committed_steps(self.directory):
-      logging.info("Checkpoint for step %d already exists in %s; not saving again.",
-                   step, self.directory)
+      logging.info(
+        "Checkpoint for step %d already exists in %s; not saving again.", step, self.directory
+      )
       return False
     saved = self._manager.save(
-        step,
-        args=ocp.args.Composite(**{
-            _STATE: ocp.args.StandardSave(_to_savable(state)),
-            _EXTRA: ocp.args.JsonSave(extra),
-        }),
-        force=True)
+      step,
+      args=ocp.args.Composite(
+        **{
+          _STATE: ocp.args.StandardSave(_to_savable(state)),
+          _EXTRA: ocp.args.JsonSave(extra),
+        }
+      ),
+      force=True,
+    )
     if saved:
-      logging.info("Saving checkpoint for step %d to %s (%s).", step, self.directory,
-                   "async" if self.async_save else "sync")
+      logging.info(
+        "Saving checkpoint for step %d to %s (%s).",
+        step,
+        self.directory,
+        "async" if self.async_save else "sync",
+      )
     return bool(saved)
 
   def wait(self) -> None:
@@ -269,22 +282,29 @@ class Checkpointer:
     step = int(step)
     where = f"Checkpointer.restore(step={step}) from {self.directory}"
     if step not in committed_steps(self.directory):
-      raise CheckpointError(f"{where}: no committed checkpoint for step {step}; "
-                            f"committed steps: {committed_steps(self.directory)}")
+      raise CheckpointError(
+        f"{where}: no committed checkpoint for step {step}; "
+        f"committed steps: {committed_steps(self.directory)}"
+      )
     self._manager.reload()  # Pick up steps written by other runs since we started.
     abstract = _abstract_target(target)
     metadata = self._manager.item_metadata(step)[_STATE]
     if metadata is None:
-      raise CheckpointError(f"{where}: cannot read the state metadata of this checkpoint "
-                            f"({os.path.join(self.directory, str(step), _STATE)})")
+      raise CheckpointError(
+        f"{where}: cannot read the state metadata of this checkpoint "
+        f"({os.path.join(self.directory, str(step), _STATE)})"
+      )
     stored_tree = getattr(metadata, "tree", metadata)
     _check_tree_matches(stored_tree, abstract, where)
     restored = self._manager.restore(
-        step,
-        args=ocp.args.Composite(**{
-            _STATE: ocp.args.StandardRestore(abstract),
-            _EXTRA: ocp.args.JsonRestore(),
-        }))
+      step,
+      args=ocp.args.Composite(
+        **{
+          _STATE: ocp.args.StandardRestore(abstract),
+          _EXTRA: ocp.args.JsonRestore(),
+        }
+      ),
+    )
     state = _from_restored(restored[_STATE], target)
     extra = restored[_EXTRA] or {}
     logging.info("Restored checkpoint step %d from %s.", step, self.directory)

@@ -9,7 +9,8 @@ compiles. The trainers themselves (and their schemas) are found in `qwen_image_r
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import ml_collections
 
@@ -53,8 +54,9 @@ def check_fields(config: ml_collections.ConfigDict, required: Mapping[str, Any])
     if bool not in allowed and isinstance(value, bool):
       raise ConfigError(f"config.{path}={value!r} has type bool, expected {_type_name(typ)}")
     if not isinstance(value, allowed):
-      raise ConfigError(f"config.{path}={value!r} has type {type(value).__name__}, "
-                        f"expected {_type_name(typ)}")
+      raise ConfigError(
+        f"config.{path}={value!r} has type {type(value).__name__}, expected {_type_name(typ)}"
+      )
 
 
 def check_choice(config, path: str, choices: Iterable[str]) -> None:

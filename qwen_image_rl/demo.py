@@ -37,12 +37,23 @@ RL_MIX_CONFIG = ("rl_mix", "tiny")
 # stays within 45 minutes on a 2-core CPU.
 DEMO_ITERATIONS = {"rl_t2i": 60, "rl_edit": 40, "opd": 150}  # rl_mix: rl_t2i + rl_edit
 # Rough stage times on the idle 2-core CPU (seconds), for the ETA before a stage has run.
-ESTIMATED_SECONDS = {"vae": 200, "base": 300, "rl_t2i": 220, "rl_edit": 150, "rl_mix": 350,
-                     "opd": 450, "summary": 300}
+ESTIMATED_SECONDS = {
+  "vae": 200,
+  "base": 300,
+  "rl_t2i": 220,
+  "rl_edit": 150,
+  "rl_mix": 350,
+  "opd": 450,
+  "summary": 300,
+}
 SUMMARY_ROWS = (  # (label, stage, CFG scale)
-    ("base_cfg4", "base", 4.0), ("base_cfg1", "base", 1.0), ("teacher_t2i_cfg4", "rl_t2i", 4.0),
-    ("teacher_edit_cfg4", "rl_edit", 4.0), ("mix_rl_cfg4", "rl_mix", 4.0),
-    ("student_cfg1", "opd", 1.0))
+  ("base_cfg4", "base", 4.0),
+  ("base_cfg1", "base", 1.0),
+  ("teacher_t2i_cfg4", "rl_t2i", 4.0),
+  ("teacher_edit_cfg4", "rl_edit", 4.0),
+  ("mix_rl_cfg4", "rl_mix", 4.0),
+  ("student_cfg1", "opd", 1.0),
+)
 
 
 def _define_flags():
@@ -74,8 +85,12 @@ def stages(workdir: str, rl_mix: bool = False):
   vae = _config("vae", "tiny")
   base = _config("sft", "tiny")
   base.model.vae_from = os.path.join(workdir, "vae", "export", "vae")
-  out = [("vae", vae), ("base", base), ("rl_t2i", _rl_stage(RL_T2I_CONFIG, workdir, "rl_t2i")),
-         ("rl_edit", _rl_stage(RL_EDIT_CONFIG, workdir, "rl_edit"))]
+  out = [
+    ("vae", vae),
+    ("base", base),
+    ("rl_t2i", _rl_stage(RL_T2I_CONFIG, workdir, "rl_t2i")),
+    ("rl_edit", _rl_stage(RL_EDIT_CONFIG, workdir, "rl_edit")),
+  ]
   if rl_mix:
     mix = _rl_stage(RL_MIX_CONFIG, workdir, "rl_mix")
     # The teachers' rollout budget together, T2I on the T2I teacher's share of it.
@@ -97,8 +112,11 @@ def stage_done(workdir: str, name: str, config) -> bool:
   from qwen_image_rl.trainers.common import final_checkpoint_exists
 
   stage_dir = os.path.join(workdir, name)
-  export = (os.path.join(stage_dir, "export", "vae", "config.json") if name == "vae"
-            else os.path.join(stage_dir, "export", "pipeline", "model_index.json"))
+  export = (
+    os.path.join(stage_dir, "export", "vae", "config.json")
+    if name == "vae"
+    else os.path.join(stage_dir, "export", "pipeline", "model_index.json")
+  )
   return final_checkpoint_exists(stage_dir, config.total_steps) and os.path.isfile(export)
 
 
@@ -128,8 +146,7 @@ class Progress:
   def ratio(self) -> float:
     if not self.measured:
       return 1.0
-    return (sum(self.measured.values())
-            / sum(ESTIMATED_SECONDS.get(n, 300) for n in self.measured))
+    return sum(self.measured.values()) / sum(ESTIMATED_SECONDS.get(n, 300) for n in self.measured)
 
   def eta_seconds(self, remaining) -> float:
     return self.ratio() * sum(ESTIMATED_SECONDS.get(n, 300) for n in remaining)
@@ -137,8 +154,10 @@ class Progress:
   def report(self, k: int) -> str:
     name = self.names[k]
     eta = self.eta_seconds(self.names[k:])
-    return (f"[demo {k + 1}/{len(self.names)}] {name}; elapsed "
-            f"{(time.time() - self.start) / 60:.1f} min, ETA {eta / 60:.1f} min")
+    return (
+      f"[demo {k + 1}/{len(self.names)}] {name}; elapsed "
+      f"{(time.time() - self.start) / 60:.1f} min, ETA {eta / 60:.1f} min"
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -179,15 +198,17 @@ def evaluate_row(workdir: str, label: str, stage: str, cfg_scale: float, eval_cf
     return None
   cache = os.path.join(workdir, "summary", f"{label}.json")
   if os.path.isfile(cache) and os.path.getmtime(cache) > os.path.getmtime(
-      os.path.join(directory, "model_index.json")):
+    os.path.join(directory, "model_index.json")
+  ):
     with open(cache) as f:
       return json.load(f)
   cfg = eval_cfg.copy_and_resolve_references()
   cfg.cfg_scale = cfg_scale
   t2i, edit = _load(directory)
   results = evaluation.evaluate(t2i, edit, cfg, step=0, seed=seed)
-  results.update(stage=stage, cfg_scale=cfg_scale,
-                 images_per_second=images_per_second(t2i, cfg, seed))
+  results.update(
+    stage=stage, cfg_scale=cfg_scale, images_per_second=images_per_second(t2i, cfg, seed)
+  )
   os.makedirs(os.path.dirname(cache), exist_ok=True)
   with open(cache, "w") as f:
     json.dump(results, f, indent=1, sort_keys=True)
@@ -195,13 +216,18 @@ def evaluate_row(workdir: str, label: str, stage: str, cfg_scale: float, eval_cf
 
 
 COLUMNS = (  # (header, path in the eval results)
-    ("T2I capped", ("t2i", "overall")), ("T2I soft", ("t2i", "overall_mean")),
-    ("T2I strict", ("t2i", "strict")), ("general", ("t2i", "by_category", "general")),
-    ("typogr.", ("t2i", "by_category", "typography")),
-    ("portrait", ("t2i", "by_category", "portrait")),
-    ("landsc.", ("t2i", "by_category", "landscape")),
-    ("edit IF", ("edit", "instruction_following")), ("preserv.", ("edit", "preservation")),
-    ("identity", ("edit", "identity")), ("img/s", ("images_per_second",)))
+  ("T2I capped", ("t2i", "overall")),
+  ("T2I soft", ("t2i", "overall_mean")),
+  ("T2I strict", ("t2i", "strict")),
+  ("general", ("t2i", "by_category", "general")),
+  ("typogr.", ("t2i", "by_category", "typography")),
+  ("portrait", ("t2i", "by_category", "portrait")),
+  ("landsc.", ("t2i", "by_category", "landscape")),
+  ("edit IF", ("edit", "instruction_following")),
+  ("preserv.", ("edit", "preservation")),
+  ("identity", ("edit", "identity")),
+  ("img/s", ("images_per_second",)),
+)
 
 
 def _get(results, path):
@@ -214,14 +240,14 @@ def _get(results, path):
 
 def format_summary(rows: dict) -> str:
   """A markdown table: one row per (stage, CFG), the COLUMNS as columns."""
-  lines = ["| run | " + " | ".join(h for h, _ in COLUMNS) + " |",
-           "|---|" + "---|" * len(COLUMNS)]
+  lines = ["| run | " + " | ".join(h for h, _ in COLUMNS) + " |", "|---|" + "---|" * len(COLUMNS)]
   for label, results in rows.items():
     cells = []
     for _, path in COLUMNS:
       v = _get(results, path)
-      cells.append("-" if v is None else f"{v:.3f}" if path[0] != "images_per_second"
-                   else f"{v:.1f}")
+      cells.append(
+        "-" if v is None else f"{v:.3f}" if path[0] != "images_per_second" else f"{v:.1f}"
+      )
     lines.append(f"| {label} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
@@ -250,8 +276,10 @@ def main(argv):
   all_stages = stages(workdir, rl_mix=FLAGS.rl_mix)
   unknown = set(selected or ()) - {n for n, _ in all_stages}
   if unknown:
-    print(f"error: unknown stages {sorted(unknown)}; known: {[n for n, _ in all_stages]}",
-          file=sys.stderr)
+    print(
+      f"error: unknown stages {sorted(unknown)}; known: {[n for n, _ in all_stages]}",
+      file=sys.stderr,
+    )
     sys.exit(2)
   todo = [(n, c) for n, c in all_stages if selected is None or n in selected]
   progress = Progress([n for n, _ in todo] + ["summary"])
@@ -262,8 +290,11 @@ def main(argv):
       progress.measured[name] = time.time() - start
   print(progress.report(len(todo)), flush=True)
   table = summary(workdir)
-  print(f"== demo finished in {time.time() - progress.start:.0f} s; "
-        f"{os.path.join(workdir, 'summary.json')}\n{table}", flush=True)
+  print(
+    f"== demo finished in {time.time() - progress.start:.0f} s; "
+    f"{os.path.join(workdir, 'summary.json')}\n{table}",
+    flush=True,
+  )
 
 
 if __name__ == "__main__":

@@ -25,10 +25,10 @@ def eval_sets(cfg, seed: int):
 @functools.lru_cache(maxsize=4)
 def _rendered_sets(seed: int, num_t2i: int, num_edits: int, split: str, image_size: int):
   # Rendered once per process: a training run evaluates the same sets at every eval.
-  t2i = (examples.t2i_examples(seed + 7919, num_t2i, split, image_size)
-         if num_t2i > 0 else None)
-  edits = (examples.edit_examples(seed + 7919, num_edits, split, image_size)
-           if num_edits > 0 else None)
+  t2i = examples.t2i_examples(seed + 7919, num_t2i, split, image_size) if num_t2i > 0 else None
+  edits = (
+    examples.edit_examples(seed + 7919, num_edits, split, image_size) if num_edits > 0 else None
+  )
   for sets in (t2i, edits):  # shared between calls: make accidental writes fail loudly
     for value in vars(sets).values() if sets is not None else ():
       if isinstance(value, np.ndarray):
@@ -42,20 +42,35 @@ def _batched(fn, n: int, batch_size: int):
 
 def sample_t2i(pipe, prompts, cfg, seed: int) -> np.ndarray:
   """uint8 images for `prompts`, CFG against the empty prompt, one fixed seed per batch."""
+
   def one(i, j):
-    return pipe(prompt=list(prompts[i:j]), negative_prompt=[cfg.negative_prompt] * (j - i),
-                true_cfg_scale=cfg.cfg_scale, num_inference_steps=cfg.num_steps,
-                height=cfg.image_size, width=cfg.image_size, seed=seed + i,
-                max_sequence_length=cfg.max_text_tokens)
+    return pipe(
+      prompt=list(prompts[i:j]),
+      negative_prompt=[cfg.negative_prompt] * (j - i),
+      true_cfg_scale=cfg.cfg_scale,
+      num_inference_steps=cfg.num_steps,
+      height=cfg.image_size,
+      width=cfg.image_size,
+      seed=seed + i,
+      max_sequence_length=cfg.max_text_tokens,
+    )
+
   return _batched(one, len(prompts), cfg.batch_size)
 
 
 def sample_edits(pipe, sources, instructions, cfg, seed: int) -> np.ndarray:
   def one(i, j):
-    return pipe(sources[i:j], prompt=list(instructions[i:j]),
-                negative_prompt=[cfg.negative_prompt] * (j - i), true_cfg_scale=cfg.cfg_scale,
-                num_inference_steps=cfg.num_steps, seed=seed + i, image_area=None,
-                max_sequence_length=cfg.max_text_tokens)
+    return pipe(
+      sources[i:j],
+      prompt=list(instructions[i:j]),
+      negative_prompt=[cfg.negative_prompt] * (j - i),
+      true_cfg_scale=cfg.cfg_scale,
+      num_inference_steps=cfg.num_steps,
+      seed=seed + i,
+      image_area=None,
+      max_sequence_length=cfg.max_text_tokens,
+    )
+
   return _batched(one, len(instructions), cfg.batch_size)
 
 
@@ -80,29 +95,44 @@ def summarise_t2i(scores, categories) -> dict:
       vals = [r[d] for r in rows if d in r]
       if vals:
         by_dimension[f"{c}/{d}"] = float(np.mean(vals))
-  return {"overall": float(np.mean(list(by_category.values()))),
-          "by_category": by_category, "by_dimension": by_dimension,
-          "overall_mean": float(np.mean(list(by_category_mean.values()))),
-          "by_category_mean": by_category_mean,
-          "strict": float(np.mean(list(strict_by_category.values()))),
-          "strict_by_category": strict_by_category,
-          "quality": float(np.mean([s["quality"] for s in scores]))}
+  return {
+    "overall": float(np.mean(list(by_category.values()))),
+    "by_category": by_category,
+    "by_dimension": by_dimension,
+    "overall_mean": float(np.mean(list(by_category_mean.values()))),
+    "by_category_mean": by_category_mean,
+    "strict": float(np.mean(list(strict_by_category.values()))),
+    "strict_by_category": strict_by_category,
+    "quality": float(np.mean([s["quality"] for s in scores])),
+  }
 
 
 def summarise_edits(scores, edits) -> dict:
   """Edit means; `overall` / `instruction_following` rubric-capped (the `*_mean` keys hold the
   pre-capping means), `strict` the fraction of edits that fulfil the instruction's core, match
   the target on every check and preserve the rest (oracle.score_edit)."""
+
   def mean(key, rows):
     vals = [r[key] for r in rows if key in r]
     return float(np.mean(vals)) if vals else None
 
   def by_kind(key):
-    return {k: mean(key, [s for s, e in zip(scores, edits) if e.kind == k])
-            for k in sorted({e.kind for e in edits})}
+    return {
+      k: mean(key, [s for s, e in zip(scores, edits) if e.kind == k])
+      for k in sorted({e.kind for e in edits})
+    }
 
-  keys = ("overall", "instruction_following", "preservation", "identity", "quality", "core",
-          "strict", "overall_mean", "instruction_following_mean")
+  keys = (
+    "overall",
+    "instruction_following",
+    "preservation",
+    "identity",
+    "quality",
+    "core",
+    "strict",
+    "overall_mean",
+    "instruction_following_mean",
+  )
   out = {k: mean(k, scores) for k in keys}
   out["instruction_following_by_kind"] = by_kind("instruction_following")
   out["strict_by_kind"] = by_kind("strict")
@@ -128,20 +158,23 @@ def evaluate(t2i_pipe, edit_pipe, cfg, *, step: int, seed: int, logger=None) -> 
     images = sample_t2i(t2i_pipe, t2i.prompts, cfg, seed)
     results["t2i"] = summarise_t2i(oracle.score_t2i_batch(images, t2i.specs), t2i.categories)
     results["n_samples"] += len(images)
-    grids["eval/t2i"] = metrics.image_grid(np.concatenate([t2i.images[:n], images[:n]]),
-                                           min(n, len(images)))
+    grids["eval/t2i"] = metrics.image_grid(
+      np.concatenate([t2i.images[:n], images[:n]]), min(n, len(images))
+    )
     scalars.update({f"eval/t2i/{c}": v for c, v in results["t2i"]["by_category"].items()})
     scalars["eval/t2i/overall"] = results["t2i"]["overall"]
   if cfg.num_edits > 0:
     outputs = sample_edits(edit_pipe, edits.sources, edits.instructions, cfg, seed)
-    results["edit"] = summarise_edits(oracle.score_edit_batch(edits.sources, outputs, edits.edits),
-                                      edits.edits)
+    results["edit"] = summarise_edits(
+      oracle.score_edit_batch(edits.sources, outputs, edits.edits), edits.edits
+    )
     results["n_samples"] += len(outputs)
     grids["eval/edit"] = metrics.image_grid(
-        np.concatenate([edits.sources[:n], edits.targets[:n], outputs[:n]]),
-        min(n, len(outputs)))
-    scalars.update({f"eval/edit/{k}": v for k, v in results["edit"].items()
-                    if isinstance(v, float)})
+      np.concatenate([edits.sources[:n], edits.targets[:n], outputs[:n]]), min(n, len(outputs))
+    )
+    scalars.update(
+      {f"eval/edit/{k}": v for k, v in results["edit"].items() if isinstance(v, float)}
+    )
   results["eval_seconds"] = time.time() - start
   if logger is not None:
     logger.images(step, grids)
@@ -156,13 +189,19 @@ def format_table(results: dict) -> str:
   if "t2i" in results:
     t = results["t2i"]
     rows += [("t2i overall", t["overall"])] + [(f"  {c}", v) for c, v in t["by_category"].items()]
-    rows += [("t2i overall (uncapped mean)", t.get("overall_mean")),
-             ("t2i strict", t.get("strict")), ("t2i quality", t["quality"])]
+    rows += [
+      ("t2i overall (uncapped mean)", t.get("overall_mean")),
+      ("t2i strict", t.get("strict")),
+      ("t2i quality", t["quality"]),
+    ]
   if "edit" in results:
     e = results["edit"]
-    rows += [("edit instruction_following", e["instruction_following"]),
-             ("edit preservation", e["preservation"]), ("edit identity", e["identity"]),
-             ("edit strict", e.get("strict"))]
+    rows += [
+      ("edit instruction_following", e["instruction_following"]),
+      ("edit preservation", e["preservation"]),
+      ("edit identity", e["identity"]),
+      ("edit strict", e.get("strict")),
+    ]
   if not rows:
     return "(no evaluation samples)"
   width = max(len(r[0]) for r in rows)

@@ -24,10 +24,10 @@ FLAGS = flags.FLAGS
 
 # name -> overrides of configs/grpo_t2i.py:tiny. 'high_noise' is the default run.
 VARIANTS = {
-    "high_noise": {},
-    "all": {"rl.timesteps.strategy": "all"},
-    "cfg_both": {"rl.cfg_mode": "both"},
-    "cfg_none": {"rl.cfg_mode": "none"},
+  "high_noise": {},
+  "all": {"rl.timesteps.strategy": "all"},
+  "cfg_both": {"rl.cfg_mode": "both"},
+  "cfg_none": {"rl.cfg_mode": "none"},
 }
 
 
@@ -39,8 +39,9 @@ def _define_flags():
   flags.DEFINE_list("variants", list(VARIANTS), f"Subset of {list(VARIANTS)}.")
 
 
-def variant_config(name: str, init_from: str, iterations: int, num_t2i: int,
-                   eval_base: bool = True):
+def variant_config(
+  name: str, init_from: str, iterations: int, num_t2i: int, eval_base: bool = True
+):
   """configs/grpo_t2i.py:tiny with the variant's overrides; `eval_base`: evaluate at step 0."""
   from configs import grpo_t2i  # the repo's config directory: run from the repo root
 
@@ -65,8 +66,11 @@ def _results(run_dir: str) -> dict[int, dict]:
 
 
 def table(workdir: str, names) -> str:
-  rows = ["| variant | timesteps | CFG mode | training composite reward | held-out oracle T2I "
-          "(before -> after) | change |", "|---|---|---|---|---|---|"]
+  rows = [
+    "| variant | timesteps | CFG mode | training composite reward | held-out oracle T2I "
+    "(before -> after) | change |",
+    "|---|---|---|---|---|---|",
+  ]
   runs = {name: _results(os.path.join(workdir, name)) for name in names}
   # The base is evaluated once (by the first variant that ran); all variants share it.
   base = [r[0]["t2i"]["overall"] for r in runs.values() if 0 in r]
@@ -79,8 +83,10 @@ def table(workdir: str, names) -> str:
       continue
     before, after = base[0], results[max(results)]["t2i"]["overall"]
     reward = results[max(results)].get("rewards", {}).get("composite/mean", float("nan"))
-    rows.append(f"| {name} | {config['rl']['timesteps']['strategy']} | {config['rl']['cfg_mode']} "
-                f"| {reward:.3f} | {before:.3f} -> {after:.3f} | {after - before:+.3f} |")
+    rows.append(
+      f"| {name} | {config['rl']['timesteps']['strategy']} | {config['rl']['cfg_mode']} "
+      f"| {reward:.3f} | {before:.3f} -> {after:.3f} | {after - before:+.3f} |"
+    )
   return "\n".join(rows)
 
 
@@ -93,9 +99,10 @@ def main(argv):
   if unknown:
     print(f"error: unknown variants {unknown}; known: {list(VARIANTS)}", file=sys.stderr)
     sys.exit(2)
-  configs = {name: variant_config(name, FLAGS.init_from, FLAGS.iterations, FLAGS.num_t2i,
-                                  eval_base=(i == 0))
-             for i, name in enumerate(FLAGS.variants)}
+  configs = {
+    name: variant_config(name, FLAGS.init_from, FLAGS.iterations, FLAGS.num_t2i, eval_base=(i == 0))
+    for i, name in enumerate(FLAGS.variants)
+  }
   for name, config in configs.items():  # every variant is checked before the first one runs
     try:
       trainers.validate(config)

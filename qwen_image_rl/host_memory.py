@@ -35,4 +35,5 @@ def tune_malloc() -> bool:
   except (OSError, AttributeError):  # not Linux/glibc (e.g. macOS, musl): nothing to tune
     return False
   return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
-      mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+  )

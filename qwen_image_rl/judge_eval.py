@@ -51,8 +51,7 @@ def correlation_metrics(judge: np.ndarray, oracle: np.ndarray, groups: int) -> d
         if abs(oracle[a] - oracle[b]) < PAIR_MARGIN:
           continue
         total += 1
-        right += bool(valid[a] and valid[b] and
-                      (judge[a] - judge[b]) * (oracle[a] - oracle[b]) > 0)
+        right += bool(valid[a] and valid[b] and (judge[a] - judge[b]) * (oracle[a] - oracle[b]) > 0)
   out["pairwise_accuracy"] = right / total if total else float("nan")
   out["pairs"] = total
   return out
@@ -66,8 +65,7 @@ def held_out_sets(split: str, n: int, seed: int, samples_from: str = "", size: i
 
     prompts = examples.t2i_examples(seed, n // 2, split, size).prompts
     extra = pipeline_samples(samples_from, prompts, size, seed)
-  return (D.t2i_set(seed, n // 2, split, size, 2, extra),
-          D.edit_set(seed, n // 2, split, size, 2))
+  return (D.t2i_set(seed, n // 2, split, size, 2, extra), D.edit_set(seed, n // 2, split, size, 2))
 
 
 def evaluate_judge(judge, t2i, edits, modes) -> dict:
@@ -78,9 +76,13 @@ def evaluate_judge(judge, t2i, edits, modes) -> dict:
     rows = np.flatnonzero(~np.isnan(oracle))
     # Keep whole groups (the portrait task applies to every draw of a portrait spec).
     for mode in modes:
-      out = judge.score(task, data.images[rows], [data.prompts[i] for i in rows],
-                        None if data.sources is None else data.sources[rows],
-                        cot=mode == "cot")
+      out = judge.score(
+        task,
+        data.images[rows],
+        [data.prompts[i] for i in rows],
+        None if data.sources is None else data.sources[rows],
+        cot=mode == "cot",
+      )
       results[f"{task}/{mode}"] = correlation_metrics(out.reward, oracle[rows], data.variants)
   return results
 
@@ -93,9 +95,13 @@ def main(argv):
   if FLAGS.judge.startswith("face_id:"):
     from qwen_image_rl.judges import face_id as F
 
-    scorer = F.FaceIdScorer.load(FLAGS.judge[len("face_id:"):])
-    result = {"judge": FLAGS.judge, "held_out_identities": len(F.HELD_OUT),
-              "pairs": FLAGS.n, **F.evaluate_auc(scorer, n_pairs=FLAGS.n, seed=FLAGS.seed)}
+    scorer = F.FaceIdScorer.load(FLAGS.judge[len("face_id:") :])
+    result = {
+      "judge": FLAGS.judge,
+      "held_out_identities": len(F.HELD_OUT),
+      "pairs": FLAGS.n,
+      **F.evaluate_auc(scorer, n_pairs=FLAGS.n, seed=FLAGS.seed),
+    }
   else:
     from qwen_image_rl.judges.vlm_judge import VLMJudge
 
@@ -103,8 +109,12 @@ def main(argv):
     judge = VLMJudge.load(FLAGS.judge, **kw)
     modes = ("cot", "no_cot") if FLAGS.mode == "both" else (FLAGS.mode,)
     t2i, edits = held_out_sets(FLAGS.split, FLAGS.n, FLAGS.seed, FLAGS.samples_from)
-    result = {"judge": FLAGS.judge, "split": FLAGS.split, "max_cot_tokens": judge.max_cot_tokens,
-              **evaluate_judge(judge, t2i, edits, modes)}
+    result = {
+      "judge": FLAGS.judge,
+      "split": FLAGS.split,
+      "max_cot_tokens": judge.max_cot_tokens,
+      **evaluate_judge(judge, t2i, edits, modes),
+    }
   print(json.dumps(result, sort_keys=True), flush=True)
 
 

@@ -12,7 +12,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from qwen_image_rl import config_lib, host_memory, trainers
-from qwen_image_rl.runner import run  # noqa: F401  (re-exported: `main.run(config, workdir)`)
+from qwen_image_rl.runner import run
 
 FLAGS = flags.FLAGS
 
@@ -27,8 +27,11 @@ def _trainer_list() -> str:
 
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file, `configs/<file>.py[:variant]`. Trainers: (see --helpfull)",
-    lock_config=True)
+  "config",
+  None,
+  "Config file, `configs/<file>.py[:variant]`. Trainers: (see --helpfull)",
+  lock_config=True,
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, events, results.")
 
 
@@ -66,8 +69,9 @@ def _parse_flags(argv):
 
 def _help_with_trainers():
   FLAGS["config"].help = (
-      "Config file, `configs/<file>.py[:variant]`; its `trainer` field picks one of: "
-      + _trainer_list())
+    "Config file, `configs/<file>.py[:variant]`; its `trainer` field picks one of: "
+    + _trainer_list()
+  )
 
 
 def cli():

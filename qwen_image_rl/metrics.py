@@ -18,7 +18,8 @@ import math
 import os
 import re
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -40,20 +41,23 @@ def image_grid(images, ncols: int, *, pad: int = 0, pad_value: int = 0) -> np.nd
   n, h, w, c = images.shape
   ncols = min(ncols, max(n, 1))
   nrows = max(1, math.ceil(n / ncols))
-  grid = np.full((nrows * h + (nrows - 1) * pad, ncols * w + (ncols - 1) * pad, c), pad_value,
-                 dtype=images.dtype)
+  grid = np.full(
+    (nrows * h + (nrows - 1) * pad, ncols * w + (ncols - 1) * pad, c), pad_value, dtype=images.dtype
+  )
   for i in range(n):
     r, col = divmod(i, ncols)
     y, x = r * (h + pad), col * (w + pad)
-    grid[y:y + h, x:x + w] = images[i]
+    grid[y : y + h, x : x + w] = images[i]
   return grid
 
 
 def _check_image(name: str, value) -> np.ndarray:
   value = np.asarray(value)
   if value.dtype != np.uint8:
-    raise ValueError(f"images[{name!r}]: expected uint8 pixels, got {value.dtype}; "
-                     "convert with np.clip(x * 255, 0, 255).astype(np.uint8)")
+    raise ValueError(
+      f"images[{name!r}]: expected uint8 pixels, got {value.dtype}; "
+      "convert with np.clip(x * 255, 0, 255).astype(np.uint8)"
+    )
   if value.ndim == 3:
     value = value[None]
   if value.ndim != 4 or value.shape[-1] not in (1, 3, 4):
@@ -88,8 +92,9 @@ def write_json_atomic(path: str, data: Mapping[str, Any]) -> str:
 class MetricLogger:
   """TensorBoard writer (clu), results JSON and wall-clock progress reporting for one run."""
 
-  def __init__(self, workdir: str, *, total_steps: int, progress_every: int = 100,
-               is_host0: bool | None = None):
+  def __init__(
+    self, workdir: str, *, total_steps: int, progress_every: int = 100, is_host0: bool | None = None
+  ):
     if os.path.exists(workdir) and not os.path.isdir(workdir):
       raise ValueError(f"MetricLogger: workdir {workdir} is a file, expected a directory")
     if progress_every < 1:
@@ -101,8 +106,10 @@ class MetricLogger:
     if self.is_host0:
       os.makedirs(workdir, exist_ok=True)
     from clu import metric_writers  # Lazy: clu imports TensorFlow.
+
     self._writer = metric_writers.create_default_writer(
-        workdir if self.is_host0 else None, just_logging=not self.is_host0)
+      workdir if self.is_host0 else None, just_logging=not self.is_host0
+    )
     self._last_report: tuple[int, float] | None = None  # (step, wall time)
     self._start_time = time.time()
 
@@ -127,7 +134,7 @@ class MetricLogger:
 
   def results_path(self, name: str) -> str:
     if name.endswith(".json"):
-      name = name[:-len(".json")]
+      name = name[: -len(".json")]
     if not _RESULT_NAME.match(name):
       raise ValueError(f"write_results: name {name!r} must be letters, digits, '_', '-', '.'")
     return os.path.join(self.workdir, "results", f"{name}.json")
@@ -162,9 +169,11 @@ class MetricLogger:
     rate = (step - last_step) / elapsed
     remaining = max(self.total_steps - step, 0)
     eta = remaining / rate if rate > 0 else float("inf")
-    line = (f"step {step}/{self.total_steps} ({100.0 * step / max(self.total_steps, 1):.1f}%), "
-            f"{rate:.3g} steps/s, elapsed {_fmt_seconds(now - self._start_time)}, "
-            f"ETA {_fmt_seconds(eta)}")
+    line = (
+      f"step {step}/{self.total_steps} ({100.0 * step / max(self.total_steps, 1):.1f}%), "
+      f"{rate:.3g} steps/s, elapsed {_fmt_seconds(now - self._start_time)}, "
+      f"ETA {_fmt_seconds(eta)}"
+    )
     self._writer.write_scalars(step, {"perf/steps_per_sec": rate})
     if self.is_host0:
       print(line, flush=True)

@@ -32,8 +32,7 @@ def make_optimizer(optim, total_steps: int) -> optax.GradientTransformation:
     raise ConfigError(f"config.optim.name={optim.name!r} is not one of {list(OPTIMIZERS)}")
   lr = learning_rate_schedule(optim, total_steps)
   if optim.name == "adamw":
-    opt = optax.adamw(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps,
-                      weight_decay=optim.weight_decay)
+    opt = optax.adamw(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay)
   elif optim.name == "adam":
     opt = optax.adam(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps)
   else:

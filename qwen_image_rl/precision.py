@@ -58,8 +58,10 @@ def model_dtypes(config) -> dict[str, Any]:
 
 def cast_floating(tree, dtype):
   """`tree` with every floating-point leaf cast to `dtype` (integer leaves untouched)."""
+
   def cast(x):
     return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
   return jax.tree.map(cast, tree)
 
 
@@ -67,12 +69,17 @@ def check_master_params(params, dtypes: dict[str, Any]) -> None:
   """Raise if a floating-point parameter is not stored in `dtypes['param_dtype']`."""
   want = jnp.dtype(dtypes["param_dtype"])
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
-  wrong = [f"{jax.tree_util.keystr(p)} ({x.dtype})" for p, x in flat
-           if jnp.issubdtype(x.dtype, jnp.floating) and jnp.dtype(x.dtype) != want]
+  wrong = [
+    f"{jax.tree_util.keystr(p)} ({x.dtype})"
+    for p, x in flat
+    if jnp.issubdtype(x.dtype, jnp.floating) and jnp.dtype(x.dtype) != want
+  ]
   if wrong:
-    raise ValueError(f"parameters must be stored as {want} (master weights) but "
-                     f"{len(wrong)} are not, e.g. {', '.join(wrong[:5])}; build the model with "
-                     f"param_dtype={want} or load the checkpoint with it")
+    raise ValueError(
+      f"parameters must be stored as {want} (master weights) but "
+      f"{len(wrong)} are not, e.g. {', '.join(wrong[:5])}; build the model with "
+      f"param_dtype={want} or load the checkpoint with it"
+    )
 
 
 def fraction_changed(old, new) -> float:

@@ -33,8 +33,9 @@ def _as_battles(battles) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   return a, b, s
 
 
-def fit_bradley_terry(battles, num_players: int, *, prior: float = 1e-2,
-                      iterations: int = 50) -> np.ndarray:
+def fit_bradley_terry(
+  battles, num_players: int, *, prior: float = 1e-2, iterations: int = 50
+) -> np.ndarray:
   """Maximum a posteriori log-strengths theta [num_players], centred to mean 0."""
   a, b, s = _as_battles(battles)
   theta = np.zeros(num_players)
@@ -62,20 +63,26 @@ def to_elo(theta: np.ndarray) -> np.ndarray:
   return ELO_CENTRE + ELO_SCALE * np.asarray(theta)
 
 
-def bootstrap_elo(battles, num_players: int, *, rounds: int = 200, seed: int = 0,
-                  level: float = 0.95) -> dict:
+def bootstrap_elo(
+  battles, num_players: int, *, rounds: int = 200, seed: int = 0, level: float = 0.95
+) -> dict:
   """Elo point estimates and percentile intervals from `rounds` resamples of the battles."""
   arr = np.asarray(battles, np.float64).reshape(-1, 3)
   if len(arr) == 0:
     raise ValueError("no battles to rate")
   rng = np.random.default_rng(seed)
-  samples = np.stack([
+  samples = np.stack(
+    [
       to_elo(fit_bradley_terry(arr[rng.integers(0, len(arr), len(arr))], num_players))
-      for _ in range(rounds)])
+      for _ in range(rounds)
+    ]
+  )
   tail = 100.0 * (1.0 - level) / 2.0
-  return dict(elo=to_elo(fit_bradley_terry(arr, num_players)),
-              low=np.percentile(samples, tail, axis=0),
-              high=np.percentile(samples, 100.0 - tail, axis=0))
+  return dict(
+    elo=to_elo(fit_bradley_terry(arr, num_players)),
+    low=np.percentile(samples, tail, axis=0),
+    high=np.percentile(samples, 100.0 - tail, axis=0),
+  )
 
 
 def win_rates(battles, num_players: int) -> np.ndarray:

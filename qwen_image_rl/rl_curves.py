@@ -30,11 +30,18 @@ FLAGS = flags.FLAGS
 
 # Held-out metric columns per task: (csv column, key in the eval JSON's task section).
 METRICS = {
-    "t2i": (("heldout_capped", "overall"), ("heldout_soft", "overall_mean"),
-            ("heldout_strict", "strict")),
-    "edit": (("heldout_capped", "instruction_following"),
-             ("heldout_soft", "instruction_following_mean"), ("heldout_strict", "strict"),
-             ("preservation", "preservation"), ("identity", "identity")),
+  "t2i": (
+    ("heldout_capped", "overall"),
+    ("heldout_soft", "overall_mean"),
+    ("heldout_strict", "strict"),
+  ),
+  "edit": (
+    ("heldout_capped", "instruction_following"),
+    ("heldout_soft", "instruction_following_mean"),
+    ("heldout_strict", "strict"),
+    ("preservation", "preservation"),
+    ("identity", "identity"),
+  ),
 }
 
 
@@ -58,8 +65,16 @@ def parse_value(text: str):
   return {"true": True, "false": False}.get(text.lower(), text)
 
 
-def objective_config(objective: str, task: str, init_from: str, rollouts: int, eval_every: int,
-                     num_eval: int, overrides, eval_base: bool):
+def objective_config(
+  objective: str,
+  task: str,
+  init_from: str,
+  rollouts: int,
+  eval_every: int,
+  num_eval: int,
+  overrides,
+  eval_base: bool,
+):
   """The run config of one objective (see the module docstring)."""
   from configs import grpo_edit, grpo_t2i, rl_edit, rl_t2i  # run from the repo root
 
@@ -90,9 +105,13 @@ def read_curve(run_dir: str, objective: str, task: str, batch: int) -> list[dict
     with open(os.path.join(directory, name)) as f:
       result = json.load(f)
     it = int(result["step"])
-    row = {"objective": objective, "iteration": it, "rollouts": it * batch,
-           "train_reward": result.get("rewards", {}).get("composite/mean", float("nan")),
-           "eval_seconds": result.get("eval_seconds", float("nan"))}
+    row = {
+      "objective": objective,
+      "iteration": it,
+      "rollouts": it * batch,
+      "train_reward": result.get("rewards", {}).get("composite/mean", float("nan")),
+      "eval_seconds": result.get("eval_seconds", float("nan")),
+    }
     section = result.get(task, {})
     row.update({col: section.get(key, float("nan")) for col, key in METRICS[task]})
     rows.append(row)
@@ -101,8 +120,7 @@ def read_curve(run_dir: str, objective: str, task: str, batch: int) -> list[dict
 
 def with_base(rows_by_objective: dict[str, list[dict]]) -> dict[str, list[dict]]:
   """Every curve starts at the base's evaluation (made once, by the first objective)."""
-  base = next((r for rows in rows_by_objective.values() for r in rows if r["iteration"] == 0),
-              None)
+  base = next((r for rows in rows_by_objective.values() for r in rows if r["iteration"] == 0), None)
   if base is None:
     return rows_by_objective
   out = {}
@@ -113,8 +131,11 @@ def with_base(rows_by_objective: dict[str, list[dict]]) -> dict[str, list[dict]]
 
 
 def write_csv(path: str, rows_by_objective, task: str) -> None:
-  columns = (["objective", "iteration", "rollouts", "train_reward"]
-             + [c for c, _ in METRICS[task]] + ["eval_seconds"])
+  columns = (
+    ["objective", "iteration", "rollouts", "train_reward"]
+    + [c for c, _ in METRICS[task]]
+    + ["eval_seconds"]
+  )
   with open(path, "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
@@ -135,15 +156,24 @@ def plot(path: str, rows_by_objective, task: str) -> None:
     x = [r["rollouts"] for r in rows]
     held.plot(x, [r["heldout_capped"] for r in rows], "-o", color=colour, label=f"{name} capped")
     held.plot(x, [r["heldout_soft"] for r in rows], ":", color=colour, label=f"{name} soft")
-    held.plot(x, [r["heldout_strict"] for r in rows], "--", color=colour,
-              label=f"{name} strict")
-    train.plot([r["rollouts"] for r in rows if r["iteration"] > 0],
-               [r["train_reward"] for r in rows if r["iteration"] > 0], "-o", color=colour,
-               label=name)
-  held.set(xlabel="rollouts consumed", ylabel=f"held-out oracle ({label})",
-           title=f"{task}: held-out oracle")
-  train.set(xlabel="rollouts consumed", ylabel="training composite reward",
-            title=f"{task}: training reward (reward model's view)")
+    held.plot(x, [r["heldout_strict"] for r in rows], "--", color=colour, label=f"{name} strict")
+    train.plot(
+      [r["rollouts"] for r in rows if r["iteration"] > 0],
+      [r["train_reward"] for r in rows if r["iteration"] > 0],
+      "-o",
+      color=colour,
+      label=name,
+    )
+  held.set(
+    xlabel="rollouts consumed",
+    ylabel=f"held-out oracle ({label})",
+    title=f"{task}: held-out oracle",
+  )
+  train.set(
+    xlabel="rollouts consumed",
+    ylabel="training composite reward",
+    title=f"{task}: training reward (reward model's view)",
+  )
   held.legend(fontsize=7)
   train.legend(fontsize=7)
   fig.tight_layout()
@@ -151,8 +181,16 @@ def plot(path: str, rows_by_objective, task: str) -> None:
   plt.close(fig)
 
 
-def run_curves(workdir: str, task: str, objectives, init_from: str, rollouts: int,
-               eval_every: int, num_eval: int = 0, overrides=()) -> dict[str, list[dict]]:
+def run_curves(
+  workdir: str,
+  task: str,
+  objectives,
+  init_from: str,
+  rollouts: int,
+  eval_every: int,
+  num_eval: int = 0,
+  overrides=(),
+) -> dict[str, list[dict]]:
   """Train every objective (skipping finished runs), then write curves.csv and curves.png.
   Returns the curves {objective: rows}. Raises ConfigError / KeyError before any training."""
   from qwen_image_rl import runner, trainers
@@ -160,8 +198,9 @@ def run_curves(workdir: str, task: str, objectives, init_from: str, rollouts: in
 
   configs = {}
   for i, name in enumerate(objectives):
-    configs[name] = objective_config(name, task, init_from, rollouts, eval_every, num_eval,
-                                     overrides, eval_base=(i == 0))
+    configs[name] = objective_config(
+      name, task, init_from, rollouts, eval_every, num_eval, overrides, eval_base=(i == 0)
+    )
     trainers.validate(configs[name])  # every run is checked before the first one trains
   for name, config in configs.items():
     run_dir = os.path.join(workdir, name)
@@ -169,13 +208,21 @@ def run_curves(workdir: str, task: str, objectives, init_from: str, rollouts: in
       print(f"== {name}: final checkpoint exists in {run_dir}, skipped", flush=True)
       continue
     start = time.time()
-    print(f"== {name}: {config.total_steps} iterations x "
-          f"{config.rl.prompts_per_step * config.rl.group_size} rollouts -> {run_dir}", flush=True)
+    print(
+      f"== {name}: {config.total_steps} iterations x "
+      f"{config.rl.prompts_per_step * config.rl.group_size} rollouts -> {run_dir}",
+      flush=True,
+    )
     runner.run(config, run_dir)
     print(f"== {name}: {time.time() - start:.0f} s wall", flush=True)
-  rows = with_base({name: read_curve(os.path.join(workdir, name), name, task,
-                                     c.rl.prompts_per_step * c.rl.group_size)
-                    for name, c in configs.items()})
+  rows = with_base(
+    {
+      name: read_curve(
+        os.path.join(workdir, name), name, task, c.rl.prompts_per_step * c.rl.group_size
+      )
+      for name, c in configs.items()
+    }
+  )
   write_csv(os.path.join(workdir, "curves.csv"), rows, task)
   plot(os.path.join(workdir, "curves.png"), rows, task)
   print(f"wrote {workdir}/curves.csv and curves.png", flush=True)
@@ -188,8 +235,16 @@ def main(argv):
 
   overrides = [(k, parse_value(v)) for k, v in (s.split("=", 1) for s in FLAGS.set)]
   try:
-    run_curves(FLAGS.workdir, FLAGS.task, FLAGS.objectives, FLAGS.init_from, FLAGS.rollouts,
-               FLAGS.eval_every, FLAGS.num_eval, overrides)
+    run_curves(
+      FLAGS.workdir,
+      FLAGS.task,
+      FLAGS.objectives,
+      FLAGS.init_from,
+      FLAGS.rollouts,
+      FLAGS.eval_every,
+      FLAGS.num_eval,
+      overrides,
+    )
   except (config_lib.ConfigError, KeyError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

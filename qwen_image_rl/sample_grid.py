@@ -57,13 +57,21 @@ def load_pipelines(directory: str):
   for candidate in (directory, os.path.join(directory, "export", "pipeline")):
     if os.path.isfile(os.path.join(candidate, common.MODEL_INDEX)):
       t2i = QwenImagePipeline.from_pretrained(candidate, dtype=jnp.float32)
-      edit = QwenImageEditPipeline(t2i.transformer, t2i.transformer_params, t2i.vae,
-                                   t2i.vae_params, t2i.text_encoder, t2i.text_encoder_params,
-                                   t2i.tokenizer, t2i.schedule,
-                                   text_encoder_extra=t2i.text_encoder_extra)
+      edit = QwenImageEditPipeline(
+        t2i.transformer,
+        t2i.transformer_params,
+        t2i.vae,
+        t2i.vae_params,
+        t2i.text_encoder,
+        t2i.text_encoder_params,
+        t2i.tokenizer,
+        t2i.schedule,
+        text_encoder_extra=t2i.text_encoder_extra,
+      )
       return t2i, edit
-  raise FileNotFoundError(f"{directory!r}: no {common.MODEL_INDEX} there nor in "
-                          f"its export/pipeline")
+  raise FileNotFoundError(
+    f"{directory!r}: no {common.MODEL_INDEX} there nor in its export/pipeline"
+  )
 
 
 def grid_image(pipes: dict, cfg, n: int, split: str, seed: int, scale: int) -> np.ndarray:

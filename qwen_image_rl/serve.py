@@ -31,12 +31,11 @@ import signal
 import sys
 import time
 import uuid
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from aiohttp import web
 
-from qwen_image_rl.serving import judges
-from qwen_image_rl.serving import protocol
+from qwen_image_rl.serving import judges, protocol
 from qwen_image_rl.serving.batcher import Batcher
 
 _BATCHER = web.AppKey('batcher', Batcher)
@@ -48,7 +47,7 @@ def _error(status: int, message: str, kind: str = 'invalid_request_error') -> we
   return web.json_response(protocol.error_body(message, kind, status), status=status)
 
 
-def _auth_middleware(api_key: Optional[str]):
+def _auth_middleware(api_key: str | None):
   expected = f'Bearer {api_key}'.encode() if api_key else None
 
   @web.middleware
@@ -56,8 +55,11 @@ def _auth_middleware(api_key: Optional[str]):
     if expected is not None and request.path.startswith('/v1/'):
       given = request.headers.get('Authorization', '').encode()
       if not hmac.compare_digest(given, expected):
-        return _error(401, 'missing or wrong API key (send "Authorization: Bearer <key>")',
-                      'authentication_error')
+        return _error(
+          401,
+          'missing or wrong API key (send "Authorization: Bearer <key>")',
+          'authentication_error',
+        )
     return await handler(request)
 
   return middleware
@@ -73,8 +75,11 @@ class _Handlers:
   async def chat(self, request: web.Request) -> web.Response:
     limit = self.max_request_bytes
     if request.content_length is not None and request.content_length > limit:
-      return _error(413, f'request body of {request.content_length} bytes exceeds the limit of '
-                    f'{limit} bytes (--max_request_mb)')
+      return _error(
+        413,
+        f'request body of {request.content_length} bytes exceeds the limit of '
+        f'{limit} bytes (--max_request_mb)',
+      )
     try:
       raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
@@ -88,16 +93,24 @@ class _Handlers:
     except (protocol.ProtocolError, judges.JudgeInputError) as e:
       return _error(400, str(e))
     if parsed['model'] != self.judge.model_name:
-      return _error(404, f'model {parsed["model"]!r} does not exist; this server serves '
-                    f'{self.judge.model_name!r}', 'not_found_error')
+      return _error(
+        404,
+        f'model {parsed["model"]!r} does not exist; this server serves {self.judge.model_name!r}',
+        'not_found_error',
+      )
     try:
       reply = await request.app[_BATCHER].submit(prepared)
     except Exception as e:  # pylint: disable=broad-except
       return _error(500, f'judge failed: {type(e).__name__}: {e}', 'server_error')
-    tokens = reply.tokens[:parsed['max_tokens'] or len(reply.tokens)]
+    tokens = reply.tokens[: parsed['max_tokens'] or len(reply.tokens)]
     body = protocol.chat_response(
-        request_id, self.judge.model_name, int(time.time()), ''.join(t[0] for t in tokens),
-        tokens, parsed['top_logprobs'] if parsed['logprobs'] else None)
+      request_id,
+      self.judge.model_name,
+      int(time.time()),
+      ''.join(t[0] for t in tokens),
+      tokens,
+      parsed['top_logprobs'] if parsed['logprobs'] else None,
+    )
     return web.json_response(body, headers={'X-Request-Id': request_id})
 
   def _parse(self, raw: bytes):
@@ -110,23 +123,41 @@ class _Handlers:
 
   async def models(self, request: web.Request) -> web.Response:
     del request
-    return web.json_response({'object': 'list', 'data': [
-        {'id': self.judge.model_name, 'object': 'model', 'created': 0,
-         'owned_by': 'qwen_image_rl'}]})
+    return web.json_response(
+      {
+        'object': 'list',
+        'data': [
+          {
+            'id': self.judge.model_name,
+            'object': 'model',
+            'created': 0,
+            'owned_by': 'qwen_image_rl',
+          }
+        ],
+      }
+    )
 
   async def health(self, request: web.Request) -> web.Response:
-    return web.json_response({'status': 'ok', 'model': self.judge.model_name,
-                              **request.app[_BATCHER].stats})
+    return web.json_response(
+      {'status': 'ok', 'model': self.judge.model_name, **request.app[_BATCHER].stats}
+    )
 
 
-def make_app(judge: judges.Judge, *, api_key: Optional[str] = None, max_batch: int = 32,
-             max_request_mb: float = 16, max_wait_ms: float = 2.0,
-             middlewares: Sequence = ()) -> web.Application:
+def make_app(
+  judge: judges.Judge,
+  *,
+  api_key: str | None = None,
+  max_batch: int = 32,
+  max_request_mb: float = 16,
+  max_wait_ms: float = 2.0,
+  middlewares: Sequence = (),
+) -> web.Application:
   """The aiohttp application serving `judge`; `middlewares` run after authentication (the
   fault tests inject delays and garbage there)."""
   max_bytes = int(max_request_mb * 2**20)
-  app = web.Application(middlewares=[_auth_middleware(api_key), *middlewares],
-                        client_max_size=max_bytes)
+  app = web.Application(
+    middlewares=[_auth_middleware(api_key), *middlewares], client_max_size=max_bytes
+  )
   handlers = _Handlers(judge, max_bytes)
   app.router.add_post('/v1/chat/completions', handlers.chat)
   app.router.add_get('/v1/models', handlers.models)
@@ -163,17 +194,22 @@ async def serve(app: web.Application, host: str, port: int) -> None:
 
 
 def parse_args(argv):
-  parser = argparse.ArgumentParser(prog='python -m qwen_image_rl.serve', description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    prog='python -m qwen_image_rl.serve',
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   parser.add_argument('--judge', required=True, help='"oracle" or a judge directory')
   parser.add_argument('--host', default='127.0.0.1', help='bind address (loopback by default)')
   parser.add_argument('--port', type=int, default=8000, help='0 picks a free port')
-  parser.add_argument('--api_key_env', default='',
-                      help='environment variable holding the API key; unset: no auth')
+  parser.add_argument(
+    '--api_key_env', default='', help='environment variable holding the API key; unset: no auth'
+  )
   parser.add_argument('--max_batch', type=int, default=32)
   parser.add_argument('--max_request_mb', type=float, default=16.0)
-  parser.add_argument('--max_wait_ms', type=float, default=2.0,
-                      help='how long a batch waits for more requests')
+  parser.add_argument(
+    '--max_wait_ms', type=float, default=2.0, help='how long a batch waits for more requests'
+  )
   args = parser.parse_args(argv)
   if args.max_batch < 1 or args.max_request_mb <= 0 or args.max_wait_ms < 0:
     parser.error('--max_batch must be >= 1, --max_request_mb > 0, --max_wait_ms >= 0')
@@ -182,7 +218,7 @@ def parse_args(argv):
   return parser, args
 
 
-def api_key_from_env(name: str) -> Optional[str]:
+def api_key_from_env(name: str) -> str | None:
   if not name:
     return None
   key = os.environ.get(name, '')
@@ -199,10 +235,18 @@ def main(argv=None) -> int:
   except ValueError as e:
     parser.error(str(e))
   if args.host not in LOOPBACK and api_key is None:
-    print(f'warning: serving on {args.host} without an API key (--api_key_env)',
-          file=sys.stderr, flush=True)
-  app = make_app(judge, api_key=api_key, max_batch=args.max_batch,
-                 max_request_mb=args.max_request_mb, max_wait_ms=args.max_wait_ms)
+    print(
+      f'warning: serving on {args.host} without an API key (--api_key_env)',
+      file=sys.stderr,
+      flush=True,
+    )
+  app = make_app(
+    judge,
+    api_key=api_key,
+    max_batch=args.max_batch,
+    max_request_mb=args.max_request_mb,
+    max_wait_ms=args.max_wait_ms,
+  )
   asyncio.run(serve(app, args.host, args.port))
   return 0
 

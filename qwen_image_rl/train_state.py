@@ -6,7 +6,8 @@ key data (uint32) because typed keys do not serialise.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax
 import flax.linen as nn
@@ -29,8 +30,13 @@ class TrainState:
     return jax.random.wrap_key_data(self.rng)
 
 
-def create_train_state(init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation,
-                       mesh: Mesh, rules, seed: int):
+def create_train_state(
+  init_params: Callable[[jax.Array], Any],
+  tx: optax.GradientTransformation,
+  mesh: Mesh,
+  rules,
+  seed: int,
+):
   """Initialise params and optimiser state directly in their shardings.
 
   `init_params(key)` returns logically annotated params (boxed, as from `model.init`). Optax state
@@ -41,8 +47,12 @@ def create_train_state(init_params: Callable[[jax.Array], Any], tx: optax.Gradie
   def init(seed_key):
     param_key, rng = jax.random.split(seed_key)
     params = init_params(param_key)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=jax.random.key_data(rng))
+    return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=tx.init(params),
+      rng=jax.random.key_data(rng),
+    )
 
   seed_key = jax.random.key(seed)
   abstract = jax.eval_shape(init, seed_key)
@@ -54,8 +64,9 @@ def create_train_state(init_params: Callable[[jax.Array], Any], tx: optax.Gradie
 
 def abstract_like(state, shardings):
   """ShapeDtypeStructs carrying shardings: the restore target of a checkpoint."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      state, shardings)
+  return jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
+  )
 
 
 def keep_if_finite(old, new, value):

@@ -3,7 +3,7 @@
 import os
 
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Parity tests compare against PyTorch in float32; keep XLA from using bf16 dots on CPU.
@@ -12,11 +12,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import pytest  # noqa: E402
-
 
 def pytest_configure(config):
   config.addinivalue_line(
-      "markers", "slow: longer checks (scale, end-to-end); CI runs them in short form")
+    "markers", "slow: longer checks (scale, end-to-end); CI runs them in short form"
+  )
   config.addinivalue_line(
-      "markers", "torch: needs the PyTorch reference (torch, diffusers, transformers)")
+    "markers", "torch: needs the PyTorch reference (torch, diffusers, transformers)"
+  )

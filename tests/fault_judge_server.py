@@ -73,8 +73,9 @@ def main() -> int:
   parser.add_argument('--mode', choices=MODES, required=True)
   parser.add_argument('--delay_s', type=float, default=0.0)
   args = parser.parse_args()
-  app = serve.make_app(judges.OracleJudge(), middlewares=[fault_middleware(args.mode,
-                                                                           args.delay_s)])
+  app = serve.make_app(
+    judges.OracleJudge(), middlewares=[fault_middleware(args.mode, args.delay_s)]
+  )
   asyncio.run(serve.serve(app, '127.0.0.1', args.port))
   return 0
 

@@ -1,9 +1,9 @@
 """Judge server processes on loopback for the serving tests; every one is killed at test end.
 
-  def test_x(judge_servers):
-    server = judge_servers.start('--judge=oracle')          # python -m qwen_image_rl.serve ...
-    fault = judge_servers.start_fault('--mode=delay', '--delay_s=0.05')  # fault_judge_server.py
-    server.base_url; server.kill(); server.start()          # same port again
+def test_x(judge_servers):
+  server = judge_servers.start('--judge=oracle')          # python -m qwen_image_rl.serve ...
+  fault = judge_servers.start_fault('--mode=delay', '--delay_s=0.05')  # fault_judge_server.py
+  server.base_url; server.kill(); server.start()          # same port again
 """
 
 import os

@@ -18,8 +18,9 @@ def sigkill(proc, timeout: float = 30.0) -> None:
   proc.wait(timeout=timeout)
 
 
-def run_child(config_code: str, workdir: str, kill_after_step: int | None = None,
-              timeout: float = 600.0) -> None:
+def run_child(
+  config_code: str, workdir: str, kill_after_step: int | None = None, timeout: float = 600.0
+) -> None:
   """Runs main.run on the config that `config_code` (Python defining `c`) builds.
 
   Without `kill_after_step` the child must finish with status 0. With it, the child is killed
@@ -27,14 +28,20 @@ def run_child(config_code: str, workdir: str, kill_after_step: int | None = None
   """
   from qwen_image_rl.checkpoint import committed_steps
 
-  code = (f"import sys; sys.path.insert(0, {REPO!r})\n"
-          f"from qwen_image_rl import main\n"
-          f"{config_code}\n"
-          f"main.run(c, {workdir!r})\n")
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  code = (
+    f"import sys; sys.path.insert(0, {REPO!r})\n"
+    f"from qwen_image_rl import main\n"
+    f"{config_code}\n"
+    f"main.run(c, {workdir!r})\n"
+  )
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  proc = subprocess.Popen(
+    [sys.executable, "-c", code],
+    cwd=REPO,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+  )
   if kill_after_step is None:
     out, _ = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, out.decode()[-3000:]
@@ -43,16 +50,18 @@ def run_child(config_code: str, workdir: str, kill_after_step: int | None = None
   deadline = time.time() + timeout
   while time.time() < deadline:
     if proc.poll() is not None:
-      raise AssertionError("child finished before it could be killed: "
-                           + proc.stdout.read().decode()[-3000:])
+      raise AssertionError(
+        "child finished before it could be killed: " + proc.stdout.read().decode()[-3000:]
+      )
     if os.path.isdir(ckpt) and any(s >= kill_after_step for s in committed_steps(ckpt)):
       break
     time.sleep(0.05)
   sigkill(proc)
 
 
-def assert_killed_then_resumed_run_is_exact(config_code: str, straight: str, resumed: str,
-                                            total_steps: int, kill_after_step: int) -> None:
+def assert_killed_then_resumed_run_is_exact(
+  config_code: str, straight: str, resumed: str, total_steps: int, kill_after_step: int
+) -> None:
   """A straight run and a run killed after `kill_after_step` then restarted end bit-identical."""
   import jax
   import orbax.checkpoint as ocp
@@ -64,7 +73,8 @@ def assert_killed_then_resumed_run_is_exact(config_code: str, straight: str, res
   assert max(committed_steps(os.path.join(resumed, "checkpoints"))) < total_steps
   run_child(config_code, resumed)
   load = lambda w: ocp.StandardCheckpointer().restore(
-      os.path.join(w, "checkpoints", str(total_steps), "state"))
+    os.path.join(w, "checkpoints", str(total_steps), "state")
+  )
   leaves_a, leaves_b = jax.tree.leaves(load(straight)), jax.tree.leaves(load(resumed))
   assert len(leaves_a) == len(leaves_b) > 10
   for x, y in zip(leaves_a, leaves_b):

@@ -55,12 +55,16 @@ def _install_commit_pause(step: int, marker: str) -> None:
 def init_state(seed: int, width: int):
   k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
   params = {
-      "hidden": {"kernel": jax.random.normal(k1, (8, width)) * 0.3, "bias": jnp.zeros((width,))},
-      "out": {"kernel": jax.random.normal(k2, (width, 1)) * 0.3, "bias": jnp.zeros((1,))},
+    "hidden": {"kernel": jax.random.normal(k1, (8, width)) * 0.3, "bias": jnp.zeros((width,))},
+    "out": {"kernel": jax.random.normal(k2, (width, 1)) * 0.3, "bias": jnp.zeros((1,))},
   }
   optimizer = optax.adam(1e-2)
-  return optimizer, {"params": params, "opt_state": optimizer.init(params),
-                     "step": jnp.zeros((), jnp.int32), "rng": k3}
+  return optimizer, {
+    "params": params,
+    "opt_state": optimizer.init(params),
+    "step": jnp.zeros((), jnp.int32),
+    "rng": k3,
+  }
 
 
 def batch_for_step(seed: int, step: int):
@@ -108,8 +112,9 @@ def main(argv=None):
 
   optimizer, state = init_state(args.seed, args.width)
   train_step = make_train_step(optimizer)
-  ckpt = Checkpointer(os.path.join(args.workdir, "checkpoints"), save_every=args.save_every,
-                      keep=args.keep)
+  ckpt = Checkpointer(
+    os.path.join(args.workdir, "checkpoints"), save_every=args.save_every, keep=args.keep
+  )
   restored = ckpt.restore(jax.eval_shape(lambda: state))
   start = 0
   if restored is not None:
@@ -129,8 +134,10 @@ def main(argv=None):
 
   ckpt.save(args.total_steps, state, {"next_step": args.total_steps, "seed": args.seed})
   ckpt.close()
-  flat = {"/".join(k.key for k in path): np.asarray(leaf)
-          for path, leaf in jax.tree_util.tree_flatten_with_path(state["params"])[0]}
+  flat = {
+    "/".join(k.key for k in path): np.asarray(leaf)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state["params"])[0]
+  }
   flat["rng"] = np.asarray(jax.random.key_data(state["rng"]))
   np.savez(os.path.join(args.workdir, "final.npz"), **flat)
   return 0

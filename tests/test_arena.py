@@ -89,6 +89,7 @@ def test_bad_arguments_name_the_problem(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_t2i_pipeline_dir(tmp_path_factory):
   from tests import tiny_reference
+
   _, path = tiny_reference.build_t2i(str(tmp_path_factory.mktemp("arena_pipe")))
   return path
 
@@ -97,9 +98,19 @@ def tiny_t2i_pipeline_dir(tmp_path_factory):
 def test_arena_end_to_end_writes_rated_tables(tmp_path, tiny_t2i_pipeline_dir):
   """The same weights at CFG 4 and CFG 1: both rated, JSON / markdown / PNG written."""
   out = tmp_path / "arena"
-  result = arena.run(["--pipelines", f"a={tiny_t2i_pipeline_dir}@4", f"b={tiny_t2i_pipeline_dir}@1",
-                      "--battles=8", "--tasks=t2i", "--num_steps=2", "--image_size=32",
-                      "--bootstrap=20", f"--out={out}"])
+  result = arena.run(
+    [
+      "--pipelines",
+      f"a={tiny_t2i_pipeline_dir}@4",
+      f"b={tiny_t2i_pipeline_dir}@1",
+      "--battles=8",
+      "--tasks=t2i",
+      "--num_steps=2",
+      "--image_size=32",
+      "--bootstrap=20",
+      f"--out={out}",
+    ]
+  )
   table = result["ratings"]
   assert table["t2i"]["battles"] == 8
   players = table["t2i"]["players"]

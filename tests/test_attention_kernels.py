@@ -7,7 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from qwen_image_rl.models import attention_kernels, layers
 from qwen_image_rl.parallel import DEFAULT_LOGICAL_AXIS_RULES, make_mesh
@@ -15,8 +16,9 @@ from qwen_image_rl.parallel import DEFAULT_LOGICAL_AXIS_RULES, make_mesh
 
 def _qkv(batch=2, seq=200, heads=2, head_dim=128, seed=0):
   rng = np.random.default_rng(seed)
-  q, k, v = (jnp.asarray(rng.standard_normal((batch, seq, heads, head_dim)), jnp.float32)
-             for _ in range(3))
+  q, k, v = (
+    jnp.asarray(rng.standard_normal((batch, seq, heads, head_dim)), jnp.float32) for _ in range(3)
+  )
   lengths = np.array([seq, seq - 50] * (batch // 2))
   mask = jnp.asarray(np.arange(seq)[None] < lengths[:, None])  # padded text keys at the end
   return q, k, v, mask
@@ -30,8 +32,7 @@ def test_flash_matches_xla_forward_and_gradients_in_interpret_mode():
   q, k, v, mask = _qkv()  # 200 tokens: padded to a 256 block inside the kernel
 
   def flash(q, k, v):
-    return attention_kernels.attention(q, k, v, mask, implementation="flash",
-                                       kernel_off_tpu=True)
+    return attention_kernels.attention(q, k, v, mask, implementation="flash", kernel_off_tpu=True)
 
   def xla(q, k, v):
     return layers.dot_product_attention(q, k, v, mask)
@@ -66,8 +67,7 @@ def test_flash_runs_per_shard_under_a_mesh(monkeypatch):
   @jax.jit
   def flash(q, k, v, mask):
     with nn.logical_axis_rules(DEFAULT_LOGICAL_AXIS_RULES):
-      return attention_kernels.attention(q, k, v, mask, implementation="flash",
-                                         kernel_off_tpu=True)
+      return attention_kernels.attention(q, k, v, mask, implementation="flash", kernel_off_tpu=True)
 
   with jax.set_mesh(mesh):
     out = flash(q, k, v, mask)
@@ -89,6 +89,7 @@ def test_switch_falls_back_to_xla_off_tpu_and_rejects_unknown():
 def test_flash_aot_compiles_for_a_tpu_topology():
   pytest.importorskip("libtpu", reason="AOT compilation for TPU needs libtpu (jax[tpu])")
   from jax.experimental import topologies
+
   devices = topologies.get_topology_desc(platform="tpu", topology_name="v5p:2x2x1").devices
   mesh = make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, devices)
   spec = NamedSharding(mesh, P(("fsdp", "data"), None, "tensor", None))
@@ -96,14 +97,16 @@ def test_flash_aot_compiles_for_a_tpu_topology():
 
   def loss(q, k, v, mask):
     with nn.logical_axis_rules(DEFAULT_LOGICAL_AXIS_RULES):
-      out = attention_kernels.attention(q, k, v, mask, implementation="flash",
-                                        kernel_off_tpu=True)
+      out = attention_kernels.attention(q, k, v, mask, implementation="flash", kernel_off_tpu=True)
     return jnp.sum(out.astype(jnp.float32))
 
-  step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)),
-                 in_shardings=(spec,) * 3 + (NamedSharding(mesh, P(("fsdp", "data"))),))
+  step = jax.jit(
+    jax.grad(loss, argnums=(0, 1, 2)),
+    in_shardings=(spec,) * 3 + (NamedSharding(mesh, P(("fsdp", "data"))),),
+  )
   args = [jax.ShapeDtypeStruct(shape, jnp.bfloat16)] * 3 + [
-      jax.ShapeDtypeStruct(shape[:2], jnp.bool_)]
+    jax.ShapeDtypeStruct(shape[:2], jnp.bool_)
+  ]
   # conftest sets 'highest' precision, which bf16 Mosaic matmuls cannot honour.
   with jax.set_mesh(mesh), jax.default_matmul_precision("default"):
     lowered = step.lower(*args)
@@ -114,6 +117,12 @@ def test_flash_aot_compiles_for_a_tpu_topology():
 
 def test_transformer_rejects_an_unknown_attention_implementation():
   from qwen_image_rl.models.mmdit import QwenImageTransformer
+
   with pytest.raises(ValueError, match="attention_implementation='cudnn'"):
-    QwenImageTransformer(num_layers=1, attention_head_dim=8, num_attention_heads=2,
-                         axes_dims_rope=(2, 2, 4), attention_implementation="cudnn")
+    QwenImageTransformer(
+      num_layers=1,
+      attention_head_dim=8,
+      num_attention_heads=2,
+      axes_dims_rope=(2, 2, 4),
+      attention_implementation="cudnn",
+    )

@@ -8,7 +8,11 @@ import pytest
 
 from qwen_image_rl.parallel import DEFAULT_LOGICAL_AXIS_RULES, batch_sharding, make_mesh
 from qwen_image_rl.parallel.batch_check import (
-    BatchShardingError, batch_mesh_axes, check_batches, config_batches)
+  BatchShardingError,
+  batch_mesh_axes,
+  check_batches,
+  config_batches,
+)
 
 RULES = DEFAULT_LOGICAL_AXIS_RULES
 
@@ -28,8 +32,9 @@ def test_v6e_256_rollouts_replicated_32x_is_an_error():
 def test_message_matches_batch_sharding_on_8_devices(caplog):
   mesh = make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
   with caplog.at_level(logging.WARNING):
-    problems = check_batches({"config.data.t2i_batch_size": 12, "config.eval.batch_size": 16},
-                             mesh, RULES, mode="warn")
+    problems = check_batches(
+      {"config.data.t2i_batch_size": 12, "config.eval.batch_size": 16}, mesh, RULES, mode="warn"
+    )
   assert len(problems) == 1 and "config.data.t2i_batch_size=12" in problems[0]
   assert any("t2i_batch_size=12" in r.getMessage() for r in caplog.records)
   # batch_sharding keeps fsdp (4 divides 12) and drops data: 4-way split, 2x replicated.

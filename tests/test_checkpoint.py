@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from qwen_image_rl import parallel
 from qwen_image_rl.checkpoint import Checkpointer, CheckpointError, committed_steps
@@ -31,8 +32,19 @@ def _child_env():
 def _start(workdir, *extra_args):
   log = open(os.path.join(str(workdir) + ".log"), "ab")
   return subprocess.Popen(
-      [sys.executable, WORKER, "--workdir", str(workdir), "--total_steps", str(TOTAL_STEPS),
-       *extra_args], env=_child_env(), stdout=log, stderr=subprocess.STDOUT)
+    [
+      sys.executable,
+      WORKER,
+      "--workdir",
+      str(workdir),
+      "--total_steps",
+      str(TOTAL_STEPS),
+      *extra_args,
+    ],
+    env=_child_env(),
+    stdout=log,
+    stderr=subprocess.STDOUT,
+  )
 
 
 def _finish(proc, workdir, timeout=60):
@@ -128,11 +140,13 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path, reference_run):
 
 
 class _TinyModel(nn.Module):
-
   @nn.compact
   def __call__(self, x):
-    kernel = self.param("kernel", nn.with_logical_partitioning(
-        nn.initializers.normal(0.02), ("embed", "mlp")), (x.shape[-1], 16))
+    kernel = self.param(
+      "kernel",
+      nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", "mlp")),
+      (x.shape[-1], 16),
+    )
     bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)), (16,))
     return x @ kernel + bias
 
@@ -145,8 +159,7 @@ def test_restore_into_shardings(tmp_path):
   shardings = parallel.tree_shardings(abstract, mesh, parallel.DEFAULT_LOGICAL_AXIS_RULES)
   params = parallel.shard_tree(nn.meta.unbox(model.init(jax.random.key(0), x)), shardings)
   assert params["params"]["kernel"].sharding.spec == P("fsdp", "tensor")
-  state = {"params": params["params"], "step": jnp.int32(7),
-           "rng": jax.random.key(3)}
+  state = {"params": params["params"], "step": jnp.int32(7), "rng": jax.random.key(3)}
 
   ckpt = Checkpointer(str(tmp_path / "ckpt"), save_every=1)
   assert ckpt.save(7, state, {"data_position": 123})
@@ -155,14 +168,16 @@ def test_restore_into_shardings(tmp_path):
 
   # Restore into different shardings from the ones saved, as a resharded resume would.
   want = {
-      "kernel": NamedSharding(mesh, P("tensor", ("data", "fsdp"))),
-      "bias": NamedSharding(mesh, P("data")),
+    "kernel": NamedSharding(mesh, P("tensor", ("data", "fsdp"))),
+    "bias": NamedSharding(mesh, P("data")),
   }
   target = {
-      "params": {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=want[k])
-                 for k, v in state["params"].items()},
-      "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P())),
-      "rng": jax.eval_shape(lambda: jax.random.key(0)),
+    "params": {
+      k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=want[k])
+      for k, v in state["params"].items()
+    },
+    "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P())),
+    "rng": jax.eval_shape(lambda: jax.random.key(0)),
   }
   restored, extra = ckpt.restore(target)
   ckpt.close()
@@ -179,8 +194,12 @@ def test_restore_into_shardings(tmp_path):
 def test_mismatched_tree_names_keys(tmp_path):
   ckpt = Checkpointer(str(tmp_path / "ckpt"), save_every=1, async_save=False)
   ckpt.save(1, {"params": {"w": jnp.ones((4, 3)), "b": jnp.zeros((3,))}}, {})
-  target = {"params": {"w": jax.ShapeDtypeStruct((4, 5), jnp.float32),
-                       "c": jax.ShapeDtypeStruct((3,), jnp.float32)}}
+  target = {
+    "params": {
+      "w": jax.ShapeDtypeStruct((4, 5), jnp.float32),
+      "c": jax.ShapeDtypeStruct((3,), jnp.float32),
+    }
+  }
   with pytest.raises(CheckpointError) as e:
     ckpt.restore(target)
   message = str(e.value)

@@ -27,15 +27,19 @@ SPLITS = {'train': 'train', 'validation': 'val', 'test': 'test'}
 def tb():
   pytest.importorskip('tensorflow_datasets')
   pytest.importorskip('tensorflow')
-  from qwen_image_rl.data import tfds_builders
   import tensorflow_datasets as tfds
+
+  from qwen_image_rl.data import tfds_builders
+
   tfds.disable_progress_bar()
   return tfds_builders
 
 
 def _load_all(tb, name, data_dir, **fields):
-  return {split: list(tb.build_and_load(name, data_dir, split, image_size=SIZE, **fields))
-          for split in SPLITS}
+  return {
+    split: list(tb.build_and_load(name, data_dir, split, image_size=SIZE, **fields))
+    for split in SPLITS
+  }
 
 
 @pytest.fixture(scope='module')
@@ -100,8 +104,10 @@ def test_edit_matches_world_pixel_exact(tb, edit):
     np.testing.assert_array_equal(np.stack([r['source_image'] for r in rows]), ref.sources)
     np.testing.assert_array_equal(np.stack([r['target_image'] for r in rows]), ref.targets)
   # Edits are split by source scene.
-  sources = {split: {world.spec_key(tb.edit_from_key(_text(r['spec'])).source) for r in rows}
-             for split, rows in edit.items()}
+  sources = {
+    split: {world.spec_key(tb.edit_from_key(_text(r['spec'])).source) for r in rows}
+    for split, rows in edit.items()
+  }
   assert not sources['train'] & sources['validation']
   assert not sources['train'] & sources['test']
   assert not sources['validation'] & sources['test']
@@ -121,8 +127,7 @@ def test_builds_are_deterministic(tb, t2i, edit, tmp_path):
 
 
 def test_build_and_load_reuses_data_and_accepts_val_and_batches(tb, tmp_path):
-  fields = dict(image_size=SIZE, num_train=4, num_validation=2, num_test=2,
-                subset=('portrait',))
+  fields = dict(image_size=SIZE, num_train=4, num_validation=2, num_test=2, subset=('portrait',))
   rows = list(tb.build_and_load('tiny_world_t2i', tmp_path, 'train', **fields))
   assert [world.CATEGORIES[int(r['category'])] for r in rows] == ['portrait'] * 4
   builder = tb.get_builder('tiny_world_t2i', tmp_path, **fields)
@@ -133,8 +138,7 @@ def test_build_and_load_reuses_data_and_accepts_val_and_batches(tb, tmp_path):
   assert len(batches) == 1 and batches[0]['image'].shape == (2, SIZE, SIZE, 3)
   ref = examples.t2i_examples(0, 2, 'val', SIZE, ('portrait',))
   np.testing.assert_array_equal(batches[0]['image'], ref.images)
-  assert list(tb.build_and_load('tiny_world_t2i', tmp_path, 'val[:1]', **fields))[0][
-      'index'] == 0
+  assert list(tb.build_and_load('tiny_world_t2i', tmp_path, 'val[:1]', **fields))[0]['index'] == 0
   ds = tb.build_and_load('tiny_world_t2i', tmp_path, 'test', as_numpy=False, **fields)
   assert int(ds.cardinality()) == 2
 
@@ -142,7 +146,11 @@ def test_build_and_load_reuses_data_and_accepts_val_and_batches(tb, tmp_path):
 def test_builder_configs(tb):
   default = tb.TinyWorldT2I.BUILDER_CONFIGS[0]
   assert (default.image_size, default.num_train, default.num_validation, default.num_test) == (
-      64, 2048, 256, 256)
+    64,
+    2048,
+    256,
+    256,
+  )
   # The predefined config is reused when the fields match it (tfds rejects lookalikes).
   assert tb.TinyWorldT2I.make_config(image_size=64) is default
   custom = tb.TinyWorldEdit.make_config(image_size=48, seed=3, subset=('glasses', 'move'))
@@ -162,11 +170,13 @@ def test_builder_configs(tb):
 
 
 def test_light_modules_do_not_import_tensorflow():
-  code = ('import sys\n'
-          'from qwen_image_rl.data import tiny_world, examples, prompt_files\n'
-          'assert "tensorflow_datasets" not in sys.modules\n'
-          'from qwen_image_rl.data import tfds_builders\n'
-          'assert "tensorflow" not in sys.modules, "tfds_builders imported TF eagerly"\n')
+  code = (
+    'import sys\n'
+    'from qwen_image_rl.data import tiny_world, examples, prompt_files\n'
+    'assert "tensorflow_datasets" not in sys.modules\n'
+    'from qwen_image_rl.data import tfds_builders\n'
+    'assert "tensorflow" not in sys.modules, "tfds_builders imported TF eagerly"\n'
+  )
   subprocess.run([sys.executable, '-c', code], check=True, timeout=120)
 
 
@@ -182,25 +192,33 @@ def _write(tmp_path, name: str, text: str):
 
 
 def test_read_jsonl(tmp_path):
-  path = _write(tmp_path, 'p.jsonl', '{"prompt": "a red circle", "id": 7}\n'
-                '\n'
-                '{"prompt": " a face ", "category": "portrait", "tags": ["x"]}\n')
+  path = _write(
+    tmp_path,
+    'p.jsonl',
+    '{"prompt": "a red circle", "id": 7}\n'
+    '\n'
+    '{"prompt": " a face ", "category": "portrait", "tags": ["x"]}\n',
+  )
   assert pf.read_prompt_file(path) == [
-      pf.PromptRecord('a red circle', 'general', 1, {'id': 7}),
-      pf.PromptRecord('a face', 'portrait', 3, {'tags': ['x']}),
+    pf.PromptRecord('a red circle', 'general', 1, {'id': 7}),
+    pf.PromptRecord('a face', 'portrait', 3, {'tags': ['x']}),
   ]
 
 
 def test_read_text(tmp_path):
   path = _write(tmp_path, 'p.txt', '# my prompts\n\na sunny beach\n  the text A B  \n#x\n')
-  assert pf.read_prompt_file(path) == [pf.PromptRecord('a sunny beach', 'general', 3),
-                                       pf.PromptRecord('the text A B', 'general', 4)]
+  assert pf.read_prompt_file(path) == [
+    pf.PromptRecord('a sunny beach', 'general', 3),
+    pf.PromptRecord('the text A B', 'general', 4),
+  ]
 
 
 GOOD = '{"prompt": "ok"}\n'
 
 
-@pytest.mark.parametrize('bad_line, message', [
+@pytest.mark.parametrize(
+  'bad_line, message',
+  [
     ('{"prompt": "unterminated}', 'malformed JSON'),
     ('["a list"]', 'expected a JSON object'),
     ('"just a string"', 'expected a JSON object'),
@@ -210,7 +228,8 @@ GOOD = '{"prompt": "ok"}\n'
     ('{"prompt": "x", "category": 1}', '"category" must be a string'),
     ('{"prompt": "x", "category": null}', '"category" must be a string'),
     ('{"prompt": "x", "category": "animals"}', "unknown category 'animals'"),
-])
+  ],
+)
 def test_jsonl_errors_name_file_and_line(tmp_path, bad_line, message):
   path = _write(tmp_path, 'bad.jsonl', GOOD + '\n' + GOOD + bad_line + '\n' + GOOD)
   with pytest.raises(pf.PromptFileError, match=message) as err:
@@ -235,8 +254,10 @@ def test_invalid_utf8_names_the_line(tmp_path):
     pf.read_prompt_file(path)
 
 
-@pytest.mark.parametrize('name, text', [('e.jsonl', ''), ('e.jsonl', '\n  \n'), ('e.txt', ''),
-                                        ('e.txt', '# only a comment\n\n')])
+@pytest.mark.parametrize(
+  'name, text',
+  [('e.jsonl', ''), ('e.jsonl', '\n  \n'), ('e.txt', ''), ('e.txt', '# only a comment\n\n')],
+)
 def test_empty_files_are_errors(tmp_path, name, text):
   path = _write(tmp_path, name, text)
   with pytest.raises(pf.PromptFileError, match='no prompts') as err:
@@ -250,18 +271,20 @@ def test_missing_file(tmp_path):
 
 
 def test_write_read_round_trip(tmp_path):
-  records = [pf.PromptRecord('a red circle', 'general', extra={'reward_range': 0.25}),
-             pf.PromptRecord('ein Gesicht mit Brille \u00fc', 'portrait'),
-             {'prompt': 'sand under a blue sky', 'category': 'landscape', 'source': 'user'},
-             {'prompt': 'line one\nline two'}]
+  records = [
+    pf.PromptRecord('a red circle', 'general', extra={'reward_range': 0.25}),
+    pf.PromptRecord('ein Gesicht mit Brille \u00fc', 'portrait'),
+    {'prompt': 'sand under a blue sky', 'category': 'landscape', 'source': 'user'},
+    {'prompt': 'line one\nline two'},
+  ]
   path = tmp_path / 'curated.jsonl'
   assert pf.write_prompt_file(path, records) == 4
   back = pf.read_prompt_file(path)
   assert back == [
-      pf.PromptRecord('a red circle', 'general', 1, {'reward_range': 0.25}),
-      pf.PromptRecord('ein Gesicht mit Brille \u00fc', 'portrait', 2),
-      pf.PromptRecord('sand under a blue sky', 'landscape', 3, {'source': 'user'}),
-      pf.PromptRecord('line one\nline two', 'general', 4),
+    pf.PromptRecord('a red circle', 'general', 1, {'reward_range': 0.25}),
+    pf.PromptRecord('ein Gesicht mit Brille \u00fc', 'portrait', 2),
+    pf.PromptRecord('sand under a blue sky', 'landscape', 3, {'source': 'user'}),
+    pf.PromptRecord('line one\nline two', 'general', 4),
   ]
   # Writing what was read gives the same file.
   first = path.read_bytes()

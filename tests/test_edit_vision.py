@@ -13,8 +13,8 @@ import pytest
 
 from qwen_image_rl.models import text_encoding
 from qwen_image_rl.pipelines import common
-from tests import tiny_reference
 from qwen_image_rl.pipelines.edit import QwenImageEditPipeline, QwenImageEditPlusPipeline
+from tests import tiny_reference
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.torch
@@ -28,15 +28,15 @@ def _processor(tokenizer):
   """transformers' Qwen2_5_VLProcessor with the PIL image processor and no video processor
   (its class check wants the torchvision video processor, which cannot be imported here)."""
   from transformers import Qwen2_5_VLProcessor
-  from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
-      Qwen2VLImageProcessorPil)
+  from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
   from transformers.processing_utils import ProcessorMixin
 
   check = ProcessorMixin.check_argument_for_proper_class
   ProcessorMixin.check_argument_for_proper_class = lambda self, name, arg: None
   try:
-    return Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessorPil(), tokenizer=tokenizer,
-                               video_processor=None)
+    return Qwen2_5_VLProcessor(
+      image_processor=Qwen2VLImageProcessorPil(), tokenizer=tokenizer, video_processor=None
+    )
   finally:
     ProcessorMixin.check_argument_for_proper_class = check
 
@@ -49,8 +49,11 @@ def components(tmp_path_factory):
   with torch.no_grad():
     for name, p in parts["text_encoder"].named_parameters():
       if "visual" in name:  # build_components leaves the vision tower at its tiny default init
-        p.copy_(1.0 + 0.2 * torch.randn_like(p) if "norm" in name or "ln_q" in name
-                else 0.3 * torch.randn_like(p))
+        p.copy_(
+          1.0 + 0.2 * torch.randn_like(p)
+          if "norm" in name or "ln_q" in name
+          else 0.3 * torch.randn_like(p)
+        )
   parts["processor"] = _processor(parts["tokenizer"])
   return parts, directory
 
@@ -59,7 +62,8 @@ def _pipelines(components, torch_cls, ours_cls, name):
   parts, directory = components
   torch_pipe = torch_cls(**parts)
   torch_pipe.prompt_template_encode_start_idx = text_encoding.template_drop_index(
-      parts["tokenizer"], ours_cls.VISION_TEMPLATE)
+    parts["tokenizer"], ours_cls.VISION_TEMPLATE
+  )
   path = os.path.join(directory, name)
   # The processor cannot save without its video processor: save the pipeline without it and
   # write processor/preprocessor_config.json (what hub checkpoints carry) from its image part.
@@ -87,6 +91,7 @@ def _with_mrope(text_encoder):
   def wrapped(*args, input_ids=None, **kwargs):
     kwargs["mm_token_type_ids"] = (input_ids == image_token).long()
     return forward(*args, input_ids=input_ids, **kwargs)
+
   return wrapped
 
 
@@ -103,8 +108,14 @@ def _compare(torch_pipe, ours, monkeypatch, image, latents, mrope, **kwargs):
     monkeypatch.setattr(torch_pipe.text_encoder, "forward", _with_mrope(torch_pipe.text_encoder))
   with torch.no_grad():
     want = torch_pipe(image=image, latents=latents, output_type="np", **kwargs).images
-  run = lambda: ours(image, latents=latents.numpy(), output_type="float", image_area=VAE_AREA,
-                     condition_area=CONDITION_AREA, **kwargs)
+  run = lambda: ours(
+    image,
+    latents=latents.numpy(),
+    output_type="float",
+    image_area=VAE_AREA,
+    condition_area=CONDITION_AREA,
+    **kwargs,
+  )
   got = run()
   assert got.shape == want.shape
   err = float(np.abs(np.asarray(got, np.float64) - want).max())
@@ -122,13 +133,19 @@ def test_edit_text_prompt_matches_diffusers(components, monkeypatch, mrope):
   from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit
 
   original = pipeline_qwenimage_edit.calculate_dimensions
-  monkeypatch.setattr(pipeline_qwenimage_edit, "calculate_dimensions",
-                      lambda _, ratio: original(VAE_AREA, ratio))
+  monkeypatch.setattr(
+    pipeline_qwenimage_edit, "calculate_dimensions", lambda _, ratio: original(VAE_AREA, ratio)
+  )
   torch_pipe, ours = _pipelines(components, TorchEdit, QwenImageEditPipeline, "edit")
   image = _images(0, [(32, 48)])[0]
   latents = _noise(torch_pipe, 2, 32, 64, seed=2)
-  kwargs = dict(prompt="make it red", negative_prompt="blurry", num_inference_steps=4,
-                true_cfg_scale=4.0, num_images_per_prompt=2)
+  kwargs = dict(
+    prompt="make it red",
+    negative_prompt="blurry",
+    num_inference_steps=4,
+    true_cfg_scale=4.0,
+    num_images_per_prompt=2,
+  )
   err = _compare(torch_pipe, ours, monkeypatch, image, latents, mrope, **kwargs)
   print(f"Edit (mrope={mrope}) text prompts + image, CFG 4, 4 steps: max abs err {err:.2e}")
   assert err <= TOL
@@ -145,14 +162,20 @@ def test_edit_plus_two_images_matches_diffusers(components, monkeypatch, mrope):
 
   original = plus.calculate_dimensions
   areas = {plus.CONDITION_IMAGE_SIZE: CONDITION_AREA, plus.VAE_IMAGE_SIZE: VAE_AREA}
-  monkeypatch.setattr(plus, "calculate_dimensions",
-                      lambda area, ratio: original(areas[area], ratio))
+  monkeypatch.setattr(
+    plus, "calculate_dimensions", lambda area, ratio: original(areas[area], ratio)
+  )
   torch_pipe, ours = _pipelines(components, TorchEditPlus, QwenImageEditPlusPipeline, "plus")
   images = _images(1, [(40, 24), (32, 48)])  # output follows the last: 64x32
   latents = _noise(torch_pipe, 1, 32, 64, seed=3)
   # max_sequence_length below the prompt's length: diffusers' edit pipelines do not truncate.
-  kwargs = dict(prompt="move the circle left", negative_prompt="ugly", num_inference_steps=4,
-                true_cfg_scale=4.0, max_sequence_length=8)
+  kwargs = dict(
+    prompt="move the circle left",
+    negative_prompt="ugly",
+    num_inference_steps=4,
+    true_cfg_scale=4.0,
+    max_sequence_length=8,
+  )
   err = _compare(torch_pipe, ours, monkeypatch, images, latents, mrope, **kwargs)
   print(f"Edit-Plus (mrope={mrope}) 2 images, CFG 4, 4 steps: max abs err {err:.2e}")
   assert err <= TOL
@@ -183,7 +206,8 @@ def test_save_round_trip_keeps_vision(components, tmp_path):
   assert reloaded.has_vision and reloaded.image_processor == ours.image_processor
   image = _images(0, [(32, 48)])
   np.testing.assert_array_equal(
-      np.asarray(reloaded.encode_prompt_with_images("make it red", image)[0]),
-      np.asarray(ours.encode_prompt_with_images("make it red", image)[0]))
+    np.asarray(reloaded.encode_prompt_with_images("make it red", image)[0]),
+    np.asarray(ours.encode_prompt_with_images("make it red", image)[0]),
+  )
   loaded = TorchEdit.from_pretrained(out, processor=None)
   assert loaded.processor is None

@@ -8,8 +8,9 @@ from qwen_image_rl import evaluation
 
 
 def _cfg(**kw):
-  return ml_collections.ConfigDict(dict(dict(split="val", num_t2i=4, num_edits=2, image_size=32),
-                                        **kw))
+  return ml_collections.ConfigDict(
+    dict(dict(split="val", num_t2i=4, num_edits=2, image_size=32), **kw)
+  )
 
 
 def test_eval_sets_are_rendered_once_and_read_only():
@@ -36,8 +37,7 @@ def test_summaries_hold_capped_uncapped_and_strict_scores():
   specs = world.sample_scenes(4, 8, split="val")
   images = [render.render(s) for s in specs]
   images[0] = np.full_like(images[0], 128)  # one failure: it must lower strict by category
-  t2i = evaluation.summarise_t2i(oracle.score_t2i_batch(images, specs),
-                                 [s.category for s in specs])
+  t2i = evaluation.summarise_t2i(oracle.score_t2i_batch(images, specs), [s.category for s in specs])
   failed = specs[0].category
   assert t2i["strict_by_category"][failed] == 0.5
   assert all(v == 1.0 for c, v in t2i["strict_by_category"].items() if c != failed)

@@ -17,8 +17,8 @@ import pytest
 
 from qwen_image_rl import parallel
 from qwen_image_rl.models.mmdit import QwenImageTransformer
-from qwen_image_rl.rl.objectives import grpo
 from qwen_image_rl.rl import rollout as rl_rollout
+from qwen_image_rl.rl.objectives import grpo
 from qwen_image_rl.sampling import guidance
 from qwen_image_rl.sampling.guidance import true_cfg
 from qwen_image_rl.sampling.schedule import FlowMatchSchedule, euler_step
@@ -38,9 +38,16 @@ CFG_MODES = ("none", "rollout_only", "both")
 
 @pytest.fixture(scope="module")
 def model():
-  return QwenImageTransformer(patch_size=2, in_channels=C, out_channels=4, num_layers=2,
-                              attention_head_dim=16, num_attention_heads=2,
-                              joint_attention_dim=16, axes_dims_rope=(4, 6, 6))
+  return QwenImageTransformer(
+    patch_size=2,
+    in_channels=C,
+    out_channels=4,
+    num_layers=2,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=16,
+    axes_dims_rope=(4, 6, 6),
+  )
 
 
 @pytest.fixture(scope="module")
@@ -61,51 +68,106 @@ def inputs():
   mask = np.ones((B, T), np.int32)
   mask[::3, -2:] = 0  # some padded prompts
   return dict(
-      x_T=jax.random.normal(k[0], (B, S, C)),
-      cond=jax.random.normal(k[1], (B, T, 16)), mask=jnp.asarray(mask),
-      neg_cond=jax.random.normal(k[2], (B, T_NEG, 16)),
-      neg_mask=jnp.ones((B, T_NEG), jnp.int32),
-      ref_latents=jax.random.normal(k[3], (B, S, C)),
-      advantages=jax.random.normal(k[4], (B,)),
-      sigmas=jnp.asarray(FlowMatchSchedule(shift=3.0).sigmas(N_STEPS)),
-      key=jax.random.key(3))
+    x_T=jax.random.normal(k[0], (B, S, C)),
+    cond=jax.random.normal(k[1], (B, T, 16)),
+    mask=jnp.asarray(mask),
+    neg_cond=jax.random.normal(k[2], (B, T_NEG, 16)),
+    neg_mask=jnp.ones((B, T_NEG), jnp.int32),
+    ref_latents=jax.random.normal(k[3], (B, S, C)),
+    advantages=jax.random.normal(k[4], (B,)),
+    sigmas=jnp.asarray(FlowMatchSchedule(shift=3.0).sigmas(N_STEPS)),
+    key=jax.random.key(3),
+  )
 
 
-def do_rollout(model, params, inputs, cfg_mode, *, train_idx=TRAIN_IDX, key=None,
-               noise_level=NOISE, img_shapes=IMG, ref_latents=None, rules=RULES):
+def do_rollout(
+  model,
+  params,
+  inputs,
+  cfg_mode,
+  *,
+  train_idx=TRAIN_IDX,
+  key=None,
+  noise_level=NOISE,
+  img_shapes=IMG,
+  ref_latents=None,
+  rules=RULES,
+):
   return rl_rollout.rollout(
-      model, params, inputs["x_T"], inputs["cond"], inputs["mask"], inputs["neg_cond"],
-      inputs["neg_mask"], inputs["sigmas"], train_idx,
-      inputs["key"] if key is None else key, cfg_scale=CFG_SCALE, cfg_mode=cfg_mode,
-      noise_level=noise_level, img_shapes=img_shapes, ref_latents=ref_latents, rules=rules)
+    model,
+    params,
+    inputs["x_T"],
+    inputs["cond"],
+    inputs["mask"],
+    inputs["neg_cond"],
+    inputs["neg_mask"],
+    inputs["sigmas"],
+    train_idx,
+    inputs["key"] if key is None else key,
+    cfg_scale=CFG_SCALE,
+    cfg_mode=cfg_mode,
+    noise_level=noise_level,
+    img_shapes=img_shapes,
+    ref_latents=ref_latents,
+    rules=rules,
+  )
 
 
-def old_log_probs(model, params, inputs, result, cfg_mode, *, img_shapes=IMG, ref_latents=None,
-                  rules=RULES):
+def old_log_probs(
+  model, params, inputs, result, cfg_mode, *, img_shapes=IMG, ref_latents=None, rules=RULES
+):
   return rl_rollout.recompute_old_log_probs(
-      model, params, result, inputs["cond"], inputs["mask"], inputs["neg_cond"],
-      inputs["neg_mask"], cfg_mode=cfg_mode, cfg_scale=CFG_SCALE, noise_level=NOISE,
-      img_shapes=img_shapes, ref_latents=ref_latents, micro_batch_size=MICRO,
-      rules=rules)
+    model,
+    params,
+    result,
+    inputs["cond"],
+    inputs["mask"],
+    inputs["neg_cond"],
+    inputs["neg_mask"],
+    cfg_mode=cfg_mode,
+    cfg_scale=CFG_SCALE,
+    noise_level=NOISE,
+    img_shapes=img_shapes,
+    ref_latents=ref_latents,
+    micro_batch_size=MICRO,
+    rules=rules,
+  )
 
 
 def train_batch(inputs, result, old, cfg_mode, ref_latents=None):
   guided = cfg_mode == "both"
   return rl_rollout.rollout_batch(
-      result, inputs["cond"], inputs["mask"], inputs["neg_cond"] if guided else None,
-      inputs["neg_mask"] if guided else None, ref_latents, old_log_probs=old,
-      advantages=inputs["advantages"])
+    result,
+    inputs["cond"],
+    inputs["mask"],
+    inputs["neg_cond"] if guided else None,
+    inputs["neg_mask"] if guided else None,
+    ref_latents,
+    old_log_probs=old,
+    advantages=inputs["advantages"],
+  )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _jitted_grads(model, micro_batch_size, guided, img_shapes):
   # 'none' and 'rollout_only' train the same conditional policy: one compile serves both.
   cfg_mode = "both" if guided else "rollout_only"
 
   def fn(p, batch, clip_eps, kl_beta, ref):
-    return grpo.grpo_grads(p, model, batch, micro_batch_size=micro_batch_size, ref_params=ref,
-                           cfg_mode=cfg_mode, clip_eps=clip_eps, kl_beta=kl_beta,
-                           noise_level=NOISE, cfg_scale=CFG_SCALE, img_shapes=img_shapes)
+    return grpo.grpo_grads(
+      p,
+      model,
+      batch,
+      micro_batch_size=micro_batch_size,
+      ref_params=ref,
+      cfg_mode=cfg_mode,
+      clip_eps=clip_eps,
+      kl_beta=kl_beta,
+      noise_level=NOISE,
+      cfg_scale=CFG_SCALE,
+      img_shapes=img_shapes,
+    )
+
   return jax.jit(fn)
 
 
@@ -117,8 +179,9 @@ def jitted_grads(model, micro_batch_size, cfg_mode, clip_eps=1e-4, kl_beta=0.0, 
   gradient by an exact zero.
   """
   fn = _jitted_grads(model, micro_batch_size, cfg_mode == "both", img_shapes)
-  return lambda p, batch, ref=None: fn(p, batch, jnp.float32(clip_eps), jnp.float32(kl_beta),
-                                       p if ref is None else ref)
+  return lambda p, batch, ref=None: fn(
+    p, batch, jnp.float32(clip_eps), jnp.float32(kl_beta), p if ref is None else ref
+  )
 
 
 @pytest.fixture(scope="module")
@@ -128,8 +191,9 @@ def rollouts(model, params, inputs):
 
 
 def velocity_fn(model, img_shapes=IMG):
-  return jax.jit(lambda p, x, t, c, m, ref=None: guidance.velocity(
-      model, p, x, t, c, m, img_shapes, ref))
+  return jax.jit(
+    lambda p, x, t, c, m, ref=None: guidance.velocity(model, p, x, t, c, m, img_shapes, ref)
+  )
 
 
 def max_abs(a, b):
@@ -144,7 +208,8 @@ def perturbed(params, scale, seed=7):
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.key(seed), len(leaves))
   return jax.tree.unflatten(
-      treedef, [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    treedef, [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+  )
 
 
 # ------------------------------------------------------------------------------------------
@@ -153,8 +218,9 @@ def perturbed(params, scale, seed=7):
 
 
 @pytest.mark.parametrize("cfg_mode", ["rollout_only", "none"])
-def test_rollout_matches_independent_step_by_step_recomputation(model, params, inputs, rollouts,
-                                                                cfg_mode):
+def test_rollout_matches_independent_step_by_step_recomputation(
+  model, params, inputs, rollouts, cfg_mode
+):
   """Replays the whole trajectory with model.apply + sde.py from the stored latents."""
   result = rollouts[cfg_mode]
   vel = velocity_fn(model)
@@ -193,24 +259,35 @@ def test_rollout_matches_independent_step_by_step_recomputation(model, params, i
 
 def test_ode_steps_are_deterministic(model, params, inputs, rollouts):
   again = do_rollout(model, params, inputs, "rollout_only")
-  assert np.array_equal(np.asarray(again.final_latents),
-                        np.asarray(rollouts["rollout_only"].final_latents))
+  assert np.array_equal(
+    np.asarray(again.final_latents), np.asarray(rollouts["rollout_only"].final_latents)
+  )
   # A different key changes only the SDE steps: the states before step 0 agree exactly.
   other = do_rollout(model, params, inputs, "rollout_only", key=jax.random.key(99))
-  assert np.array_equal(np.asarray(other.latents_t[:, 0]),
-                        np.asarray(rollouts["rollout_only"].latents_t[:, 0]))
+  assert np.array_equal(
+    np.asarray(other.latents_t[:, 0]), np.asarray(rollouts["rollout_only"].latents_t[:, 0])
+  )
   assert max_abs(other.final_latents, again.final_latents) > 1e-2
 
 
 def test_all_steps_without_noise_is_the_euler_ode(model, params, inputs):
-  result = do_rollout(model, params, inputs, "rollout_only",
-                      train_idx=np.arange(N_STEPS, dtype=np.int32), noise_level=0.0)
+  result = do_rollout(
+    model,
+    params,
+    inputs,
+    "rollout_only",
+    train_idx=np.arange(N_STEPS, dtype=np.int32),
+    noise_level=0.0,
+  )
   vel = velocity_fn(model)
   sig = np.asarray(inputs["sigmas"])
   x = inputs["x_T"]
   for i in range(N_STEPS):
-    v = true_cfg(vel(params, x, sig[i], inputs["cond"], inputs["mask"]),
-                 vel(params, x, sig[i], inputs["neg_cond"], inputs["neg_mask"]), CFG_SCALE)
+    v = true_cfg(
+      vel(params, x, sig[i], inputs["cond"], inputs["mask"]),
+      vel(params, x, sig[i], inputs["neg_cond"], inputs["neg_mask"]),
+      CFG_SCALE,
+    )
     x = euler_step(x, v, sig[i], sig[i + 1])
   err = max_abs(result.final_latents, x)
   print(f"K = N, noise 0: rollout vs Euler ODE max abs error {err:.2e}")
@@ -223,9 +300,22 @@ def test_rollout_rejects_bad_inputs(model, params, inputs):
   with pytest.raises(ValueError, match="lie in"):
     do_rollout(model, params, inputs, "none", train_idx=np.array([N_STEPS], np.int32))
   with pytest.raises(ValueError, match="negative prompt"):
-    rl_rollout.rollout(model, params, inputs["x_T"], inputs["cond"], None, None, None,
-                       inputs["sigmas"], TRAIN_IDX, inputs["key"], cfg_scale=4.0,
-                       cfg_mode="both", noise_level=NOISE, img_shapes=IMG)
+    rl_rollout.rollout(
+      model,
+      params,
+      inputs["x_T"],
+      inputs["cond"],
+      None,
+      None,
+      None,
+      inputs["sigmas"],
+      TRAIN_IDX,
+      inputs["key"],
+      cfg_scale=4.0,
+      cfg_mode="both",
+      noise_level=NOISE,
+      img_shapes=IMG,
+    )
   with pytest.raises(ValueError, match="cfg_mode"):
     do_rollout(model, params, inputs, "always")
 
@@ -243,8 +333,10 @@ def test_ratio_is_one_before_the_first_update(model, params, inputs, rollouts, c
   _, metrics = jitted_grads(model, MICRO, cfg_mode)(params, batch)
   dev = max(abs(float(metrics["ratio_min"]) - 1.0), abs(float(metrics["ratio_max"]) - 1.0))
   behaviour_gap = max_abs(old, result.log_probs)
-  print(f"[{cfg_mode}] max |ratio - 1| = {dev:.2e}; |old - rollout log-prob| = "
-        f"{behaviour_gap:.2e}; clipfrac {float(metrics['clipfrac'])}")
+  print(
+    f"[{cfg_mode}] max |ratio - 1| = {dev:.2e}; |old - rollout log-prob| = "
+    f"{behaviour_gap:.2e}; clipfrac {float(metrics['clipfrac'])}"
+  )
   assert dev <= 1e-6
   assert float(metrics["clipfrac"]) == 0.0
   if cfg_mode == "rollout_only":
@@ -262,9 +354,9 @@ def test_gradient_at_ratio_one_is_the_policy_gradient(model, params, inputs, rol
   grads, _ = jitted_grads(model, None, mode)(params, batch)
 
   def unclipped(p):
-    logp, _, _ = rl_rollout.transition_log_probs(model, p, batch, cfg_mode=mode,
-                                                 cfg_scale=CFG_SCALE, noise_level=NOISE,
-                                                 img_shapes=IMG)
+    logp, _, _ = rl_rollout.transition_log_probs(
+      model, p, batch, cfg_mode=mode, cfg_scale=CFG_SCALE, noise_level=NOISE, img_shapes=IMG
+    )
     return -jnp.mean(inputs["advantages"][:, None] * logp)
 
   expected = jax.jit(jax.grad(unclipped))(params)
@@ -323,7 +415,7 @@ def test_clipping_zeroes_the_gradient_of_clipped_samples(model, params, inputs, 
   batch = train_batch(inputs, result, old, mode)
   new_logp = old_log_probs(model, moved, inputs, result, mode)
   dev = np.sort(np.abs(np.asarray(jnp.exp(new_logp - old)) - 1.0).ravel())
-  gaps = np.diff(dev[dev.size // 4: 3 * dev.size // 4 + 1])
+  gaps = np.diff(dev[dev.size // 4 : 3 * dev.size // 4 + 1])
   j = dev.size // 4 + int(np.argmax(gaps))
   eps = float(0.5 * (dev[j] + dev[j + 1]))  # a threshold far from every ratio
   grads, metrics = jitted_grads(model, None, mode, clip_eps=eps)(moved, batch)
@@ -332,9 +424,9 @@ def test_clipping_zeroes_the_gradient_of_clipped_samples(model, params, inputs, 
   active = ~(((a > 0) & (ratio > 1 + eps)) | ((a < 0) & (ratio < 1 - eps)))
 
   def masked(p):
-    logp, _, _ = rl_rollout.transition_log_probs(model, p, batch, cfg_mode=mode,
-                                                 cfg_scale=CFG_SCALE, noise_level=NOISE,
-                                                 img_shapes=IMG)
+    logp, _, _ = rl_rollout.transition_log_probs(
+      model, p, batch, cfg_mode=mode, cfg_scale=CFG_SCALE, noise_level=NOISE, img_shapes=IMG
+    )
     r = jnp.exp(logp - old)
     return -jnp.mean(a * r * active)
 
@@ -342,9 +434,11 @@ def test_clipping_zeroes_the_gradient_of_clipped_samples(model, params, inputs, 
   scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(expected))
   err = tree_max_abs(grads, expected)
   clipfrac = float(metrics["clipfrac"])
-  print(f"moved params: eps {eps:.2e}, clipfrac {clipfrac:.3f}, grad err {err:.2e} "
-        f"(scale {scale:.2e}), ratio range [{float(metrics['ratio_min']):.5f}, "
-        f"{float(metrics['ratio_max']):.5f}]")
+  print(
+    f"moved params: eps {eps:.2e}, clipfrac {clipfrac:.3f}, grad err {err:.2e} "
+    f"(scale {scale:.2e}), ratio range [{float(metrics['ratio_min']):.5f}, "
+    f"{float(metrics['ratio_max']):.5f}]"
+  )
   assert 0.0 < clipfrac < 1.0
   assert abs(clipfrac - float(np.mean(dev > eps))) < 1e-6
   assert err <= 1e-5 * scale
@@ -359,13 +453,15 @@ def test_micro_batch_accumulation_equals_one_big_batch(model, params, inputs, ro
   big_g, big_m = jitted_grads(model, None, mode, kl_beta=0.1)(moved, batch, params)
   small_g, small_m = jitted_grads(model, MICRO, mode, kl_beta=0.1)(moved, batch, params)
   err = tree_max_abs(big_g, small_g)
-  print(f"accumulation over {B // MICRO} micro-batches vs one batch: grad max abs err {err:.2e}; "
-        f"kl {float(big_m['kl']):.3e} vs {float(small_m['kl']):.3e}; loss "
-        f"{float(big_m['loss']):.6f} vs {float(small_m['loss']):.6f}")
+  print(
+    f"accumulation over {B // MICRO} micro-batches vs one batch: grad max abs err {err:.2e}; "
+    f"kl {float(big_m['kl']):.3e} vs {float(small_m['kl']):.3e}; loss "
+    f"{float(big_m['loss']):.6f} vs {float(small_m['loss']):.6f}"
+  )
   kw = dict(cfg_mode=mode, cfg_scale=CFG_SCALE, noise_level=NOISE, img_shapes=IMG)
   _, mean_new, std = rl_rollout.transition_log_probs(model, moved, batch, **kw)
   _, mean_ref, _ = rl_rollout.transition_log_probs(model, params, batch, **kw)
-  kl = float(jnp.mean((mean_new - mean_ref) ** 2 / (2 * std ** 2)))
+  kl = float(jnp.mean((mean_new - mean_ref) ** 2 / (2 * std**2)))
   print(f"KL metric {float(big_m['kl']):.6e} vs independent {kl:.6e}")
   assert err < 1e-6
   assert kl > 0.0 and abs(float(big_m["kl"]) - kl) <= 1e-4 * kl
@@ -382,20 +478,32 @@ def test_micro_batch_accumulation_equals_one_big_batch(model, params, inputs, ro
 # order, a batch-sharded input and sharded params, QwenImageTransformer's text stream comes out
 # wrong for samples 2..5 on this mesh (swapped between the data groups; the model's own sharding
 # test replicates its inputs). Reported to the model owner; the GRPO code is order-agnostic.
-SHARDED_RULES = (("act_batch", ("fsdp", "data")),) + tuple(
-    r for r in RULES if r[0] != "act_batch")
+SHARDED_RULES = (("act_batch", ("fsdp", "data")),) + tuple(r for r in RULES if r[0] != "act_batch")
 
 
 def test_eight_devices_match_one(model, params, inputs):
   mode = "rollout_only"
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3))
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                     rng=jax.random.key_data(jax.random.key(0)))
+  state = TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    opt_state=tx.init(params),
+    rng=jax.random.key_data(jax.random.key(0)),
+  )
 
   def run(params, state, inputs, rules):
-    step = grpo.make_grpo_train_step(model, tx, rules, micro_batch_size=MICRO, cfg_mode=mode,
-                                     clip_eps=1e-4, noise_level=NOISE, img_shapes=IMG,
-                                     cfg_scale=CFG_SCALE, kl_beta=0.01)
+    step = grpo.make_grpo_train_step(
+      model,
+      tx,
+      rules,
+      micro_batch_size=MICRO,
+      cfg_mode=mode,
+      clip_eps=1e-4,
+      noise_level=NOISE,
+      img_shapes=IMG,
+      cfg_scale=CFG_SCALE,
+      kl_beta=0.01,
+    )
     result = do_rollout(model, params, inputs, mode, rules=rules)
     old = old_log_probs(model, params, inputs, result, mode, rules=rules)
     batch = train_batch(inputs, result, old, mode)
@@ -408,24 +516,33 @@ def test_eight_devices_match_one(model, params, inputs):
   param_sh = parallel.tree_shardings(model.abstract_params(), mesh, SHARDED_RULES)
   sharded_params = parallel.shard_tree(params, param_sh)
   sharded_state = state.replace(
-      params=sharded_params,
-      opt_state=jax.device_put(state.opt_state, parallel.replicated(mesh)))
+    params=sharded_params, opt_state=jax.device_put(state.opt_state, parallel.replicated(mesh))
+  )
   sharded_inputs = {
-      k: (jax.device_put(v, parallel.batch_sharding(mesh, v.ndim, SHARDED_RULES))
-          if k not in ("sigmas", "key") else v) for k, v in inputs.items()}
+    k: (
+      jax.device_put(v, parallel.batch_sharding(mesh, v.ndim, SHARDED_RULES))
+      if k not in ("sigmas", "key")
+      else v
+    )
+    for k, v in inputs.items()
+  }
   n_sharded = sum(not x.sharding.is_fully_replicated for x in jax.tree.leaves(sharded_params))
   assert n_sharded > 0
   with parallel.sharding_context(mesh, SHARDED_RULES):
     eight = run(sharded_params, sharded_state, sharded_inputs, SHARDED_RULES)
 
-  err_roll = max(tree_max_abs(one[0].final_latents, eight[0].final_latents),
-                 tree_max_abs(one[0].log_probs, eight[0].log_probs))
+  err_roll = max(
+    tree_max_abs(one[0].final_latents, eight[0].final_latents),
+    tree_max_abs(one[0].log_probs, eight[0].log_probs),
+  )
   err_params = tree_max_abs(one[1].params, eight[1].params)
   err_metrics = max(abs(float(one[2][k]) - float(eight[2][k])) for k in one[2])
   moved = tree_max_abs(one[1].params, params)
-  print(f"8 devices vs 1: rollout err {err_roll:.2e}, params after step err {err_params:.2e} "
-        f"(update size {moved:.2e}), metrics err {err_metrics:.2e}; "
-        f"{n_sharded} param arrays sharded; metrics {one[2]}")
+  print(
+    f"8 devices vs 1: rollout err {err_roll:.2e}, params after step err {err_params:.2e} "
+    f"(update size {moved:.2e}), metrics err {err_metrics:.2e}; "
+    f"{n_sharded} param arrays sharded; metrics {one[2]}"
+  )
   assert int(eight[1].step) == 1 and moved > 1e-5
   assert err_roll < 1e-5 and err_params < 1e-5 and err_metrics < 1e-5
 
@@ -442,18 +559,30 @@ def test_edit_rollout_with_reference_latents(model, params, inputs):
   vel = velocity_fn(model, EDIT_IMG)
   sig = np.asarray(inputs["sigmas"])
   i, x_t = int(TRAIN_IDX[1]), result.latents_t[:, 1]
-  v = true_cfg(vel(params, x_t, sig[i], inputs["cond"], inputs["mask"], ref),
-               vel(params, x_t, sig[i], inputs["neg_cond"], inputs["neg_mask"], ref), CFG_SCALE)
+  v = true_cfg(
+    vel(params, x_t, sig[i], inputs["cond"], inputs["mask"], ref),
+    vel(params, x_t, sig[i], inputs["neg_cond"], inputs["neg_mask"], ref),
+    CFG_SCALE,
+  )
   mean, std = sde_step_mean_std(x_t, v, sig[i], sig[i + 1], NOISE)
-  err_logp = max_abs(gaussian_log_prob(result.latents_next[:, 1], mean, std),
-                     result.log_probs[:, 1])
-  old = old_log_probs(model, params, inputs, result, mode, img_shapes=EDIT_IMG,
-                      ref_latents=ref)
+  err_logp = max_abs(
+    gaussian_log_prob(result.latents_next[:, 1], mean, std), result.log_probs[:, 1]
+  )
+  old = old_log_probs(model, params, inputs, result, mode, img_shapes=EDIT_IMG, ref_latents=ref)
   batch = train_batch(inputs, result, old, mode, ref_latents=ref)
   # Forward-only loss (the gradient path is covered above; this saves a backward compile).
-  loss_fn = jax.jit(lambda p, batch: grpo.grpo_loss(
-      p, model, batch, cfg_mode=mode, clip_eps=1e-4, noise_level=NOISE, cfg_scale=CFG_SCALE,
-      img_shapes=EDIT_IMG))
+  loss_fn = jax.jit(
+    lambda p, batch: grpo.grpo_loss(
+      p,
+      model,
+      batch,
+      cfg_mode=mode,
+      clip_eps=1e-4,
+      noise_level=NOISE,
+      cfg_scale=CFG_SCALE,
+      img_shapes=EDIT_IMG,
+    )
+  )
   loss, metrics = loss_fn(params, batch)
   dev = max(abs(float(metrics["ratio_min"]) - 1.0), abs(float(metrics["ratio_max"]) - 1.0))
   print(f"edit: behaviour log-prob err {err_logp:.2e}; max |ratio - 1| {dev:.2e}")

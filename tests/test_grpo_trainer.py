@@ -29,8 +29,18 @@ def _shrink(c, pipe_dir):
   c.data.update(dict(image_size=32, num_prompts=16, max_text_tokens=48))
   c.rl.update(dict(group_size=4, prompts_per_step=2, rollout_chunks=2, num_steps=4))
   c.rl.timesteps.update(dict(num_train=2, first_m=3))
-  c.eval.update(dict(num_t2i=4, num_edits=2, image_size=32, num_steps=2, batch_size=4,
-                     max_text_tokens=48, every=0, at_start=False))
+  c.eval.update(
+    dict(
+      num_t2i=4,
+      num_edits=2,
+      image_size=32,
+      num_steps=2,
+      batch_size=4,
+      max_text_tokens=48,
+      every=0,
+      at_start=False,
+    )
+  )
   c.checkpoint.update(dict(every=1, async_save=False))
   c.log.update(dict(every=1, images_every=2))
   return c
@@ -77,8 +87,10 @@ def test_grpo_t2i_end_to_end(pipe_dir, tmp_path):
   export = os.path.join(workdir, "export", "pipeline")
   before, after = _transformer_params(pipe_dir), _transformer_params(export)
   assert set(before) == set(after)
-  moved = max(float(np.abs(np.asarray(after[k], np.float32)
-                           - np.asarray(before[k], np.float32)).max()) for k in before)
+  moved = max(
+    float(np.abs(np.asarray(after[k], np.float32) - np.asarray(before[k], np.float32)).max())
+    for k in before
+  )
   assert 1e-6 < moved < 1.0, moved  # three small clipped updates
   pipe = QwenImagePipeline.from_pretrained(export)
   images = pipe(prompt=["a red circle"], num_inference_steps=2, height=32, width=32, seed=0)
@@ -117,6 +129,7 @@ def _register_nan_reward():
   @register_reward("k_test_nan_after")
   class NanAfter(RewardFn):  # pylint: disable=unused-variable
     """Finite for the first 2 batches (one iteration of 2 chunks), NaN afterwards."""
+
     name, names = "k_test_nan_after", ("k_test_nan_after",)
 
     def score(self, batch):
@@ -137,8 +150,10 @@ def test_nan_rewards_stop_after_three_and_keep_last_checkpoint(pipe_dir, tmp_pat
   c.total_steps = 8
   c.eval.num_t2i = 0
   c.rewards.names = ("alignment", "k_test_nan_after")
-  c.rl.category_weights = {cat: {"alignment": 0.5, "k_test_nan_after": 0.5}
-                           for cat in ("general", "typography", "portrait", "landscape")}
+  c.rl.category_weights = {
+    cat: {"alignment": 0.5, "k_test_nan_after": 0.5}
+    for cat in ("general", "typography", "portrait", "landscape")
+  }
   workdir = str(tmp_path / "nan")
   with pytest.raises(NonFiniteError, match="3 consecutive iterations"):
     main.run(c, workdir)
@@ -155,27 +170,37 @@ def _expect_config_error(c, match):
 
 def test_bad_configs_fail_before_compiling(tmp_path):
   base = lambda: _shrink(grpo_t2i_config.get_config("tiny"), str(tmp_path))
-  c = base(); c.rl.group_size = 1
+  c = base()
+  c.rl.group_size = 1
   _expect_config_error(c, "group_size")
-  c = base(); c.rl.category_weights.portrait.portrait = 0.5
+  c = base()
+  c.rl.category_weights.portrait.portrait = 0.5
   _expect_config_error(c, "sum to")
-  c = base(); c.rl.timesteps.update(dict(num_train=5, first_m=None))
+  c = base()
+  c.rl.timesteps.update(dict(num_train=5, first_m=None))
   _expect_config_error(c, "num_train")
-  c = base(); c.rl.cfg_mode = "sometimes"
+  c = base()
+  c.rl.cfg_mode = "sometimes"
   _expect_config_error(c, "cfg_mode")
-  c = base(); c.rl.timesteps.strategy = "late"
+  c = base()
+  c.rl.timesteps.strategy = "late"
   _expect_config_error(c, "strategy")
-  c = base(); c.data.num_prompts = 0
+  c = base()
+  c.data.num_prompts = 0
   _expect_config_error(c, "prompt set is empty")
   empty = tmp_path / "empty.jsonl"
   empty.write_text("\n")
-  c = base(); c.data.prompt_file = str(empty)
+  c = base()
+  c.data.prompt_file = str(empty)
   _expect_config_error(c, "no prompts")
-  c = base(); c.rewards.names = ("alignment", "nonsense")
+  c = base()
+  c.rewards.names = ("alignment", "nonsense")
   _expect_config_error(c, "unknown rewards")
   # init_from is checked when the run starts, before anything compiles.
   from qwen_image_rl import config_lib, main
-  c = base(); c.init_from = str(tmp_path / "nowhere")
+
+  c = base()
+  c.init_from = str(tmp_path / "nowhere")
   with pytest.raises(config_lib.ConfigError, match="init_from"):
     main.run(c, str(tmp_path / "run"))
 
@@ -186,13 +211,18 @@ def test_full_size_configs_validate_and_build_abstract_shapes():
   from qwen_image_rl import trainers
   from qwen_image_rl.models.mmdit import QwenImageTransformer, count_params
 
-  for c in (grpo_t2i_config.get_config("qwen_image"),
-            grpo_edit_config.get_config("qwen_image_edit")):
+  for c in (
+    grpo_t2i_config.get_config("qwen_image"),
+    grpo_edit_config.get_config("qwen_image_edit"),
+  ):
     assert trainers.validate(c).name == "grpo"
   c = grpo_t2i_config.get_config("qwen_image")
   model = QwenImageTransformer.from_config(
-      dict(c.model.transformer), **dict(c.model.transformer_overrides), dtype=jnp.bfloat16,
-      param_dtype=jnp.bfloat16)
+    dict(c.model.transformer),
+    **dict(c.model.transformer_overrides),
+    dtype=jnp.bfloat16,
+    param_dtype=jnp.bfloat16,
+  )
   n = count_params(model.abstract_params())
   assert 19e9 < n < 21e9, n
 
@@ -217,6 +247,7 @@ def test_curate_writes_prompt_file(pipe_dir, tmp_path):
   assert sum(saved["histogram"]["counts"]) == 8 and saved["n_prompts"] == 8
   # The curated file feeds a grpo run's prompt pool (validation reads it).
   from qwen_image_rl import trainers
+
   g = _small_grpo(pipe_dir)
   g.data.prompt_file = os.path.join(workdir, "curated_prompts.jsonl")
   trainers.validate(g)
@@ -229,10 +260,13 @@ def test_curate_writes_prompt_file(pipe_dir, tmp_path):
 @pytest.mark.torch
 def test_grpo_exact_resume_after_sigkill(pipe_dir, tmp_path):
   steps = 4
-  code = ("from tests.test_grpo_trainer import _small_grpo\n"
-          f"c = _small_grpo({pipe_dir!r}); c.total_steps = {steps}; c.eval.num_t2i = 0")
+  code = (
+    "from tests.test_grpo_trainer import _small_grpo\n"
+    f"c = _small_grpo({pipe_dir!r}); c.total_steps = {steps}; c.eval.num_t2i = 0"
+  )
   kill_and_resume.assert_killed_then_resumed_run_is_exact(
-      code, str(tmp_path / "straight"), str(tmp_path / "resumed"), steps, kill_after_step=1)
+    code, str(tmp_path / "straight"), str(tmp_path / "resumed"), steps, kill_after_step=1
+  )
 
 
 def test_ablation_variants_and_table(tmp_path):
@@ -244,8 +278,7 @@ def test_ablation_variants_and_table(tmp_path):
   assert c.rl.timesteps.strategy == "all" and c.rl.timesteps.num_train == c.rl.num_steps
   assert (c.total_steps, c.init_from, c.eval.num_t2i, c.eval.num_edits) == (3, "base_dir", 8, 0)
   assert grpo_ablation.variant_config("cfg_none", "b", 3, 8).rl.cfg_mode == "none"
-  assert grpo_ablation.variant_config("high_noise", "b", 3, 8).rl.timesteps.strategy == \
-      "high_noise"
+  assert grpo_ablation.variant_config("high_noise", "b", 3, 8).rl.timesteps.strategy == "high_noise"
   assert not grpo_ablation.variant_config("cfg_none", "b", 3, 8, eval_base=False).eval.at_start
   # Only the first variant evaluates the base; the table uses its score for every row.
   for name, after, reward in (("high_noise", 0.41, 0.62), ("cfg_none", 0.28, 0.70)):
@@ -255,11 +288,13 @@ def test_ablation_variants_and_table(tmp_path):
     (run / "config.json").write_text(config.to_json())
     if name == "high_noise":
       (run / "results" / "eval_0.json").write_text(json.dumps({"t2i": {"overall": 0.30}}))
-    (run / "results" / "eval_3.json").write_text(json.dumps(
-        {"t2i": {"overall": after}, "rewards": {"composite/mean": reward}}))
+    (run / "results" / "eval_3.json").write_text(
+      json.dumps({"t2i": {"overall": after}, "rewards": {"composite/mean": reward}})
+    )
   (tmp_path / "all").mkdir()
   (tmp_path / "all" / "config.json").write_text(
-      grpo_ablation.variant_config("all", "b", 3, 8).to_json())
+    grpo_ablation.variant_config("all", "b", 3, 8).to_json()
+  )
   lines = grpo_ablation.table(str(tmp_path), ["high_noise", "cfg_none", "all"]).splitlines()
   assert lines[2] == "| high_noise | high_noise | rollout_only | 0.620 | 0.300 -> 0.410 | +0.110 |"
   assert lines[3] == "| cfg_none | high_noise | none | 0.700 | 0.300 -> 0.280 | -0.020 |"
@@ -270,12 +305,17 @@ def test_shared_initial_noise_is_per_prompt_group():
   import types
 
   import jax
+
   from qwen_image_rl.rl.collect import Roller
 
   def noise(shared):
     roller = types.SimpleNamespace(
-        config=types.SimpleNamespace(rl=types.SimpleNamespace(shared_initial_noise=shared)),
-        chunk=8, group=4, seq_len=3, channels=2)
+      config=types.SimpleNamespace(rl=types.SimpleNamespace(shared_initial_noise=shared)),
+      chunk=8,
+      group=4,
+      seq_len=3,
+      channels=2,
+    )
     return np.asarray(Roller.initial_noise(roller, jax.random.key(0)))
 
   shared, independent = noise(True), noise(False)

@@ -18,8 +18,9 @@ def _run(code, env_value=None):
   env.pop(host_memory.ENV_VAR, None)
   if env_value is not None:
     env[host_memory.ENV_VAR] = env_value
-  out = subprocess.run([sys.executable, "-c", code],
-                       cwd=REPO, env=env, capture_output=True, text=True, check=True)
+  out = subprocess.run(
+    [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True
+  )
   return out.stdout.strip()
 
 
@@ -34,12 +35,14 @@ def test_tuning_applies_and_honours_the_opt_out():
 
 def test_importing_the_package_and_its_trainers_changes_no_malloc_setting():
   # Any mallopt call would go through ctypes.CDLL("libc.so.6"): make that fail loudly.
-  code = ("import ctypes\n"
-          "def refuse(name, *a, **k):\n"
-          "  if 'libc' in str(name): raise SystemExit('libc loaded on import')\n"
-          "  return ORIG(name, *a, **k)\n"
-          "ORIG, ctypes.CDLL = ctypes.CDLL, refuse\n"
-          "import qwen_image_rl, qwen_image_rl.main, qwen_image_rl.demo\n"
-          "from qwen_image_rl.trainers import grpo, sft\n"
-          "print('clean')")
+  code = (
+    "import ctypes\n"
+    "def refuse(name, *a, **k):\n"
+    "  if 'libc' in str(name): raise SystemExit('libc loaded on import')\n"
+    "  return ORIG(name, *a, **k)\n"
+    "ORIG, ctypes.CDLL = ctypes.CDLL, refuse\n"
+    "import qwen_image_rl, qwen_image_rl.main, qwen_image_rl.demo\n"
+    "from qwen_image_rl.trainers import grpo, sft\n"
+    "print('clean')"
+  )
   assert _run(code) == "clean"

@@ -29,7 +29,7 @@ def _python_files(*roots):
 
 def _module_name(path: str) -> str:
   rel = os.path.relpath(path, REPO)[:-3].replace(os.sep, ".")
-  return rel[:-len(".__init__")] if rel.endswith(".__init__") else rel
+  return rel[: -len(".__init__")] if rel.endswith(".__init__") else rel
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def _imported_modules(tree, module: str, is_package: bool, known) -> set[str]:
       base = node.module or ""
       if node.level:
         parts = module.split(".") if is_package else module.split(".")[:-1]
-        parts = parts[:len(parts) - (node.level - 1)]
+        parts = parts[: len(parts) - (node.level - 1)]
         base = ".".join(parts + ([base] if base else []))
       out |= {f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names}
   return {m for m in out if m in known and m != module}
@@ -96,11 +96,14 @@ def test_no_import_circle_inside_the_package(package):
 
 
 def test_no_function_longer_than_100_lines(package):
-  long = [f"{os.path.relpath(path, REPO)}:{node.lineno} {node.name} "
-          f"({node.end_lineno - node.lineno + 1} lines)"
-          for path, tree in package.values() for node in ast.walk(tree)
-          if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
-          and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
+  long = [
+    f"{os.path.relpath(path, REPO)}:{node.lineno} {node.name} "
+    f"({node.end_lineno - node.lineno + 1} lines)"
+    for path, tree in package.values()
+    for node in ast.walk(tree)
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+    and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+  ]
   assert long == []
 
 
@@ -116,18 +119,26 @@ def test_nothing_outside_the_package_imports_its_private_names():
       elif isinstance(node, ast.Import):
         aliases |= {a.asname or a.name for a in node.names if a.name.startswith(PKG)}
     for node in ast.walk(tree):
-      if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
-          and node.value.id in aliases and node.attr.startswith("_")
-          and not node.attr.startswith("__")):
+      if (
+        isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Name)
+        and node.value.id in aliases
+        and node.attr.startswith("_")
+        and not node.attr.startswith("__")
+      ):
         private.append(f"{path}: {node.value.id}.{node.attr}")
   assert private == []
 
 
 def test_no_deprecated_mesh_context_and_no_sys_path_edits():
   mesh_context = re.compile(r"^\s*with\s+[\w.]*mesh\s*[:,]", re.M)
-  offenders = [p for p in _python_files(PKG, "benchmarks", "tests")
-               if mesh_context.search(open(p).read())]
+  offenders = [
+    p for p in _python_files(PKG, "benchmarks", "tests") if mesh_context.search(open(p).read())
+  ]
   assert offenders == []
-  edits = [p for p in _python_files(PKG) if "sys.path.insert" in open(p).read()
-           or "sys.path.append" in open(p).read()]
+  edits = [
+    p
+    for p in _python_files(PKG)
+    if "sys.path.insert" in open(p).read() or "sys.path.append" in open(p).read()
+  ]
   assert edits == []

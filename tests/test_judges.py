@@ -27,13 +27,17 @@ def test_expected_score_is_the_renormalised_five_token_mean():
   digits = (7, 3, 30, 12, 21)
   p = _softmax(logits[:, list(digits)].astype(np.float64))
   hand = (p * np.arange(1, 6)).sum(-1)
-  np.testing.assert_allclose(np.asarray(V.expected_score(jnp.asarray(logits), digits)), hand,
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(V.expected_score(jnp.asarray(logits), digits)), hand, rtol=1e-6
+  )
   # Logits of every other token do not matter (renormalised over the five).
   other = logits.copy()
   other[:, 0] += 50
-  np.testing.assert_allclose(V.expected_score(jnp.asarray(other), digits),
-                             V.expected_score(jnp.asarray(logits), digits), rtol=1e-6)
+  np.testing.assert_allclose(
+    V.expected_score(jnp.asarray(other), digits),
+    V.expected_score(jnp.asarray(logits), digits),
+    rtol=1e-6,
+  )
   # One-hot cases: a certain "5" reads 5 (reward 1), a certain "1" reads 1 (reward 0).
   sure = np.full((2, 40), -1e4, np.float32)
   sure[0, digits[4]] = sure[1, digits[0]] = 0
@@ -43,11 +47,13 @@ def test_expected_score_is_the_renormalised_five_token_mean():
 
 def test_score_bins_and_chain_of_thought_follow_the_rubric_order():
   assert [P.score_bin(v) for v in (0, 0.12, 0.13, 0.5, 0.87, 1)] == [1, 1, 2, 3, 4, 5]
-  cot = P.chain_of_thought('alignment', {'relation': 0.1, 'presence': 1.0, 'attributes': 0.7,
-                                         'count': 0.4})
+  cot = P.chain_of_thought(
+    'alignment', {'relation': 0.1, 'presence': 1.0, 'attributes': 0.7, 'count': 0.4}
+  )
   assert cot == 'presence good. count poor. attributes fair. relation failed.'
-  assert P.chain_of_thought('instruction', {'core': 0.9, 'noncore': 0.2, 'coherent': 0.95},
-                            'make the sky blue').startswith('core: make the sky blue. non core')
+  assert P.chain_of_thought(
+    'instruction', {'core': 0.9, 'noncore': 0.2, 'coherent': 0.95}, 'make the sky blue'
+  ).startswith('core: make the sky blue. non core')
 
 
 @pytest.fixture(scope='module')
@@ -57,23 +63,49 @@ def judge(tmp_path_factory):
 
   from qwen_image_rl.trainers import reward_sft
 
-  config = ml_collections.ConfigDict(dict(model=dict(
-      text=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
-                num_key_value_heads=1, rope_theta=1e4, mrope_section=(2, 2, 4)),
-      vision=dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, patch_size=8,
-                  spatial_merge_size=2, temporal_patch_size=2, window_size=64,
-                  fullatt_block_indexes=(0,)))))
+  config = ml_collections.ConfigDict(
+    dict(
+      model=dict(
+        text=dict(
+          hidden_size=32,
+          intermediate_size=48,
+          num_hidden_layers=1,
+          num_attention_heads=2,
+          num_key_value_heads=1,
+          rope_theta=1e4,
+          mrope_section=(2, 2, 4),
+        ),
+        vision=dict(
+          depth=1,
+          hidden_size=32,
+          intermediate_size=32,
+          num_heads=2,
+          patch_size=8,
+          spatial_merge_size=2,
+          temporal_patch_size=2,
+          window_size=64,
+          fullatt_block_indexes=(0,),
+        ),
+      )
+    )
+  )
   tokenizer = V.build_judge_tokenizer(str(tmp_path_factory.mktemp('tok')))
   model = reward_sft.build_model(config, tokenizer)
   params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params']
-  return V.VLMJudge(model, jax.tree.map(np.asarray, params), tokenizer,
-                    reward_sft.build_processor(config), max_cot_tokens=6)
+  return V.VLMJudge(
+    model,
+    jax.tree.map(np.asarray, params),
+    tokenizer,
+    reward_sft.build_processor(config),
+    max_cot_tokens=6,
+  )
 
 
 def test_cot_and_no_cot_read_the_same_score_position(judge):
   tokens = judge.tokens
-  prompt = judge.prompt_ids('alignment', 'a red circle', judge.processor(
-      np.zeros((64, 64, 3), np.uint8))['image_grid_thw'])
+  prompt = judge.prompt_ids(
+    'alignment', 'a red circle', judge.processor(np.zeros((64, 64, 3), np.uint8))['image_grid_thw']
+  )
   cot = judge.tokenizer('presence good.')['input_ids']
   for cot_ids in ([], cot):
     train_ids, train_pos = V.assemble(prompt, cot_ids, tokens, digit=4)
@@ -81,7 +113,7 @@ def test_cot_and_no_cot_read_the_same_score_position(judge):
     # Training's target digit is the token after the position inference reads.
     assert train_pos == infer_pos == len(infer_ids) - 1
     assert train_ids[train_pos + 1] == tokens.digits[3]
-    assert train_ids[:len(infer_ids)] == infer_ids
+    assert train_ids[: len(infer_ids)] == infer_ids
     assert infer_ids[-3:] == [tokens.marker, tokens.colon, tokens.space]
   # The CoT path with an empty chain of thought is the no-CoT path, logit for logit.
   ds = D.t2i_set(3, 2, 'val', 64)
@@ -94,8 +126,13 @@ def test_cot_and_no_cot_read_the_same_score_position(judge):
 
 def test_outputs_without_a_score_marker_are_invalid_nan_and_counted(judge):
   # All-zero weights: every logit ties, greedy picks token 0, never the " Score" marker.
-  zero = V.VLMJudge(judge.model, jax.tree.map(np.zeros_like, judge.params), judge.tokenizer,
-                    judge.processor, max_cot_tokens=4)
+  zero = V.VLMJudge(
+    judge.model,
+    jax.tree.map(np.zeros_like, judge.params),
+    judge.tokenizer,
+    judge.processor,
+    max_cot_tokens=4,
+  )
   assert zero.tokens.marker != 0 and zero.tokens.im_end != 0
   ds = D.t2i_set(3, 2, 'val', 64)
   out = zero.score('alignment', ds.images, list(ds.prompts), cot=True)
@@ -103,8 +140,7 @@ def test_outputs_without_a_score_marker_are_invalid_nan_and_counted(judge):
   assert not np.isnan(zero.score('alignment', ds.images, list(ds.prompts), cot=False).reward).any()
   # Parsing: a marker ends the CoT; none, or <|im_end|> before it, is invalid.
   t = judge.tokens
-  cots, valid = V.parse_cot([[5, 6, t.marker, t.pad], [5, 6, 7, 8], [5, t.im_end, t.marker, 0]],
-                            t)
+  cots, valid = V.parse_cot([[5, 6, t.marker, t.pad], [5, 6, 7, 8], [5, t.im_end, t.marker, 0]], t)
   assert valid.tolist() == [True, False, False] and cots == [[5, 6], [], []]
 
 
@@ -115,12 +151,17 @@ def test_judge_reward_reports_invalid_as_nan_and_keeps_neutral_for_other_categor
   def scorer(task, images, prompts, sources, cot):
     n = len(images)
     valid = np.arange(n) % 2 == 0
-    return V.JudgeOutput(expected=np.full(n, 4.0), reward=np.where(valid, 0.75, np.nan),
-                         valid=valid, cot=[''] * n)
+    return V.JudgeOutput(
+      expected=np.full(n, 4.0), reward=np.where(valid, 0.75, np.nan), valid=valid, cot=[''] * n
+    )
 
   images = np.zeros((3, 16, 16, 3), np.uint8)
-  batch = RewardBatch(images=images, prompts=['a', 'b', 'c'],
-                      categories=['portrait', 'general', 'portrait'], sample_ids=np.arange(3))
+  batch = RewardBatch(
+    images=images,
+    prompts=['a', 'b', 'c'],
+    categories=['portrait', 'general', 'portrait'],
+    sample_ids=np.arange(3),
+  )
   scores = make_reward('judge_portrait', scorer=scorer)(batch)['judge_portrait']
   np.testing.assert_array_equal(scores[:2], [0.75, 0.5])  # 2nd: not a portrait -> neutral
   assert np.isnan(scores[2]) and nan_counts({'x': scores}) == {'x': 1}
@@ -131,8 +172,13 @@ def test_judge_reward_reports_invalid_as_nan_and_keeps_neutral_for_other_categor
 def test_reward_registry_names():
   from qwen_image_rl.rewards.registry import known_rewards
 
-  assert {'judge_alignment', 'judge_aesthetics', 'judge_portrait', 'judge_instruction',
-          'face_id'} <= set(known_rewards())
+  assert {
+    'judge_alignment',
+    'judge_aesthetics',
+    'judge_portrait',
+    'judge_instruction',
+    'face_id',
+  } <= set(known_rewards())
 
 
 def _arcface_reference(emb, centres, labels, scale, margin):
@@ -142,8 +188,9 @@ def _arcface_reference(emb, centres, labels, scale, margin):
   logits = scale * cos.copy()
   for i, y in enumerate(labels):
     theta = np.arccos(np.clip(cos[i, y], -1, 1))
-    logits[i, y] = scale * (np.cos(theta + margin) if theta + margin <= np.pi
-                            else cos[i, y] - margin * np.sin(margin))
+    logits[i, y] = scale * (
+      np.cos(theta + margin) if theta + margin <= np.pi else cos[i, y] - margin * np.sin(margin)
+    )
   logits -= logits.max(1, keepdims=True)
   logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
   return -logp[np.arange(len(labels)), labels].mean()
@@ -155,14 +202,33 @@ def test_arcface_loss_matches_numpy():
   labels = np.array([0, 1, 4, 2, 3, 0])
   centres[:, 2] = -emb[2] / np.linalg.norm(emb[2])  # theta ~ pi: the fallback branch
   for scale, margin in ((16.0, 0.3), (4.0, 0.5)):
-    ours = F.arcface_loss(jnp.asarray(emb, jnp.float32), jnp.asarray(centres, jnp.float32),
-                          jnp.asarray(labels), scale=scale, margin=margin)
-    np.testing.assert_allclose(float(ours), _arcface_reference(emb, centres, labels, scale,
-                                                               margin), rtol=1e-4)
-  assert float(F.arcface_loss(jnp.asarray(emb, jnp.float32), jnp.asarray(centres, jnp.float32),
-                              jnp.asarray(labels), scale=16.0, margin=0.3)) > float(
-      F.arcface_loss(jnp.asarray(emb, jnp.float32), jnp.asarray(centres, jnp.float32),
-                     jnp.asarray(labels), scale=16.0, margin=0.0))
+    ours = F.arcface_loss(
+      jnp.asarray(emb, jnp.float32),
+      jnp.asarray(centres, jnp.float32),
+      jnp.asarray(labels),
+      scale=scale,
+      margin=margin,
+    )
+    np.testing.assert_allclose(
+      float(ours), _arcface_reference(emb, centres, labels, scale, margin), rtol=1e-4
+    )
+  assert float(
+    F.arcface_loss(
+      jnp.asarray(emb, jnp.float32),
+      jnp.asarray(centres, jnp.float32),
+      jnp.asarray(labels),
+      scale=16.0,
+      margin=0.3,
+    )
+  ) > float(
+    F.arcface_loss(
+      jnp.asarray(emb, jnp.float32),
+      jnp.asarray(centres, jnp.float32),
+      jnp.asarray(labels),
+      scale=16.0,
+      margin=0.0,
+    )
+  )
 
 
 def test_auc_matches_pair_counting():
@@ -225,9 +291,15 @@ def _tiny_judge_config():
 
   c = judge.get_config('tiny')
   c.total_steps = 6
-  c.model.text = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, rope_theta=1e4,
-                      mrope_section=(2, 2, 4))
+  c.model.text = dict(
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    rope_theta=1e4,
+    mrope_section=(2, 2, 4),
+  )
   c.model.vision.update(depth=1, hidden_size=32, intermediate_size=32, fullatt_block_indexes=(0,))
   c.data.update(n_specs=8, n_edits=4, t2i_batch_size=4, edit_batch_size=2)
   c.checkpoint.every = 2
@@ -254,16 +326,19 @@ def test_reward_sft_trains_and_exports_a_loadable_judge(tmp_path, kind):
 
 @pytest.mark.slow
 def test_reward_sft_exact_resume_after_sigkill(tmp_path):
-  code = ('from tests.test_judges import _tiny_judge_config\n'
-          'c = _tiny_judge_config()')
+  code = 'from tests.test_judges import _tiny_judge_config\nc = _tiny_judge_config()'
   kill_and_resume.assert_killed_then_resumed_run_is_exact(
-      code, str(tmp_path / 'straight'), str(tmp_path / 'resumed'), 6, kill_after_step=2)
+    code, str(tmp_path / 'straight'), str(tmp_path / 'resumed'), 6, kill_after_step=2
+  )
 
 
 @pytest.mark.slow
 def test_face_id_exact_resume_after_sigkill(tmp_path):
-  code = ('from tests.test_judges import _tiny_face_id\n'
-          'c = _tiny_face_id(); c.total_steps = 20; c.eval.num_pairs = 0\n'
-          'c.checkpoint.async_save = False')
+  code = (
+    'from tests.test_judges import _tiny_face_id\n'
+    'c = _tiny_face_id(); c.total_steps = 20; c.eval.num_pairs = 0\n'
+    'c.checkpoint.async_save = False'
+  )
   kill_and_resume.assert_killed_then_resumed_run_is_exact(
-      code, str(tmp_path / 'straight'), str(tmp_path / 'resumed'), 20, kill_after_step=10)
+    code, str(tmp_path / 'straight'), str(tmp_path / 'resumed'), 20, kill_after_step=10
+  )

@@ -42,36 +42,54 @@ def test_scripts_parse_and_print_usage(script):
 
 def test_tpu_vm_dry_run_prints_every_host_step():
   head = _run("git", "rev-parse", "HEAD").stdout.strip()
-  out = _run(TPU_VM, "--dry_run", "--zone=us-east5-a", "--repo=https://example.com/q.git",
-             "--weights=gs://bucket/models/Qwen-Image", "my-v5p", "configs/grpo_t2i.py:qwen_image",
-             "gs://bucket/runs/exp1", "--", "--config.total_steps=10").stdout
+  out = _run(
+    TPU_VM,
+    "--dry_run",
+    "--zone=us-east5-a",
+    "--repo=https://example.com/q.git",
+    "--weights=gs://bucket/models/Qwen-Image",
+    "my-v5p",
+    "configs/grpo_t2i.py:qwen_image",
+    "gs://bucket/runs/exp1",
+    "--",
+    "--config.total_steps=10",
+  ).stdout
   _run("bash", "-n", "-c", out)  # the dry run is itself a runnable script
   steps = _steps(out)
   assert list(steps) == ["setup", "stage_weights", "start"]
   for command, script in steps.values():
-    assert command.startswith("gcloud compute tpus tpu-vm ssh my-v5p --worker=all "
-                              "--zone=us-east5-a")
+    assert command.startswith(
+      "gcloud compute tpus tpu-vm ssh my-v5p --worker=all --zone=us-east5-a"
+    )
     _run("bash", "-n", "-c", script)
   setup = steps["setup"][1]
   assert "uv venv -q --python 3.11 .venv" in setup
   assert f"git checkout -q --detach {head}" in setup and f'= {head}' in setup
-  assert ("gcloud storage rsync --recursive gs://bucket/models/Qwen-Image "
-          "$HOME/weights/Qwen-Image") in steps["stage_weights"][1]
+  assert (
+    "gcloud storage rsync --recursive gs://bucket/models/Qwen-Image $HOME/weights/Qwen-Image"
+  ) in steps["stage_weights"][1]
   start = steps["start"][1]
   assert "setsid nohup .venv/bin/python -m qwen_image_rl.main" in start
   assert "LOG=$HOME/logs/exp1-worker$W.log" in start
-  for flag in ("--config=configs/grpo_t2i.py:qwen_image", "--workdir=gs://bucket/runs/exp1",
-               "--config.distributed=always", "--config.init_from=$HOME/weights/Qwen-Image",
-               "--config.total_steps=10"):
+  for flag in (
+    "--config=configs/grpo_t2i.py:qwen_image",
+    "--workdir=gs://bucket/runs/exp1",
+    "--config.distributed=always",
+    "--config.init_from=$HOME/weights/Qwen-Image",
+    "--config.total_steps=10",
+  ):
     assert flag in start
 
 
-@pytest.mark.parametrize("args,message", [
+@pytest.mark.parametrize(
+  "args,message",
+  [
     (["t", "configs/sft.py:qwen_image", "gs://b/r"], 'has no variant "qwen_image"'),
     (["t", "configs/nope.py", "gs://b/r"], "config file configs/nope.py not found"),
     (["--weights=/local", "t", "configs/sft.py:tiny", "gs://b/r"], "must be a gs:// path"),
     (["--action=restart", "t", "configs/sft.py:tiny", "gs://b/r"], "--action=restart"),
-])
+  ],
+)
 def test_tpu_vm_rejects_bad_arguments(args, message):
   out = _run(TPU_VM, "--dry_run", "--repo=r", *args, check=False)
   assert out.returncode == 2 and message in out.stderr
@@ -94,19 +112,34 @@ def test_start_status_stop_on_a_fake_host(tmp_path):
   stop by its pid file."""
   home, repo = tmp_path / "home", tmp_path / "home" / "qwen_image_rl"
   (repo / ".venv" / "bin").mkdir(parents=True)
-  env = dict(os.environ, HOME=str(home), GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t",
-             GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+  env = dict(
+    os.environ,
+    HOME=str(home),
+    GIT_AUTHOR_NAME="t",
+    GIT_AUTHOR_EMAIL="t@t",
+    GIT_COMMITTER_NAME="t",
+    GIT_COMMITTER_EMAIL="t@t",
+  )
   fake = repo / ".venv" / "bin" / "python"
   fake.write_text('#!/bin/sh\necho "args: $*"\nexec sleep 60\n')
   fake.chmod(0o755)
   for cmd in (["git", "init", "-q"], ["git", "commit", "-q", "--allow-empty", "-m", "x"]):
     subprocess.run(cmd, cwd=repo, env=env, check=True)
-  commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
-                          text=True, check=True).stdout.strip()
+  commit = subprocess.run(
+    ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True
+  ).stdout.strip()
   scripts = {}
   for action in ("run", "status", "stop"):
-    out = _run(TPU_VM, "--dry_run", "--repo=r", f"--commit={commit}", f"--action={action}",
-               "tpu", "configs/grpo_t2i.py:tiny", "gs://b/runs/exp2").stdout
+    out = _run(
+      TPU_VM,
+      "--dry_run",
+      "--repo=r",
+      f"--commit={commit}",
+      f"--action={action}",
+      "tpu",
+      "configs/grpo_t2i.py:tiny",
+      "gs://b/runs/exp2",
+    ).stdout
     scripts.update(_steps(out))
   started = _run("bash", "-c", scripts["start"][1], env=env).stdout
   assert "started pid" in started
@@ -136,21 +169,34 @@ def _jobset(*args):
 
 def test_gke_jobset_manifest():
   head = _run("git", "rev-parse", "HEAD").stdout.strip()
-  doc = _jobset("--tpu=v6e-256", "--weights=gs://bkt/models/Qwen-Image", "grpo1",
-                "configs/grpo_t2i.py:qwen_image", "gs://bkt/runs/grpo1", "--",
-                "--config.total_steps=10")
+  doc = _jobset(
+    "--tpu=v6e-256",
+    "--weights=gs://bkt/models/Qwen-Image",
+    "grpo1",
+    "configs/grpo_t2i.py:qwen_image",
+    "gs://bkt/runs/grpo1",
+    "--",
+    "--config.total_steps=10",
+  )
   job = doc["spec"]["replicatedJobs"][0]["template"]["spec"]
   pod = job["template"]["spec"]
   assert doc["kind"] == "JobSet" and job["parallelism"] == job["completions"] == 64
-  assert pod["nodeSelector"] == {"cloud.google.com/gke-tpu-accelerator": "tpu-v6e-slice",
-                                 "cloud.google.com/gke-tpu-topology": "16x16"}
+  assert pod["nodeSelector"] == {
+    "cloud.google.com/gke-tpu-accelerator": "tpu-v6e-slice",
+    "cloud.google.com/gke-tpu-topology": "16x16",
+  }
   container = pod["containers"][0]
   assert container["resources"]["limits"]["google.com/tpu"] == 4
   assert f"git checkout -q --detach {head}" in container["args"][0]
-  assert container["args"][2:] == ["configs/grpo_t2i.py:qwen_image", "gs://bkt/runs/grpo1",
-                                   "--config.total_steps=10"]
+  assert container["args"][2:] == [
+    "configs/grpo_t2i.py:qwen_image",
+    "gs://bkt/runs/grpo1",
+    "--config.total_steps=10",
+  ]
   assert pod["volumes"][0]["csi"]["volumeAttributes"] == {
-      "bucketName": "bkt", "mountOptions": "implicit-dirs,only-dir=models/Qwen-Image"}
+    "bucketName": "bkt",
+    "mountOptions": "implicit-dirs,only-dir=models/Qwen-Image",
+  }
   assert container["env"] == [{"name": "WEIGHTS", "value": "/weights"}]
   bare = _jobset("--tpu=v5p-64", "tiny1", "configs/grpo_t2i.py:tiny", "gs://bkt/runs/t")
   bare_pod = bare["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
@@ -159,16 +205,32 @@ def test_gke_jobset_manifest():
 
 
 def test_gke_xpk_command_and_bad_arguments():
-  out = _run(GKE, "--dry_run", "--mode=xpk", "--cluster=c1", "--tpu=v5p-64",
-             "--weights=gs://bkt/m/Q", "grpo1", "configs/grpo_t2i.py:qwen_image", "gs://b/r").stdout
-  assert out.startswith("xpk workload create --cluster=c1 --workload=grpo1 --tpu-type=v5p-64 "
-                        "--num-slices=1 --base-docker-image=python:3.11 ")
+  out = _run(
+    GKE,
+    "--dry_run",
+    "--mode=xpk",
+    "--cluster=c1",
+    "--tpu=v5p-64",
+    "--weights=gs://bkt/m/Q",
+    "grpo1",
+    "configs/grpo_t2i.py:qwen_image",
+    "gs://b/r",
+  ).stdout
+  assert out.startswith(
+    "xpk workload create --cluster=c1 --workload=grpo1 --tpu-type=v5p-64 "
+    "--num-slices=1 --base-docker-image=python:3.11 "
+  )
   assert r"WEIGHTS=gs://bkt/m/Q\ bash\ launch/gke/entrypoint.sh" in out
-  for args, message in [(["--tpu=v4-8"], "--tpu=v4-8"), (["--mode=xpk"], "needs --cluster"),
-                        (["--weights=gs://only-bucket"], "gs://BUCKET/PATH")]:
-    bad = _run(GKE, "--dry_run", "--repo=r", *args, "n", "configs/sft.py:tiny", "gs://b/r",
-               check=False)
+  for args, message in [
+    (["--tpu=v4-8"], "--tpu=v4-8"),
+    (["--mode=xpk"], "needs --cluster"),
+    (["--weights=gs://only-bucket"], "gs://BUCKET/PATH"),
+  ]:
+    bad = _run(
+      GKE, "--dry_run", "--repo=r", *args, "n", "configs/sft.py:tiny", "gs://b/r", check=False
+    )
     assert bad.returncode == 2 and message in bad.stderr
-  bad = _run(GKE, "--dry_run", "--repo=r", "Bad_Name", "configs/sft.py:tiny", "gs://b/r",
-             check=False)
+  bad = _run(
+    GKE, "--dry_run", "--repo=r", "Bad_Name", "configs/sft.py:tiny", "gs://b/r", check=False
+  )
   assert bad.returncode == 2 and "DNS label" in bad.stderr

@@ -15,21 +15,34 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _write_config(tmp_path, body: str) -> str:
   path = tmp_path / "cfg.py"
-  path.write_text(textwrap.dedent("""
+  path.write_text(
+    textwrap.dedent(
+      """
       import sys
       sys.path.insert(0, %r)
       from configs import common
 
       def get_config(arg=None):
         c = common.base()
-      """ % REPO) + textwrap.indent(textwrap.dedent(body), "  ") + "  return c\n")
+      """
+      % REPO
+    )
+    + textwrap.indent(textwrap.dedent(body), "  ")
+    + "  return c\n"
+  )
   return str(path)
 
 
 def _main(*args, env=None):
   env = dict(os.environ, JAX_PLATFORMS="cpu", **(env or {}))
-  return subprocess.run([sys.executable, "-m", "qwen_image_rl.main", *args], cwd=REPO,
-                        capture_output=True, text=True, env=env, timeout=120)
+  return subprocess.run(
+    [sys.executable, "-m", "qwen_image_rl.main", *args],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=120,
+  )
 
 
 def _one_error_line(proc) -> str:
@@ -49,15 +62,17 @@ def test_unknown_trainer(tmp_path):
 
 def test_unknown_config_field_in_override(tmp_path):
   cfg = _write_config(tmp_path, "c.trainer = 'nope'\n")
-  line = _one_error_line(_main(f"--config={cfg}", "--config.optim.lrr=1e-3",
-                               f"--workdir={tmp_path}/w"))
+  line = _one_error_line(
+    _main(f"--config={cfg}", "--config.optim.lrr=1e-3", f"--workdir={tmp_path}/w")
+  )
   assert "lrr" in line and 'Did you mean "lr"' in line
 
 
 def test_wrongly_typed_override(tmp_path):
   cfg = _write_config(tmp_path, "c.trainer = 'nope'\n")
-  line = _one_error_line(_main(f"--config={cfg}", "--config.optim.lr=fast",
-                               f"--workdir={tmp_path}/w"))
+  line = _one_error_line(
+    _main(f"--config={cfg}", "--config.optim.lr=fast", f"--workdir={tmp_path}/w")
+  )
   assert "--config.optim.lr=fast" in line
 
 
@@ -81,8 +96,9 @@ def test_missing_required_trainer_field():
 
 
 def test_check_fields_names_the_field():
-  c = ml_collections.ConfigDict({"optim": {"lr": "1e-4", "steps": 3, "flag": True},
-                                 "rl": {"group_size": None}})
+  c = ml_collections.ConfigDict(
+    {"optim": {"lr": "1e-4", "steps": 3, "flag": True}, "rl": {"group_size": None}}
+  )
   with pytest.raises(config_lib.ConfigError, match=r"config.optim.lr='1e-4' has type str"):
     config_lib.check_fields(c, {"optim.lr": float})
   with pytest.raises(config_lib.ConfigError, match=r"config.optim.flag=True has type bool"):

@@ -15,8 +15,13 @@ from qwen_image_rl.metrics import MetricLogger, image_grid
 
 def _load_events(workdir):
   acc = event_accumulator.EventAccumulator(
-      workdir, size_guidance={event_accumulator.TENSORS: 0, event_accumulator.SCALARS: 0,
-                              event_accumulator.IMAGES: 0})
+    workdir,
+    size_guidance={
+      event_accumulator.TENSORS: 0,
+      event_accumulator.SCALARS: 0,
+      event_accumulator.IMAGES: 0,
+    },
+  )
   acc.Reload()
   return acc
 
@@ -61,8 +66,12 @@ def test_scalars_images_and_results_roundtrip(tmp_path, capsys):
     logger.scalars(step, {"train/loss": np.float32(losses[step]), "train/lr": 1e-3})
     logger.progress(step)
   logger.images(4, {"samples/grid": grid, "samples/batch": batch[:2]})
-  results = {"step": 10, "t2i": {"overall": np.float32(0.25), "by_category": {"general": 0.5}},
-             "curve": np.arange(3), "n_samples": np.int64(6)}
+  results = {
+    "step": 10,
+    "t2i": {"overall": np.float32(0.25), "by_category": {"general": 0.5}},
+    "curve": np.arange(3),
+    "n_samples": np.int64(6),
+  }
   path = logger.write_results("eval_10", results)
   logger.flush()
   logger.close()
@@ -87,8 +96,12 @@ def test_scalars_images_and_results_roundtrip(tmp_path, capsys):
   assert path == os.path.join(workdir, "results", "eval_10.json")
   with open(path) as f:
     loaded = json.load(f)
-  assert loaded == {"step": 10, "t2i": {"overall": 0.25, "by_category": {"general": 0.5}},
-                    "curve": [0, 1, 2], "n_samples": 6}
+  assert loaded == {
+    "step": 10,
+    "t2i": {"overall": 0.25, "by_category": {"general": 0.5}},
+    "curve": [0, 1, 2],
+    "n_samples": 6,
+  }
   assert os.listdir(os.path.join(workdir, "results")) == ["eval_10.json"]  # No temp files left.
 
 

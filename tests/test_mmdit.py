@@ -11,15 +11,33 @@ import pytest
 
 from qwen_image_rl.convert.safetensors_io import CheckpointError
 from qwen_image_rl.convert.transformer import (
-    load_transformer, params_from_torch_state_dict, params_to_torch_state_dict, save_transformer)
+  load_transformer,
+  params_from_torch_state_dict,
+  params_to_torch_state_dict,
+  save_transformer,
+)
 from qwen_image_rl.models import layers
 from qwen_image_rl.models.mmdit import QwenImageTransformer, count_params
-from qwen_image_rl.parallel import (DEFAULT_LOGICAL_AXIS_RULES, batch_sharding, make_mesh,
-                                    shard_tree, sharding_context, tree_shardings)
+from qwen_image_rl.parallel import (
+  DEFAULT_LOGICAL_AXIS_RULES,
+  batch_sharding,
+  make_mesh,
+  shard_tree,
+  sharding_context,
+  tree_shardings,
+)
 
 TOL = 1e-4
-TINY = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=32,
-            num_attention_heads=2, joint_attention_dim=24, axes_dims_rope=(8, 12, 12))
+TINY = dict(
+  patch_size=2,
+  in_channels=16,
+  out_channels=4,
+  num_layers=2,
+  attention_head_dim=32,
+  num_attention_heads=2,
+  joint_attention_dim=24,
+  axes_dims_rope=(8, 12, 12),
+)
 T2I = ((1, 4, 6),)
 EDIT = ((1, 4, 6), (1, 2, 3), (1, 3, 3))
 
@@ -27,6 +45,7 @@ EDIT = ((1, 4, 6), (1, 2, 3), (1, 3, 3))
 def _torch_model(seed=0, **overrides):
   import torch
   from diffusers import QwenImageTransformer2DModel
+
   torch.manual_seed(seed)
   model = QwenImageTransformer2DModel(**{**TINY, **overrides}).eval()
   with torch.no_grad():  # Move norms and biases off their trivial init so they are tested too.
@@ -46,24 +65,28 @@ def _inputs(img_shapes, batch=2, txt_len=7, pad_from=None, in_channels=16, joint
   if pad_from is not None:
     mask = np.ones((batch, txt_len), np.float32)
     mask[-1, pad_from:] = 0.0
-  return dict(hidden_states=rng.standard_normal((batch, n, in_channels), np.float32),
-              encoder_hidden_states=rng.standard_normal((batch, txt_len, joint_dim), np.float32),
-              encoder_hidden_states_mask=mask,
-              timestep=rng.uniform(0.05, 1.0, (batch,)).astype(np.float32),
-              img_shapes=img_shapes)
+  return dict(
+    hidden_states=rng.standard_normal((batch, n, in_channels), np.float32),
+    encoder_hidden_states=rng.standard_normal((batch, txt_len, joint_dim), np.float32),
+    encoder_hidden_states_mask=mask,
+    timestep=rng.uniform(0.05, 1.0, (batch,)).astype(np.float32),
+    img_shapes=img_shapes,
+  )
 
 
 def _torch_forward(torch_model, inputs):
   import torch
+
   n_target = math.prod(inputs["img_shapes"][0])
   mask = inputs["encoder_hidden_states_mask"]
   with torch.no_grad():
     out = torch_model(
-        hidden_states=torch.from_numpy(inputs["hidden_states"]),
-        encoder_hidden_states=torch.from_numpy(inputs["encoder_hidden_states"]),
-        encoder_hidden_states_mask=None if mask is None else torch.from_numpy(mask),
-        timestep=torch.from_numpy(inputs["timestep"]),
-        img_shapes=[list(inputs["img_shapes"])] * inputs["hidden_states"].shape[0]).sample
+      hidden_states=torch.from_numpy(inputs["hidden_states"]),
+      encoder_hidden_states=torch.from_numpy(inputs["encoder_hidden_states"]),
+      encoder_hidden_states_mask=None if mask is None else torch.from_numpy(mask),
+      timestep=torch.from_numpy(inputs["timestep"]),
+      img_shapes=[list(inputs["img_shapes"])] * inputs["hidden_states"].shape[0],
+    ).sample
   return out[:, :n_target].numpy()
 
 
@@ -85,12 +108,15 @@ def torch_models():
 
 
 @pytest.mark.torch
-@pytest.mark.parametrize("name,img_shapes,pad_from,zero_cond_t,scan", [
+@pytest.mark.parametrize(
+  "name,img_shapes,pad_from,zero_cond_t,scan",
+  [
     ("t2i_nonsquare", T2I, None, False, False),
     ("padded_mask", ((1, 3, 5),), 4, False, True),
     ("edit_two_refs", EDIT, 5, False, False),
     ("edit_zero_cond_t", EDIT, 5, True, True),
-])
+  ],
+)
 def test_matches_diffusers(torch_models, name, img_shapes, pad_from, zero_cond_t, scan):
   torch_model = torch_models[zero_cond_t]
   model = QwenImageTransformer.from_config(dict(torch_model.config), scan_layers=scan)
@@ -120,8 +146,9 @@ def test_mask_and_zero_cond_t_change_outputs(torch_models):
 
 def test_scan_and_loop_agree():
   loop = QwenImageTransformer(**TINY)
-  scan = QwenImageTransformer(**TINY, scan_layers=True, remat_policy="dots_saveable",
-                              attention_query_chunk=16)  # 46 tokens: 3 blocks, the last padded
+  scan = QwenImageTransformer(
+    **TINY, scan_layers=True, remat_policy="dots_saveable", attention_query_chunk=16
+  )  # 46 tokens: 3 blocks, the last padded
   params = nn.meta.unbox(loop.init_params(jax.random.key(0)))
   sd = params_to_torch_state_dict(params, loop)
   scan_params = params_from_torch_state_dict(sd, scan)
@@ -145,14 +172,16 @@ def test_chunked_attention_matches_plain():
 
   plain = jax.value_and_grad(lambda q: loss(layers.dot_product_attention, q))(q)
   chunked = jax.value_and_grad(
-      lambda q: loss(lambda *a: layers.chunked_attention(*a, query_chunk=10), q))(q)
+    lambda q: loss(lambda *a: layers.chunked_attention(*a, query_chunk=10), q)
+  )(q)
   for a, b in zip(plain, chunked):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
 
 def test_config_round_trip_and_rejections():
   model = QwenImageTransformer.from_config(
-      {"_class_name": "QwenImageTransformer2DModel", "_diffusers_version": "0.36.0", **TINY})
+    {"_class_name": "QwenImageTransformer2DModel", "_diffusers_version": "0.36.0", **TINY}
+  )
   assert QwenImageTransformer.from_config(model.to_config()) == model
   assert model.to_config()["axes_dims_rope"] == [8, 12, 12]
   for flag in ("guidance_embeds", "use_additional_t_cond", "use_layer3d_rope"):
@@ -186,6 +215,7 @@ def test_msrope_positions():
 def test_save_load_round_trip(tmp_path, torch_models, scan, shard_bytes):
   import torch
   from diffusers import QwenImageTransformer2DModel
+
   torch_model = torch_models[True]
   torch_model.save_pretrained(tmp_path / "src")
   model, params = load_transformer(str(tmp_path / "src"), scan_layers=scan)
@@ -193,20 +223,27 @@ def test_save_load_round_trip(tmp_path, torch_models, scan, shard_bytes):
   save_transformer(model, params, str(tmp_path / "dst"), max_shard_bytes=shard_bytes)
   reloaded = QwenImageTransformer2DModel.from_pretrained(str(tmp_path / "dst")).eval()
   inputs = _inputs(EDIT, pad_from=5)
-  np.testing.assert_array_equal(_torch_forward(reloaded, inputs),
-                                _torch_forward(torch_model, inputs))
+  np.testing.assert_array_equal(
+    _torch_forward(reloaded, inputs), _torch_forward(torch_model, inputs)
+  )
   for k, v in torch_model.state_dict().items():
     assert torch.equal(reloaded.state_dict()[k], v), k
 
 
-@pytest.mark.parametrize("corrupt,expected", [
+@pytest.mark.parametrize(
+  "corrupt,expected",
+  [
     ("missing", "missing keys: transformer_blocks.1.attn.norm_k.weight"),
     ("unexpected", "unexpected keys: transformer_blocks.2.img_mod.1.weight"),
-    ("shape", "wrong shapes: transformer_blocks.0.attn.to_q.weight (checkpoint (64, 63), "
-              "model (64, 64))"),
-])
+    (
+      "shape",
+      "wrong shapes: transformer_blocks.0.attn.to_q.weight (checkpoint (64, 63), model (64, 64))",
+    ),
+  ],
+)
 def test_bad_checkpoints_name_the_key(tmp_path, corrupt, expected):
   from qwen_image_rl.convert.safetensors_io import save_state_dict
+
   model = QwenImageTransformer(**TINY)
   sd = params_to_torch_state_dict(model.init_params(jax.random.key(0)), model)
   if corrupt == "missing":
@@ -230,15 +267,18 @@ def test_bad_checkpoints_name_the_key(tmp_path, corrupt, expected):
 
 def test_sharded_forward_and_grad_match_one_device():
   rules = DEFAULT_LOGICAL_AXIS_RULES
-  model = QwenImageTransformer(**{**TINY, "num_attention_heads": 4, "attention_head_dim": 16,
-                                  "axes_dims_rope": (4, 6, 6)}, scan_layers=True,
-                               remat_policy="full")
+  model = QwenImageTransformer(
+    **{**TINY, "num_attention_heads": 4, "attention_head_dim": 16, "axes_dims_rope": (4, 6, 6)},
+    scan_layers=True,
+    remat_policy="full",
+  )
   abstract = model.abstract_params()
   params = nn.meta.unbox(model.init_params(jax.random.key(0)))
   inputs = _inputs(EDIT, batch=8, pad_from=4)
   # A different text length per sample, so a batch shard that meets another shard's mask shows.
   inputs["encoder_hidden_states_mask"] = (
-      np.arange(7)[None, :] < np.array([7, 5, 6, 3, 7, 2, 4, 1])[:, None]).astype(np.float32)
+    np.arange(7)[None, :] < np.array([7, 5, 6, 3, 7, 2, 4, 1])[:, None]
+  ).astype(np.float32)
   shapes = inputs.pop("img_shapes")
   args = {k: jnp.asarray(v) for k, v in inputs.items()}
 
@@ -256,22 +296,28 @@ def test_sharded_forward_and_grad_match_one_device():
     return jax.value_and_grad(loss, has_aux=True)(p, a)
 
   # Inputs split over the data-parallel axes, as the trainers feed them.
-  sharded_args = {k: jax.device_put(v, batch_sharding(mesh, v.shape, rules))
-                  for k, v in args.items()}
+  sharded_args = {
+    k: jax.device_put(v, batch_sharding(mesh, v.shape, rules)) for k, v in args.items()
+  }
   with sharding_context(mesh, rules):
     (val, out), grad = jax.jit(under_mesh, out_shardings=((None, None), shardings))(
-        sharded, sharded_args)
+      sharded, sharded_args
+    )
 
   kernel = sharded["transformer_blocks"]["attn"]["to_q"]["kernel"]  # [layers, embed, heads]
   assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
   assert kernel.addressable_shards[0].data.shape == (2, 32, 32)
   assert grad["transformer_blocks"]["img_mlp"]["proj_in"]["kernel"].sharding.spec == (
-      jax.sharding.PartitionSpec(None, "fsdp", "tensor"))
+    jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+  )
   out_err = float(np.abs(np.asarray(out) - np.asarray(ref_out)).max())
-  grad_err = max(float(np.abs(np.asarray(g) - np.asarray(r)).max())
-                 for g, r in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad)))
-  print(f"sharded vs one device: out {out_err:.2e}, loss {abs(val - ref_loss):.2e}, "
-        f"grad {grad_err:.2e}")
+  grad_err = max(
+    float(np.abs(np.asarray(g) - np.asarray(r)).max())
+    for g, r in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad))
+  )
+  print(
+    f"sharded vs one device: out {out_err:.2e}, loss {abs(val - ref_loss):.2e}, grad {grad_err:.2e}"
+  )
   assert out_err <= 1e-5 and abs(val - ref_loss) <= 1e-5 and grad_err <= 1e-5
 
 
@@ -279,9 +325,15 @@ def test_batch_sharded_masked_forward_matches_one_device():
   """Regression: with act_batch -> ('data', 'fsdp') on a data2 x fsdp2 x tensor2 CPU mesh, XLA
   swapped batch shards inside the masked joint attention (errors ~5e-4 on samples 2-5)."""
   rules = DEFAULT_LOGICAL_AXIS_RULES
-  model = QwenImageTransformer(in_channels=16, out_channels=4, num_layers=2,
-                               attention_head_dim=16, num_attention_heads=2,
-                               joint_attention_dim=16, axes_dims_rope=(4, 6, 6))
+  model = QwenImageTransformer(
+    in_channels=16,
+    out_channels=4,
+    num_layers=2,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=16,
+    axes_dims_rope=(4, 6, 6),
+  )
   params = nn.meta.unbox(model.init_params(jax.random.key(0)))
   rng = np.random.default_rng(3)
   x = rng.standard_normal((8, 16, 16), np.float32)
@@ -292,7 +344,7 @@ def test_batch_sharded_masked_forward_matches_one_device():
   ref = model.apply({"params": params}, x, ctx, mask, t, shapes)
   mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   sharded = shard_tree(params, tree_shardings(model.abstract_params(), mesh, rules))
-  put = lambda a: jax.device_put(a, batch_sharding(mesh, a.shape, rules))  # noqa: E731
+  put = lambda a: jax.device_put(a, batch_sharding(mesh, a.shape, rules))
 
   def fwd(p, x, c, m, t):
     return model.apply({"params": p}, x, c, m, t, shapes)
@@ -309,11 +361,22 @@ def test_batch_sharded_masked_forward_matches_one_device():
 
 
 def _qwen_image_param_count(d=3072, joint=3584, layers_=60, head_dim=128, in_ch=64, out=64):
-  linear = lambda i, o: i * o + o  # noqa: E731
-  block = (2 * linear(d, 6 * d) + 8 * linear(d, d) + 4 * head_dim
-           + 2 * (linear(d, 4 * d) + linear(4 * d, d)))
-  top = (linear(256, d) + linear(d, d) + joint + linear(in_ch, d) + linear(joint, d)
-         + linear(d, 2 * d) + linear(d, out))
+  linear = lambda i, o: i * o + o
+  block = (
+    2 * linear(d, 6 * d)
+    + 8 * linear(d, d)
+    + 4 * head_dim
+    + 2 * (linear(d, 4 * d) + linear(4 * d, d))
+  )
+  top = (
+    linear(256, d)
+    + linear(d, d)
+    + joint
+    + linear(in_ch, d)
+    + linear(joint, d)
+    + linear(d, 2 * d)
+    + linear(d, out)
+  )
   return top + layers_ * block
 
 

@@ -41,8 +41,18 @@ def small_opd(base, teacher_t2i=None, teacher_edit=None):
   c.total_steps = 3
   c.data.update(dict(image_size=32, num_prompts=8, max_text_tokens=48))
   c.opd.update(dict(batch_size=4, num_steps=3, num_train_steps=2, micro_batch_size=2))
-  c.eval.update(dict(num_t2i=4, num_edits=2, image_size=32, num_steps=2, batch_size=4,
-                     max_text_tokens=48, every=0, at_start=False))
+  c.eval.update(
+    dict(
+      num_t2i=4,
+      num_edits=2,
+      image_size=32,
+      num_steps=2,
+      batch_size=4,
+      max_text_tokens=48,
+      every=0,
+      at_start=False,
+    )
+  )
   c.checkpoint.update(dict(every=1, async_save=False))
   c.log.update(dict(every=1))
   return c
@@ -59,14 +69,15 @@ def _problem(pipe, task="t2i", b=2, k=3, seed=0):
   img_shapes = (shape, shape) if task == "edit" else (shape,)
   s, c = shape[1] * shape[2], 4 * pipe.latent_channels
   d = pipe.transformer.joint_attention_dim
-  batch = dict(states=jnp.asarray(rng.normal(size=(b, k, s, c)), jnp.float32),
-               sigmas=jnp.asarray([0.9, 0.5, 0.2][:k], jnp.float32),
-               cond=jnp.asarray(rng.normal(size=(b, 5, d)), jnp.float32),
-               mask=jnp.asarray(np.array([[1] * 5, [1, 1, 1, 0, 0]] * (b // 2)), jnp.int32),
-               neg_cond=jnp.asarray(rng.normal(size=(b, 3, d)), jnp.float32),
-               neg_mask=jnp.ones((b, 3), jnp.int32),
-               ref_latents=(jnp.asarray(rng.normal(size=(b, s, c)), jnp.float32)
-                            if task == "edit" else None))
+  batch = dict(
+    states=jnp.asarray(rng.normal(size=(b, k, s, c)), jnp.float32),
+    sigmas=jnp.asarray([0.9, 0.5, 0.2][:k], jnp.float32),
+    cond=jnp.asarray(rng.normal(size=(b, 5, d)), jnp.float32),
+    mask=jnp.asarray(np.array([[1] * 5, [1, 1, 1, 0, 0]] * (b // 2)), jnp.int32),
+    neg_cond=jnp.asarray(rng.normal(size=(b, 3, d)), jnp.float32),
+    neg_mask=jnp.ones((b, 3), jnp.int32),
+    ref_latents=(jnp.asarray(rng.normal(size=(b, s, c)), jnp.float32) if task == "edit" else None),
+  )
   return batch, img_shapes
 
 
@@ -93,9 +104,19 @@ def test_loss_equals_per_step_numpy(base_pipe, task):
   errors = []
   for i in range(b):  # one transformer call per (sample, step), no folding
     for n in range(k):
-      ref = None if batch["ref_latents"] is None else batch["ref_latents"][i:i + 1]
-      v = np.asarray(velocity(model, params, batch["states"][i:i + 1, n], batch["sigmas"][n],
-                              batch["cond"][i:i + 1], batch["mask"][i:i + 1], img_shapes, ref))
+      ref = None if batch["ref_latents"] is None else batch["ref_latents"][i : i + 1]
+      v = np.asarray(
+        velocity(
+          model,
+          params,
+          batch["states"][i : i + 1, n],
+          batch["sigmas"][n],
+          batch["cond"][i : i + 1],
+          batch["mask"][i : i + 1],
+          img_shapes,
+          ref,
+        )
+      )
       errors.append(np.mean((v[0] - batch["teacher_v"][i, n]) ** 2))
   np.testing.assert_allclose(float(loss), np.mean(errors), rtol=1e-5)
 
@@ -109,11 +130,13 @@ def test_gradient_vanishes_when_the_teacher_is_the_student_at_cfg_1(base_pipe):
   batch, img_shapes = _problem(base_pipe, "t2i", b=4)
 
   def grad_norm(cfg_scale):
-    teacher_v = opd.teacher_velocities(model, params, batch, cfg_scale=cfg_scale,
-                                       img_shapes=img_shapes, micro_batch_size=2)
+    teacher_v = opd.teacher_velocities(
+      model, params, batch, cfg_scale=cfg_scale, img_shapes=img_shapes, micro_batch_size=2
+    )
     train = {k: v for k, v in batch.items() if k not in ("neg_cond", "neg_mask")}
-    grads, metrics = opd.opd_grads(params, model, dict(train, teacher_v=teacher_v),
-                                   img_shapes=img_shapes, micro_batch_size=2)
+    grads, metrics = opd.opd_grads(
+      params, model, dict(train, teacher_v=teacher_v), img_shapes=img_shapes, micro_batch_size=2
+    )
     return float(jax.tree.reduce(max, jax.tree.map(lambda g: np.abs(g).max(), grads))), metrics
 
   at_1, m1 = grad_norm(1.0)
@@ -124,7 +147,6 @@ def test_gradient_vanishes_when_the_teacher_is_the_student_at_cfg_1(base_pipe):
 
 def test_eight_devices_equal_one(base_pipe):
   import jax
-
   import optax
 
   from qwen_image_rl import parallel
@@ -143,12 +165,20 @@ def test_eight_devices_equal_one(base_pipe):
     mesh = parallel.make_mesh({"data": n, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:n])
     tx = optax.sgd(1.0)  # the update is the gradient: Adam would amplify rounding near g = 0
     state, shardings = init_policy_state(model, params, tx, mesh, rules, 0)
-    put = lambda x: None if x is None else jax.device_put(  # noqa: E731
-        x, parallel.batch_sharding(mesh, np.shape(x), rules) if np.ndim(x) > 1
-        else parallel.replicated(mesh))
-    step = jax.jit(opd.make_opd_train_step(model, tx, rules, img_shapes=img_shapes,
-                                           micro_batch_size=4),
-                   out_shardings=(shardings, None))
+    put = lambda x: (
+      None
+      if x is None
+      else jax.device_put(
+        x,
+        parallel.batch_sharding(mesh, np.shape(x), rules)
+        if np.ndim(x) > 1
+        else parallel.replicated(mesh),
+      )
+    )
+    step = jax.jit(
+      opd.make_opd_train_step(model, tx, rules, img_shapes=img_shapes, micro_batch_size=4),
+      out_shardings=(shardings, None),
+    )
     with parallel.sharding_context(mesh, rules):
       new, metrics = step(state, jax.tree.map(put, train))
     out[n] = (jax.device_get(new.params), float(metrics["loss"]))
@@ -161,7 +191,6 @@ def test_eight_devices_equal_one(base_pipe):
 
 def test_only_the_active_teacher_is_on_the_device(pipe_dirs, base_pipe):
   import jax
-
   import optax
 
   from qwen_image_rl import parallel
@@ -172,8 +201,9 @@ def test_only_the_active_teacher_is_on_the_device(pipe_dirs, base_pipe):
   rules = parallel.as_rules(opd_config.get_config("tiny").logical_axis_rules)
   shardings = policy_shardings(base_pipe.transformer, optax.sgd(1.0), mesh, rules).params
   bank = TeacherBank.load({"t2i": pipe_dirs[0], "edit": pipe_dirs[1]}, shardings, np.float32)
-  assert all(isinstance(x, np.ndarray) for t in ("t2i", "edit")
-             for x in jax.tree.leaves(bank.host[t]))
+  assert all(
+    isinstance(x, np.ndarray) for t in ("t2i", "edit") for x in jax.tree.leaves(bank.host[t])
+  )
   before = len(jax.live_arrays())
   t2i = bank.activate("t2i")
   n_leaves = len(jax.tree.leaves(t2i))
@@ -204,8 +234,11 @@ def _expect_start_failure(c, tmp_path, match):
 
 def test_missing_or_mismatched_teacher_fails_at_start(pipe_dirs, tmp_path):
   base = pipe_dirs[0]
-  _expect_start_failure(small_opd(base, teacher_edit=str(tmp_path / "nope")), tmp_path,
-                        r"config.teachers.edit=.*nope.*teacher not found")
+  _expect_start_failure(
+    small_opd(base, teacher_edit=str(tmp_path / "nope")),
+    tmp_path,
+    r"config.teachers.edit=.*nope.*teacher not found",
+  )
   c = small_opd(base)
   c.teachers.t2i = ""
   _expect_start_failure(c, tmp_path, r"config.teachers.t2i is empty")
@@ -217,9 +250,12 @@ def test_missing_or_mismatched_teacher_fails_at_start(pipe_dirs, tmp_path):
   config["num_layers"] = 3
   with open(path, "w") as f:
     json.dump(config, f)
-  _expect_start_failure(small_opd(base, teacher_t2i=deeper), tmp_path,
-                        r"config.teachers.t2i=.*deeper.*architecture differs.*num_layers 3 "
-                        r"\(student 2\)")
+  _expect_start_failure(
+    small_opd(base, teacher_t2i=deeper),
+    tmp_path,
+    r"config.teachers.t2i=.*deeper.*architecture differs.*num_layers 3 "
+    r"\(student 2\)",
+  )
   wider = str(tmp_path / "wider")
   shutil.copytree(base, wider)
   path = os.path.join(wider, "vae", "config.json")
@@ -228,8 +264,11 @@ def test_missing_or_mismatched_teacher_fails_at_start(pipe_dirs, tmp_path):
   config["z_dim"] = 8
   with open(path, "w") as f:
     json.dump(config, f)
-  _expect_start_failure(small_opd(base, teacher_edit=wider), tmp_path,
-                        r"config.teachers.edit=.*latent_channels 8 \(student 4\)")
+  _expect_start_failure(
+    small_opd(base, teacher_edit=wider),
+    tmp_path,
+    r"config.teachers.edit=.*latent_channels 8 \(student 4\)",
+  )
 
 
 def test_opd_trains_routes_both_tasks_evaluates_and_exports(pipe_dirs, tmp_path, capsys):
@@ -262,21 +301,25 @@ def test_routing_keeps_the_ratio_in_every_window():
     for f, block in ((0.5, 1), (0.25, 1), (0.7, 3)):
       tasks = np.array([routing.route_task(seed, it, f, block) == "t2i" for it in range(300)])
       blocks = tasks[::block]
-      assert all(np.all(tasks[j * block:(j + 1) * block] == blocks[j])
-                 for j in range(len(blocks)))
+      assert all(
+        np.all(tasks[j * block : (j + 1) * block] == blocks[j]) for j in range(len(blocks))
+      )
       for start in range(0, len(blocks) - 20, 7):
-        assert abs(blocks[start:start + 20].sum() - 20 * f) <= 1.0
+        assert abs(blocks[start : start + 20].sum() - 20 * f) <= 1.0
   assert len({tuple(routing.route_task(s, it, 0.5) for it in range(6)) for s in range(6)}) == 2
 
 
 @pytest.mark.slow
 def test_opd_exact_resume_after_sigkill(pipe_dirs, tmp_path):
   steps = 4
-  code = ("from tests.test_opd import small_opd\n"
-          f"c = small_opd({pipe_dirs[0]!r}, teacher_edit={pipe_dirs[1]!r}); "
-          f"c.total_steps = {steps}; c.eval.update(dict(num_t2i=0, num_edits=0))")
+  code = (
+    "from tests.test_opd import small_opd\n"
+    f"c = small_opd({pipe_dirs[0]!r}, teacher_edit={pipe_dirs[1]!r}); "
+    f"c.total_steps = {steps}; c.eval.update(dict(num_t2i=0, num_edits=0))"
+  )
   kill_and_resume.assert_killed_then_resumed_run_is_exact(
-      code, str(tmp_path / "straight"), str(tmp_path / "resumed"), steps, kill_after_step=1)
+    code, str(tmp_path / "straight"), str(tmp_path / "resumed"), steps, kill_after_step=1
+  )
 
 
 def test_configs_validate_and_bad_settings_are_named():
@@ -287,10 +330,12 @@ def test_configs_validate_and_bad_settings_are_named():
     assert trainers.validate(opd_config.get_config(variant)).name == "opd"
   big = opd_config.get_config("qwen_image")
   assert (big.opd.num_steps, big.data.image_size, big.model.dtype) == (40, 1024, "bfloat16")
-  for field, value, match in (("t2i_fraction", 1.5, "opd.t2i_fraction=1.5"),
-                              ("num_train_steps", 11, "opd.num_train_steps=11"),
-                              ("teacher_cfg_scale", 0.5, "opd.teacher_cfg_scale=0.5"),
-                              ("micro_batch_size", 5, "opd.micro_batch_size=5")):
+  for field, value, match in (
+    ("t2i_fraction", 1.5, "opd.t2i_fraction=1.5"),
+    ("num_train_steps", 11, "opd.num_train_steps=11"),
+    ("teacher_cfg_scale", 0.5, "opd.teacher_cfg_scale=0.5"),
+    ("micro_batch_size", 5, "opd.micro_batch_size=5"),
+  ):
     c = opd_config.get_config("tiny")
     c.opd[field] = value
     with pytest.raises(ConfigError, match=match):

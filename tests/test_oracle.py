@@ -46,16 +46,22 @@ def test_clean_held_out_scenes_score_at_least_099(category):
   assert set(worst) >= dims - {'relation'}
   for k, v in worst.items():
     assert v >= 0.99, f'{category}/{k}: worst clean score {v:.4f}'
-  assert all(set(s) - {'overall', 'overall_mean', 'strict', 'quality'}
-             <= set(O.ALIGNMENT_DIMS[category]) for s in scores)
+  assert all(
+    set(s) - {'overall', 'overall_mean', 'strict', 'quality'} <= set(O.ALIGNMENT_DIMS[category])
+    for s in scores
+  )
 
 
 def _all_specs(category):
   tables = {
-      'portrait': (W.PortraitScene, (W.FACE_SHAPES, W.SKIN_TONES, W.EYE_COLOURS, W.HAIR_COLOURS,
-                                     W.EXPRESSIONS, (False, True))),
-      'landscape': (W.LandscapeScene, (W.SKY_COLOURS, W.BODIES, W.BODY_POSITIONS,
-                                       W.GROUND_COLOURS, W.HORIZONS)),
+    'portrait': (
+      W.PortraitScene,
+      (W.FACE_SHAPES, W.SKIN_TONES, W.EYE_COLOURS, W.HAIR_COLOURS, W.EXPRESSIONS, (False, True)),
+    ),
+    'landscape': (
+      W.LandscapeScene,
+      (W.SKY_COLOURS, W.BODIES, W.BODY_POSITIONS, W.GROUND_COLOURS, W.HORIZONS),
+    ),
   }
   cls, options = tables[category]
   return [cls(*values) for values in itertools.product(*[list(o) for o in options])]
@@ -135,8 +141,9 @@ def test_wrong_colour_lowers_attributes_monotonically():
   for spec in _general_scenes(2, 25, seed=1):
     used = {s.colour for s in spec.shapes}
     wrong = next(c for c in W.SHAPE_COLOURS if c not in used)
-    bad = W.GeneralScene((dataclasses.replace(spec.shapes[0], colour=wrong),) + spec.shapes[1:],
-                         spec.relation)
+    bad = W.GeneralScene(
+      (dataclasses.replace(spec.shapes[0], colour=wrong),) + spec.shapes[1:], spec.relation
+    )
     good_img, bad_img = R.render(spec).astype(np.float32), R.render(bad).astype(np.float32)
     for t in levels:
       img = np.rint((1 - t) * good_img + t * bad_img).astype(np.uint8)
@@ -149,7 +156,7 @@ def test_missing_objects_lower_presence_and_count():
   presence, count, overall = [[] for _ in range(3)], [[] for _ in range(3)], [[] for _ in range(3)]
   for spec in _general_scenes(3, 25, seed=2):
     for k in range(3):  # remove the last k shapes from the image
-      shown = W.GeneralScene(spec.shapes[:3 - k], spec.relation if k < 2 else None)
+      shown = W.GeneralScene(spec.shapes[: 3 - k], spec.relation if k < 2 else None)
       s = O.score_t2i(R.render(shown), spec)
       presence[k].append(s['presence'])
       count[k].append(s['count'])
@@ -179,8 +186,9 @@ def test_swapped_or_wrong_glyphs_lower_typography_scores():
     spec = W.TypographyScene(text, 'blue')
     for k in range(4):  # replace the first k glyphs by different ones
       shown = ''.join(
-          W.GLYPHS[(W.GLYPHS.index(c) + 7) % len(W.GLYPHS)] if i < k else c
-          for i, c in enumerate(text))
+        W.GLYPHS[(W.GLYPHS.index(c) + 7) % len(W.GLYPHS)] if i < k else c
+        for i, c in enumerate(text)
+      )
       s = O.score_t2i(R.render(W.TypographyScene(shown, 'blue')), spec)
       order[k].append(s['order'])
       glyphs[k].append(s['glyphs'])
@@ -195,8 +203,12 @@ def test_swapped_or_wrong_glyphs_lower_typography_scores():
 def test_identity_changes_lower_identity_scores():
   rng = np.random.default_rng(5)
   ident, sim = {k: [] for k in range(5)}, {k: [] for k in range(5)}
-  tables = {'face_shape': W.FACE_SHAPES, 'skin': W.SKIN_TONES, 'eyes': W.EYE_COLOURS,
-            'hair': W.HAIR_COLOURS}
+  tables = {
+    'face_shape': W.FACE_SHAPES,
+    'skin': W.SKIN_TONES,
+    'eyes': W.EYE_COLOURS,
+    'hair': W.HAIR_COLOURS,
+  }
   for _ in range(20):
     spec = W.sample_scene(rng, 'portrait')
     ref = R.render(spec)
@@ -217,8 +229,9 @@ def test_state_changes_keep_identity():
   rng = np.random.default_rng(6)
   for _ in range(30):
     spec = W.sample_scene(rng, 'portrait')
-    other = dataclasses.replace(spec, expression=W.EXPRESSIONS[int(rng.integers(3))],
-                                glasses=not spec.glasses)
+    other = dataclasses.replace(
+      spec, expression=W.EXPRESSIONS[int(rng.integers(3))], glasses=not spec.glasses
+    )
     assert O.identity_similarity(R.render(spec), R.render(other)) >= 0.99
     s = O.score_t2i(R.render(other), spec)
     assert s['attributes'] < 0.9  # glasses (and maybe expression) no longer match
@@ -273,9 +286,12 @@ def test_mean_scores_averages_only_present_keys():
 
 def test_scores_stay_in_unit_interval_on_garbage_images():
   rng = np.random.default_rng(13)
-  garbage = [np.zeros((64, 64, 3), np.uint8), np.full((64, 64, 3), 255, np.uint8),
-             rng.integers(0, 256, (64, 64, 3)).astype(np.uint8),
-             _blurred(rng.integers(0, 256, (64, 64, 3)).astype(np.uint8), 3.0)]
+  garbage = [
+    np.zeros((64, 64, 3), np.uint8),
+    np.full((64, 64, 3), 255, np.uint8),
+    rng.integers(0, 256, (64, 64, 3)).astype(np.uint8),
+    _blurred(rng.integers(0, 256, (64, 64, 3)).astype(np.uint8), 3.0),
+  ]
   for category in W.CATEGORIES:
     spec = W.sample_scene(rng, category)
     others = [R.render(W.sample_scene(rng, c)) for c in W.CATEGORIES if c != category]
@@ -295,8 +311,12 @@ def test_identity_reads_blurred_faces_and_still_tells_identities_apart():
   # sigma 2 px, with mild noise and another expression, must stay recognisably the same,
   # while a different identity under the same degradation must not.
   rng = np.random.default_rng(17)
-  tables = {'face_shape': W.FACE_SHAPES, 'skin': W.SKIN_TONES, 'eyes': W.EYE_COLOURS,
-            'hair': W.HAIR_COLOURS}
+  tables = {
+    'face_shape': W.FACE_SHAPES,
+    'skin': W.SKIN_TONES,
+    'eyes': W.EYE_COLOURS,
+    'hair': W.HAIR_COLOURS,
+  }
   same, one_changed, different = [], [], []
   for i in range(20):
     spec = W.sample_scene(rng, 'portrait')
@@ -309,10 +329,14 @@ def test_identity_reads_blurred_faces_and_still_tells_identities_apart():
     field = W.IDENTITY_FIELDS[i % 4]
     ref = R.render(spec)
     same.append(O.identity_similarity(ref, soft(state)))
-    one_changed.append(O.identity_similarity(
-        ref, soft(dataclasses.replace(state, **{field: others[field][0]}))))
-    different.append(O.identity_similarity(
-        ref, soft(dataclasses.replace(state, **{f: o[-1] for f, o in others.items()}))))
+    one_changed.append(
+      O.identity_similarity(ref, soft(dataclasses.replace(state, **{field: others[field][0]})))
+    )
+    different.append(
+      O.identity_similarity(
+        ref, soft(dataclasses.replace(state, **{f: o[-1] for f, o in others.items()}))
+      )
+    )
     assert O.score_t2i(soft(state), spec)['identity'] > 0.5, spec
   print(np.mean(same), np.mean(one_changed), np.max(different))
   assert np.mean(same) > 0.85 and min(same) > 0.5

@@ -53,8 +53,11 @@ def imperfect(image, seed=0):
 
 
 def _background(spec):
-  return {'general': W.GENERAL_BACKGROUND, 'typography': W.TEXT_BACKGROUND,
-          'portrait': W.PORTRAIT_BACKGROUND}.get(spec.category) or W.SKY_COLOURS[spec.sky]
+  return {
+    'general': W.GENERAL_BACKGROUND,
+    'typography': W.TEXT_BACKGROUND,
+    'portrait': W.PORTRAIT_BACKGROUND,
+  }.get(spec.category) or W.SKY_COLOURS[spec.sky]
 
 
 def _palette(spec):
@@ -63,8 +66,13 @@ def _palette(spec):
   if spec.category == 'typography':
     return [W.TEXT_COLOURS[spec.colour]]
   if spec.category == 'portrait':
-    return [W.SKIN_TONES[spec.skin], W.HAIR_COLOURS[spec.hair], W.EYE_COLOURS[spec.eyes],
-            W.SCLERA_COLOUR, W.MOUTH_COLOUR]
+    return [
+      W.SKIN_TONES[spec.skin],
+      W.HAIR_COLOURS[spec.hair],
+      W.EYE_COLOURS[spec.eyes],
+      W.SCLERA_COLOUR,
+      W.MOUTH_COLOUR,
+    ]
   return [W.BODIES[spec.body], W.GROUND_COLOURS[spec.ground]]
 
 
@@ -103,8 +111,12 @@ def duplicated(spec):
     used = {(s.row, s.col) for s in spec.shapes}
     free = [divmod(i, W.GRID) for i in range(W.GRID * W.GRID) if divmod(i, W.GRID) not in used]
     copies = tuple(dataclasses.replace(s, row=r, col=c) for s, (r, c) in zip(spec.shapes, free))
-    twin = R.render(W.GeneralScene(shapes=copies, relation=None if len(copies) < 2 else
-                                   W.pick_relation(copies[0], copies[1])), SIZE)
+    twin = R.render(
+      W.GeneralScene(
+        shapes=copies, relation=None if len(copies) < 2 else W.pick_relation(copies[0], copies[1])
+      ),
+      SIZE,
+    )
     return _composite(image, twin, W.GENERAL_BACKGROUND)
   if spec.category == 'typography':
     shift = int(0.34 * SIZE)
@@ -114,8 +126,9 @@ def duplicated(spec):
     small = image.reshape(SIZE // 2, 2, SIZE // 2, 2, 3).mean(axis=(1, 3))
     return _u8(np.tile(small, (2, 2, 1)))
   other = W.BODY_POSITIONS if spec.body_pos == 'center' else ['center']
-  twin = R.render(dataclasses.replace(
-      spec, body_pos=next(p for p in other if p != spec.body_pos)), SIZE)
+  twin = R.render(
+    dataclasses.replace(spec, body_pos=next(p for p in other if p != spec.body_pos)), SIZE
+  )
   return _composite(image, twin, W.SKY_COLOURS[spec.sky])
 
 
@@ -123,8 +136,10 @@ def wrong_shapes(spec):
   """The scene's colours in the wrong shapes."""
   if spec.category == 'general':
     kinds = W.SHAPE_KINDS
-    shapes = tuple(dataclasses.replace(s, kind=kinds[(kinds.index(s.kind) + 1) % len(kinds)])
-                   for s in spec.shapes)
+    shapes = tuple(
+      dataclasses.replace(s, kind=kinds[(kinds.index(s.kind) + 1) % len(kinds)])
+      for s in spec.shapes
+    )
     return R.render(dataclasses.replace(spec, shapes=shapes), SIZE)
   if spec.category == 'typography':
     text = ''.join(W.GLYPHS[(W.GLYPHS.index(c) + 7) % len(W.GLYPHS)] for c in spec.text)
@@ -134,15 +149,21 @@ def wrong_shapes(spec):
     out[12:22, 16:48] = W.HAIR_COLOURS[spec.hair]
     out[22:56, 16:48] = W.SKIN_TONES[spec.skin]
     for x in (23, 35):
-      out[30:36, x:x + 6] = W.EYE_COLOURS[spec.eyes]
+      out[30:36, x : x + 6] = W.EYE_COLOURS[spec.eyes]
     return out
-  out[int(W.HORIZONS[spec.horizon] * SIZE):] = W.GROUND_COLOURS[spec.ground]
+  out[int(W.HORIZONS[spec.horizon] * SIZE) :] = W.GROUND_COLOURS[spec.ground]
   out[4:8] = W.BODIES[spec.body]  # the sun or moon as a stripe along the top
   return out
 
 
-ADVERSARIES = {'blank': blank, 'noise': noise, 'blur': heavy_blur, 'confetti': confetti,
-               'duplicated': duplicated, 'wrong': wrong_shapes}
+ADVERSARIES = {
+  'blank': blank,
+  'noise': noise,
+  'blur': heavy_blur,
+  'confetti': confetti,
+  'duplicated': duplicated,
+  'wrong': wrong_shapes,
+}
 
 
 def one_attribute_wrong(spec):
@@ -151,8 +172,9 @@ def one_attribute_wrong(spec):
   if spec.category == 'general':
     used = {s.colour for s in spec.shapes}
     new = next(c for c in W.SHAPE_COLOURS if c not in used)
-    return dataclasses.replace(spec, shapes=(dataclasses.replace(spec.shapes[0], colour=new),)
-                               + spec.shapes[1:])
+    return dataclasses.replace(
+      spec, shapes=(dataclasses.replace(spec.shapes[0], colour=new),) + spec.shapes[1:]
+    )
   if spec.category == 'typography':
     return dataclasses.replace(spec, colour=next(c for c in W.TEXT_COLOURS if c != spec.colour))
   if spec.category == 'portrait':
@@ -179,8 +201,9 @@ def test_adversaries_lose_to_correct_and_imperfect_renders(category):
     for name, make in ADVERSARIES.items():
       s = O.score_t2i(make(spec), spec)
       if not (s['overall'] < min(good['overall'], correct['overall']) and s['strict'] == 0.0):
-        failures.append((name, spec, round(s['overall'], 3), s['strict'],
-                         round(good['overall'], 3)))
+        failures.append(
+          (name, spec, round(s['overall'], 3), s['strict'], round(good['overall'], 3))
+        )
   assert not failures, failures
 
 
@@ -212,8 +235,12 @@ def test_extra_objects_cap_the_score_although_presence_rises():
 
 
 def _edit_adversaries(edit, source):
-  return {'copy of the source': source, 'blank': blank(edit.target), 'noise': noise(edit.target),
-          'confetti over the source': confetti(edit.target, base=source)}
+  return {
+    'copy of the source': source,
+    'blank': blank(edit.target),
+    'noise': noise(edit.target),
+    'confetti over the source': confetti(edit.target, base=source),
+  }
 
 
 def test_edit_adversaries_lose_to_correct_and_imperfect_edits():
@@ -230,8 +257,16 @@ def test_edit_adversaries_lose_to_correct_and_imperfect_edits():
       ok = s['strict'] == 0.0 and s['overall'] < min(good['overall'], correct['overall'])
       ok &= s['instruction_following'] < good['instruction_following']
       if not ok:
-        failures.append((name, edit.kind, edit.instruction, round(s['overall'], 3), s['strict'],
-                         round(good['overall'], 3)))
+        failures.append(
+          (
+            name,
+            edit.kind,
+            edit.instruction,
+            round(s['overall'], 3),
+            s['strict'],
+            round(good['overall'], 3),
+          )
+        )
   assert not failures, failures
 
 
@@ -239,9 +274,13 @@ def test_alignment_reward_is_capped_by_default_and_keeps_the_mean_as_an_option()
   rng = np.random.default_rng(8)
   specs = [W.sample_scene(rng, 'general', split='test') for _ in range(6)]
   images = np.stack([duplicated(s) for s in specs])
-  batch = RewardBatch(images=images, prompts=[''] * len(specs),
-                      categories=['general'] * len(specs), sample_ids=np.arange(len(specs)),
-                      meta=[{'spec': s} for s in specs])
+  batch = RewardBatch(
+    images=images,
+    prompts=[''] * len(specs),
+    categories=['general'] * len(specs),
+    sample_ids=np.arange(len(specs)),
+    meta=[{'spec': s} for s in specs],
+  )
   capped = make_reward('alignment')(batch)['alignment']
   mean = make_reward('alignment', metric='mean')(batch)['alignment']
   expected = [O.score_t2i(im, s) for im, s in zip(images, specs)]

@@ -21,10 +21,12 @@ class TinyMlp(nn.Module):
   @nn.compact
   def __call__(self, x):
     init = nn.initializers.lecun_normal()
-    w1 = self.param("w1", nn.with_logical_partitioning(init, ("embed", "mlp")),
-                    (self.width, self.hidden))
-    w2 = self.param("w2", nn.with_logical_partitioning(init, ("mlp", "embed")),
-                    (self.hidden, self.width))
+    w1 = self.param(
+      "w1", nn.with_logical_partitioning(init, ("embed", "mlp")), (self.width, self.hidden)
+    )
+    w2 = self.param(
+      "w2", nn.with_logical_partitioning(init, ("mlp", "embed")), (self.hidden, self.width)
+    )
     h = nn.with_logical_constraint(jnp.tanh(x @ w1), ("act_batch", "act_mlp"))
     return nn.with_logical_constraint(h @ w2, ("act_batch", "act_embed"))
 
@@ -45,9 +47,19 @@ def _train_fn(model, tx, mesh):
 def _optim():
   # SGD: Adam's m/sqrt(v) turns reduction-order rounding of ~0 gradients into O(lr) updates,
   # which would test Adam's conditioning rather than the sharding.
-  return ml_collections.ConfigDict(dict(name="sgd", lr=0.1, warmup_steps=0,
-                                        schedule="constant", b1=0.9, b2=0.999, eps=1e-8,
-                                        weight_decay=0.01, grad_clip_norm=1.0))
+  return ml_collections.ConfigDict(
+    dict(
+      name="sgd",
+      lr=0.1,
+      warmup_steps=0,
+      schedule="constant",
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      weight_decay=0.01,
+      grad_clip_norm=1.0,
+    )
+  )
 
 
 def _run(mesh, steps=3):
@@ -56,8 +68,9 @@ def _run(mesh, steps=3):
   y = jax.random.normal(jax.random.key(2), (16, 64))
   abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), x))["params"]
   shardings = parallel.tree_shardings(abstract, mesh, RULES)
-  params = jax.jit(lambda: nn.meta.unbox(model.init(jax.random.key(0), x)["params"]),
-                   out_shardings=shardings)()
+  params = jax.jit(
+    lambda: nn.meta.unbox(model.init(jax.random.key(0), x)["params"]), out_shardings=shardings
+  )()
   opt_state = tx.init(params)
   data = parallel.batch_sharding(mesh, 2)
   x, y = jax.device_put(x, data), jax.device_put(y, data)
@@ -72,7 +85,10 @@ def _run(mesh, steps=3):
 
 def test_mesh_resolves_minus_one_and_rejects_bad_shapes():
   assert parallel.resolve_mesh_shape({"data": -1, "tensor": 2}, 8) == {
-      "data": 4, "fsdp": 1, "tensor": 2}
+    "data": 4,
+    "fsdp": 1,
+    "tensor": 2,
+  }
   with pytest.raises(ValueError, match="at most one axis"):
     parallel.resolve_mesh_shape({"data": -1, "fsdp": -1}, 8)
   with pytest.raises(ValueError, match="multiply to"):

@@ -16,8 +16,13 @@ import numpy as np
 import pytest
 
 from qwen_image_rl.convert.safetensors_io import CheckpointError
-from qwen_image_rl.pipelines import (QwenImageEditPipeline, QwenImagePipeline,
-                                     calculate_dimensions, common, edit)
+from qwen_image_rl.pipelines import (
+  QwenImageEditPipeline,
+  QwenImagePipeline,
+  calculate_dimensions,
+  common,
+  edit,
+)
 from tests import tiny_reference
 
 torch = pytest.importorskip("torch")
@@ -71,11 +76,13 @@ def test_t2i_matches_diffusers_with_cfg(reference):
   pipe, ours = reference["torch_pipe"], reference["ours"]
   latents = _torch_noise(pipe, 2, 32, 32)
   kwargs = dict(num_inference_steps=4, true_cfg_scale=4.0, height=32, width=32)
-  want = _diffusers_images(pipe, prompt=PROMPTS, negative_prompt=NEGATIVE, latents=latents,
-                           **kwargs)
+  want = _diffusers_images(
+    pipe, prompt=PROMPTS, negative_prompt=NEGATIVE, latents=latents, **kwargs
+  )
   start = time.perf_counter()
-  got = ours(PROMPTS, negative_prompt=NEGATIVE, latents=latents.numpy(), output_type="float",
-             **kwargs)
+  got = ours(
+    PROMPTS, negative_prompt=NEGATIVE, latents=latents.numpy(), output_type="float", **kwargs
+  )
   elapsed = time.perf_counter() - start
   err = _max_err(got, want)
   print(f"T2I CFG 4.0, 4 steps, 2x32x32: max abs err {err:.2e} (ours {elapsed:.2f}s incl. jit)")
@@ -94,15 +101,31 @@ def test_cfg_needs_scale_above_one_and_a_negative(reference):
   embeds, mask = ours.encode_prompt(PROMPTS[:1])
   neg, neg_mask = ours.encode_prompt(NEGATIVE[:1])
   latents = _torch_noise(reference["torch_pipe"], 1, 32, 32).numpy()
-  run = functools.partial(ours, prompt_embeds=embeds, prompt_embeds_mask=mask, latents=latents,
-                          num_inference_steps=2, height=32, width=32, output_type="latent")
+  run = functools.partial(
+    ours,
+    prompt_embeds=embeds,
+    prompt_embeds_mask=mask,
+    latents=latents,
+    num_inference_steps=2,
+    height=32,
+    width=32,
+    output_type="latent",
+  )
   no_cfg = np.asarray(run(true_cfg_scale=1.0))
   np.testing.assert_array_equal(np.asarray(run(true_cfg_scale=4.0)), no_cfg)  # no negative
   np.testing.assert_array_equal(
-      np.asarray(run(true_cfg_scale=1.0, negative_prompt_embeds=neg,
-                     negative_prompt_embeds_mask=neg_mask)), no_cfg)
-  assert _max_err(run(true_cfg_scale=4.0, negative_prompt_embeds=neg,
-                      negative_prompt_embeds_mask=neg_mask), no_cfg) > 1e-3
+    np.asarray(
+      run(true_cfg_scale=1.0, negative_prompt_embeds=neg, negative_prompt_embeds_mask=neg_mask)
+    ),
+    no_cfg,
+  )
+  assert (
+    _max_err(
+      run(true_cfg_scale=4.0, negative_prompt_embeds=neg, negative_prompt_embeds_mask=neg_mask),
+      no_cfg,
+    )
+    > 1e-3
+  )
 
 
 @pytest.mark.parametrize("height,width", [(36, 44), (40, 24)])
@@ -138,24 +161,39 @@ def _edit_pipes(reference):
   from diffusers import QwenImageEditPipeline as TorchEdit
 
   tp = reference["torch_pipe"]
-  torch_edit = TorchEdit(scheduler=tp.scheduler, vae=tp.vae, text_encoder=tp.text_encoder,
-                         tokenizer=tp.tokenizer, processor=None, transformer=tp.transformer)
+  torch_edit = TorchEdit(
+    scheduler=tp.scheduler,
+    vae=tp.vae,
+    text_encoder=tp.text_encoder,
+    tokenizer=tp.tokenizer,
+    processor=None,
+    transformer=tp.transformer,
+  )
   o = reference["ours"]
-  ours = QwenImageEditPipeline(o.transformer, o.transformer_params, o.vae, o.vae_params,
-                               o.text_encoder, o.text_encoder_params, o.tokenizer,
-                               o._scheduler_config, text_encoder_extra=o.text_encoder_extra)
+  ours = QwenImageEditPipeline(
+    o.transformer,
+    o.transformer_params,
+    o.vae,
+    o.vae_params,
+    o.text_encoder,
+    o.text_encoder_params,
+    o.tokenizer,
+    o._scheduler_config,
+    text_encoder_extra=o.text_encoder_extra,
+  )
   return torch_edit, ours
 
 
 def test_edit_matches_diffusers_vae_path(reference, monkeypatch):
-  from PIL import Image
   from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit
+  from PIL import Image
 
   torch_edit, ours = _edit_pipes(reference)
   area = 48 * 48  # instead of 1024^2, on both sides, to keep the test small
   original = pipeline_qwenimage_edit.calculate_dimensions
-  monkeypatch.setattr(pipeline_qwenimage_edit, "calculate_dimensions",
-                      lambda _, ratio: original(area, ratio))
+  monkeypatch.setattr(
+    pipeline_qwenimage_edit, "calculate_dimensions", lambda _, ratio: original(area, ratio)
+  )
   pixels = np.random.default_rng(0).integers(0, 256, (32, 48, 3), dtype=np.uint8)
   image = Image.fromarray(pixels)
   assert ours.source_dimensions(image, area) == (64, 32)  # resized, aspect kept
@@ -164,29 +202,51 @@ def test_edit_matches_diffusers_vae_path(reference, monkeypatch):
   latents = _torch_noise(torch_edit, 2, 32, 64, seed=2)
   kwargs = dict(num_inference_steps=4, true_cfg_scale=4.0, num_images_per_prompt=2)
   with torch.no_grad():
-    want = torch_edit(image=image, prompt_embeds=torch.from_numpy(np.asarray(embeds)),
-                      prompt_embeds_mask=torch.from_numpy(np.asarray(mask)).long(),
-                      negative_prompt_embeds=torch.from_numpy(np.asarray(neg)),
-                      negative_prompt_embeds_mask=torch.from_numpy(np.asarray(neg_mask)).long(),
-                      latents=latents, output_type="np", **kwargs).images
-  got = ours(image, prompt_embeds=embeds, prompt_embeds_mask=mask, negative_prompt_embeds=neg,
-             negative_prompt_embeds_mask=neg_mask, latents=latents.numpy(),
-             output_type="float", image_area=area, **kwargs)
+    want = torch_edit(
+      image=image,
+      prompt_embeds=torch.from_numpy(np.asarray(embeds)),
+      prompt_embeds_mask=torch.from_numpy(np.asarray(mask)).long(),
+      negative_prompt_embeds=torch.from_numpy(np.asarray(neg)),
+      negative_prompt_embeds_mask=torch.from_numpy(np.asarray(neg_mask)).long(),
+      latents=latents,
+      output_type="np",
+      **kwargs,
+    ).images
+  got = ours(
+    image,
+    prompt_embeds=embeds,
+    prompt_embeds_mask=mask,
+    negative_prompt_embeds=neg,
+    negative_prompt_embeds_mask=neg_mask,
+    latents=latents.numpy(),
+    output_type="float",
+    image_area=area,
+    **kwargs,
+  )
   err = _max_err(got, want)
   print(f"Edit CFG 4.0, 4 steps, 2 x 32x64 (source 32x48 -> 64x32): max abs err {err:.2e}")
   assert err <= TOL
   # uint8 arrays are accepted as well as PIL images.
-  again = ours(pixels, prompt_embeds=embeds, prompt_embeds_mask=mask,
-               negative_prompt_embeds=neg, negative_prompt_embeds_mask=neg_mask,
-               latents=latents.numpy(), output_type="float", image_area=area, **kwargs)
+  again = ours(
+    pixels,
+    prompt_embeds=embeds,
+    prompt_embeds_mask=mask,
+    negative_prompt_embeds=neg,
+    negative_prompt_embeds_mask=neg_mask,
+    latents=latents.numpy(),
+    output_type="float",
+    image_area=area,
+    **kwargs,
+  )
   np.testing.assert_array_equal(again, got)
 
 
 def test_edit_resize_like_diffusers_for_tiny_images(reference):
-  from PIL import Image
   from diffusers.image_processor import VaeImageProcessor
   from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import (
-      calculate_dimensions as torch_dims)
+    calculate_dimensions as torch_dims,
+  )
+  from PIL import Image
 
   for ratio in (1.0, 0.5, 4 / 3, 16 / 9, 0.37, 2.9):
     assert calculate_dimensions(1024 * 1024, ratio) == torch_dims(1024 * 1024, ratio)[:2]
@@ -223,23 +283,35 @@ def test_save_pretrained_round_trip_through_diffusers(reference, tmp_path):
   public = lambda c: {k: v for k, v in dict(c).items() if not k.startswith("_")}
   assert public(loaded.scheduler.config) == public(original.scheduler.config)
   latents = _torch_noise(original, 1, 32, 32, seed=4)
-  kwargs = dict(prompt=PROMPTS[:1], negative_prompt=NEGATIVE[:1], num_inference_steps=3,
-                true_cfg_scale=4.0, height=32, width=32)
-  np.testing.assert_array_equal(_diffusers_images(loaded, latents=latents, **kwargs),
-                                _diffusers_images(original, latents=latents, **kwargs))
+  kwargs = dict(
+    prompt=PROMPTS[:1],
+    negative_prompt=NEGATIVE[:1],
+    num_inference_steps=3,
+    true_cfg_scale=4.0,
+    height=32,
+    width=32,
+  )
+  np.testing.assert_array_equal(
+    _diffusers_images(loaded, latents=latents, **kwargs),
+    _diffusers_images(original, latents=latents, **kwargs),
+  )
   reloaded = QwenImagePipeline.from_pretrained(out)
   np.testing.assert_array_equal(
-      reloaded(latents=latents.numpy(), output_type="float", **kwargs),
-      ours(latents=latents.numpy(), output_type="float", **kwargs))
+    reloaded(latents=latents.numpy(), output_type="float", **kwargs),
+    ours(latents=latents.numpy(), output_type="float", **kwargs),
+  )
 
 
-@pytest.mark.parametrize("remove,match", [
+@pytest.mark.parametrize(
+  "remove,match",
+  [
     ("model_index.json", "model_index.json"),
     ("vae/config.json", "vae/config.json"),
     ("transformer/diffusion_pytorch_model.safetensors", "transformer"),
     ("scheduler/scheduler_config.json", "scheduler_config.json"),
     ("tokenizer", "tokenizer"),
-])
+  ],
+)
 def test_missing_component_file_is_a_clear_error(reference, tmp_path, remove, match):
   copy = str(tmp_path / "copy")
   shutil.copytree(reference["path"], copy)
@@ -263,8 +335,10 @@ def test_denoise_with_sharded_params_matches(reference):
   rules = parallel.DEFAULT_LOGICAL_AXIS_RULES
   shardings = parallel.tree_shardings(ours.transformer.abstract_params(), mesh, rules)
   params = parallel.shard_tree(ours.transformer_params, shardings)
-  assert any(len(p.sharding.device_set) > 1 and not p.sharding.is_fully_replicated
-             for p in jax.tree.leaves(params))
+  assert any(
+    len(p.sharding.device_set) > 1 and not p.sharding.is_fully_replicated
+    for p in jax.tree.leaves(params)
+  )
   with parallel.sharding_context(mesh, rules):
     got = fn(params, x, embeds, mask, neg, neg_mask, sigmas, 4.0)
   err = _max_err(got, want)
@@ -280,19 +354,29 @@ def test_edit_text_prompt_and_save_round_trip(reference, tmp_path):
   _, ours = _edit_pipes(reference)
   pixels = np.random.default_rng(3).integers(0, 256, (1, 32, 32, 3), dtype=np.uint8)
   assert "<|image_pad|>" not in ours.TEMPLATE and "{}" in ours.TEMPLATE
-  kwargs = dict(num_inference_steps=2, true_cfg_scale=4.0, image_area=None, seed=0,
-                output_type="float")
+  kwargs = dict(
+    num_inference_steps=2, true_cfg_scale=4.0, image_area=None, seed=0, output_type="float"
+  )
   got = ours(pixels, "make it red", negative_prompt="blurry", **kwargs)
   assert got.shape == (1, 32, 32, 3)
   embeds, mask = ours.encode_prompt("make it red")
   neg, neg_mask = ours.encode_prompt("blurry")
   np.testing.assert_array_equal(
-      ours(pixels, prompt_embeds=embeds, prompt_embeds_mask=mask, negative_prompt_embeds=neg,
-           negative_prompt_embeds_mask=neg_mask, **kwargs), got)
+    ours(
+      pixels,
+      prompt_embeds=embeds,
+      prompt_embeds_mask=mask,
+      negative_prompt_embeds=neg,
+      negative_prompt_embeds_mask=neg_mask,
+      **kwargs,
+    ),
+    got,
+  )
   out = str(tmp_path / "edit")
   ours.save_pretrained(out)
   loaded = TorchEdit.from_pretrained(out, processor=None)  # no processor is written
   assert loaded.processor is None and loaded.transformer is not None
   reloaded = QwenImageEditPipeline.from_pretrained(out)
-  np.testing.assert_array_equal(reloaded(pixels, "make it red", negative_prompt="blurry",
-                                         **kwargs), got)
+  np.testing.assert_array_equal(
+    reloaded(pixels, "make it red", negative_prompt="blurry", **kwargs), got
+  )

@@ -39,12 +39,13 @@ def test_bf16_storage_rounds_most_of_a_1e5_update_away():
   weights = (0.02 * rng.standard_normal((512, 512))).astype(np.float32)
   grads = rng.standard_normal((512, 512)).astype(np.float32)
   bf16 = {"w": jnp.asarray(weights, jnp.bfloat16)}
-  stored_bf16 = precision.fraction_changed(bf16, _one_step(bf16, {"w": grads.astype(
-      jnp.bfloat16)}))
+  stored_bf16 = precision.fraction_changed(bf16, _one_step(bf16, {"w": grads.astype(jnp.bfloat16)}))
   master = {"w": jnp.asarray(bf16["w"], jnp.float32)}  # the same weights, kept in float32
   stepped = _one_step(master, {"w": jnp.asarray(grads)})
-  print(f"fraction of N(0, 0.02) weights changed by one lr-1e-5 AdamW step: bf16 storage "
-        f"{stored_bf16:.3f}, float32 master {precision.fraction_changed(master, stepped):.3f}")
+  print(
+    f"fraction of N(0, 0.02) weights changed by one lr-1e-5 AdamW step: bf16 storage "
+    f"{stored_bf16:.3f}, float32 master {precision.fraction_changed(master, stepped):.3f}"
+  )
   assert 0.10 < stored_bf16 < 0.20  # ~15%: the update is below half a bf16 ulp for the rest
   assert precision.fraction_changed(master, stepped) == 1.0
   # Each master weight moved against its gradient by at most lr (Adam's first step is
@@ -56,7 +57,9 @@ def test_bf16_storage_rounds_most_of_a_1e5_update_away():
 
 def test_settings_resolve_storage_dtype():
   assert precision.model_dtypes(_model_config("bfloat16")) == {
-      "dtype": jnp.bfloat16, "param_dtype": jnp.float32}
+    "dtype": jnp.bfloat16,
+    "param_dtype": jnp.float32,
+  }
   assert precision.model_dtypes(_model_config("bfloat16", "off"))["param_dtype"] == jnp.bfloat16
   assert precision.model_dtypes(_model_config("float32"))["param_dtype"] == jnp.float32
   assert precision.model_dtypes(_model_config("float32", "on"))["param_dtype"] == jnp.float32
@@ -65,19 +68,30 @@ def test_settings_resolve_storage_dtype():
   with pytest.raises(ValueError, match="config.model.dtype='fp8'"):
     precision.model_dtypes(_model_config("fp8"))
   with pytest.raises(ValueError, match=r"\['w'\] \(bfloat16\)"):
-    precision.check_master_params({"w": jnp.zeros(2, jnp.bfloat16)},
-                                  precision.model_dtypes(_model_config("bfloat16")))
+    precision.check_master_params(
+      {"w": jnp.zeros(2, jnp.bfloat16)}, precision.model_dtypes(_model_config("bfloat16"))
+    )
 
 
 @pytest.mark.parametrize("master_weights", ["auto", "off"])
 def test_bf16_model_with_master_weights_learns_at_1e5(master_weights):
   dtypes = precision.model_dtypes(_model_config("bfloat16", master_weights))
-  model = QwenImageTransformer(patch_size=2, in_channels=16, out_channels=4, num_layers=1,
-                               attention_head_dim=16, num_attention_heads=2,
-                               joint_attention_dim=24, axes_dims_rope=(4, 6, 6), **dtypes)
+  model = QwenImageTransformer(
+    patch_size=2,
+    in_channels=16,
+    out_channels=4,
+    num_layers=1,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=24,
+    axes_dims_rope=(4, 6, 6),
+    **dtypes,
+  )
   rng = np.random.default_rng(1)
-  params = jax.tree.map(lambda s: jnp.asarray(0.02 * rng.standard_normal(s.shape), s.dtype),
-                        nn.meta.unbox(model.abstract_params()))  # N(0, 0.02), no init compile
+  params = jax.tree.map(
+    lambda s: jnp.asarray(0.02 * rng.standard_normal(s.shape), s.dtype),
+    nn.meta.unbox(model.abstract_params()),
+  )  # N(0, 0.02), no init compile
   x = jnp.asarray(rng.standard_normal((2, 12, 16)), jnp.bfloat16)
   ctx = jnp.asarray(rng.standard_normal((2, 5, 24)), jnp.bfloat16)
   t = jnp.asarray([0.3, 0.8])
@@ -93,15 +107,18 @@ def test_bf16_model_with_master_weights_learns_at_1e5(master_weights):
   # A weight should change when its update is at least half a float32 ulp of the weight (a few
   # entries whose gradient is far below AdamW's eps get updates smaller than that).
   half_ulp = [0.5 * np.abs(np.spacing(np.asarray(p, np.float32))) for p in jax.tree.leaves(params)]
-  should_move = [np.abs(np.asarray(u, np.float32)) >= h
-                 for u, h in zip(jax.tree.leaves(updates), half_ulp)]
+  should_move = [
+    np.abs(np.asarray(u, np.float32)) >= h for u, h in zip(jax.tree.leaves(updates), half_ulp)
+  ]
   should = sum(int(h.sum()) for h in should_move)
   did = sum(int((m & h).sum()) for m, h in zip(moved, should_move))
   # The compute runs in bf16 either way: the matmuls of the step are bf16 dots.
   hlo = grad_fn.lower(params).as_text()
   assert "bf16" in hlo and any("dot_general" in ln and "bf16" in ln for ln in hlo.splitlines())
-  print(f"master_weights={master_weights}: {did} of {should} weights that should move moved "
-        f"({sum(x.size for x in should_move)} weights)")
+  print(
+    f"master_weights={master_weights}: {did} of {should} weights that should move moved "
+    f"({sum(x.size for x in should_move)} weights)"
+  )
   if master_weights == "auto":
     precision.check_master_params(params, dtypes)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(new))

@@ -5,24 +5,42 @@ blocks, block 1 full attention, 2x2-merged windows) is saved with save_pretraine
 `load_qwen2_5_vl`; images go through both image processors.
 """
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 from qwen_image_rl.convert import load_qwen2_5_vl, save_qwen2_5_vl
 from qwen_image_rl.data.tokenizer import build_qwen_tokenizer, special_token_ids
 from qwen_image_rl.models import qwen2_5_vl_generate as gen
 from qwen_image_rl.models.qwen2_5_vl_processor import (
-    ImageProcessor, expand_image_tokens, smart_resize)
+  ImageProcessor,
+  expand_image_tokens,
+  smart_resize,
+)
 from qwen_image_rl.models.qwen2_5_vl_vision import vision_layout
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.torch
 
 TOL = 1e-4
-WORDS = "a the red green blue circle square describe picture what is in this image and".split()
+WORDS = [
+  "a",
+  "the",
+  "red",
+  "green",
+  "blue",
+  "circle",
+  "square",
+  "describe",
+  "picture",
+  "what",
+  "is",
+  "in",
+  "this",
+  "image",
+  "and",
+]
 SIZES = [(84, 140), (56, 56), (112, 84)]  # (height, width) of the test images
 
 
@@ -31,17 +49,36 @@ def _config(tokenizer, tied: bool):
 
   ids = special_token_ids(tokenizer)
   return Qwen2_5_VLConfig(
-      text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48,
-                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                       rope_scaling=dict(mrope_section=[1, 1, 2], rope_type="default",
-                                         type="default"),
-                       rope_theta=1e4, rms_norm_eps=1e-6, bos_token_id=None,
-                       eos_token_id=ids["im_end_token_id"], pad_token_id=ids["pad_token_id"]),
-      vision_config=dict(depth=3, hidden_size=32, intermediate_size=24, num_heads=2,
-                         out_hidden_size=32, window_size=56, fullatt_block_indexes=[1]),
-      vocab_size=len(tokenizer), image_token_id=ids["image_token_id"],
-      video_token_id=ids["video_token_id"], vision_start_token_id=ids["vision_start_token_id"],
-      vision_end_token_id=ids["vision_end_token_id"], tie_word_embeddings=tied)
+    text_config=dict(
+      vocab_size=len(tokenizer),
+      hidden_size=32,
+      intermediate_size=48,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      num_key_value_heads=2,
+      rope_scaling=dict(mrope_section=[1, 1, 2], rope_type="default", type="default"),
+      rope_theta=1e4,
+      rms_norm_eps=1e-6,
+      bos_token_id=None,
+      eos_token_id=ids["im_end_token_id"],
+      pad_token_id=ids["pad_token_id"],
+    ),
+    vision_config=dict(
+      depth=3,
+      hidden_size=32,
+      intermediate_size=24,
+      num_heads=2,
+      out_hidden_size=32,
+      window_size=56,
+      fullatt_block_indexes=[1],
+    ),
+    vocab_size=len(tokenizer),
+    image_token_id=ids["image_token_id"],
+    video_token_id=ids["video_token_id"],
+    vision_start_token_id=ids["vision_start_token_id"],
+    vision_end_token_id=ids["vision_end_token_id"],
+    tie_word_embeddings=tied,
+  )
 
 
 def _randomise(model, seed):
@@ -97,34 +134,50 @@ def _prompts(tokenizer, texts, images, padding_side="left"):
 def _torch_logits(ref, ids, mask, processed):
   kw = dict(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask))
   if processed is not None:
-    kw.update(pixel_values=torch.as_tensor(processed["pixel_values"]),
-              image_grid_thw=torch.as_tensor(processed["image_grid_thw"]),
-              mm_token_type_ids=torch.as_tensor(
-                  (ids == ref["torch_model"].config.image_token_id).astype(np.int64)))
+    kw.update(
+      pixel_values=torch.as_tensor(processed["pixel_values"]),
+      image_grid_thw=torch.as_tensor(processed["image_grid_thw"]),
+      mm_token_type_ids=torch.as_tensor(
+        (ids == ref["torch_model"].config.image_token_id).astype(np.int64)
+      ),
+    )
   with torch.no_grad():
     return ref["torch_model"](**kw).logits.numpy()
 
 
 def _ours_logits(ref, ids, mask, processed):
-  kw = {} if processed is None else dict(pixel_values=jnp.asarray(processed["pixel_values"]),
-                                         image_grid_thw=processed["image_grid_thw"])
-  return np.asarray(ref["model"].apply({"params": ref["params"]}, input_ids=jnp.asarray(ids),
-                                       attention_mask=jnp.asarray(mask), **kw))
+  kw = (
+    {}
+    if processed is None
+    else dict(
+      pixel_values=jnp.asarray(processed["pixel_values"]),
+      image_grid_thw=processed["image_grid_thw"],
+    )
+  )
+  return np.asarray(
+    ref["model"].apply(
+      {"params": ref["params"]}, input_ids=jnp.asarray(ids), attention_mask=jnp.asarray(mask), **kw
+    )
+  )
 
 
 def test_image_processor_matches_transformers():
   from PIL import Image
+  from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
   from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
-      Qwen2VLImageProcessorPil)
-  from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
-      smart_resize as torch_smart_resize)
+    smart_resize as torch_smart_resize,
+  )
 
   rng = np.random.default_rng(1)
   rgb = rng.integers(0, 256, (90, 130, 3), dtype=np.uint8)
   rgba = rng.integers(0, 256, (61, 47, 4), dtype=np.uint8)
-  images = [Image.fromarray(rgb), Image.fromarray(rgb[..., 0], "L"),
-            Image.fromarray(rgba, "RGBA"), Image.fromarray(rgb[:9, :20]),  # below min_pixels
-            Image.fromarray(rng.integers(0, 256, (700, 300, 3), dtype=np.uint8))]
+  images = [
+    Image.fromarray(rgb),
+    Image.fromarray(rgb[..., 0], "L"),
+    Image.fromarray(rgba, "RGBA"),
+    Image.fromarray(rgb[:9, :20]),  # below min_pixels
+    Image.fromarray(rng.integers(0, 256, (700, 300, 3), dtype=np.uint8)),
+  ]
   for kwargs in ({}, dict(min_pixels=28 * 28 * 8, max_pixels=28 * 28 * 40)):
     want = Qwen2VLImageProcessorPil(**kwargs)(images, return_tensors="np")
     got = ImageProcessor(**kwargs)(images)
@@ -144,13 +197,17 @@ def test_vision_features_match_transformers(reference):
   processed = ImageProcessor()(_images())
   grid = processed["image_grid_thw"]
   with torch.no_grad():
-    want = reference["torch_model"].model.get_image_features(
-        torch.as_tensor(processed["pixel_values"]), torch.as_tensor(grid)).pooler_output
+    want = (
+      reference["torch_model"]
+      .model.get_image_features(torch.as_tensor(processed["pixel_values"]), torch.as_tensor(grid))
+      .pooler_output
+    )
   want = torch.cat(want).numpy()
   model = reference["model"]
   layout = {k: jnp.asarray(v) for k, v in vision_layout(grid, model.vision_config).arrays().items()}
-  got = jax.jit(model.visual.apply)({"params": reference["params"]["visual"]},
-                                    jnp.asarray(processed["pixel_values"]), layout)
+  got = jax.jit(model.visual.apply)(
+    {"params": reference["params"]["visual"]}, jnp.asarray(processed["pixel_values"]), layout
+  )
   err = np.abs(np.asarray(got) - want).max()
   print(f"vision features {want.shape} max abs err {err:.2e} (max |x| {np.abs(want).max():.1f})")
   assert layout["window_segments"].max() > len(SIZES), "several windows per image"
@@ -158,14 +215,19 @@ def test_vision_features_match_transformers(reference):
 
 
 def test_rope_index_matches_transformers(reference, tokenizer):
-  texts = ["a <|vision_start|><|image_pad|><|vision_end|> red circle",
-           "<|vision_start|><|image_pad|><|vision_end|>a<|vision_start|><|image_pad|>"
-           "<|vision_end|> what is in this image"]
+  texts = [
+    "a <|vision_start|><|image_pad|><|vision_end|> red circle",
+    "<|vision_start|><|image_pad|><|vision_end|>a<|vision_start|><|image_pad|>"
+    "<|vision_end|> what is in this image",
+  ]
   ids, mask, processed = _prompts(tokenizer, texts, _images())
   tm = reference["torch_model"].model
   want, want_delta = tm.get_rope_index(
-      torch.as_tensor(ids), torch.as_tensor((ids == tm.config.image_token_id).astype(np.int64)),
-      torch.as_tensor(processed["image_grid_thw"]), attention_mask=torch.as_tensor(mask))
+    torch.as_tensor(ids),
+    torch.as_tensor((ids == tm.config.image_token_id).astype(np.int64)),
+    torch.as_tensor(processed["image_grid_thw"]),
+    attention_mask=torch.as_tensor(mask),
+  )
   got, delta = reference["model"].rope_index(ids, mask, processed["image_grid_thw"])
   np.testing.assert_array_equal(got, want.numpy())
   np.testing.assert_array_equal(delta, want_delta.numpy()[:, 0])
@@ -188,8 +250,9 @@ def test_logits_match_transformers(reference, tokenizer, case):
   got = _ours_logits(reference, ids, mask, processed)
   valid = mask.astype(bool)
   err = np.abs(got - want)[valid].max()
-  print(f"{case}: logits {want.shape} max abs err {err:.2e} (max |x| "
-        f"{np.abs(want[valid]).max():.1f})")
+  print(
+    f"{case}: logits {want.shape} max abs err {err:.2e} (max |x| {np.abs(want[valid]).max():.1f})"
+  )
   assert err <= TOL
 
 
@@ -199,7 +262,8 @@ def test_save_round_trip_and_tied_embeddings(tokenizer, tmp_path):
   ref = _build(tokenizer, str(tmp_path / "tied"), tied=True, seed=3)
   assert "lm_head" not in ref["params"]["language_model"]
   ids, mask, processed = _prompts(
-      tokenizer, ["<|vision_start|><|image_pad|><|vision_end|> describe"], _images()[:1])
+    tokenizer, ["<|vision_start|><|image_pad|><|vision_end|> describe"], _images()[:1]
+  )
   want = _torch_logits(ref, ids, mask, processed)
   assert np.abs(_ours_logits(ref, ids, mask, processed) - want).max() <= TOL
   out = str(tmp_path / "saved")
@@ -217,16 +281,29 @@ def test_greedy_generation_token_identical(reference, tokenizer):
   tm = reference["torch_model"]
   with torch.no_grad():
     want = tm.generate(
-        input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
-        pixel_values=torch.as_tensor(processed["pixel_values"]),
-        image_grid_thw=torch.as_tensor(processed["image_grid_thw"]),
-        mm_token_type_ids=torch.as_tensor((ids == tm.config.image_token_id).astype(np.int64)),
-        max_new_tokens=32, min_new_tokens=32, do_sample=False, eos_token_id=None,
-        pad_token_id=0).numpy()[:, ids.shape[1]:]
+      input_ids=torch.as_tensor(ids),
+      attention_mask=torch.as_tensor(mask),
+      pixel_values=torch.as_tensor(processed["pixel_values"]),
+      image_grid_thw=torch.as_tensor(processed["image_grid_thw"]),
+      mm_token_type_ids=torch.as_tensor((ids == tm.config.image_token_id).astype(np.int64)),
+      max_new_tokens=32,
+      min_new_tokens=32,
+      do_sample=False,
+      eos_token_id=None,
+      pad_token_id=0,
+    ).numpy()[:, ids.shape[1] :]
   config = gen.GenerationConfig(max_new_tokens=32)
-  got = np.asarray(gen.generate(reference["model"], reference["params"], ids, mask,
-                                pixel_values=processed["pixel_values"],
-                                image_grid_thw=processed["image_grid_thw"], config=config))
+  got = np.asarray(
+    gen.generate(
+      reference["model"],
+      reference["params"],
+      ids,
+      mask,
+      pixel_values=processed["pixel_values"],
+      image_grid_thw=processed["image_grid_thw"],
+      config=config,
+    )
+  )
   print("generated", got.tolist())
   assert len(set(got[0].tolist())) > 1, "degenerate generation cannot test the cache"
   np.testing.assert_array_equal(got, want)
@@ -236,23 +313,34 @@ def test_text_generation_stop_tokens_and_scoring(reference, tokenizer):
   ids, mask, _ = _prompts(tokenizer, ["a red", "the blue square and a green circle is"], [])
   tm = reference["torch_model"]
   greedy = gen.GenerationConfig(max_new_tokens=12)
-  got = np.asarray(gen.generate(reference["model"], reference["params"], ids, mask,
-                                config=greedy))
+  got = np.asarray(gen.generate(reference["model"], reference["params"], ids, mask, config=greedy))
   with torch.no_grad():
-    want = tm.generate(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
-                       max_new_tokens=12, min_new_tokens=12, do_sample=False,
-                       eos_token_id=None, pad_token_id=0).numpy()[:, ids.shape[1]:]
+    want = tm.generate(
+      input_ids=torch.as_tensor(ids),
+      attention_mask=torch.as_tensor(mask),
+      max_new_tokens=12,
+      min_new_tokens=12,
+      do_sample=False,
+      eos_token_id=None,
+      pad_token_id=0,
+    ).numpy()[:, ids.shape[1] :]
   np.testing.assert_array_equal(got, want)
   # Stop on the third token of sample 0: it is padded after, sample 1 runs on unchanged.
   stop = int(got[0, 2])
   if stop in got[1].tolist():
     pytest.fail("pick a stop token only sample 0 emits")
-  stopped = np.asarray(gen.generate(
-      reference["model"], reference["params"], ids, mask,
-      config=gen.GenerationConfig(max_new_tokens=12, stop_token_ids=(stop,), pad_token_id=-1)))
+  stopped = np.asarray(
+    gen.generate(
+      reference["model"],
+      reference["params"],
+      ids,
+      mask,
+      config=gen.GenerationConfig(max_new_tokens=12, stop_token_ids=(stop,), pad_token_id=-1),
+    )
+  )
   first = got[0].tolist().index(stop)
-  np.testing.assert_array_equal(stopped[0, :first + 1], got[0, :first + 1])
-  assert (stopped[0, first + 1:] == -1).all()
+  np.testing.assert_array_equal(stopped[0, : first + 1], got[0, : first + 1])
+  assert (stopped[0, first + 1 :] == -1).all()
   np.testing.assert_array_equal(stopped[1], got[1])
   # Scoring: logits at chosen positions equal the full forward's.
   positions = np.array([[ids.shape[1] - 1, ids.shape[1] - 2], [0, 3]])
@@ -262,14 +350,18 @@ def test_text_generation_stop_tokens_and_scoring(reference, tokenizer):
   assert np.abs(scored - want_scored).max() <= TOL
   # Sampling: reproducible for one key, top_p -> 0 is greedy.
   sample = gen.GenerationConfig(max_new_tokens=12, temperature=0.7, top_p=0.9)
-  a = gen.generate(reference["model"], reference["params"], ids, mask, config=sample,
-                   rng=jax.random.key(1))
-  b = gen.generate(reference["model"], reference["params"], ids, mask, config=sample,
-                   rng=jax.random.key(1))
+  a = gen.generate(
+    reference["model"], reference["params"], ids, mask, config=sample, rng=jax.random.key(1)
+  )
+  b = gen.generate(
+    reference["model"], reference["params"], ids, mask, config=sample, rng=jax.random.key(1)
+  )
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   nucleus = gen.GenerationConfig(max_new_tokens=12, temperature=1.0, top_p=1e-6)
-  np.testing.assert_array_equal(np.asarray(gen.generate(
-      reference["model"], reference["params"], ids, mask, config=nucleus)), got)
+  np.testing.assert_array_equal(
+    np.asarray(gen.generate(reference["model"], reference["params"], ids, mask, config=nucleus)),
+    got,
+  )
 
 
 def test_top_p_filter_matches_transformers():
@@ -283,16 +375,24 @@ def test_top_p_filter_matches_transformers():
 
 
 def test_bad_inputs(reference, tokenizer):
-  ids, mask, processed = _prompts(tokenizer, ["<|vision_start|><|image_pad|><|vision_end|>"],
-                                  _images()[:1])
+  ids, mask, processed = _prompts(
+    tokenizer, ["<|vision_start|><|image_pad|><|vision_end|>"], _images()[:1]
+  )
   with pytest.raises(ValueError, match="do not match"):
-    reference["model"].apply({"params": reference["params"]}, jnp.asarray(ids[:, 2:]),
-                             pixel_values=jnp.asarray(processed["pixel_values"]),
-                             image_grid_thw=processed["image_grid_thw"])
+    reference["model"].apply(
+      {"params": reference["params"]},
+      jnp.asarray(ids[:, 2:]),
+      pixel_values=jnp.asarray(processed["pixel_values"]),
+      image_grid_thw=processed["image_grid_thw"],
+    )
   with pytest.raises(ValueError, match="left-padded"):
     right = np.concatenate([ids, np.zeros_like(ids[:, :1])], axis=1)
-    gen.generate(reference["model"], reference["params"], right,
-                 np.concatenate([mask, np.zeros_like(mask[:, :1])], axis=1))
+    gen.generate(
+      reference["model"],
+      reference["params"],
+      right,
+      np.concatenate([mask, np.zeros_like(mask[:, :1])], axis=1),
+    )
   with pytest.raises(ValueError, match="multiples of spatial_merge_size"):
     vision_layout([[1, 3, 4]], reference["model"].vision_config)
 
@@ -306,8 +406,7 @@ def test_7b_parameter_count_matches_transformers():
   from qwen_image_rl.models.qwen2_5_vl_full import QWEN2_5_VL_7B_CONFIG, Qwen25VL
 
   with torch.device("meta"):
-    reference = Qwen2_5_VLForConditionalGeneration(
-        Qwen2_5_VLConfig(**QWEN2_5_VL_7B_CONFIG))
+    reference = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**QWEN2_5_VL_7B_CONFIG))
   want = sum(p.numel() for p in reference.parameters())
   model = Qwen25VL.from_config(QWEN2_5_VL_7B_CONFIG, dtype=jnp.bfloat16)
   got = count_params(model.abstract_params())

@@ -12,7 +12,6 @@ import time
 
 import numpy as np
 import pytest
-
 from judge_servers import judge_servers  # noqa: F401  (fixture)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,10 +41,12 @@ def remote_config(pipe_dir, base_url, total_steps=2, **remote_kwargs):
   c.checkpoint.update(dict(every=1, async_save=False))
   c.log.update(dict(every=1, images_every=0))
   c.rewards.names = ('remote_alignment', 'aesthetics')
-  c.rewards.kwargs = {'remote_alignment': dict(base_url=base_url, backoff_base_s=0.05,
-                                               backoff_max_s=1.0, **remote_kwargs)}
-  c.rl.category_weights = {cat: {'remote_alignment': 0.7, 'aesthetics': 0.3}
-                           for cat in CATEGORIES}
+  c.rewards.kwargs = {
+    'remote_alignment': dict(
+      base_url=base_url, backoff_base_s=0.05, backoff_max_s=1.0, **remote_kwargs
+    )
+  }
+  c.rl.category_weights = {cat: {'remote_alignment': 0.7, 'aesthetics': 0.3} for cat in CATEGORIES}
   return c
 
 
@@ -58,6 +59,7 @@ def exported_transformer(workdir):
 def requests_served(server) -> int:
   import json
   import urllib.request
+
   try:
     with urllib.request.urlopen(server.url + '/health', timeout=2) as response:
       return json.loads(response.read())['requests']
@@ -67,8 +69,7 @@ def requests_served(server) -> int:
 
 @pytest.mark.torch
 @pytest.mark.slow
-def test_server_restart_mid_iteration_changes_nothing(pipe_dir, tmp_path,
-                                                     judge_servers):  # noqa: F811
+def test_server_restart_mid_iteration_changes_nothing(pipe_dir, tmp_path, judge_servers):  # noqa: F811
   from qwen_image_rl import main
 
   steady = judge_servers.start('--judge=oracle')
@@ -87,8 +88,17 @@ def test_server_restart_mid_iteration_changes_nothing(pipe_dir, tmp_path,
 
   thread = threading.Thread(target=crash_once_scoring_started, daemon=True)
   thread.start()
-  main.run(remote_config(pipe_dir, flaky.base_url, total_steps=1, max_concurrency=2,
-                         max_retries=12, max_consecutive_failures=1000), str(tmp_path / 'flaky'))
+  main.run(
+    remote_config(
+      pipe_dir,
+      flaky.base_url,
+      total_steps=1,
+      max_concurrency=2,
+      max_retries=12,
+      max_consecutive_failures=1000,
+    ),
+    str(tmp_path / 'flaky'),
+  )
   thread.join(60)
   assert restarts, 'the server was never killed'
   want, got = exported_transformer(tmp_path / 'steady'), exported_transformer(tmp_path / 'flaky')
@@ -108,8 +118,7 @@ def exported_transformer_base(pipe_dir):
 
 @pytest.mark.torch
 @pytest.mark.slow
-def test_judge_down_stops_the_run_with_checkpoints_intact(pipe_dir, tmp_path,
-                                                          judge_servers):  # noqa: F811
+def test_judge_down_stops_the_run_with_checkpoints_intact(pipe_dir, tmp_path, judge_servers):  # noqa: F811
   from qwen_image_rl import main
   from qwen_image_rl.checkpoint import committed_steps
   from qwen_image_rl.rewards.async_pipeline import RewardWorkerError
@@ -126,8 +135,9 @@ def test_judge_down_stops_the_run_with_checkpoints_intact(pipe_dir, tmp_path,
 
   thread = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
   thread.start()
-  config = remote_config(pipe_dir, server.base_url, total_steps=6, max_retries=1,
-                         max_consecutive_failures=3)
+  config = remote_config(
+    pipe_dir, server.base_url, total_steps=6, max_retries=1, max_consecutive_failures=3
+  )
   with pytest.raises(RewardWorkerError, match='3 consecutive samples failed'):
     main.run(config, workdir)
   thread.join(60)

@@ -7,8 +7,8 @@ import time
 
 import numpy as np
 import pytest
-
 from judge_servers import ServerFactory, judge_servers  # noqa: F401  (fixture)
+
 from qwen_image_rl.data import edits as E
 from qwen_image_rl.data import render as R
 from qwen_image_rl.data import world as W
@@ -39,14 +39,18 @@ def t2i_batch(n=64, seed=7, first_id=1000):
   images = R.render_batch(specs, 64)
   rng = np.random.default_rng(seed)
   noisy = np.arange(0, n, 3)
-  images[noisy] = np.clip(images[noisy].astype(int) + rng.normal(0, 30, images[noisy].shape),
-                          0, 255).astype(np.uint8)
+  images[noisy] = np.clip(
+    images[noisy].astype(int) + rng.normal(0, 30, images[noisy].shape), 0, 255
+  ).astype(np.uint8)
   wrong = np.arange(1, n, 3)
   images[wrong] = R.render_batch(W.sample_scenes(seed + 1, n), 64)[wrong]
-  return RewardBatch(images=images, prompts=[f'prompt {i}' for i in range(n)],
-                     categories=[s.category for s in specs],
-                     sample_ids=first_id + rng.permutation(n),
-                     meta=[{'spec': s} for s in specs])
+  return RewardBatch(
+    images=images,
+    prompts=[f'prompt {i}' for i in range(n)],
+    categories=[s.category for s in specs],
+    sample_ids=first_id + rng.permutation(n),
+    meta=[{'spec': s} for s in specs],
+  )
 
 
 def edit_batch(n=14):
@@ -54,9 +58,14 @@ def edit_batch(n=14):
   sources = R.render_batch([e.source for e in edits], 64)
   outputs = R.render_batch([e.target for e in edits], 64)
   outputs[::3] = sources[::3]  # no-op edits fail their instruction
-  return RewardBatch(images=outputs, source_images=sources, prompts=[e.instruction for e in edits],
-                     categories=[e.category for e in edits], sample_ids=np.arange(n) + 50,
-                     meta=[{'edit': e} for e in edits])
+  return RewardBatch(
+    images=outputs,
+    source_images=sources,
+    prompts=[e.instruction for e in edits],
+    categories=[e.category for e in edits],
+    sample_ids=np.arange(n) + 50,
+    meta=[{'edit': e} for e in edits],
+  )
 
 
 def remote(server, rubric, **kwargs):
@@ -70,6 +79,7 @@ def in_process(rubrics, batch):
 
 def health(server):
   import urllib.request
+
   with urllib.request.urlopen(server.url + '/health', timeout=10) as response:
     return json.loads(response.read())
 
@@ -78,21 +88,35 @@ def health(server):
 
 
 def entry(token, logprob, alternatives=()):
-  return {'token': token, 'logprob': logprob,
-          'top_logprobs': [{'token': t, 'logprob': lp} for t, lp in alternatives]}
+  return {
+    'token': token,
+    'logprob': logprob,
+    'top_logprobs': [{'token': t, 'logprob': lp} for t, lp in alternatives],
+  }
 
 
 def test_expected_score_readout():
   # Renormalised over the score values present; "the" is ignored; " 4" and "4" add up.
-  content = [entry('4', math.log(0.2), [('the', math.log(0.6)), ('4', math.log(0.2)),
-                                        (' 4', math.log(0.1)), ('5', math.log(0.1))])]
+  content = [
+    entry(
+      '4',
+      math.log(0.2),
+      [('the', math.log(0.6)), ('4', math.log(0.2)), (' 4', math.log(0.1)), ('5', math.log(0.1))],
+    )
+  ]
   want_raw = (4 * 0.3 + 5 * 0.1) / 0.4
   assert protocol.expected_score(content, 'raw') == pytest.approx(want_raw, rel=1e-12)
   assert protocol.expected_score(content) == pytest.approx((want_raw - 1) / 4, rel=1e-12)
   # A chain of thought: digits inside the reasoning are not the score; the last score token is.
-  cot = [entry('I', -0.1), entry(' see', -0.1), entry(' 2', -0.2, [(' 2', -0.2)]),
-         entry(' shapes', -0.1), entry(' Score', -0.1), entry(':', -0.1),
-         entry(' 3', math.log(0.5), [(' 3', math.log(0.5)), (' 1', math.log(0.5))])]
+  cot = [
+    entry('I', -0.1),
+    entry(' see', -0.1),
+    entry(' 2', -0.2, [(' 2', -0.2)]),
+    entry(' shapes', -0.1),
+    entry(' Score', -0.1),
+    entry(':', -0.1),
+    entry(' 3', math.log(0.5), [(' 3', math.log(0.5)), (' 1', math.log(0.5))]),
+  ]
   assert protocol.expected_score(cot, 'raw') == pytest.approx(2.0, rel=1e-12)
   assert protocol.expected_score([entry('Good', -0.1, [('Great', -2.0)])]) is None
   assert protocol.expected_score([]) is None
@@ -101,13 +125,18 @@ def test_expected_score_readout():
 
 
 def test_oracle_encoding_round_trips_float32_exactly():
-  values = np.concatenate([np.random.default_rng(0).random(5000).astype(np.float32),
-                           np.float32([0, 1, 0.25, 0.5, 0.75, 1e-30, 1e-40, 1e-8]),
-                           np.nextafter(np.float32([0.25, 0.5, 1.0]), np.float32(0))])
+  values = np.concatenate(
+    [
+      np.random.default_rng(0).random(5000).astype(np.float32),
+      np.float32([0, 1, 0.25, 0.5, 0.75, 1e-30, 1e-40, 1e-8]),
+      np.nextafter(np.float32([0.25, 0.5, 1.0]), np.float32(0)),
+    ]
+  )
   for value in values:
     reply = judges.distribution_reply(judges.score_distribution(float(value)))
-    wire = json.loads(json.dumps(protocol.chat_response('id', 'oracle', 0, reply.text,
-                                                        reply.tokens, 5)))
+    wire = json.loads(
+      json.dumps(protocol.chat_response('id', 'oracle', 0, reply.text, reply.tokens, 5))
+    )
     got = protocol.expected_score(protocol.reply_token_logprobs(wire))
     assert np.float32(got) == value, (value, got)
   with pytest.raises(ValueError, match='outside'):
@@ -151,8 +180,11 @@ def test_rewards_through_the_server_are_bit_identical(oracle_server):
   assert metrics['remote/remote_alignment/requests'] == 64
   assert metrics['remote/remote_alignment/retries'] == 0
   assert metrics['remote/remote_alignment/failures'] == 0
-  assert 0 < metrics['remote/remote_alignment/latency_p50_s'] <= \
-      metrics['remote/remote_alignment/latency_p95_s']
+  assert (
+    0
+    < metrics['remote/remote_alignment/latency_p50_s']
+    <= metrics['remote/remote_alignment/latency_p95_s']
+  )
 
   edits = edit_batch()
   reward = CompositeReward({r: remote(oracle_server, r, max_concurrency=8) for r in EDIT})
@@ -167,8 +199,7 @@ def test_async_pipeline_with_the_remote_reward(oracle_server):
   reward = CompositeReward({r: remote(oracle_server, r) for r in T2I})
   with AsyncRewardPipeline(reward, max_pending=3) as pipeline:
     tickets = [pipeline.submit(b) for b in batches]
-    results = [pipeline.result(t, expect_sample_ids=b.sample_ids)
-               for t, b in zip(tickets, batches)]
+    results = [pipeline.result(t, expect_sample_ids=b.sample_ids) for t, b in zip(tickets, batches)]
   for batch, result in zip(batches, results):
     want = in_process(T2I, batch)
     for name in want:
@@ -185,8 +216,16 @@ def test_server_killed_and_restarted_mid_batch(judge_servers):  # noqa: F811
   server = judge_servers.start_fault('--mode=delay', '--delay_s=0.05')
   batch = t2i_batch(48)
   # Retries must outlast the downtime (0.4 s + a ~2 s restart): ~6 s of expected backoff.
-  reward = remote(server, 'alignment', max_concurrency=4, timeout_s=5.0, max_retries=16,
-                  backoff_base_s=0.05, backoff_max_s=1.0, max_consecutive_failures=1000)
+  reward = remote(
+    server,
+    'alignment',
+    max_concurrency=4,
+    timeout_s=5.0,
+    max_retries=16,
+    backoff_base_s=0.05,
+    backoff_max_s=1.0,
+    max_consecutive_failures=1000,
+  )
   restarted = threading.Event()
 
   def crash():
@@ -203,8 +242,9 @@ def test_server_killed_and_restarted_mid_batch(judge_servers):  # noqa: F811
   finally:
     thread.join()
   assert restarted.is_set()
-  np.testing.assert_array_equal(got['remote_alignment'], in_process(('alignment',),
-                                                                    batch)['remote_alignment'])
+  np.testing.assert_array_equal(
+    got['remote_alignment'], in_process(('alignment',), batch)['remote_alignment']
+  )
   metrics = reward.last_metrics
   assert metrics['remote/remote_alignment/retries'] > 0  # the crash did hit the batch
   assert metrics['remote/remote_alignment/failures'] == 0
@@ -217,8 +257,9 @@ def test_slow_server_times_out_then_retries(judge_servers):  # noqa: F811
   start = time.perf_counter()
   got = reward(batch)
   assert time.perf_counter() - start < 2  # the slow attempts were abandoned, not awaited
-  np.testing.assert_array_equal(got['remote_aesthetics'],
-                                in_process(('aesthetics',), batch)['remote_aesthetics'])
+  np.testing.assert_array_equal(
+    got['remote_aesthetics'], in_process(('aesthetics',), batch)['remote_aesthetics']
+  )
   assert reward.last_metrics['remote/remote_aesthetics/retries'] == 8  # one timeout each
   assert reward.totals['failures'] == 0
 
@@ -228,8 +269,9 @@ def test_garbage_replies_are_retried(judge_servers):  # noqa: F811
   batch = t2i_batch(16)
   reward = remote(server, 'alignment', **FAST)
   got = reward(batch)
-  np.testing.assert_array_equal(got['remote_alignment'],
-                                in_process(('alignment',), batch)['remote_alignment'])
+  np.testing.assert_array_equal(
+    got['remote_alignment'], in_process(('alignment',), batch)['remote_alignment']
+  )
   assert reward.last_metrics['remote/remote_alignment/retries'] == 16
 
 
@@ -241,8 +283,9 @@ def test_persistent_garbage_fails_samples_then_stops_the_run(judge_servers):  # 
   assert np.isnan(got).all()  # failed samples are NaN, never a number
   assert reward.last_metrics['remote/remote_alignment/failures'] == 6
   assert reward.last_metrics['remote/remote_alignment/retries'] == 6
-  stopping = CompositeReward({'a': remote(server, 'alignment', max_retries=1,
-                                          max_consecutive_failures=3, **FAST)})
+  stopping = CompositeReward(
+    {'a': remote(server, 'alignment', max_retries=1, max_consecutive_failures=3, **FAST)}
+  )
   with AsyncRewardPipeline(stopping) as pipeline:
     ticket = pipeline.submit(batch)
     with pytest.raises(RewardWorkerError, match='3 consecutive samples failed'):
@@ -261,26 +304,39 @@ def test_reply_without_a_score_token_is_invalid(judge_servers):  # noqa: F811
 
 
 def test_no_server_stops_after_consecutive_failures():
-  reward = RemoteReward(base_url='http://127.0.0.1:9/v1', max_retries=1,
-                        max_consecutive_failures=4, timeout_s=1.0, **FAST)
+  reward = RemoteReward(
+    base_url='http://127.0.0.1:9/v1',
+    max_retries=1,
+    max_consecutive_failures=4,
+    timeout_s=1.0,
+    **FAST,
+  )
   with pytest.raises(RemoteRewardError, match='4 consecutive samples failed.*judge at'):
     reward(t2i_batch(8))
 
 
 def test_wrong_token_stops_at_once(judge_servers, monkeypatch):  # noqa: F811
-  server = judge_servers.start('--judge=oracle', '--api_key_env=QIRL_KEY',
-                               env={'QIRL_KEY': 'right'})
+  server = judge_servers.start(
+    '--judge=oracle', '--api_key_env=QIRL_KEY', env={'QIRL_KEY': 'right'}
+  )
   monkeypatch.setenv('QIRL_CLIENT_KEY', 'wrong')
-  reward = remote(server, 'alignment', api_key_env='QIRL_CLIENT_KEY', max_retries=5,
-                  backoff_base_s=5.0, backoff_max_s=5.0)
+  reward = remote(
+    server,
+    'alignment',
+    api_key_env='QIRL_CLIENT_KEY',
+    max_retries=5,
+    backoff_base_s=5.0,
+    backoff_max_s=5.0,
+  )
   start = time.perf_counter()
   with pytest.raises(RemoteRewardError, match='HTTP 401.*API key'):
     reward(t2i_batch(4))
   assert time.perf_counter() - start < 4  # not retried with a 5 s backoff
   monkeypatch.setenv('QIRL_CLIENT_KEY', 'right')
   batch = t2i_batch(4)
-  np.testing.assert_array_equal(reward(batch)['remote_alignment'],
-                                in_process(('alignment',), batch)['remote_alignment'])
+  np.testing.assert_array_equal(
+    reward(batch)['remote_alignment'], in_process(('alignment',), batch)['remote_alignment']
+  )
   monkeypatch.delenv('QIRL_CLIENT_KEY')
   with pytest.raises(RemoteRewardError, match='unset'):
     reward(batch)
@@ -295,18 +351,31 @@ def test_oversized_request_is_a_configuration_error(judge_servers):  # noqa: F81
 
 def test_a_config_points_a_reward_at_the_server(oracle_server):
   import ml_collections
+
   from qwen_image_rl.rl import reward_setup
-  config = ml_collections.ConfigDict(dict(
-      rewards=dict(names=('remote_alignment', 'aesthetics'), kwargs={'remote_alignment': dict(
-          base_url=oracle_server.base_url, model='oracle', max_concurrency=8)}),
-      rl=dict(category_weights={c: {'remote_alignment': 0.9, 'aesthetics': 0.1}
-                                for c in W.CATEGORIES})))
+
+  config = ml_collections.ConfigDict(
+    dict(
+      rewards=dict(
+        names=('remote_alignment', 'aesthetics'),
+        kwargs={
+          'remote_alignment': dict(
+            base_url=oracle_server.base_url, model='oracle', max_concurrency=8
+          )
+        },
+      ),
+      rl=dict(
+        category_weights={c: {'remote_alignment': 0.9, 'aesthetics': 0.1} for c in W.CATEGORIES}
+      ),
+    )
+  )
   reward = reward_setup.build_reward(config)
   assert reward.names == ('remote_alignment', 'aesthetics')
   batch = t2i_batch(8)
   got = reward(batch)
-  np.testing.assert_array_equal(got['remote_alignment'],
-                                in_process(('alignment',), batch)['remote_alignment'])
+  np.testing.assert_array_equal(
+    got['remote_alignment'], in_process(('alignment',), batch)['remote_alignment']
+  )
 
 
 def test_pipeline_workers_overlap_remote_batches(oracle_server):
@@ -317,8 +386,10 @@ def test_pipeline_workers_overlap_remote_batches(oracle_server):
   batches = [t2i_batch(n, seed=n, first_id=100 * n) for n in (4, 8, 12)]
   start = time.perf_counter()
   with AsyncRewardPipeline(make_reward_fn(slow), max_pending=3, workers=3) as pipeline:
-    results = [pipeline.result(t, expect_sample_ids=b.sample_ids)
-               for t, b in zip([pipeline.submit(b) for b in batches], batches)]
+    results = [
+      pipeline.result(t, expect_sample_ids=b.sample_ids)
+      for t, b in zip([pipeline.submit(b) for b in batches], batches)
+    ]
   assert time.perf_counter() - start < 0.8  # 3 x 0.3 s overlapped, not in a row
   for batch, result in zip(batches, results):
     np.testing.assert_array_equal(result['ids'], batch.sample_ids)
@@ -326,24 +397,29 @@ def test_pipeline_workers_overlap_remote_batches(oracle_server):
   reward = CompositeReward({'alignment': remote(oracle_server, 'alignment')})
   with AsyncRewardPipeline(reward, max_pending=3, workers=3) as pipeline:
     tickets = [pipeline.submit(b) for b in batches]
-    results = [pipeline.result(t, expect_sample_ids=b.sample_ids)
-               for t, b in zip(tickets, batches)]
+    results = [pipeline.result(t, expect_sample_ids=b.sample_ids) for t, b in zip(tickets, batches)]
   for batch, result in zip(batches, results):
-    np.testing.assert_array_equal(result['remote_alignment'],
-                                  in_process(('alignment',), batch)['remote_alignment'])
+    np.testing.assert_array_equal(
+      result['remote_alignment'], in_process(('alignment',), batch)['remote_alignment']
+    )
     # Each result carries its own batch's metrics, though the batches were scored concurrently.
     assert result.extra_metrics['remote/remote_alignment/requests'] == batch.size
 
 
 def make_reward_fn(fn):
   from qwen_image_rl.rewards.base import FunctionReward
+
   return FunctionReward('ids', fn, names=('ids',))
 
 
 def test_broken_log_probs_are_garbage_or_invalid():
   zero = [entry('4', -math.inf, [('4', -math.inf), ('5', -math.inf)])]
-  assert protocol.expected_score(protocol.reply_token_logprobs(
-      {'choices': [{'logprobs': {'content': zero}}]})) is None  # no probability mass: invalid
+  assert (
+    protocol.expected_score(
+      protocol.reply_token_logprobs({'choices': [{'logprobs': {'content': zero}}]})
+    )
+    is None
+  )  # no probability mass: invalid
   for bad in (math.nan, math.inf, 'high', True):
     with pytest.raises(protocol.ProtocolError, match='content\\[0\\]'):
       protocol.reply_token_logprobs({'choices': [{'logprobs': {'content': [entry('4', bad)]}}]})
@@ -354,8 +430,16 @@ def test_broken_log_probs_are_garbage_or_invalid():
 def test_an_iteration_reports_remote_metrics_summed_or_averaged_over_chunks():
   """What the GRPO trainer logs to TensorBoard from a remote judge (rl/collect.py)."""
   from qwen_image_rl.rl.collect import merge_reward_metrics
-  merged = merge_reward_metrics({'remote/alignment/retries': [1.0, 2.0],
-                                 'remote/alignment/failures': [0.0, 1.0],
-                                 'remote/alignment/latency_p95_s': [0.2, 0.4]})
-  assert merged == {'remote/alignment/retries': 3.0, 'remote/alignment/failures': 1.0,
-                    'remote/alignment/latency_p95_s': pytest.approx(0.3)}
+
+  merged = merge_reward_metrics(
+    {
+      'remote/alignment/retries': [1.0, 2.0],
+      'remote/alignment/failures': [0.0, 1.0],
+      'remote/alignment/latency_p95_s': [0.2, 0.4],
+    }
+  )
+  assert merged == {
+    'remote/alignment/retries': 3.0,
+    'remote/alignment/failures': 1.0,
+    'remote/alignment/latency_p95_s': pytest.approx(0.3),
+  }

@@ -11,11 +11,14 @@ from qwen_image_rl.data import edits as E
 from qwen_image_rl.data import oracle as O
 from qwen_image_rl.data import render as R
 from qwen_image_rl.data import world as W
-from qwen_image_rl.rewards.async_pipeline import (AsyncRewardPipeline, RewardCancelledError,
-                                                  RewardWorkerError, SyncRewardPipeline)
+from qwen_image_rl.rewards.async_pipeline import (
+  AsyncRewardPipeline,
+  RewardCancelledError,
+  RewardWorkerError,
+  SyncRewardPipeline,
+)
 from qwen_image_rl.rewards.base import FunctionReward, RewardBatch, RewardError, nan_counts
-from qwen_image_rl.rewards.composite import (CompositeReward, category_weighted_sum,
-                                             validate_weights)
+from qwen_image_rl.rewards.composite import CompositeReward, category_weighted_sum, validate_weights
 from qwen_image_rl.rewards.registry import known_rewards, make_reward, register_reward
 
 CATS = ('general', 'typography', 'portrait', 'landscape')
@@ -24,16 +27,19 @@ CATS = ('general', 'typography', 'portrait', 'landscape')
 def make_batch(n=6, seed=0, first_id=0, size=8):
   rng = np.random.default_rng(seed)
   return RewardBatch(
-      images=rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
-      prompts=[f'prompt {first_id + i}' for i in range(n)],
-      categories=[CATS[i % 4] for i in range(n)],
-      sample_ids=np.arange(first_id, first_id + n))
+    images=rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
+    prompts=[f'prompt {first_id + i}' for i in range(n)],
+    categories=[CATS[i % 4] for i in range(n)],
+    sample_ids=np.arange(first_id, first_id + n),
+  )
 
 
 def brightness_and_id(batch):
   # Depends on both pixels and ids, so a score that moves to another sample is caught.
-  return {'bright': batch.images.mean(axis=(1, 2, 3)) / 255,
-          'id_echo': batch.sample_ids.astype(np.float32)}
+  return {
+    'bright': batch.images.mean(axis=(1, 2, 3)) / 255,
+    'id_echo': batch.sample_ids.astype(np.float32),
+  }
 
 
 BRIGHT = FunctionReward('bright_id', brightness_and_id, names=('bright', 'id_echo'))
@@ -41,17 +47,30 @@ BRIGHT = FunctionReward('bright_id', brightness_and_id, names=('bright', 'id_ech
 
 # --- base ---------------------------------------------------------------------------------------
 
+
 def test_batch_validation_names_the_field():
   good = make_batch()
   with pytest.raises(ValueError, match='images: expected uint8'):
-    RewardBatch(images=good.images.astype(np.float32), prompts=good.prompts,
-                categories=good.categories, sample_ids=good.sample_ids)
+    RewardBatch(
+      images=good.images.astype(np.float32),
+      prompts=good.prompts,
+      categories=good.categories,
+      sample_ids=good.sample_ids,
+    )
   with pytest.raises(ValueError, match='unique'):
-    RewardBatch(images=good.images, prompts=good.prompts, categories=good.categories,
-                sample_ids=np.zeros(6, int))
+    RewardBatch(
+      images=good.images,
+      prompts=good.prompts,
+      categories=good.categories,
+      sample_ids=np.zeros(6, int),
+    )
   with pytest.raises(ValueError, match='categories'):
-    RewardBatch(images=good.images, prompts=good.prompts, categories=good.categories[:3],
-                sample_ids=good.sample_ids)
+    RewardBatch(
+      images=good.images,
+      prompts=good.prompts,
+      categories=good.categories[:3],
+      sample_ids=good.sample_ids,
+    )
   sub = good.select([4, 1])
   np.testing.assert_array_equal(sub.sample_ids, [4, 1])
   assert sub.prompts == ('prompt 4', 'prompt 1')
@@ -72,13 +91,20 @@ def test_reward_output_is_checked():
 
 # --- registry -----------------------------------------------------------------------------------
 
+
 def constant_reward(value=0.25):
   return FunctionReward('test_constant', lambda b: np.full(b.size, value))
 
 
 def test_registry():
-  assert {'alignment', 'aesthetics', 'portrait', 'instruction_following', 'identity',
-          'preservation'} <= set(known_rewards())
+  assert {
+    'alignment',
+    'aesthetics',
+    'portrait',
+    'instruction_following',
+    'identity',
+    'preservation',
+  } <= set(known_rewards())
   with pytest.raises(ValueError, match=r"unknown reward 'nope'; known rewards: \[.*'aesthetics'"):
     make_reward('nope')
   with pytest.raises(ValueError, match='already registered'):
@@ -87,17 +113,21 @@ def test_registry():
     make_reward('aesthetics', bogus=1)
   register_reward('test_constant')(constant_reward)
   register_reward('test_constant')(constant_reward)  # same factory again: allowed
-  np.testing.assert_array_equal(make_reward('test_constant', value=0.5)(make_batch())[
-      'test_constant'], np.full(6, 0.5, np.float32))
+  np.testing.assert_array_equal(
+    make_reward('test_constant', value=0.5)(make_batch())['test_constant'],
+    np.full(6, 0.5, np.float32),
+  )
   assert make_reward('portrait', dims=('attributes',), neutral=0.0).dims == ('attributes',)
 
 
 # --- composite ----------------------------------------------------------------------------------
 
+
 def test_composite_produces_every_name():
   batch = make_batch()
-  composite = CompositeReward({'b': BRIGHT, 'len': FunctionReward(
-      'plen', lambda b: [len(p) for p in b.prompts])})
+  composite = CompositeReward(
+    {'b': BRIGHT, 'len': FunctionReward('plen', lambda b: [len(p) for p in b.prompts])}
+  )
   assert composite.names == ('bright', 'id_echo', 'plen')
   out = composite(batch)
   assert set(out) == {'bright', 'id_echo', 'plen'}
@@ -109,10 +139,12 @@ def test_composite_produces_every_name():
     CompositeReward({'bad': FunctionReward('bad', lambda b: 1 / 0)})(batch)
 
 
-WEIGHTS = {'general': {'alignment': 0.7, 'aesthetics': 0.3},
-           'typography': {'alignment': 0.9, 'aesthetics': 0.1, 'portrait': 0.0},
-           'portrait': {'alignment': 0.3, 'aesthetics': 0.2, 'portrait': 0.5},
-           'landscape': {'alignment': 0.4, 'aesthetics': 0.6}}
+WEIGHTS = {
+  'general': {'alignment': 0.7, 'aesthetics': 0.3},
+  'typography': {'alignment': 0.9, 'aesthetics': 0.1, 'portrait': 0.0},
+  'portrait': {'alignment': 0.3, 'aesthetics': 0.2, 'portrait': 0.5},
+  'landscape': {'alignment': 0.4, 'aesthetics': 0.6},
+}
 
 
 def test_category_weighted_sum_matches_numpy_loop():
@@ -135,12 +167,15 @@ def test_category_weighted_sum_matches_numpy_loop():
   assert np.isnan(got[is_portrait]).all() and np.isfinite(got[~is_portrait]).all()
 
 
-@pytest.mark.parametrize('category, vector, pattern', [
+@pytest.mark.parametrize(
+  'category, vector, pattern',
+  [
     ('general', {'alignment': 0.7, 'aesthetics': 0.2}, r"'general'.*sum to 0.8999"),
     ('portrait', {'alignment': 1.2, 'aesthetics': -0.2}, r"'portrait'.*'aesthetics' is -0.2"),
     ('landscape', {'alignment': 0.5, 'sharpness': 0.5}, r"'landscape'.*unknown reward 'sharpness'"),
     ('typography', {'alignment': float('nan'), 'aesthetics': 1.0}, r"'typography'.*is nan"),
-])
+  ],
+)
 def test_weight_validation_names_category_and_value(category, vector, pattern):
   weights = dict(WEIGHTS, **{category: vector})
   scores = {k: np.zeros(4, np.float32) for k in ('alignment', 'aesthetics', 'portrait')}
@@ -156,6 +191,7 @@ def test_weight_validation_missing_category():
 
 
 # --- pipelines ----------------------------------------------------------------------------------
+
 
 def jittery(seed):
   """brightness_and_id with random delays; records the order in which ids were scored."""
@@ -182,8 +218,8 @@ def test_async_equals_sync_with_order_and_ids_kept():
       got.append(pipeline.result(tickets[len(got)], expect_sample_ids=batches[len(got)].sample_ids))
       tickets.append(pipeline.submit(b))
     # Retrieve the rest out of order: results are keyed by ticket, not arrival.
-    rest = {t: pipeline.result(t) for t in reversed(tickets[len(got):])}
-    got += [rest[t] for t in tickets[len(got):]]
+    rest = {t: pipeline.result(t) for t in reversed(tickets[len(got) :])}
+    got += [rest[t] for t in tickets[len(got) :]]
   assert seen == [b.sample_ids[0] for b in batches]  # FIFO scoring
   for b, g, w in zip(batches, got, want):
     np.testing.assert_array_equal(g.sample_ids, b.sample_ids)
@@ -312,12 +348,17 @@ CLEAN = np.array([0, 2, 4, 7])
 def t2i_batch(n=8, seed=3, size=64):
   specs = W.sample_scenes(seed, n)
   images = R.render_batch(specs, size)
-  noisy = NOISY[NOISY < n]  # lower scores; includes one portrait (categories cycle)
-  images[noisy] = np.clip(images[noisy].astype(int) + np.random.default_rng(0).normal(
-      0, 25, images[noisy].shape), 0, 255).astype(np.uint8)
-  return RewardBatch(images=images, prompts=['p'] * n, categories=[s.category for s in specs],
-                     sample_ids=np.arange(n),
-                     meta=[{'spec': W.to_dict(s) if i % 2 else s} for i, s in enumerate(specs)])
+  noisy = NOISY[n > NOISY]  # lower scores; includes one portrait (categories cycle)
+  images[noisy] = np.clip(
+    images[noisy].astype(int) + np.random.default_rng(0).normal(0, 25, images[noisy].shape), 0, 255
+  ).astype(np.uint8)
+  return RewardBatch(
+    images=images,
+    prompts=['p'] * n,
+    categories=[s.category for s in specs],
+    sample_ids=np.arange(n),
+    meta=[{'spec': W.to_dict(s) if i % 2 else s} for i, s in enumerate(specs)],
+  )
 
 
 def test_t2i_oracle_rewards_match_the_oracle():
@@ -328,18 +369,31 @@ def test_t2i_oracle_rewards_match_the_oracle():
     got = pipeline.result(pipeline.submit(batch), expect_sample_ids=np.arange(8))
   want_align = [O.score_t2i(im, s)['overall'] for im, s in zip(batch.images, specs)]
   want_aes = [O.image_quality(im)['quality'] for im in batch.images]
-  want_portrait = [O.score_portrait(im, s)['well_formed'] if s.category == 'portrait' else 0.5
-                   for im, s in zip(batch.images, specs)]
-  errors = {k: float(np.abs(got[k] - w).max()) for k, w in
-            (('alignment', want_align), ('aesthetics', want_aes), ('portrait', want_portrait))}
-  print('t2i oracle reward max abs errors', errors,
-        'scores', {k: np.round(v, 3) for k, v in got.items()})
+  want_portrait = [
+    O.score_portrait(im, s)['well_formed'] if s.category == 'portrait' else 0.5
+    for im, s in zip(batch.images, specs)
+  ]
+  errors = {
+    k: float(np.abs(got[k] - w).max())
+    for k, w in (('alignment', want_align), ('aesthetics', want_aes), ('portrait', want_portrait))
+  }
+  print(
+    't2i oracle reward max abs errors',
+    errors,
+    'scores',
+    {k: np.round(v, 3) for k, v in got.items()},
+  )
   assert max(errors.values()) < 1e-6
   assert got['alignment'][CLEAN].min() > 0.99 and got['aesthetics'][CLEAN].min() > 0.99
   assert got['aesthetics'][NOISY].max() < 0.9  # noisy renders lose quality
   assert got['portrait'][2] > 0.99 and got['portrait'][6] < got['portrait'][2]  # the portraits
-  bad = RewardBatch(images=batch.images, prompts=batch.prompts,
-                    categories=['general'] * 8, sample_ids=batch.sample_ids, meta=batch.meta)
+  bad = RewardBatch(
+    images=batch.images,
+    prompts=batch.prompts,
+    categories=['general'] * 8,
+    sample_ids=batch.sample_ids,
+    meta=batch.meta,
+  )
   with pytest.raises(RewardWorkerError, match='misaligned'):
     with AsyncRewardPipeline(make_reward('alignment')) as pipeline:
       pipeline.result(pipeline.submit(bad))
@@ -350,11 +404,17 @@ def test_edit_oracle_rewards_match_the_oracle():
   sources = R.render_batch([e.source for e in edits], 64)
   outputs = R.render_batch([e.target for e in edits], 64)
   outputs[0] = sources[0]  # a no-op edit fails its instruction
-  batch = RewardBatch(images=outputs, source_images=sources, prompts=[e.instruction for e in edits],
-                      categories=[e.category for e in edits], sample_ids=np.arange(7) + 50,
-                      meta=[{'edit': e} for e in edits])
-  reward = CompositeReward({k: make_reward(k) for k in
-                            ('instruction_following', 'identity', 'preservation')})
+  batch = RewardBatch(
+    images=outputs,
+    source_images=sources,
+    prompts=[e.instruction for e in edits],
+    categories=[e.category for e in edits],
+    sample_ids=np.arange(7) + 50,
+    meta=[{'edit': e} for e in edits],
+  )
+  reward = CompositeReward(
+    {k: make_reward(k) for k in ('instruction_following', 'identity', 'preservation')}
+  )
   got = reward(batch)
   want = [O.score_edit(s, o, e) for s, o, e in zip(sources, outputs, edits)]
   for name in ('instruction_following', 'preservation'):

@@ -43,9 +43,15 @@ def test_config_names_a_registered_objective(tmp_path):
 def test_ode_only_rollout_is_the_pipelines_sampler():
   """No trained steps: nothing recorded, and the rollout integrates exactly what the eval
   pipelines' `denoise` does (one guided-velocity function for both)."""
-  model = QwenImageTransformer(in_channels=C, out_channels=4, num_layers=1,
-                               attention_head_dim=16, num_attention_heads=2,
-                               joint_attention_dim=16, axes_dims_rope=(4, 6, 6))
+  model = QwenImageTransformer(
+    in_channels=C,
+    out_channels=4,
+    num_layers=1,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=16,
+    axes_dims_rope=(4, 6, 6),
+  )
   params = nn.meta.unbox(model.init_params(jax.random.key(0)))
   params = jax.tree.map(lambda p: p + 0.05 * jnp.ones_like(p), params)  # no zero layers
   k = jax.random.split(jax.random.key(1), 3)
@@ -54,11 +60,25 @@ def test_ode_only_rollout_is_the_pipelines_sampler():
   mask = jnp.ones((B, T), jnp.int32).at[0, -2:].set(0)
   neg_mask = jnp.ones((B, 3), jnp.int32)
   sigmas = jnp.asarray(FlowMatchSchedule(shift=3.0).sigmas(5))
-  result = rl_rollout.rollout(model, params, x_T, cond, mask, neg, neg_mask, sigmas,
-                              np.zeros((0,), np.int32), jax.random.key(2), cfg_scale=4.0,
-                              cfg_mode="rollout_only", noise_level=0.7, img_shapes=IMG)
+  result = rl_rollout.rollout(
+    model,
+    params,
+    x_T,
+    cond,
+    mask,
+    neg,
+    neg_mask,
+    sigmas,
+    np.zeros((0,), np.int32),
+    jax.random.key(2),
+    cfg_scale=4.0,
+    cfg_mode="rollout_only",
+    noise_level=0.7,
+    img_shapes=IMG,
+  )
   assert result.latents_t.shape == (B, 0, S, C) and result.log_probs.shape == (B, 0)
-  want = pipe_common.make_denoise(model, IMG)(params, x_T, cond, mask, neg, neg_mask, sigmas,
-                                              jnp.float32(4.0))
+  want = pipe_common.make_denoise(model, IMG)(
+    params, x_T, cond, mask, neg, neg_mask, sigmas, jnp.float32(4.0)
+  )
   err = float(jnp.max(jnp.abs(result.final_latents - want)))
   assert err <= 1e-6, err

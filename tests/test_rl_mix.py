@@ -18,12 +18,14 @@ def small_mix(pipe_dir):
   for task in ("t2i", "edit"):
     t = c.tasks[task]
     t.data.update(dict(image_size=32, num_prompts=8, max_text_tokens=48))
-    t.rl.update(dict(group_size=2, prompts_per_step=2, rollout_chunks=1, num_steps=3,
-                     async_rewards=False))
+    t.rl.update(
+      dict(group_size=2, prompts_per_step=2, rollout_chunks=1, num_steps=3, async_rewards=False)
+    )
     t.rl.timesteps.update(dict(num_train=1, first_m=2))
   c.mix.t2i_fraction = 0.5
-  c.eval.update(dict(num_t2i=4, num_edits=2, image_size=32, num_steps=2, batch_size=4,
-                     max_text_tokens=48))
+  c.eval.update(
+    dict(num_t2i=4, num_edits=2, image_size=32, num_steps=2, batch_size=4, max_text_tokens=48)
+  )
   c.checkpoint.update(dict(every=2, async_save=False))
   c.log.update(dict(every=1, images_every=0))
   return c
@@ -38,8 +40,13 @@ def test_budget_is_the_two_teachers_together():
   assert c.total_steps == t2i.total_steps + edit.total_steps
   assert round(c.total_steps * c.mix.t2i_fraction) == t2i.total_steps
   assert set(c.tasks.t2i.rewards.names) | set(c.tasks.edit.rewards.names) == {
-      "alignment", "aesthetics", "portrait", "instruction_following", "identity",
-      "preservation"}
+    "alignment",
+    "aesthetics",
+    "portrait",
+    "instruction_following",
+    "identity",
+    "preservation",
+  }
   assert trainers.validate(c).name == "rl_mix"
   c.mix.t2i_fraction = 1.0
   with pytest.raises(Exception, match="mix.t2i_fraction=1.0"):

@@ -23,8 +23,7 @@ B, D, S, C, T = 8, 3, 16, 16, 5
 IMG = ((1, 4, 4),)
 RULES = parallel.DEFAULT_LOGICAL_AXIS_RULES
 # As tests/test_grpo.py: the batch over ('fsdp', 'data') on the 2x2x2 mesh.
-SHARDED_RULES = (("act_batch", ("fsdp", "data")),) + tuple(
-    r for r in RULES if r[0] != "act_batch")
+SHARDED_RULES = (("act_batch", ("fsdp", "data")),) + tuple(r for r in RULES if r[0] != "act_batch")
 
 
 # ------------------------------------------------------------------------------------------
@@ -51,15 +50,14 @@ def test_nft_gradient_at_old_policy_is_advantage_weighted_flow_matching():
     xt, _ = forward.noised(jnp.float32(x0), jnp.float32(t), jnp.float32(eps))
     v = xt @ w_
     r = nft.optimality(adv, adv_max)
-    return adv_max * jnp.mean(nft.nft_draw_losses(v, jax.lax.stop_gradient(v), xt, x0, t, r,
-                                                  beta))
+    return adv_max * jnp.mean(nft.nft_draw_losses(v, jax.lax.stop_gradient(v), xt, x0, t, r, beta))
 
   got = np.asarray(jax.grad(loss)(jnp.float32(w)), np.float64)
   # dL/dW = mean_{b,d} 2 t^2 clip(A) / w_bd * mean_elements((v - u) dv/dW), dv/dW = x_t.
   v = x_t @ w
   u = eps - x0[:, None]
   weight = np.mean(np.abs(t[..., None, None] * (u - v)), axis=(2, 3))
-  coef = 2 * t ** 2 * np.clip(adv, -adv_max, adv_max)[:, None] / weight / (S * w.shape[0])
+  coef = 2 * t**2 * np.clip(adv, -adv_max, adv_max)[:, None] / weight / (S * w.shape[0])
   want = np.einsum("bd,bdsi,bdsj->ij", coef, x_t, v - u) / (B * D)
   err = np.max(np.abs(got - want)) / np.max(np.abs(want))
   print(f"nft grad vs float64 closed form: rel err {err:.2e}")
@@ -112,8 +110,7 @@ def test_old_policy_ema_and_snapshot():
     p = optax.apply_updates(p, updates)
     d = min(0.2 * n, 0.3)
     expect_old = d * expect_old + (1 - d) * np.asarray(p["w"])
-    np.testing.assert_allclose(np.asarray(old_policy.old_params(state)["w"]), expect_old,
-                               rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(old_policy.old_params(state)["w"]), expect_old, rtol=1e-6)
   snap = old_policy.with_old_policy(sgd, mode="snapshot", refresh_every=2)
   state, p, seen = snap.init(params), params, []
   for _ in range(4):
@@ -133,9 +130,16 @@ def test_old_policy_ema_and_snapshot():
 
 @pytest.fixture(scope="module")
 def model():
-  return QwenImageTransformer(patch_size=2, in_channels=C, out_channels=4, num_layers=2,
-                              attention_head_dim=16, num_attention_heads=2,
-                              joint_attention_dim=16, axes_dims_rope=(4, 6, 6))
+  return QwenImageTransformer(
+    patch_size=2,
+    in_channels=C,
+    out_channels=4,
+    num_layers=2,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=16,
+    axes_dims_rope=(4, 6, 6),
+  )
 
 
 @pytest.fixture(scope="module")
@@ -143,8 +147,9 @@ def params(model):
   boxed = model.init(jax.random.key(0), **model.dummy_inputs(img_shapes=IMG))["params"]
   leaves, treedef = jax.tree.flatten(nn.meta.unbox(boxed))
   keys = jax.random.split(jax.random.key(1), len(leaves))
-  return jax.tree.unflatten(treedef, [x + 0.05 * jax.random.normal(k, x.shape)
-                                      for x, k in zip(leaves, keys)])
+  return jax.tree.unflatten(
+    treedef, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+  )
 
 
 @pytest.fixture(scope="module")
@@ -153,26 +158,49 @@ def batch():
   mask = np.ones((B, T), np.int32)
   mask[::3, -2:] = 0
   sigmas = np.asarray(FlowMatchSchedule(shift=3.0).sigmas(6), np.float32)[:-1]
-  return dict(x0=jax.random.normal(k[0], (B, S, C)), cond=jax.random.normal(k[1], (B, T, 16)),
-              mask=jnp.asarray(mask), neg_cond=None, neg_mask=None, ref_latents=None,
-              advantages=jax.random.normal(k[2], (B,)) * 2.0,
-              schedule=jnp.asarray(np.broadcast_to(sigmas, (B, sigmas.size))))
+  return dict(
+    x0=jax.random.normal(k[0], (B, S, C)),
+    cond=jax.random.normal(k[1], (B, T, 16)),
+    mask=jnp.asarray(mask),
+    neg_cond=None,
+    neg_mask=None,
+    ref_latents=None,
+    advantages=jax.random.normal(k[2], (B,)) * 2.0,
+    schedule=jnp.asarray(np.broadcast_to(sigmas, (B, sigmas.size))),
+  )
 
 
 class RL(dict):
   """A stand-in for config.rl (attribute access and .get)."""
+
   __getattr__ = dict.__getitem__
 
 
 def rl_config(objective, **kw):
-  return RL(dict(objective=objective, micro_batch_size=None, cfg_mode="rollout_only",
-                 cfg_scale=4.0, kl_beta=0.0, inner_updates=1, fm_draws=2, fm_time="schedule",
-                 nft=dict(ema_ramp=0.25), awm={}), **kw)
+  return RL(
+    dict(
+      objective=objective,
+      micro_batch_size=None,
+      cfg_mode="rollout_only",
+      cfg_scale=4.0,
+      kl_beta=0.0,
+      inner_updates=1,
+      fm_draws=2,
+      fm_time="schedule",
+      nft=dict(ema_ramp=0.25),
+      awm={},
+    ),
+    **kw,
+  )
 
 
 def make_state(tx, params):
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    rng=jax.random.key_data(jax.random.key(5)))
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    opt_state=tx.init(params),
+    rng=jax.random.key_data(jax.random.key(5)),
+  )
 
 
 def run_step(model, params, batch, objective, rules=RULES, **rl_kw):
@@ -187,8 +215,10 @@ def run_step(model, params, batch, objective, rules=RULES, **rl_kw):
 
 
 def tree_max_abs(a, b):
-  return max(float(np.max(np.abs(np.asarray(x, np.float32) - np.asarray(y, np.float32))))
-             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  return max(
+    float(np.max(np.abs(np.asarray(x, np.float32) - np.asarray(y, np.float32))))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+  )
 
 
 @pytest.mark.parametrize("objective", ["nft", "awm"])
@@ -213,8 +243,12 @@ def test_eight_devices_match_one(model, params, batch, objective):
   mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   param_sh = parallel.tree_shardings(model.abstract_params(), mesh, SHARDED_RULES)
   sharded = parallel.shard_tree(params, param_sh)
-  sharded_batch = {k: None if v is None else jax.device_put(
-      v, parallel.batch_sharding(mesh, np.ndim(v), SHARDED_RULES)) for k, v in batch.items()}
+  sharded_batch = {
+    k: None
+    if v is None
+    else jax.device_put(v, parallel.batch_sharding(mesh, np.ndim(v), SHARDED_RULES))
+    for k, v in batch.items()
+  }
   with parallel.sharding_context(mesh, SHARDED_RULES):
     eight = run_step(model, sharded, sharded_batch, objective, rules=SHARDED_RULES)
   err = tree_max_abs(one[0], eight[0])

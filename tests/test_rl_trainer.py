@@ -14,12 +14,25 @@ sys.path.insert(0, REPO)
 
 from tests import kill_and_resume  # noqa: E402
 
-SMALL = (("data.image_size", 32), ("data.num_prompts", 16), ("data.max_text_tokens", 48),
-         ("rl.group_size", 4), ("rl.prompts_per_step", 2), ("rl.rollout_chunks", 2),
-         ("rl.num_steps", 4), ("rl.timesteps.num_train", 2), ("rl.timesteps.first_m", 3),
-         ("rl.fm_draws", 2), ("eval.num_t2i", 4), ("eval.num_edits", 2), ("eval.image_size", 32),
-         ("eval.num_steps", 2), ("eval.batch_size", 4), ("checkpoint.async_save", False),
-         ("log.images_every", 0))
+SMALL = (
+  ("data.image_size", 32),
+  ("data.num_prompts", 16),
+  ("data.max_text_tokens", 48),
+  ("rl.group_size", 4),
+  ("rl.prompts_per_step", 2),
+  ("rl.rollout_chunks", 2),
+  ("rl.num_steps", 4),
+  ("rl.timesteps.num_train", 2),
+  ("rl.timesteps.first_m", 3),
+  ("rl.fm_draws", 2),
+  ("eval.num_t2i", 4),
+  ("eval.num_edits", 2),
+  ("eval.image_size", 32),
+  ("eval.num_steps", 2),
+  ("eval.batch_size", 4),
+  ("checkpoint.async_save", False),
+  ("log.images_every", 0),
+)
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +62,9 @@ def test_curves_train_every_objective_at_an_equal_budget(pipe_dir, tmp_path):
   from qwen_image_rl.convert.safetensors_io import load_state_dict
 
   workdir = str(tmp_path / "curves")
-  rows = rl_curves.run_curves(workdir, "t2i", ["nft", "awm", "grpo"], pipe_dir, rollouts=16,
-                              eval_every=8, overrides=SMALL)
+  rows = rl_curves.run_curves(
+    workdir, "t2i", ["nft", "awm", "grpo"], pipe_dir, rollouts=16, eval_every=8, overrides=SMALL
+  )
   with open(os.path.join(workdir, "curves.csv")) as f:
     table = list(csv.DictReader(f))
   # Base + evaluations after iterations 1 and 2 (8 rollouts each) for every objective.
@@ -71,9 +85,12 @@ def test_curves_train_every_objective_at_an_equal_budget(pipe_dir, tmp_path):
 def test_forward_objective_config_errors(pipe_dir):
   from qwen_image_rl import config_lib, trainers
 
-  cases = ((dict(shared_initial_noise=True), "shared_initial_noise"),
-           (dict(fm_draws=0), "fm_draws"), (dict(fm_time="beta"), "fm_time"),
-           (dict(advantage_std="prompt"), "advantage_std"))
+  cases = (
+    (dict(shared_initial_noise=True), "shared_initial_noise"),
+    (dict(fm_draws=0), "fm_draws"),
+    (dict(fm_time="beta"), "fm_time"),
+    (dict(advantage_std="prompt"), "advantage_std"),
+  )
   for overrides, match in cases:
     c = small_rl(pipe_dir)
     c.rl.update(overrides)
@@ -94,7 +111,10 @@ def test_forward_objective_config_errors(pipe_dir):
 @pytest.mark.torch
 def test_nft_exact_resume_after_sigkill(pipe_dir, tmp_path):
   steps = 4
-  code = ("from tests.test_rl_trainer import small_rl\n"
-          f"c = small_rl({pipe_dir!r}); c.total_steps = {steps}; c.eval.num_t2i = 0")
+  code = (
+    "from tests.test_rl_trainer import small_rl\n"
+    f"c = small_rl({pipe_dir!r}); c.total_steps = {steps}; c.eval.num_t2i = 0"
+  )
   kill_and_resume.assert_killed_then_resumed_run_is_exact(
-      code, str(tmp_path / "straight"), str(tmp_path / "resumed"), steps, kill_after_step=1)
+    code, str(tmp_path / "straight"), str(tmp_path / "resumed"), steps, kill_after_step=1
+  )

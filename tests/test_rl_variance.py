@@ -20,15 +20,18 @@ def test_batch_std_centres_per_group_and_divides_by_one_std():
   rewards = {"a": rng.normal(size=b), "flat": 0.9 + 1e-3 * rng.normal(size=b)}
   weights = {"a": np.full(b, 0.7), "flat": np.full(b, 0.3)}
   got, _ = adv_lib.gdpo_advantages(rewards, weights, groups, N_GROUPS, std="batch", clip=None)
-  centred = sum(w * (r - r.reshape(N_GROUPS, G).mean(1).repeat(G))
-                for r, w in ((rewards["a"], 0.7), (rewards["flat"], 0.3)))
+  centred = sum(
+    w * (r - r.reshape(N_GROUPS, G).mean(1).repeat(G))
+    for r, w in ((rewards["a"], 0.7), (rewards["flat"], 0.3))
+  )
   want = centred / (centred.std() + 1e-4)
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
   # The near-constant reward's jitter: a unit-variance term under GDPO, negligible under 'batch'.
   only_flat = {"a": np.zeros(b), "flat": np.full(b, 0.3)}
   group_flat, _ = adv_lib.gdpo_advantages(rewards, only_flat, groups, N_GROUPS, clip=None)
-  batch_flat, _ = adv_lib.gdpo_advantages(rewards, {"a": weights["a"], "flat": np.zeros(b)},
-                                          groups, N_GROUPS, std="batch", clip=None)
+  batch_flat, _ = adv_lib.gdpo_advantages(
+    rewards, {"a": weights["a"], "flat": np.zeros(b)}, groups, N_GROUPS, std="batch", clip=None
+  )
   assert float(jnp.std(group_flat)) > 0.25
   assert np.max(np.abs(np.asarray(got) - np.asarray(batch_flat))) < 0.02
   with pytest.raises(ValueError, match="std"):
@@ -36,8 +39,9 @@ def test_batch_std_centres_per_group_and_divides_by_one_std():
 
 
 def test_threshold_penalty_and_readable_groups():
-  np.testing.assert_allclose(adv_lib.threshold_penalty([0.95, 0.9, 0.7], 0.9), [0.0, 0.0, -0.2],
-                             atol=1e-7)
+  np.testing.assert_allclose(
+    adv_lib.threshold_penalty([0.95, 0.9, 0.7], 0.9), [0.0, 0.0, -0.2], atol=1e-7
+  )
   ids = adv_lib.contiguous_group_ids(6, 3)
   readable = adv_lib.readable_groups([0.05, 0.06, 0.07, 0.05, 0.4, 0.06], ids, 0.2)
   assert readable.tolist() == [False] * 3 + [True] * 3
@@ -46,7 +50,7 @@ def test_threshold_penalty_and_readable_groups():
 def cps_reference(x, v, t, t_next, a):
   s = t_next * math.sin(a * math.pi / 2)
   x0_hat, eps_hat = x - t * v, x + (1 - t) * v
-  return (1 - t_next) * x0_hat + math.sqrt(t_next ** 2 - s ** 2) * eps_hat, s
+  return (1 - t_next) * x0_hat + math.sqrt(t_next**2 - s**2) * eps_hat, s
 
 
 def test_cps_step_matches_float64_reference():
@@ -59,8 +63,12 @@ def test_cps_step_matches_float64_reference():
     np.testing.assert_allclose(np.asarray(std).ravel(), want_std, rtol=1e-6)
     x_next = rng.normal(size=x.shape)
     lp = np.asarray(sde.gaussian_log_prob(x_next, mean, std))
-    want_lp = np.mean(-(x_next - want_mean) ** 2 / (2 * want_std ** 2) - math.log(want_std)
-                      - 0.5 * math.log(2 * math.pi), axis=(1, 2))
+    want_lp = np.mean(
+      -((x_next - want_mean) ** 2) / (2 * want_std**2)
+      - math.log(want_std)
+      - 0.5 * math.log(2 * math.pi),
+      axis=(1, 2),
+    )
     np.testing.assert_allclose(lp, want_lp, rtol=1e-5)
   with pytest.raises(ValueError, match="sde_type"):
     sde.step_mean_std("ddim", x, v, 1.0, 0.5, 0.5)
@@ -72,14 +80,14 @@ def chain_variance(sde_type, sigmas, a, data_std):
   The step is linear in x, so var' = c^2 var + std^2 with c its slope."""
   var, out = 1.0, []
   for t, t_next in zip(sigmas[:-1], sigmas[1:]):
-    m = (1 - t) ** 2 * data_std ** 2 + t ** 2
-    k = (t - (1 - t) * data_std ** 2) / m
+    m = (1 - t) ** 2 * data_std**2 + t**2
+    k = (t - (1 - t) * data_std**2) / m
     ones = jnp.ones((1, 1, 1))
     mean1, std = sde.step_mean_std(sde_type, ones, k * ones, t, t_next, a)
     mean0, _ = sde.step_mean_std(sde_type, 0 * ones, 0 * ones, t, t_next, a)
     c = float(mean1.ravel()[0] - mean0.ravel()[0])
     var = c * c * var + float(np.asarray(std).ravel()[0]) ** 2
-    out.append((var, (1 - t_next) ** 2 * data_std ** 2 + t_next ** 2))
+    out.append((var, (1 - t_next) ** 2 * data_std**2 + t_next**2))
   return out
 
 
@@ -97,6 +105,7 @@ def test_cps_preserves_the_marginal_variance_where_flow_grpo_adds_some():
 def test_b_noise_and_its_jackknife_interval_on_synthetic_gradients():
   import os
   import sys
+
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from benchmarks import grad_snr
 
@@ -106,7 +115,7 @@ def test_b_noise_and_its_jackknife_interval_on_synthetic_gradients():
   noise_sd = 0.5  # |n|^2 = 1000 per batch: B_noise = 64 * 1000 / 40 = 1600
   g = signal + noise_sd * rng.normal(size=(n, dim))
   stats = grad_snr.jackknife(g @ g.T, batch)
-  truth = batch * noise_sd ** 2 * dim / float(signal @ signal)
+  truth = batch * noise_sd**2 * dim / float(signal @ signal)
   est, lo, hi = stats["b_noise"]
   print(f"B_noise {est:.0f} [{lo:.0f}, {hi:.0f}] vs true {truth:.0f}")
   assert lo < truth < hi and hi - lo < truth

@@ -7,13 +7,13 @@ import urllib.request
 
 import numpy as np
 import pytest
-
 from judge_servers import ServerFactory, judge_servers  # noqa: F401  (fixture)
+
 from qwen_image_rl import serve
 from qwen_image_rl.data import render as R
 from qwen_image_rl.data import world as W
-from qwen_image_rl.rewards.registry import make_reward
 from qwen_image_rl.rewards.base import RewardBatch
+from qwen_image_rl.rewards.registry import make_reward
 from qwen_image_rl.serving import context, protocol
 
 KEY_ENV = 'QIRL_TEST_JUDGE_KEY'
@@ -31,8 +31,9 @@ def oracle_server():
 def http(url, body=None, headers=None, raw=None):
   """(status, parsed JSON or text) of a GET (body None) or POST."""
   data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-  request = urllib.request.Request(url, data=data, headers={'Content-Type': 'application/json',
-                                                            **(headers or {})})
+  request = urllib.request.Request(
+    url, data=data, headers={'Content-Type': 'application/json', **(headers or {})}
+  )
   try:
     with urllib.request.urlopen(request, timeout=30) as response:
       status, text = response.status, response.read().decode()
@@ -45,17 +46,23 @@ def http(url, body=None, headers=None, raw=None):
 
 
 def scene_request(spec, image, rubric='alignment', top_logprobs=5, **kwargs):
-  return protocol.chat_request('oracle', 'rate it', [image], top_logprobs=top_logprobs,
-                               context=context.judge_context(rubric, spec.category,
-                                                             {'spec': spec}), **kwargs)
+  return protocol.chat_request(
+    'oracle',
+    'rate it',
+    [image],
+    top_logprobs=top_logprobs,
+    context=context.judge_context(rubric, spec.category, {'spec': spec}),
+    **kwargs,
+  )
 
 
 @pytest.fixture(scope='module')
 def scenes():
   specs = W.sample_scenes(11, 4)
   images = R.render_batch(specs, 64)
-  images[1] = np.clip(images[1].astype(int) + np.random.default_rng(0).normal(
-      0, 40, images[1].shape), 0, 255).astype(np.uint8)
+  images[1] = np.clip(
+    images[1].astype(int) + np.random.default_rng(0).normal(0, 40, images[1].shape), 0, 255
+  ).astype(np.uint8)
   images[0] = R.render_batch(W.sample_scenes(5, 1), 64)[0]  # another general scene
   return specs, images
 
@@ -69,9 +76,15 @@ def test_health_and_models(oracle_server):
 
 def test_reply_format_and_readout(oracle_server, scenes):
   specs, images = scenes
-  want = make_reward('alignment')(RewardBatch(
-      images=images, prompts=['p'] * 4, categories=[s.category for s in specs],
-      sample_ids=np.arange(4), meta=[{'spec': s} for s in specs]))['alignment']
+  want = make_reward('alignment')(
+    RewardBatch(
+      images=images,
+      prompts=['p'] * 4,
+      categories=[s.category for s in specs],
+      sample_ids=np.arange(4),
+      meta=[{'spec': s} for s in specs],
+    )
+  )['alignment']
   assert want.min() < 0.6  # the wrong scene scores low: not every reply is "5"
   tokens = set()
   for spec, image, expected in zip(specs, images, want):
@@ -88,8 +101,9 @@ def test_reply_format_and_readout(oracle_server, scenes):
     tokens.add(content[0]['token'])
     assert np.float32(protocol.expected_score(content)) == expected  # bit for bit
   assert len(tokens) > 1
-  status, reply = http(oracle_server.base_url + '/chat/completions',
-                       scene_request(specs[0], images[0], top_logprobs=2))
+  status, reply = http(
+    oracle_server.base_url + '/chat/completions', scene_request(specs[0], images[0], top_logprobs=2)
+  )
   assert len(reply['choices'][0]['logprobs']['content'][0]['top_logprobs']) == 2
   body = scene_request(specs[0], images[0])
   body.pop('top_logprobs')
@@ -113,19 +127,17 @@ def _malformed_cases(spec, image):
   not_image = 'data:image/png;base64,' + base64.b64encode(b'not an image at all').decode()
   spec_other = W.sample_scenes(2, 3)[2]  # a portrait spec under a general category
   return [
-      (b'{"model": "oracle", "messages": [', 'not valid JSON'),
-      (edited(lambda b: b.pop('messages')), 'messages'),
-      (edited(lambda b: b['messages'][0].update(role='robot')), 'role'),
-      (set_url('data:image/png;base64,@@@not-base64@@@'), 'base64'),
-      (set_url(not_image), 'undecodable image'),
-      (set_url('http://example.com/cat.png'), 'remote URLs are not fetched'),
-      (edited(lambda b: b.update(top_logprobs=99)), 'top_logprobs'),
-      (edited(lambda b: b.pop(protocol.JUDGE_CONTEXT)), 'judge_context'),
-      (edited(lambda b: b[protocol.JUDGE_CONTEXT].update(rubric='vibes')), 'rubric'),
-      (edited(lambda b: b[protocol.JUDGE_CONTEXT].update(spec=W.to_dict(spec_other))),
-       'misaligned'),
-      (edited(lambda b: b[protocol.JUDGE_CONTEXT].update(rubric='preservation')),
-       'needs 2 image'),
+    (b'{"model": "oracle", "messages": [', 'not valid JSON'),
+    (edited(lambda b: b.pop('messages')), 'messages'),
+    (edited(lambda b: b['messages'][0].update(role='robot')), 'role'),
+    (set_url('data:image/png;base64,@@@not-base64@@@'), 'base64'),
+    (set_url(not_image), 'undecodable image'),
+    (set_url('http://example.com/cat.png'), 'remote URLs are not fetched'),
+    (edited(lambda b: b.update(top_logprobs=99)), 'top_logprobs'),
+    (edited(lambda b: b.pop(protocol.JUDGE_CONTEXT)), 'judge_context'),
+    (edited(lambda b: b[protocol.JUDGE_CONTEXT].update(rubric='vibes')), 'rubric'),
+    (edited(lambda b: b[protocol.JUDGE_CONTEXT].update(spec=W.to_dict(spec_other))), 'misaligned'),
+    (edited(lambda b: b[protocol.JUDGE_CONTEXT].update(rubric='preservation')), 'needs 2 image'),
   ]
 
 
@@ -137,8 +149,10 @@ def test_malformed_requests_get_400_with_a_message(oracle_server, scenes):
     status, reply = http(oracle_server.base_url + '/chat/completions', raw=raw)
     assert status == 400, (message, reply)
     assert message in reply['error']['message'], reply
-  status, reply = http(oracle_server.base_url + '/chat/completions',
-                       dict(scene_request(specs[0], images[0]), model='gpt-judge'))
+  status, reply = http(
+    oracle_server.base_url + '/chat/completions',
+    dict(scene_request(specs[0], images[0]), model='gpt-judge'),
+  )
   assert status == 404 and 'gpt-judge' in reply['error']['message']
   status, _ = http(oracle_server.url + '/health')
   assert status == 200  # still serving
@@ -150,15 +164,15 @@ def test_oversized_request_gets_413(oracle_server, scenes):
   body = scene_request(specs[0], noise)
   status, reply = http(oracle_server.base_url + '/chat/completions', body)
   assert status == 413 and 'exceeds the limit' in reply['error']['message']
-  status, _ = http(oracle_server.base_url + '/chat/completions', scene_request(specs[0],
-                                                                               images[0]))
+  status, _ = http(oracle_server.base_url + '/chat/completions', scene_request(specs[0], images[0]))
   assert status == 200
 
 
 def test_bearer_token(judge_servers, scenes, monkeypatch):  # noqa: F811
   specs, images = scenes
-  server = judge_servers.start('--judge=oracle', f'--api_key_env={KEY_ENV}',
-                               env={KEY_ENV: 'right-key'})
+  server = judge_servers.start(
+    '--judge=oracle', f'--api_key_env={KEY_ENV}', env={KEY_ENV: 'right-key'}
+  )
   url = server.base_url + '/chat/completions'
   body = scene_request(specs[0], images[0])
   for headers in ({}, {'Authorization': 'Bearer wrong-key'}, {'Authorization': 'right-key'}):
@@ -185,7 +199,9 @@ def test_cli_errors(capsys, tmp_path, monkeypatch):
 
 def test_batcher_batches_and_keeps_replies_with_their_requests():
   import asyncio
+
   from qwen_image_rl.serving.batcher import Batcher
+
   calls = []
 
   def judge(items):

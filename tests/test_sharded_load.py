@@ -12,23 +12,36 @@ import pytest
 
 from qwen_image_rl.convert import placement
 from qwen_image_rl.convert.safetensors_io import (
-    CheckpointError, SafetensorsReader, load_state_dict, save_state_dict)
+  CheckpointError,
+  SafetensorsReader,
+  load_state_dict,
+  save_state_dict,
+)
 from qwen_image_rl.convert.transformer import load_transformer, save_transformer
 from qwen_image_rl.convert.vae import load_vae, save_vae
 from qwen_image_rl.models.mmdit import QwenImageTransformer
 from qwen_image_rl.models.vae import QwenImageVAE, abstract_variables
 from qwen_image_rl.parallel import DEFAULT_LOGICAL_AXIS_RULES, make_mesh, tree_shardings
 
-TINY = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=3, attention_head_dim=16,
-            num_attention_heads=4, joint_attention_dim=24, axes_dims_rope=(4, 6, 6))
+TINY = dict(
+  patch_size=2,
+  in_channels=16,
+  out_channels=4,
+  num_layers=3,
+  attention_head_dim=16,
+  num_attention_heads=4,
+  joint_attention_dim=24,
+  axes_dims_rope=(4, 6, 6),
+)
 MESH = {"data": 1, "fsdp": 4, "tensor": 2}
 
 
 def _random_params(abstract, seed, dtype=None):
   """Random parameters from shapes alone (no init compile)."""
   rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(dtype or s.dtype),
-                      nn.meta.unbox(abstract))
+  return jax.tree.map(
+    lambda s: rng.standard_normal(s.shape).astype(dtype or s.dtype), nn.meta.unbox(abstract)
+  )
 
 
 def _assert_placed(tree, shardings):
@@ -64,8 +77,9 @@ def test_sharded_transformer_load_equals_unsharded(tmp_path, scan, dtype):
 
   _assert_equal_trees(sharded, host)
   assert _assert_placed(sharded, shardings) >= 20  # most kernels are split, not replicated
-  kernel = sharded["transformer_blocks" if scan else "transformer_blocks_0"]["img_mlp"][
-      "proj_in"]["kernel"]  # [layers,] embed 64 -> fsdp 4, mlp 256 -> tensor 2
+  kernel = sharded["transformer_blocks" if scan else "transformer_blocks_0"]["img_mlp"]["proj_in"][
+    "kernel"
+  ]  # [layers,] embed 64 -> fsdp 4, mlp 256 -> tensor 2
   assert kernel.addressable_shards[0].data.shape == ((3,) if scan else ()) + (16, 128)
   assert all(leaf.dtype == dtype for leaf in jax.tree.leaves(sharded))
   # The unsharded default is on one device, as before.
@@ -100,9 +114,15 @@ def test_stacked_leaf_rejects_missing_layers_and_wrong_shapes():
 
 
 def test_sharded_vae_load_equals_host_load(tmp_path):
-  model = QwenImageVAE(base_dim=8, z_dim=4, dim_mult=(1, 2, 4, 4), num_res_blocks=1,
-                       temperal_downsample=(False, True, True),
-                       latents_mean=(0.0,) * 4, latents_std=(1.0,) * 4)
+  model = QwenImageVAE(
+    base_dim=8,
+    z_dim=4,
+    dim_mult=(1, 2, 4, 4),
+    num_res_blocks=1,
+    temperal_downsample=(False, True, True),
+    latents_mean=(0.0,) * 4,
+    latents_std=(1.0,) * 4,
+  )
   save_vae(model, _random_params(abstract_variables(model), 3), str(tmp_path))
   _, host = load_vae(str(tmp_path))
   assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(host))
@@ -130,9 +150,12 @@ def test_unknown_config_keys_warn_like_diffusers(tmp_path, caplog):
 
 
 def test_reader_reads_every_dtype_and_diagnoses_truncation(tmp_path):
-  state = {"a": np.arange(6, dtype=np.float32).reshape(2, 3),
-           "b": np.arange(4).astype(ml_dtypes.bfloat16),
-           "c": np.array([1, -2], np.int64), "d": np.zeros((0, 4), np.float16)}
+  state = {
+    "a": np.arange(6, dtype=np.float32).reshape(2, 3),
+    "b": np.arange(4).astype(ml_dtypes.bfloat16),
+    "c": np.array([1, -2], np.int64),
+    "d": np.zeros((0, 4), np.float16),
+  }
   save_state_dict(state, str(tmp_path), max_shard_bytes=24)  # several shards + an index
   assert len(list(tmp_path.glob("*.safetensors"))) > 1
   reader = SafetensorsReader(str(tmp_path))

@@ -32,8 +32,7 @@ HEADS = '{"tensor"}'  # act_heads
 
 def constraint_specs(text: str) -> collections.Counter:
   """Per-dimension mesh axes of every sharding constraint in a lowered program."""
-  return collections.Counter(re.findall(r"sdy\.sharding_constraint %\S+ <@mesh, \[(.*?)\]>",
-                                        text))
+  return collections.Counter(re.findall(r"sdy\.sharding_constraint %\S+ <@mesh, \[(.*?)\]>", text))
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +42,15 @@ def mesh():
 
 @pytest.fixture(scope="module")
 def model():
-  return QwenImageTransformer(in_channels=C, out_channels=4, num_layers=2, attention_head_dim=16,
-                              num_attention_heads=2, joint_attention_dim=16,
-                              axes_dims_rope=(4, 6, 6))
+  return QwenImageTransformer(
+    in_channels=C,
+    out_channels=4,
+    num_layers=2,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=16,
+    axes_dims_rope=(4, 6, 6),
+  )
 
 
 @pytest.fixture(scope="module")
@@ -73,9 +78,20 @@ def test_mmdit_forward_keeps_activation_constraints(mesh, model, params):
 def test_rollout_keeps_latent_constraints(mesh, model, params):
   cond, mask = _text(B)
   fn = rl_rollout.jitted_rollout(model, IMG, True)
-  args = (params, jnp.zeros((B, S, C)), cond, mask, cond, mask, jnp.linspace(1.0, 0.0, N + 1),
-          jnp.arange(K, dtype=jnp.int32), jax.random.key(0), jnp.float32(4.0), jnp.float32(0.7),
-          None)
+  args = (
+    params,
+    jnp.zeros((B, S, C)),
+    cond,
+    mask,
+    cond,
+    mask,
+    jnp.linspace(1.0, 0.0, N + 1),
+    jnp.arange(K, dtype=jnp.int32),
+    jax.random.key(0),
+    jnp.float32(4.0),
+    jnp.float32(0.7),
+    None,
+  )
   with parallel.sharding_context(mesh, RULES):
     specs = constraint_specs(fn.lower(*args).as_text())
   assert specs[f"{BATCH}, {{}}, {{}}"] >= 1, specs  # the carried latent x_t
@@ -85,15 +101,34 @@ def test_rollout_keeps_latent_constraints(mesh, model, params):
 
 def test_grpo_train_step_keeps_constraints(mesh, model, params):
   tx = optax.adam(1e-4)
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                     rng=jax.random.key_data(jax.random.key(0)))
+  state = TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    opt_state=tx.init(params),
+    rng=jax.random.key_data(jax.random.key(0)),
+  )
   cond, mask = _text(B)
-  batch = dict(latents_t=jnp.zeros((B, K, S, C)), latents_next=jnp.zeros((B, K, S, C)),
-               sigmas=jnp.full((B, K), 0.5), sigmas_next=jnp.full((B, K), 0.4), cond=cond,
-               mask=mask, advantages=jnp.asarray(np.linspace(-1, 1, B), jnp.float32))
-  step = jax.jit(grpo.make_grpo_train_step(
-      model, tx, RULES, micro_batch_size=4, cfg_mode="rollout_only", clip_eps=1e-3,
-      noise_level=0.7, img_shapes=IMG))
+  batch = dict(
+    latents_t=jnp.zeros((B, K, S, C)),
+    latents_next=jnp.zeros((B, K, S, C)),
+    sigmas=jnp.full((B, K), 0.5),
+    sigmas_next=jnp.full((B, K), 0.4),
+    cond=cond,
+    mask=mask,
+    advantages=jnp.asarray(np.linspace(-1, 1, B), jnp.float32),
+  )
+  step = jax.jit(
+    grpo.make_grpo_train_step(
+      model,
+      tx,
+      RULES,
+      micro_batch_size=4,
+      cfg_mode="rollout_only",
+      clip_eps=1e-3,
+      noise_level=0.7,
+      img_shapes=IMG,
+    )
+  )
   with parallel.sharding_context(mesh, RULES):
     specs = constraint_specs(step.lower(state, batch).as_text())
   assert specs[f"{BATCH}, {{}}, {{}}, {{}}"] >= 1, specs  # the stored transitions

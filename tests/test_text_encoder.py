@@ -9,24 +9,74 @@ import pytest
 
 from qwen_image_rl.convert.safetensors_io import CheckpointError, save_state_dict
 from qwen_image_rl.convert.text_encoder import (
-    load_text_encoder, params_from_torch_state_dict, save_text_encoder)
+  load_text_encoder,
+  params_from_torch_state_dict,
+  save_text_encoder,
+)
 from qwen_image_rl.data.tokenizer import build_qwen_tokenizer
 from qwen_image_rl.models import text_encoding as te
 from qwen_image_rl.models.qwen2_5_vl import Qwen25VLTextModel
+from qwen_image_rl.parallel import (
+  DEFAULT_LOGICAL_AXIS_RULES,
+  make_mesh,
+  sharding_context,
+  tree_shardings,
+)
 from tests import tiny_reference
-from qwen_image_rl.parallel import (DEFAULT_LOGICAL_AXIS_RULES, make_mesh, sharding_context,
-                                    tree_shardings)
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.torch
 
-WORDS = ("a an the one two three red green blue yellow white black circle square triangle star "
-         "small big tiny huge left right above below of next to and with on in sky sun moon "
-         "face smiling glasses letter digit make it move remove add").split()
+WORDS = [
+  "a",
+  "an",
+  "the",
+  "one",
+  "two",
+  "three",
+  "red",
+  "green",
+  "blue",
+  "yellow",
+  "white",
+  "black",
+  "circle",
+  "square",
+  "triangle",
+  "star",
+  "small",
+  "big",
+  "tiny",
+  "huge",
+  "left",
+  "right",
+  "above",
+  "below",
+  "of",
+  "next",
+  "to",
+  "and",
+  "with",
+  "on",
+  "in",
+  "sky",
+  "sun",
+  "moon",
+  "face",
+  "smiling",
+  "glasses",
+  "letter",
+  "digit",
+  "make",
+  "it",
+  "move",
+  "remove",
+  "add",
+]
 PROMPTS = [
-    "a red circle",
-    "two big blue squares left of a small yellow triangle above the green star",
-    "a smiling face with glasses",
+  "a red circle",
+  "two big blue squares left of a small yellow triangle above the green star",
+  "a smiling face with glasses",
 ]
 TOL = 1e-4
 
@@ -62,8 +112,9 @@ def reference(tokenizer, tmp_path_factory):
 
 
 def _torch_last_hidden(torch_model, input_ids, attention_mask=None, position_ids=None):
-  kwargs = dict(input_ids=torch.as_tensor(np.asarray(input_ids), dtype=torch.long),
-                output_hidden_states=True)
+  kwargs = dict(
+    input_ids=torch.as_tensor(np.asarray(input_ids), dtype=torch.long), output_hidden_states=True
+  )
   if attention_mask is not None:
     kwargs["attention_mask"] = torch.as_tensor(np.asarray(attention_mask), dtype=torch.long)
   if position_ids is not None:
@@ -84,12 +135,17 @@ def test_forward_matches_transformers(reference, tokenizer, padding_side):
   ids, mask = enc["input_ids"], enc["attention_mask"]
   assert (mask == 0).any(), "the batch must actually be padded"
   want = _torch_last_hidden(reference["torch_model"], ids, mask)
-  got = np.asarray(jax.jit(reference["model"].apply)(
-      {"params": reference["params"]}, jnp.asarray(ids), jnp.asarray(mask)))
+  got = np.asarray(
+    jax.jit(reference["model"].apply)(
+      {"params": reference["params"]}, jnp.asarray(ids), jnp.asarray(mask)
+    )
+  )
   valid = mask.astype(bool)
   err = np.abs(got - want)[valid].max()
-  print(f"{padding_side}-padded hidden_states[-1] max abs err {err:.2e} "
-        f"(max |x| {np.abs(want[valid]).max():.2f})")
+  print(
+    f"{padding_side}-padded hidden_states[-1] max abs err {err:.2e} "
+    f"(max |x| {np.abs(want[valid]).max():.2f})"
+  )
   assert err <= TOL
 
 
@@ -98,18 +154,21 @@ def test_three_stream_mrope_and_inputs_embeds(reference, tokenizer):
   ids = tokenizer([te.T2I_TEMPLATE.format(PROMPTS[1])], return_tensors="np")["input_ids"]
   length = ids.shape[1]
   rng = np.random.default_rng(0)
-  position_ids = np.stack([np.arange(length), rng.integers(0, 40, length),
-                           rng.integers(0, 40, length)])[:, None, :]
+  position_ids = np.stack(
+    [np.arange(length), rng.integers(0, 40, length), rng.integers(0, 40, length)]
+  )[:, None, :]
   want = _torch_last_hidden(reference["torch_model"], ids, position_ids=position_ids)
   model, params = reference["model"], reference["params"]
-  got = np.asarray(model.apply({"params": params}, jnp.asarray(ids),
-                               position_ids=jnp.asarray(position_ids)))
+  got = np.asarray(
+    model.apply({"params": params}, jnp.asarray(ids), position_ids=jnp.asarray(position_ids))
+  )
   err = np.abs(got - want).max()
   print(f"3-stream mRoPE max abs err {err:.2e}")
   assert err <= TOL
   embeds = params["embed_tokens"]["embedding"][ids]
-  got_embeds = model.apply({"params": params}, inputs_embeds=embeds,
-                           position_ids=jnp.asarray(position_ids))
+  got_embeds = model.apply(
+    {"params": params}, inputs_embeds=embeds, position_ids=jnp.asarray(position_ids)
+  )
   np.testing.assert_allclose(np.asarray(got_embeds), got, atol=1e-6)
 
 
@@ -127,49 +186,79 @@ def test_template_drop_index(tokenizer):
 
 
 def _tiny_pipeline(reference, tokenizer):
-  from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler,
-                         QwenImagePipeline, QwenImageTransformer2DModel)
+  from diffusers import (
+    AutoencoderKLQwenImage,
+    FlowMatchEulerDiscreteScheduler,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
+  )
 
   torch.manual_seed(0)
   transformer = QwenImageTransformer2DModel(
-      patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=16,
-      num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(8, 4, 4))
-  vae = AutoencoderKLQwenImage(base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
-                               temperal_downsample=[False, True], latents_mean=[0.0] * 4,
-                               latents_std=[1.0] * 4)
-  pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
-                           text_encoder=reference["torch_model"], tokenizer=tokenizer,
-                           transformer=transformer)
+    patch_size=2,
+    in_channels=16,
+    out_channels=4,
+    num_layers=1,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=32,
+    axes_dims_rope=(8, 4, 4),
+  )
+  vae = AutoencoderKLQwenImage(
+    base_dim=24,
+    z_dim=4,
+    dim_mult=[1, 2, 4],
+    num_res_blocks=1,
+    temperal_downsample=[False, True],
+    latents_mean=[0.0] * 4,
+    latents_std=[1.0] * 4,
+  )
+  pipe = QwenImagePipeline(
+    scheduler=FlowMatchEulerDiscreteScheduler(),
+    vae=vae,
+    text_encoder=reference["torch_model"],
+    tokenizer=tokenizer,
+    transformer=transformer,
+  )
   # diffusers' 34 counts real-Qwen tokens; with this tokenizer it is the same by construction.
   pipe.prompt_template_encode_start_idx = te.template_drop_index(tokenizer, te.T2I_TEMPLATE)
   return pipe
 
 
-@pytest.mark.parametrize("max_sequence_length,padding_side",
-                         [(512, "right"), (5, "right"), (512, "left")])
-def test_encode_prompts_matches_diffusers(reference, tokenizer, max_sequence_length,
-                                          padding_side):
+@pytest.mark.parametrize(
+  "max_sequence_length,padding_side", [(512, "right"), (5, "right"), (512, "left")]
+)
+def test_encode_prompts_matches_diffusers(reference, tokenizer, max_sequence_length, padding_side):
   pipe = _tiny_pipeline(reference, tokenizer)
   drop = pipe.prompt_template_encode_start_idx
   old_side = tokenizer.padding_side
   tokenizer.padding_side = padding_side  # diffusers pads on this side; we always pad right.
   try:
     with torch.no_grad():
-      want, want_mask = pipe.encode_prompt(PROMPTS, device="cpu",
-                                           max_sequence_length=max_sequence_length)
+      want, want_mask = pipe.encode_prompt(
+        PROMPTS, device="cpu", max_sequence_length=max_sequence_length
+      )
   finally:
     tokenizer.padding_side = old_side
   want = want.numpy()
-  want_mask = (np.ones(want.shape[:2], np.int64) if want_mask is None else want_mask.numpy())
-  got, got_mask = te.encode_prompts(reference["model"], reference["params"], tokenizer, PROMPTS,
-                                    template=te.T2I_TEMPLATE, drop_idx=drop,
-                                    max_sequence_length=max_sequence_length)
+  want_mask = np.ones(want.shape[:2], np.int64) if want_mask is None else want_mask.numpy()
+  got, got_mask = te.encode_prompts(
+    reference["model"],
+    reference["params"],
+    tokenizer,
+    PROMPTS,
+    template=te.T2I_TEMPLATE,
+    drop_idx=drop,
+    max_sequence_length=max_sequence_length,
+  )
   assert got.shape == want.shape, (got.shape, want.shape)
   np.testing.assert_array_equal(np.asarray(got_mask), want_mask)
   err = np.abs(np.asarray(got) - want).max()
-  print(f"encode_prompts (max_sequence_length={max_sequence_length}, diffusers padding "
-        f"{padding_side}) shape {want.shape} "
-        f"max abs err {err:.2e}")
+  print(
+    f"encode_prompts (max_sequence_length={max_sequence_length}, diffusers padding "
+    f"{padding_side}) shape {want.shape} "
+    f"max abs err {err:.2e}"
+  )
   assert err <= TOL
   if max_sequence_length == 512:
     assert (want_mask == 0).any()  # ragged batch: the padding path is exercised
@@ -195,20 +284,38 @@ def test_bfloat16_error_is_no_worse_than_transformers(reference, tokenizer):
 
 def _torch_bf16_hidden(torch_model, ids, mask):
   with torch.no_grad():
-    out = torch_model(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
-                      output_hidden_states=True).hidden_states[-1]
+    out = torch_model(
+      input_ids=torch.as_tensor(ids),
+      attention_mask=torch.as_tensor(mask),
+      output_hidden_states=True,
+    ).hidden_states[-1]
   return out.float().numpy()
 
 
 def test_config_forms_agree():
-  v5 = {"text_config": {"vocab_size": 10, "hidden_size": 64, "intermediate_size": 8,
-                        "num_hidden_layers": 1, "num_attention_heads": 2,
-                        "num_key_value_heads": 1, "rms_norm_eps": 1e-6,
-                        "rope_parameters": {"rope_type": "default", "rope_theta": 5e5,
-                                            "mrope_section": [4, 6, 6]}}}
-  legacy = {"vocab_size": 10, "hidden_size": 64, "intermediate_size": 8, "num_hidden_layers": 1,
-            "num_attention_heads": 2, "num_key_value_heads": 1, "rms_norm_eps": 1e-6,
-            "rope_theta": 5e5, "rope_scaling": {"type": "mrope", "mrope_section": [4, 6, 6]}}
+  v5 = {
+    "text_config": {
+      "vocab_size": 10,
+      "hidden_size": 64,
+      "intermediate_size": 8,
+      "num_hidden_layers": 1,
+      "num_attention_heads": 2,
+      "num_key_value_heads": 1,
+      "rms_norm_eps": 1e-6,
+      "rope_parameters": {"rope_type": "default", "rope_theta": 5e5, "mrope_section": [4, 6, 6]},
+    }
+  }
+  legacy = {
+    "vocab_size": 10,
+    "hidden_size": 64,
+    "intermediate_size": 8,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 5e5,
+    "rope_scaling": {"type": "mrope", "mrope_section": [4, 6, 6]},
+  }
   assert Qwen25VLTextModel.from_config(v5) == Qwen25VLTextModel.from_config(legacy)
   assert Qwen25VLTextModel.from_config(legacy).mrope_section == (4, 6, 6)
   with pytest.raises(ValueError, match="mrope_section"):
@@ -230,8 +337,9 @@ def test_save_round_trip_through_transformers(reference, tmp_path):
   for key, value in original.items():
     assert torch.equal(value, restored[key]), key
   ids = np.array([[3, 17, 40, 9, 101]])
-  np.testing.assert_array_equal(_torch_last_hidden(reloaded, ids),
-                                _torch_last_hidden(reference["torch_model"], ids))
+  np.testing.assert_array_equal(
+    _torch_last_hidden(reloaded, ids), _torch_last_hidden(reference["torch_model"], ids)
+  )
 
 
 def test_load_sharded_and_v5_prefix(reference, tmp_path):
@@ -273,8 +381,9 @@ def test_bad_checkpoint_names_the_key(reference, problem):
 def test_sharded_scanned_forward_matches_single_device(reference, tokenizer):
   model, params = reference["model"], reference["params"]
   state = {k: v.numpy() for k, v in reference["torch_model"].state_dict().items()}
-  scan_model = Qwen25VLTextModel.from_config(reference["torch_model"].config.to_dict(),
-                                             scan_layers=True, remat_policy="full")
+  scan_model = Qwen25VLTextModel.from_config(
+    reference["torch_model"].config.to_dict(), scan_layers=True, remat_policy="full"
+  )
   scan_params = params_from_torch_state_dict(state, scan_model)
   prompts = PROMPTS + ["a tiny white moon in the sky"]
   enc = tokenizer([te.T2I_TEMPLATE.format(p) for p in prompts], padding=True, return_tensors="np")

@@ -29,14 +29,25 @@ def _small_sft(vae_dir):
   c = sft_config.get_config("tiny")
   c.total_steps = 6
   c.model.vae_from = vae_dir
-  c.model.transformer.update(dict(num_layers=1, num_attention_heads=2, attention_head_dim=16,
-                                  axes_dims_rope=(4, 6, 6)))
-  c.model.text_encoder.update(dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                   mrope_section=(1, 1, 2)))
-  c.data.update(dict(image_size=32, num_train=16, num_train_edits=8, t2i_batch_size=4,
-                     edit_batch_size=2, max_text_tokens=48))
-  c.eval.update(dict(num_t2i=4, num_edits=2, image_size=32, num_steps=2, batch_size=4,
-                     max_text_tokens=48))
+  c.model.transformer.update(
+    dict(num_layers=1, num_attention_heads=2, attention_head_dim=16, axes_dims_rope=(4, 6, 6))
+  )
+  c.model.text_encoder.update(
+    dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, mrope_section=(1, 1, 2))
+  )
+  c.data.update(
+    dict(
+      image_size=32,
+      num_train=16,
+      num_train_edits=8,
+      t2i_batch_size=4,
+      edit_batch_size=2,
+      max_text_tokens=48,
+    )
+  )
+  c.eval.update(
+    dict(num_t2i=4, num_edits=2, image_size=32, num_steps=2, batch_size=4, max_text_tokens=48)
+  )
   c.checkpoint.every = 2
   c.log.every = 1
   return c
@@ -89,11 +100,14 @@ def test_sft_trains_evaluates_and_exports(vae_run, tmp_path):
 def test_sft_exact_resume_after_sigkill(vae_run, tmp_path):
   vae_dir = os.path.join(vae_run[0], "export", "vae")
   steps = 8
-  code = ("from tests.test_trainers import _small_sft\n"
-          f"c = _small_sft({vae_dir!r}); c.total_steps = {steps}; c.eval.num_t2i = 0\n"
-          "c.checkpoint.async_save = False")
+  code = (
+    "from tests.test_trainers import _small_sft\n"
+    f"c = _small_sft({vae_dir!r}); c.total_steps = {steps}; c.eval.num_t2i = 0\n"
+    "c.checkpoint.async_save = False"
+  )
   kill_and_resume.assert_killed_then_resumed_run_is_exact(
-      code, str(tmp_path / "straight"), str(tmp_path / "resumed"), steps, kill_after_step=2)
+    code, str(tmp_path / "straight"), str(tmp_path / "resumed"), steps, kill_after_step=2
+  )
 
 
 def test_sft_rejects_a_text_budget_that_truncates_prompts(tmp_path):
@@ -101,10 +115,14 @@ def test_sft_rejects_a_text_budget_that_truncates_prompts(tmp_path):
   from qwen_image_rl.trainers import sft
 
   tokenizer = sft.build_tokenizer(str(tmp_path / "tok"))
-  with pytest.raises(ConfigError, match=r"max_text_tokens=3 would truncate prompts: the longest "
-                                        r"has 12 tokens"):
-    sft.encode_texts(None, None, tokenizer, ["a red circle", "a large blue square at the top"],
-                     sft.T2I_TEMPLATE, 3)
+  with pytest.raises(
+    ConfigError,
+    match=r"max_text_tokens=3 would truncate prompts: the longest "
+    r"has 12 tokens",
+  ):
+    sft.encode_texts(
+      None, None, tokenizer, ["a red circle", "a large blue square at the top"], sft.T2I_TEMPLATE, 3
+    )
 
 
 def test_training_times_cover_the_first_sampling_steps():
@@ -125,15 +143,17 @@ def test_training_times_cover_the_first_sampling_steps():
   # s t / (1 + (s - 1) t) > 0.95  <=>  t > 0.95 / (s - 0.95 (s - 1)) = 0.8636 for s = 3.
   assert high(shifted) == pytest.approx(1 - 0.95 / (3 - 0.95 * 2), abs=0.004)
   for t in (logit_normal, shifted):
-    assert 0.0 < float(np.min(t)) and float(np.max(t)) < 1.0
+    assert float(np.min(t)) > 0.0 and float(np.max(t)) < 1.0
 
 
 def test_sft_rejects_bad_time_sampling(tmp_path):
   from qwen_image_rl import main
   from qwen_image_rl.config_lib import ConfigError
 
-  for field, value, match in (("uniform_time_fraction", 1.5, "must be in \\[0, 1\\]"),
-                              ("uniform_time_fraction", -0.1, "must be in \\[0, 1\\]")):
+  for field, value, match in (
+    ("uniform_time_fraction", 1.5, "must be in \\[0, 1\\]"),
+    ("uniform_time_fraction", -0.1, "must be in \\[0, 1\\]"),
+  ):
     c = _small_sft(str(tmp_path))
     c.loss[field] = value
     with pytest.raises(ConfigError, match=f"config.loss.{field}=.*{match}"):
@@ -155,24 +175,29 @@ def test_demo_runs_a_stage_and_skips_it_once_done(tmp_path, capsys):
   assert os.path.isfile(tmp_path / "summary.json")
   stages = dict(demo.stages(str(tmp_path)))
   assert list(stages) == ["vae", "base", "rl_t2i", "rl_edit", "opd"]
-  export = lambda s: str(tmp_path / s / "export" / "pipeline")  # noqa: E731
+  export = lambda s: str(tmp_path / s / "export" / "pipeline")
   for rl in ("rl_t2i", "rl_edit"):
     assert stages[rl].init_from == export("base")
     assert stages[rl].total_steps == demo.DEMO_ITERATIONS[rl]
   assert stages["opd"].init_from == export("base")
   assert (stages["opd"].teachers.t2i, stages["opd"].teachers.edit) == (
-      export("rl_t2i"), export("rl_edit"))
+    export("rl_t2i"),
+    export("rl_edit"),
+  )
   assert stages["base"].model.vae_from == str(tmp_path / "vae" / "export" / "vae")
 
 
 def test_demo_summary_table_and_eta():
   from qwen_image_rl import demo
 
-  rows = {"base_cfg4": {"t2i": {"overall": 0.3, "overall_mean": 0.5, "strict": 0.1,
-                                "by_category": {"general": 0.4}},
-                        "edit": {"instruction_following": 0.41, "preservation": 0.9,
-                                 "identity": 0.06}, "images_per_second": 12.34},
-          "student_cfg1": {"t2i": {"overall": 0.31}}}
+  rows = {
+    "base_cfg4": {
+      "t2i": {"overall": 0.3, "overall_mean": 0.5, "strict": 0.1, "by_category": {"general": 0.4}},
+      "edit": {"instruction_following": 0.41, "preservation": 0.9, "identity": 0.06},
+      "images_per_second": 12.34,
+    },
+    "student_cfg1": {"t2i": {"overall": 0.31}},
+  }
   table = demo.format_summary(rows).splitlines()
   assert len(table) == 4 and table[0].startswith("| run | T2I capped | T2I soft")
   assert "| base_cfg4 | 0.300 | 0.500 | 0.100 | 0.400 | - |" in table[2]

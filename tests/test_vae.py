@@ -13,18 +13,34 @@ from qwen_image_rl import parallel
 from qwen_image_rl.convert import vae as convert
 from qwen_image_rl.convert.safetensors_io import CheckpointError
 from qwen_image_rl.models.vae import (
-    QwenImageVAE, abstract_variables, denormalize_latents, normalize_latents)
+  QwenImageVAE,
+  abstract_variables,
+  denormalize_latents,
+  normalize_latents,
+)
 
 TOL = 1e-4
 
 # The diffusers pipeline-test VAE (3 levels, x4), and a 4-level x8 one shaped like the real VAE.
 CONFIGS = {
-    "pipeline_test": dict(base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
-                          temperal_downsample=[False, True], latents_mean=[0.0] * 4,
-                          latents_std=[1.0] * 4),
-    "four_level": dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
-                       temperal_downsample=[False, True, True],
-                       latents_mean=[0.1, -0.2, 0.3, -0.4], latents_std=[1.5, 0.5, 2.0, 1.2]),
+  "pipeline_test": dict(
+    base_dim=24,
+    z_dim=4,
+    dim_mult=[1, 2, 4],
+    num_res_blocks=1,
+    temperal_downsample=[False, True],
+    latents_mean=[0.0] * 4,
+    latents_std=[1.0] * 4,
+  ),
+  "four_level": dict(
+    base_dim=8,
+    z_dim=4,
+    dim_mult=[1, 2, 4, 4],
+    num_res_blocks=2,
+    temperal_downsample=[False, True, True],
+    latents_mean=[0.1, -0.2, 0.3, -0.4],
+    latents_std=[1.5, 0.5, 2.0, 1.2],
+  ),
 }
 
 
@@ -58,6 +74,7 @@ def _images(shape, seed):
 
 def _torch_encode(vae, images_nhwc):
   import torch
+
   x = torch.from_numpy(images_nhwc).permute(0, 3, 1, 2)[:, :, None]  # [B, C, 1, H, W]
   with torch.no_grad():
     dist = vae.encode(x).latent_dist
@@ -67,6 +84,7 @@ def _torch_encode(vae, images_nhwc):
 
 def _torch_decode(vae, latents_nhwc):
   import torch
+
   z = torch.from_numpy(latents_nhwc).permute(0, 3, 1, 2)[:, :, None]
   with torch.no_grad():
     out = vae.decode(z).sample
@@ -100,9 +118,11 @@ def test_encode_decode_match_diffusers(pair, jitted):
   assert decoded.shape == (2, 5 * r, 3 * r, 3) == ref.shape
   dec_err = float(np.max(np.abs(decoded - ref)))
   unclipped = float(np.mean(np.abs(ref) < 1.0))
-  print(f"\n[{name}] encode mean err {enc_err:.2e}, logvar err {logvar_err:.2e}, decode err "
-        f"{dec_err:.2e} (|ref| scale {np.abs(ref_mean).max():.2f}, {unclipped:.0%} of decoded "
-        f"pixels unclipped), {time.time() - t0:.1f}s")
+  print(
+    f"\n[{name}] encode mean err {enc_err:.2e}, logvar err {logvar_err:.2e}, decode err "
+    f"{dec_err:.2e} (|ref| scale {np.abs(ref_mean).max():.2f}, {unclipped:.0%} of decoded "
+    f"pixels unclipped), {time.time() - t0:.1f}s"
+  )
   assert enc_err <= TOL and logvar_err <= TOL and dec_err <= TOL
   assert unclipped > 0.5  # the decode comparison is not just two saturated images
 
@@ -192,8 +212,9 @@ def test_config_round_trip_and_validation():
   with pytest.raises(ValueError, match="attn_scales"):
     QwenImageVAE.from_config({**config, "attn_scales": [0.5]})
   model = QwenImageVAE.from_config(config)
-  params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),
-                        nn.meta.unbox(abstract_variables(model)))
+  params = jax.tree.map(
+    lambda s: np.zeros(s.shape, s.dtype), nn.meta.unbox(abstract_variables(model))
+  )
   with pytest.raises(ValueError, match=r"\[B, H, W, 3\]"):
     model.apply(params, np.zeros((1, 3, 8, 8), np.float32), method=model.encode)
 
@@ -237,11 +258,13 @@ def test_sharded_encode_decode_match_single_device(pair, jitted):
   def under_mesh(method):
     def fn(p, x):
       return model.apply(p, x, method=method)
+
     jitted = jax.jit(fn, in_shardings=(param_shardings, batch), out_shardings=batch)
 
     def call(p, x):
       with parallel.sharding_context(mesh, rules):
         return jitted(p, x)
+
     return call
 
   x = jax.device_put(images, batch)

@@ -145,16 +145,16 @@ def test_vocabulary_covers_every_caption_and_instruction():
 
 def test_captions_state_the_scored_attributes_and_paraphrase():
   rng = np.random.default_rng(10)
-  spec = W.GeneralScene((W.Shape('circle', 'red', 'small', 0, 0),
-                         W.Shape('triangle', 'blue', 'large', 0, 2)), 'left of')
+  spec = W.GeneralScene(
+    (W.Shape('circle', 'red', 'small', 0, 0), W.Shape('triangle', 'blue', 'large', 0, 2)), 'left of'
+  )
   caps = {C.caption(spec, rng) for _ in range(60)}
   assert len(caps) >= 10
   for cap in caps:
     for word in ('small', 'red', 'circle', 'large', 'blue', 'triangle', 'top', 'left', 'right'):
       assert word in cap.split(), (word, cap)
   typo = W.TypographyScene('A7B', 'green')
-  assert all('A 7 B' in C.caption(typo, rng) and 'green' in C.caption(typo, rng)
-             for _ in range(10))
+  assert all('A 7 B' in C.caption(typo, rng) and 'green' in C.caption(typo, rng) for _ in range(10))
   portrait = W.PortraitScene('oval', 'tan', 'green', 'red', 'smiling', True)
   for _ in range(10):
     words = C.caption(portrait, rng).split()
@@ -174,8 +174,9 @@ def test_edits_change_only_what_the_instruction_says(kind):
     assert edit.instruction and set(edit.instruction.split()) <= set(C.vocabulary())
     if src.category == 'portrait':
       assert src.identity == tgt.identity
-      changed = {f.name for f in dataclasses.fields(src)
-                 if getattr(src, f.name) != getattr(tgt, f.name)}
+      changed = {
+        f.name for f in dataclasses.fields(src) if getattr(src, f.name) != getattr(tgt, f.name)
+      }
       assert changed == {'expression' if kind == 'expression' else 'glasses'}
     elif src.category == 'general':
       before, after = set(src.shapes), set(tgt.shapes)
@@ -185,8 +186,9 @@ def test_edits_change_only_what_the_instruction_says(kind):
         assert len(before - after) == 1 and after <= before
       else:  # recolour / move: one shape changes one field
         (old,), (new,) = before - after, after - before
-        diff = {f.name for f in dataclasses.fields(old)
-                if getattr(old, f.name) != getattr(new, f.name)}
+        diff = {
+          f.name for f in dataclasses.fields(old) if getattr(old, f.name) != getattr(new, f.name)
+        }
         if kind == 'recolour':
           assert diff == {'colour'}
         else:

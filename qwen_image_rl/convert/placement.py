@@ -19,7 +19,6 @@ import jax
 import numpy as np
 from jax.sharding import Sharding, SingleDeviceSharding
 
-
 _ALIGNMENT = 64  # XLA:CPU adopts host buffers aligned to this without copying them
 
 
@@ -33,7 +32,7 @@ def aligned_empty(shape, dtype) -> np.ndarray:
   nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
   raw = np.empty(nbytes + _ALIGNMENT, np.uint8)
   offset = (-raw.ctypes.data) % _ALIGNMENT
-  return raw[offset:offset + nbytes].view(dtype).reshape(shape)
+  return raw[offset : offset + nbytes].view(dtype).reshape(shape)
 
 
 def _copy(value: np.ndarray, dtype) -> np.ndarray:
@@ -49,8 +48,9 @@ def put(value: np.ndarray, sharding: Sharding | None, dtype) -> jax.Array | np.n
   """
   if sharding is None:
     return _copy(value, dtype)
-  return jax.make_array_from_callback(value.shape, sharding,
-                                      lambda index: _copy(value[index], dtype))
+  return jax.make_array_from_callback(
+    value.shape, sharding, lambda index: _copy(value[index], dtype)
+  )
 
 
 class StackedLeaf:
@@ -79,8 +79,9 @@ class StackedLeaf:
   def set(self, layer: int, value: np.ndarray) -> None:
     """Write layer `layer` (any host layout, e.g. a transposed view)."""
     if tuple(value.shape) != self.shape[1:]:
-      raise ValueError(f"layer {layer}: shape {tuple(value.shape)}, stacked leaf expects "
-                       f"{self.shape[1:]}")
+      raise ValueError(
+        f"layer {layer}: shape {tuple(value.shape)}, stacked leaf expects {self.shape[1:]}"
+      )
     for key, buffer in self._buffers.items():
       (start, stop), rest = key[0], key[1:]
       if start <= layer < stop:
@@ -90,13 +91,16 @@ class StackedLeaf:
   def result(self):
     """The stacked array (every layer must have been written); the host buffers are released."""
     if not self._filled.all():
-      raise ValueError(f"stacked leaf {self.shape}: layers {np.flatnonzero(~self._filled)} "
-                       f"were never written")
+      raise ValueError(
+        f"stacked leaf {self.shape}: layers {np.flatnonzero(~self._filled)} were never written"
+      )
     buffers, self._buffers = self._buffers, {}
     if self.sharding is None:
       return buffers[_index_key(self._indices[None], self.shape)]
-    arrays = [jax.device_put(buffers[_index_key(index, self.shape)], device)
-              for device, index in self._indices.items()]
+    arrays = [
+      jax.device_put(buffers[_index_key(index, self.shape)], device)
+      for device, index in self._indices.items()
+    ]
     return jax.make_array_from_single_device_arrays(self.shape, self.sharding, arrays)
 
 

@@ -10,14 +10,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import ml_dtypes
 import numpy as np
 from absl import logging
 
 from qwen_image_rl.convert import placement
-
 from qwen_image_rl.errors import CheckpointError
 
 
@@ -39,10 +39,21 @@ def read_json(path: str) -> dict:
 
 # safetensors dtype names -> numpy dtypes (bfloat16 and float8 through ml_dtypes).
 _DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
-    "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_,
+  "F64": np.float64,
+  "F32": np.float32,
+  "F16": np.float16,
+  "BF16": ml_dtypes.bfloat16,
+  "F8_E4M3": ml_dtypes.float8_e4m3fn,
+  "F8_E5M2": ml_dtypes.float8_e5m2,
+  "I64": np.int64,
+  "I32": np.int32,
+  "I16": np.int16,
+  "I8": np.int8,
+  "U64": np.uint64,
+  "U32": np.uint32,
+  "U16": np.uint16,
+  "U8": np.uint8,
+  "BOOL": np.bool_,
 }
 
 
@@ -73,8 +84,9 @@ def _shard_files(directory: str) -> tuple[list[str], dict | None]:
   shards = sorted(set(weight_map.values()))
   missing = [s for s in shards if not os.path.isfile(os.path.join(directory, s))]
   if missing:
-    raise CheckpointError(f"{directory}: shard files named in the index are missing: "
-                          f"{_fmt_keys(missing)}")
+    raise CheckpointError(
+      f"{directory}: shard files named in the index are missing: {_fmt_keys(missing)}"
+    )
   return shards, weight_map
 
 
@@ -100,8 +112,10 @@ def _read_header(path: str) -> dict[str, TensorInfo]:
     start, end = (int(x) for x in info["data_offsets"])
     nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
     if end - start != nbytes or 8 + n + end > size:
-      raise CheckpointError(f"{path}: tensor {key} {shape} {info['dtype']} does not fit its "
-                            f"data offsets {start}..{end} (file of {size} bytes)")
+      raise CheckpointError(
+        f"{path}: tensor {key} {shape} {info['dtype']} does not fit its "
+        f"data offsets {start}..{end} (file of {size} bytes)"
+      )
     table[key] = TensorInfo(path, np.dtype(dtype), shape, 8 + n + start, nbytes)
   return table
 
@@ -123,8 +137,9 @@ class SafetensorsReader:
     if weight_map is not None:
       absent = set(weight_map) - set(self._table)
       if absent:
-        raise CheckpointError(f"{directory}: keys in the index but in no shard: "
-                              f"{_fmt_keys(absent)}")
+        raise CheckpointError(
+          f"{directory}: keys in the index but in no shard: {_fmt_keys(absent)}"
+        )
 
   def keys(self) -> list[str]:
     return sorted(self._table)
@@ -144,8 +159,9 @@ class SafetensorsReader:
       f.seek(info.offset)
       got = f.readinto(memoryview(out.reshape(-1).view(np.uint8)))
     if got != info.nbytes:
-      raise CheckpointError(f"{info.path}: tensor {key} is truncated ({got} of {info.nbytes} "
-                            f"bytes)")
+      raise CheckpointError(
+        f"{info.path}: tensor {key} is truncated ({got} of {info.nbytes} bytes)"
+      )
     return out
 
 
@@ -183,8 +199,11 @@ def known_config(config: Mapping[str, Any], fields, where: str) -> dict[str, Any
   """
   unknown = sorted(k for k in config if k not in fields and not k.startswith("_"))
   if unknown:
-    logging.warning("%s: config keys %s are not used by the model and are ignored (as diffusers "
-                    "ignores them).", where, unknown)
+    logging.warning(
+      "%s: config keys %s are not used by the model and are ignored (as diffusers ignores them).",
+      where,
+      unknown,
+    )
   return {k: v for k, v in config.items() if k not in unknown}
 
 
@@ -192,8 +211,12 @@ def _shape(value) -> tuple[int, ...]:
   return tuple(getattr(value, "shape", value))  # an array or a bare shape
 
 
-def check_state_dict(state: Mapping[str, Any], expected: Mapping[str, tuple],
-                     where: str, ignore_unexpected: Iterable[str] = ()) -> None:
+def check_state_dict(
+  state: Mapping[str, Any],
+  expected: Mapping[str, tuple],
+  where: str,
+  ignore_unexpected: Iterable[str] = (),
+) -> None:
   """Raise CheckpointError listing missing keys, unexpected keys and shape mismatches.
 
   `state` maps keys to arrays or to bare shapes (a reader's `shapes()`).
@@ -201,23 +224,32 @@ def check_state_dict(state: Mapping[str, Any], expected: Mapping[str, tuple],
   ignore = tuple(ignore_unexpected)
   missing = set(expected) - set(state)
   unexpected = {k for k in set(state) - set(expected) if not k.startswith(ignore)}
-  wrong = {k: (_shape(state[k]), tuple(expected[k]))
-           for k in set(state) & set(expected) if _shape(state[k]) != tuple(expected[k])}
+  wrong = {
+    k: (_shape(state[k]), tuple(expected[k]))
+    for k in set(state) & set(expected)
+    if _shape(state[k]) != tuple(expected[k])
+  }
   problems = []
   if missing:
     problems.append(f"missing keys: {_fmt_keys(missing)}")
   if unexpected:
     problems.append(f"unexpected keys: {_fmt_keys(unexpected)}")
   if wrong:
-    problems.append("wrong shapes: " + _fmt_keys(
-        f"{k} (checkpoint {got}, model {want})" for k, (got, want) in wrong.items()))
+    problems.append(
+      "wrong shapes: "
+      + _fmt_keys(f"{k} (checkpoint {got}, model {want})" for k, (got, want) in wrong.items())
+    )
   if problems:
     raise CheckpointError(f"{where}: " + "; ".join(problems))
 
 
-def save_state_dict(state: Mapping[str, np.ndarray], directory: str, *,
-                    filename: str = "diffusion_pytorch_model.safetensors",
-                    max_shard_bytes: int = 5 * 2**30) -> None:
+def save_state_dict(
+  state: Mapping[str, np.ndarray],
+  directory: str,
+  *,
+  filename: str = "diffusion_pytorch_model.safetensors",
+  max_shard_bytes: int = 5 * 2**30,
+) -> None:
   """Write tensors as one file, or as shards plus an index when larger than `max_shard_bytes`.
 
   Files are written under temporary names and renamed, so an interrupted save never leaves a
@@ -245,8 +277,10 @@ def save_state_dict(state: Mapping[str, np.ndarray], directory: str, *,
     save_file(shard, tmp, metadata={"format": "pt"})
     os.replace(tmp, os.path.join(directory, name))
   if len(shards) > 1:
-    index = {"metadata": {"total_size": int(sum(a.nbytes for a in state.values()))},
-             "weight_map": {k: n for n, shard in zip(names, shards) for k in shard}}
+    index = {
+      "metadata": {"total_size": int(sum(a.nbytes for a in state.values()))},
+      "weight_map": {k: n for n, shard in zip(names, shards) for k in shard},
+    }
     tmp = os.path.join(directory, filename + ".index.json.tmp")
     with open(tmp, "w") as f:
       json.dump(index, f, indent=2)

@@ -9,7 +9,8 @@ layer axis (scan_layers=True) in Flax.
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -19,41 +20,47 @@ import numpy as np
 from qwen_image_rl import parallel
 from qwen_image_rl.convert import placement
 from qwen_image_rl.convert.safetensors_io import (
-    CheckpointError, DictSource, SafetensorsReader, check_state_dict, known_config, read_json,
-    save_state_dict)
+  CheckpointError,
+  DictSource,
+  SafetensorsReader,
+  check_state_dict,
+  known_config,
+  read_json,
+  save_state_dict,
+)
 from qwen_image_rl.models.mmdit import DIFFUSERS_FIELDS, QwenImageTransformer
 
 # (torch module name, flax path) for the Linear layers outside / inside a block.
 _TOP_LINEARS = (
-    ("time_text_embed.timestep_embedder.linear_1", ("time_text_embed", "linear_1")),
-    ("time_text_embed.timestep_embedder.linear_2", ("time_text_embed", "linear_2")),
-    ("img_in", ("img_in",)),
-    ("txt_in", ("txt_in",)),
-    ("norm_out.linear", ("norm_out",)),
-    ("proj_out", ("proj_out",)),
+  ("time_text_embed.timestep_embedder.linear_1", ("time_text_embed", "linear_1")),
+  ("time_text_embed.timestep_embedder.linear_2", ("time_text_embed", "linear_2")),
+  ("img_in", ("img_in",)),
+  ("txt_in", ("txt_in",)),
+  ("norm_out.linear", ("norm_out",)),
+  ("proj_out", ("proj_out",)),
 )
 _TOP_NORMS = (("txt_norm", ("txt_norm",)),)
 _BLOCK_LINEARS = (
-    ("img_mod.1", ("img_mod",)),
-    ("txt_mod.1", ("txt_mod",)),
-    ("attn.to_q", ("attn", "to_q")),
-    ("attn.to_k", ("attn", "to_k")),
-    ("attn.to_v", ("attn", "to_v")),
-    ("attn.add_q_proj", ("attn", "add_q_proj")),
-    ("attn.add_k_proj", ("attn", "add_k_proj")),
-    ("attn.add_v_proj", ("attn", "add_v_proj")),
-    ("attn.to_out.0", ("attn", "to_out")),
-    ("attn.to_add_out", ("attn", "to_add_out")),
-    ("img_mlp.net.0.proj", ("img_mlp", "proj_in")),
-    ("img_mlp.net.2", ("img_mlp", "proj_out")),
-    ("txt_mlp.net.0.proj", ("txt_mlp", "proj_in")),
-    ("txt_mlp.net.2", ("txt_mlp", "proj_out")),
+  ("img_mod.1", ("img_mod",)),
+  ("txt_mod.1", ("txt_mod",)),
+  ("attn.to_q", ("attn", "to_q")),
+  ("attn.to_k", ("attn", "to_k")),
+  ("attn.to_v", ("attn", "to_v")),
+  ("attn.add_q_proj", ("attn", "add_q_proj")),
+  ("attn.add_k_proj", ("attn", "add_k_proj")),
+  ("attn.add_v_proj", ("attn", "add_v_proj")),
+  ("attn.to_out.0", ("attn", "to_out")),
+  ("attn.to_add_out", ("attn", "to_add_out")),
+  ("img_mlp.net.0.proj", ("img_mlp", "proj_in")),
+  ("img_mlp.net.2", ("img_mlp", "proj_out")),
+  ("txt_mlp.net.0.proj", ("txt_mlp", "proj_in")),
+  ("txt_mlp.net.2", ("txt_mlp", "proj_out")),
 )
 _BLOCK_NORMS = (
-    ("attn.norm_q", ("attn", "norm_q")),
-    ("attn.norm_k", ("attn", "norm_k")),
-    ("attn.norm_added_q", ("attn", "norm_added_q")),
-    ("attn.norm_added_k", ("attn", "norm_added_k")),
+  ("attn.norm_q", ("attn", "norm_q")),
+  ("attn.norm_k", ("attn", "norm_k")),
+  ("attn.norm_added_q", ("attn", "norm_added_q")),
+  ("attn.norm_added_k", ("attn", "norm_added_k")),
 )
 
 
@@ -108,8 +115,9 @@ def expected_torch_shapes(model: QwenImageTransformer) -> dict[str, tuple[int, .
   return shapes
 
 
-def params_from_source(source, model: QwenImageTransformer, shardings=None,
-                       where: str = "transformer") -> dict:
+def params_from_source(
+  source, model: QwenImageTransformer, shardings=None, where: str = "transformer"
+) -> dict:
   """Flax params (unboxed, `model.param_dtype`) read tensor by tensor from `source`.
 
   `source` has `shapes()` and `read(key)` (a `SafetensorsReader` or a `DictSource`).
@@ -131,10 +139,11 @@ def params_from_source(source, model: QwenImageTransformer, shardings=None,
   for full, entries in groups.items():
     sharding = _get(shardings, full)
     if entries[0][1] is None:
-      (key, _, transpose), = entries
+      ((key, _, transpose),) = entries
       value = source.read(key)
-      _set(params, full, placement.put(value.T if transpose else value, sharding,
-                                       model.param_dtype))
+      _set(
+        params, full, placement.put(value.T if transpose else value, sharding, model.param_dtype)
+      )
       continue
     stack = placement.StackedLeaf(_get(abstract, full).shape, sharding, model.param_dtype)
     for key, index, transpose in entries:
@@ -145,9 +154,12 @@ def params_from_source(source, model: QwenImageTransformer, shardings=None,
   return params
 
 
-def params_from_torch_state_dict(state_dict: Mapping[str, np.ndarray],
-                                 model: QwenImageTransformer, where: str = "transformer",
-                                 shardings=None) -> dict:
+def params_from_torch_state_dict(
+  state_dict: Mapping[str, np.ndarray],
+  model: QwenImageTransformer,
+  where: str = "transformer",
+  shardings=None,
+) -> dict:
   """Flax params from a diffusers state dict in memory (see `params_from_source`)."""
   return params_from_source(DictSource(state_dict), model, shardings, where)
 
@@ -165,8 +177,9 @@ def params_to_torch_state_dict(params, model: QwenImageTransformer) -> dict[str,
   return state
 
 
-def load_transformer(directory: str, dtype=jnp.float32, *, shardings=None, mesh=None,
-                     rules=None, **overrides) -> tuple[QwenImageTransformer, dict]:
+def load_transformer(
+  directory: str, dtype=jnp.float32, *, shardings=None, mesh=None, rules=None, **overrides
+) -> tuple[QwenImageTransformer, dict]:
   """(model, params) from a diffusers `transformer/` folder (config.json + safetensors).
 
   `dtype` sets both the parameter and the compute dtype unless `overrides` name them;
@@ -190,14 +203,19 @@ def load_transformer(directory: str, dtype=jnp.float32, *, shardings=None, mesh=
   return model, params_from_source(reader, model, shardings, where=directory)
 
 
-def save_transformer(model: QwenImageTransformer, params, directory: str, *,
-                     max_shard_bytes: int = 5 * 2**30) -> None:
+def save_transformer(
+  model: QwenImageTransformer, params, directory: str, *, max_shard_bytes: int = 5 * 2**30
+) -> None:
   """Write config.json + safetensors that `QwenImageTransformer2DModel.from_pretrained` loads."""
   import json
 
   state = params_to_torch_state_dict(params, model)
-  save_state_dict(state, directory, filename="diffusion_pytorch_model.safetensors",
-                  max_shard_bytes=max_shard_bytes)
+  save_state_dict(
+    state,
+    directory,
+    filename="diffusion_pytorch_model.safetensors",
+    max_shard_bytes=max_shard_bytes,
+  )
   tmp = os.path.join(directory, "config.json.tmp")
   with open(tmp, "w") as f:
     json.dump(model.to_config(), f, indent=2)

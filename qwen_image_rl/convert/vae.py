@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax
 import flax.linen as nn
@@ -23,8 +24,14 @@ import numpy as np
 from qwen_image_rl import parallel
 from qwen_image_rl.convert import placement
 from qwen_image_rl.convert.safetensors_io import (
-    CheckpointError, DictSource, SafetensorsReader, check_state_dict, known_config, read_json,
-    save_state_dict)
+  CheckpointError,
+  DictSource,
+  SafetensorsReader,
+  check_state_dict,
+  known_config,
+  read_json,
+  save_state_dict,
+)
 from qwen_image_rl.models.vae import QwenImageVAE, abstract_variables
 
 CLASS_NAME = "AutoencoderKLQwenImage"
@@ -85,8 +92,9 @@ def expected_torch_shapes(model: QwenImageVAE) -> dict[str, tuple[int, ...]]:
   return {_torch_key(p): _torch_shape(p, v.shape, flat) for p, v in flat.items()}
 
 
-def params_from_source(source, model: QwenImageVAE, shardings=None, *,
-                       where: str = "AutoencoderKLQwenImage state dict") -> dict:
+def params_from_source(
+  source, model: QwenImageVAE, shardings=None, *, where: str = "AutoencoderKLQwenImage state dict"
+) -> dict:
   """{'params': ...} in `model.param_dtype`, read tensor by tensor from `source`.
 
   `source` has `shapes()` and `read(key)` (a `SafetensorsReader` or a `DictSource`).
@@ -97,8 +105,9 @@ def params_from_source(source, model: QwenImageVAE, shardings=None, *,
   flat = flax.traverse_util.flatten_dict(nn.meta.unbox(abstract_variables(model))["params"])
   expected = {_torch_key(p): _torch_shape(p, v.shape, flat) for p, v in flat.items()}
   check_state_dict(source.shapes(), expected, where)
-  flat_shardings = (None if shardings is None
-                    else flax.traverse_util.flatten_dict(shardings["params"]))
+  flat_shardings = (
+    None if shardings is None else flax.traverse_util.flatten_dict(shardings["params"])
+  )
   params = {}
   for path in flat:
     value = _to_flax_layout(path, source.read(_torch_key(path)))
@@ -108,9 +117,13 @@ def params_from_source(source, model: QwenImageVAE, shardings=None, *,
   return {"params": flax.traverse_util.unflatten_dict(params)}
 
 
-def params_from_torch_state_dict(state_dict: Mapping[str, Any], model: QwenImageVAE, *,
-                                 where: str = "AutoencoderKLQwenImage state dict",
-                                 shardings=None) -> dict:
+def params_from_torch_state_dict(
+  state_dict: Mapping[str, Any],
+  model: QwenImageVAE,
+  *,
+  where: str = "AutoencoderKLQwenImage state dict",
+  shardings=None,
+) -> dict:
   """diffusers state dict (torch tensors or numpy) -> {'params': ...}; see `params_from_source`."""
   return params_from_source(DictSource(state_dict), model, shardings, where=where)
 
@@ -126,8 +139,15 @@ def params_to_torch_state_dict(params: Mapping[str, Any]) -> dict[str, np.ndarra
   return out
 
 
-def load_vae(directory: str, dtype=jnp.float32, param_dtype=jnp.float32, *, shardings=None,
-             mesh=None, rules=None):
+def load_vae(
+  directory: str,
+  dtype=jnp.float32,
+  param_dtype=jnp.float32,
+  *,
+  shardings=None,
+  mesh=None,
+  rules=None,
+):
   """A diffusers `vae/` directory (config.json + safetensors) -> (QwenImageVAE, {'params': ...}).
 
   Placement: `shardings` (a tree matching {'params': ...}), or `mesh` (+ logical `rules`) to
@@ -136,8 +156,9 @@ def load_vae(directory: str, dtype=jnp.float32, param_dtype=jnp.float32, *, shar
   config = read_json(os.path.join(directory, "config.json"))
   name = config.get("_class_name", CLASS_NAME)
   if name != CLASS_NAME:
-    raise CheckpointError(f"{directory}/config.json: _class_name is {name!r}, expected "
-                          f"{CLASS_NAME!r}")
+    raise CheckpointError(
+      f"{directory}/config.json: _class_name is {name!r}, expected {CLASS_NAME!r}"
+    )
   fields = tuple(QwenImageVAE().to_config())  # diffusers' __init__ arguments
   config = known_config(config, fields, f"{directory}/config.json")
   try:
@@ -156,8 +177,7 @@ def save_vae(model: QwenImageVAE, params: Mapping[str, Any], directory: str) -> 
   state = params_to_torch_state_dict(params)
   check_state_dict(state, expected_torch_shapes(model), f"save_vae({directory})")
   save_state_dict(state, directory, filename=WEIGHTS_NAME)
-  config = {"_class_name": CLASS_NAME, "_diffusers_version": DIFFUSERS_VERSION,
-            **model.to_config()}
+  config = {"_class_name": CLASS_NAME, "_diffusers_version": DIFFUSERS_VERSION, **model.to_config()}
   tmp = os.path.join(directory, "config.json.tmp")
   with open(tmp, "w") as f:
     json.dump(config, f, indent=2)

@@ -12,7 +12,6 @@ Everything the instruction does not mention is copied from the source to the tar
 """
 
 import dataclasses
-from typing import Optional
 
 import numpy as np
 
@@ -21,13 +20,13 @@ from qwen_image_rl.data import world as W
 
 EDIT_KINDS = ('recolour', 'move', 'add', 'remove', 'change_text', 'expression', 'glasses')
 EDIT_CATEGORIES = {
-    'recolour': ('general', 'typography', 'landscape'),
-    'move': ('general', 'landscape'),
-    'add': ('general',),
-    'remove': ('general',),
-    'change_text': ('typography',),
-    'expression': ('portrait',),
-    'glasses': ('portrait',),
+  'recolour': ('general', 'typography', 'landscape'),
+  'move': ('general', 'landscape'),
+  'add': ('general',),
+  'remove': ('general',),
+  'change_text': ('typography',),
+  'expression': ('portrait',),
+  'glasses': ('portrait',),
 }
 MAX_SHAPES = 3
 
@@ -54,7 +53,7 @@ def _free_cells(shapes) -> list[tuple[int, int]]:
   return [divmod(i, W.GRID) for i in range(W.GRID * W.GRID) if divmod(i, W.GRID) not in used]
 
 
-def _with_relation(shapes, old: Optional[str], rng) -> W.GeneralScene:
+def _with_relation(shapes, old: str | None, rng) -> W.GeneralScene:
   """Keeps the old relation of the first two shapes if it still holds, else picks one that does."""
   shapes = tuple(shapes)
   if len(shapes) < 2:
@@ -91,8 +90,9 @@ def _move(src, rng):
     row, col = _pick(rng, _free_cells(src.shapes))
     shapes = list(src.shapes)
     shapes[i] = dataclasses.replace(shapes[i], row=row, col=col)
-    text = captions.instruction('move_shape', rng, name=src.shapes[i].name,
-                                pos=W.position_name(row, col))
+    text = captions.instruction(
+      'move_shape', rng, name=src.shapes[i].name, pos=W.position_name(row, col)
+    )
     return text, _with_relation(shapes, src.relation, rng)
   if src.category == 'landscape':
     pos = _pick(rng, [p for p in W.BODY_POSITIONS if p != src.body_pos])
@@ -107,8 +107,9 @@ def _add(src, rng):
   used = {s.colour for s in src.shapes}
   row, col = _pick(rng, _free_cells(src.shapes))
   shape = W.sample_shape(rng, row, col, _pick(rng, [c for c in W.SHAPE_COLOURS if c not in used]))
-  text = captions.instruction('add', rng, size=shape.size, colour=shape.colour, kind=shape.kind,
-                              pos=W.position_name(row, col))
+  text = captions.instruction(
+    'add', rng, size=shape.size, colour=shape.colour, kind=shape.kind, pos=W.position_name(row, col)
+  )
   return text, _with_relation(src.shapes + (shape,), src.relation, rng)
 
 
@@ -116,10 +117,12 @@ def _remove(src, rng):
   if src.category != 'general' or len(src.shapes) < 2:
     return None
   i = int(rng.integers(len(src.shapes)))
-  shapes = src.shapes[:i] + src.shapes[i + 1:]
+  shapes = src.shapes[:i] + src.shapes[i + 1 :]
   relation = src.relation if i >= 2 else None
-  return (captions.instruction('remove', rng, name=src.shapes[i].name),
-          _with_relation(shapes, relation, rng))
+  return (
+    captions.instruction('remove', rng, name=src.shapes[i].name),
+    _with_relation(shapes, relation, rng),
+  )
 
 
 def _change_text(src, rng):
@@ -130,30 +133,43 @@ def _change_text(src, rng):
     text = ''.join(W.GLYPHS[int(k)] for k in rng.integers(len(W.GLYPHS), size=n))
     if text != src.text:
       break
-  return (captions.instruction('change_text', rng, glyphs=captions.glyph_words(text)),
-          dataclasses.replace(src, text=text))
+  return (
+    captions.instruction('change_text', rng, glyphs=captions.glyph_words(text)),
+    dataclasses.replace(src, text=text),
+  )
 
 
 def _expression(src, rng):
   if src.category != 'portrait':
     return None
   new = _pick(rng, [e for e in W.EXPRESSIONS if e != src.expression])
-  return (captions.instruction('expression', rng, expression=new),
-          dataclasses.replace(src, expression=new))
+  return (
+    captions.instruction('expression', rng, expression=new),
+    dataclasses.replace(src, expression=new),
+  )
 
 
 def _glasses(src, rng):
   if src.category != 'portrait':
     return None
-  return (captions.instruction('glasses', rng, glasses=not src.glasses),
-          dataclasses.replace(src, glasses=not src.glasses))
+  return (
+    captions.instruction('glasses', rng, glasses=not src.glasses),
+    dataclasses.replace(src, glasses=not src.glasses),
+  )
 
 
-_EDITORS = {'recolour': _recolour, 'move': _move, 'add': _add, 'remove': _remove,
-            'change_text': _change_text, 'expression': _expression, 'glasses': _glasses}
+_EDITORS = {
+  'recolour': _recolour,
+  'move': _move,
+  'add': _add,
+  'remove': _remove,
+  'change_text': _change_text,
+  'expression': _expression,
+  'glasses': _glasses,
+}
 
 
-def make_edit(source, kind: str, rng: np.random.Generator) -> Optional[Edit]:
+def make_edit(source, kind: str, rng: np.random.Generator) -> Edit | None:
   """Applies an edit of `kind` to `source`; None when that kind does not apply to it."""
   if kind not in _EDITORS:
     raise ValueError(f'unknown edit kind {kind!r}; known kinds: {EDIT_KINDS}')
@@ -164,8 +180,12 @@ def make_edit(source, kind: str, rng: np.random.Generator) -> Optional[Edit]:
   return Edit(kind=kind, source=source, instruction=text, target=target)
 
 
-def sample_edit(rng: np.random.Generator, kind: Optional[str] = None,
-                category: Optional[str] = None, split: Optional[str] = None) -> Edit:
+def sample_edit(
+  rng: np.random.Generator,
+  kind: str | None = None,
+  category: str | None = None,
+  split: str | None = None,
+) -> Edit:
   """A random edit triple; `kind`/`category` default to uniform choices among the valid ones.
 
   With `split`, the source scene comes from that split (W.split_of(edit.source)).
@@ -189,7 +209,7 @@ def sample_edit(rng: np.random.Generator, kind: Optional[str] = None,
       return edit
 
 
-def sample_edits(seed: int, n: int, kinds=EDIT_KINDS, split: Optional[str] = None) -> list[Edit]:
+def sample_edits(seed: int, n: int, kinds=EDIT_KINDS, split: str | None = None) -> list[Edit]:
   """n edits cycling through `kinds`, from one Generator seeded with `seed`."""
   rng = np.random.default_rng(seed)
   return [sample_edit(rng, kinds[i % len(kinds)], split=split) for i in range(n)]

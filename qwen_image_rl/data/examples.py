@@ -40,27 +40,33 @@ def _split_seed(seed: int, split: str, salt: int) -> int:
   return int(np.random.SeedSequence([seed, world.SPLITS.index(split), salt]).generate_state(1)[0])
 
 
-def t2i_examples(seed: int, n: int, split: str, size: int,
-                 categories=world.CATEGORIES) -> T2IExamples:
+def t2i_examples(
+  seed: int, n: int, split: str, size: int, categories=world.CATEGORIES
+) -> T2IExamples:
   """n scenes of `split`, cycling through `categories`, each with one paraphrased prompt."""
   for c in categories:
     world.check_category(c)
   specs = world.sample_scenes(_split_seed(seed, split, 0), n, tuple(categories), split)
   rng = np.random.default_rng(_split_seed(seed, split, 1))
   prompts = [captions.prompt(s, rng) for s in specs]
-  return T2IExamples(images=render.render_batch(specs, size),
-                     prompts=tuple(p.text for p in prompts),
-                     categories=tuple(p.category for p in prompts), specs=tuple(specs))
+  return T2IExamples(
+    images=render.render_batch(specs, size),
+    prompts=tuple(p.text for p in prompts),
+    categories=tuple(p.category for p in prompts),
+    specs=tuple(specs),
+  )
 
 
 def edit_examples(seed: int, n: int, split: str, size: int, kinds=edits.EDIT_KINDS) -> EditExamples:
   """n edit triples of `split` (split of the source scene), cycling through `kinds`."""
   triples = edits.sample_edits(_split_seed(seed, split, 2), n, tuple(kinds), split)
   return EditExamples(
-      sources=render.render_batch([e.source for e in triples], size),
-      targets=render.render_batch([e.target for e in triples], size),
-      instructions=tuple(e.instruction for e in triples),
-      categories=tuple(e.category for e in triples), edits=tuple(triples))
+    sources=render.render_batch([e.source for e in triples], size),
+    targets=render.render_batch([e.target for e in triples], size),
+    instructions=tuple(e.instruction for e in triples),
+    categories=tuple(e.category for e in triples),
+    edits=tuple(triples),
+  )
 
 
 def batch_indices(seed: int, step: int, n: int, batch_size: int, stream: int = 0) -> np.ndarray:

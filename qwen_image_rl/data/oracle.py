@@ -149,16 +149,18 @@ def image_quality(image) -> dict:
   """{'noise', 'sharpness', 'artefacts', 'quality'} in [0, 1]; clean renders score 1."""
   img = as_float_image(image)
   # Noise: robust (median) Laplacian estimate; flat regions dominate clean images.
-  sigma = np.mean([np.median(np.abs(ndimage.convolve(img[..., c], _LAPLACE, mode='reflect')))
-                   for c in range(3)]) / (0.6745 * 6.0)
+  sigma = np.mean(
+    [np.median(np.abs(ndimage.convolve(img[..., c], _LAPLACE, mode='reflect'))) for c in range(3)]
+  ) / (0.6745 * 6.0)
   noise = _gauss(sigma, 10.0, dead_zone=1.5)
   # Sharpness: how much a 5-tap box blur removes of the gradients (Crete-Roffet re-blur).
   gray = img.mean(-1)
   ratios = []
   for axis in (0, 1):
     d_img = np.abs(np.diff(gray, axis=axis))
-    d_blur = np.abs(np.diff(ndimage.uniform_filter1d(gray, 5, axis=axis, mode='reflect'),
-                            axis=axis))
+    d_blur = np.abs(
+      np.diff(ndimage.uniform_filter1d(gray, 5, axis=axis, mode='reflect'), axis=axis)
+    )
     total = d_img.sum()
     ratios.append(1.0 if total < 1e-6 else (total - np.maximum(0, d_img - d_blur).sum()) / total)
   sharpness = _gauss(max(ratios), 0.17, dead_zone=BLUR_CLEAN_MAX)
@@ -166,13 +168,23 @@ def image_quality(image) -> dict:
   # (anti-aliased edge pixels lie between their neighbours, so they do not count).
   padded = np.pad(img, ((1, 1), (1, 1), (0, 0)), mode='edge')
   n = img.shape[0]
-  neighbours = np.stack([padded[1 + dy:1 + dy + n, 1 + dx:1 + dx + n]
-                         for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx])
+  neighbours = np.stack(
+    [
+      padded[1 + dy : 1 + dy + n, 1 + dx : 1 + dx + n]
+      for dy in (-1, 0, 1)
+      for dx in (-1, 0, 1)
+      if dy or dx
+    ]
+  )
   outside = np.maximum(img - neighbours.max(0), neighbours.min(0) - img)
   isolated = float(np.mean(outside.max(-1) > 60))
   artefacts = float(np.exp(-max(0.0, isolated - 0.005) / 0.01))
-  return {'noise': noise, 'sharpness': sharpness, 'artefacts': artefacts,
-          'quality': noise * sharpness * artefacts}
+  return {
+    'noise': noise,
+    'sharpness': sharpness,
+    'artefacts': artefacts,
+    'quality': noise * sharpness * artefacts,
+  }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,7 +202,7 @@ def _soft_extent(profile: np.ndarray) -> tuple[float, float]:
   """(start, length) in pixels of a 1-d coverage profile (max coverage per row or column)."""
   length = float(profile.sum())
   first = int(np.argmax(profile >= 0.5)) if (profile >= 0.5).any() else int(np.argmax(profile))
-  start = first + 1 - float(profile[:first + 1].sum())
+  start = first + 1 - float(profile[: first + 1].sum())
   return start, length
 
 
@@ -222,14 +234,22 @@ def detect_shapes(image) -> list[dict]:
     _, width = _soft_extent(cov.max(axis=0))
     fill = area / max(height * width, 1e-6)
     offset = (cy + 0.5 - (top + height / 2)) / max(height, 1e-6)
-    logits = {k: -0.5 * (((fill - f) / KIND_SIGMAS[0]) ** 2 + ((offset - o) / KIND_SIGMAS[1]) ** 2)
-              for k, (f, o) in KIND_PROTOTYPES.items()}
-    found.append({
-        'colour': colour, 'core_colour': core_colour, 'area': area / size**2, 'fill': fill,
+    logits = {
+      k: -0.5 * (((fill - f) / KIND_SIGMAS[0]) ** 2 + ((offset - o) / KIND_SIGMAS[1]) ** 2)
+      for k, (f, o) in KIND_PROTOTYPES.items()
+    }
+    found.append(
+      {
+        'colour': colour,
+        'core_colour': core_colour,
+        'area': area / size**2,
+        'fill': fill,
         'offset': offset,
-        'x': (cx + sl[1].start + 0.5) / size, 'y': (cy + sl[0].start + 0.5) / size,
+        'x': (cx + sl[1].start + 0.5) / size,
+        'y': (cy + sl[0].start + 0.5) / size,
         'kind_logits': logits,
-    })
+      }
+    )
   found.sort(key=lambda d: -d['area'])
   return found
 
@@ -271,8 +291,12 @@ def _match(shapes, dets) -> list:
 
 
 def _relation_score(relation: str, a: dict, b: dict) -> float:
-  gap = {'left of': b['x'] - a['x'], 'right of': a['x'] - b['x'],
-         'above': b['y'] - a['y'], 'below': a['y'] - b['y']}[relation]
+  gap = {
+    'left of': b['x'] - a['x'],
+    'right of': a['x'] - b['x'],
+    'above': b['y'] - a['y'],
+    'below': a['y'] - b['y'],
+  }[relation]
   return _sigmoid((gap - RELATION_MARGIN) / RELATION_SCALE)
 
 
@@ -298,19 +322,21 @@ def _general(image, spec: W.GeneralScene) -> tuple[dict, dict]:
   # Extra objects (and confetti too small to be one) are a count failure, as are missing ones.
   extra = abs(len(dets) - len(spec.shapes)) + JUNK_WEIGHT * _junk_objects(image)
   out = {
-      'presence': np.mean([p['presence'] if p else 0.0 for p in per]),
-      'count': 1.0 / (1.0 + extra),
-      'attributes': np.mean([np.mean([p['colour'], p['size'], p['kind']]) if p else 0.0
-                             for p in per]),
-      'position': np.mean([p['position'] if p else 0.0 for p in per]),
+    'presence': np.mean([p['presence'] if p else 0.0 for p in per]),
+    'count': 1.0 / (1.0 + extra),
+    'attributes': np.mean(
+      [np.mean([p['colour'], p['size'], p['kind']]) if p else 0.0 for p in per]
+    ),
+    'position': np.mean([p['position'] if p else 0.0 for p in per]),
   }
   checks = {'count': out['count']}
   for i, (shape, p) in enumerate(zip(spec.shapes, per)):
     for k in ('presence', 'colour', 'kind', 'size', 'position'):
       checks[f'shape{i}/{k}'] = p[k] if p else 0.0
     # Solid: the shape shows its own colour, not only a blurred mixture (`colour` unmixes).
-    checks[f'shape{i}/solid'] = (colour_sim(matches[i][0]['core_colour'],
-                                            W.SHAPE_COLOURS[shape.colour]) if p else 0.0)
+    checks[f'shape{i}/solid'] = (
+      colour_sim(matches[i][0]['core_colour'], W.SHAPE_COLOURS[shape.colour]) if p else 0.0
+    )
   if spec.relation is not None:
     a, b = matches[0], matches[1]
     out['relation'] = _relation_score(spec.relation, a[0], b[0]) if a and b else 0.0
@@ -335,20 +361,24 @@ def shape_absence(image, shape: W.Shape) -> float:
 # Typography: glyph templates correlated in each expected slot.
 # ---------------------------------------------------------------------------------------------
 
-INK_SCALE = 150.0    # RGB distance from the background that counts as full ink
+INK_SCALE = 150.0  # RGB distance from the background that counts as full ink
 GLYPH_TEMPERATURE = 0.02
 SEARCH_FRACTION = 0.035  # slot search radius, fraction of the image side
-STRAY_MARGIN = 0.03     # ink this far beyond a slot's search window still belongs to it
-GLYPH_INK_FILL = 0.45   # rough ink fraction of a glyph box (the unit of stray ink)
-STRAY_DEAD_ZONE = 0.1   # a tenth of a glyph of stray ink (blur halo, speckle) is free
-STRAY_WEIGHT = 2.0      # like JUNK_WEIGHT: a glyph's worth of stray ink is two extra objects
+STRAY_MARGIN = 0.03  # ink this far beyond a slot's search window still belongs to it
+GLYPH_INK_FILL = 0.45  # rough ink fraction of a glyph box (the unit of stray ink)
+STRAY_DEAD_ZONE = 0.1  # a tenth of a glyph of stray ink (blur halo, speckle) is free
+STRAY_WEIGHT = 2.0  # like JUNK_WEIGHT: a glyph's worth of stray ink is two extra objects
 STRAY_INK_FLOOR = 30.0  # RGB distance from the background below which nothing is stray ink
 
 
 def _slot_pixels(size: int, box) -> tuple[int, int, int, int]:
   x0, y0, x1, y1 = box
-  return (int(np.floor(y0 * size)), int(np.ceil(y1 * size)),
-          int(np.floor(x0 * size)), int(np.ceil(x1 * size)))
+  return (
+    int(np.floor(y0 * size)),
+    int(np.ceil(y1 * size)),
+    int(np.floor(x0 * size)),
+    int(np.ceil(x1 * size)),
+  )
 
 
 @functools.lru_cache(maxsize=64)
@@ -380,8 +410,13 @@ def glyph_probabilities(image, n: int) -> np.ndarray:
   for slot, box in enumerate(W.glyph_boxes(n)):
     templates = _glyph_templates(size, n, slot)
     r0, r1, c0, c1 = _slot_pixels(size, box)
-    patches = np.stack([padded[r0 + m + dy:r1 + m + dy, c0 + m + dx:c1 + m + dx]
-                        for dy in range(-m, m + 1) for dx in range(-m, m + 1)])
+    patches = np.stack(
+      [
+        padded[r0 + m + dy : r1 + m + dy, c0 + m + dx : c1 + m + dx]
+        for dy in range(-m, m + 1)
+        for dx in range(-m, m + 1)
+      ]
+    )
     patches = patches - patches.mean(axis=(1, 2), keepdims=True)
     norms = np.linalg.norm(patches.reshape(len(patches), -1), axis=1)
     ncc = np.einsum('shw,ghw->sg', patches, templates) / np.maximum(norms, 1e-3)[:, None]
@@ -416,13 +451,14 @@ def _typography(img, spec: W.TypographyScene) -> tuple[dict, dict]:
   dist = _dist(img, W.TEXT_BACKGROUND)
   core = dist >= max(0.85 * float(np.percentile(dist, 99.5)), 0.3 * INK_SCALE)
   out = {
-      'glyphs': float(np.mean([probs[:, g].max() for g in idx])),
-      'order': float(np.mean([probs[k, g] for k, g in enumerate(idx)])),
-      'colour': unmixed_colour_sim(_median_colour(img, core), W.TEXT_COLOURS[spec.colour],
-                                   W.TEXT_BACKGROUND),
-      # Extra glyphs or blotches outside the requested slots are a count failure.
-      'count': 1.0 / (1.0 + STRAY_WEIGHT * max(0.0, stray_ink(img, len(spec.text))
-                                               - STRAY_DEAD_ZONE)),
+    'glyphs': float(np.mean([probs[:, g].max() for g in idx])),
+    'order': float(np.mean([probs[k, g] for k, g in enumerate(idx)])),
+    'colour': unmixed_colour_sim(
+      _median_colour(img, core), W.TEXT_COLOURS[spec.colour], W.TEXT_BACKGROUND
+    ),
+    # Extra glyphs or blotches outside the requested slots are a count failure.
+    'count': 1.0
+    / (1.0 + STRAY_WEIGHT * max(0.0, stray_ink(img, len(spec.text)) - STRAY_DEAD_ZONE)),
   }
   checks = {f'glyph{k}': float(probs[k, g]) for k, g in enumerate(idx)}
   # Solid ink: the stroke cores show the text colour itself, not only a blurred mixture that
@@ -441,13 +477,13 @@ def score_typography(image, spec: W.TypographyScene) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 CHEEK_OFFSET, CHEEK_RADIUS = (0.14, 0.1), 0.025  # clear of glasses, mouth and outline
-SQUARENESS_ROW = 0.18   # width ratio measured this far below the face centre ...
-FACE_WIDTH_ROW = 0.09   # ... to the width here: below the glasses' frames, which end at 0.066
+SQUARENESS_ROW = 0.18  # width ratio measured this far below the face centre ...
+FACE_WIDTH_ROW = 0.09  # ... to the width here: below the glasses' frames, which end at 0.066
 SCLERA_PROBE_X = (W.IRIS_RADIUS + W.SCLERA_RADII[0]) / 2  # between iris and sclera edge
 GLASSES_THRESHOLD, GLASSES_SCALE = 0.35, 0.06
-CHIN_COLUMNS = 0.02     # chin height measured over columns within this of the centre
+CHIN_COLUMNS = 0.02  # chin height measured over columns within this of the centre
 HAIR_BOX = (0.06, -0.235, -0.2)  # half-width, top and bottom (relative to the face centre)
-COLOUR_SCALE = 60.0     # embedding units: RGB / 60 (identity colours are >= 60 apart)
+COLOUR_SCALE = 60.0  # embedding units: RGB / 60 (identity colours are >= 60 apart)
 SHAPE_SCALES = (0.025, 0.025, 0.06)  # a, b, squareness
 IDENTITY_GROUPS = (slice(0, 3), slice(3, 6), slice(6, 9), slice(9, 12))
 # Per group (skin, eyes, hair, face shape), in embedding units: identity colours are >= 1.38
@@ -478,8 +514,8 @@ def _edges(line: np.ndarray) -> tuple[float, float]:
     return 0.0, 0.0
   first, last = int(inside[0]), int(inside[-1])
   lo = max(0, first - 3)
-  start = first + 2 - float(line[lo:first + 2].sum())  # pixels first+1 and last-1 are inside
-  end = (last - 1) + float(line[last - 1:last + 4].sum())
+  start = first + 2 - float(line[lo : first + 2].sum())  # pixels first+1 and last-1 are inside
+  end = (last - 1) + float(line[last - 1 : last + 4].sum())
   return start, end
 
 
@@ -499,8 +535,9 @@ def portrait_features(image) -> dict:
   size = img.shape[0]
   cx, cy = W.FACE_CENTER
   ey = cy + W.EYE_DY
-  cheeks = (_disc_mask(size, cx - CHEEK_OFFSET[0], cy + CHEEK_OFFSET[1], CHEEK_RADIUS)
-            | _disc_mask(size, cx + CHEEK_OFFSET[0], cy + CHEEK_OFFSET[1], CHEEK_RADIUS))
+  cheeks = _disc_mask(size, cx - CHEEK_OFFSET[0], cy + CHEEK_OFFSET[1], CHEEK_RADIUS) | _disc_mask(
+    size, cx + CHEEK_OFFSET[0], cy + CHEEK_OFFSET[1], CHEEK_RADIUS
+  )
   skin = _median_colour(img, cheeks)
   bg_dist = _dist(img, W.PORTRAIT_BACKGROUND)
   cov = np.clip(bg_dist / max(40.0, float(np.linalg.norm(skin - W.PORTRAIT_BACKGROUND))), 0, 1)
@@ -516,7 +553,7 @@ def portrait_features(image) -> dict:
   for s in (-1, 1):
     pixels = img[_disc_mask(size, cx + s * W.EYE_DX, ey, max(W.IRIS_RADIUS, 0.75 / size))]
     order = np.argsort(-_dist(pixels, W.SCLERA_COLOUR))
-    eyes.append(pixels[order[:max(2, len(order) // 4)]].mean(axis=0))
+    eyes.append(pixels[order[: max(2, len(order) // 4)]].mean(axis=0))
   eye = (eyes[0] + eyes[1]) / 2
   # Sclera: between the iris edge and the sclera edge, left and right of each iris.
   sclera = np.zeros((size, size), bool)
@@ -526,8 +563,13 @@ def portrait_features(image) -> dict:
   whiteness = float(np.mean(np.exp(-0.5 * (_dist(img[sclera], W.SCLERA_COLOUR) / 80) ** 2)))
   # Mouth: weighted height of non-skin pixels in centre vs corner columns.
   ys, xs = _coords(size)
-  region = _box_mask(size, cx - W.MOUTH_HALF_WIDTH, cy + W.MOUTH_Y - 0.07,
-                     cx + W.MOUTH_HALF_WIDTH, cy + W.MOUTH_Y + 0.07)
+  region = _box_mask(
+    size,
+    cx - W.MOUTH_HALF_WIDTH,
+    cy + W.MOUTH_Y - 0.07,
+    cx + W.MOUTH_HALF_WIDTH,
+    cy + W.MOUTH_Y + 0.07,
+  )
   contrast = max(30.0, float(np.linalg.norm(np.asarray(W.MOUTH_COLOUR) - skin)))
   mouthness = np.clip((_dist(img, skin) - 15) / (0.5 * contrast), 0, 1) * region
   u = np.abs(xs - cx) / W.MOUTH_HALF_WIDTH
@@ -542,14 +584,26 @@ def portrait_features(image) -> dict:
   # Glasses: how far the ring band moves from the skin towards the frame colour (0 .. 1).
   band = np.zeros((size, size), bool)
   for s in (-1, 1):
-    band |= _disc_mask(size, cx + s * W.EYE_DX, ey, W.GLASSES_RADII[0] + 0.004,
-                       W.GLASSES_RADII[1] - 0.004)
+    band |= _disc_mask(
+      size, cx + s * W.EYE_DX, ey, W.GLASSES_RADII[0] + 0.004, W.GLASSES_RADII[1] - 0.004
+    )
   axis = np.asarray(W.GLASSES_COLOUR, np.float64) - skin
   along = (img[band] - skin) @ axis / max(float(axis @ axis), 1.0)
   glasses = float(np.clip(along, 0, 1).mean())
-  return {'skin': skin, 'eye': eye, 'eye_left': eyes[0], 'eye_right': eyes[1], 'hair': hair,
-          'a': a, 'b': b, 'squareness': squareness, 'curvature': curvature,
-          'mouth_present': mouth_present, 'glasses': glasses, 'sclera_whiteness': whiteness}
+  return {
+    'skin': skin,
+    'eye': eye,
+    'eye_left': eyes[0],
+    'eye_right': eyes[1],
+    'hair': hair,
+    'a': a,
+    'b': b,
+    'squareness': squareness,
+    'curvature': curvature,
+    'mouth_present': mouth_present,
+    'glasses': glasses,
+    'sclera_whiteness': whiteness,
+  }
 
 
 def _embedding(skin, eye, hair, a, b, squareness) -> np.ndarray:
@@ -583,19 +637,31 @@ def identity_embedding(image) -> np.ndarray:
 
 def spec_identity_embedding(spec: W.PortraitScene) -> np.ndarray:
   """The embedding a perfect render of `spec` has, from the world definition."""
-  return _embedding(W.SKIN_TONES[spec.skin], W.EYE_COLOURS[spec.eyes], W.HAIR_COLOURS[spec.hair],
-                    *expected_shape(spec.face_shape))
+  return _embedding(
+    W.SKIN_TONES[spec.skin],
+    W.EYE_COLOURS[spec.eyes],
+    W.HAIR_COLOURS[spec.hair],
+    *expected_shape(spec.face_shape),
+  )
 
 
 def _iris_candidates(eye, skin) -> np.ndarray:
   """Iris colours (embedding units) that `eye` may be a blurred mixture of: measured = a iris +
   the rest split between the sclera, a glasses frame and the skin, a >= IRIS_ALPHA_MIN."""
-  others = np.stack([np.asarray(W.SCLERA_COLOUR, np.float64) / COLOUR_SCALE,
-                     np.asarray(W.GLASSES_COLOUR, np.float64) / COLOUR_SCALE,
-                     np.asarray(skin, np.float64)])
+  others = np.stack(
+    [
+      np.asarray(W.SCLERA_COLOUR, np.float64) / COLOUR_SCALE,
+      np.asarray(W.GLASSES_COLOUR, np.float64) / COLOUR_SCALE,
+      np.asarray(skin, np.float64),
+    ]
+  )
   steps = 4
-  splits = np.array([(i, j, steps - i - j) for i in range(steps + 1)
-                     for j in range(steps + 1 - i)], np.float64) / steps
+  splits = (
+    np.array(
+      [(i, j, steps - i - j) for i in range(steps + 1) for j in range(steps + 1 - i)], np.float64
+    )
+    / steps
+  )
   alphas = np.linspace(IRIS_ALPHA_MIN, 1.0, 12)[:, None, None]
   rest = (1 - alphas) * (splits @ others)[None]
   candidates = (np.asarray(eye, np.float64) - rest) / alphas
@@ -604,16 +670,22 @@ def _iris_candidates(eye, skin) -> np.ndarray:
 
 def iris_colour_sim(eye, skin, target) -> float:
   """colour_sim of the measured eye colour, unmixed as in the identity, to an iris colour."""
-  candidates = _iris_candidates(np.asarray(eye, np.float64) / COLOUR_SCALE,
-                                np.asarray(skin, np.float64) / COLOUR_SCALE) * COLOUR_SCALE
+  candidates = (
+    _iris_candidates(
+      np.asarray(eye, np.float64) / COLOUR_SCALE, np.asarray(skin, np.float64) / COLOUR_SCALE
+    )
+    * COLOUR_SCALE
+  )
   return colour_sim(candidates[np.argmin(np.linalg.norm(candidates - target, axis=-1))], target)
 
 
 def _unmixed_eye_distance(ea: np.ndarray, eb: np.ndarray) -> float:
   """Smallest distance (embedding units) between any iris colours the two eyes may show."""
   groups = IDENTITY_GROUPS
-  a, b = _iris_candidates(ea[groups[1]], ea[groups[0]]), _iris_candidates(eb[groups[1]],
-                                                                          eb[groups[0]])
+  a, b = (
+    _iris_candidates(ea[groups[1]], ea[groups[0]]),
+    _iris_candidates(eb[groups[1]], eb[groups[0]]),
+  )
   return float(np.min(np.linalg.norm(a[:, None] - b[None], axis=-1)))
 
 
@@ -644,36 +716,44 @@ def _portrait(img, spec: W.PortraitScene) -> tuple[dict, dict]:
   for name in W.FACE_SHAPES:
     proto = np.array(expected_shape(name)) / np.array(SHAPE_SCALES)
     shape_logits[name] = -0.5 * float(np.sum((emb[9:] - proto) ** 2))
-  curve_logits = {e: -0.5 * ((f['curvature'] - CURVE_GAIN * s * W.MOUTH_DEPTH) / CURVE_SIGMA) ** 2
-                  for e, s in EXPRESSION_SIGN.items()}
+  curve_logits = {
+    e: -0.5 * ((f['curvature'] - CURVE_GAIN * s * W.MOUTH_DEPTH) / CURVE_SIGMA) ** 2
+    for e, s in EXPRESSION_SIGN.items()
+  }
   p_glasses = _sigmoid((f['glasses'] - GLASSES_THRESHOLD) / GLASSES_SCALE)
   attributes = {
-      'face_shape': _softmax_pick(shape_logits, spec.face_shape),
-      'skin': colour_sim(f['skin'], W.SKIN_TONES[spec.skin]),
-      'eyes': iris_colour_sim(f['eye'], f['skin'], W.EYE_COLOURS[spec.eyes]),
-      'hair': colour_sim(f['hair'], W.HAIR_COLOURS[spec.hair]),
-      'expression': _softmax_pick(curve_logits, spec.expression),
-      'glasses': p_glasses if spec.glasses else 1 - p_glasses,
+    'face_shape': _softmax_pick(shape_logits, spec.face_shape),
+    'skin': colour_sim(f['skin'], W.SKIN_TONES[spec.skin]),
+    'eyes': iris_colour_sim(f['eye'], f['skin'], W.EYE_COLOURS[spec.eyes]),
+    'hair': colour_sim(f['hair'], W.HAIR_COLOURS[spec.hair]),
+    'expression': _softmax_pick(curve_logits, spec.expression),
+    'glasses': p_glasses if spec.glasses else 1 - p_glasses,
   }
   # Spec-free structure: a face of plausible width, white sclera, distinct irises, a mouth,
   # and left/right symmetry.
   a_lo, a_hi = 0.17, 0.29
-  iris_vs_sclera = min(colour_sim(f['eye_left'], W.SCLERA_COLOUR, 25),
-                       colour_sim(f['eye_right'], W.SCLERA_COLOUR, 25))
+  iris_vs_sclera = min(
+    colour_sim(f['eye_left'], W.SCLERA_COLOUR, 25), colour_sim(f['eye_right'], W.SCLERA_COLOUR, 25)
+  )
   structure = {
-      'face_width': _gauss(max(a_lo - f['a'], f['a'] - a_hi, 0.0), 0.03),
-      'sclera': f['sclera_whiteness'],
-      'irises': 1 - iris_vs_sclera,
-      'mouth': min(1.0, f['mouth_present'] / 0.8),
-      'symmetry': colour_sim(f['eye_left'], f['eye_right'], 30),
+    'face_width': _gauss(max(a_lo - f['a'], f['a'] - a_hi, 0.0), 0.03),
+    'sclera': f['sclera_whiteness'],
+    'irises': 1 - iris_vs_sclera,
+    'mouth': min(1.0, f['mouth_present'] / 0.8),
+    'symmetry': colour_sim(f['eye_left'], f['eye_right'], 30),
   }
-  out = {'well_formed': float(np.mean(list(structure.values()))),
-         'attributes': float(np.mean(list(attributes.values()))),
-         'identity': embedding_similarity(emb, spec_identity_embedding(spec))}
+  out = {
+    'well_formed': float(np.mean(list(structure.values()))),
+    'attributes': float(np.mean(list(attributes.values()))),
+    'identity': embedding_similarity(emb, spec_identity_embedding(spec)),
+  }
   # Strict checks: each requested attribute, the identity, and the face structure as a whole
   # (its parts are small, blur-sensitive probes: one weak part alone is no failure).
-  checks = {**{f'attributes/{k}': v for k, v in attributes.items()},
-            'well_formed': out['well_formed'], 'identity': out['identity']}
+  checks = {
+    **{f'attributes/{k}': v for k, v in attributes.items()},
+    'well_formed': out['well_formed'],
+    'identity': out['identity'],
+  }
   return out, {k: float(v) for k, v in checks.items()}
 
 
@@ -717,8 +797,9 @@ def _landscape(img, spec: W.LandscapeScene) -> tuple[dict, dict]:
   extra = max(0, int(np.sum(blobs >= 0.2 * np.pi * (W.BODY_RADIUS * size) ** 2)) - 1)
   count = 1.0 / (1.0 + extra)
   if mass > 1e-3:
-    kind = unmixed_colour_sim(_median_colour(img, body_cov >= 0.99), W.BODIES[spec.body],
-                              sky_measured)
+    kind = unmixed_colour_sim(
+      _median_colour(img, body_cov >= 0.99), W.BODIES[spec.body], sky_measured
+    )
     body_x, body_y = float((body_cov * xs).sum() / mass), float((body_cov * ys).sum() / mass)
     expected_x = W.body_centroid(spec.body, spec.body_pos, spec.horizon)[0]
     position = _gauss(body_x - expected_x, BODY_X_SIGMA, BODY_X_DEAD_ZONE)
@@ -726,18 +807,24 @@ def _landscape(img, spec: W.LandscapeScene) -> tuple[dict, dict]:
     near = np.hypot(xs - body_x, ys - body_y) <= BODY_COMPACT_RADIUS * W.BODY_RADIUS
     compact = float(np.clip(((body_cov * near).sum() / mass - 0.5) / 0.4, 0, 1))
     # Solid: somewhere the body shows its own colour, not only a blurred mixture with the sky.
-    solid = float(np.max(np.exp(-0.5 * (_dist(img[sky_region], W.BODIES[spec.body])
-                                         / COLOUR_SIGMA) ** 2)))
+    solid = float(
+      np.max(np.exp(-0.5 * (_dist(img[sky_region], W.BODIES[spec.body]) / COLOUR_SIGMA) ** 2))
+    )
   else:
     kind, position, compact, solid = 0.0, 0.0, 0.0, 0.0
   checks = {
-      'sky': colour_sim(sky_measured, sky), 'ground': colour_sim(ground_measured, ground),
-      'body': present * kind * compact, 'body_solid': solid, 'body_count': count,
-      'horizon': _gauss(horizon - W.HORIZONS[spec.horizon], HORIZON_SIGMA, HORIZON_DEAD_ZONE),
-      'body_position': present * position,
+    'sky': colour_sim(sky_measured, sky),
+    'ground': colour_sim(ground_measured, ground),
+    'body': present * kind * compact,
+    'body_solid': solid,
+    'body_count': count,
+    'horizon': _gauss(horizon - W.HORIZONS[spec.horizon], HORIZON_SIGMA, HORIZON_DEAD_ZONE),
+    'body_position': present * position,
   }
-  out = {'elements': count * np.mean([checks['sky'], checks['ground'], checks['body']]),
-         'layout': np.mean([checks['horizon'], checks['body_position']])}
+  out = {
+    'elements': count * np.mean([checks['sky'], checks['ground'], checks['body']]),
+    'layout': np.mean([checks['horizon'], checks['body_position']]),
+  }
   return ({k: float(v) for k, v in out.items()}, {k: float(v) for k, v in checks.items()})
 
 
@@ -750,22 +837,22 @@ def score_landscape(image, spec: W.LandscapeScene) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 ALIGNMENT_DIMS = {
-    'general': ('presence', 'count', 'attributes', 'position', 'relation'),
-    'typography': ('glyphs', 'count', 'order', 'colour'),
-    'portrait': ('well_formed', 'attributes', 'identity'),
-    'landscape': ('elements', 'layout'),
+  'general': ('presence', 'count', 'attributes', 'position', 'relation'),
+  'typography': ('glyphs', 'count', 'order', 'colour'),
+  'portrait': ('well_formed', 'attributes', 'identity'),
+  'landscape': ('elements', 'layout'),
 }
 # The paper's alignment rubric (presence and count, then attributes, then spatial relations,
 # then pose) mapped onto each category's dimensions, highest priority first.
 RUBRIC_TIERS = {
-    'general': (('presence', 'count'), ('attributes',), ('position', 'relation')),
-    'typography': (('glyphs', 'count'), ('colour',), ('order',)),
-    'portrait': (('well_formed',), ('attributes', 'identity')),
-    'landscape': (('elements',), ('layout',)),
-    # Edits (the paper's edit rubric): the core requirement, then the rest of the target scene;
-    # instruction following, then preserving what the instruction did not touch.
-    'edit': (('core',), ('target',)),
-    'edit_overall': (('instruction_following',), ('preservation', 'identity')),
+  'general': (('presence', 'count'), ('attributes',), ('position', 'relation')),
+  'typography': (('glyphs', 'count'), ('colour',), ('order',)),
+  'portrait': (('well_formed',), ('attributes', 'identity')),
+  'landscape': (('elements',), ('layout',)),
+  # Edits (the paper's edit rubric): the core requirement, then the rest of the target scene;
+  # instruction following, then preserving what the instruction did not touch.
+  'edit': (('core',), ('target',)),
+  'edit_overall': (('instruction_following',), ('preservation', 'identity')),
 }
 # A tier whose worst dimension reaches TIER_PASS does not cap the tiers below it; under it, the
 # later tiers are scaled by (score / TIER_PASS)^TIER_GATE_POWER, so a failed tier caps the score
@@ -777,8 +864,12 @@ TIER_PASS, TIER_GATE_POWER = 0.8, 4
 # (no missing, extra or confetti objects; one extra object scores 0.5) STRICT_COUNT_THRESHOLD.
 STRICT_THRESHOLD = 0.5
 STRICT_COUNT_THRESHOLD = 0.7
-_SCORERS = {'general': _general, 'typography': _typography,
-            'portrait': _portrait, 'landscape': _landscape}
+_SCORERS = {
+  'general': _general,
+  'typography': _typography,
+  'portrait': _portrait,
+  'landscape': _landscape,
+}
 
 
 def capped_alignment(scores: dict, category: str) -> float:
@@ -803,14 +894,15 @@ def capped_alignment(scores: dict, category: str) -> float:
 
 def strict_pass(checks: dict) -> bool:
   """Every item-level check reaches its threshold (count checks their own)."""
-  return all(v >= (STRICT_COUNT_THRESHOLD if k.endswith('count') else STRICT_THRESHOLD)
-             for k, v in checks.items())
+  return all(
+    v >= (STRICT_COUNT_THRESHOLD if k.endswith('count') else STRICT_THRESHOLD)
+    for k, v in checks.items()
+  )
 
 
 def t2i_checks(image, spec) -> dict:
   """The item-level checks behind `score_t2i`'s `strict` (name -> score in [0, 1])."""
-  return _SCORERS[W.check_category(getattr(spec, 'category', None))](as_float_image(image),
-                                                                     spec)[1]
+  return _SCORERS[W.check_category(getattr(spec, 'category', None))](as_float_image(image), spec)[1]
 
 
 def _t2i_scores_and_checks(image, spec) -> tuple[dict, dict]:
@@ -927,8 +1019,12 @@ def core_checks(output_image, source, target, checks=None) -> dict:
       if getattr(source, field) != getattr(target, field):
         core[field] = checks[f'attributes/{field}']
   else:
-    fields = {'sky': ('sky',), 'ground': ('ground',), 'body': ('body', 'body_position'),
-              'body_pos': ('body_position',)}
+    fields = {
+      'sky': ('sky',),
+      'ground': ('ground',),
+      'body': ('body', 'body_position'),
+      'body_pos': ('body_position',),
+    }
     for field, names in fields.items():
       if getattr(source, field) != getattr(target, field):
         core.update({n: checks[n] for n in names})
@@ -946,17 +1042,21 @@ def score_edit(source_image, output_image, edit) -> dict:
   target_scores, target_checks = _t2i_scores_and_checks(output_image, edit.target)
   core = core_checks(output_image, edit.source, edit.target, target_checks)
   core_score = min(core.values()) if core else 1.0
-  out = {'core': core_score,
-         'instruction_following': capped_alignment(
-             {'core': core_score, 'target': target_scores['overall']}, 'edit'),
-         'preservation': preservation(source_image, output_image, edit.source, edit.target)}
+  out = {
+    'core': core_score,
+    'instruction_following': capped_alignment(
+      {'core': core_score, 'target': target_scores['overall']}, 'edit'
+    ),
+    'preservation': preservation(source_image, output_image, edit.source, edit.target),
+  }
   checks = {**target_checks, **{f'core/{k}': v for k, v in core.items()}}
   if edit.target.category == 'portrait':
     out['identity'] = identity_similarity(source_image, output_image)
     checks['source_identity'] = out['identity']
   keep = {k: out[k] for k in ('preservation', 'identity') if k in out}
   out['overall'] = capped_alignment(
-      {'instruction_following': out['instruction_following'], **keep}, 'edit_overall')
+    {'instruction_following': out['instruction_following'], **keep}, 'edit_overall'
+  )
   out['overall_mean'] = float(np.mean([target_scores['overall_mean'], *keep.values()]))
   out['instruction_following_mean'] = target_scores['overall_mean']
   out['strict'] = float(strict_pass(checks) and out['preservation'] >= PRESERVATION_STRICT)
@@ -973,8 +1073,9 @@ def score_t2i_batch(images, specs) -> list[dict]:
 
 def score_edit_batch(source_images, output_images, edits) -> list[dict]:
   if not len(source_images) == len(output_images) == len(edits):
-    raise ValueError(f'{len(source_images)} sources, {len(output_images)} outputs, '
-                     f'{len(edits)} edits')
+    raise ValueError(
+      f'{len(source_images)} sources, {len(output_images)} outputs, {len(edits)} edits'
+    )
   return [score_edit(s, o, e) for s, o, e in zip(source_images, output_images, edits)]
 
 

@@ -17,7 +17,8 @@ import dataclasses
 import json
 import os
 import tempfile
-from typing import Any, Iterable, Mapping, Optional
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from qwen_image_rl.data import world
 
@@ -29,7 +30,7 @@ _RESERVED_KEYS = ('prompt', 'category')
 class PromptFileError(ValueError):
   """A prompt file that cannot be used; `path` and `line` (1-based, or None) say where."""
 
-  def __init__(self, path, line: Optional[int], message: str):
+  def __init__(self, path, line: int | None, message: str):
     self.path = os.fspath(path)
     self.line = line
     where = self.path if line is None else f'{self.path}, line {line}'
@@ -48,16 +49,17 @@ def is_jsonl(path) -> bool:
   return os.fspath(path).lower().endswith(JSONL_SUFFIXES)
 
 
-def _check_category(category, path, line: Optional[int]) -> str:
+def _check_category(category, path, line: int | None) -> str:
   if not isinstance(category, str):
     raise PromptFileError(path, line, f'"category" must be a string, got {category!r}')
   if category not in world.CATEGORIES:
-    raise PromptFileError(path, line, f'unknown category {category!r}; known categories: '
-                                      f'{", ".join(world.CATEGORIES)}')
+    raise PromptFileError(
+      path, line, f'unknown category {category!r}; known categories: {", ".join(world.CATEGORIES)}'
+    )
   return category
 
 
-def _check_prompt(prompt, path, line: Optional[int]) -> str:
+def _check_prompt(prompt, path, line: int | None) -> str:
   if not isinstance(prompt, str):
     raise PromptFileError(path, line, f'"prompt" must be a string, got {prompt!r}')
   if not prompt.strip():
@@ -91,8 +93,11 @@ def _parse_jsonl_line(text: str, path, number: int) -> PromptRecord:
   except json.JSONDecodeError as e:
     raise PromptFileError(path, number, f'malformed JSON: {e.msg} (column {e.colno})') from e
   if not isinstance(obj, dict):
-    raise PromptFileError(path, number, f'expected a JSON object like {{"prompt": "..."}}, got '
-                                        f'a JSON {type(obj).__name__}')
+    raise PromptFileError(
+      path,
+      number,
+      f'expected a JSON object like {{"prompt": "..."}}, got a JSON {type(obj).__name__}',
+    )
   if 'prompt' not in obj:
     raise PromptFileError(path, number, f'missing "prompt" key (keys: {sorted(obj)})')
   prompt = _check_prompt(obj['prompt'], path, number)
@@ -116,8 +121,9 @@ def read_prompt_file(path) -> list[PromptRecord]:
       records.append(PromptRecord(prompt=stripped, category=DEFAULT_CATEGORY, line=number))
   if not records:
     what = 'blank lines' if jsonl else 'blank or comment lines'
-    raise PromptFileError(path, None, f'no prompts: the file is empty or has only {what} '
-                                      f'({len(lines)} lines)')
+    raise PromptFileError(
+      path, None, f'no prompts: the file is empty or has only {what} ({len(lines)} lines)'
+    )
   return records
 
 
@@ -127,8 +133,9 @@ def _as_record(record) -> PromptRecord:
   if isinstance(record, Mapping):
     record = dict(record)
     extra = {k: v for k, v in record.items() if k not in _RESERVED_KEYS}
-    return PromptRecord(prompt=record.get('prompt'),
-                        category=record.get('category', DEFAULT_CATEGORY), extra=extra)
+    return PromptRecord(
+      prompt=record.get('prompt'), category=record.get('category', DEFAULT_CATEGORY), extra=extra
+    )
   raise TypeError(f'expected PromptRecord or a mapping with "prompt", got {type(record).__name__}')
 
 
@@ -153,15 +160,16 @@ def write_prompt_file(path, records: Iterable) -> int:
   same directory, is fsynced, then renamed over `path`, so readers never see a partial file.
   """
   if not is_jsonl(path):
-    raise PromptFileError(path, None, f'write_prompt_file writes JSON lines; name the file with '
-                                      f'one of {JSONL_SUFFIXES}')
+    raise PromptFileError(
+      path, None, f'write_prompt_file writes JSON lines; name the file with one of {JSONL_SUFFIXES}'
+    )
   lines = [_record_line(_as_record(r), path, i) for i, r in enumerate(records, start=1)]
   if not lines:
-    raise PromptFileError(path, None, 'no records to write (read_prompt_file rejects empty '
-                                      'files)')
+    raise PromptFileError(path, None, 'no records to write (read_prompt_file rejects empty files)')
   directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp',
-                             dir=directory)
+  fd, tmp = tempfile.mkstemp(
+    prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=directory
+  )
   try:
     with os.fdopen(fd, 'w', encoding='utf-8', newline='\n') as f:
       f.write('\n'.join(lines) + '\n')

@@ -103,11 +103,15 @@ def _render_portrait(spec: W.PortraitScene, c: _Canvas):
     for ex in (cx - W.EYE_DX, cx + W.EYE_DX):
       c.fill(c.disc(ex, ey, r_out) & ~c.disc(ex, ey, r_in), W.GLASSES_COLOUR)
     half_thick = (r_out - r_in) / 2
-    c.fill(c.rect(cx - W.EYE_DX + r_in, ey - half_thick, cx + W.EYE_DX - r_in, ey + half_thick),
-           W.GLASSES_COLOUR)
+    c.fill(
+      c.rect(cx - W.EYE_DX + r_in, ey - half_thick, cx + W.EYE_DX - r_in, ey + half_thick),
+      W.GLASSES_COLOUR,
+    )
   sign = {'smiling': 1.0, 'neutral': 0.0, 'frowning': -1.0}[spec.expression]
-  c.fill(c.curve(cx, cy + W.MOUTH_Y, W.MOUTH_HALF_WIDTH, sign * W.MOUTH_DEPTH, W.MOUTH_THICKNESS),
-         W.MOUTH_COLOUR)
+  c.fill(
+    c.curve(cx, cy + W.MOUTH_Y, W.MOUTH_HALF_WIDTH, sign * W.MOUTH_DEPTH, W.MOUTH_THICKNESS),
+    W.MOUTH_COLOUR,
+  )
 
 
 def _render_landscape(spec: W.LandscapeScene, c: _Canvas):
@@ -121,13 +125,17 @@ def _render_landscape(spec: W.LandscapeScene, c: _Canvas):
 
 
 _BACKGROUNDS = {
-    'general': lambda spec: W.GENERAL_BACKGROUND,
-    'typography': lambda spec: W.TEXT_BACKGROUND,
-    'portrait': lambda spec: W.PORTRAIT_BACKGROUND,
-    'landscape': lambda spec: W.SKY_COLOURS[spec.sky],
+  'general': lambda spec: W.GENERAL_BACKGROUND,
+  'typography': lambda spec: W.TEXT_BACKGROUND,
+  'portrait': lambda spec: W.PORTRAIT_BACKGROUND,
+  'landscape': lambda spec: W.SKY_COLOURS[spec.sky],
 }
-_PAINTERS = {'general': _render_general, 'typography': _render_typography,
-             'portrait': _render_portrait, 'landscape': _render_landscape}
+_PAINTERS = {
+  'general': _render_general,
+  'typography': _render_typography,
+  'portrait': _render_portrait,
+  'landscape': _render_landscape,
+}
 
 
 def render(spec, size: int = 64) -> np.ndarray:

@@ -20,11 +20,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from typing import Optional
 
-from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
 from qwen_image_rl.data import edits, examples, render, world
 
@@ -42,15 +41,26 @@ _SPEC_ONLY_SIZE = 16
 
 def edit_key(edit: edits.Edit) -> str:
   """Canonical JSON of an edit: kind, instruction, source and target scene dicts."""
-  return json.dumps({'kind': edit.kind, 'instruction': edit.instruction,
-                     'source': world.to_dict(edit.source), 'target': world.to_dict(edit.target)},
-                    sort_keys=True, separators=(',', ':'))
+  return json.dumps(
+    {
+      'kind': edit.kind,
+      'instruction': edit.instruction,
+      'source': world.to_dict(edit.source),
+      'target': world.to_dict(edit.target),
+    },
+    sort_keys=True,
+    separators=(',', ':'),
+  )
 
 
 def edit_from_key(text) -> edits.Edit:
   d = json.loads(text)
-  return edits.Edit(kind=d['kind'], source=world.from_dict(d['source']),
-                    instruction=d['instruction'], target=world.from_dict(d['target']))
+  return edits.Edit(
+    kind=d['kind'],
+    source=world.from_dict(d['source']),
+    instruction=d['instruction'],
+    target=world.from_dict(d['target']),
+  )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -64,8 +74,9 @@ class TinyWorldConfig(tfds.core.BuilderConfig):
 
   `subset` restricts the categories (T2I) or edit kinds (edit); empty means all of them.
   """
+
   name: str = ''
-  version: Optional[str] = DATASET_VERSION
+  version: str | None = DATASET_VERSION
   image_size: int = 64
   num_train: int = 2048
   num_validation: int = 256
@@ -75,8 +86,7 @@ class TinyWorldConfig(tfds.core.BuilderConfig):
 
   def __post_init__(self):
     if not isinstance(self.image_size, int) or self.image_size < 16:
-      raise ValueError(f'TinyWorldConfig.image_size must be an int >= 16, got '
-                       f'{self.image_size!r}')
+      raise ValueError(f'TinyWorldConfig.image_size must be an int >= 16, got {self.image_size!r}')
     for split in TFDS_SPLITS:
       n = getattr(self, f'num_{split}')
       if not isinstance(n, int) or n < 1:
@@ -87,8 +97,10 @@ class TinyWorldConfig(tfds.core.BuilderConfig):
       raise ValueError(f'TinyWorldConfig.subset must be a tuple of names, got {self.subset!r}')
     self.subset = tuple(self.subset)
     if not self.name:
-      self.name = (f's{self.image_size}_n{self.num_train}_{self.num_validation}_{self.num_test}'
-                   f'_seed{self.seed}' + ''.join(f'_{s}' for s in self.subset))
+      self.name = (
+        f's{self.image_size}_n{self.num_train}_{self.num_validation}_{self.num_test}'
+        f'_seed{self.seed}' + ''.join(f'_{s}' for s in self.subset)
+      )
 
   def num_examples(self, tfds_split: str) -> int:
     return getattr(self, f'num_{tfds_split}')
@@ -123,13 +135,14 @@ class _TinyWorldBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
     overrides = {k: kwargs.pop(k) for k in CONFIG_FIELDS if k in kwargs}
     if overrides:
       if config is not None and not isinstance(config, TinyWorldConfig):
-        raise ValueError(f'pass either config={config!r} or config fields {sorted(overrides)}, '
-                         f'not both')
+        raise ValueError(
+          f'pass either config={config!r} or config fields {sorted(overrides)}, not both'
+        )
       config = self.make_config(base=config, **overrides)
     super().__init__(config=config, **kwargs)
 
   @classmethod
-  def make_config(cls, base: Optional[TinyWorldConfig] = None, **fields) -> TinyWorldConfig:
+  def make_config(cls, base: TinyWorldConfig | None = None, **fields) -> TinyWorldConfig:
     """A config with `fields` changed from `base` (default: the tiny default); reuses the
     predefined instance when the result has its name (tfds rejects lookalikes)."""
     unknown = sorted(set(fields) - set(CONFIG_FIELDS))
@@ -140,8 +153,10 @@ class _TinyWorldBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
     values.update(fields)
     bad = [s for s in values['subset'] if s not in cls._SUBSET_NAMES]
     if bad:
-      raise ValueError(f'{cls.__name__} subset ({cls._SUBSET_FIELD}) has unknown names {bad}; '
-                       f'known: {cls._SUBSET_NAMES}')
+      raise ValueError(
+        f'{cls.__name__} subset ({cls._SUBSET_FIELD}) has unknown names {bad}; '
+        f'known: {cls._SUBSET_NAMES}'
+      )
     config = TinyWorldConfig(**values)
     for predefined in cls.BUILDER_CONFIGS:
       if predefined.name == config.name:
@@ -166,25 +181,36 @@ class TinyWorldT2I(_TinyWorldBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     size = self.builder_config.image_size
     return self.dataset_info_from_configs(
-        description=__doc__,
-        features=tfds.features.FeaturesDict({
-            'index': tfds.features.Scalar(dtype=np.int64),
-            'image': tfds.features.Image(shape=(size, size, 3), encoding_format='png'),
-            'prompt': tfds.features.Text(),
-            'category': tfds.features.ClassLabel(names=world.CATEGORIES),
-            'spec': tfds.features.Text(),
-        }),
-        supervised_keys=('prompt', 'image'),
-        disable_shuffling=True,
+      description=__doc__,
+      features=tfds.features.FeaturesDict(
+        {
+          'index': tfds.features.Scalar(dtype=np.int64),
+          'image': tfds.features.Image(shape=(size, size, 3), encoding_format='png'),
+          'prompt': tfds.features.Text(),
+          'category': tfds.features.ClassLabel(names=world.CATEGORIES),
+          'spec': tfds.features.Text(),
+        }
+      ),
+      supervised_keys=('prompt', 'image'),
+      disable_shuffling=True,
     )
 
   def _generate_examples(self, split: str):
     cfg = self.builder_config
-    ex = examples.t2i_examples(cfg.seed, cfg.num_examples(split), TFDS_SPLITS[split],
-                               _SPEC_ONLY_SIZE, self._subset())
+    ex = examples.t2i_examples(
+      cfg.seed, cfg.num_examples(split), TFDS_SPLITS[split], _SPEC_ONLY_SIZE, self._subset()
+    )
     for i, (spec, prompt, category) in enumerate(zip(ex.specs, ex.prompts, ex.categories)):
-      yield i, {'index': i, 'image': render.render(spec, cfg.image_size), 'prompt': prompt,
-                'category': category, 'spec': world.spec_key(spec)}
+      yield (
+        i,
+        {
+          'index': i,
+          'image': render.render(spec, cfg.image_size),
+          'prompt': prompt,
+          'category': category,
+          'spec': world.spec_key(spec),
+        },
+      )
 
 
 class TinyWorldEdit(_TinyWorldBuilder):
@@ -198,28 +224,39 @@ class TinyWorldEdit(_TinyWorldBuilder):
     size = self.builder_config.image_size
     image = lambda: tfds.features.Image(shape=(size, size, 3), encoding_format='png')
     return self.dataset_info_from_configs(
-        description=__doc__,
-        features=tfds.features.FeaturesDict({
-            'index': tfds.features.Scalar(dtype=np.int64),
-            'source_image': image(),
-            'target_image': image(),
-            'instruction': tfds.features.Text(),
-            'kind': tfds.features.ClassLabel(names=edits.EDIT_KINDS),
-            'category': tfds.features.ClassLabel(names=world.CATEGORIES),
-            'spec': tfds.features.Text(),
-        }),
-        disable_shuffling=True,
+      description=__doc__,
+      features=tfds.features.FeaturesDict(
+        {
+          'index': tfds.features.Scalar(dtype=np.int64),
+          'source_image': image(),
+          'target_image': image(),
+          'instruction': tfds.features.Text(),
+          'kind': tfds.features.ClassLabel(names=edits.EDIT_KINDS),
+          'category': tfds.features.ClassLabel(names=world.CATEGORIES),
+          'spec': tfds.features.Text(),
+        }
+      ),
+      disable_shuffling=True,
     )
 
   def _generate_examples(self, split: str):
     cfg = self.builder_config
-    ex = examples.edit_examples(cfg.seed, cfg.num_examples(split), TFDS_SPLITS[split],
-                                _SPEC_ONLY_SIZE, self._subset())
+    ex = examples.edit_examples(
+      cfg.seed, cfg.num_examples(split), TFDS_SPLITS[split], _SPEC_ONLY_SIZE, self._subset()
+    )
     for i, edit in enumerate(ex.edits):
-      yield i, {'index': i, 'source_image': render.render(edit.source, cfg.image_size),
-                'target_image': render.render(edit.target, cfg.image_size),
-                'instruction': edit.instruction, 'kind': edit.kind, 'category': edit.category,
-                'spec': edit_key(edit)}
+      yield (
+        i,
+        {
+          'index': i,
+          'source_image': render.render(edit.source, cfg.image_size),
+          'target_image': render.render(edit.target, cfg.image_size),
+          'instruction': edit.instruction,
+          'kind': edit.kind,
+          'category': edit.category,
+          'spec': edit_key(edit),
+        },
+      )
 
 
 BUILDERS = {TinyWorldT2I.name: TinyWorldT2I, TinyWorldEdit.name: TinyWorldEdit}
@@ -241,16 +278,26 @@ def get_builder(name: str, data_dir, **config_fields) -> _TinyWorldBuilder:
   return BUILDERS[name](data_dir=data_dir, **config_fields)
 
 
-def build_and_load(name: str, data_dir, split: str, *, batch_size: Optional[int] = None,
-                   as_numpy: bool = True, shuffle_files: bool = False, **config_fields):
+def build_and_load(
+  name: str,
+  data_dir,
+  split: str,
+  *,
+  batch_size: int | None = None,
+  as_numpy: bool = True,
+  shuffle_files: bool = False,
+  **config_fields,
+):
   """Prepares `name` under data_dir (once; a no-op when already there) and reads `split`.
 
   config_fields: any of CONFIG_FIELDS (image_size, num_train, num_validation, num_test, seed,
   subset). Returns a numpy iterable of dicts (as_numpy) or the tf.data.Dataset.
   """
   builder = get_builder(name, data_dir, **config_fields)
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      compute_stats=tfds.download.ComputeStatsMode.SKIP))
-  ds = builder.as_dataset(split=tfds_split(split), batch_size=batch_size,
-                          shuffle_files=shuffle_files)
+  builder.download_and_prepare(
+    download_config=tfds.download.DownloadConfig(compute_stats=tfds.download.ComputeStatsMode.SKIP)
+  )
+  ds = builder.as_dataset(
+    split=tfds_split(split), batch_size=batch_size, shuffle_files=shuffle_files
+  )
   return tfds.as_numpy(ds) if as_numpy else ds

@@ -14,24 +14,25 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 # Qwen's special tokens, in the order of their ids in the real vocabulary (151643...). Ours get
 # ids right after the BPE vocabulary, in this order.
 QWEN_SPECIAL_TOKENS = (
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
+  "<|endoftext|>",
+  "<|im_start|>",
+  "<|im_end|>",
+  "<|vision_start|>",
+  "<|vision_end|>",
+  "<|image_pad|>",
+  "<|video_pad|>",
 )
 
 # Same regex as transformers' Qwen2Tokenizer (and the real tokenizer.json).
 QWEN_PRETOKENIZE_REGEX = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
-    r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+  r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+  r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
 
 
 def _qwen_pipeline(tokenizer):
@@ -39,10 +40,12 @@ def _qwen_pipeline(tokenizer):
   from tokenizers import Regex, decoders, normalizers, pre_tokenizers
 
   tokenizer.normalizer = normalizers.NFC()
-  tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+  tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+    [
       pre_tokenizers.Split(Regex(QWEN_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
       pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-  ])
+    ]
+  )
   tokenizer.decoder = decoders.ByteLevel()
   return tokenizer
 
@@ -57,10 +60,14 @@ def _training_corpus(words: Sequence[str], extra_texts: Iterable[str]) -> list[s
   return corpus
 
 
-def build_qwen_tokenizer(words: Sequence[str], directory: str, *,
-                         extra_texts: Iterable[str] | None = None,
-                         model_max_length: int = 32768,
-                         padding_side: str = "right"):
+def build_qwen_tokenizer(
+  words: Sequence[str],
+  directory: str,
+  *,
+  extra_texts: Iterable[str] | None = None,
+  model_max_length: int = 32768,
+  padding_side: str = "right",
+):
   """Train a Qwen2-compatible byte-level BPE on `words` (+ `extra_texts`) and save it.
 
   Args:
@@ -79,43 +86,63 @@ def build_qwen_tokenizer(words: Sequence[str], directory: str, *,
     raise ValueError(f"padding_side={padding_side!r}: expected 'left' or 'right'")
   if extra_texts is None:
     from qwen_image_rl.models import text_encoding  # Late import: templates live there.
-    extra_texts = [t.replace("{}", "") for t in
-                   (text_encoding.T2I_TEMPLATE, text_encoding.EDIT_TEMPLATE)]
+
+    extra_texts = [
+      t.replace("{}", "") for t in (text_encoding.T2I_TEMPLATE, text_encoding.EDIT_TEMPLATE)
+    ]
   # Special tokens must not take part in BPE training; split the texts around them.
   extra_texts = [piece for t in extra_texts for piece in _split_special(t) if piece]
 
-  tok = _qwen_pipeline(Tokenizer(models.BPE(
-      unk_token=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False,
-      byte_fallback=False)))
+  tok = _qwen_pipeline(
+    Tokenizer(
+      models.BPE(
+        unk_token=None,
+        continuing_subword_prefix="",
+        end_of_word_suffix="",
+        fuse_unk=False,
+        byte_fallback=False,
+      )
+    )
+  )
   trainer = trainers.BpeTrainer(
-      vocab_size=1_000_000,  # Never reached: merges stop once every pre-token is one token.
-      min_frequency=1,
-      show_progress=False,
-      special_tokens=[],
-      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    vocab_size=1_000_000,  # Never reached: merges stop once every pre-token is one token.
+    min_frequency=1,
+    show_progress=False,
+    special_tokens=[],
+    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+  )
   tok.train_from_iterator(_training_corpus(list(words), extra_texts), trainer=trainer)
-  tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                          for t in QWEN_SPECIAL_TOKENS])
+  tok.add_special_tokens(
+    [AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL_TOKENS]
+  )
 
   os.makedirs(directory, exist_ok=True)
   tok.save(os.path.join(directory, "tokenizer.json"))
-  added = {str(tok.token_to_id(t)): {
-      "content": t, "lstrip": False, "normalized": False, "rstrip": False,
-      "single_word": False, "special": True} for t in QWEN_SPECIAL_TOKENS}
+  added = {
+    str(tok.token_to_id(t)): {
+      "content": t,
+      "lstrip": False,
+      "normalized": False,
+      "rstrip": False,
+      "single_word": False,
+      "special": True,
+    }
+    for t in QWEN_SPECIAL_TOKENS
+  }
   config = {
-      "tokenizer_class": "Qwen2Tokenizer",
-      "model_max_length": model_max_length,
-      "padding_side": padding_side,
-      "bos_token": None,
-      "eos_token": "<|im_end|>",  # As in Qwen2.5-VL's tokenizer_config.json.
-      "pad_token": "<|endoftext|>",
-      "unk_token": None,
-      "clean_up_tokenization_spaces": False,
-      "split_special_tokens": False,
-      "errors": "replace",
-      "add_prefix_space": False,
-      "added_tokens_decoder": added,
-      "additional_special_tokens": [t for t in QWEN_SPECIAL_TOKENS if t != "<|endoftext|>"],
+    "tokenizer_class": "Qwen2Tokenizer",
+    "model_max_length": model_max_length,
+    "padding_side": padding_side,
+    "bos_token": None,
+    "eos_token": "<|im_end|>",  # As in Qwen2.5-VL's tokenizer_config.json.
+    "pad_token": "<|endoftext|>",
+    "unk_token": None,
+    "clean_up_tokenization_spaces": False,
+    "split_special_tokens": False,
+    "errors": "replace",
+    "add_prefix_space": False,
+    "added_tokens_decoder": added,
+    "additional_special_tokens": [t for t in QWEN_SPECIAL_TOKENS if t != "<|endoftext|>"],
   }
   with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
     json.dump(config, f, indent=2)
@@ -143,11 +170,11 @@ def special_token_ids(tokenizer) -> dict[str, int]:
   if missing:
     raise ValueError(f"tokenizer lacks the Qwen special tokens {missing}")
   return {
-      "pad_token_id": ids["<|endoftext|>"],
-      "im_start_token_id": ids["<|im_start|>"],
-      "im_end_token_id": ids["<|im_end|>"],
-      "vision_start_token_id": ids["<|vision_start|>"],
-      "vision_end_token_id": ids["<|vision_end|>"],
-      "image_token_id": ids["<|image_pad|>"],
-      "video_token_id": ids["<|video_pad|>"],
+    "pad_token_id": ids["<|endoftext|>"],
+    "im_start_token_id": ids["<|im_start|>"],
+    "im_end_token_id": ids["<|im_end|>"],
+    "vision_start_token_id": ids["<|vision_start|>"],
+    "vision_end_token_id": ids["<|vision_end|>"],
+    "image_token_id": ids["<|image_pad|>"],
+    "video_token_id": ids["<|video_pad|>"],
   }

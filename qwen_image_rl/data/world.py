@@ -12,7 +12,7 @@ renders at any resolution.
 import dataclasses
 import hashlib
 import json
-from typing import ClassVar, Optional
+from typing import ClassVar
 
 import numpy as np
 
@@ -25,13 +25,13 @@ SPLITS = ('train', 'val', 'test')
 
 # Shape colours: pairwise RGB distance >= 113, each >= 106 from the background.
 SHAPE_COLOURS = {
-    'red': (220, 40, 40),
-    'yellow': (245, 235, 60),
-    'green': (40, 170, 60),
-    'cyan': (60, 220, 230),
-    'blue': (40, 70, 220),
-    'purple': (150, 50, 200),
-    'white': (245, 245, 245),
+  'red': (220, 40, 40),
+  'yellow': (245, 235, 60),
+  'green': (40, 170, 60),
+  'cyan': (60, 220, 230),
+  'blue': (40, 70, 220),
+  'purple': (150, 50, 200),
+  'white': (245, 245, 245),
 }
 GENERAL_BACKGROUND = (70, 70, 80)
 SHAPE_KINDS = ('circle', 'square', 'triangle')
@@ -44,12 +44,12 @@ COL_NAMES = ('left', 'center', 'right')
 RELATIONS = ('left of', 'right of', 'above', 'below')
 
 TEXT_COLOURS = {
-    'red': (210, 30, 30),
-    'green': (30, 140, 50),
-    'blue': (30, 60, 210),
-    'purple': (130, 40, 170),
-    'orange': (240, 130, 20),
-    'black': (20, 20, 20),
+  'red': (210, 30, 30),
+  'green': (30, 140, 50),
+  'blue': (30, 60, 210),
+  'purple': (130, 40, 170),
+  'orange': (240, 130, 20),
+  'black': (20, 20, 20),
 }
 TEXT_BACKGROUND = (240, 235, 225)
 GLYPHS = '0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ'
@@ -59,56 +59,56 @@ GLYPH_GAP = 0.05
 
 PORTRAIT_BACKGROUND = (120, 185, 175)
 FACE_SHAPES = {  # half-width a, half-height b, superellipse exponent n
-    'round': (0.25, 0.25, 2.0),
-    'oval': (0.21, 0.31, 2.0),
-    'square': (0.24, 0.27, 4.0),
+  'round': (0.25, 0.25, 2.0),
+  'oval': (0.21, 0.31, 2.0),
+  'square': (0.24, 0.27, 4.0),
 }
 SKIN_TONES = {
-    'pale': (245, 215, 195),
-    'tan': (210, 160, 115),
-    'brown': (150, 100, 65),
-    'dark': (85, 55, 40),
+  'pale': (245, 215, 195),
+  'tan': (210, 160, 115),
+  'brown': (150, 100, 65),
+  'dark': (85, 55, 40),
 }
 EYE_COLOURS = {
-    'blue': (50, 100, 230),
-    'green': (40, 160, 60),
-    'brown': (115, 65, 25),
-    'gray': (150, 150, 160),
+  'blue': (50, 100, 230),
+  'green': (40, 160, 60),
+  'brown': (115, 65, 25),
+  'gray': (150, 150, 160),
 }
 HAIR_COLOURS = {
-    'black': (25, 25, 30),
-    'blonde': (235, 205, 100),
-    'red': (200, 70, 30),
-    'white': (240, 240, 240),
+  'black': (25, 25, 30),
+  'blonde': (235, 205, 100),
+  'red': (200, 70, 30),
+  'white': (240, 240, 240),
 }
 EXPRESSIONS = ('smiling', 'neutral', 'frowning')
 FACE_CENTER = (0.5, 0.55)
-HAIR_MARGIN = 0.035       # back hair extends this far beyond the face outline
-HAIR_BACK_BOTTOM = 0.35   # back hair shows down to cy - 0.35 b
-FRINGE_BOTTOM = 0.6       # fringe covers the face down to cy - 0.6 b
-EYE_DX, EYE_DY = 0.09, -0.03          # eye centres at (cx +- EYE_DX, cy + EYE_DY)
+HAIR_MARGIN = 0.035  # back hair extends this far beyond the face outline
+HAIR_BACK_BOTTOM = 0.35  # back hair shows down to cy - 0.35 b
+FRINGE_BOTTOM = 0.6  # fringe covers the face down to cy - 0.6 b
+EYE_DX, EYE_DY = 0.09, -0.03  # eye centres at (cx +- EYE_DX, cy + EYE_DY)
 SCLERA_RADII = (0.07, 0.045)
 SCLERA_COLOUR = (250, 250, 250)
 IRIS_RADIUS = 0.038
-GLASSES_RADII = (0.074, 0.096)        # inner / outer radius of each lens ring
+GLASSES_RADII = (0.074, 0.096)  # inner / outer radius of each lens ring
 GLASSES_COLOUR = (20, 20, 20)
-MOUTH_Y = 0.14                        # mouth line at cy + MOUTH_Y
+MOUTH_Y = 0.14  # mouth line at cy + MOUTH_Y
 MOUTH_HALF_WIDTH = 0.08
-MOUTH_DEPTH = 0.04                    # how far the mouth centre dips (smile) or rises (frown)
+MOUTH_DEPTH = 0.04  # how far the mouth centre dips (smile) or rises (frown)
 MOUTH_THICKNESS = 0.03
 MOUTH_COLOUR = (200, 20, 100)  # >= 100 from every skin tone
 
 SKY_COLOURS = {
-    'blue': (110, 170, 235),
-    'orange': (240, 140, 90),
-    'dark': (20, 30, 70),
-    'gray': (160, 165, 175),
+  'blue': (110, 170, 235),
+  'orange': (240, 140, 90),
+  'dark': (20, 30, 70),
+  'gray': (160, 165, 175),
 }
 GROUND_COLOURS = {
-    'grass': (60, 150, 50),
-    'sand': (220, 195, 130),
-    'snow': (245, 245, 250),
-    'water': (30, 90, 150),
+  'grass': (60, 150, 50),
+  'sand': (220, 195, 130),
+  'snow': (245, 245, 250),
+  'water': (30, 90, 150),
 }
 BODIES = {'sun': (255, 215, 50), 'moon': (235, 235, 215)}
 BODY_POSITIONS = {'left': 0.2, 'center': 0.5, 'right': 0.8}
@@ -143,8 +143,10 @@ def glyph_boxes(n: int) -> list[tuple[float, float, float, float]]:
   width = height * 5 / 7
   total = n * width + (n - 1) * GLYPH_GAP
   x0, y0 = 0.5 - total / 2, 0.5 - height / 2
-  return [(x0 + i * (width + GLYPH_GAP), y0, x0 + i * (width + GLYPH_GAP) + width, y0 + height)
-          for i in range(n)]
+  return [
+    (x0 + i * (width + GLYPH_GAP), y0, x0 + i * (width + GLYPH_GAP) + width, y0 + height)
+    for i in range(n)
+  ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,15 +181,20 @@ class Shape:
 
 
 def relation_holds(relation: str, a: Shape, b: Shape) -> bool:
-  return {'left of': a.col < b.col, 'right of': a.col > b.col,
-          'above': a.row < b.row, 'below': a.row > b.row}[relation]
+  return {
+    'left of': a.col < b.col,
+    'right of': a.col > b.col,
+    'above': a.row < b.row,
+    'below': a.row > b.row,
+  }[relation]
 
 
 @dataclasses.dataclass(frozen=True)
 class GeneralScene:
   """1-3 shapes in distinct cells with distinct colours; `relation` links shapes[0], shapes[1]."""
+
   shapes: tuple[Shape, ...]
-  relation: Optional[str] = None
+  relation: str | None = None
   category: ClassVar[str] = 'general'
 
   def __post_init__(self):
@@ -200,8 +207,10 @@ class GeneralScene:
     if len(self.shapes) >= 2:
       _check('GeneralScene.relation', self.relation, RELATIONS)
       if not relation_holds(self.relation, self.shapes[0], self.shapes[1]):
-        raise ValueError(f'GeneralScene.relation {self.relation!r} does not hold for the cells of '
-                         f'shapes[0] and shapes[1]')
+        raise ValueError(
+          f'GeneralScene.relation {self.relation!r} does not hold for the cells of '
+          f'shapes[0] and shapes[1]'
+        )
     elif self.relation is not None:
       raise ValueError('GeneralScene.relation must be None with a single shape')
 
@@ -221,6 +230,7 @@ class TypographyScene:
 @dataclasses.dataclass(frozen=True)
 class PortraitScene:
   """Identity: face_shape, skin, eyes, hair. State: expression, glasses."""
+
   face_shape: str
   skin: str
   eyes: str
@@ -263,8 +273,9 @@ class LandscapeScene:
 
 
 Scene = GeneralScene | TypographyScene | PortraitScene | LandscapeScene
-SCENE_TYPES = {t.category: t for t in (GeneralScene, TypographyScene, PortraitScene,
-                                       LandscapeScene)}
+SCENE_TYPES = {
+  t.category: t for t in (GeneralScene, TypographyScene, PortraitScene, LandscapeScene)
+}
 
 
 def check_category(category: str) -> str:
@@ -283,15 +294,16 @@ def _choice(rng: np.random.Generator, options):
   return options[int(rng.integers(len(options)))]
 
 
-def pick_relation(a: Shape, b: Shape, rng: Optional[np.random.Generator] = None) -> str:
+def pick_relation(a: Shape, b: Shape, rng: np.random.Generator | None = None) -> str:
   """A relation that holds between a and b (random among them, or the first)."""
   holding = [r for r in RELATIONS if relation_holds(r, a, b)]
   return _choice(rng, holding) if rng is not None else holding[0]
 
 
 def sample_shape(rng: np.random.Generator, row: int, col: int, colour: str) -> Shape:
-  return Shape(kind=_choice(rng, SHAPE_KINDS), colour=colour, size=_choice(rng, SHAPE_SIZES),
-               row=row, col=col)
+  return Shape(
+    kind=_choice(rng, SHAPE_KINDS), colour=colour, size=_choice(rng, SHAPE_SIZES), row=row, col=col
+  )
 
 
 def _sample_general(rng: np.random.Generator) -> GeneralScene:
@@ -313,8 +325,9 @@ def _sample_general(rng: np.random.Generator) -> GeneralScene:
   else:
     relation = None
   names = list(SHAPE_COLOURS)
-  shapes = tuple(sample_shape(rng, *divmod(int(cell), GRID), names[int(c)])
-                 for cell, c in zip(cells, colours))
+  shapes = tuple(
+    sample_shape(rng, *divmod(int(cell), GRID), names[int(c)]) for cell, c in zip(cells, colours)
+  )
   return GeneralScene(shapes=shapes, relation=relation)
 
 
@@ -325,22 +338,35 @@ def _sample_typography(rng: np.random.Generator) -> TypographyScene:
 
 
 def _sample_portrait(rng: np.random.Generator) -> PortraitScene:
-  return PortraitScene(face_shape=_choice(rng, FACE_SHAPES), skin=_choice(rng, SKIN_TONES),
-                       eyes=_choice(rng, EYE_COLOURS), hair=_choice(rng, HAIR_COLOURS),
-                       expression=_choice(rng, EXPRESSIONS), glasses=bool(rng.integers(2)))
+  return PortraitScene(
+    face_shape=_choice(rng, FACE_SHAPES),
+    skin=_choice(rng, SKIN_TONES),
+    eyes=_choice(rng, EYE_COLOURS),
+    hair=_choice(rng, HAIR_COLOURS),
+    expression=_choice(rng, EXPRESSIONS),
+    glasses=bool(rng.integers(2)),
+  )
 
 
 def _sample_landscape(rng: np.random.Generator) -> LandscapeScene:
-  return LandscapeScene(sky=_choice(rng, SKY_COLOURS), body=_choice(rng, BODIES),
-                        body_pos=_choice(rng, BODY_POSITIONS), ground=_choice(rng, GROUND_COLOURS),
-                        horizon=_choice(rng, HORIZONS))
+  return LandscapeScene(
+    sky=_choice(rng, SKY_COLOURS),
+    body=_choice(rng, BODIES),
+    body_pos=_choice(rng, BODY_POSITIONS),
+    ground=_choice(rng, GROUND_COLOURS),
+    horizon=_choice(rng, HORIZONS),
+  )
 
 
-_SAMPLERS = {'general': _sample_general, 'typography': _sample_typography,
-             'portrait': _sample_portrait, 'landscape': _sample_landscape}
+_SAMPLERS = {
+  'general': _sample_general,
+  'typography': _sample_typography,
+  'portrait': _sample_portrait,
+  'landscape': _sample_landscape,
+}
 
 
-def sample_scene(rng: np.random.Generator, category: str, split: Optional[str] = None) -> Scene:
+def sample_scene(rng: np.random.Generator, category: str, split: str | None = None) -> Scene:
   """A random scene of `category`; with `split`, rejection-sample until split_of(scene) == split."""
   sampler = _SAMPLERS[check_category(category)]
   if split is None:
@@ -352,7 +378,7 @@ def sample_scene(rng: np.random.Generator, category: str, split: Optional[str] =
       return scene
 
 
-def sample_scenes(seed: int, n: int, categories=CATEGORIES, split: Optional[str] = None) -> list:
+def sample_scenes(seed: int, n: int, categories=CATEGORIES, split: str | None = None) -> list:
   """n scenes cycling through `categories`, all drawn from one Generator seeded with `seed`."""
   rng = np.random.default_rng(seed)
   return [sample_scene(rng, categories[i % len(categories)], split) for i in range(n)]
@@ -398,7 +424,7 @@ def split_of(spec) -> str:
 # Shape geometry shared by the renderer and the oracle.
 # ---------------------------------------------------------------------------------------------
 
-SQUARE_HALF = np.sqrt(np.pi) / 2          # x radius: a square of equal area
+SQUARE_HALF = np.sqrt(np.pi) / 2  # x radius: a square of equal area
 TRIANGLE_SIDE = np.sqrt(4 * np.pi / np.sqrt(3))  # x radius: an equilateral triangle of equal area
 
 

@@ -45,19 +45,25 @@ def identity_split(split: str) -> tuple[int, ...]:
 def portrait(identity: int, state: int) -> W.PortraitScene:
   shape, skin, eyes, hair = IDENTITIES[identity]
   expression, glasses = STATES[state]
-  return W.PortraitScene(face_shape=shape, skin=skin, eyes=eyes, hair=hair,
-                         expression=expression, glasses=glasses)
+  return W.PortraitScene(
+    face_shape=shape, skin=skin, eyes=eyes, hair=hair, expression=expression, glasses=glasses
+  )
 
 
 def render_bank(identities, size: int) -> np.ndarray:
   """uint8 [len(identities), len(STATES), size, size, 3]: every state of every identity."""
-  return np.stack([np.stack([render.render(portrait(i, s), size) for s in range(len(STATES))])
-                   for i in identities])
+  return np.stack(
+    [
+      np.stack([render.render(portrait(i, s), size) for s in range(len(STATES))])
+      for i in identities
+    ]
+  )
 
 
 @dataclasses.dataclass(frozen=True)
 class Augment:
   """Nuisances the embedding must ignore: pixel shifts, Gaussian noise, Gaussian blur."""
+
   max_shift: int = 2
   max_noise: float = 12.0
   blur_prob: float = 0.5
@@ -75,12 +81,17 @@ class Augment:
 
 
 def blur(images: np.ndarray, sigma: float) -> np.ndarray:
-  return np.stack([ndimage.gaussian_filter(im.astype(np.float32), (sigma, sigma, 0))
-                   for im in images]).round().clip(0, 255).astype(np.uint8)
+  return (
+    np.stack([ndimage.gaussian_filter(im.astype(np.float32), (sigma, sigma, 0)) for im in images])
+    .round()
+    .clip(0, 255)
+    .astype(np.uint8)
+  )
 
 
 class FaceEmbedder(nn.Module):
   """uint8-range images [B, H, W, 3] (any square size) -> unit embeddings [B, dim]."""
+
   image_size: int = 32
   widths: tuple[int, ...] = (32, 64, 96)
   dim: int = 64
@@ -89,8 +100,9 @@ class FaceEmbedder(nn.Module):
   def __call__(self, images):
     x = jnp.asarray(images, jnp.float32) / 127.5 - 1.0
     if x.shape[1:3] != (self.image_size, self.image_size):
-      x = jax.image.resize(x, (x.shape[0], self.image_size, self.image_size, 3), 'linear',
-                           antialias=True)
+      x = jax.image.resize(
+        x, (x.shape[0], self.image_size, self.image_size, 3), 'linear', antialias=True
+      )
     x = nn.relu(nn.Conv(self.widths[0], (3, 3))(x))
     for width in self.widths:
       x = nn.relu(nn.Conv(width, (3, 3), strides=2)(x))
@@ -113,7 +125,7 @@ def arcface_logits(embeddings, class_weights, labels, *, scale: float, margin: f
   """
   cos = l2_normalize(embeddings) @ l2_normalize(class_weights, axis=0)
   cos_y = jnp.take_along_axis(cos, labels[:, None], axis=1)[:, 0]
-  sin_y = jnp.sqrt(jnp.clip(1.0 - cos_y ** 2, 0.0, 1.0))
+  sin_y = jnp.sqrt(jnp.clip(1.0 - cos_y**2, 0.0, 1.0))
   phi = cos_y * np.cos(margin) - sin_y * np.sin(margin)
   phi = jnp.where(cos_y > np.cos(np.pi - margin), phi, cos_y - margin * np.sin(margin))
   onehot = jax.nn.one_hot(labels, cos.shape[1], dtype=cos.dtype)
@@ -127,13 +139,15 @@ def arcface_loss(embeddings, class_weights, labels, *, scale: float, margin: flo
 
 class FaceIdModel(nn.Module):
   """The embedder plus ArcFace class centres [dim, num_classes] (training only)."""
+
   embedder: FaceEmbedder
   num_classes: int
 
   @nn.compact
   def __call__(self, images):
-    centres = self.param('centres', nn.initializers.normal(1.0),
-                         (self.embedder.dim, self.num_classes))
+    centres = self.param(
+      'centres', nn.initializers.normal(1.0), (self.embedder.dim, self.num_classes)
+    )
     return self.embedder(images), centres
 
 
@@ -148,8 +162,7 @@ def save_embedder(embedder: FaceEmbedder, params, directory: str) -> None:
   os.makedirs(directory, exist_ok=True)
   with open(os.path.join(directory, WEIGHTS_NAME), 'wb') as f:
     f.write(flax.serialization.to_bytes(jax.device_get(params)))
-  config = {'image_size': embedder.image_size, 'widths': list(embedder.widths),
-            'dim': embedder.dim}
+  config = {'image_size': embedder.image_size, 'widths': list(embedder.widths), 'dim': embedder.dim}
   with open(os.path.join(directory, CONFIG_NAME), 'w') as f:
     json.dump(config, f, indent=2)
 
@@ -159,14 +172,18 @@ def load_embedder(directory: str):
   paths = [os.path.join(directory, n) for n in (CONFIG_NAME, WEIGHTS_NAME)]
   missing = [p for p in paths if not os.path.isfile(p)]
   if missing:
-    raise FileNotFoundError(f'face-ID embedder directory {directory!r} lacks {missing} (the '
-                            f'face_id trainer exports WORKDIR/export/face_id)')
+    raise FileNotFoundError(
+      f'face-ID embedder directory {directory!r} lacks {missing} (the '
+      f'face_id trainer exports WORKDIR/export/face_id)'
+    )
   with open(paths[0]) as f:
     config = json.load(f)
-  embedder = FaceEmbedder(image_size=int(config['image_size']), widths=tuple(config['widths']),
-                          dim=int(config['dim']))
-  target = embedder.init(jax.random.key(0), jnp.zeros((1, embedder.image_size,
-                                                       embedder.image_size, 3)))['params']
+  embedder = FaceEmbedder(
+    image_size=int(config['image_size']), widths=tuple(config['widths']), dim=int(config['dim'])
+  )
+  target = embedder.init(
+    jax.random.key(0), jnp.zeros((1, embedder.image_size, embedder.image_size, 3))
+  )['params']
   with open(paths[1], 'rb') as f:
     params = flax.serialization.from_bytes(target, f.read())
   return embedder, params
@@ -180,13 +197,15 @@ class FaceIdScorer:
     self._embed = jax.jit(lambda p, x: embedder.apply({'params': p}, x))
 
   @classmethod
-  def load(cls, directory: str, **kw) -> 'FaceIdScorer':
+  def load(cls, directory: str, **kw) -> FaceIdScorer:
     return cls(*load_embedder(directory), **kw)
 
   def embed(self, images: np.ndarray) -> np.ndarray:
     images = np.asarray(images)
-    out = [np.asarray(self._embed(self.params, images[i:i + self.batch_size]))
-           for i in range(0, len(images), self.batch_size)]
+    out = [
+      np.asarray(self._embed(self.params, images[i : i + self.batch_size]))
+      for i in range(0, len(images), self.batch_size)
+    ]
     return np.concatenate(out) if out else np.zeros((0, self.embedder.dim), np.float32)
 
   def cosine(self, images_a: np.ndarray, images_b: np.ndarray) -> np.ndarray:
@@ -211,8 +230,9 @@ def auc(positive: np.ndarray, negative: np.ndarray) -> float:
   return float((r[:n_pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def identity_pairs(identities, n_pairs: int, seed: int, size: int, augment: Augment | None,
-                   blur_sigma: float = 0.0):
+def identity_pairs(
+  identities, n_pairs: int, seed: int, size: int, augment: Augment | None, blur_sigma: float = 0.0
+):
   """(images_a, images_b, same [n]): half same-identity pairs (different state / nuisance),
   half different-identity pairs, from `identities`."""
   rng = np.random.default_rng(seed)
@@ -233,12 +253,16 @@ def identity_pairs(identities, n_pairs: int, seed: int, size: int, augment: Augm
   return a, b, same
 
 
-def evaluate_auc(scorer: FaceIdScorer, n_pairs: int = 512, seed: int = 1, size: int = 64,
-                 identities=HELD_OUT) -> dict:
+def evaluate_auc(
+  scorer: FaceIdScorer, n_pairs: int = 512, seed: int = 1, size: int = 64, identities=HELD_OUT
+) -> dict:
   """Same- vs different-identity AUC of the cosine on clean, augmented and blurred renders."""
   out = {}
-  for name, augment, sigma in (('clean', None, 0.0), ('augmented', Augment(), 0.0),
-                               ('blurred', None, 1.5)):
+  for name, augment, sigma in (
+    ('clean', None, 0.0),
+    ('augmented', Augment(), 0.0),
+    ('blurred', None, 1.5),
+  ):
     a, b, same = identity_pairs(identities, n_pairs, seed, size, augment, sigma)
     cos = scorer.cosine(a, b)
     out[f'auc_{name}'] = auc(cos[same], cos[~same])

@@ -52,8 +52,13 @@ def impulses(image, rng):
 
 
 def recolour(image, rng):
-  return image[..., rng.permutation(3)] if rng.random() < 0.5 else _clip(
-      (image.astype(np.float32) - 128) * rng.uniform(0.3, 0.8) + 128 + rng.uniform(-40, 40, 3))
+  return (
+    image[..., rng.permutation(3)]
+    if rng.random() < 0.5
+    else _clip(
+      (image.astype(np.float32) - 128) * rng.uniform(0.3, 0.8) + 128 + rng.uniform(-40, 40, 3)
+    )
+  )
 
 
 PIXEL_CORRUPTIONS = (noise, blur, impulses, recolour)
@@ -69,9 +74,17 @@ def distort_face(image, rng):
     zoom = rng.choice([rng.uniform(0.6, 0.8), rng.uniform(1.25, 1.6)])
     xs = (np.arange(size) + 0.5 - size * cx) / zoom + size * cx - 0.5
     coords = np.meshgrid(np.arange(size), xs, indexing='ij')
-    return np.stack([ndimage.map_coordinates(image[..., c].astype(np.float32), coords, order=1,
-                                             mode='nearest') for c in range(3)], -1).round(
-                                             ).astype(np.uint8)
+    return (
+      np.stack(
+        [
+          ndimage.map_coordinates(image[..., c].astype(np.float32), coords, order=1, mode='nearest')
+          for c in range(3)
+        ],
+        -1,
+      )
+      .round()
+      .astype(np.uint8)
+    )
   skin = image[int((cy + 0.1) * size), int((cx + 0.14) * size)]
   if kind == 1:  # no mouth
     y0, y1 = int((cy + W.MOUTH_Y - 0.08) * size), int((cy + W.MOUTH_Y + 0.08) * size)
@@ -80,8 +93,9 @@ def distort_face(image, rng):
     return out
   side = W.EYE_DX * (1 if rng.random() < 0.5 else -1)
   ey, ex = cy + W.EYE_DY, cx + side
-  ys, xs = np.meshgrid((np.arange(size) + 0.5) / size, (np.arange(size) + 0.5) / size,
-                       indexing='ij')
+  ys, xs = np.meshgrid(
+    (np.arange(size) + 0.5) / size, (np.arange(size) + 0.5) / size, indexing='ij'
+  )
   r = 0.075 if kind == 2 else W.IRIS_RADIUS
   disc = (xs - ex) ** 2 + (ys - ey) ** 2 <= r * r
   out[disc] = skin if kind == 2 else rng.integers(0, 256, 3)  # no eye / an odd iris
@@ -91,16 +105,28 @@ def distort_face(image, rng):
 def mutate_spec(spec, rng):
   """A different scene of the same category that differs in one thing (or None)."""
   if spec.category == 'general':
-    kinds = [k for k in ('recolour', 'move', 'add', 'remove') if k != 'remove' or
-             len(spec.shapes) > 1]
+    kinds = [
+      k for k in ('recolour', 'move', 'add', 'remove') if k != 'remove' or len(spec.shapes) > 1
+    ]
     edit = E.make_edit(spec, kinds[int(rng.integers(len(kinds)))], rng)
     return None if edit is None else edit.target
   options = {
-      'typography': {'colour': W.TEXT_COLOURS, 'text': None},
-      'portrait': {'face_shape': W.FACE_SHAPES, 'skin': W.SKIN_TONES, 'eyes': W.EYE_COLOURS,
-                   'hair': W.HAIR_COLOURS, 'expression': W.EXPRESSIONS, 'glasses': (True, False)},
-      'landscape': {'sky': W.SKY_COLOURS, 'body': W.BODIES, 'body_pos': W.BODY_POSITIONS,
-                    'ground': W.GROUND_COLOURS, 'horizon': W.HORIZONS},
+    'typography': {'colour': W.TEXT_COLOURS, 'text': None},
+    'portrait': {
+      'face_shape': W.FACE_SHAPES,
+      'skin': W.SKIN_TONES,
+      'eyes': W.EYE_COLOURS,
+      'hair': W.HAIR_COLOURS,
+      'expression': W.EXPRESSIONS,
+      'glasses': (True, False),
+    },
+    'landscape': {
+      'sky': W.SKY_COLOURS,
+      'body': W.BODIES,
+      'body_pos': W.BODY_POSITIONS,
+      'ground': W.GROUND_COLOURS,
+      'horizon': W.HORIZONS,
+    },
   }[spec.category]
   field = list(options)[int(rng.integers(len(options)))]
   if field == 'text':
@@ -130,8 +156,10 @@ def corrupt(spec, image, size, rng):
     return image, variant
   if variant == 'face':
     out = distort_face(image, rng)
-    return (PIXEL_CORRUPTIONS[int(rng.integers(4))](out, rng) if rng.random() < 0.3 else out,
-            variant)
+    return (
+      PIXEL_CORRUPTIONS[int(rng.integers(4))](out, rng) if rng.random() < 0.3 else out,
+      variant,
+    )
   if variant == 'unrelated':
     return render.render(W.sample_scene(rng, spec.category), size), variant
   if variant.startswith('semantic'):
@@ -151,9 +179,12 @@ def t2i_labels(image, spec) -> dict:
   """The oracle's alignment / aesthetics / portrait rewards and per-dimension verdict inputs."""
   scores = oracle.score_t2i(image, spec)
   quality = oracle.image_quality(image)
-  out = {'alignment': scores['overall'], 'aesthetics': quality['quality'],
-         'dims/alignment': {k: v for k, v in scores.items() if k not in ('overall', 'quality')},
-         'dims/aesthetics': {k: quality[k] for k in ('noise', 'sharpness', 'artefacts')}}
+  out = {
+    'alignment': scores['overall'],
+    'aesthetics': quality['quality'],
+    'dims/alignment': {k: v for k, v in scores.items() if k not in ('overall', 'quality')},
+    'dims/aesthetics': {k: quality[k] for k in ('noise', 'sharpness', 'artefacts')},
+  }
   if spec.category == 'portrait':
     out['portrait'] = scores['well_formed']
     out['dims/portrait'] = {'structure': scores['well_formed'], 'quality': quality['quality']}
@@ -167,6 +198,7 @@ class JudgeSet:
   T2I: images [N, H, W, 3], prompts, categories, specs, labels (dicts from `t2i_labels`).
   Edits: sources, images (outputs), prompts (instructions), categories, edits, labels.
   """
+
   images: np.ndarray
   prompts: tuple
   categories: tuple
@@ -183,8 +215,14 @@ class JudgeSet:
     return np.array([l.get(task, np.nan) for l in self.labels], np.float32)
 
 
-def t2i_set(seed: int, n_specs: int, split: str, size: int, variants: int = 2,
-            extra_images: np.ndarray | None = None) -> JudgeSet:
+def t2i_set(
+  seed: int,
+  n_specs: int,
+  split: str,
+  size: int,
+  variants: int = 2,
+  extra_images: np.ndarray | None = None,
+) -> JudgeSet:
   """`variants` corrupted draws per spec (`extra_images` [n_specs, H, W, 3], e.g. pipeline
   samples of the same prompts, replace the last draw when given)."""
   ex = examples.t2i_examples(seed, n_specs, split, size)
@@ -199,21 +237,36 @@ def t2i_set(seed: int, n_specs: int, split: str, size: int, variants: int = 2,
       images.append(image)
       rows.append(i)
   images = np.stack(images)
-  return JudgeSet(images=images, prompts=tuple(ex.prompts[i] for i in rows),
-                  categories=tuple(ex.categories[i] for i in rows),
-                  labels=tuple(t2i_labels(im, ex.specs[i]) for im, i in zip(images, rows)),
-                  variants=variants, specs=tuple(ex.specs[i] for i in rows))
+  return JudgeSet(
+    images=images,
+    prompts=tuple(ex.prompts[i] for i in rows),
+    categories=tuple(ex.categories[i] for i in rows),
+    labels=tuple(t2i_labels(im, ex.specs[i]) for im, i in zip(images, rows)),
+    variants=variants,
+    specs=tuple(ex.specs[i] for i in rows),
+  )
 
 
 def edit_labels(source, output, edit) -> dict:
   scores = oracle.score_edit(source, output, edit)
-  return {'instruction': scores['instruction_following'],
-          'dims/instruction': {'core': scores['instruction_following'],
-                               'noncore': scores['preservation'], 'coherent': scores['quality']}}
+  return {
+    'instruction': scores['instruction_following'],
+    'dims/instruction': {
+      'core': scores['instruction_following'],
+      'noncore': scores['preservation'],
+      'coherent': scores['quality'],
+    },
+  }
 
 
-def edit_set(seed: int, n_edits: int, split: str, size: int, variants: int = 2,
-             extra_outputs: np.ndarray | None = None) -> JudgeSet:
+def edit_set(
+  seed: int,
+  n_edits: int,
+  split: str,
+  size: int,
+  variants: int = 2,
+  extra_outputs: np.ndarray | None = None,
+) -> JudgeSet:
   ex = examples.edit_examples(seed, n_edits, split, size)
   rng = np.random.default_rng([seed, W.SPLITS.index(split), 8])
   outputs, rows = [], []
@@ -229,9 +282,12 @@ def edit_set(seed: int, n_edits: int, split: str, size: int, variants: int = 2,
       rows.append(i)
   outputs = np.stack(outputs)
   sources = ex.sources[rows]
-  return JudgeSet(images=outputs, sources=sources,
-                  prompts=tuple(ex.instructions[i] for i in rows),
-                  categories=tuple(ex.categories[i] for i in rows),
-                  labels=tuple(edit_labels(s, o, ex.edits[i])
-                               for s, o, i in zip(sources, outputs, rows)),
-                  variants=variants, edits=tuple(ex.edits[i] for i in rows))
+  return JudgeSet(
+    images=outputs,
+    sources=sources,
+    prompts=tuple(ex.instructions[i] for i in rows),
+    categories=tuple(ex.categories[i] for i in rows),
+    labels=tuple(edit_labels(s, o, ex.edits[i]) for s, o, i in zip(sources, outputs, rows)),
+    variants=variants,
+    edits=tuple(ex.edits[i] for i in rows),
+  )

@@ -19,23 +19,35 @@ SYSTEM = 'You are a careful judge of images. Reason briefly, then give a score f
 IMAGE = '<|vision_start|><|image_pad|><|vision_end|>'
 
 RUBRICS = {
-    # Alignment ignores aesthetics; checks run in priority order and a failed earlier check caps
-    # the score low (paper sec. 6, T2I reward 1).
-    'alignment': ('Rate how well the image matches the prompt, ignoring beauty. Check in order: '
-                  'object presence and count, then attributes such as colour size and shape, '
-                  'then spatial relations, then action and pose. A failed earlier check caps the '
-                  'score low.'),
-    'aesthetics': ('Rate the visual quality of the image: composition, illumination, clean flat '
-                   'colours and sharp edges, no noise, no blur, no artefacts.'),
-    'portrait': ('Rate the portrait: a well formed face of plausible proportions, two clear eyes '
-                 'of one colour, a mouth, realistic skin and hair. Penalise distorted faces.'),
-    'instruction': ('The first image is the source, the second the edited output. First split the '
-                    'instruction into its core requirement and its non core requirements. Rate '
-                    'whether the core requirement is fulfilled, whether the non core ones are '
-                    'addressed, and whether the output is coherent.'),
+  # Alignment ignores aesthetics; checks run in priority order and a failed earlier check caps
+  # the score low (paper sec. 6, T2I reward 1).
+  'alignment': (
+    'Rate how well the image matches the prompt, ignoring beauty. Check in order: '
+    'object presence and count, then attributes such as colour size and shape, '
+    'then spatial relations, then action and pose. A failed earlier check caps the '
+    'score low.'
+  ),
+  'aesthetics': (
+    'Rate the visual quality of the image: composition, illumination, clean flat '
+    'colours and sharp edges, no noise, no blur, no artefacts.'
+  ),
+  'portrait': (
+    'Rate the portrait: a well formed face of plausible proportions, two clear eyes '
+    'of one colour, a mouth, realistic skin and hair. Penalise distorted faces.'
+  ),
+  'instruction': (
+    'The first image is the source, the second the edited output. First split the '
+    'instruction into its core requirement and its non core requirements. Rate '
+    'whether the core requirement is fulfilled, whether the non core ones are '
+    'addressed, and whether the output is coherent.'
+  ),
 }
-PROMPT_LABEL = {'alignment': 'prompt', 'aesthetics': 'prompt', 'portrait': 'prompt',
-                'instruction': 'instruction'}
+PROMPT_LABEL = {
+  'alignment': 'prompt',
+  'aesthetics': 'prompt',
+  'portrait': 'prompt',
+  'instruction': 'instruction',
+}
 NUM_IMAGES = {'alignment': 1, 'aesthetics': 1, 'portrait': 1, 'instruction': 2}
 
 # Verdict words for an oracle dimension in [0, 1].
@@ -43,11 +55,23 @@ VERDICTS = ((0.85, 'good'), (0.6, 'fair'), (0.3, 'poor'), (-np.inf, 'failed'))
 # The alignment rubric order of each category's oracle dimensions (the pose slot has no tiny-
 # world counterpart; portraits' expression lives in their attributes).
 DIM_ORDER = {
-    'alignment': ('presence', 'count', 'glyphs', 'elements', 'well_formed', 'attributes',
-                  'colour', 'identity', 'position', 'order', 'relation', 'layout'),
-    'aesthetics': ('noise', 'sharpness', 'artefacts'),
-    'portrait': ('structure', 'quality'),
-    'instruction': ('core', 'noncore', 'coherent'),
+  'alignment': (
+    'presence',
+    'count',
+    'glyphs',
+    'elements',
+    'well_formed',
+    'attributes',
+    'colour',
+    'identity',
+    'position',
+    'order',
+    'relation',
+    'layout',
+  ),
+  'aesthetics': ('noise', 'sharpness', 'artefacts'),
+  'portrait': ('structure', 'quality'),
+  'instruction': ('core', 'noncore', 'coherent'),
 }
 DIM_WORDS = {'well_formed': 'face', 'noncore': 'non core', 'coherent': 'coherence'}
 
@@ -64,8 +88,10 @@ def user_text(task: str, prompt: str) -> str:
 
 def chat_prompt(task: str, prompt: str) -> str:
   """The full prompt up to the assistant turn (Qwen chat format)."""
-  return (f'<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{user_text(task, prompt)}'
-          f'<|im_end|>\n<|im_start|>assistant\n')
+  return (
+    f'<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{user_text(task, prompt)}'
+    f'<|im_end|>\n<|im_start|>assistant\n'
+  )
 
 
 def verdict(value: float) -> str:
@@ -97,8 +123,14 @@ def to_unit(expected_score):
 
 def vocabulary_texts() -> list[str]:
   """Text the judge tokenizer is trained on, so rubric and verdict words are single tokens."""
-  texts = [SYSTEM, *RUBRICS.values(), *PROMPT_LABEL.values(), SCORE_MARK, 'Score: 3',
-           'core: non core: keep the rest.']
+  texts = [
+    SYSTEM,
+    *RUBRICS.values(),
+    *PROMPT_LABEL.values(),
+    SCORE_MARK,
+    'Score: 3',
+    'core: non core: keep the rest.',
+  ]
   texts += [w for _, w in VERDICTS] + list(DIM_WORDS.values())
   texts += [d for dims in DIM_ORDER.values() for d in dims]
   return texts

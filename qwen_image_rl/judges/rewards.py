@@ -19,7 +19,7 @@ group's normalised advantage.
 from __future__ import annotations
 
 import threading
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import numpy as np
 
@@ -40,7 +40,7 @@ def _cached(key, load):
     return _LOADED[key]
 
 
-def load_judge(judge_dir: str, max_cot_tokens: Optional[int] = None):
+def load_judge(judge_dir: str, max_cot_tokens: int | None = None):
   from qwen_image_rl.judges.vlm_judge import VLMJudge
 
   kw = {} if max_cot_tokens is None else {'max_cot_tokens': int(max_cot_tokens)}
@@ -49,14 +49,24 @@ def load_judge(judge_dir: str, max_cot_tokens: Optional[int] = None):
 
 class JudgeReward(RewardFn):
   """One judge task as a reward in [0, 1]: (E[s] - 1) / 4, NaN where the output was invalid."""
+
   task = ''
 
-  def __init__(self, judge_dir: str = '', *, scorer: Optional[Callable] = None, cot: bool = True,
-               max_cot_tokens: Optional[int] = None, name: Optional[str] = None,
-               neutral: float = DEFAULT_NEUTRAL):
+  def __init__(
+    self,
+    judge_dir: str = '',
+    *,
+    scorer: Callable | None = None,
+    cot: bool = True,
+    max_cot_tokens: int | None = None,
+    name: str | None = None,
+    neutral: float = DEFAULT_NEUTRAL,
+  ):
     if bool(judge_dir) == (scorer is not None):
-      raise ValueError(f'judge_{self.task}: pass exactly one of judge_dir (a reward_sft export, '
-                       'WORKDIR/export/judge) or scorer (a served judge)')
+      raise ValueError(
+        f'judge_{self.task}: pass exactly one of judge_dir (a reward_sft export, '
+        'WORKDIR/export/judge) or scorer (a served judge)'
+      )
     self.name = name or f'judge_{self.task}'
     self.names = (self.name,)
     self.cot, self.neutral = bool(cot), float(neutral)
@@ -77,8 +87,9 @@ class JudgeReward(RewardFn):
     idx = np.flatnonzero(self.applies(batch))
     if len(idx):
       sub = batch.select(idx)
-      result = self.scorer(self.task, sub.images, list(sub.prompts), sub.source_images,
-                           cot=self.cot)
+      result = self.scorer(
+        self.task, sub.images, list(sub.prompts), sub.source_images, cot=self.cot
+      )
       out[idx] = np.where(result.valid, result.reward, np.nan)
     return {self.name: out}
 
@@ -115,8 +126,7 @@ class JudgeInstruction(JudgeReward):
 class FaceIdReward(RewardFn):
   """Portrait edits: clip(cos(source, output embeddings), 0, 1); other edits: `neutral`."""
 
-  def __init__(self, embedder_dir: str, name: Optional[str] = None,
-               neutral: float = DEFAULT_NEUTRAL):
+  def __init__(self, embedder_dir: str, name: str | None = None, neutral: float = DEFAULT_NEUTRAL):
     self.name = name or 'face_id'
     self.names = (self.name,)
     self.neutral = float(neutral)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +48,7 @@ def build_judge_tokenizer(directory: str):
 @dataclasses.dataclass(frozen=True)
 class ScoreTokens:
   """Token ids of the answer format: marker " Score", ":", " ", the digits, <|im_end|>, pad."""
+
   marker: int
   colon: int
   space: int
@@ -56,31 +57,39 @@ class ScoreTokens:
   pad: int
 
   @classmethod
-  def from_tokenizer(cls, tokenizer) -> 'ScoreTokens':
+  def from_tokenizer(cls, tokenizer) -> ScoreTokens:
     def single(text):
       ids = tokenizer(text, add_special_tokens=False)['input_ids']
       if len(ids) != 1:
-        raise ValueError(f'judge tokenizer splits {text!r} into {len(ids)} tokens; the judge '
-                         'format needs one (build it with build_judge_tokenizer)')
+        raise ValueError(
+          f'judge tokenizer splits {text!r} into {len(ids)} tokens; the judge '
+          'format needs one (build it with build_judge_tokenizer)'
+        )
       return ids[0]
 
     suffix = tokenizer(P.SCORE_MARK + ': 3', add_special_tokens=False)['input_ids']
     expected = [single(P.SCORE_MARK), single(':'), single(' '), single('3')]
     if suffix != expected:
-      raise ValueError(f'judge tokenizer: {P.SCORE_MARK + ": 3"!r} -> {suffix}, expected the '
-                       f'pieces {expected}')
-    return cls(marker=expected[0], colon=expected[1], space=expected[2],
-               digits=tuple(single(d) for d in P.SCORE_DIGITS),
-               im_end=tokenizer.convert_tokens_to_ids('<|im_end|>'),
-               pad=tokenizer.convert_tokens_to_ids('<|endoftext|>'))
+      raise ValueError(
+        f'judge tokenizer: {P.SCORE_MARK + ": 3"!r} -> {suffix}, expected the pieces {expected}'
+      )
+    return cls(
+      marker=expected[0],
+      colon=expected[1],
+      space=expected[2],
+      digits=tuple(single(d) for d in P.SCORE_DIGITS),
+      im_end=tokenizer.convert_tokens_to_ids('<|im_end|>'),
+      pad=tokenizer.convert_tokens_to_ids('<|endoftext|>'),
+    )
 
   @property
   def answer_prefix(self) -> list[int]:
     return [self.marker, self.colon, self.space]
 
 
-def assemble(prompt_ids: Sequence[int], cot_ids: Sequence[int], tokens: ScoreTokens,
-             digit: int | None = None) -> tuple[list[int], int]:
+def assemble(
+  prompt_ids: Sequence[int], cot_ids: Sequence[int], tokens: ScoreTokens, digit: int | None = None
+) -> tuple[list[int], int]:
   """(ids, score position): prompt + CoT + " Score: " [+ digit + <|im_end|>].
 
   The score position is the index of the last token before the digit: the logits there predict
@@ -95,8 +104,9 @@ def assemble(prompt_ids: Sequence[int], cot_ids: Sequence[int], tokens: ScoreTok
 
 def score_distribution(logits, digit_ids):
   """p(s) over the five score tokens: softmax of their logits only. logits [..., V]."""
-  return jax.nn.softmax(jnp.take(logits.astype(jnp.float32), jnp.asarray(digit_ids), axis=-1),
-                        axis=-1)
+  return jax.nn.softmax(
+    jnp.take(logits.astype(jnp.float32), jnp.asarray(digit_ids), axis=-1), axis=-1
+  )
 
 
 def expected_score(logits, digit_ids):
@@ -109,6 +119,7 @@ def expected_score(logits, digit_ids):
 class JudgeOutput:
   """expected [B] in [1, 5] (NaN where invalid), reward [B] = (expected - 1) / 4, valid [B],
   cot [B] decoded chains of thought ('' without CoT)."""
+
   expected: np.ndarray
   reward: np.ndarray
   valid: np.ndarray
@@ -124,18 +135,28 @@ def _left_pad(seqs: Sequence[Sequence[int]], pad: int, multiple: int = 16):
   ids = np.full((len(seqs), length), pad, np.int32)
   mask = np.zeros((len(seqs), length), np.int32)
   for i, s in enumerate(seqs):
-    ids[i, length - len(s):], mask[i, length - len(s):] = s, 1
+    ids[i, length - len(s) :], mask[i, length - len(s) :] = s, 1
   return ids, mask
 
 
 class VLMJudge:
   """A Qwen2.5-VL judge: `score(task, images, prompts, sources)` for the four judge tasks."""
 
-  def __init__(self, model, params, tokenizer, processor: ImageProcessor, *,
-               max_cot_tokens: int = 48, batch_size: int = 32):
+  def __init__(
+    self,
+    model,
+    params,
+    tokenizer,
+    processor: ImageProcessor,
+    *,
+    max_cot_tokens: int = 48,
+    batch_size: int = 32,
+  ):
     if max_cot_tokens < 1:
-      raise ValueError(f'max_cot_tokens={max_cot_tokens} must be >= 1 (use cot=False to score '
-                       'without a chain of thought)')
+      raise ValueError(
+        f'max_cot_tokens={max_cot_tokens} must be >= 1 (use cot=False to score '
+        'without a chain of thought)'
+      )
     self.model, self.params, self.tokenizer, self.processor = model, params, tokenizer, processor
     self.tokens = ScoreTokens.from_tokenizer(tokenizer)
     self.max_cot_tokens, self.batch_size = max_cot_tokens, batch_size
@@ -144,14 +165,16 @@ class VLMJudge:
   # -- persistence ----------------------------------------------------------------------------
 
   @classmethod
-  def load(cls, directory: str, **kw) -> 'VLMJudge':
+  def load(cls, directory: str, **kw) -> VLMJudge:
     from qwen_image_rl.convert import load_qwen2_5_vl
     from qwen_image_rl.data.tokenizer import load_tokenizer
 
     path = os.path.join(directory, PREPROCESSOR_CONFIG)
     if not os.path.isfile(os.path.join(directory, 'config.json')) or not os.path.isfile(path):
-      raise FileNotFoundError(f'{directory!r} is not a judge directory (needs config.json and '
-                              f'{PREPROCESSOR_CONFIG}; reward_sft exports WORKDIR/export/judge)')
+      raise FileNotFoundError(
+        f'{directory!r} is not a judge directory (needs config.json and '
+        f'{PREPROCESSOR_CONFIG}; reward_sft exports WORKDIR/export/judge)'
+      )
     model, params = load_qwen2_5_vl(directory)
     with open(path) as f:
       processor = ImageProcessor.from_dict(json.load(f))
@@ -170,8 +193,11 @@ class VLMJudge:
     path = os.path.join(directory, 'config.json')
     with open(path) as f:
       config = json.load(f)
-    ids = {'bos_token_id': None, 'eos_token_id': self.tokens.im_end,
-           'pad_token_id': self.tokens.pad}
+    ids = {
+      'bos_token_id': None,
+      'eos_token_id': self.tokens.im_end,
+      'pad_token_id': self.tokens.pad,
+    }
     config.update(ids)
     config['text_config'].update(ids)
     with open(path, 'w') as f:
@@ -179,8 +205,16 @@ class VLMJudge:
     self.tokenizer.save_pretrained(directory)
     save_processor(self.processor, directory)
     with open(os.path.join(directory, JUDGE_CONFIG), 'w') as f:
-      json.dump({'max_cot_tokens': self.max_cot_tokens, 'tasks': sorted(P.RUBRICS),
-                 'score_digits': list(P.SCORE_DIGITS), **(extra or {})}, f, indent=2)
+      json.dump(
+        {
+          'max_cot_tokens': self.max_cot_tokens,
+          'tasks': sorted(P.RUBRICS),
+          'score_digits': list(P.SCORE_DIGITS),
+          **(extra or {}),
+        },
+        f,
+        indent=2,
+      )
 
   # -- inputs ---------------------------------------------------------------------------------
 
@@ -193,8 +227,11 @@ class VLMJudge:
     return self._prompt_cache[key]
 
   def _inputs(self, task, images, prompts, sources):
-    per_sample = [[s, im] for s, im in zip(sources, images)] if P.NUM_IMAGES[task] == 2 else \
-        [[im] for im in images]
+    per_sample = (
+      [[s, im] for s, im in zip(sources, images)]
+      if P.NUM_IMAGES[task] == 2
+      else [[im] for im in images]
+    )
     processed = self.processor([im for pair in per_sample for im in pair])
     grids = np.asarray(processed['image_grid_thw']).reshape(len(images), -1, 3)
     ids = [self.prompt_ids(task, p, g) for p, g in zip(prompts, grids)]
@@ -202,8 +239,9 @@ class VLMJudge:
 
   # -- scoring --------------------------------------------------------------------------------
 
-  def score(self, task: str, images, prompts: Sequence[str], sources=None, *,
-            cot: bool = True) -> JudgeOutput:
+  def score(
+    self, task: str, images, prompts: Sequence[str], sources=None, *, cot: bool = True
+  ) -> JudgeOutput:
     """Scores images [B, H, W, 3] uint8 against prompts (edit instructions with `sources`)."""
     P.check_task(task)
     images = np.asarray(images)
@@ -211,14 +249,22 @@ class VLMJudge:
       raise ValueError(f'{len(images)} images but {len(prompts)} prompts')
     if P.NUM_IMAGES[task] == 2 and (sources is None or len(sources) != len(images)):
       raise ValueError(f'judge task {task!r} needs one source image per output')
-    outs = [self._score_chunk(task, images[i:i + self.batch_size],
-                              prompts[i:i + self.batch_size],
-                              None if sources is None else sources[i:i + self.batch_size], cot)
-            for i in range(0, len(images), self.batch_size)]
-    return JudgeOutput(expected=np.concatenate([o.expected for o in outs]),
-                       reward=np.concatenate([o.reward for o in outs]),
-                       valid=np.concatenate([o.valid for o in outs]),
-                       cot=[c for o in outs for c in o.cot])
+    outs = [
+      self._score_chunk(
+        task,
+        images[i : i + self.batch_size],
+        prompts[i : i + self.batch_size],
+        None if sources is None else sources[i : i + self.batch_size],
+        cot,
+      )
+      for i in range(0, len(images), self.batch_size)
+    ]
+    return JudgeOutput(
+      expected=np.concatenate([o.expected for o in outs]),
+      reward=np.concatenate([o.reward for o in outs]),
+      valid=np.concatenate([o.valid for o in outs]),
+      cot=[c for o in outs for c in o.cot],
+    )
 
   def _score_chunk(self, task, images, prompts, sources, cot: bool) -> JudgeOutput:
     prompt_ids, processed = self._inputs(task, images, prompts, sources)
@@ -236,21 +282,37 @@ class VLMJudge:
   def generate_cot(self, prompt_ids, processed):
     """(chains of thought as id lists, valid [B]): greedy until the " Score" marker."""
     ids, mask = _left_pad(prompt_ids, self.tokens.pad)
-    config = gen.GenerationConfig(max_new_tokens=self.max_cot_tokens,
-                                  stop_token_ids=(self.tokens.marker, self.tokens.im_end),
-                                  pad_token_id=self.tokens.pad)
-    out = np.asarray(gen.generate(self.model, self.params, ids, mask,
-                                  pixel_values=processed['pixel_values'],
-                                  image_grid_thw=processed['image_grid_thw'], config=config))
+    config = gen.GenerationConfig(
+      max_new_tokens=self.max_cot_tokens,
+      stop_token_ids=(self.tokens.marker, self.tokens.im_end),
+      pad_token_id=self.tokens.pad,
+    )
+    out = np.asarray(
+      gen.generate(
+        self.model,
+        self.params,
+        ids,
+        mask,
+        pixel_values=processed['pixel_values'],
+        image_grid_thw=processed['image_grid_thw'],
+        config=config,
+      )
+    )
     return parse_cot(out.tolist(), self.tokens)
 
   def read_logits(self, seqs, processed) -> np.ndarray:
     """Logits [B, V] at the last token of each (left-padded) sequence: the score position."""
     ids, mask = _left_pad(seqs, self.tokens.pad)
     positions = np.full((len(seqs), 1), ids.shape[1] - 1, np.int32)
-    logits = gen.score(self.model, self.params, ids, positions, mask,
-                       pixel_values=processed['pixel_values'],
-                       image_grid_thw=processed['image_grid_thw'])
+    logits = gen.score(
+      self.model,
+      self.params,
+      ids,
+      positions,
+      mask,
+      pixel_values=processed['pixel_values'],
+      image_grid_thw=processed['image_grid_thw'],
+    )
     return np.asarray(logits[:, 0], np.float32)
 
 
@@ -267,11 +329,16 @@ def parse_cot(rows: Sequence[Sequence[int]], tokens: ScoreTokens):
 
 
 def save_processor(processor: ImageProcessor, directory: str) -> None:
-  config = {'image_processor_type': 'Qwen2VLImageProcessor', 'min_pixels': processor.min_pixels,
-            'max_pixels': processor.max_pixels, 'patch_size': processor.patch_size,
-            'temporal_patch_size': processor.temporal_patch_size,
-            'merge_size': processor.merge_size, 'image_mean': list(processor.image_mean),
-            'image_std': list(processor.image_std)}
+  config = {
+    'image_processor_type': 'Qwen2VLImageProcessor',
+    'min_pixels': processor.min_pixels,
+    'max_pixels': processor.max_pixels,
+    'patch_size': processor.patch_size,
+    'temporal_patch_size': processor.temporal_patch_size,
+    'merge_size': processor.merge_size,
+    'image_mean': list(processor.image_mean),
+    'image_std': list(processor.image_std),
+  }
   os.makedirs(directory, exist_ok=True)
   with open(os.path.join(directory, PREPROCESSOR_CONFIG), 'w') as f:
     json.dump(config, f, indent=2)

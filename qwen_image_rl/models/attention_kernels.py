@@ -41,9 +41,18 @@ HEAD_AXES = ("act_batch", "act_length", "act_heads", "act_kv")  # q, k, v: [B, S
 def _block_sizes(seq_len: int, block: int) -> pallas_flash.BlockSizes:
   b = min(block, seq_len)
   return pallas_flash.BlockSizes(
-      block_q=b, block_k_major=b, block_k=b, block_b=1,
-      block_q_major_dkv=b, block_k_major_dkv=b, block_k_dkv=b, block_q_dkv=b,
-      block_k_major_dq=b, block_k_dq=b, block_q_dq=b)
+    block_q=b,
+    block_k_major=b,
+    block_k=b,
+    block_b=1,
+    block_q_major_dkv=b,
+    block_k_major_dkv=b,
+    block_k_dkv=b,
+    block_q_dkv=b,
+    block_k_major_dq=b,
+    block_k_dq=b,
+    block_q_dq=b,
+  )
 
 
 def flash_attention_local(q, k, v, key_mask=None, *, block: int = 512):
@@ -54,10 +63,17 @@ def flash_attention_local(q, k, v, key_mask=None, *, block: int = 512):
   mask = jnp.ones((b, s), jnp.int32) if key_mask is None else key_mask.astype(jnp.int32)
   pad = ((0, 0), (0, padded - s), (0, 0), (0, 0))
   q, k, v = (jnp.pad(x, pad).swapaxes(1, 2) for x in (q, k, v))  # [B, H, S', D]
-  segments = pallas_flash.SegmentIds(q=jnp.ones((b, padded), jnp.int32),
-                                     kv=jnp.pad(mask, ((0, 0), (0, padded - s))))
-  out = pallas_flash.flash_attention(q, k, v, segment_ids=segments, sm_scale=1.0 / math.sqrt(d),
-                                     block_sizes=_block_sizes(padded, block))
+  segments = pallas_flash.SegmentIds(
+    q=jnp.ones((b, padded), jnp.int32), kv=jnp.pad(mask, ((0, 0), (0, padded - s)))
+  )
+  out = pallas_flash.flash_attention(
+    q,
+    k,
+    v,
+    segment_ids=segments,
+    sm_scale=1.0 / math.sqrt(d),
+    block_sizes=_block_sizes(padded, block),
+  )
   return out.swapaxes(1, 2)[:, :s]
 
 
@@ -85,14 +101,26 @@ def flash_attention(q, k, v, key_mask=None, *, block: int = 512):
   mask_spec = P(spec[0], None)
   if key_mask is None:
     key_mask = jnp.ones(q.shape[:2], jnp.int32)
-  local = jax.shard_map(lambda q, k, v, m: flash_attention_local(q, k, v, m, block=block),
-                        mesh=mesh, in_specs=(spec, spec, spec, mask_spec), out_specs=spec,
-                        check_vma=False)
+  local = jax.shard_map(
+    lambda q, k, v, m: flash_attention_local(q, k, v, m, block=block),
+    mesh=mesh,
+    in_specs=(spec, spec, spec, mask_spec),
+    out_specs=spec,
+    check_vma=False,
+  )
   return local(q, k, v, key_mask)
 
 
-def attention(q, k, v, key_mask=None, *, implementation: str = "xla",
-              query_chunk: int | None = None, kernel_off_tpu: bool = False):
+def attention(
+  q,
+  k,
+  v,
+  key_mask=None,
+  *,
+  implementation: str = "xla",
+  query_chunk: int | None = None,
+  kernel_off_tpu: bool = False,
+):
   """Joint attention by `implementation` ('xla' or 'flash').
 
   'flash' falls back to the XLA path when the default backend is not a TPU, unless
@@ -101,8 +129,9 @@ def attention(q, k, v, key_mask=None, *, implementation: str = "xla",
   `interpret_mode()`) or for AOT compilation against a TPU topology from a CPU host.
   """
   if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"attention implementation {implementation!r}: expected one of "
-                     f"{list(IMPLEMENTATIONS)}")
+    raise ValueError(
+      f"attention implementation {implementation!r}: expected one of {list(IMPLEMENTATIONS)}"
+    )
   if implementation == "flash" and (kernel_off_tpu or jax.default_backend() == "tpu"):
     return flash_attention(q, k, v, key_mask)
   return layers.chunked_attention(q, k, v, key_mask, query_chunk)

@@ -8,7 +8,8 @@ computed in float32 whatever the compute dtype, so bf16 runs stay close to the P
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -22,13 +23,26 @@ LogicalAxes = tuple[str | None, ...]
 TORCH_LINEAR_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
-def dense(features: int, axes: LogicalAxes, *, name: str, dtype: Dtype, param_dtype: Dtype,
-          use_bias: bool = True, kernel_init=TORCH_LINEAR_INIT) -> nn.Dense:
+def dense(
+  features: int,
+  axes: LogicalAxes,
+  *,
+  name: str,
+  dtype: Dtype,
+  param_dtype: Dtype,
+  use_bias: bool = True,
+  kernel_init=TORCH_LINEAR_INIT,
+) -> nn.Dense:
   """nn.Dense whose kernel carries `axes` (in, out) and whose bias carries (out,)."""
   return nn.Dense(
-      features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
-      kernel_init=nn.with_logical_partitioning(kernel_init, axes),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[-1],)))
+    features,
+    use_bias=use_bias,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    name=name,
+    kernel_init=nn.with_logical_partitioning(kernel_init, axes),
+    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[-1],)),
+  )
 
 
 def constrain(x: jax.Array, axes: LogicalAxes) -> jax.Array:
@@ -42,6 +56,7 @@ def constrain(x: jax.Array, axes: LogicalAxes) -> jax.Array:
 
 class RMSNorm(nn.Module):
   """diffusers RMSNorm: variance in float32, the normalised value cast back before the scale."""
+
   eps: float = 1e-6
   axis_name: str | None = "norm"
   dtype: Dtype = jnp.float32
@@ -49,9 +64,12 @@ class RMSNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(),
-                                                             (self.axis_name,)),
-                       (x.shape[-1],), self.param_dtype)
+    scale = self.param(
+      "scale",
+      nn.with_logical_partitioning(nn.initializers.ones_init(), (self.axis_name,)),
+      (x.shape[-1],),
+      self.param_dtype,
+    )
     x32 = x.astype(jnp.float32)
     variance = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
     y = (x32 * jax.lax.rsqrt(variance + self.eps)).astype(self.dtype)
@@ -76,9 +94,15 @@ def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------------------------
 
 
-def timestep_sinusoid(t: jax.Array, dim: int = 256, *, flip_sin_to_cos: bool = True,
-                      downscale_freq_shift: float = 0.0, scale: float = 1000.0,
-                      max_period: float = 10000.0) -> jax.Array:
+def timestep_sinusoid(
+  t: jax.Array,
+  dim: int = 256,
+  *,
+  flip_sin_to_cos: bool = True,
+  downscale_freq_shift: float = 0.0,
+  scale: float = 1000.0,
+  max_period: float = 10000.0,
+) -> jax.Array:
   """diffusers.get_timestep_embedding, in float32. t: [B] -> [B, dim]."""
   half = dim // 2
   exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32)
@@ -93,6 +117,7 @@ def timestep_sinusoid(t: jax.Array, dim: int = 256, *, flip_sin_to_cos: bool = T
 
 class TimestepEmbedding(nn.Module):
   """linear_1 -> SiLU -> linear_2 on the 256-d sinusoid (diffusers TimestepEmbedding)."""
+
   features: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -124,9 +149,12 @@ def centred_positions(n: int) -> np.ndarray:
   return np.arange(n) - (n - n // 2)
 
 
-def msrope_angles(img_shapes: Sequence[Sequence[int]], txt_len: int,
-                  axes_dims: Sequence[int], theta: float = 10000.0
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def msrope_angles(
+  img_shapes: Sequence[Sequence[int]],
+  txt_len: int,
+  axes_dims: Sequence[int],
+  theta: float = 10000.0,
+) -> tuple[np.ndarray, np.ndarray]:
   """Rotation angles [S_img, head_dim/2] and [S_txt, head_dim/2] of diffusers' QwenEmbedRope.
 
   The idx-th image (f, h, w) gets frame positions idx..idx+f-1 and centred h/w positions,
@@ -139,11 +167,14 @@ def msrope_angles(img_shapes: Sequence[Sequence[int]], txt_len: int,
     frame = _axis_angles(idx + np.arange(f), d_f, theta)
     height = _axis_angles(centred_positions(h), d_h, theta)
     width = _axis_angles(centred_positions(w), d_w, theta)
-    grid = np.concatenate([
+    grid = np.concatenate(
+      [
         np.broadcast_to(frame[:, None, None, :], (f, h, w, frame.shape[-1])),
         np.broadcast_to(height[None, :, None, :], (f, h, w, height.shape[-1])),
         np.broadcast_to(width[None, None, :, :], (f, h, w, width.shape[-1])),
-    ], axis=-1)
+      ],
+      axis=-1,
+    )
     img_tables.append(grid.reshape(f * h * w, -1))
     max_vid_index = max(max_vid_index, h // 2, w // 2)
   txt_pos = max_vid_index + np.arange(txt_len)
@@ -171,8 +202,9 @@ def apply_rope_interleaved(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.
 # ----------------------------------------------------------------------------------------------
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                          key_mask: jax.Array | None = None) -> jax.Array:
+def dot_product_attention(
+  q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None = None
+) -> jax.Array:
   """Non-causal softmax attention, scale 1/sqrt(head_dim), softmax in float32.
 
   q, k, v: [B, S, H, D]; key_mask: [B, S] bool (False keys get zero weight) or None.
@@ -185,8 +217,9 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
-def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None,
-                      query_chunk: int | None) -> jax.Array:
+def chunked_attention(
+  q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None, query_chunk: int | None
+) -> jax.Array:
   """dot_product_attention over blocks of `query_chunk` queries, each rematerialised.
 
   Same result; the [B, H, S, S] logits never exist at once, so a 4608-token 1024^2 step holds
@@ -208,6 +241,7 @@ class FeedForward(nn.Module):
 
   Dense(4d) -> GELU(tanh) -> Dense(d).
   """
+
   features: int
   hidden: int
   dtype: Dtype = jnp.float32

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -31,24 +32,35 @@ HIDDEN_AXES = ("act_batch", "act_length", "act_embed")
 HEAD_AXES = ("act_batch", "act_length", "act_heads", "act_kv")
 
 REMAT_POLICIES = {
-    "none": None,  # no rematerialisation at all
-    "full": "full",  # save nothing, recompute the whole block in the backward pass
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
-    "everything_saveable": jax.checkpoint_policies.everything_saveable,
+  "none": None,  # no rematerialisation at all
+  "full": "full",  # save nothing, recompute the whole block in the backward pass
+  "dots_saveable": jax.checkpoint_policies.dots_saveable,
+  "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+  "everything_saveable": jax.checkpoint_policies.everything_saveable,
 }
 
 # diffusers config fields, with the diffusers defaults (the 20B Qwen-Image model).
-DIFFUSERS_FIELDS = ("patch_size", "in_channels", "out_channels", "num_layers",
-                    "attention_head_dim", "num_attention_heads", "joint_attention_dim",
-                    "guidance_embeds", "axes_dims_rope", "zero_cond_t", "use_additional_t_cond",
-                    "use_layer3d_rope")
+DIFFUSERS_FIELDS = (
+  "patch_size",
+  "in_channels",
+  "out_channels",
+  "num_layers",
+  "attention_head_dim",
+  "num_attention_heads",
+  "joint_attention_dim",
+  "guidance_embeds",
+  "axes_dims_rope",
+  "zero_cond_t",
+  "use_additional_t_cond",
+  "use_layer3d_rope",
+)
 _IGNORED_CONFIG_KEYS = ("_class_name", "_diffusers_version", "_name_or_path", "_use_default_values")
 
 
 class JointAttention(nn.Module):
   """Joint attention over [text, image] with per-stream projections and QK RMSNorm."""
+
   num_heads: int
   head_dim: int
   query_chunk: int | None = None
@@ -69,15 +81,18 @@ class JointAttention(nn.Module):
         y = layers.RMSNorm(eps=1e-6, name=norm_name, **kw)(y)
       return constrain(y, HEAD_AXES)
 
-    q = jnp.concatenate([heads(txt, "add_q_proj", "norm_added_q"),
-                         heads(img, "to_q", "norm_q")], axis=1)
-    k = jnp.concatenate([heads(txt, "add_k_proj", "norm_added_k"),
-                         heads(img, "to_k", "norm_k")], axis=1)
+    q = jnp.concatenate(
+      [heads(txt, "add_q_proj", "norm_added_q"), heads(img, "to_q", "norm_q")], axis=1
+    )
+    k = jnp.concatenate(
+      [heads(txt, "add_k_proj", "norm_added_k"), heads(img, "to_k", "norm_k")], axis=1
+    )
     v = jnp.concatenate([heads(txt, "add_v_proj"), heads(img, "to_v")], axis=1)
     q = layers.apply_rope_interleaved(q, rope_cos, rope_sin)
     k = layers.apply_rope_interleaved(k, rope_cos, rope_sin)
-    out = attention_kernels.attention(q, k, v, key_mask, implementation=self.implementation,
-                                      query_chunk=self.query_chunk)
+    out = attention_kernels.attention(
+      q, k, v, key_mask, implementation=self.implementation, query_chunk=self.query_chunk
+    )
     out = constrain(out, HEAD_AXES).reshape(*out.shape[:2], inner)
     n_txt = txt.shape[1]
     img_out = dense(dim, ("heads", "embed"), name="to_out", **kw)(out[:, n_txt:])
@@ -88,6 +103,7 @@ class JointAttention(nn.Module):
 class QwenImageBlock(nn.Module):
   """One dual-stream block. `num_target_tokens` < S_img means the rest are reference tokens,
   which take their image modulation from `temb_ref` (zero_cond_t) when it is given."""
+
   dim: int
   num_heads: int
   head_dim: int
@@ -103,21 +119,26 @@ class QwenImageBlock(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     img_mod = dense(6 * self.dim, ("embed", "modulation"), name="img_mod", **kw)
     txt_mod = dense(6 * self.dim, ("embed", "modulation"), name="txt_mod", **kw)
-    img_params = self._per_token(img_mod(nn.silu(temb)),
-                                 None if temb_ref is None else img_mod(nn.silu(temb_ref)),
-                                 img.shape[1])
+    img_params = self._per_token(
+      img_mod(nn.silu(temb)), None if temb_ref is None else img_mod(nn.silu(temb_ref)), img.shape[1]
+    )
     txt_params = [p[:, None, :] for p in jnp.split(txt_mod(nn.silu(temb)), 6, axis=-1)]
     # Each list: shift1, scale1, gate1, shift2, scale2, gate2, shaped [B, 1 or S, D].
 
     def mod(x, params, i):
-      shift, scale, gate = params[3 * i: 3 * i + 3]
+      shift, scale, gate = params[3 * i : 3 * i + 3]
       return layers.layer_norm(x) * (1 + scale) + shift, gate
 
     img_in, img_gate = mod(img, img_params, 0)
     txt_in, txt_gate = mod(txt, txt_params, 0)
-    img_attn, txt_attn = JointAttention(self.num_heads, self.head_dim, self.attention_query_chunk,
-                                        self.attention_implementation, name="attn", **kw)(
-        img_in, txt_in, key_mask, rope_cos, rope_sin)
+    img_attn, txt_attn = JointAttention(
+      self.num_heads,
+      self.head_dim,
+      self.attention_query_chunk,
+      self.attention_implementation,
+      name="attn",
+      **kw,
+    )(img_in, txt_in, key_mask, rope_cos, rope_sin)
     img = constrain(img + img_gate * img_attn, HIDDEN_AXES)
     txt = constrain(txt + txt_gate * txt_attn, HIDDEN_AXES)
 
@@ -136,13 +157,21 @@ class QwenImageBlock(nn.Module):
       return chunks
     ref_chunks = [p[:, None, :] for p in jnp.split(ref_params, 6, axis=-1)]
     b = params.shape[0]
-    return [jnp.concatenate([jnp.broadcast_to(c, (b, self.num_target_tokens, self.dim)),
-                             jnp.broadcast_to(r, (b, n_ref, self.dim))], axis=1)
-            for c, r in zip(chunks, ref_chunks)]
+    return [
+      jnp.concatenate(
+        [
+          jnp.broadcast_to(c, (b, self.num_target_tokens, self.dim)),
+          jnp.broadcast_to(r, (b, n_ref, self.dim)),
+        ],
+        axis=1,
+      )
+      for c, r in zip(chunks, ref_chunks)
+    ]
 
 
 class QwenImageTransformer(nn.Module):
   """diffusers `QwenImageTransformer2DModel` (field names and defaults match its config)."""
+
   patch_size: int = 2
   in_channels: int = 64
   out_channels: int | None = 16
@@ -167,25 +196,35 @@ class QwenImageTransformer(nn.Module):
     for flag in ("guidance_embeds", "use_additional_t_cond", "use_layer3d_rope"):
       if getattr(self, flag):
         raise NotImplementedError(
-            f"QwenImageTransformer.{flag}=True is not supported (diffusers uses it only for the "
-            f"Layered pipeline / a guidance path that is broken upstream); set it to False.")
+          f"QwenImageTransformer.{flag}=True is not supported (diffusers uses it only for the "
+          f"Layered pipeline / a guidance path that is broken upstream); set it to False."
+        )
     if self.remat_policy not in REMAT_POLICIES:
-      raise ValueError(f"QwenImageTransformer.remat_policy={self.remat_policy!r}: expected one of "
-                       f"{sorted(REMAT_POLICIES)}")
+      raise ValueError(
+        f"QwenImageTransformer.remat_policy={self.remat_policy!r}: expected one of "
+        f"{sorted(REMAT_POLICIES)}"
+      )
     if len(self.axes_dims_rope) != 3 or sum(self.axes_dims_rope) != self.attention_head_dim:
-      raise ValueError(f"QwenImageTransformer.axes_dims_rope={tuple(self.axes_dims_rope)} "
-                       f"must be 3 even sizes summing to "
-                       f"attention_head_dim={self.attention_head_dim}")
+      raise ValueError(
+        f"QwenImageTransformer.axes_dims_rope={tuple(self.axes_dims_rope)} "
+        f"must be 3 even sizes summing to "
+        f"attention_head_dim={self.attention_head_dim}"
+      )
     if self.attention_query_chunk is not None and self.attention_query_chunk < 1:
-      raise ValueError(f"QwenImageTransformer.attention_query_chunk={self.attention_query_chunk}: "
-                       f"expected a positive block size or None")
+      raise ValueError(
+        f"QwenImageTransformer.attention_query_chunk={self.attention_query_chunk}: "
+        f"expected a positive block size or None"
+      )
     if self.attention_implementation not in attention_kernels.IMPLEMENTATIONS:
-      raise ValueError(f"QwenImageTransformer.attention_implementation="
-                       f"{self.attention_implementation!r}: expected one of "
-                       f"{list(attention_kernels.IMPLEMENTATIONS)}")
+      raise ValueError(
+        f"QwenImageTransformer.attention_implementation="
+        f"{self.attention_implementation!r}: expected one of "
+        f"{list(attention_kernels.IMPLEMENTATIONS)}"
+      )
     if any(d % 2 for d in self.axes_dims_rope):
-      raise ValueError(f"QwenImageTransformer.axes_dims_rope={tuple(self.axes_dims_rope)}: sizes "
-                       f"must be even")
+      raise ValueError(
+        f"QwenImageTransformer.axes_dims_rope={tuple(self.axes_dims_rope)}: sizes must be even"
+      )
     super().__post_init__()
 
   # ------------------------------------------------------------------------------------------
@@ -201,13 +240,18 @@ class QwenImageTransformer(nn.Module):
     return self.out_channels or self.in_channels
 
   @classmethod
-  def from_config(cls, config: Mapping[str, Any], **overrides) -> "QwenImageTransformer":
+  def from_config(cls, config: Mapping[str, Any], **overrides) -> QwenImageTransformer:
     """Build from a diffusers config.json dict; `overrides` set our own fields (dtype, scan...)."""
-    unknown = [k for k in config if k not in DIFFUSERS_FIELDS and k not in _IGNORED_CONFIG_KEYS
-               and not k.startswith("_")]
+    unknown = [
+      k
+      for k in config
+      if k not in DIFFUSERS_FIELDS and k not in _IGNORED_CONFIG_KEYS and not k.startswith("_")
+    ]
     if unknown:
-      raise ValueError(f"QwenImageTransformer.from_config: unknown config keys {sorted(unknown)}; "
-                       f"known: {list(DIFFUSERS_FIELDS)}")
+      raise ValueError(
+        f"QwenImageTransformer.from_config: unknown config keys {sorted(unknown)}; "
+        f"known: {list(DIFFUSERS_FIELDS)}"
+      )
     kwargs = {k: config[k] for k in DIFFUSERS_FIELDS if k in config}
     if "axes_dims_rope" in kwargs:
       kwargs["axes_dims_rope"] = tuple(int(a) for a in kwargs["axes_dims_rope"])
@@ -234,13 +278,19 @@ class QwenImageTransformer(nn.Module):
     policy = REMAT_POLICIES[self.remat_policy]
     if policy is None:
       return QwenImageBlock
-    return nn.remat(QwenImageBlock, policy=None if policy == "full" else policy,
-                    prevent_cse=not self.scan_layers)
+    return nn.remat(
+      QwenImageBlock, policy=None if policy == "full" else policy, prevent_cse=not self.scan_layers
+    )
 
   @nn.compact
-  def __call__(self, hidden_states: jax.Array, encoder_hidden_states: jax.Array,
-               encoder_hidden_states_mask: jax.Array | None, timestep: jax.Array,
-               img_shapes: Sequence[Sequence[int]]) -> jax.Array:
+  def __call__(
+    self,
+    hidden_states: jax.Array,
+    encoder_hidden_states: jax.Array,
+    encoder_hidden_states_mask: jax.Array | None,
+    timestep: jax.Array,
+    img_shapes: Sequence[Sequence[int]],
+  ) -> jax.Array:
     """Velocity for the target image.
 
     hidden_states: [B, S, in_channels] packed latents, target tokens first, then references.
@@ -249,8 +299,7 @@ class QwenImageTransformer(nn.Module):
     the target then each reference image (in patches). Returns [B, S_target, p*p*out_channels].
     """
     img_shapes = tuple(tuple(int(v) for v in s) for s in img_shapes)
-    self._check_inputs(hidden_states, encoder_hidden_states, encoder_hidden_states_mask,
-                       img_shapes)
+    self._check_inputs(hidden_states, encoder_hidden_states, encoder_hidden_states_mask, img_shapes)
     b, txt_len = encoder_hidden_states.shape[:2]
     n_target = math.prod(img_shapes[0])
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -272,53 +321,76 @@ class QwenImageTransformer(nn.Module):
 
     key_mask = None
     if encoder_hidden_states_mask is not None:
-      key_mask = jnp.concatenate([encoder_hidden_states_mask.astype(bool),
-                                  jnp.ones((b, img.shape[1]), bool)], axis=1)
+      key_mask = jnp.concatenate(
+        [encoder_hidden_states_mask.astype(bool), jnp.ones((b, img.shape[1]), bool)], axis=1
+      )
 
     img_angles, txt_angles = layers.msrope_angles(img_shapes, txt_len, self.axes_dims_rope)
     angles = np.concatenate([txt_angles, img_angles], axis=0)  # joint order: text, image
     rope_cos, rope_sin = jnp.asarray(np.cos(angles)), jnp.asarray(np.sin(angles))
 
-    block_kw = dict(dim=d, num_heads=self.num_attention_heads, head_dim=self.attention_head_dim,
-                    num_target_tokens=n_target,
-                    attention_query_chunk=self.attention_query_chunk,
-                    attention_implementation=self.attention_implementation, **kw)
+    block_kw = dict(
+      dim=d,
+      num_heads=self.num_attention_heads,
+      head_dim=self.attention_head_dim,
+      num_target_tokens=n_target,
+      attention_query_chunk=self.attention_query_chunk,
+      attention_implementation=self.attention_implementation,
+      **kw,
+    )
     block_cls = self._block_cls()
     carry = (img, txt)
     if self.scan_layers:
-      scanned = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                        in_axes=(nn.broadcast,) * 5, length=self.num_layers,
-                        metadata_params={nn.PARTITION_NAME: "layers"})
+      scanned = nn.scan(
+        block_cls,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(nn.broadcast,) * 5,
+        length=self.num_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+      )
       carry, _ = scanned(name="transformer_blocks", **block_kw)(
-          carry, temb, temb_ref, key_mask, rope_cos, rope_sin)
+        carry, temb, temb_ref, key_mask, rope_cos, rope_sin
+      )
     else:
       for i in range(self.num_layers):
         carry, _ = block_cls(name=f"transformer_blocks_{i}", **block_kw)(
-            carry, temb, temb_ref, key_mask, rope_cos, rope_sin)
+          carry, temb, temb_ref, key_mask, rope_cos, rope_sin
+        )
     img = carry[0][:, :n_target]
 
     # norm_out (AdaLayerNormContinuous) chunks as scale, shift: the opposite of the blocks.
     emb = dense(2 * d, ("embed", "modulation"), name="norm_out", **kw)(nn.silu(temb))
     scale, shift = jnp.split(emb, 2, axis=-1)
     img = layers.modulate(layers.layer_norm(img), shift, scale)
-    out_features = self.patch_size ** 2 * self.output_channels
+    out_features = self.patch_size**2 * self.output_channels
     return dense(out_features, ("embed", None), name="proj_out", **kw)(img)
 
   def _check_inputs(self, hidden_states, encoder_hidden_states, mask, img_shapes):
     if not img_shapes or any(len(s) != 3 for s in img_shapes):
-      raise ValueError(f"img_shapes={img_shapes}: expected a tuple of (frame, height, width) "
-                       f"tuples, the target image first")
+      raise ValueError(
+        f"img_shapes={img_shapes}: expected a tuple of (frame, height, width) "
+        f"tuples, the target image first"
+      )
     n_img = sum(math.prod(s) for s in img_shapes)
     if hidden_states.ndim != 3 or hidden_states.shape[1:] != (n_img, self.in_channels):
-      raise ValueError(f"hidden_states shape {hidden_states.shape}: expected [B, {n_img}, "
-                       f"{self.in_channels}] (tokens of img_shapes={img_shapes}, in_channels)")
-    if (encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] != hidden_states.shape[0]
-        or encoder_hidden_states.shape[2] != self.joint_attention_dim):
-      raise ValueError(f"encoder_hidden_states shape {encoder_hidden_states.shape}: expected "
-                       f"[{hidden_states.shape[0]}, T, {self.joint_attention_dim}]")
+      raise ValueError(
+        f"hidden_states shape {hidden_states.shape}: expected [B, {n_img}, "
+        f"{self.in_channels}] (tokens of img_shapes={img_shapes}, in_channels)"
+      )
+    if (
+      encoder_hidden_states.ndim != 3
+      or encoder_hidden_states.shape[0] != hidden_states.shape[0]
+      or encoder_hidden_states.shape[2] != self.joint_attention_dim
+    ):
+      raise ValueError(
+        f"encoder_hidden_states shape {encoder_hidden_states.shape}: expected "
+        f"[{hidden_states.shape[0]}, T, {self.joint_attention_dim}]"
+      )
     if mask is not None and mask.shape != encoder_hidden_states.shape[:2]:
-      raise ValueError(f"encoder_hidden_states_mask shape {mask.shape}: expected "
-                       f"{encoder_hidden_states.shape[:2]}")
+      raise ValueError(
+        f"encoder_hidden_states_mask shape {mask.shape}: expected {encoder_hidden_states.shape[:2]}"
+      )
 
   # ------------------------------------------------------------------------------------------
   # Helpers
@@ -327,11 +399,13 @@ class QwenImageTransformer(nn.Module):
   def dummy_inputs(self, batch: int = 1, img_shapes: ImgShapes = ((1, 2, 2),), txt_len: int = 4):
     """Zero inputs of the right shapes (for init / eval_shape)."""
     n = sum(math.prod(s) for s in img_shapes)
-    return dict(hidden_states=jnp.zeros((batch, n, self.in_channels), self.dtype),
-                encoder_hidden_states=jnp.zeros((batch, txt_len, self.joint_attention_dim),
-                                                self.dtype),
-                encoder_hidden_states_mask=None,
-                timestep=jnp.zeros((batch,), jnp.float32), img_shapes=img_shapes)
+    return dict(
+      hidden_states=jnp.zeros((batch, n, self.in_channels), self.dtype),
+      encoder_hidden_states=jnp.zeros((batch, txt_len, self.joint_attention_dim), self.dtype),
+      encoder_hidden_states_mask=None,
+      timestep=jnp.zeros((batch,), jnp.float32),
+      img_shapes=img_shapes,
+    )
 
   def init_params(self, rng: jax.Array):
     """Random parameters (boxed with logical axes), from tiny dummy inputs."""

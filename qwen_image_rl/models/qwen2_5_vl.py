@@ -18,7 +18,8 @@ a vision tower can splice image features in before the decoder.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -29,33 +30,43 @@ Dtype = Any
 # transformers' Qwen2_5_VLRotaryEmbedding default when the config names none.
 DEFAULT_MROPE_SECTION = (16, 24, 24)
 REMAT_POLICIES = {
-    "none": None,  # no rematerialisation
-    "full": "nothing_saveable",
-    "dots": "checkpoint_dots",
-    "dots_no_batch": "checkpoint_dots_with_no_batch_dims",
+  "none": None,  # no rematerialisation
+  "full": "nothing_saveable",
+  "dots": "checkpoint_dots",
+  "dots_no_batch": "checkpoint_dots_with_no_batch_dims",
 }
 
 
-def logical_dense(features: int, axes: tuple[str, str], use_bias: bool, dtype, param_dtype,
-                  name: str):
+def logical_dense(
+  features: int, axes: tuple[str, str], use_bias: bool, dtype, param_dtype, name: str
+):
   """nn.Dense whose kernel/bias carry logical axis names (so they shard by rules)."""
   return nn.Dense(
-      features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
-      kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), axes),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)))
+    features,
+    use_bias=use_bias,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    name=name,
+    kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), axes),
+    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)),
+  )
 
 
 class RMSNorm(nn.Module):
   """w * (x * rsqrt(mean(x^2) + eps)); statistics in float32, cast back before the weight."""
+
   eps: float = 1e-6
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    weight = self.param("weight", nn.with_logical_partitioning(nn.initializers.ones_init(),
-                                                               ("norm",)),
-                        (x.shape[-1],), self.param_dtype)
+    weight = self.param(
+      "weight",
+      nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+      (x.shape[-1],),
+      self.param_dtype,
+    )
     input_dtype = x.dtype
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
@@ -66,14 +77,15 @@ def rope_inv_freq(head_dim: int, theta: float) -> jax.Array:
   return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
 
 
-def mrope_cos_sin(position_ids: jax.Array, head_dim: int, theta: float,
-                  mrope_section: Sequence[int], dtype) -> tuple[jax.Array, jax.Array]:
+def mrope_cos_sin(
+  position_ids: jax.Array, head_dim: int, theta: float, mrope_section: Sequence[int], dtype
+) -> tuple[jax.Array, jax.Array]:
   """cos, sin [B, L, head_dim] for 3-stream positions [3, B, L] (float32 math, then `dtype`)."""
   freqs = position_ids[..., None].astype(jnp.float32) * rope_inv_freq(head_dim, theta)
   # Chunk i of the head_dim/2 frequencies comes from stream i % 3.
   chunks, start = [], 0
   for i, size in enumerate(mrope_section):
-    chunks.append(freqs[i % 3, ..., start:start + size])
+    chunks.append(freqs[i % 3, ..., start : start + size])
     start += size
   freqs = jnp.concatenate(chunks, axis=-1)
   emb = jnp.concatenate([freqs, freqs], axis=-1)
@@ -93,6 +105,7 @@ def apply_rope(x, cos, sin):
 
 class Attention(nn.Module):
   """Causal grouped-query self-attention with RoPE."""
+
   num_heads: int
   num_kv_heads: int
   head_dim: int
@@ -106,8 +119,9 @@ class Attention(nn.Module):
     [B, Lq, S]); returns (out, updated cache), else (out, None)."""
     batch, length, _ = x.shape
     hidden = x.shape[-1]
-    dense = lambda n, axes, bias, name: logical_dense(n, axes, bias, self.dtype,
-                                                      self.param_dtype, name)
+    dense = lambda n, axes, bias, name: logical_dense(
+      n, axes, bias, self.dtype, self.param_dtype, name
+    )
     q = dense(self.num_heads * self.head_dim, ("embed", "heads"), True, "q_proj")(x)
     k = dense(self.num_kv_heads * self.head_dim, ("embed", "heads"), True, "k_proj")(x)
     v = dense(self.num_kv_heads * self.head_dim, ("embed", "heads"), True, "v_proj")(x)
@@ -130,7 +144,7 @@ class Attention(nn.Module):
     groups = self.num_heads // self.num_kv_heads
     q = q.reshape(batch, length, self.num_kv_heads, groups, self.head_dim)
     scores = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (self.head_dim ** -0.5)
+    scores = scores * (self.head_dim**-0.5)
     # Finite fill: a fully masked row (left padding) softmaxes to uniform instead of NaN.
     scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
@@ -141,6 +155,7 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
   """SwiGLU: down(silu(gate(x)) * up(x)), no biases."""
+
   intermediate_size: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -148,8 +163,9 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x):
     dense = lambda n, axes, name: logical_dense(n, axes, False, self.dtype, self.param_dtype, name)
-    h = (nn.silu(dense(self.intermediate_size, ("embed", "mlp"), "gate_proj")(x))
-         * dense(self.intermediate_size, ("embed", "mlp"), "up_proj")(x))
+    h = nn.silu(dense(self.intermediate_size, ("embed", "mlp"), "gate_proj")(x)) * dense(
+      self.intermediate_size, ("embed", "mlp"), "up_proj"
+    )(x)
     h = nn.with_logical_constraint(h, ("act_batch", "act_length", "act_mlp"))
     return dense(x.shape[-1], ("mlp", "embed"), "down_proj")(h)
 
@@ -168,8 +184,9 @@ class DecoderLayer(nn.Module):
     """Returns (x, updated kv_cache or None)."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = RMSNorm(self.rms_norm_eps, name="input_layernorm", **kw)(x)
-    attn, kv_cache = Attention(self.num_heads, self.num_kv_heads, self.head_dim,
-                               name="self_attn", **kw)(h, cos, sin, mask, kv_cache, cache_index)
+    attn, kv_cache = Attention(
+      self.num_heads, self.num_kv_heads, self.head_dim, name="self_attn", **kw
+    )(h, cos, sin, mask, kv_cache, cache_index)
     x = x + attn
     h = RMSNorm(self.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
     x = x + MLP(self.intermediate_size, name="mlp", **kw)(h)
@@ -178,12 +195,12 @@ class DecoderLayer(nn.Module):
 
 class _ScanLayer(nn.Module):
   """DecoderLayer in the (carry, xs) -> (carry, ys) form nn.scan wants (xs: the layer's cache)."""
+
   layer_kwargs: Mapping[str, Any]
 
   @nn.compact
   def __call__(self, x, cos, sin, mask, kv_cache, cache_index):
-    return DecoderLayer(**self.layer_kwargs, name="layer")(x, cos, sin, mask, kv_cache,
-                                                           cache_index)
+    return DecoderLayer(**self.layer_kwargs, name="layer")(x, cos, sin, mask, kv_cache, cache_index)
 
 
 class Qwen25VLTextModel(nn.Module):
@@ -194,6 +211,7 @@ class Qwen25VLTextModel(nn.Module):
   With scan_layers=True the layers are one stacked tree `layers/layer/...` with a leading
   layer axis (logical name "layers").
   """
+
   vocab_size: int
   hidden_size: int
   intermediate_size: int
@@ -217,30 +235,47 @@ class Qwen25VLTextModel(nn.Module):
     return self.hidden_size // self.num_attention_heads
 
   @classmethod
-  def from_config(cls, config: Mapping[str, Any], **overrides) -> "Qwen25VLTextModel":
+  def from_config(cls, config: Mapping[str, Any], **overrides) -> Qwen25VLTextModel:
     """Build from a transformers Qwen2_5_VLConfig dict (config.json) or its text_config."""
     return cls(**text_fields_from_config(config), **overrides)
 
   def _validate(self):
     if self.hidden_size % self.num_attention_heads:
-      raise ValueError(f"hidden_size={self.hidden_size} is not divisible by "
-                       f"num_attention_heads={self.num_attention_heads}")
+      raise ValueError(
+        f"hidden_size={self.hidden_size} is not divisible by "
+        f"num_attention_heads={self.num_attention_heads}"
+      )
     if self.num_attention_heads % self.num_key_value_heads:
-      raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
-                       f"num_key_value_heads={self.num_key_value_heads}")
+      raise ValueError(
+        f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+        f"num_key_value_heads={self.num_key_value_heads}"
+      )
     if sum(self.mrope_section) != self.head_dim // 2:
-      raise ValueError(f"mrope_section={tuple(self.mrope_section)} must sum to head_dim/2 = "
-                       f"{self.head_dim // 2}")
+      raise ValueError(
+        f"mrope_section={tuple(self.mrope_section)} must sum to head_dim/2 = {self.head_dim // 2}"
+      )
     if self.head not in ("none", "tied", "separate"):
       raise ValueError(f"head={self.head!r}: expected 'none', 'tied' or 'separate'")
     if self.remat_policy not in REMAT_POLICIES:
-      raise ValueError(f"remat_policy={self.remat_policy!r}: expected one of "
-                       f"{sorted(REMAT_POLICIES)}")
+      raise ValueError(
+        f"remat_policy={self.remat_policy!r}: expected one of {sorted(REMAT_POLICIES)}"
+      )
 
   @nn.compact
-  def __call__(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
-               *, kv_cache=None, cache_index=0, splice_embeds=None, splice_mask=None,
-               output_positions=None, skip_head: bool = False):
+  def __call__(
+    self,
+    input_ids=None,
+    attention_mask=None,
+    position_ids=None,
+    inputs_embeds=None,
+    *,
+    kv_cache=None,
+    cache_index=0,
+    splice_embeds=None,
+    splice_mask=None,
+    output_positions=None,
+    skip_head: bool = False,
+  ):
     """
     Args:
       input_ids: [B, L] int token ids (or None when `inputs_embeds` is given).
@@ -261,10 +296,14 @@ class Qwen25VLTextModel(nn.Module):
       with kv_cache a pair (that, updated kv_cache).
     """
     self._validate()
-    embed = nn.Embed(self.vocab_size, self.hidden_size, dtype=self.dtype,
-                     param_dtype=self.param_dtype, name="embed_tokens",
-                     embedding_init=nn.with_logical_partitioning(
-                         nn.initializers.normal(0.02), ("vocab", "embed")))
+    embed = nn.Embed(
+      self.vocab_size,
+      self.hidden_size,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name="embed_tokens",
+      embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+    )
     if (input_ids is None) == (inputs_embeds is None):
       raise ValueError("pass exactly one of input_ids and inputs_embeds")
     if inputs_embeds is None:
@@ -279,13 +318,17 @@ class Qwen25VLTextModel(nn.Module):
     batch, length, _ = x.shape
     x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
 
-    cos, sin = mrope_cos_sin(self._position_streams(position_ids, batch, length, cache_index),
-                             self.head_dim, self.rope_theta, self.mrope_section, self.dtype)
+    cos, sin = mrope_cos_sin(
+      self._position_streams(position_ids, batch, length, cache_index),
+      self.head_dim,
+      self.rope_theta,
+      self.mrope_section,
+      self.dtype,
+    )
     slots = length if kv_cache is None else _cache_length(kv_cache, self.scan_layers)
     mask = causal_mask(attention_mask, batch, length, slots, cache_index)
     x, kv_cache = self._layers(x, cos, sin, mask, kv_cache, cache_index)
-    x = RMSNorm(self.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
-                name="norm")(x)
+    x = RMSNorm(self.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(x)
     if output_positions is not None:
       x = jnp.take_along_axis(x, output_positions[..., None], axis=1)
     if not skip_head:
@@ -303,20 +346,28 @@ class Qwen25VLTextModel(nn.Module):
     return position_ids
 
   def _layers(self, x, cos, sin, mask, kv_cache, cache_index):
-    layer_kwargs = dict(num_heads=self.num_attention_heads, num_kv_heads=self.num_key_value_heads,
-                        head_dim=self.head_dim, intermediate_size=self.intermediate_size,
-                        rms_norm_eps=self.rms_norm_eps, dtype=self.dtype,
-                        param_dtype=self.param_dtype)
+    layer_kwargs = dict(
+      num_heads=self.num_attention_heads,
+      num_kv_heads=self.num_key_value_heads,
+      head_dim=self.head_dim,
+      intermediate_size=self.intermediate_size,
+      rms_norm_eps=self.rms_norm_eps,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+    )
     policy = REMAT_POLICIES[self.remat_policy]
     if self.scan_layers:
       block = _ScanLayer
       if policy is not None:
-        block = nn.remat(block, policy=getattr(jax.checkpoint_policies, policy),
-                         prevent_cse=False)
-      scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
-                        length=self.num_hidden_layers,
-                        metadata_params={nn.PARTITION_NAME: "layers"})
+        block = nn.remat(block, policy=getattr(jax.checkpoint_policies, policy), prevent_cse=False)
+      scanned = nn.scan(
+        block,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+        length=self.num_hidden_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+      )
       return scanned(layer_kwargs, name="layers")(x, cos, sin, mask, kv_cache, cache_index)
     block = DecoderLayer
     if policy is not None:
@@ -324,8 +375,9 @@ class Qwen25VLTextModel(nn.Module):
     new_cache = []
     for i in range(self.num_hidden_layers):
       layer_cache = None if kv_cache is None else kv_cache[i]
-      x, layer_cache = block(**layer_kwargs, name=f"layers_{i}")(x, cos, sin, mask, layer_cache,
-                                                                 cache_index)
+      x, layer_cache = block(**layer_kwargs, name=f"layers_{i}")(
+        x, cos, sin, mask, layer_cache, cache_index
+      )
       new_cache.append(layer_cache)
     return x, (None if kv_cache is None else new_cache)
 
@@ -334,8 +386,9 @@ class Qwen25VLTextModel(nn.Module):
       return x
     if self.head == "tied":
       return embed.attend(x)
-    return logical_dense(self.vocab_size, ("embed", "vocab"), False, self.dtype,
-                         self.param_dtype, "lm_head")(x)
+    return logical_dense(
+      self.vocab_size, ("embed", "vocab"), False, self.dtype, self.param_dtype, "lm_head"
+    )(x)
 
 
 def causal_mask(attention_mask, batch: int, length: int, slots: int, cache_index) -> jax.Array:
@@ -360,8 +413,10 @@ def init_kv_cache(model: Qwen25VLTextModel, batch: int, slots: int, dtype=None):
   if model.scan_layers:
     layered = (model.num_hidden_layers,) + shape
     return {"k": jnp.zeros(layered, dtype), "v": jnp.zeros(layered, dtype)}
-  return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-          for _ in range(model.num_hidden_layers)]
+  return [
+    {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    for _ in range(model.num_hidden_layers)
+  ]
 
 
 def text_fields_from_config(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -375,15 +430,21 @@ def text_fields_from_config(config: Mapping[str, Any]) -> dict[str, Any]:
   text.pop("text_config", None)
   text.pop("vision_config", None)
   text.update(config.get("text_config") or {})
-  required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-              "num_attention_heads")
+  required = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+  )
   missing = [k for k in required if k not in text]
   if missing:
     raise ValueError(f"Qwen2.5-VL config lacks {missing} (looked in text_config and top level)")
   rope = dict(text.get("rope_parameters") or {})
   legacy_scaling = dict(text.get("rope_scaling") or {})
-  rope_type = rope.get("rope_type", legacy_scaling.get("rope_type",
-                                                       legacy_scaling.get("type", "default")))
+  rope_type = rope.get(
+    "rope_type", legacy_scaling.get("rope_type", legacy_scaling.get("type", "default"))
+  )
   if rope_type not in ("default", "mrope"):
     raise ValueError(f"rope type {rope_type!r} is not supported (only default/mrope)")
   theta = rope.get("rope_theta", text.get("rope_theta", 1_000_000.0))
@@ -392,30 +453,33 @@ def text_fields_from_config(config: Mapping[str, Any]) -> dict[str, Any]:
   if act != "silu":
     raise ValueError(f"hidden_act={act!r}: only silu is implemented")
   return dict(
-      vocab_size=int(text["vocab_size"]),
-      hidden_size=int(text["hidden_size"]),
-      intermediate_size=int(text["intermediate_size"]),
-      num_hidden_layers=int(text["num_hidden_layers"]),
-      num_attention_heads=int(text["num_attention_heads"]),
-      num_key_value_heads=int(text.get("num_key_value_heads") or text["num_attention_heads"]),
-      rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
-      rope_theta=float(theta),
-      mrope_section=tuple(int(s) for s in section),
+    vocab_size=int(text["vocab_size"]),
+    hidden_size=int(text["hidden_size"]),
+    intermediate_size=int(text["intermediate_size"]),
+    num_hidden_layers=int(text["num_hidden_layers"]),
+    num_attention_heads=int(text["num_attention_heads"]),
+    num_key_value_heads=int(text.get("num_key_value_heads") or text["num_attention_heads"]),
+    rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
+    rope_theta=float(theta),
+    mrope_section=tuple(int(s) for s in section),
   )
 
 
 def text_config_dict(model: Qwen25VLTextModel) -> dict[str, Any]:
   """The `text_config` transformers needs to rebuild `model` (v5 rope_parameters form)."""
   return {
-      "model_type": "qwen2_5_vl_text",
-      "vocab_size": model.vocab_size,
-      "hidden_size": model.hidden_size,
-      "intermediate_size": model.intermediate_size,
-      "num_hidden_layers": model.num_hidden_layers,
-      "num_attention_heads": model.num_attention_heads,
-      "num_key_value_heads": model.num_key_value_heads,
-      "rms_norm_eps": model.rms_norm_eps,
-      "hidden_act": "silu",
-      "rope_parameters": {"rope_type": "default", "rope_theta": model.rope_theta,
-                          "mrope_section": list(model.mrope_section)},
+    "model_type": "qwen2_5_vl_text",
+    "vocab_size": model.vocab_size,
+    "hidden_size": model.hidden_size,
+    "intermediate_size": model.intermediate_size,
+    "num_hidden_layers": model.num_hidden_layers,
+    "num_attention_heads": model.num_attention_heads,
+    "num_key_value_heads": model.num_key_value_heads,
+    "rms_norm_eps": model.rms_norm_eps,
+    "hidden_act": "silu",
+    "rope_parameters": {
+      "rope_type": "default",
+      "rope_theta": model.rope_theta,
+      "mrope_section": list(model.mrope_section),
+    },
   }

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +27,7 @@ from qwen_image_rl.models.qwen2_5_vl_full import Qwen25VL
 @dataclasses.dataclass(frozen=True)
 class GenerationConfig:
   """max_new_tokens; temperature 0 = greedy; top_p in (0, 1]; stop_token_ids end a sample."""
+
   max_new_tokens: int = 32
   temperature: float = 0.0
   top_p: float = 1.0
@@ -65,18 +66,35 @@ def next_token(logits: jax.Array, rng, config: GenerationConfig) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("model", "config"))
-def _generate(model: Qwen25VL, params, input_ids, attention_mask, position_ids, rng,
-              pixel_values, vision_layout, *, config: GenerationConfig):
+def _generate(
+  model: Qwen25VL,
+  params,
+  input_ids,
+  attention_mask,
+  position_ids,
+  rng,
+  pixel_values,
+  vision_layout,
+  *,
+  config: GenerationConfig,
+):
   batch, length = input_ids.shape
   steps = config.max_new_tokens
   cache = init_kv_cache(model.language_model, batch, length + steps)
-  key_mask = jnp.concatenate([attention_mask.astype(jnp.int32),
-                              jnp.ones((batch, steps), jnp.int32)], axis=1)
+  key_mask = jnp.concatenate(
+    [attention_mask.astype(jnp.int32), jnp.ones((batch, steps), jnp.int32)], axis=1
+  )
   apply = functools.partial(model.apply, {"params": params}, attention_mask=key_mask)
   last = jnp.full((batch, 1), length - 1, jnp.int32)
-  logits, cache = apply(input_ids, pixel_values=pixel_values, vision_layout=vision_layout,
-                        position_ids=position_ids, kv_cache=cache, cache_index=0,
-                        output_positions=last)
+  logits, cache = apply(
+    input_ids,
+    pixel_values=pixel_values,
+    vision_layout=vision_layout,
+    position_ids=position_ids,
+    kv_cache=cache,
+    cache_index=0,
+    output_positions=last,
+  )
   next_position = position_ids[:, :, -1] + 1  # [3, B]
   stop = jnp.asarray(config.stop_token_ids or (-1,), jnp.int32)
 
@@ -92,20 +110,38 @@ def _generate(model: Qwen25VL, params, input_ids, attention_mask, position_ids, 
   def body(state):
     step = state["step"]
     positions = (next_position + step - 1)[:, :, None]
-    logits, cache = apply(state["last"][:, None], position_ids=positions,
-                          kv_cache=state["cache"], cache_index=length + step - 1)
+    logits, cache = apply(
+      state["last"][:, None],
+      position_ids=positions,
+      kv_cache=state["cache"],
+      cache_index=length + step - 1,
+    )
     return emit(dict(state, cache=cache), logits)
 
-  state = dict(step=jnp.int32(0), rng=rng, done=jnp.zeros((batch,), bool),
-               tokens=jnp.full((batch, steps), config.pad_token_id, jnp.int32),
-               last=jnp.zeros((batch,), jnp.int32), cache=cache)
+  state = dict(
+    step=jnp.int32(0),
+    rng=rng,
+    done=jnp.zeros((batch,), bool),
+    tokens=jnp.full((batch, steps), config.pad_token_id, jnp.int32),
+    last=jnp.zeros((batch,), jnp.int32),
+    cache=cache,
+  )
   state = emit(state, logits)
   state = jax.lax.while_loop(lambda s: (s["step"] < steps) & ~jnp.all(s["done"]), body, state)
   return state["tokens"]
 
 
-def generate(model: Qwen25VL, params, input_ids, attention_mask=None, *, pixel_values=None,
-             image_grid_thw=None, config: GenerationConfig = GenerationConfig(), rng=None):
+def generate(
+  model: Qwen25VL,
+  params,
+  input_ids,
+  attention_mask=None,
+  *,
+  pixel_values=None,
+  image_grid_thw=None,
+  config: GenerationConfig = GenerationConfig(),
+  rng=None,
+):
   """New tokens [B, max_new_tokens] (int32) for left-padded prompts [B, L].
 
   Image prompts: pixel_values / image_grid_thw from `ImageProcessor`, `<|image_pad|>` tokens
@@ -119,25 +155,52 @@ def generate(model: Qwen25VL, params, input_ids, attention_mask=None, *, pixel_v
     raise ValueError("prompts must be left-padded: attention_mask[:, -1] must be all 1")
   grid = None if pixel_values is None else image_grid_thw
   positions, _ = model.rope_index(ids, mask, grid)
-  layout = None if pixel_values is None else {
-      k: jnp.asarray(v) for k, v in model.layout(image_grid_thw).items()}
+  layout = (
+    None
+    if pixel_values is None
+    else {k: jnp.asarray(v) for k, v in model.layout(image_grid_thw).items()}
+  )
   if pixel_values is not None:
     pixel_values = jnp.asarray(pixel_values)
   rng = jax.random.key(0) if rng is None else rng
-  return _generate(model, params, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32),
-                   jnp.asarray(positions), rng, pixel_values, layout, config=config)
+  return _generate(
+    model,
+    params,
+    jnp.asarray(ids, jnp.int32),
+    jnp.asarray(mask, jnp.int32),
+    jnp.asarray(positions),
+    rng,
+    pixel_values,
+    layout,
+    config=config,
+  )
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
-def _score(model, params, input_ids, attention_mask, position_ids, positions, pixel_values,
-           vision_layout):
-  return model.apply({"params": params}, input_ids, attention_mask, pixel_values,
-                     position_ids=position_ids, vision_layout=vision_layout,
-                     output_positions=positions)
+def _score(
+  model, params, input_ids, attention_mask, position_ids, positions, pixel_values, vision_layout
+):
+  return model.apply(
+    {"params": params},
+    input_ids,
+    attention_mask,
+    pixel_values,
+    position_ids=position_ids,
+    vision_layout=vision_layout,
+    output_positions=positions,
+  )
 
 
-def score(model: Qwen25VL, params, input_ids, positions: Sequence | np.ndarray,
-          attention_mask=None, *, pixel_values=None, image_grid_thw=None):
+def score(
+  model: Qwen25VL,
+  params,
+  input_ids,
+  positions: Sequence | np.ndarray,
+  attention_mask=None,
+  *,
+  pixel_values=None,
+  image_grid_thw=None,
+):
   """Logits [B, K, V] at `positions` [B, K] of one forward pass (no generation).
 
   Positions as transformers' forward: mRoPE from `rope_index` with images, arange(L) without.
@@ -154,5 +217,13 @@ def score(model: Qwen25VL, params, input_ids, positions: Sequence | np.ndarray,
     position_ids = jnp.asarray(model.rope_index(ids, attention_mask, image_grid_thw)[0])
     layout = {k: jnp.asarray(v) for k, v in model.layout(image_grid_thw).items()}
     pixel_values = jnp.asarray(pixel_values)
-  return _score(model, params, jnp.asarray(ids, jnp.int32), mask, position_ids,
-                jnp.asarray(positions), pixel_values, layout)
+  return _score(
+    model,
+    params,
+    jnp.asarray(ids, jnp.int32),
+    mask,
+    position_ids,
+    jnp.asarray(positions),
+    pixel_values,
+    layout,
+  )

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -25,14 +25,21 @@ IMAGE_PAD = "<|image_pad|>"
 MAX_ASPECT_RATIO = 200
 
 
-def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
-                 max_pixels: int = 28 * 28 * 1280) -> tuple[int, int]:
+def smart_resize(
+  height: int,
+  width: int,
+  factor: int = 28,
+  min_pixels: int = 56 * 56,
+  max_pixels: int = 28 * 28 * 1280,
+) -> tuple[int, int]:
   """(height, width): multiples of `factor`, pixels in [min_pixels, max_pixels], same aspect."""
   if min(height, width) < 1:
     raise ValueError(f"image of {height}x{width} pixels is empty")
   if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
-    raise ValueError(f"image {height}x{width}: absolute aspect ratio must be at most "
-                     f"{MAX_ASPECT_RATIO}, got {max(height, width) / min(height, width):.1f}")
+    raise ValueError(
+      f"image {height}x{width}: absolute aspect ratio must be at most "
+      f"{MAX_ASPECT_RATIO}, got {max(height, width) / min(height, width):.1f}"
+    )
   h_bar = round(height / factor) * factor
   w_bar = round(width / factor) * factor
   if h_bar * w_bar > max_pixels:
@@ -57,8 +64,9 @@ def to_rgb(image):
     if array.ndim == 3 and array.shape[-1] == 1:
       array = array[..., 0]
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
-      raise ValueError(f"image: expected [H, W], [H, W, 1], [H, W, 3] or [H, W, 4], got "
-                       f"{array.shape}")
+      raise ValueError(
+        f"image: expected [H, W], [H, W, 1], [H, W, 3] or [H, W, 4], got {array.shape}"
+      )
     image = Image.fromarray(array)
   if "A" in image.getbands() or image.info.get("transparency") is not None:
     rgba = image.convert("RGBA")
@@ -70,6 +78,7 @@ def to_rgb(image):
 @dataclasses.dataclass(frozen=True)
 class ImageProcessor:
   """transformers' Qwen2-VL image processor defaults (min/max pixels as its `size`)."""
+
   min_pixels: int = 56 * 56
   max_pixels: int = 28 * 28 * 1280
   patch_size: int = 14
@@ -79,12 +88,13 @@ class ImageProcessor:
   image_std: tuple[float, ...] = OPENAI_CLIP_STD
 
   @classmethod
-  def from_dict(cls, config: dict) -> "ImageProcessor":
+  def from_dict(cls, config: dict) -> ImageProcessor:
     """From a preprocessor_config.json dict (size.shortest_edge / longest_edge or min/max)."""
     size = config.get("size") or {}
     fields = dict(
-        min_pixels=config.get("min_pixels", size.get("shortest_edge", cls.min_pixels)),
-        max_pixels=config.get("max_pixels", size.get("longest_edge", cls.max_pixels)))
+      min_pixels=config.get("min_pixels", size.get("shortest_edge", cls.min_pixels)),
+      max_pixels=config.get("max_pixels", size.get("longest_edge", cls.max_pixels)),
+    )
     for key in ("patch_size", "temporal_patch_size", "merge_size"):
       if key in config:
         fields[key] = int(config[key])
@@ -95,13 +105,22 @@ class ImageProcessor:
 
   def to_dict(self) -> dict:
     """preprocessor_config.json fields transformers' Qwen2-VL image processor reads."""
-    return {"image_processor_type": "Qwen2VLImageProcessor",
-            "size": {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels},
-            "min_pixels": self.min_pixels, "max_pixels": self.max_pixels,
-            "patch_size": self.patch_size, "temporal_patch_size": self.temporal_patch_size,
-            "merge_size": self.merge_size, "image_mean": list(self.image_mean),
-            "image_std": list(self.image_std), "do_resize": True, "do_rescale": True,
-            "do_normalize": True, "do_convert_rgb": True, "resample": 3}
+    return {
+      "image_processor_type": "Qwen2VLImageProcessor",
+      "size": {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels},
+      "min_pixels": self.min_pixels,
+      "max_pixels": self.max_pixels,
+      "patch_size": self.patch_size,
+      "temporal_patch_size": self.temporal_patch_size,
+      "merge_size": self.merge_size,
+      "image_mean": list(self.image_mean),
+      "image_std": list(self.image_std),
+      "do_resize": True,
+      "do_rescale": True,
+      "do_normalize": True,
+      "do_convert_rgb": True,
+      "resample": 3,
+    }
 
   @property
   def factor(self) -> int:
@@ -142,12 +161,12 @@ class ImageProcessor:
 
   def tokens_per_image(self, image_grid_thw) -> list[int]:
     grid = np.asarray(image_grid_thw).reshape(-1, 3)
-    return (grid.prod(-1) // self.merge_size ** 2).tolist()
+    return (grid.prod(-1) // self.merge_size**2).tolist()
 
 
 def expand_image_tokens(texts: Sequence[str], image_grid_thw, merge_size: int = 2) -> list[str]:
   """Replace each `<|image_pad|>` with one per merged image token (images in text order)."""
-  counts = iter((np.asarray(image_grid_thw).reshape(-1, 3).prod(-1) // merge_size ** 2).tolist())
+  counts = iter((np.asarray(image_grid_thw).reshape(-1, 3).prod(-1) // merge_size**2).tolist())
   out = []
   for text in texts:
     parts = text.split(IMAGE_PAD)

@@ -16,7 +16,8 @@ computed once in numpy (`vision_layout`) and handed to the jitted module as inte
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -31,6 +32,7 @@ Dtype = Any
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
   """Fields of transformers' Qwen2_5_VLVisionConfig that shape the computation."""
+
   depth: int = 32
   hidden_size: int = 1280
   intermediate_size: int = 3420
@@ -51,10 +53,10 @@ class VisionConfig:
 
   @property
   def patch_dim(self) -> int:
-    return self.in_channels * self.temporal_patch_size * self.patch_size ** 2
+    return self.in_channels * self.temporal_patch_size * self.patch_size**2
 
   @classmethod
-  def from_config(cls, config: Mapping[str, Any]) -> "VisionConfig":
+  def from_config(cls, config: Mapping[str, Any]) -> VisionConfig:
     """From a Qwen2_5_VLConfig dict (uses its `vision_config`) or a vision config dict."""
     vision = dict(config.get("vision_config") or config)
     act = vision.get("hidden_act", "silu")
@@ -73,8 +75,10 @@ class VisionConfig:
         raise ValueError(f"vision {key}={fields[key]}: only a single int is supported")
     out = cls(**fields)
     if out.hidden_size % out.num_heads or out.head_dim % 4:
-      raise ValueError(f"vision hidden_size={out.hidden_size} / num_heads={out.num_heads} must "
-                       "give a head_dim divisible by 4 (2-D rotary)")
+      raise ValueError(
+        f"vision hidden_size={out.hidden_size} / num_heads={out.num_heads} must "
+        "give a head_dim divisible by 4 (2-D rotary)"
+      )
     return out
 
   def to_dict(self) -> dict[str, Any]:
@@ -94,6 +98,7 @@ class VisionLayout:
   each (window-ordered) patch for window blocks / full blocks. restore_index [N/m^2]: undoes
   window_index on the merged tokens.
   """
+
   window_index: np.ndarray
   rope_positions: np.ndarray
   window_segments: np.ndarray
@@ -109,8 +114,10 @@ def check_grid_thw(grid_thw, config: VisionConfig) -> np.ndarray:
   m = config.spatial_merge_size
   bad = [g.tolist() for g in grid if g[0] < 1 or g[1] % m or g[2] % m or min(g[1:]) < m]
   if bad:
-    raise ValueError(f"image_grid_thw rows {bad}: height and width (in patches) must be positive "
-                     f"multiples of spatial_merge_size={m}, t >= 1")
+    raise ValueError(
+      f"image_grid_thw rows {bad}: height and width (in patches) must be positive "
+      f"multiples of spatial_merge_size={m}, t >= 1"
+    )
   return grid
 
 
@@ -139,11 +146,13 @@ def _window_order(t: int, h: int, w: int, window: int) -> tuple[np.ndarray, np.n
 def vision_layout(grid_thw, config: VisionConfig) -> VisionLayout:
   """The window / rotary bookkeeping of transformers' vision forward, for `grid_thw` [n, 3]."""
   grid = check_grid_thw(grid_thw, config)
-  m, unit = config.spatial_merge_size, config.spatial_merge_size ** 2
+  m, unit = config.spatial_merge_size, config.spatial_merge_size**2
   window = config.window_size // m // config.patch_size
   if window < 1:
-    raise ValueError(f"window_size={config.window_size} is smaller than one merge group "
-                     f"({m} x patch_size {config.patch_size})")
+    raise ValueError(
+      f"window_size={config.window_size} is smaller than one merge group "
+      f"({m} x patch_size {config.patch_size})"
+    )
   orders, window_sizes, positions, frame_sizes = [], [], [], []
   offset = 0
   for t, h, w in grid.tolist():
@@ -158,11 +167,12 @@ def vision_layout(grid_thw, config: VisionConfig) -> VisionLayout:
   rope_positions = np.concatenate(positions)[patch_order]
   seg = lambda sizes: np.repeat(np.arange(len(sizes)), sizes)
   return VisionLayout(
-      window_index=window_index.astype(np.int32),
-      rope_positions=rope_positions.astype(np.int32),
-      window_segments=seg(np.concatenate(window_sizes)).astype(np.int32),
-      full_segments=seg(np.concatenate(frame_sizes)).astype(np.int32),
-      restore_index=np.argsort(window_index).astype(np.int32))
+    window_index=window_index.astype(np.int32),
+    rope_positions=rope_positions.astype(np.int32),
+    window_segments=seg(np.concatenate(window_sizes)).astype(np.int32),
+    full_segments=seg(np.concatenate(frame_sizes)).astype(np.int32),
+    restore_index=np.argsort(window_index).astype(np.int32),
+  )
 
 
 def vision_rope(positions: jax.Array, head_dim: int, theta: float):
@@ -184,25 +194,25 @@ class VisionAttention(nn.Module):
   def __call__(self, x, cos, sin, segments):
     n, dim = x.shape
     head_dim = dim // self.num_heads
-    qkv = logical_dense(3 * dim, ("embed", "heads"), True, self.dtype, self.param_dtype,
-                        "qkv")(x)
+    qkv = logical_dense(3 * dim, ("embed", "heads"), True, self.dtype, self.param_dtype, "qkv")(x)
     q, k, v = jnp.moveaxis(qkv.reshape(n, 3, self.num_heads, head_dim), 1, 0)
     # transformers rotates in float32 and casts back.
-    rope = lambda t: (t.astype(jnp.float32) * cos[:, None] + rotate_half(t.astype(jnp.float32))
-                      * sin[:, None]).astype(t.dtype)
+    rope = lambda t: (
+      t.astype(jnp.float32) * cos[:, None] + rotate_half(t.astype(jnp.float32)) * sin[:, None]
+    ).astype(t.dtype)
     q, k = rope(q), rope(k)
     scores = jnp.einsum("qhd,khd->hqk", q, k, preferred_element_type=jnp.float32)
-    scores = scores * head_dim ** -0.5
+    scores = scores * head_dim**-0.5
     same = segments[:, None] == segments[None, :]
     scores = jnp.where(same[None], scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
     out = jnp.einsum("hqk,khd->qhd", probs, v).reshape(n, dim)
-    return logical_dense(dim, ("heads", "embed"), True, self.dtype, self.param_dtype,
-                         "proj")(out)
+    return logical_dense(dim, ("heads", "embed"), True, self.dtype, self.param_dtype, "proj")(out)
 
 
 class VisionMLP(nn.Module):
   """SwiGLU with biases."""
+
   intermediate_size: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -210,8 +220,9 @@ class VisionMLP(nn.Module):
   @nn.compact
   def __call__(self, x):
     dense = lambda n, axes, name: logical_dense(n, axes, True, self.dtype, self.param_dtype, name)
-    h = (nn.silu(dense(self.intermediate_size, ("embed", "mlp"), "gate_proj")(x))
-         * dense(self.intermediate_size, ("embed", "mlp"), "up_proj")(x))
+    h = nn.silu(dense(self.intermediate_size, ("embed", "mlp"), "gate_proj")(x)) * dense(
+      self.intermediate_size, ("embed", "mlp"), "up_proj"
+    )(x)
     return dense(x.shape[-1], ("mlp", "embed"), "down_proj")(h)
 
 
@@ -225,13 +236,16 @@ class VisionBlock(nn.Module):
   def __call__(self, x, cos, sin, segments):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = x + VisionAttention(self.num_heads, name="attn", **kw)(
-        RMSNorm(1e-6, name="norm1", **kw)(x), cos, sin, segments)
+      RMSNorm(1e-6, name="norm1", **kw)(x), cos, sin, segments
+    )
     return x + VisionMLP(self.intermediate_size, name="mlp", **kw)(
-        RMSNorm(1e-6, name="norm2", **kw)(x))
+      RMSNorm(1e-6, name="norm2", **kw)(x)
+    )
 
 
 class PatchMerger(nn.Module):
   """RMSNorm, concatenate each 2x2 group, Linear-GELU(erf)-Linear."""
+
   out_features: int
   merge_unit: int
   dtype: Dtype = jnp.float32
@@ -252,6 +266,7 @@ class Qwen25VLVisionModel(nn.Module):
   Param tree mirrors transformers: patch_embed/proj, blocks_{i}/{norm1, attn/{qkv, proj}, norm2,
   mlp/{gate,up,down}_proj}, merger/{ln_q, mlp_0, mlp_2}.
   """
+
   config: VisionConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -261,15 +276,20 @@ class Qwen25VLVisionModel(nn.Module):
     """pixel_values [N, patch_dim]; layout: `vision_layout(grid_thw, config).arrays()`."""
     cfg = self.config
     if pixel_values.ndim != 2 or pixel_values.shape[-1] != cfg.patch_dim:
-      raise ValueError(f"pixel_values shape {pixel_values.shape}: expected [N, {cfg.patch_dim}] "
-                       "(C * temporal_patch * patch^2)")
+      raise ValueError(
+        f"pixel_values shape {pixel_values.shape}: expected [N, {cfg.patch_dim}] "
+        "(C * temporal_patch * patch^2)"
+      )
     if pixel_values.shape[0] != layout["rope_positions"].shape[0]:
-      raise ValueError(f"{pixel_values.shape[0]} patch rows but image_grid_thw describes "
-                       f"{layout['rope_positions'].shape[0]}")
+      raise ValueError(
+        f"{pixel_values.shape[0]} patch rows but image_grid_thw describes "
+        f"{layout['rope_positions'].shape[0]}"
+      )
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    unit = cfg.spatial_merge_size ** 2
-    x = logical_dense(cfg.hidden_size, ("conv_in", "embed"), False, self.dtype,
-                      self.param_dtype, "patch_embed")(pixel_values.astype(self.dtype))
+    unit = cfg.spatial_merge_size**2
+    x = logical_dense(
+      cfg.hidden_size, ("conv_in", "embed"), False, self.dtype, self.param_dtype, "patch_embed"
+    )(pixel_values.astype(self.dtype))
     n = x.shape[0]
     x = x.reshape(n // unit, unit, -1)[layout["window_index"]].reshape(n, -1)
     cos, sin = vision_rope(layout["rope_positions"], cfg.head_dim, cfg.rope_theta)
@@ -277,14 +297,16 @@ class Qwen25VLVisionModel(nn.Module):
       full = i in cfg.fullatt_block_indexes
       segments = layout["full_segments"] if full else layout["window_segments"]
       x = VisionBlock(cfg.num_heads, cfg.intermediate_size, name=f"blocks_{i}", **kw)(
-          x, cos, sin, segments)
+        x, cos, sin, segments
+      )
     merged = PatchMerger(cfg.out_hidden_size, unit, name="merger", **kw)(x)
     return merged[layout["restore_index"]]
 
 
-def split_image_features(features: jax.Array, grid_thw, config: VisionConfig
-                         ) -> Sequence[jax.Array]:
+def split_image_features(
+  features: jax.Array, grid_thw, config: VisionConfig
+) -> Sequence[jax.Array]:
   """Per-image slices of the merged features (transformers' pooler_output split)."""
   grid = check_grid_thw(grid_thw, config)
-  sizes = (grid.prod(-1) // config.spatial_merge_size ** 2).tolist()
+  sizes = (grid.prod(-1) // config.spatial_merge_size**2).tolist()
   return jnp.split(features, np.cumsum(sizes)[:-1].tolist())

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -35,19 +35,21 @@ import numpy as np
 from qwen_image_rl.models.qwen2_5_vl_processor import expand_image_tokens
 
 T2I_TEMPLATE = (
-    "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, "
-    "quantity, text, spatial relationships of the objects and background:<|im_end|>\n"
-    "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n")
+  "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, "
+  "quantity, text, spatial relationships of the objects and background:<|im_end|>\n"
+  "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+)
 # diffusers' prompt_template_encode_start_idx for T2I: tokens of the real Qwen tokenizer up to and
 # including "<|im_start|>user\n".
 T2I_DROP_IDX = 34
 
 EDIT_TEMPLATE = (
-    "<|im_start|>system\nDescribe the key features of the input image (color, shape, size, "
-    "texture, objects, background), then explain how the user's text instruction should alter or "
-    "modify the image. Generate a new image that meets the user's requirements while maintaining "
-    "consistency with the original input where appropriate.<|im_end|>\n<|im_start|>user\n"
-    "<|vision_start|><|image_pad|><|vision_end|>{}<|im_end|>\n<|im_start|>assistant\n")
+  "<|im_start|>system\nDescribe the key features of the input image (color, shape, size, "
+  "texture, objects, background), then explain how the user's text instruction should alter or "
+  "modify the image. Generate a new image that meets the user's requirements while maintaining "
+  "consistency with the original input where appropriate.<|im_end|>\n<|im_start|>user\n"
+  "<|vision_start|><|image_pad|><|vision_end|>{}<|im_end|>\n<|im_start|>assistant\n"
+)
 # Edit-Plus template: the "Picture i: <|vision_start|>...<|vision_end|>" prefixes go into the
 # prompt itself.
 EDIT_PLUS_TEMPLATE = EDIT_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>{}", "{}")
@@ -77,7 +79,7 @@ def template_drop_index(tokenizer, template: str) -> int:
     raise ValueError(f"template has no {_USER_TURN!r} turn: {template[:80]!r}...")
   if template.find("{}") < pos:
     raise ValueError("template's '{}' slot comes before the user turn")
-  prefix = template[:pos + len(_USER_TURN)]
+  prefix = template[: pos + len(_USER_TURN)]
   return len(tokenizer(prefix, add_special_tokens=False)["input_ids"])
 
 
@@ -89,6 +91,7 @@ class TokenizedPrompts:
   gather_index: [B, S] int32 positions (into L) of each sample's kept tokens, 0 where padded.
   prompt_mask: [B, S] int32, 1 for real prompt tokens. S = min(max kept length, max_seq_len).
   """
+
   input_ids: np.ndarray
   attention_mask: np.ndarray
   gather_index: np.ndarray
@@ -99,9 +102,15 @@ def _round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
 
 
-def tokenize_prompts(tokenizer, prompts: Sequence[str] | str, template: str, drop_idx: int,
-                     max_sequence_length: int = 512, *,
-                     pad_to_multiple_of: int = 32) -> TokenizedPrompts:
+def tokenize_prompts(
+  tokenizer,
+  prompts: Sequence[str] | str,
+  template: str,
+  drop_idx: int,
+  max_sequence_length: int = 512,
+  *,
+  pad_to_multiple_of: int = 32,
+) -> TokenizedPrompts:
   """Format `prompts` into `template`, tokenise, and precompute what encode keeps.
 
   drop_idx: leading template tokens to drop (T2I_DROP_IDX / EDIT_DROP_IDX for the real
@@ -116,37 +125,48 @@ def tokenize_prompts(tokenizer, prompts: Sequence[str] | str, template: str, dro
   if "{}" not in template:
     raise ValueError("template must contain a '{}' slot for the prompt")
   if not 0 < max_sequence_length <= TOKENIZER_MAX_LENGTH:
-    raise ValueError(f"max_sequence_length={max_sequence_length}: must be in "
-                     f"(0, {TOKENIZER_MAX_LENGTH}] (diffusers' limit)")
+    raise ValueError(
+      f"max_sequence_length={max_sequence_length}: must be in "
+      f"(0, {TOKENIZER_MAX_LENGTH}] (diffusers' limit)"
+    )
   if drop_idx < 0:
     raise ValueError(f"drop_idx={drop_idx} must be >= 0")
   texts = [template.format(p) for p in prompts]
   max_tokens = max_sequence_length + drop_idx
-  enc = tokenizer(texts, max_length=max_tokens, truncation=True, padding=False,
-                  add_special_tokens=True)
+  enc = tokenizer(
+    texts, max_length=max_tokens, truncation=True, padding=False, add_special_tokens=True
+  )
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-  return pack_token_lists(enc["input_ids"], pad_id, drop_idx, max_sequence_length,
-                          pad_to_multiple_of)
+  return pack_token_lists(
+    enc["input_ids"], pad_id, drop_idx, max_sequence_length, pad_to_multiple_of
+  )
 
 
-def pack_token_lists(token_lists: Sequence[Sequence[int]], pad_id: int, drop_idx: int,
-                     max_keep: int, pad_to_multiple_of: int = 32) -> TokenizedPrompts:
+def pack_token_lists(
+  token_lists: Sequence[Sequence[int]],
+  pad_id: int,
+  drop_idx: int,
+  max_keep: int,
+  pad_to_multiple_of: int = 32,
+) -> TokenizedPrompts:
   """Right-pad token lists and precompute the gather that keeps tokens drop_idx onwards
   (at most `max_keep` per sample)."""
   ids = [list(x) for x in token_lists]
   lengths = np.array([len(x) for x in ids])
   too_short = np.flatnonzero(lengths <= drop_idx)
   if too_short.size:
-    raise ValueError(f"prompts {too_short.tolist()} have <= drop_idx={drop_idx} tokens "
-                     f"({lengths[too_short].tolist()}); is drop_idx right for this tokenizer?")
+    raise ValueError(
+      f"prompts {too_short.tolist()} have <= drop_idx={drop_idx} tokens "
+      f"({lengths[too_short].tolist()}); is drop_idx right for this tokenizer?"
+    )
 
   batch = len(ids)
   length = _round_up(int(lengths.max()), pad_to_multiple_of)
   input_ids = np.full((batch, length), pad_id, np.int32)
   attention_mask = np.zeros((batch, length), np.int32)
   for b, row in enumerate(ids):
-    input_ids[b, :len(row)] = row
-    attention_mask[b, :len(row)] = 1
+    input_ids[b, : len(row)] = row
+    attention_mask[b, : len(row)] = 1
 
   kept = np.minimum(lengths - drop_idx, max_keep)
   seq = int(kept.max())
@@ -157,8 +177,7 @@ def pack_token_lists(token_lists: Sequence[Sequence[int]], pad_id: int, drop_idx
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _encode_tokens(model: nn.Module, params, input_ids, attention_mask, gather_index,
-                   prompt_mask):
+def _encode_tokens(model: nn.Module, params, input_ids, attention_mask, gather_index, prompt_mask):
   hidden = model.apply({"params": params}, input_ids, attention_mask)
   embeds = jnp.take_along_axis(hidden, gather_index[..., None], axis=1)
   return jnp.where(prompt_mask[..., None] == 1, embeds, jnp.zeros((), embeds.dtype))
@@ -166,22 +185,41 @@ def _encode_tokens(model: nn.Module, params, input_ids, attention_mask, gather_i
 
 def encode_tokenized(model: nn.Module, params, tokens: TokenizedPrompts):
   """Jitted text-model forward + gather. Returns (prompt_embeds [B,S,H], prompt_mask [B,S])."""
-  embeds = _encode_tokens(model, params, jnp.asarray(tokens.input_ids),
-                          jnp.asarray(tokens.attention_mask), jnp.asarray(tokens.gather_index),
-                          jnp.asarray(tokens.prompt_mask))
+  embeds = _encode_tokens(
+    model,
+    params,
+    jnp.asarray(tokens.input_ids),
+    jnp.asarray(tokens.attention_mask),
+    jnp.asarray(tokens.gather_index),
+    jnp.asarray(tokens.prompt_mask),
+  )
   return embeds, jnp.asarray(tokens.prompt_mask)
 
 
-def encode_prompts(model: nn.Module, params, tokenizer, prompts: Sequence[str] | str, *,
-                   template: str, drop_idx: int, max_sequence_length: int = 512,
-                   pad_to_multiple_of: int = 32):
+def encode_prompts(
+  model: nn.Module,
+  params,
+  tokenizer,
+  prompts: Sequence[str] | str,
+  *,
+  template: str,
+  drop_idx: int,
+  max_sequence_length: int = 512,
+  pad_to_multiple_of: int = 32,
+):
   """Qwen-Image prompt embeddings, as diffusers QwenImagePipeline.encode_prompt computes them.
 
   Returns (prompt_embeds [B, S, H] in the model dtype, prompt_embeds_mask [B, S] int32).
   To run sharded, call it under `parallel.sharding_context(mesh, rules)` with sharded params.
   """
-  tokens = tokenize_prompts(tokenizer, prompts, template, drop_idx, max_sequence_length,
-                            pad_to_multiple_of=pad_to_multiple_of)
+  tokens = tokenize_prompts(
+    tokenizer,
+    prompts,
+    template,
+    drop_idx,
+    max_sequence_length,
+    pad_to_multiple_of=pad_to_multiple_of,
+  )
   return encode_tokenized(model, params, tokens)
 
 
@@ -190,23 +228,47 @@ EDIT_PLUS_IMAGE_PROMPT = "Picture {}: <|vision_start|><|image_pad|><|vision_end|
 
 
 def edit_plus_prompt(prompt: str, num_images: int) -> str:
-  """"Picture 1: <image>Picture 2: <image>..." + prompt, as diffusers' Edit-Plus builds it."""
+  """ "Picture 1: <image>Picture 2: <image>..." + prompt, as diffusers' Edit-Plus builds it."""
   return "".join(EDIT_PLUS_IMAGE_PROMPT.format(i + 1) for i in range(num_images)) + prompt
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _encode_vl_tokens(model: nn.Module, params, input_ids, attention_mask, position_ids,
-                      pixel_values, vision_layout, gather_index, prompt_mask):
-  hidden = model.apply({"params": params}, input_ids, attention_mask, pixel_values,
-                       position_ids=position_ids, vision_layout=vision_layout,
-                       output_hidden=True)
+def _encode_vl_tokens(
+  model: nn.Module,
+  params,
+  input_ids,
+  attention_mask,
+  position_ids,
+  pixel_values,
+  vision_layout,
+  gather_index,
+  prompt_mask,
+):
+  hidden = model.apply(
+    {"params": params},
+    input_ids,
+    attention_mask,
+    pixel_values,
+    position_ids=position_ids,
+    vision_layout=vision_layout,
+    output_hidden=True,
+  )
   embeds = jnp.take_along_axis(hidden, gather_index[..., None], axis=1)
   return jnp.where(prompt_mask[..., None] == 1, embeds, jnp.zeros((), embeds.dtype))
 
 
-def encode_prompts_with_images(model: nn.Module, params, tokenizer, image_processor,
-                               texts: Sequence[str], images: Sequence, *, drop_idx: int,
-                               mrope: bool = True, pad_to_multiple_of: int = 32):
+def encode_prompts_with_images(
+  model: nn.Module,
+  params,
+  tokenizer,
+  image_processor,
+  texts: Sequence[str],
+  images: Sequence,
+  *,
+  drop_idx: int,
+  mrope: bool = True,
+  pad_to_multiple_of: int = 32,
+):
   """Embeddings of full prompt `texts` whose `<|image_pad|>` placeholders show `images`.
 
   Matches diffusers' Edit / Edit-Plus `_get_qwen_prompt_embeds`: the Qwen2-VL processor expands
@@ -225,17 +287,26 @@ def encode_prompts_with_images(model: nn.Module, params, tokenizer, image_proces
   expanded = expand_image_tokens(texts, grid, image_processor.merge_size)
   enc = tokenizer(expanded, padding=False, truncation=False, add_special_tokens=True)
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-  tokens = pack_token_lists(enc["input_ids"], pad_id, drop_idx, max(map(len, enc["input_ids"])),
-                            pad_to_multiple_of)
+  tokens = pack_token_lists(
+    enc["input_ids"], pad_id, drop_idx, max(map(len, enc["input_ids"])), pad_to_multiple_of
+  )
   if mrope:
     position_ids = model.rope_index(tokens.input_ids, tokens.attention_mask, grid)[0]
   else:
-    position_ids = np.broadcast_to(np.arange(tokens.input_ids.shape[1], dtype=np.int32),
-                                   tokens.input_ids.shape)
+    position_ids = np.broadcast_to(
+      np.arange(tokens.input_ids.shape[1], dtype=np.int32), tokens.input_ids.shape
+    )
   position_ids = jnp.asarray(position_ids)
   layout = {k: jnp.asarray(v) for k, v in model.layout(grid).items()}
-  embeds = _encode_vl_tokens(model, params, jnp.asarray(tokens.input_ids),
-                             jnp.asarray(tokens.attention_mask), position_ids,
-                             jnp.asarray(processed["pixel_values"]), layout,
-                             jnp.asarray(tokens.gather_index), jnp.asarray(tokens.prompt_mask))
+  embeds = _encode_vl_tokens(
+    model,
+    params,
+    jnp.asarray(tokens.input_ids),
+    jnp.asarray(tokens.attention_mask),
+    position_ids,
+    jnp.asarray(processed["pixel_values"]),
+    layout,
+    jnp.asarray(tokens.gather_index),
+    jnp.asarray(tokens.prompt_mask),
+  )
   return embeds, jnp.asarray(tokens.prompt_mask)

@@ -21,11 +21,13 @@ Submodule names mirror the diffusers state-dict keys (`down_blocks_3` <-> `down_
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
 Dtype = Any
 
 # Logical axes of an NHWC activation: batch over data-parallel axes, channels as the width.
@@ -33,11 +35,41 @@ ACT_AXES = ("act_batch", "act_length", None, "act_embed")
 
 # AutoencoderKLQwenImage() defaults, i.e. the released Qwen-Image VAE.
 QWEN_IMAGE_LATENTS_MEAN = (
-    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
-    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
+  -0.7571,
+  -0.7089,
+  -0.9113,
+  0.1075,
+  -0.1745,
+  0.9653,
+  -0.1517,
+  1.5508,
+  0.4134,
+  -0.0715,
+  0.5517,
+  -0.3632,
+  -0.1922,
+  -0.9497,
+  0.2503,
+  -0.2921,
+)
 QWEN_IMAGE_LATENTS_STD = (
-    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
-    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
+  2.8184,
+  1.4541,
+  2.3275,
+  2.6558,
+  1.2196,
+  1.7708,
+  2.6052,
+  2.0743,
+  3.2687,
+  2.1526,
+  2.8652,
+  1.5579,
+  1.6382,
+  1.1253,
+  2.8251,
+  1.9160,
+)
 
 
 def normalize_latents(z, mean, std):
@@ -58,24 +90,34 @@ def _conv_params(module: nn.Module, kernel_shape: Sequence[int], param_dtype: Dt
   """Kernel (..., in, out) and bias (out,), named like torch's weight/bias, with logical axes."""
   lead = (None,) * (len(kernel_shape) - 2)
   kernel = module.param(
-      "kernel",
-      nn.with_logical_partitioning(nn.initializers.lecun_normal(), lead + ("conv_in", "conv_out")),
-      tuple(kernel_shape), param_dtype)
+    "kernel",
+    nn.with_logical_partitioning(nn.initializers.lecun_normal(), lead + ("conv_in", "conv_out")),
+    tuple(kernel_shape),
+    param_dtype,
+  )
   bias = module.param(
-      "bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
-      (kernel_shape[-1],), param_dtype)
+    "bias",
+    nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
+    (kernel_shape[-1],),
+    param_dtype,
+  )
   return kernel, bias
 
 
 def _conv2d(x, kernel, bias, strides, padding, dtype):
   y = jax.lax.conv_general_dilated(
-      x.astype(dtype), kernel.astype(dtype), window_strides=strides, padding=padding,
-      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    x.astype(dtype),
+    kernel.astype(dtype),
+    window_strides=strides,
+    padding=padding,
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+  )
   return y + bias.astype(dtype)
 
 
 class CausalConv3d(nn.Module):
   """QwenImageCausalConv3d applied to one frame: a 2-D conv with the last temporal tap."""
+
   features: int
   kernel_size: tuple[int, int, int] = (3, 3, 3)
   dtype: Dtype = jnp.float32
@@ -92,6 +134,7 @@ class CausalConv3d(nn.Module):
 
 class UnusedTimeConv(nn.Module):
   """The resamplers' temporal conv: declared so checkpoints round-trip, never run for images."""
+
   in_features: int
   features: int
   param_dtype: Dtype = jnp.float32
@@ -103,6 +146,7 @@ class UnusedTimeConv(nn.Module):
 
 class Conv2d(nn.Module):
   """torch.nn.Conv2d in NHWC; `padding` is lax-style ((top, bottom), (left, right))."""
+
   features: int
   kernel_size: int = 3
   strides: int = 1
@@ -119,23 +163,28 @@ class Conv2d(nn.Module):
 
 class ScaledL2Norm(nn.Module):
   """QwenImageRMS_norm: F.normalize over channels (eps 1e-12 on the norm) * sqrt(C) * gamma."""
+
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     channels = x.shape[-1]
-    gamma = self.param("gamma",
-                       nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-                       (channels,), self.param_dtype)
+    gamma = self.param(
+      "gamma",
+      nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+      (channels,),
+      self.param_dtype,
+    )
     x32 = x.astype(jnp.float32)
     norm = jnp.sqrt(jnp.sum(jnp.square(x32), axis=-1, keepdims=True))
-    y = x32 / jnp.maximum(norm, 1e-12) * (channels ** 0.5) * gamma.astype(jnp.float32)
+    y = x32 / jnp.maximum(norm, 1e-12) * (channels**0.5) * gamma.astype(jnp.float32)
     return y.astype(self.dtype)
 
 
 class ResidualBlock(nn.Module):
   """QwenImageResidualBlock: norm-SiLU-conv twice, plus a 1x1 shortcut when the width changes."""
+
   in_dim: int
   out_dim: int
   dtype: Dtype = jnp.float32
@@ -157,6 +206,7 @@ class ResidualBlock(nn.Module):
 
 class AttentionBlock(nn.Module):
   """QwenImageAttentionBlock: one head over all H*W positions, scale 1/sqrt(C), residual."""
+
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -167,7 +217,7 @@ class AttentionBlock(nn.Module):
     pointwise = dict(kernel_size=1, padding=((0, 0), (0, 0)), **kw)
     qkv = Conv2d(3 * c, name="to_qkv", **pointwise)(ScaledL2Norm(name="norm", **kw)(x))
     q, k, v = jnp.split(qkv.reshape(b, h * w, 3 * c), 3, axis=-1)
-    logits = jnp.einsum("bqc,bkc->bqk", q, k, preferred_element_type=jnp.float32) * c ** -0.5
+    logits = jnp.einsum("bqc,bkc->bqk", q, k, preferred_element_type=jnp.float32) * c**-0.5
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     out = jnp.einsum("bqk,bkc->bqc", probs, v).reshape(b, h, w, c)
     out = Conv2d(c, name="proj", **pointwise)(out)
@@ -176,6 +226,7 @@ class AttentionBlock(nn.Module):
 
 class Resample(nn.Module):
   """QwenImageResample for one frame; `*3d` modes only add the (skipped) time_conv weights."""
+
   dim: int
   mode: str  # downsample2d | downsample3d | upsample2d | upsample3d
   dtype: Dtype = jnp.float32
@@ -201,6 +252,7 @@ class Resample(nn.Module):
 
 class MidBlock(nn.Module):
   """resnet, attention, resnet at the lowest resolution."""
+
   dim: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -215,6 +267,7 @@ class MidBlock(nn.Module):
 
 class Encoder(nn.Module):
   """QwenImageEncoder3d on one frame; outputs 2*z_dim channels (mean, logvar)."""
+
   base_dim: int
   out_channels: int
   dim_mult: tuple[int, ...]
@@ -244,6 +297,7 @@ class Encoder(nn.Module):
 
 class UpBlock(nn.Module):
   """num_res_blocks + 1 resnets, then an optional upsampler that halves the width."""
+
   in_dim: int
   out_dim: int
   num_res_blocks: int
@@ -265,6 +319,7 @@ class UpBlock(nn.Module):
 
 class Decoder(nn.Module):
   """QwenImageDecoder3d on one frame."""
+
   base_dim: int
   out_channels: int
   dim_mult: tuple[int, ...]
@@ -291,8 +346,18 @@ class Decoder(nn.Module):
     return CausalConv3d(self.out_channels, name="conv_out", **kw)(x)
 
 
-_CONFIG_FIELDS = ("base_dim", "z_dim", "dim_mult", "num_res_blocks", "attn_scales",
-                  "temperal_downsample", "dropout", "input_channels", "latents_mean", "latents_std")
+_CONFIG_FIELDS = (
+  "base_dim",
+  "z_dim",
+  "dim_mult",
+  "num_res_blocks",
+  "attn_scales",
+  "temperal_downsample",
+  "dropout",
+  "input_channels",
+  "latents_mean",
+  "latents_std",
+)
 
 
 class QwenImageVAE(nn.Module):
@@ -302,6 +367,7 @@ class QwenImageVAE(nn.Module):
   apply(params, latents, method='decode') un-normalised latents -> images [B,H,W,C] in [-1,1]
   `__call__` (encode then decode) exists so `init` creates every parameter.
   """
+
   base_dim: int = 96
   z_dim: int = 16
   dim_mult: tuple[int, ...] = (1, 2, 4, 4)
@@ -322,31 +388,38 @@ class QwenImageVAE(nn.Module):
   def _validate(self):
     where = "QwenImageVAE config"
     if len(self.temperal_downsample) != len(self.dim_mult) - 1:
-      raise ValueError(f"{where}: temperal_downsample has {len(self.temperal_downsample)} entries, "
-                       f"need len(dim_mult) - 1 = {len(self.dim_mult) - 1}")
+      raise ValueError(
+        f"{where}: temperal_downsample has {len(self.temperal_downsample)} entries, "
+        f"need len(dim_mult) - 1 = {len(self.dim_mult) - 1}"
+      )
     if self.attn_scales:
       # diffusers' encoder calls attention blocks in down_blocks with cache arguments they do
       # not accept (TypeError), and its decoder ignores attn_scales: no reference to match.
-      raise ValueError(f"{where}: attn_scales={list(self.attn_scales)} is not supported (diffusers "
-                       "cannot encode with it either); released Qwen-Image VAEs use []")
+      raise ValueError(
+        f"{where}: attn_scales={list(self.attn_scales)} is not supported (diffusers "
+        "cannot encode with it either); released Qwen-Image VAEs use []"
+      )
     for name in ("latents_mean", "latents_std"):
       if len(getattr(self, name)) != self.z_dim:
-        raise ValueError(f"{where}: {name} has {len(getattr(self, name))} entries, "
-                         f"z_dim is {self.z_dim}")
+        raise ValueError(
+          f"{where}: {name} has {len(getattr(self, name))} entries, z_dim is {self.z_dim}"
+        )
     if self.base_dim <= 0 or self.z_dim <= 0 or self.num_res_blocks < 0:
       raise ValueError(f"{where}: base_dim, z_dim must be positive and num_res_blocks >= 0")
 
   # ---- config -------------------------------------------------------------------------------
 
   @classmethod
-  def from_config(cls, config: Mapping[str, Any], *, dtype: Dtype = jnp.float32,
-                  param_dtype: Dtype = jnp.float32) -> "QwenImageVAE":
+  def from_config(
+    cls, config: Mapping[str, Any], *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32
+  ) -> QwenImageVAE:
     """Build from a diffusers config.json dict (keys starting with '_' are ignored)."""
     config = {k: v for k, v in config.items() if not k.startswith("_")}
     unknown = set(config) - set(_CONFIG_FIELDS)
     if unknown:
-      raise ValueError(f"QwenImageVAE.from_config: unknown keys {sorted(unknown)}; "
-                       f"known: {list(_CONFIG_FIELDS)}")
+      raise ValueError(
+        f"QwenImageVAE.from_config: unknown keys {sorted(unknown)}; known: {list(_CONFIG_FIELDS)}"
+      )
     kwargs = {}
     for key, value in config.items():
       kwargs[key] = tuple(value) if isinstance(value, (list, tuple)) else value
@@ -374,17 +447,30 @@ class QwenImageVAE(nn.Module):
 
   def setup(self):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    self.encoder = Encoder(self.base_dim, 2 * self.z_dim, tuple(self.dim_mult),
-                           self.num_res_blocks, tuple(self.temperal_downsample), **kw)
+    self.encoder = Encoder(
+      self.base_dim,
+      2 * self.z_dim,
+      tuple(self.dim_mult),
+      self.num_res_blocks,
+      tuple(self.temperal_downsample),
+      **kw,
+    )
     self.quant_conv = CausalConv3d(2 * self.z_dim, (1, 1, 1), **kw)
     self.post_quant_conv = CausalConv3d(self.z_dim, (1, 1, 1), **kw)
-    self.decoder = Decoder(self.base_dim, self.input_channels, tuple(self.dim_mult),
-                           self.num_res_blocks, tuple(self.temperal_downsample)[::-1], **kw)
+    self.decoder = Decoder(
+      self.base_dim,
+      self.input_channels,
+      tuple(self.dim_mult),
+      self.num_res_blocks,
+      tuple(self.temperal_downsample)[::-1],
+      **kw,
+    )
 
   def _check_input(self, x, channels: int, what: str):
     if x.ndim != 4 or x.shape[-1] != channels:
-      raise ValueError(f"QwenImageVAE.{what}: expected NHWC [B, H, W, {channels}], "
-                       f"got shape {tuple(x.shape)}")
+      raise ValueError(
+        f"QwenImageVAE.{what}: expected NHWC [B, H, W, {channels}], got shape {tuple(x.shape)}"
+      )
 
   def encode_moments(self, images):
     """Posterior (mean, logvar), each [B, h, w, z_dim] float32; logvar clamped to [-30, 20]."""
@@ -419,5 +505,12 @@ def init_params(model: QwenImageVAE, rng) -> dict:
   return nn.meta.unbox(model.init(rng, model.dummy_images()))
 
 
-__all__ = ["QwenImageVAE", "normalize_latents", "denormalize_latents", "abstract_variables",
-           "init_params", "QWEN_IMAGE_LATENTS_MEAN", "QWEN_IMAGE_LATENTS_STD"]
+__all__ = [
+  "QWEN_IMAGE_LATENTS_MEAN",
+  "QWEN_IMAGE_LATENTS_STD",
+  "QwenImageVAE",
+  "abstract_variables",
+  "denormalize_latents",
+  "init_params",
+  "normalize_latents",
+]

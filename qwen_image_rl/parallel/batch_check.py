@@ -9,7 +9,7 @@ with the config fields that set batch dimensions; the message names the field an
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from absl import logging
 from jax.sharding import Mesh
@@ -53,18 +53,24 @@ def batch_problem(field: str, batch: int, mesh_sizes: Mapping[str, int], rules) 
   dropped = [f"{ax}={mesh_sizes[ax]}" for ax in axes if ax not in kept]
   larger = -(-batch // degree) * degree
   smaller = (batch // degree) * degree
-  fixes = [f"set {field} to a multiple of {degree} (e.g. {larger}"
-           + (f" or {smaller})" if smaller else ")")]
-  fixes.append(f"or change config.mesh so that the batch axes {axes} multiply to a divisor of "
-               f"{batch}")
-  return (f"{field}={batch} is not divisible by the data-parallel mesh axes "
-          f"{ {ax: mesh_sizes[ax] for ax in axes} } (product {degree}): the batch would be split "
-          f"{split} ways and replicated {degree // split}x over {', '.join(dropped)}, every "
-          f"replica doing the same work. Fix: " + " ".join(fixes) + ".")
+  fixes = [
+    f"set {field} to a multiple of {degree} (e.g. {larger}"
+    + (f" or {smaller})" if smaller else ")")
+  ]
+  fixes.append(
+    f"or change config.mesh so that the batch axes {axes} multiply to a divisor of {batch}"
+  )
+  return (
+    f"{field}={batch} is not divisible by the data-parallel mesh axes "
+    f"{ {ax: mesh_sizes[ax] for ax in axes} } (product {degree}): the batch would be split "
+    f"{split} ways and replicated {degree // split}x over {', '.join(dropped)}, every "
+    f"replica doing the same work. Fix: " + " ".join(fixes) + "."
+  )
 
 
-def check_batches(batches: Mapping[str, int], mesh: Mesh | Mapping[str, int], rules,
-                  mode: str = "error") -> list[str]:
+def check_batches(
+  batches: Mapping[str, int], mesh: Mesh | Mapping[str, int], rules, mode: str = "error"
+) -> list[str]:
   """Check every {config field name: batch size}; raise (mode 'error') or log ('warn').
 
   Returns the problem messages (empty when every batch divides).

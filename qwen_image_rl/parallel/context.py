@@ -11,7 +11,7 @@ the call, so that is where it counts).
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import flax.linen as nn
 import jax
@@ -22,8 +22,7 @@ from qwen_image_rl.parallel.partitioning import DEFAULT_LOGICAL_AXIS_RULES
 
 def as_rules(rules) -> tuple:
   """Logical axis rules as a hashable tuple of pairs (configs hold lists/tuples)."""
-  return tuple((str(name), tuple(axes) if isinstance(axes, list) else axes)
-               for name, axes in rules)
+  return tuple((str(name), tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)
 
 
 @contextlib.contextmanager

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax
 import jax.experimental.mesh_utils
@@ -30,12 +30,15 @@ def resolve_mesh_shape(axis_sizes: Mapping[str, int], num_devices: int) -> dict[
   if fill:
     if num_devices % known:
       raise ValueError(
-          f"config.mesh: {num_devices} devices are not divisible by the fixed axes "
-          f"({ {a: n for a, n in sizes.items() if n != -1} })")
+        f"config.mesh: {num_devices} devices are not divisible by the fixed axes "
+        f"({ {a: n for a, n in sizes.items() if n != -1} })"
+      )
     sizes[fill[0]] = num_devices // known
   if int(np.prod(list(sizes.values()))) != num_devices:
-    raise ValueError(f"config.mesh: axes {sizes} multiply to "
-                     f"{int(np.prod(list(sizes.values())))}, but there are {num_devices} devices")
+    raise ValueError(
+      f"config.mesh: axes {sizes} multiply to "
+      f"{int(np.prod(list(sizes.values())))}, but there are {num_devices} devices"
+    )
   return sizes
 
 
@@ -61,8 +64,10 @@ def maybe_initialize_distributed(mode: str = "auto") -> bool:
     raise ValueError(f"config.distributed={mode!r}: expected 'auto', 'always' or 'never'")
   if mode == "never":
     return False
-  multi_host_env = any(os.environ.get(k) for k in (
-      "JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS"))
+  multi_host_env = any(
+    os.environ.get(k)
+    for k in ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS")
+  )
   tpu_hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
   multi_host_env = multi_host_env or ("," in tpu_hosts)
   if mode == "always" or multi_host_env:

@@ -12,37 +12,39 @@ Activation axes: act_batch, act_length, act_embed, act_heads, act_kv, act_mlp.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
 DEFAULT_LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
-    # Activations: batch over data-parallel axes, heads/mlp over tensor. The order (fsdp, data)
-    # is deliberate: with ('data', 'fsdp') on a mesh where data, fsdp and tensor are all > 1,
-    # XLA's CPU SPMD partitioner swaps batch shards in the masked joint attention of the MMDiT
-    # (tests/test_mmdit.py::test_batch_sharded_masked_forward_matches_one_device).
-    ("act_batch", ("fsdp", "data")),
-    ("act_length", None),
-    ("act_embed", None),
-    ("act_heads", "tensor"),
-    ("act_kv", None),
-    ("act_mlp", "tensor"),
-    # Parameters: FSDP on the model width, Megatron-style tensor split on heads and MLP.
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv", None),
-    ("modulation", "tensor"),
-    ("vocab", "tensor"),
-    ("joint_embed", None),
-    ("conv_in", None),
-    ("conv_out", "fsdp"),
-    ("norm", None),
+  # Activations: batch over data-parallel axes, heads/mlp over tensor. The order (fsdp, data)
+  # is deliberate: with ('data', 'fsdp') on a mesh where data, fsdp and tensor are all > 1,
+  # XLA's CPU SPMD partitioner swaps batch shards in the masked joint attention of the MMDiT
+  # (tests/test_mmdit.py::test_batch_sharded_masked_forward_matches_one_device).
+  ("act_batch", ("fsdp", "data")),
+  ("act_length", None),
+  ("act_embed", None),
+  ("act_heads", "tensor"),
+  ("act_kv", None),
+  ("act_mlp", "tensor"),
+  # Parameters: FSDP on the model width, Megatron-style tensor split on heads and MLP.
+  ("embed", "fsdp"),
+  ("mlp", "tensor"),
+  ("heads", "tensor"),
+  ("kv", None),
+  ("modulation", "tensor"),
+  ("vocab", "tensor"),
+  ("joint_embed", None),
+  ("conv_in", None),
+  ("conv_out", "fsdp"),
+  ("norm", None),
 )
 
 

@@ -23,7 +23,8 @@ import dataclasses
 import functools
 import json
 import os
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -50,6 +51,7 @@ LATENT_AXES = ("act_batch", "act_length", "act_embed")
 # Packing
 # ------------------------------------------------------------------------------------------
 
+
 def pack_latents(latents):
   """NHWC latents [B, h, w, C] -> packed tokens [B, (h/2)(w/2), 4C], channel-major in each 4C.
 
@@ -67,8 +69,10 @@ def unpack_latents(packed, height: int, width: int):
   """Inverse of `pack_latents`: [B, (h/2)(w/2), 4C] -> [B, h, w, C] (h, w = latent size)."""
   b, n, d = packed.shape
   if n != (height // 2) * (width // 2) or d % 4:
-    raise ValueError(f"unpack_latents: {tuple(packed.shape)} does not pack a {height}x{width} "
-                     f"latent (need {(height // 2) * (width // 2)} tokens, channels % 4 == 0)")
+    raise ValueError(
+      f"unpack_latents: {tuple(packed.shape)} does not pack a {height}x{width} "
+      f"latent (need {(height // 2) * (width // 2)} tokens, channels % 4 == 0)"
+    )
   x = packed.reshape(b, height // 2, width // 2, d // 4, 2, 2)  # b, hh, ww, c, p, q
   x = x.transpose(0, 1, 4, 2, 5, 3)  # b, hh, p, ww, q, c
   return x.reshape(b, height, width, d // 4)
@@ -83,8 +87,9 @@ def latent_size(height: int, width: int, vae_scale_factor: int) -> tuple[int, in
   step = 2 * vae_scale_factor
   h, w = 2 * (int(height) // step), 2 * (int(width) // step)
   if h == 0 or w == 0:
-    raise ValueError(f"height={height}, width={width}: each must be at least {step} "
-                     f"(2 * vae_scale_factor) pixels")
+    raise ValueError(
+      f"height={height}, width={width}: each must be at least {step} (2 * vae_scale_factor) pixels"
+    )
   return h, w
 
 
@@ -97,8 +102,20 @@ def img_shape(latent_h: int, latent_w: int) -> tuple[int, int, int]:
 # The jitted denoising loop
 # ------------------------------------------------------------------------------------------
 
-def denoise(model: nn.Module, img_shapes, params, latents, cond, mask, neg_cond, neg_mask,
-            sigmas, cfg_scale, ref_latents=None):
+
+def denoise(
+  model: nn.Module,
+  img_shapes,
+  params,
+  latents,
+  cond,
+  mask,
+  neg_cond,
+  neg_mask,
+  sigmas,
+  cfg_scale,
+  ref_latents=None,
+):
   """Integrate the flow ODE from sigmas[0] to sigmas[-1] with Euler steps (pure, traceable).
 
   Args:
@@ -116,14 +133,25 @@ def denoise(model: nn.Module, img_shapes, params, latents, cond, mask, neg_cond,
 
   def step(i, x):
     x = nn.with_logical_constraint(x, LATENT_AXES)
-    v = guided_velocity(model, params, x, sigmas[i], cond, mask, neg_cond, neg_mask,
-                        cfg_scale=cfg_scale, img_shapes=img_shapes, ref_latents=ref_latents)
+    v = guided_velocity(
+      model,
+      params,
+      x,
+      sigmas[i],
+      cond,
+      mask,
+      neg_cond,
+      neg_mask,
+      cfg_scale=cfg_scale,
+      img_shapes=img_shapes,
+      ref_latents=ref_latents,
+    )
     return euler_step(x, v, sigmas[i], sigmas[i + 1])
 
   return jax.lax.fori_loop(0, sigmas.shape[0] - 1, step, x)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def make_denoise(model: nn.Module, img_shapes: tuple):
   """`denoise` jitted for one model and image layout:
 
@@ -167,8 +195,10 @@ _TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
 def _check_component(root: str, name: str, required: Sequence[str]) -> str:
   directory = os.path.join(root, name)
   if not os.path.isdir(directory):
-    raise CheckpointError(f"{directory}: missing component directory '{name}/' "
-                          f"(listed in {os.path.join(root, MODEL_INDEX)})")
+    raise CheckpointError(
+      f"{directory}: missing component directory '{name}/' "
+      f"(listed in {os.path.join(root, MODEL_INDEX)})"
+    )
   for f in required:
     if not os.path.isfile(os.path.join(directory, f)):
       raise CheckpointError(f"missing file: {os.path.join(directory, f)}")
@@ -177,10 +207,12 @@ def _check_component(root: str, name: str, required: Sequence[str]) -> str:
 
 def _check_tokenizer_dir(root: str) -> str:
   directory = _check_component(root, "tokenizer", ())
-  if not any(all(os.path.isfile(os.path.join(directory, f)) for f in files)
-             for files in _TOKENIZER_FILES):
-    raise CheckpointError(f"{directory}: no tokenizer files (need tokenizer.json, or vocab.json "
-                          f"+ merges.txt)")
+  if not any(
+    all(os.path.isfile(os.path.join(directory, f)) for f in files) for files in _TOKENIZER_FILES
+  ):
+    raise CheckpointError(
+      f"{directory}: no tokenizer files (need tokenizer.json, or vocab.json + merges.txt)"
+    )
   return directory
 
 
@@ -209,23 +241,36 @@ class PipelineBase:
   prompt embeddings. With `mesh`, every jitted call runs under `mesh` and the logical axis
   `rules`, so sharded params work unchanged.
   """
+
   PIPELINE_CLASS = ""
   TEMPLATE = ""
   EXTRA_MODEL_INDEX: dict = {}
 
-  def __init__(self, transformer, transformer_params, vae, vae_params, text_encoder=None,
-               text_encoder_params=None, tokenizer=None,
-               schedule: FlowMatchSchedule | Mapping[str, Any] | None = None, *,
-               drop_idx: int | None = None, text_encoder_extra: Mapping[str, Any] | None = None,
-               mesh=None, rules=DEFAULT_LOGICAL_AXIS_RULES):
+  def __init__(
+    self,
+    transformer,
+    transformer_params,
+    vae,
+    vae_params,
+    text_encoder=None,
+    text_encoder_params=None,
+    tokenizer=None,
+    schedule: FlowMatchSchedule | Mapping[str, Any] | None = None,
+    *,
+    drop_idx: int | None = None,
+    text_encoder_extra: Mapping[str, Any] | None = None,
+    mesh=None,
+    rules=DEFAULT_LOGICAL_AXIS_RULES,
+  ):
     self.transformer = transformer
     self.transformer_params = nn.meta.unbox(transformer_params)
     self.vae = vae
     vae_params = nn.meta.unbox(vae_params)
     self.vae_params = vae_params if "params" in vae_params else {"params": vae_params}
     self.text_encoder = text_encoder
-    self.text_encoder_params = (None if text_encoder_params is None
-                                else nn.meta.unbox(text_encoder_params))
+    self.text_encoder_params = (
+      None if text_encoder_params is None else nn.meta.unbox(text_encoder_params)
+    )
     self.tokenizer = tokenizer
     if schedule is None:
       schedule = FlowMatchSchedule()
@@ -242,8 +287,10 @@ class PipelineBase:
       drop_idx = text_encoding.template_drop_index(tokenizer, self.TEMPLATE)
     self.drop_idx = drop_idx
     if transformer.in_channels != 4 * vae.z_dim:
-      raise ValueError(f"transformer in_channels={transformer.in_channels} must be 4 * vae "
-                       f"z_dim ({vae.z_dim}): the DiT sees 2x2 patches of VAE latents")
+      raise ValueError(
+        f"transformer in_channels={transformer.in_channels} must be 4 * vae "
+        f"z_dim ({vae.z_dim}): the DiT sees 2x2 patches of VAE latents"
+      )
 
   # --- properties ------------------------------------------------------------------------
 
@@ -264,8 +311,16 @@ class PipelineBase:
   # --- loading / saving -------------------------------------------------------------------
 
   @classmethod
-  def from_pretrained(cls, directory: str, dtype=jnp.float32, *, vae_dtype=None,
-                      load_text_encoder: bool = True, transformer_overrides=None, **kwargs):
+  def from_pretrained(
+    cls,
+    directory: str,
+    dtype=jnp.float32,
+    *,
+    vae_dtype=None,
+    load_text_encoder: bool = True,
+    transformer_overrides=None,
+    **kwargs,
+  ):
     """Load a diffusers-format Qwen-Image directory (model_index.json + component folders).
 
     dtype: params + compute dtype of the transformer and text encoder (VAE: `vae_dtype`,
@@ -289,7 +344,8 @@ class PipelineBase:
     vae_dir = _check_component(directory, "vae", ("config.json",))
     scheduler_dir = _check_component(directory, "scheduler", ("scheduler_config.json",))
     transformer, transformer_params = load_transformer(
-        transformer_dir, dtype=dtype, **(transformer_overrides or {}))
+      transformer_dir, dtype=dtype, **(transformer_overrides or {})
+    )
     vae_dtype = vae_dtype or dtype
     vae, vae_params = load_vae(vae_dir, dtype=vae_dtype, param_dtype=vae_dtype)
     schedule = read_json(os.path.join(scheduler_dir, "scheduler_config.json"))
@@ -298,8 +354,18 @@ class PipelineBase:
       te_dir = _check_component(directory, "text_encoder", ("config.json",))
       tokenizer = load_tokenizer(_check_tokenizer_dir(directory))
       text_encoder, text_encoder_params, extra = load_te(te_dir, dtype=dtype, return_extra=True)
-    return cls(transformer, transformer_params, vae, vae_params, text_encoder,
-               text_encoder_params, tokenizer, schedule, text_encoder_extra=extra, **kwargs)
+    return cls(
+      transformer,
+      transformer_params,
+      vae,
+      vae_params,
+      text_encoder,
+      text_encoder_params,
+      tokenizer,
+      schedule,
+      text_encoder_extra=extra,
+      **kwargs,
+    )
 
   def save_pretrained(self, directory: str) -> None:
     """Write a directory that diffusers' pipeline class `from_pretrained` loads (and we do).
@@ -313,23 +379,34 @@ class PipelineBase:
     from qwen_image_rl.convert.vae import save_vae
 
     os.makedirs(directory, exist_ok=True)
-    index = {"_class_name": self.PIPELINE_CLASS, "_diffusers_version": DIFFUSERS_VERSION,
-             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-             "transformer": ["diffusers", "QwenImageTransformer2DModel"],
-             "vae": ["diffusers", "AutoencoderKLQwenImage"],
-             "text_encoder": [None, None], "tokenizer": [None, None],
-             **self.EXTRA_MODEL_INDEX}
-    save_transformer(self.transformer, self.transformer_params,
-                     os.path.join(directory, "transformer"))
+    index = {
+      "_class_name": self.PIPELINE_CLASS,
+      "_diffusers_version": DIFFUSERS_VERSION,
+      "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+      "transformer": ["diffusers", "QwenImageTransformer2DModel"],
+      "vae": ["diffusers", "AutoencoderKLQwenImage"],
+      "text_encoder": [None, None],
+      "tokenizer": [None, None],
+      **self.EXTRA_MODEL_INDEX,
+    }
+    save_transformer(
+      self.transformer, self.transformer_params, os.path.join(directory, "transformer")
+    )
     save_vae(self.vae, self.vae_params, os.path.join(directory, "vae"))
     os.makedirs(os.path.join(directory, "scheduler"), exist_ok=True)
-    _write_json(scheduler_config(self.schedule, self._scheduler_config),
-                os.path.join(directory, "scheduler", "scheduler_config.json"))
+    _write_json(
+      scheduler_config(self.schedule, self._scheduler_config),
+      os.path.join(directory, "scheduler", "scheduler_config.json"),
+    )
     if self.text_encoder is not None:
       extra = self.text_encoder_extra or {}
-      save_text_encoder(self.text_encoder, self.text_encoder_params,
-                        os.path.join(directory, "text_encoder"),
-                        extra_state=extra.get("state"), config=extra.get("config"))
+      save_text_encoder(
+        self.text_encoder,
+        self.text_encoder_params,
+        os.path.join(directory, "text_encoder"),
+        extra_state=extra.get("state"),
+        config=extra.get("config"),
+      )
       index["text_encoder"] = ["transformers", "Qwen2_5_VLForConditionalGeneration"]
     if self.tokenizer is not None:
       self.tokenizer.save_pretrained(os.path.join(directory, "tokenizer"))
@@ -341,28 +418,39 @@ class PipelineBase:
   def encode_prompt(self, prompt, max_sequence_length: int = 512):
     """Prompt(s) -> (embeds [B, T, D], mask [B, T]) with this pipeline's template."""
     if self.text_encoder is None or self.tokenizer is None:
-      raise ValueError(f"{type(self).__name__} has no text encoder/tokenizer: pass "
-                       f"prompt_embeds (+ prompt_embeds_mask) instead of a prompt")
+      raise ValueError(
+        f"{type(self).__name__} has no text encoder/tokenizer: pass "
+        f"prompt_embeds (+ prompt_embeds_mask) instead of a prompt"
+      )
     with self._context():
       return text_encoding.encode_prompts(
-          self.text_encoder, self.text_encoder_params, self.tokenizer, prompt,
-          template=self.TEMPLATE, drop_idx=self.drop_idx,
-          max_sequence_length=max_sequence_length)
+        self.text_encoder,
+        self.text_encoder_params,
+        self.tokenizer,
+        prompt,
+        template=self.TEMPLATE,
+        drop_idx=self.drop_idx,
+        max_sequence_length=max_sequence_length,
+      )
 
-  def _prompt_inputs(self, prompt, embeds, mask, num_images_per_prompt, max_sequence_length,
-                     what: str):
+  def _prompt_inputs(
+    self, prompt, embeds, mask, num_images_per_prompt, max_sequence_length, what: str
+  ):
     """diffusers' check_inputs + encode_prompt: text or embeddings, repeated per image."""
     if prompt is not None and embeds is not None:
       raise ValueError(f"pass either `{what}` or `{what}_embeds`, not both")
     if prompt is not None:
       if not isinstance(prompt, (str, list, tuple)):
         raise ValueError(f"`{what}` must be a str or a list of str, got {type(prompt)}")
-      embeds, mask = self.encode_prompt(list(prompt) if not isinstance(prompt, str) else prompt,
-                                        max_sequence_length)
+      embeds, mask = self.encode_prompt(
+        list(prompt) if not isinstance(prompt, str) else prompt, max_sequence_length
+      )
     embeds = jnp.asarray(embeds)[:, :max_sequence_length]
     if embeds.ndim != 3 or embeds.shape[-1] != self.transformer.joint_attention_dim:
-      raise ValueError(f"`{what}_embeds` shape {embeds.shape}: expected [B, T, "
-                       f"{self.transformer.joint_attention_dim}]")
+      raise ValueError(
+        f"`{what}_embeds` shape {embeds.shape}: expected [B, T, "
+        f"{self.transformer.joint_attention_dim}]"
+      )
     if mask is not None:
       mask = jnp.asarray(mask)[:, :max_sequence_length].astype(jnp.int32)
       if mask.shape != embeds.shape[:2]:
@@ -371,30 +459,54 @@ class PipelineBase:
     embeds = jnp.repeat(embeds, num_images_per_prompt, axis=0)
     return embeds.astype(self.transformer.dtype), mask
 
-  def _text_inputs(self, prompt, prompt_embeds, prompt_embeds_mask, negative_prompt,
-                   negative_prompt_embeds, negative_prompt_embeds_mask, true_cfg_scale,
-                   num_images_per_prompt, max_sequence_length):
+  def _text_inputs(
+    self,
+    prompt,
+    prompt_embeds,
+    prompt_embeds_mask,
+    negative_prompt,
+    negative_prompt_embeds,
+    negative_prompt_embeds_mask,
+    true_cfg_scale,
+    num_images_per_prompt,
+    max_sequence_length,
+  ):
     """(batch size, embeds, mask, neg_embeds or None, neg_mask) with diffusers' CFG rule."""
     if prompt is None and prompt_embeds is None:
       raise ValueError("provide either `prompt` or `prompt_embeds`")
     if max_sequence_length > text_encoding.TOKENIZER_MAX_LENGTH:
-      raise ValueError(f"max_sequence_length={max_sequence_length} cannot be greater than "
-                       f"{text_encoding.TOKENIZER_MAX_LENGTH}")
+      raise ValueError(
+        f"max_sequence_length={max_sequence_length} cannot be greater than "
+        f"{text_encoding.TOKENIZER_MAX_LENGTH}"
+      )
     if negative_prompt is not None and negative_prompt_embeds is not None:
       raise ValueError("pass either `negative_prompt` or `negative_prompt_embeds`, not both")
     if num_images_per_prompt < 1:
       raise ValueError(f"num_images_per_prompt={num_images_per_prompt}: must be >= 1")
-    embeds, mask = self._prompt_inputs(prompt, prompt_embeds, prompt_embeds_mask,
-                                       num_images_per_prompt, max_sequence_length, "prompt")
+    embeds, mask = self._prompt_inputs(
+      prompt,
+      prompt_embeds,
+      prompt_embeds_mask,
+      num_images_per_prompt,
+      max_sequence_length,
+      "prompt",
+    )
     has_neg = negative_prompt is not None or negative_prompt_embeds is not None
     neg_embeds = neg_mask = None
     if true_cfg_scale > 1 and has_neg:  # diffusers' do_true_cfg
       neg_embeds, neg_mask = self._prompt_inputs(
-          negative_prompt, negative_prompt_embeds, negative_prompt_embeds_mask,
-          num_images_per_prompt, max_sequence_length, "negative_prompt")
+        negative_prompt,
+        negative_prompt_embeds,
+        negative_prompt_embeds_mask,
+        num_images_per_prompt,
+        max_sequence_length,
+        "negative_prompt",
+      )
       if neg_embeds.shape[0] != embeds.shape[0]:
-        raise ValueError(f"negative prompt batch {neg_embeds.shape[0]} != prompt batch "
-                         f"{embeds.shape[0]} (after num_images_per_prompt)")
+        raise ValueError(
+          f"negative prompt batch {neg_embeds.shape[0]} != prompt batch "
+          f"{embeds.shape[0]} (after num_images_per_prompt)"
+        )
     return embeds.shape[0], embeds, mask, neg_embeds, neg_mask
 
   def _initial_latents(self, batch: int, latent_h: int, latent_w: int, seed, latents):
@@ -405,23 +517,45 @@ class PipelineBase:
       if latents.ndim == 4:
         latents = pack_latents(latents)
       if latents.shape != expected:
-        raise ValueError(f"latents shape {latents.shape}: expected packed {expected} (or NHWC "
-                         f"[{batch}, {latent_h}, {latent_w}, {self.latent_channels}])")
+        raise ValueError(
+          f"latents shape {latents.shape}: expected packed {expected} (or NHWC "
+          f"[{batch}, {latent_h}, {latent_w}, {self.latent_channels}])"
+        )
       return latents
     if seed is None:
       seed = int(np.random.default_rng().integers(2**31))
-    noise = jax.random.normal(jax.random.key(seed),
-                              (batch, latent_h, latent_w, self.latent_channels), jnp.float32)
+    noise = jax.random.normal(
+      jax.random.key(seed), (batch, latent_h, latent_w, self.latent_channels), jnp.float32
+    )
     return pack_latents(noise)
 
-  def _sample(self, img_shapes, latents, cond, mask, neg_cond, neg_mask, num_steps,
-              true_cfg_scale, ref_latents=None):
+  def _sample(
+    self,
+    img_shapes,
+    latents,
+    cond,
+    mask,
+    neg_cond,
+    neg_mask,
+    num_steps,
+    true_cfg_scale,
+    ref_latents=None,
+  ):
     image_seq_len = latents.shape[1]
     sigmas = self.schedule.sigmas(num_steps, image_seq_len)
     fn = make_denoise(self.transformer, tuple(img_shapes))
     with self._context():
-      return fn(self.transformer_params, latents, cond, mask, neg_cond, neg_mask,
-                jnp.asarray(sigmas), jnp.float32(true_cfg_scale), ref_latents)
+      return fn(
+        self.transformer_params,
+        latents,
+        cond,
+        mask,
+        neg_cond,
+        neg_mask,
+        jnp.asarray(sigmas),
+        jnp.float32(true_cfg_scale),
+        ref_latents,
+      )
 
   def _output(self, packed, latent_h, latent_w, output_type: str):
     if output_type == "latent":
@@ -434,8 +568,10 @@ class PipelineBase:
 
 def check_output_type(output_type: str) -> None:
   if output_type not in OUTPUT_TYPES:
-    raise ValueError(f"output_type={output_type!r}: expected one of {OUTPUT_TYPES} ('np' = "
-                     f"uint8 [B,H,W,3], 'float' = float32 in [0,1], 'latent' = packed latents)")
+    raise ValueError(
+      f"output_type={output_type!r}: expected one of {OUTPUT_TYPES} ('np' = "
+      f"uint8 [B,H,W,3], 'float' = float32 in [0,1], 'latent' = packed latents)"
+    )
 
 
 def default_hw(height, width, vae_scale_factor: int) -> tuple[int, int]:
@@ -443,6 +579,16 @@ def default_hw(height, width, vae_scale_factor: int) -> tuple[int, int]:
   return int(height or size), int(width or size)
 
 
-__all__ = ["pack_latents", "unpack_latents", "latent_size", "img_shape", "denoise",
-           "make_denoise", "decode_packed",
-           "encode_normalized", "to_uint8", "PipelineBase", "scheduler_config"]
+__all__ = [
+  "PipelineBase",
+  "decode_packed",
+  "denoise",
+  "encode_normalized",
+  "img_shape",
+  "latent_size",
+  "make_denoise",
+  "pack_latents",
+  "scheduler_config",
+  "to_uint8",
+  "unpack_latents",
+]

@@ -55,11 +55,14 @@ def as_pil_list(image) -> list:
   if array.ndim == 3:
     array = array[None]
   if array.ndim != 4 or array.shape[-1] != 3:
-    raise ValueError(f"image: expected uint8 [B, H, W, 3] / [H, W, 3] or PIL, got shape "
-                     f"{array.shape}")
+    raise ValueError(
+      f"image: expected uint8 [B, H, W, 3] / [H, W, 3] or PIL, got shape {array.shape}"
+    )
   if array.dtype != np.uint8:
-    raise ValueError(f"image: expected uint8 pixels, got {array.dtype} (convert [0,1] floats "
-                     f"with (x * 255).round().astype(np.uint8))")
+    raise ValueError(
+      f"image: expected uint8 pixels, got {array.dtype} (convert [0,1] floats "
+      f"with (x * 255).round().astype(np.uint8))"
+    )
   return [Image.fromarray(a) for a in array]
 
 
@@ -84,6 +87,7 @@ class QwenImageEditPipeline(common.PipelineBase):
   (`ImageProcessor`), image_token_id, vision_drop_idx (tokens of the vision template dropped;
   default counted with the tokenizer) and mrope (see `text_encoding.encode_prompts_with_images`).
   """
+
   PIPELINE_CLASS = "QwenImageEditPipeline"
   TEMPLATE = EDIT_TEXT_ONLY_TEMPLATE
   VISION_TEMPLATE = text_encoding.EDIT_TEMPLATE
@@ -92,31 +96,49 @@ class QwenImageEditPipeline(common.PipelineBase):
   # processor=None)`, which serves prompt_embeds calls (its text-prompt path needs the processor).
   EXTRA_MODEL_INDEX = {"processor": [None, None]}
 
-  def __init__(self, *args, vision=None, vision_params=None, image_processor=None,
-               image_token_id: int | None = None, vision_drop_idx: int | None = None,
-               mrope: bool = True, **kwargs):
+  def __init__(
+    self,
+    *args,
+    vision=None,
+    vision_params=None,
+    image_processor=None,
+    image_token_id: int | None = None,
+    vision_drop_idx: int | None = None,
+    mrope: bool = True,
+    **kwargs,
+  ):
     super().__init__(*args, **kwargs)
     self.vl_model = self.vl_params = None
     self.mrope = mrope
     if vision is not None:
-      self.attach_vision(vision, vision_params, image_token_id, image_processor,
-                         vision_drop_idx)
+      self.attach_vision(vision, vision_params, image_token_id, image_processor, vision_drop_idx)
 
-  def attach_vision(self, vision, vision_params, image_token_id: int,
-                    image_processor: ImageProcessor | None = None,
-                    vision_drop_idx: int | None = None) -> None:
+  def attach_vision(
+    self,
+    vision,
+    vision_params,
+    image_token_id: int,
+    image_processor: ImageProcessor | None = None,
+    vision_drop_idx: int | None = None,
+  ) -> None:
     """Encode text prompts together with the source image(s), as diffusers does."""
     if self.text_encoder is None or self.tokenizer is None:
       raise ValueError("attach_vision needs the pipeline's text encoder and tokenizer")
     if vision.config.out_hidden_size != self.text_encoder.hidden_size:
-      raise ValueError(f"vision out_hidden_size={vision.config.out_hidden_size} != text "
-                       f"hidden_size={self.text_encoder.hidden_size}")
+      raise ValueError(
+        f"vision out_hidden_size={vision.config.out_hidden_size} != text "
+        f"hidden_size={self.text_encoder.hidden_size}"
+      )
     self.vl_model = Qwen25VL(self.text_encoder, vision, int(image_token_id))
-    self.vl_params = {"visual": nn.meta.unbox(vision_params),
-                      "language_model": self.text_encoder_params}
+    self.vl_params = {
+      "visual": nn.meta.unbox(vision_params),
+      "language_model": self.text_encoder_params,
+    }
     self.image_processor = image_processor or ImageProcessor(
-        patch_size=vision.config.patch_size, merge_size=vision.config.spatial_merge_size,
-        temporal_patch_size=vision.config.temporal_patch_size)
+      patch_size=vision.config.patch_size,
+      merge_size=vision.config.spatial_merge_size,
+      temporal_patch_size=vision.config.temporal_patch_size,
+    )
     if vision_drop_idx is None:
       vision_drop_idx = text_encoding.template_drop_index(self.tokenizer, self.VISION_TEMPLATE)
     self.vision_drop_idx = vision_drop_idx
@@ -135,10 +157,12 @@ class QwenImageEditPipeline(common.PipelineBase):
     pipe = super().from_pretrained(directory, dtype, **kwargs)
     config = os.path.join(directory, "processor", "preprocessor_config.json")
     if pipe.text_encoder is not None and os.path.exists(config):
-      vision, params, image_token_id = vision_from_text_encoder_extra(pipe.text_encoder_extra,
-                                                                      dtype)
-      pipe.attach_vision(vision, params, image_token_id,
-                         ImageProcessor.from_dict(read_json(config)))
+      vision, params, image_token_id = vision_from_text_encoder_extra(
+        pipe.text_encoder_extra, dtype
+      )
+      pipe.attach_vision(
+        vision, params, image_token_id, ImageProcessor.from_dict(read_json(config))
+      )
     return pipe
 
   def save_pretrained(self, directory: str) -> None:
@@ -155,28 +179,41 @@ class QwenImageEditPipeline(common.PipelineBase):
   def encode_prompt_with_images(self, prompt, images: list):
     """(embeds [B, T, D], mask [B, T]) of prompt(s) shown `images` (each prompt sees all)."""
     if not self.has_vision:
-      raise NotImplementedError(f"{type(self).__name__} has no vision tower: load a diffusers "
-                                "directory with processor/ or call attach_vision")
+      raise NotImplementedError(
+        f"{type(self).__name__} has no vision tower: load a diffusers "
+        "directory with processor/ or call attach_vision"
+      )
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     texts = [self.VISION_TEMPLATE.format(self._image_prompt(p, len(images))) for p in prompts]
     with self._context():
       return text_encoding.encode_prompts_with_images(
-          self.vl_model, self.vl_params, self.tokenizer, self.image_processor, texts,
-          list(images) * len(prompts), drop_idx=self.vision_drop_idx, mrope=self.mrope)
+        self.vl_model,
+        self.vl_params,
+        self.tokenizer,
+        self.image_processor,
+        texts,
+        list(images) * len(prompts),
+        drop_idx=self.vision_drop_idx,
+        mrope=self.mrope,
+      )
 
-  def _prompt_inputs(self, prompt, embeds, mask, num_images_per_prompt, max_sequence_length,
-                     what: str):
+  def _prompt_inputs(
+    self, prompt, embeds, mask, num_images_per_prompt, max_sequence_length, what: str
+  ):
     # diffusers' edit pipelines never cut prompt embeddings (an image alone can be ~1300
     # tokens); max_sequence_length only bounds text-only encoding here.
     if embeds is not None:
       max_sequence_length = max(max_sequence_length, np.shape(embeds)[1])
-    return super()._prompt_inputs(prompt, embeds, mask, num_images_per_prompt,
-                                  max_sequence_length, what)
+    return super()._prompt_inputs(
+      prompt, embeds, mask, num_images_per_prompt, max_sequence_length, what
+    )
 
   def _image_prompt(self, prompt: str, num_images: int) -> str:
     if num_images != 1:
-      raise ValueError(f"{type(self).__name__} shows one image per prompt, got {num_images} "
-                       "(use QwenImageEditPlusPipeline for several)")
+      raise ValueError(
+        f"{type(self).__name__} shows one image per prompt, got {num_images} "
+        "(use QwenImageEditPlusPipeline for several)"
+      )
     return prompt
 
   def source_dimensions(self, image, image_area: int | None = VAE_IMAGE_AREA):
@@ -200,15 +237,29 @@ class QwenImageEditPipeline(common.PipelineBase):
     source, (cw, ch) = self.encode_image(images, image_area)
     return [source], (cw, ch), resize_images(images[:1], cw, ch)
 
-  def __call__(self, image, prompt=None, *, prompt_embeds=None, prompt_embeds_mask=None,
-               negative_prompt=None, negative_prompt_embeds=None,
-               negative_prompt_embeds_mask=None, true_cfg_scale: float = 4.0,
-               num_inference_steps: int = 50, height: int | None = None,
-               width: int | None = None, seed: int | None = None, latents=None,
-               output_type: str = "np", max_sequence_length: int = 512,
-               num_images_per_prompt: int = 1, image_area: int | None = VAE_IMAGE_AREA,
-               condition_area: int | None = CONDITION_IMAGE_AREA,
-               vision_conditioning: bool | None = None) -> Any:
+  def __call__(
+    self,
+    image,
+    prompt=None,
+    *,
+    prompt_embeds=None,
+    prompt_embeds_mask=None,
+    negative_prompt=None,
+    negative_prompt_embeds=None,
+    negative_prompt_embeds_mask=None,
+    true_cfg_scale: float = 4.0,
+    num_inference_steps: int = 50,
+    height: int | None = None,
+    width: int | None = None,
+    seed: int | None = None,
+    latents=None,
+    output_type: str = "np",
+    max_sequence_length: int = 512,
+    num_images_per_prompt: int = 1,
+    image_area: int | None = VAE_IMAGE_AREA,
+    condition_area: int | None = CONDITION_IMAGE_AREA,
+    vision_conditioning: bool | None = None,
+  ) -> Any:
     """Edit `image` following the prompt.
 
     image: PIL / list of PIL / uint8 [B, H, W, 3]. image_area: pixels the source is resized to
@@ -223,9 +274,10 @@ class QwenImageEditPipeline(common.PipelineBase):
       vision_conditioning = self.has_vision
     if vision_conditioning and not self.has_vision:
       raise NotImplementedError(
-          f"{type(self).__name__}: no Qwen2.5-VL vision tower is loaded, so prompts cannot be "
-          "conditioned on the image. Load a diffusers directory with processor/, call "
-          "attach_vision, pass prompt_embeds, or pass text prompts (encoded without images).")
+        f"{type(self).__name__}: no Qwen2.5-VL vision tower is loaded, so prompts cannot be "
+        "conditioned on the image. Load a diffusers directory with processor/, call "
+        "attach_vision, pass prompt_embeds, or pass text prompts (encoded without images)."
+      )
     common.check_output_type(output_type)
     sources, (cw, ch), vl_images = self._conditioning(image, image_area, condition_area)
     if vision_conditioning:
@@ -234,15 +286,24 @@ class QwenImageEditPipeline(common.PipelineBase):
         prompt = None
       if negative_prompt is not None and true_cfg_scale > 1:
         negative_prompt_embeds, negative_prompt_embeds_mask = self.encode_prompt_with_images(
-            negative_prompt, vl_images)
+          negative_prompt, vl_images
+        )
         negative_prompt = None
     multiple = 2 * self.vae_scale_factor
     height = (height or ch) // multiple * multiple
     width = (width or cw) // multiple * multiple
     latent_h, latent_w = common.latent_size(height, width, self.vae_scale_factor)
     batch, embeds, mask, neg_embeds, neg_mask = self._text_inputs(
-        prompt, prompt_embeds, prompt_embeds_mask, negative_prompt, negative_prompt_embeds,
-        negative_prompt_embeds_mask, true_cfg_scale, num_images_per_prompt, max_sequence_length)
+      prompt,
+      prompt_embeds,
+      prompt_embeds_mask,
+      negative_prompt,
+      negative_prompt_embeds,
+      negative_prompt_embeds_mask,
+      true_cfg_scale,
+      num_images_per_prompt,
+      max_sequence_length,
+    )
     packed_sources = []
     for source in sources:
       n_src = source.shape[0]
@@ -253,9 +314,19 @@ class QwenImageEditPipeline(common.PipelineBase):
     ref_latents = jnp.concatenate(packed_sources, axis=1)
     x = self._initial_latents(batch, latent_h, latent_w, seed, latents)
     img_shapes = (common.img_shape(latent_h, latent_w),) + tuple(
-        common.img_shape(s.shape[1], s.shape[2]) for s in sources)
-    packed = self._sample(img_shapes, x, embeds, mask, neg_embeds, neg_mask,
-                          num_inference_steps, true_cfg_scale, ref_latents)
+      common.img_shape(s.shape[1], s.shape[2]) for s in sources
+    )
+    packed = self._sample(
+      img_shapes,
+      x,
+      embeds,
+      mask,
+      neg_embeds,
+      neg_mask,
+      num_inference_steps,
+      true_cfg_scale,
+      ref_latents,
+    )
     return self._output(packed, latent_h, latent_w, output_type)
 
 
@@ -263,6 +334,7 @@ class QwenImageEditPlusPipeline(QwenImageEditPipeline):
   """Multi-image editing (diffusers `QwenImageEditPlusPipeline`): every reference image is
   VAE-encoded at its own ~1024^2 size, all their tokens follow the target's, and the VL model
   sees each at ~384^2 announced as "Picture i:". The output size follows the last image."""
+
   PIPELINE_CLASS = "QwenImageEditPlusPipeline"
   TEMPLATE = text_encoding.EDIT_PLUS_TEMPLATE
   VISION_TEMPLATE = text_encoding.EDIT_PLUS_TEMPLATE
@@ -276,8 +348,11 @@ class QwenImageEditPlusPipeline(QwenImageEditPipeline):
     for im in images:
       vw, vh = _dimensions(im, image_area)
       with self._context():
-        sources.append(common.encode_normalized(self.vae, self.vae_params, jnp.asarray(
-            preprocess_images([im], vw, vh))))
+        sources.append(
+          common.encode_normalized(
+            self.vae, self.vae_params, jnp.asarray(preprocess_images([im], vw, vh))
+          )
+        )
       vl_images += resize_images([im], *_dimensions(im, condition_area))
     return sources, _dimensions(images[-1], image_area), vl_images
 

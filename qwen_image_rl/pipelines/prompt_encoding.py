@@ -7,7 +7,7 @@ template and drop index), zero-padded with mask 0 past each prompt's end.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -18,8 +18,18 @@ class PromptTooLongError(ValueError):
   """A prompt has more tokens than the fixed length and truncation was not allowed."""
 
 
-def encode_fixed_length(text_encoder, params, tokenizer, texts: Sequence[str], *, template: str,
-                        drop_idx: int, length: int, truncate: bool = False, chunk: int = 256):
+def encode_fixed_length(
+  text_encoder,
+  params,
+  tokenizer,
+  texts: Sequence[str],
+  *,
+  template: str,
+  drop_idx: int,
+  length: int,
+  truncate: bool = False,
+  chunk: int = 256,
+):
   """(cond float32 [N, length, D], mask int32 [N, length]) of `texts` under `template`.
 
   truncate=False raises PromptTooLongError when a prompt has more than `length` tokens (after
@@ -30,15 +40,22 @@ def encode_fixed_length(text_encoder, params, tokenizer, texts: Sequence[str], *
     ids = tokenizer([template.format(t) for t in texts])["input_ids"]
     longest = max(len(row) for row in ids) - drop_idx
     if longest > length:
-      raise PromptTooLongError(f"would truncate prompts: the longest has {longest} tokens "
-                               f"(limit {length})")
+      raise PromptTooLongError(
+        f"would truncate prompts: the longest has {longest} tokens (limit {length})"
+      )
   cond = np.zeros((len(texts), length, text_encoder.hidden_size), np.float32)
   mask = np.zeros((len(texts), length), np.int32)
   for i in range(0, len(texts), chunk):
-    e, m = text_encoding.encode_prompts(text_encoder, params, tokenizer,
-                                        list(texts[i:i + chunk]), template=template,
-                                        drop_idx=drop_idx, max_sequence_length=length)
+    e, m = text_encoding.encode_prompts(
+      text_encoder,
+      params,
+      tokenizer,
+      list(texts[i : i + chunk]),
+      template=template,
+      drop_idx=drop_idx,
+      max_sequence_length=length,
+    )
     e, m = np.asarray(e, np.float32)[:, :length], np.asarray(m)[:, :length]
-    cond[i:i + len(e), :e.shape[1]] = e
-    mask[i:i + len(e), :m.shape[1]] = m
+    cond[i : i + len(e), : e.shape[1]] = e
+    mask[i : i + len(e), : m.shape[1]] = m
   return cond, mask

@@ -18,6 +18,7 @@ from qwen_image_rl.pipelines import common
 
 class QwenImagePipeline(common.PipelineBase):
   """Text-to-image. See `common.PipelineBase` for construction, loading and saving."""
+
   PIPELINE_CLASS = "QwenImagePipeline"
   TEMPLATE = text_encoding.T2I_TEMPLATE
 
@@ -27,13 +28,25 @@ class QwenImagePipeline(common.PipelineBase):
     h, w = common.latent_size(height, width, self.vae_scale_factor)
     return h * self.vae_scale_factor, w * self.vae_scale_factor
 
-  def __call__(self, prompt=None, *, prompt_embeds=None, prompt_embeds_mask=None,
-               negative_prompt=None, negative_prompt_embeds=None,
-               negative_prompt_embeds_mask=None, true_cfg_scale: float = 4.0,
-               num_inference_steps: int = 50, height: int | None = None,
-               width: int | None = None, seed: int | None = None, latents=None,
-               output_type: str = "np", max_sequence_length: int = 512,
-               num_images_per_prompt: int = 1):
+  def __call__(
+    self,
+    prompt=None,
+    *,
+    prompt_embeds=None,
+    prompt_embeds_mask=None,
+    negative_prompt=None,
+    negative_prompt_embeds=None,
+    negative_prompt_embeds_mask=None,
+    true_cfg_scale: float = 4.0,
+    num_inference_steps: int = 50,
+    height: int | None = None,
+    width: int | None = None,
+    seed: int | None = None,
+    latents=None,
+    output_type: str = "np",
+    max_sequence_length: int = 512,
+    num_images_per_prompt: int = 1,
+  ):
     """Sample images.
 
     prompt / prompt_embeds (+ mask): exactly one. latents: packed [B, S, 4C] (as diffusers) or
@@ -44,10 +57,19 @@ class QwenImagePipeline(common.PipelineBase):
     height, width = common.default_hw(height, width, self.vae_scale_factor)
     latent_h, latent_w = common.latent_size(height, width, self.vae_scale_factor)
     batch, embeds, mask, neg_embeds, neg_mask = self._text_inputs(
-        prompt, prompt_embeds, prompt_embeds_mask, negative_prompt, negative_prompt_embeds,
-        negative_prompt_embeds_mask, true_cfg_scale, num_images_per_prompt, max_sequence_length)
+      prompt,
+      prompt_embeds,
+      prompt_embeds_mask,
+      negative_prompt,
+      negative_prompt_embeds,
+      negative_prompt_embeds_mask,
+      true_cfg_scale,
+      num_images_per_prompt,
+      max_sequence_length,
+    )
     x = self._initial_latents(batch, latent_h, latent_w, seed, latents)
     img_shapes = (common.img_shape(latent_h, latent_w),)
-    packed = self._sample(img_shapes, x, embeds, mask, neg_embeds, neg_mask,
-                          num_inference_steps, true_cfg_scale)
+    packed = self._sample(
+      img_shapes, x, embeds, mask, neg_embeds, neg_mask, num_inference_steps, true_cfg_scale
+    )
     return self._output(packed, latent_h, latent_w, output_type)

@@ -33,7 +33,8 @@ import queue
 import threading
 import time
 import traceback
-from typing import Any, Callable, Iterator, Mapping, Optional
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 from absl import logging
@@ -65,6 +66,7 @@ class RewardResult(Mapping[str, np.ndarray]):
     extra_metrics: the reward function's `last_metrics` right after it scored this batch (e.g.
       a remote judge's latency percentiles, retries and failures), or {}.
   """
+
   ticket: int
   scores: dict[str, np.ndarray]
   sample_ids: np.ndarray
@@ -92,8 +94,10 @@ class RewardResult(Mapping[str, np.ndarray]):
   def check_sample_ids(self, expected) -> None:
     expected = np.asarray(expected)
     if expected.shape != self.sample_ids.shape or not np.array_equal(expected, self.sample_ids):
-      raise RewardError(f'reward result of ticket {self.ticket} is for sample ids '
-                        f'{_short(self.sample_ids)}, expected {_short(expected)}')
+      raise RewardError(
+        f'reward result of ticket {self.ticket} is for sample ids '
+        f'{_short(self.sample_ids)}, expected {_short(expected)}'
+      )
 
   def metrics(self, prefix: str = 'reward') -> dict[str, float]:
     """Scalars for logging: `<prefix>/<name>/{mean,std,min,max,nan_count}` over finite samples,
@@ -101,8 +105,11 @@ class RewardResult(Mapping[str, np.ndarray]):
     out = {}
     for name, value in self.scores.items():
       finite = value[np.isfinite(value)]
-      stats = ((float(finite.mean()), float(finite.std()), float(finite.min()),
-                float(finite.max())) if finite.size else (float('nan'),) * 4)
+      stats = (
+        (float(finite.mean()), float(finite.std()), float(finite.min()), float(finite.max()))
+        if finite.size
+        else (float('nan'),) * 4
+      )
       for key, stat in zip(('mean', 'std', 'min', 'max'), stats):
         out[f'{prefix}/{name}/{key}'] = stat
       out[f'{prefix}/{name}/nan_count'] = float(self.nan_counts[name])
@@ -126,8 +133,13 @@ class _Failure:
 class _RewardPipelineBase:
   """Tickets, result bookkeeping and checks shared by the sync and async pipelines."""
 
-  def __init__(self, reward_fn: Callable[[RewardBatch], Mapping[str, Any]], *,
-               copy_inputs: bool = True, on_nan: str = 'warn'):
+  def __init__(
+    self,
+    reward_fn: Callable[[RewardBatch], Mapping[str, Any]],
+    *,
+    copy_inputs: bool = True,
+    on_nan: str = 'warn',
+  ):
     if not callable(reward_fn):
       raise TypeError(f'reward_fn must be callable, got {reward_fn!r}')
     if on_nan not in ON_NAN_CHOICES:
@@ -154,9 +166,14 @@ class _RewardPipelineBase:
       return _Failure(e, traceback.format_exc())
     # Read on the thread that scored, before the next batch overwrites it.
     extra = dict(getattr(self.reward_fn, 'last_metrics', None) or {})
-    return RewardResult(ticket=ticket, scores=scores, sample_ids=batch.sample_ids,
-                        nan_counts=nan_counts(scores), seconds=time.perf_counter() - start,
-                        extra_metrics=extra)
+    return RewardResult(
+      ticket=ticket,
+      scores=scores,
+      sample_ids=batch.sample_ids,
+      nan_counts=nan_counts(scores),
+      seconds=time.perf_counter() - start,
+      extra_metrics=extra,
+    )
 
   # --- tickets ----------------------------------------------------------------------------
 
@@ -187,8 +204,9 @@ class _RewardPipelineBase:
     with self._cond:
       return len(self._outstanding)
 
-  def result(self, ticket: int, timeout: Optional[float] = None,
-             expect_sample_ids=None) -> RewardResult:
+  def result(
+    self, ticket: int, timeout: float | None = None, expect_sample_ids=None
+  ) -> RewardResult:
     """Blocks until `ticket`'s batch is scored and returns its scores (each ticket once).
 
     Args:
@@ -206,8 +224,10 @@ class _RewardPipelineBase:
     start = time.perf_counter()
     with self._cond:
       if ticket not in self._outstanding:
-        raise ValueError(f'unknown ticket {ticket!r}: never submitted or already retrieved '
-                         f'(outstanding: {sorted(self._outstanding)})')
+        raise ValueError(
+          f'unknown ticket {ticket!r}: never submitted or already retrieved '
+          f'(outstanding: {sorted(self._outstanding)})'
+        )
       ready = self._cond.wait_for(lambda: ticket in self._done or self._worker_gone(), timeout)
       if not ready:
         raise TimeoutError(f'ticket {ticket} was not scored within {timeout} s')
@@ -220,12 +240,15 @@ class _RewardPipelineBase:
       if isinstance(outcome.error, RewardCancelledError):
         raise outcome.error
       raise RewardWorkerError(
-          f'reward function failed on ticket {ticket} (sample ids {_short(submitted_ids)}):\n'
-          f'--- worker traceback ---\n{outcome.traceback_text}') from outcome.error
+        f'reward function failed on ticket {ticket} (sample ids {_short(submitted_ids)}):\n'
+        f'--- worker traceback ---\n{outcome.traceback_text}'
+      ) from outcome.error
     outcome = dataclasses.replace(outcome, wait_seconds=wait)
     if not np.array_equal(outcome.sample_ids, submitted_ids):  # bookkeeping bug guard
-      raise RewardError(f'ticket {ticket}: scored sample ids {_short(outcome.sample_ids)} differ '
-                        f'from submitted {_short(submitted_ids)}')
+      raise RewardError(
+        f'ticket {ticket}: scored sample ids {_short(outcome.sample_ids)} differ '
+        f'from submitted {_short(submitted_ids)}'
+      )
     if expect_sample_ids is not None:
       outcome.check_sample_ids(expect_sample_ids)
     self._report_nans(outcome)
@@ -236,16 +259,18 @@ class _RewardPipelineBase:
     if not failed:
       return
     bad = np.any([np.isnan(outcome.scores[n]) for n in failed], axis=0)
-    message = (f'ticket {outcome.ticket}: NaN (failed) scores {failed} of '
-               f'{outcome.sample_ids.size} samples; failed sample ids '
-               f'{_short(outcome.sample_ids[bad])}')
+    message = (
+      f'ticket {outcome.ticket}: NaN (failed) scores {failed} of '
+      f'{outcome.sample_ids.size} samples; failed sample ids '
+      f'{_short(outcome.sample_ids[bad])}'
+    )
     if self.on_nan == 'raise':
       raise RewardError(message)
     logging.warning('%s', message)
 
   # --- lifecycle ----------------------------------------------------------------------------
 
-  def close(self, cancel_pending: bool = False, timeout: Optional[float] = None) -> None:
+  def close(self, cancel_pending: bool = False, timeout: float | None = None) -> None:
     self._closed = True
 
   def __enter__(self):
@@ -264,7 +289,7 @@ class SyncRewardPipeline(_RewardPipelineBase):
     del max_pending  # Accepted so the two pipelines are interchangeable.
     super().__init__(reward_fn, **kwargs)
 
-  def submit(self, batch: RewardBatch, timeout: Optional[float] = None) -> int:
+  def submit(self, batch: RewardBatch, timeout: float | None = None) -> int:
     del timeout
     ticket, batch = self._prepare(batch)
     self._store(ticket, self._score(ticket, batch))
@@ -290,8 +315,16 @@ class AsyncRewardPipeline(_RewardPipelineBase):
       ticket).
   """
 
-  def __init__(self, reward_fn, max_pending: int = 2, *, copy_inputs: bool = True,
-               on_nan: str = 'warn', thread_name: str = 'reward-worker', workers: int = 1):
+  def __init__(
+    self,
+    reward_fn,
+    max_pending: int = 2,
+    *,
+    copy_inputs: bool = True,
+    on_nan: str = 'warn',
+    thread_name: str = 'reward-worker',
+    workers: int = 1,
+  ):
     super().__init__(reward_fn, copy_inputs=copy_inputs, on_nan=on_nan)
     if not isinstance(max_pending, int) or max_pending < 1:
       raise ValueError(f'max_pending={max_pending!r} must be an int >= 1')
@@ -304,9 +337,11 @@ class AsyncRewardPipeline(_RewardPipelineBase):
     self._exited = False
     self._running = workers
     self._threads = [
-        threading.Thread(target=self._run, daemon=True,
-                         name=thread_name if workers == 1 else f'{thread_name}-{i}')
-        for i in range(workers)]
+      threading.Thread(
+        target=self._run, daemon=True, name=thread_name if workers == 1 else f'{thread_name}-{i}'
+      )
+      for i in range(workers)
+    ]
     self._thread = self._threads[0]  # with workers=1 the only one
     for thread in self._threads:
       thread.start()
@@ -319,8 +354,9 @@ class AsyncRewardPipeline(_RewardPipelineBase):
           return
         ticket, batch = item
         if self._cancel.is_set():
-          error = RewardCancelledError(f'ticket {ticket} was cancelled by close(cancel_pending='
-                                       f'True) before it was scored')
+          error = RewardCancelledError(
+            f'ticket {ticket} was cancelled by close(cancel_pending=True) before it was scored'
+          )
           self._store(ticket, _Failure(error, ''))
         else:
           self._store(ticket, self._score(ticket, batch))
@@ -333,7 +369,7 @@ class AsyncRewardPipeline(_RewardPipelineBase):
   def _worker_gone(self) -> bool:
     return self._exited
 
-  def submit(self, batch: RewardBatch, timeout: Optional[float] = None) -> int:
+  def submit(self, batch: RewardBatch, timeout: float | None = None) -> int:
     """Queues `batch` for scoring and returns its ticket; blocks while max_pending wait.
 
     Raises:
@@ -348,8 +384,10 @@ class AsyncRewardPipeline(_RewardPipelineBase):
     except queue.Full:
       with self._cond:
         self._outstanding.pop(ticket, None)
-      raise TimeoutError(f'{self.max_pending} batches still waiting after {timeout} s; '
-                         f'retrieve results or raise max_pending') from None
+      raise TimeoutError(
+        f'{self.max_pending} batches still waiting after {timeout} s; '
+        f'retrieve results or raise max_pending'
+      ) from None
     return ticket
 
   @property
@@ -357,7 +395,7 @@ class AsyncRewardPipeline(_RewardPipelineBase):
     """Batches waiting for the worker (not counting the one being scored)."""
     return self._queue.qsize()
 
-  def close(self, cancel_pending: bool = False, timeout: Optional[float] = None) -> None:
+  def close(self, cancel_pending: bool = False, timeout: float | None = None) -> None:
     """Stops the worker after the queued batches (or, with cancel_pending, drops them) and joins.
 
     Results already scored can still be retrieved after close. Idempotent.

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Any, Callable, Mapping, Optional, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -41,12 +42,13 @@ class RewardBatch:
     meta: B dicts of per-sample extras (e.g. {'spec': scene} or {'edit': edit} in the tiny
       world), or None.
   """
+
   images: np.ndarray
   prompts: Sequence[str]
   categories: Sequence[str]
   sample_ids: np.ndarray
-  source_images: Optional[np.ndarray] = None
-  meta: Optional[Sequence[Mapping[str, Any]]] = None
+  source_images: np.ndarray | None = None
+  meta: Sequence[Mapping[str, Any]] | None = None
 
   def __post_init__(self):
     images = _check_images('images', self.images)
@@ -56,21 +58,25 @@ class RewardBatch:
     for field in ('prompts', 'categories'):
       values = getattr(self, field)
       if isinstance(values, str) or len(values) != size:
-        raise ValueError(f'RewardBatch.{field}: expected a sequence of {size} strings (one per '
-                         f'image), got {_describe(values)}')
+        raise ValueError(
+          f'RewardBatch.{field}: expected a sequence of {size} strings (one per '
+          f'image), got {_describe(values)}'
+        )
       set_(field, tuple(values))
     ids = np.asarray(self.sample_ids)
     if ids.shape != (size,) or not np.issubdtype(ids.dtype, np.integer):
-      raise ValueError(f'RewardBatch.sample_ids: expected int [{size}], got {ids.dtype} '
-                       f'{ids.shape}')
+      raise ValueError(
+        f'RewardBatch.sample_ids: expected int [{size}], got {ids.dtype} {ids.shape}'
+      )
     if len(np.unique(ids)) != size:
       raise ValueError(f'RewardBatch.sample_ids must be unique within a batch, got {ids.tolist()}')
     set_('sample_ids', ids.astype(np.int64))
     if self.source_images is not None:
       sources = _check_images('source_images', self.source_images)
       if sources.shape[0] != size:
-        raise ValueError(f'RewardBatch.source_images has {sources.shape[0]} images, images has '
-                         f'{size}')
+        raise ValueError(
+          f'RewardBatch.source_images has {sources.shape[0]} images, images has {size}'
+        )
       set_('source_images', sources)
     if self.meta is not None:
       if len(self.meta) != size:
@@ -84,22 +90,28 @@ class RewardBatch:
   def __len__(self) -> int:
     return self.size
 
-  def frozen_copy(self) -> 'RewardBatch':
+  def frozen_copy(self) -> RewardBatch:
     """A copy whose arrays are private and read-only: safe to score while the caller moves on."""
     return dataclasses.replace(
-        self, images=_readonly_copy(self.images), sample_ids=_readonly_copy(self.sample_ids),
-        source_images=None if self.source_images is None else _readonly_copy(self.source_images),
-        meta=None if self.meta is None else tuple(dict(m) for m in self.meta))
+      self,
+      images=_readonly_copy(self.images),
+      sample_ids=_readonly_copy(self.sample_ids),
+      source_images=None if self.source_images is None else _readonly_copy(self.source_images),
+      meta=None if self.meta is None else tuple(dict(m) for m in self.meta),
+    )
 
-  def select(self, indices) -> 'RewardBatch':
+  def select(self, indices) -> RewardBatch:
     """The sub-batch at `indices` (e.g. the samples of one category)."""
     indices = np.asarray(indices, np.int64)
     pick = lambda seq: tuple(seq[i] for i in indices)
     return RewardBatch(
-        images=self.images[indices], prompts=pick(self.prompts),
-        categories=pick(self.categories), sample_ids=self.sample_ids[indices],
-        source_images=None if self.source_images is None else self.source_images[indices],
-        meta=None if self.meta is None else pick(self.meta))
+      images=self.images[indices],
+      prompts=pick(self.prompts),
+      categories=pick(self.categories),
+      sample_ids=self.sample_ids[indices],
+      source_images=None if self.source_images is None else self.source_images[indices],
+      meta=None if self.meta is None else pick(self.meta),
+    )
 
 
 def _describe(value) -> str:
@@ -111,8 +123,10 @@ def _describe(value) -> str:
 def _check_images(field: str, images) -> np.ndarray:
   images = np.asarray(images)
   if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-    raise ValueError(f'RewardBatch.{field}: expected uint8 [B, H, W, 3], got {images.dtype} '
-                     f'{images.shape}; convert with np.clip(x * 255, 0, 255).astype(np.uint8)')
+    raise ValueError(
+      f'RewardBatch.{field}: expected uint8 [B, H, W, 3], got {images.dtype} '
+      f'{images.shape}; convert with np.clip(x * 255, 0, 255).astype(np.uint8)'
+    )
   return images
 
 
@@ -122,8 +136,9 @@ def _readonly_copy(array: np.ndarray) -> np.ndarray:
   return array
 
 
-def check_scores(scores: Mapping[str, Any], names: Sequence[str], batch_size: int,
-                 where: str) -> dict[str, np.ndarray]:
+def check_scores(
+  scores: Mapping[str, Any], names: Sequence[str], batch_size: int, where: str
+) -> dict[str, np.ndarray]:
   """Validates a reward's output: exactly `names`, each a real [batch_size] array -> float32.
 
   Raises:
@@ -133,21 +148,30 @@ def check_scores(scores: Mapping[str, Any], names: Sequence[str], batch_size: in
     raise RewardError(f'{where} returned {type(scores).__name__}; expected a dict of scores.')
   missing, unexpected = sorted(set(names) - set(scores)), sorted(set(scores) - set(names))
   if missing or unexpected:
-    raise RewardError(f'{where} returned scores {sorted(scores)}; declared names {list(names)} '
-                      f'(missing {missing}, unexpected {unexpected}).')
+    raise RewardError(
+      f'{where} returned scores {sorted(scores)}; declared names {list(names)} '
+      f'(missing {missing}, unexpected {unexpected}).'
+    )
   out = {}
   for name in names:
     value = np.asarray(scores[name])
     if value.shape != (batch_size,):
-      raise RewardError(f'{where}: score {name!r} has shape {value.shape}; expected '
-                        f'[{batch_size}] (one per sample).')
-    if not (np.issubdtype(value.dtype, np.floating) or np.issubdtype(value.dtype, np.integer)
-            or value.dtype == np.bool_):
+      raise RewardError(
+        f'{where}: score {name!r} has shape {value.shape}; expected '
+        f'[{batch_size}] (one per sample).'
+      )
+    if not (
+      np.issubdtype(value.dtype, np.floating)
+      or np.issubdtype(value.dtype, np.integer)
+      or value.dtype == np.bool_
+    ):
       raise RewardError(f'{where}: score {name!r} has dtype {value.dtype}; expected real numbers.')
     value = value.astype(np.float32)
     if np.isinf(value).any():
-      raise RewardError(f'{where}: score {name!r} has inf at positions '
-                        f'{np.flatnonzero(np.isinf(value)).tolist()}; use NaN for a failed sample.')
+      raise RewardError(
+        f'{where}: score {name!r} has inf at positions '
+        f'{np.flatnonzero(np.isinf(value)).tolist()}; use NaN for a failed sample.'
+      )
     out[name] = value
   return out
 
@@ -164,6 +188,7 @@ class RewardFn(abc.ABC):
   declared names as float32 [B] arrays. Rewards must be safe to call from a worker thread (no
   mutable state shared with the caller) because the async pipeline scores in the background.
   """
+
   name: str = ''
   names: tuple[str, ...] = ()
 
@@ -184,8 +209,9 @@ class FunctionReward(RewardFn):
   """Wraps `fn(batch) -> [B]` (one score called `name`) or `-> {name: [B]}` (names default to
   (name,))."""
 
-  def __init__(self, name: str, fn: Callable[[RewardBatch], Any],
-               names: Optional[Sequence[str]] = None):
+  def __init__(
+    self, name: str, fn: Callable[[RewardBatch], Any], names: Sequence[str] | None = None
+  ):
     self.name = name
     self.names = tuple(names) if names is not None else (name,)
     self._fn = fn

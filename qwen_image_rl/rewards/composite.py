@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -34,12 +34,16 @@ class CompositeReward(RewardFn):
     for label, reward in rewards.items():
       names = tuple(getattr(reward, 'names', ()) or ())
       if not callable(reward) or not names:
-        raise ValueError(f'CompositeReward member {label!r} is {reward!r}: not a reward (needs '
-                         f'__call__ and non-empty `names`).')
+        raise ValueError(
+          f'CompositeReward member {label!r} is {reward!r}: not a reward (needs '
+          f'__call__ and non-empty `names`).'
+        )
       for score_name in names:
         if score_name in owner:
-          raise ValueError(f'score {score_name!r} is produced by both {owner[score_name]!r} and '
-                           f'{label!r}; rename one of them.')
+          raise ValueError(
+            f'score {score_name!r} is produced by both {owner[score_name]!r} and '
+            f'{label!r}; rename one of them.'
+          )
         owner[score_name] = label
     self.name = name
     self.rewards = dict(rewards)
@@ -54,7 +58,8 @@ class CompositeReward(RewardFn):
         scores = reward(batch)
       except Exception as e:
         raise RewardError(
-            f'reward {label!r} of {self.name!r} failed: {type(e).__name__}: {e}') from e
+          f'reward {label!r} of {self.name!r} failed: {type(e).__name__}: {e}'
+        ) from e
       out.update(check_scores(scores, reward.names, batch.size, f'reward {label!r}'))
       seconds[label] = time.perf_counter() - start
     self.last_seconds = seconds
@@ -69,8 +74,11 @@ class CompositeReward(RewardFn):
     return out
 
 
-def validate_weights(weights: Mapping[str, Mapping[str, float]], reward_names: Sequence[str],
-                     categories: Sequence[str] = ()) -> None:
+def validate_weights(
+  weights: Mapping[str, Mapping[str, float]],
+  reward_names: Sequence[str],
+  categories: Sequence[str] = (),
+) -> None:
   """Checks per-category weight vectors.
 
   Each vector must name only `reward_names` (a reward left out has weight 0), have non-negative
@@ -89,23 +97,31 @@ def validate_weights(weights: Mapping[str, Mapping[str, float]], reward_names: S
     where = f'reward weights for category {category!r}'
     for reward_name, w in vector.items():
       if reward_name not in known:
-        raise ValueError(f'{where}: unknown reward {reward_name!r} (weight {w!r}); known '
-                         f'rewards: {sorted(known)}')
+        raise ValueError(
+          f'{where}: unknown reward {reward_name!r} (weight {w!r}); known rewards: {sorted(known)}'
+        )
       if not (isinstance(w, (int, float, np.number)) and math.isfinite(w) and w >= 0):
-        raise ValueError(f'{where}: weight of {reward_name!r} is {w!r}; weights must be finite '
-                         f'and >= 0')
+        raise ValueError(
+          f'{where}: weight of {reward_name!r} is {w!r}; weights must be finite and >= 0'
+        )
     total = float(sum(vector.values()))
     if abs(total - 1.0) > WEIGHT_SUM_TOLERANCE:
-      raise ValueError(f'{where}: weights {dict(vector)} sum to {total!r}; they must sum to 1 '
-                       f'(tolerance {WEIGHT_SUM_TOLERANCE})')
+      raise ValueError(
+        f'{where}: weights {dict(vector)} sum to {total!r}; they must sum to 1 '
+        f'(tolerance {WEIGHT_SUM_TOLERANCE})'
+      )
   missing = sorted(set(categories) - set(weights))
   if missing:
-    raise ValueError(f'no reward weights for categories {missing}; weights are defined for '
-                     f'{sorted(weights)}')
+    raise ValueError(
+      f'no reward weights for categories {missing}; weights are defined for {sorted(weights)}'
+    )
 
 
-def category_weighted_sum(scores: Mapping[str, np.ndarray], categories: Sequence[str],
-                          weights: Mapping[str, Mapping[str, float]]) -> np.ndarray:
+def category_weighted_sum(
+  scores: Mapping[str, np.ndarray],
+  categories: Sequence[str],
+  weights: Mapping[str, Mapping[str, float]],
+) -> np.ndarray:
   """float32 [B]: sample i gets sum_k weights[categories[i]][k] * scores[k][i].
 
   Only rewards with a positive weight enter a category's sum, so a NaN (failed) score poisons a
@@ -115,8 +131,9 @@ def category_weighted_sum(scores: Mapping[str, np.ndarray], categories: Sequence
   size = len(categories)
   for name, value in scores.items():
     if np.shape(value) != (size,):
-      raise ValueError(f'score {name!r} has shape {np.shape(value)}; expected [{size}] (one per '
-                       f'category entry)')
+      raise ValueError(
+        f'score {name!r} has shape {np.shape(value)}; expected [{size}] (one per category entry)'
+      )
   validate_weights(weights, list(scores), categories)
   total = np.zeros(size, np.float32)
   category_array = np.array(categories, dtype=object)

@@ -26,12 +26,11 @@ misaligned with the images and raises instead of scoring the wrong sample.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
-from qwen_image_rl.data import oracle
-from qwen_image_rl.data import world
+from qwen_image_rl.data import oracle, world
 from qwen_image_rl.rewards.base import RewardBatch, RewardFn
 from qwen_image_rl.rewards.registry import register_reward
 
@@ -41,18 +40,22 @@ DEFAULT_NEUTRAL = 0.5
 def batch_specs(batch: RewardBatch) -> list:
   """The scene spec of each sample from `batch.meta[i]['spec']`, checked against its category."""
   if batch.meta is None:
-    raise ValueError('text-to-image oracle rewards need batch.meta[i]["spec"] (the scene spec); '
-                     'batch.meta is None')
+    raise ValueError(
+      'text-to-image oracle rewards need batch.meta[i]["spec"] (the scene spec); batch.meta is None'
+    )
   specs = []
   for i, (meta, category) in enumerate(zip(batch.meta, batch.categories)):
     if 'spec' not in meta:
-      raise ValueError(f'batch.meta[{i}] has no "spec" (keys {sorted(meta)}); sample id '
-                       f'{batch.sample_ids[i]}')
+      raise ValueError(
+        f'batch.meta[{i}] has no "spec" (keys {sorted(meta)}); sample id {batch.sample_ids[i]}'
+      )
     spec = meta['spec']
     spec = world.from_dict(spec) if isinstance(spec, dict) else spec
     if spec.category != category:
-      raise ValueError(f'sample {i} (id {batch.sample_ids[i]}): category {category!r} but its spec '
-                       f'is a {spec.category!r} scene; meta and images are misaligned')
+      raise ValueError(
+        f'sample {i} (id {batch.sample_ids[i]}): category {category!r} but its spec '
+        f'is a {spec.category!r} scene; meta and images are misaligned'
+      )
     specs.append(spec)
   return specs
 
@@ -64,18 +67,22 @@ def batch_edits(batch: RewardBatch) -> list:
   edits = []
   for i, (meta, category) in enumerate(zip(batch.meta, batch.categories)):
     if 'edit' not in meta:
-      raise ValueError(f'batch.meta[{i}] has no "edit" (keys {sorted(meta)}); sample id '
-                       f'{batch.sample_ids[i]}')
+      raise ValueError(
+        f'batch.meta[{i}] has no "edit" (keys {sorted(meta)}); sample id {batch.sample_ids[i]}'
+      )
     edit = meta['edit']
     if edit.category != category:
-      raise ValueError(f'sample {i} (id {batch.sample_ids[i]}): category {category!r} but its '
-                       f'edit is on a {edit.category!r} scene; meta and images are misaligned')
+      raise ValueError(
+        f'sample {i} (id {batch.sample_ids[i]}): category {category!r} but its '
+        f'edit is on a {edit.category!r} scene; meta and images are misaligned'
+      )
     edits.append(edit)
   return edits
 
 
 class _OracleReward(RewardFn):
   """One named score; `name` may be overridden to register the same scorer twice."""
+
   default_name = ''
 
   def __init__(self, name: str | None = None):
@@ -88,6 +95,7 @@ METRICS = ('capped', 'mean')
 
 class _MetricReward(_OracleReward):
   """A score read under one of METRICS: the rubric-capped key or its uncapped `*_mean` twin."""
+
   key = ''
 
   def __init__(self, name: str | None = None, metric: str = 'capped'):
@@ -105,8 +113,12 @@ class OracleAlignment(_MetricReward):
 
   def score(self, batch):
     specs = batch_specs(batch)
-    return {self.name: np.array([oracle.score_t2i(image, spec)[self.score_key]
-                                 for image, spec in zip(batch.images, specs)], np.float32)}
+    return {
+      self.name: np.array(
+        [oracle.score_t2i(image, spec)[self.score_key] for image, spec in zip(batch.images, specs)],
+        np.float32,
+      )
+    }
 
 
 @register_reward('aesthetics')
@@ -114,8 +126,11 @@ class OracleAesthetics(_OracleReward):
   default_name = 'aesthetics'
 
   def score(self, batch):
-    return {self.name: np.array([oracle.image_quality(image)['quality']
-                                 for image in batch.images], np.float32)}
+    return {
+      self.name: np.array(
+        [oracle.image_quality(image)['quality'] for image in batch.images], np.float32
+      )
+    }
 
 
 PORTRAIT_DIMS = ('well_formed', 'attributes', 'identity')
@@ -125,13 +140,18 @@ PORTRAIT_DIMS = ('well_formed', 'attributes', 'identity')
 class OraclePortrait(_OracleReward):
   default_name = 'portrait'
 
-  def __init__(self, name: str | None = None, dims: Sequence[str] = ('well_formed',),
-               neutral: float = DEFAULT_NEUTRAL):
+  def __init__(
+    self,
+    name: str | None = None,
+    dims: Sequence[str] = ('well_formed',),
+    neutral: float = DEFAULT_NEUTRAL,
+  ):
     super().__init__(name)
     dims = tuple(dims)
     if not dims or any(d not in PORTRAIT_DIMS for d in dims):
-      raise ValueError(f'portrait reward dims={dims!r}: choose a non-empty subset of '
-                       f'{PORTRAIT_DIMS}')
+      raise ValueError(
+        f'portrait reward dims={dims!r}: choose a non-empty subset of {PORTRAIT_DIMS}'
+      )
     self.dims, self.neutral = dims, float(neutral)
 
   def score(self, batch):
@@ -151,9 +171,15 @@ class OracleInstructionFollowing(_MetricReward):
 
   def score(self, batch):
     edits = batch_edits(batch)
-    return {self.name: np.array(
-        [oracle.score_edit(src, out, edit)[self.score_key]
-         for src, out, edit in zip(batch.source_images, batch.images, edits)], np.float32)}
+    return {
+      self.name: np.array(
+        [
+          oracle.score_edit(src, out, edit)[self.score_key]
+          for src, out, edit in zip(batch.source_images, batch.images, edits)
+        ],
+        np.float32,
+      )
+    }
 
 
 @register_reward('identity')
@@ -179,6 +205,12 @@ class OraclePreservation(_OracleReward):
 
   def score(self, batch):
     edits = batch_edits(batch)
-    return {self.name: np.array(
-        [oracle.preservation(src, out, edit.source, edit.target)
-         for src, out, edit in zip(batch.source_images, batch.images, edits)], np.float32)}
+    return {
+      self.name: np.array(
+        [
+          oracle.preservation(src, out, edit.source, edit.target)
+          for src, out, edit in zip(batch.source_images, batch.images, edits)
+        ],
+        np.float32,
+      )
+    }

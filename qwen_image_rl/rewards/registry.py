@@ -13,13 +13,16 @@ The built-in rewards (the tiny world's oracle adapters) register themselves on f
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+from collections.abc import Callable
 
 from qwen_image_rl.rewards.base import RewardFn
 
 _REGISTRY: dict[str, Callable[..., RewardFn]] = {}
-_BUILTIN_MODULES = ('qwen_image_rl.rewards.oracle_rewards', 'qwen_image_rl.judges.rewards',
-                    'qwen_image_rl.rewards.remote')
+_BUILTIN_MODULES = (
+  'qwen_image_rl.rewards.oracle_rewards',
+  'qwen_image_rl.judges.rewards',
+  'qwen_image_rl.rewards.remote',
+)
 
 
 def register_reward(name: str):
@@ -30,8 +33,9 @@ def register_reward(name: str):
   def decorator(factory):
     existing = _REGISTRY.get(name)
     if existing is not None and existing is not factory:
-      raise ValueError(f'reward {name!r} is already registered (by {_qualname(existing)}); '
-                       f'pick another name.')
+      raise ValueError(
+        f'reward {name!r} is already registered (by {_qualname(existing)}); pick another name.'
+      )
     _REGISTRY[name] = factory
     return factory
 
@@ -67,6 +71,8 @@ def make_reward(name: str, **kwargs) -> RewardFn:
   except TypeError as e:
     raise ValueError(f'reward {name!r} rejected its arguments {sorted(kwargs)}: {e}') from e
   if not callable(reward) or not getattr(reward, 'names', None):
-    raise ValueError(f'reward factory {name!r} returned {reward!r}, which is not a reward (needs '
-                     f'__call__ and non-empty `names`).')
+    raise ValueError(
+      f'reward factory {name!r} returned {reward!r}, which is not a reward (needs '
+      f'__call__ and non-empty `names`).'
+    )
   return reward

@@ -48,7 +48,7 @@ import secrets
 import threading
 import time
 import weakref
-from typing import Any, Optional
+from typing import Any
 
 import aiohttp
 import numpy as np
@@ -62,20 +62,30 @@ RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 _DIGITS = 'Answer with a single digit from 1 (worst) to 5 (best).'
 # No-CoT prompts following the paper's rubrics; a CoT judge takes its own via prompt_template.
 PROMPTS = {
-    'alignment': ('Rate how well the image matches the prompt "{prompt}". Check presence and '
-                  'count first, then attributes, then spatial relations, then pose; failing a '
-                  'higher-priority item caps the score low. ' + _DIGITS),
-    'aesthetics': 'Rate the visual quality of the image: sharpness, noise, artefacts. ' + _DIGITS,
-    'portrait': ('Rate the face in the image for the prompt "{prompt}": a well-formed face '
-                 'without distortions scores high. ' + _DIGITS),
-    'instruction_following': ('The first image is the source, the second the edited output. '
-                              'Rate how well the output follows the instruction "{prompt}", '
-                              'core requirements first. ' + _DIGITS),
-    'identity': ('The first image is the source, the second the edited output ("{prompt}"). '
-                 'Rate how well the person keeps their identity. ' + _DIGITS),
-    'preservation': ('The first image is the source, the second the edited output ("{prompt}"). '
-                     'Rate how well everything the instruction does not ask to change is '
-                     'kept. ' + _DIGITS),
+  'alignment': (
+    'Rate how well the image matches the prompt "{prompt}". Check presence and '
+    'count first, then attributes, then spatial relations, then pose; failing a '
+    'higher-priority item caps the score low. ' + _DIGITS
+  ),
+  'aesthetics': 'Rate the visual quality of the image: sharpness, noise, artefacts. ' + _DIGITS,
+  'portrait': (
+    'Rate the face in the image for the prompt "{prompt}": a well-formed face '
+    'without distortions scores high. ' + _DIGITS
+  ),
+  'instruction_following': (
+    'The first image is the source, the second the edited output. '
+    'Rate how well the output follows the instruction "{prompt}", '
+    'core requirements first. ' + _DIGITS
+  ),
+  'identity': (
+    'The first image is the source, the second the edited output ("{prompt}"). '
+    'Rate how well the person keeps their identity. ' + _DIGITS
+  ),
+  'preservation': (
+    'The first image is the source, the second the edited output ("{prompt}"). '
+    'Rate how well everything the instruction does not ask to change is '
+    'kept. ' + _DIGITS
+  ),
 }
 
 
@@ -95,7 +105,7 @@ class _LoopThread:
   """
 
   def __init__(self, name: str):
-    self.session: Optional[aiohttp.ClientSession] = None  # created and used on the loop
+    self.session: aiohttp.ClientSession | None = None  # created and used on the loop
     self.loop = asyncio.new_event_loop()
     self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
     self._thread.start()
@@ -151,37 +161,57 @@ class RemoteReward(RewardFn):
     seed: seeds the backoff jitter.
   """
 
-  def __init__(self, name: str = 'remote', rubric: str = 'alignment',
-               base_url: str = 'http://127.0.0.1:8000/v1', model: str = 'oracle',
-               api_key_env: str = '', max_concurrency: int = 16, timeout_s: float = 60.0,
-               max_retries: int = 4, backoff_base_s: float = 0.5, backoff_max_s: float = 8.0,
-               max_consecutive_failures: int = 16, top_logprobs: int = 5, max_tokens: int = 1,
-               scale: str = 'unit', send_context: bool = True,
-               prompt_template: Optional[str] = None, seed: int = 0):
+  def __init__(
+    self,
+    name: str = 'remote',
+    rubric: str = 'alignment',
+    base_url: str = 'http://127.0.0.1:8000/v1',
+    model: str = 'oracle',
+    api_key_env: str = '',
+    max_concurrency: int = 16,
+    timeout_s: float = 60.0,
+    max_retries: int = 4,
+    backoff_base_s: float = 0.5,
+    backoff_max_s: float = 8.0,
+    max_consecutive_failures: int = 16,
+    top_logprobs: int = 5,
+    max_tokens: int = 1,
+    scale: str = 'unit',
+    send_context: bool = True,
+    prompt_template: str | None = None,
+    seed: int = 0,
+  ):
     if rubric not in context_lib.RUBRICS:
       raise ValueError(f'remote reward rubric={rubric!r}: choose one of {context_lib.RUBRICS}')
     if scale not in protocol.SCALES:
       raise ValueError(f'remote reward scale={scale!r}: choose one of {protocol.SCALES}')
     if not isinstance(base_url, str) or not base_url.startswith(('http://', 'https://')):
       raise ValueError(f'remote reward base_url={base_url!r}: expected http(s)://host:port/v1')
-    for field, value, low in (('max_concurrency', max_concurrency, 1),
-                              ('max_retries', max_retries, 0),
-                              ('max_consecutive_failures', max_consecutive_failures, 1),
-                              ('top_logprobs', top_logprobs, 1), ('max_tokens', max_tokens, 1)):
+    for field, value, low in (
+      ('max_concurrency', max_concurrency, 1),
+      ('max_retries', max_retries, 0),
+      ('max_consecutive_failures', max_consecutive_failures, 1),
+      ('top_logprobs', top_logprobs, 1),
+      ('max_tokens', max_tokens, 1),
+    ):
       if not isinstance(value, int) or value < low:
         raise ValueError(f'remote reward {field}={value!r} must be an int >= {low}')
     if top_logprobs > protocol.MAX_TOP_LOGPROBS:
-      raise ValueError(f'remote reward top_logprobs={top_logprobs} exceeds '
-                       f'{protocol.MAX_TOP_LOGPROBS}')
+      raise ValueError(
+        f'remote reward top_logprobs={top_logprobs} exceeds {protocol.MAX_TOP_LOGPROBS}'
+      )
     if not (timeout_s > 0 and backoff_base_s >= 0 and backoff_max_s >= backoff_base_s):
-      raise ValueError(f'remote reward needs timeout_s > 0 and 0 <= backoff_base_s <= '
-                       f'backoff_max_s; got {timeout_s}, {backoff_base_s}, {backoff_max_s}')
+      raise ValueError(
+        f'remote reward needs timeout_s > 0 and 0 <= backoff_base_s <= '
+        f'backoff_max_s; got {timeout_s}, {backoff_base_s}, {backoff_max_s}'
+      )
     template = PROMPTS[rubric] if prompt_template is None else prompt_template
     try:
       template.format(prompt='')
     except (KeyError, IndexError, ValueError) as e:
-      raise ValueError(f'remote reward prompt_template {template!r}: only {{prompt}} may be '
-                       f'substituted ({e})') from None
+      raise ValueError(
+        f'remote reward prompt_template {template!r}: only {{prompt}} may be substituted ({e})'
+      ) from None
     self.name, self.names = name, (name,)
     self.rubric, self.model, self.scale = rubric, model, scale
     self.url = base_url.rstrip('/') + '/chat/completions'
@@ -206,8 +236,10 @@ class RemoteReward(RewardFn):
     if self.api_key_env:
       key = os.environ.get(self.api_key_env, '')
       if not key:
-        raise RemoteRewardError(f'remote reward {self.name!r}: api_key_env='
-                                f'{self.api_key_env!r} but ${self.api_key_env} is unset or empty')
+        raise RemoteRewardError(
+          f'remote reward {self.name!r}: api_key_env='
+          f'{self.api_key_env!r} but ${self.api_key_env} is unset or empty'
+        )
       headers['Authorization'] = f'Bearer {key}'
     return headers
 
@@ -215,37 +247,46 @@ class RemoteReward(RewardFn):
     """The chat-completions body for sample i."""
     edit = self.rubric in context_lib.EDIT_RUBRICS
     if edit and batch.source_images is None:
-      raise ValueError(f'remote reward {self.name!r} (rubric {self.rubric!r}) needs '
-                       f'batch.source_images')
+      raise ValueError(
+        f'remote reward {self.name!r} (rubric {self.rubric!r}) needs batch.source_images'
+      )
     images = [batch.source_images[i], batch.images[i]] if edit else [batch.images[i]]
     context = None
     if self.send_context:
-      context = context_lib.judge_context(self.rubric, batch.categories[i],
-                                          None if batch.meta is None else batch.meta[i])
-    return protocol.chat_request(self.model, self.template.format(prompt=batch.prompts[i]),
-                                 images, top_logprobs=self.top_logprobs,
-                                 max_tokens=self.max_tokens, context=context)
+      context = context_lib.judge_context(
+        self.rubric, batch.categories[i], None if batch.meta is None else batch.meta[i]
+      )
+    return protocol.chat_request(
+      self.model,
+      self.template.format(prompt=batch.prompts[i]),
+      images,
+      top_logprobs=self.top_logprobs,
+      max_tokens=self.max_tokens,
+      context=context,
+    )
 
   def _backoff(self, attempt: int) -> float:
     return self._rng.uniform(0, min(self.backoff_max_s, self.backoff_base_s * 2**attempt))
 
-  async def _attempt(self, session, data: bytes, request_id: str,
-                     headers: dict) -> Optional[float]:
+  async def _attempt(self, session, data: bytes, request_id: str, headers: dict) -> float | None:
     """One POST; the readout, None for an invalid reply; raises _Retryable or
     RemoteRewardError."""
     try:
-      async with session.post(self.url, data=data,
-                              headers={**headers, 'X-Request-Id': request_id}) as resp:
+      async with session.post(
+        self.url, data=data, headers={**headers, 'X-Request-Id': request_id}
+      ) as resp:
         text = await resp.text(errors='replace')
         status, echoed = resp.status, resp.headers.get('X-Request-Id')
-    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+    except (TimeoutError, aiohttp.ClientError) as e:
       raise _Retryable(f'{type(e).__name__}: {e}') from None
     if status in RETRYABLE_STATUS:
       raise _Retryable(f'HTTP {status}: {text[:200]}')
     if status != 200:
-      raise RemoteRewardError(f'remote reward {self.name!r}: {self.url} answered HTTP {status}: '
-                              f'{text[:500]}; check base_url, model, api_key_env and the '
-                              f'request size')
+      raise RemoteRewardError(
+        f'remote reward {self.name!r}: {self.url} answered HTTP {status}: '
+        f'{text[:500]}; check base_url, model, api_key_env and the '
+        f'request size'
+      )
     if echoed is not None and echoed != request_id:
       raise _Retryable(f'reply is for request {echoed!r}, sent {request_id!r}')
     try:
@@ -254,8 +295,9 @@ class RemoteReward(RewardFn):
       raise _Retryable(f'garbage reply ({e}): {text[:200]!r}') from None
     return protocol.expected_score(content, self.scale)
 
-  async def _one(self, session, slots: asyncio.Semaphore, index: int, data: bytes,
-                 request_id: str, headers: dict) -> _Outcome:
+  async def _one(
+    self, session, slots: asyncio.Semaphore, index: int, data: bytes, request_id: str, headers: dict
+  ) -> _Outcome:
     start, error = None, ''  # latency counts from the first attempt, not the wait for a slot
     for attempt in range(self.max_retries + 1):
       if attempt:
@@ -263,33 +305,44 @@ class RemoteReward(RewardFn):
       async with slots:
         start = time.perf_counter() if start is None else start
         try:
-          value = await asyncio.wait_for(self._attempt(session, data, request_id, headers),
-                                         self.timeout_s)
-        except (_Retryable, asyncio.TimeoutError) as e:
+          value = await asyncio.wait_for(
+            self._attempt(session, data, request_id, headers), self.timeout_s
+          )
+        except (TimeoutError, _Retryable) as e:
           error = str(e) or f'timed out after {self.timeout_s} s'
           continue
       self._consecutive_failures = 0
       status = 'invalid' if value is None else 'ok'
-      return _Outcome(index, float('nan') if value is None else value, status,
-                      time.perf_counter() - start, attempt)
+      return _Outcome(
+        index,
+        float('nan') if value is None else value,
+        status,
+        time.perf_counter() - start,
+        attempt,
+      )
     self._consecutive_failures += 1
     if self._consecutive_failures >= self.max_consecutive_failures:
       raise RemoteRewardError(
-          f'remote reward {self.name!r}: {self._consecutive_failures} consecutive samples failed '
-          f'after {self.max_retries} retries each (last: {error}); is the judge at {self.url} '
-          f'up? Stopping.')
-    return _Outcome(index, float('nan'), 'failed', time.perf_counter() - start,
-                    self.max_retries, error)
+        f'remote reward {self.name!r}: {self._consecutive_failures} consecutive samples failed '
+        f'after {self.max_retries} retries each (last: {error}); is the judge at {self.url} '
+        f'up? Stopping.'
+      )
+    return _Outcome(
+      index, float('nan'), 'failed', time.perf_counter() - start, self.max_retries, error
+    )
 
   async def _score_all(self, bodies: list[bytes], request_ids: list[str]) -> list[_Outcome]:
     headers = self._headers()
     if self._loop.session is None:  # Kept open across calls: connections are reused.
       self._loop.session = aiohttp.ClientSession(
-          connector=aiohttp.TCPConnector(limit=self.max_concurrency),
-          timeout=aiohttp.ClientTimeout(total=None))
+        connector=aiohttp.TCPConnector(limit=self.max_concurrency),
+        timeout=aiohttp.ClientTimeout(total=None),
+      )
     slots = asyncio.Semaphore(self.max_concurrency)
-    tasks = [asyncio.create_task(self._one(self._loop.session, slots, i, body, rid, headers))
-             for i, (body, rid) in enumerate(zip(bodies, request_ids))]
+    tasks = [
+      asyncio.create_task(self._one(self._loop.session, slots, i, body, rid, headers))
+      for i, (body, rid) in enumerate(zip(bodies, request_ids))
+    ]
     try:
       return await asyncio.gather(*tasks)
     finally:
@@ -319,21 +372,29 @@ class RemoteReward(RewardFn):
     return {self.name: np.array([o.value for o in outcomes], np.float64)}
 
   def _record(self, outcomes: list[_Outcome]) -> None:
-    counts = {status: sum(o.status == status for o in outcomes)
-              for status in ('ok', 'invalid', 'failed')}
+    counts = {
+      status: sum(o.status == status for o in outcomes) for status in ('ok', 'invalid', 'failed')
+    }
     retries = sum(o.retries for o in outcomes)
     answered = [o.seconds for o in outcomes if o.status != 'failed']
-    p50, p95 = (np.percentile(answered, [50, 95]) if answered else (float('nan'),) * 2)
+    p50, p95 = np.percentile(answered, [50, 95]) if answered else (float('nan'),) * 2
     with self._totals_lock:
-      for key, value in (('requests', len(outcomes)), ('retries', retries),
-                         ('failures', counts['failed']), ('invalid', counts['invalid'])):
+      for key, value in (
+        ('requests', len(outcomes)),
+        ('retries', retries),
+        ('failures', counts['failed']),
+        ('invalid', counts['invalid']),
+      ):
         self.totals[key] += value
     prefix = f'remote/{self.name}'
     self._local.metrics = {
-        f'{prefix}/latency_p50_s': float(p50), f'{prefix}/latency_p95_s': float(p95),
-        f'{prefix}/requests': float(len(outcomes)), f'{prefix}/retries': float(retries),
-        f'{prefix}/failures': float(counts['failed']),
-        f'{prefix}/invalid': float(counts['invalid'])}
+      f'{prefix}/latency_p50_s': float(p50),
+      f'{prefix}/latency_p95_s': float(p95),
+      f'{prefix}/requests': float(len(outcomes)),
+      f'{prefix}/retries': float(retries),
+      f'{prefix}/failures': float(counts['failed']),
+      f'{prefix}/invalid': float(counts['invalid']),
+    }
 
 
 def _rubric_factory(rubric: str):
@@ -341,6 +402,7 @@ def _rubric_factory(rubric: str):
     kwargs.setdefault('name', f'remote_{rubric}')
     kwargs.setdefault('rubric', rubric)
     return RemoteReward(**kwargs)
+
   make.__qualname__ = f'remote_{rubric}'
   return make
 
@@ -348,4 +410,3 @@ def _rubric_factory(rubric: str):
 register_reward('remote')(RemoteReward)
 for _rubric in context_lib.RUBRICS:
   register_reward(f'remote_{_rubric}')(_rubric_factory(_rubric))
-

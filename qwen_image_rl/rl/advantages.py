@@ -23,7 +23,7 @@ handles unequal group sizes. Rewards must be finite (NaN would propagate into it
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -31,20 +31,19 @@ import numpy as np
 
 from qwen_image_rl.rewards.composite import validate_weights
 
-
 # --- category weights (host-side, checked before any compile) ------------------------------------
 
 
-def category_weight_table(weights: Mapping[str, Mapping[str, float]], categories: Sequence[str],
-                          reward_names: Sequence[str]) -> np.ndarray:
+def category_weight_table(
+  weights: Mapping[str, Mapping[str, float]], categories: Sequence[str], reward_names: Sequence[str]
+) -> np.ndarray:
   """float32 table [len(categories), len(reward_names)] of per-category weights.
 
   Validated by `rewards.composite.validate_weights` (the one rule for weight vectors): a reward
   a category leaves out has weight 0.
   """
   validate_weights(weights, reward_names, categories)
-  return np.array([[weights[c].get(r, 0.0) for r in reward_names] for c in categories],
-                  np.float32)
+  return np.array([[weights[c].get(r, 0.0) for r in reward_names] for c in categories], np.float32)
 
 
 def sample_weights(category_ids, table, reward_names: Sequence[str]) -> dict[str, jax.Array]:
@@ -54,6 +53,7 @@ def sample_weights(category_ids, table, reward_names: Sequence[str]) -> dict[str
 
 
 # --- advantages (jittable) -------------------------------------------------------------------
+
 
 def contiguous_group_ids(batch_size: int, group_size: int) -> np.ndarray:
   """Group ids for a batch laid out as [n_groups, group_size] (rollouts of a prompt adjacent)."""
@@ -75,8 +75,9 @@ def group_normalize(values, group_ids, num_groups: int, *, eps: float = 1e-4, dd
   centred = values - mean_g[group_ids]
   sum_sq = jax.ops.segment_sum(centred * centred, group_ids, num_groups)
   std_g = jnp.sqrt(sum_sq / jnp.maximum(count - ddof, 1.0))
-  range_g = (jax.ops.segment_max(values, group_ids, num_groups)
-             - jax.ops.segment_min(values, group_ids, num_groups))
+  range_g = jax.ops.segment_max(values, group_ids, num_groups) - jax.ops.segment_min(
+    values, group_ids, num_groups
+  )
   normalized = centred / (std_g[group_ids] + eps)
   return normalized, (mean_g, std_g, jnp.where(count > 0, range_g, 0.0), count)
 
@@ -84,9 +85,18 @@ def group_normalize(values, group_ids, num_groups: int, *, eps: float = 1e-4, dd
 STDS = ("group", "batch")
 
 
-def gdpo_advantages(rewards: Mapping[str, jax.Array], weights: Mapping[str, jax.Array], group_ids,
-                    num_groups: int, *, eps: float = 1e-4, ddof: int = 0, whiten: bool = False,
-                    clip: float | None = 5.0, std: str = "group"):
+def gdpo_advantages(
+  rewards: Mapping[str, jax.Array],
+  weights: Mapping[str, jax.Array],
+  group_ids,
+  num_groups: int,
+  *,
+  eps: float = 1e-4,
+  ddof: int = 0,
+  whiten: bool = False,
+  clip: float | None = 5.0,
+  std: str = "group",
+):
   """Multi-reward advantages A [B] and a stats dict.
 
   Args:
@@ -109,8 +119,9 @@ def gdpo_advantages(rewards: Mapping[str, jax.Array], weights: Mapping[str, jax.
     clip_frac}`, `advantage/zero_frac` (samples with A == 0 before clipping).
   """
   if set(rewards) != set(weights):
-    raise ValueError(f"rewards {sorted(rewards)} and weights {sorted(weights)} "
-                     f"must have the same keys.")
+    raise ValueError(
+      f"rewards {sorted(rewards)} and weights {sorted(weights)} must have the same keys."
+    )
   if not rewards:
     raise ValueError("gdpo_advantages needs at least one reward.")
   if std not in STDS:
@@ -121,10 +132,12 @@ def gdpo_advantages(rewards: Mapping[str, jax.Array], weights: Mapping[str, jax.
   for name in sorted(rewards):
     values = jnp.asarray(rewards[name], jnp.float32)
     if values.ndim != 1 or values.shape != group_ids.shape:
-      raise ValueError(f"reward {name!r} has shape {values.shape}; "
-                       f"expected [B] = {group_ids.shape}.")
+      raise ValueError(
+        f"reward {name!r} has shape {values.shape}; expected [B] = {group_ids.shape}."
+      )
     normalized, (mean_g, std_g, range_g, count) = group_normalize(
-        values, group_ids, num_groups, eps=eps, ddof=ddof)
+      values, group_ids, num_groups, eps=eps, ddof=ddof
+    )
     if std == "batch":
       normalized = values - mean_g[group_ids]
     term = jnp.asarray(weights[name], jnp.float32) * normalized

@@ -40,8 +40,10 @@ _COUNTS = ("requests", "retries", "failures", "invalid")
 
 def merge_reward_metrics(per_chunk: dict[str, list[float]]) -> dict[str, float]:
   """One value per metric over an iteration's chunks: counts add up, the rest are averaged."""
-  return {name: float(np.sum(v) if name.rsplit("/", 1)[-1] in _COUNTS else np.mean(v))
-          for name, v in per_chunk.items()}
+  return {
+    name: float(np.sum(v) if name.rsplit("/", 1)[-1] in _COUNTS else np.mean(v))
+    for name, v in per_chunk.items()
+  }
 
 
 def make_reward_pipeline(config, reward_fn):
@@ -57,8 +59,9 @@ class Roller:
   plain ODE with no trained steps.
   """
 
-  def __init__(self, config, pipe, pool: PromptPool, mesh, rules, *,
-               record_transitions: bool = True):
+  def __init__(
+    self, config, pipe, pool: PromptPool, mesh, rules, *, record_transitions: bool = True
+  ):
     self.config, self.pipe, self.pool, self.mesh, self.rules = config, pipe, pool, mesh, rules
     self.record_transitions = record_transitions
     rl = config.rl
@@ -85,10 +88,12 @@ class Roller:
     (the negative prompt, repeated per sample) and ref_latents (editing; else None)."""
     pool = self.pool
     return dict(
-        cond=self.put(pool.cond[pool_index]), mask=self.put(pool.mask[pool_index]),
-        neg_cond=self.put(np.repeat(self.neg_cond[:1], len(pool_index), 0)),
-        neg_mask=self.put(np.repeat(self.neg_mask[:1], len(pool_index), 0)),
-        ref_latents=None if pool.ref_latents is None else self.put(pool.ref_latents[pool_index]))
+      cond=self.put(pool.cond[pool_index]),
+      mask=self.put(pool.mask[pool_index]),
+      neg_cond=self.put(np.repeat(self.neg_cond[:1], len(pool_index), 0)),
+      neg_mask=self.put(np.repeat(self.neg_mask[:1], len(pool_index), 0)),
+      ref_latents=None if pool.ref_latents is None else self.put(pool.ref_latents[pool_index]),
+    )
 
   def initial_noise(self, key):
     """x_T [chunk, S, C]; with rl.shared_initial_noise the G rollouts of a prompt share it.
@@ -99,8 +104,9 @@ class Roller:
     """
     if not self.config.rl.shared_initial_noise:
       return jax.random.normal(key, (self.chunk, self.seq_len, self.channels), jnp.float32)
-    per_group = jax.random.normal(key, (self.chunk // self.group, self.seq_len, self.channels),
-                                  jnp.float32)
+    per_group = jax.random.normal(
+      key, (self.chunk // self.group, self.seq_len, self.channels), jnp.float32
+    )
     return jnp.repeat(per_group, self.group, axis=0)
 
   def train_steps(self, key, iteration: int):
@@ -109,39 +115,66 @@ class Roller:
       return np.zeros((0,), np.int32)
     ts = self.config.rl.timesteps
     idx, _ = select_timesteps(
-        jax.random.fold_in(key, 0), ts.strategy, self.config.rl.num_steps, ts.num_train,
-        ts.first_m, power=ts.power, sigmas=self.sigmas[:-1], window_start=ts.window_start,
-        train_step=iteration, slide_every=ts.slide_every, slide_stride=ts.slide_stride)
+      jax.random.fold_in(key, 0),
+      ts.strategy,
+      self.config.rl.num_steps,
+      ts.num_train,
+      ts.first_m,
+      power=ts.power,
+      sigmas=self.sigmas[:-1],
+      window_start=ts.window_start,
+      train_step=iteration,
+      slide_every=ts.slide_every,
+      slide_stride=ts.slide_stride,
+    )
     return np.asarray(idx)
 
   def prompt_indices(self, iteration: int) -> np.ndarray:
     rl = self.config.rl
-    groups = examples.batch_indices(self.config.seed, iteration, len(self.pool),
-                                    rl.prompts_per_step, stream=3)
+    groups = examples.batch_indices(
+      self.config.seed, iteration, len(self.pool), rl.prompts_per_step, stream=3
+    )
     return np.repeat(groups, self.group)  # the G rollouts of a prompt are adjacent
 
   def reward_batch(self, index, images, ids) -> RewardBatch:
     pool = self.pool
-    return RewardBatch(images=images, prompts=[pool.prompts[i] for i in index],
-                       categories=[pool.categories[i] for i in index], sample_ids=ids,
-                       source_images=None if pool.sources is None else pool.sources[index],
-                       meta=[pool.metas[i] for i in index])
+    return RewardBatch(
+      images=images,
+      prompts=[pool.prompts[i] for i in index],
+      categories=[pool.categories[i] for i in index],
+      sample_ids=ids,
+      source_images=None if pool.sources is None else pool.sources[index],
+      meta=[pool.metas[i] for i in index],
+    )
 
   def rollout_chunk(self, params, key, index, train_idx, c: int):
     """Chunk c of the batch: (RolloutResult, uint8 images)."""
     rl = self.config.rl
     x_T = self.initial_noise(jax.random.fold_in(key, 1 + c))
     res = rl_rollout.rollout(
-        self.pipe.transformer, params, self.put(x_T), self.put(self.pool.cond[index]),
-        self.put(self.pool.mask[index]), self.put(self.neg_cond), self.put(self.neg_mask),
-        self.sigmas, train_idx, jax.random.fold_in(key, 1000 + c), cfg_scale=rl.cfg_scale,
-        cfg_mode=rl.cfg_mode, noise_level=rl.noise_level, img_shapes=self.img_shapes,
-        ref_latents=None if self.pool.ref_latents is None
-        else self.put(self.pool.ref_latents[index]), rules=self.rules, mesh=self.mesh,
-        sde_type=rl.get("sde_type", "flow_grpo"))
+      self.pipe.transformer,
+      params,
+      self.put(x_T),
+      self.put(self.pool.cond[index]),
+      self.put(self.pool.mask[index]),
+      self.put(self.neg_cond),
+      self.put(self.neg_mask),
+      self.sigmas,
+      train_idx,
+      jax.random.fold_in(key, 1000 + c),
+      cfg_scale=rl.cfg_scale,
+      cfg_mode=rl.cfg_mode,
+      noise_level=rl.noise_level,
+      img_shapes=self.img_shapes,
+      ref_latents=None if self.pool.ref_latents is None else self.put(self.pool.ref_latents[index]),
+      rules=self.rules,
+      mesh=self.mesh,
+      sde_type=rl.get("sde_type", "flow_grpo"),
+    )
     with parallel.sharding_context(self.mesh, self.rules):
-      decoded = pipe_common.decode_packed(self.pipe.vae, self.pipe.vae_params,
-                                          res.final_latents, self.latent_h, self.latent_w)
+      decoded = pipe_common.decode_packed(
+        self.pipe.vae, self.pipe.vae_params, res.final_latents, self.latent_h, self.latent_w
+      )
     return res, pipe_common.to_uint8(np.asarray(decoded))
 
   def collect(self, params, key, iteration: int, reward_pipeline) -> Collected:
@@ -173,6 +206,14 @@ class Roller:
     scores = {name: np.concatenate(v) for name, v in scores.items()}
     result = jax.tree.map(lambda *xs: jnp.concatenate(xs), *results)
     result = result.replace(step_indices=results[0].step_indices)
-    return Collected(result, index, ids, scores, np.concatenate(images), rollout_seconds,
-                     reward_seconds, wait,
-                     merge_reward_metrics(reward_metrics))
+    return Collected(
+      result,
+      index,
+      ids,
+      scores,
+      np.concatenate(images),
+      rollout_seconds,
+      reward_seconds,
+      wait,
+      merge_reward_metrics(reward_metrics),
+    )

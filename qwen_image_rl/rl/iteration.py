@@ -26,18 +26,37 @@ from qwen_image_rl import optim, parallel
 from qwen_image_rl.rewards.composite import category_weighted_sum
 from qwen_image_rl.rl import objectives, reward_setup
 from qwen_image_rl.rl.advantages import (
-    contiguous_group_ids, gdpo_advantages, readable_groups, sample_weights, threshold_penalty)
+  contiguous_group_ids,
+  gdpo_advantages,
+  readable_groups,
+  sample_weights,
+  threshold_penalty,
+)
 from qwen_image_rl.rl.collect import Collected, Roller, make_reward_pipeline
 from qwen_image_rl.rl.policy import load_base
 from qwen_image_rl.rl.prompts import PromptPool, build_pool
 
-__all__ = ["RLSetup", "setup", "make_optimizer", "make_update_step", "make_grad_fn", "roll_out", "score", "advantages", "update",
-           "composite_reward", "make_reward_pipeline", "Collected", "shaped_rewards"]
+__all__ = [
+  "Collected",
+  "RLSetup",
+  "advantages",
+  "composite_reward",
+  "make_grad_fn",
+  "make_optimizer",
+  "make_reward_pipeline",
+  "make_update_step",
+  "roll_out",
+  "score",
+  "setup",
+  "shaped_rewards",
+  "update",
+]
 
 
 @dataclasses.dataclass
 class RLSetup:
   """Everything an iteration needs that does not change between iterations."""
+
   config: Any
   pipe: Any  # the base pipeline (its transformer params are the initial policy)
   pool: PromptPool
@@ -77,8 +96,9 @@ def setup(config, mesh, rules) -> RLSetup:
   objective = objectives.get(config.rl.objective)
   pool = build_pool(config, pipe)
   reward_setup.check_categories_covered(weights, pool.categories, "the prompt set")
-  roller = Roller(config, pipe, pool, mesh, rules,
-                  record_transitions=objective.records == "transitions")
+  roller = Roller(
+    config, pipe, pool, mesh, rules, record_transitions=objective.records == "transitions"
+  )
   return RLSetup(config, pipe, pool, reward_fn, weights, objective, roller, mesh, rules)
 
 
@@ -109,6 +129,7 @@ def make_grad_fn(s: RLSetup, objective: str | None = None):
   def grads(params, batch, key):
     with parallel.sharding_context(s.mesh, s.rules):  # as `update`'s step
       return fn(params, batch, key)
+
   return grads
 
 
@@ -172,8 +193,9 @@ def shaped_rewards(s: RLSetup, got: Collected):
   floor = float(shaping.get("identity_floor", 0.0))
   if floor > 0 and "identity" in rewards:
     groups = contiguous_group_ids(s.batch_size, s.rl.group_size)
-    weights["identity"] = np.where(readable_groups(rewards["identity"], groups, floor),
-                                   weights["identity"], 0.0).astype(np.float32)
+    weights["identity"] = np.where(
+      readable_groups(rewards["identity"], groups, floor), weights["identity"], 0.0
+    ).astype(np.float32)
   return rewards, weights
 
 
@@ -184,9 +206,15 @@ def advantages(s: RLSetup, got: Collected):
   rl = s.rl
   rewards, weights = shaped_rewards(s, got)
   adv, stats = gdpo_advantages(
-      rewards, weights, contiguous_group_ids(s.batch_size, rl.group_size), rl.prompts_per_step,
-      eps=rl.adv_eps, whiten=rl.whiten_advantages, clip=rl.adv_clip if rl.adv_clip > 0 else None,
-      std=rl.get("advantage_std", "group"))
+    rewards,
+    weights,
+    contiguous_group_ids(s.batch_size, rl.group_size),
+    rl.prompts_per_step,
+    eps=rl.adv_eps,
+    whiten=rl.whiten_advantages,
+    clip=rl.adv_clip if rl.adv_clip > 0 else None,
+    std=rl.get("advantage_std", "group"),
+  )
   return adv, {f"train/{k}": float(v) for k, v in stats.items() if k.startswith("advantage/")}
 
 
@@ -208,6 +236,7 @@ def update(s: RLSetup, step_fn, state, got: Collected, adv, ref_params=None):
   if s.objective.records == "transitions":
     metrics["rollout/behaviour_log_prob"] = float(jnp.mean(got.result.log_probs))
     old = batch.get("old_log_probs")
-    metrics["rollout/old_log_prob"] = (history[0].get("log_prob_mean", float("nan"))
-                                       if old is None else float(jnp.mean(old)))
+    metrics["rollout/old_log_prob"] = (
+      history[0].get("log_prob_mean", float("nan")) if old is None else float(jnp.mean(old))
+    )
   return state, metrics

@@ -30,7 +30,12 @@ import optax
 from qwen_image_rl.parallel.context import sharding_context
 from qwen_image_rl.parallel.partitioning import DEFAULT_LOGICAL_AXIS_RULES
 from qwen_image_rl.rl.rollout import (
-    LATENT_AXES, STEP_LATENT_AXES, merge_micro_batches, num_micro_batches, split_micro_batches)
+  LATENT_AXES,
+  STEP_LATENT_AXES,
+  merge_micro_batches,
+  num_micro_batches,
+  split_micro_batches,
+)
 from qwen_image_rl.sampling.guidance import guided_velocity
 from qwen_image_rl.sampling.schedule import euler_step
 from qwen_image_rl.train_state import TrainState, keep_if_finite
@@ -59,25 +64,38 @@ def _trajectory(model, img_shapes, params, x_T, cond, mask, sigmas, ref_latents)
 
   def step(x, i):
     x = nn.with_logical_constraint(x, LATENT_AXES)
-    v = guided_velocity(model, params, x, sigmas[i], cond, mask, img_shapes=img_shapes,
-                        ref_latents=ref_latents)
+    v = guided_velocity(
+      model, params, x, sigmas[i], cond, mask, img_shapes=img_shapes, ref_latents=ref_latents
+    )
     return euler_step(x, v, sigmas[i], sigmas[i + 1]), x
 
-  final, states = jax.lax.scan(step, jnp.asarray(x_T, jnp.float32),
-                               jnp.arange(sigmas.shape[0] - 1, dtype=jnp.int32))
+  final, states = jax.lax.scan(
+    step, jnp.asarray(x_T, jnp.float32), jnp.arange(sigmas.shape[0] - 1, dtype=jnp.int32)
+  )
   states = nn.with_logical_constraint(jnp.swapaxes(states, 0, 1), STEP_LATENT_AXES)
   return jax.lax.stop_gradient(states), final
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def jitted_trajectory(model, img_shapes):
   """fn(params, x_T, cond, mask, sigmas, ref_latents) -> (states, final); call it under
   `parallel.sharding_context`."""
   return jax.jit(functools.partial(_trajectory, model, img_shapes))
 
 
-def student_trajectory(model, params, x_T, cond, mask, sigmas, *, img_shapes, ref_latents=None,
-                       mesh=None, rules=DEFAULT_LOGICAL_AXIS_RULES):
+def student_trajectory(
+  model,
+  params,
+  x_T,
+  cond,
+  mask,
+  sigmas,
+  *,
+  img_shapes,
+  ref_latents=None,
+  mesh=None,
+  rules=DEFAULT_LOGICAL_AXIS_RULES,
+):
   """The student's CFG-free Euler ODE from x_T [B, S, C] over sigmas [N + 1].
 
   Returns (states [B, N, S, C]: x_{t_n} for n < N, the states whose velocity the sampler
@@ -102,12 +120,19 @@ def step_velocity(model, params, batch, *, cfg_scale=None, img_shapes):
   x = states.reshape((b * k,) + states.shape[2:])
   sigma = jnp.tile(jnp.asarray(batch["sigmas"], jnp.float32), b)
   guided = cfg_scale is not None
-  v = guided_velocity(model, params, x, sigma, _fold(batch["cond"], k),
-                      _fold(batch.get("mask"), k),
-                      _fold(batch.get("neg_cond"), k) if guided else None,
-                      _fold(batch.get("neg_mask"), k) if guided else None,
-                      cfg_scale=1.0 if cfg_scale is None else cfg_scale,
-                      img_shapes=img_shapes, ref_latents=_fold(batch.get("ref_latents"), k))
+  v = guided_velocity(
+    model,
+    params,
+    x,
+    sigma,
+    _fold(batch["cond"], k),
+    _fold(batch.get("mask"), k),
+    _fold(batch.get("neg_cond"), k) if guided else None,
+    _fold(batch.get("neg_mask"), k) if guided else None,
+    cfg_scale=1.0 if cfg_scale is None else cfg_scale,
+    img_shapes=img_shapes,
+    ref_latents=_fold(batch.get("ref_latents"), k),
+  )
   return v.reshape(states.shape)
 
 
@@ -116,21 +141,31 @@ def _teacher_velocities(model, img_shapes, n, params, batch, cfg_scale):
   per_sample = {k: v for k, v in batch.items() if k != "sigmas"}
 
   def one(micro):
-    return step_velocity(model, params, dict(micro, sigmas=sigmas), cfg_scale=cfg_scale,
-                         img_shapes=img_shapes)
+    return step_velocity(
+      model, params, dict(micro, sigmas=sigmas), cfg_scale=cfg_scale, img_shapes=img_shapes
+    )
+
   return merge_micro_batches(jax.lax.map(one, split_micro_batches(per_sample, n)))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def jitted_teacher_velocities(model, img_shapes, n):
   """fn(params, batch, cfg_scale) -> velocities over n micro-batches; call it under
   `parallel.sharding_context`."""
   return jax.jit(functools.partial(_teacher_velocities, model, img_shapes, n))
 
 
-def teacher_velocities(model, params, batch, *, cfg_scale: float, img_shapes,
-                       micro_batch_size: int | None = None, mesh=None,
-                       rules=DEFAULT_LOGICAL_AXIS_RULES):
+def teacher_velocities(
+  model,
+  params,
+  batch,
+  *,
+  cfg_scale: float,
+  img_shapes,
+  micro_batch_size: int | None = None,
+  mesh=None,
+  rules=DEFAULT_LOGICAL_AXIS_RULES,
+):
   """The teacher's true-CFG velocities [B, K, S, C] at the batch's states, micro-batched.
 
   batch: states [B, K, S, C], sigmas [K], cond [B, T, D], mask [B, T], neg_cond / neg_mask
@@ -140,8 +175,9 @@ def teacher_velocities(model, params, batch, *, cfg_scale: float, img_shapes,
   n = num_micro_batches(batch["states"].shape[0], micro_batch_size)
   batch = {k: v for k, v in batch.items() if v is not None}
   with sharding_context(mesh, rules):
-    return jitted_teacher_velocities(model, img_shapes, n)(params, batch,
-                                                 jnp.asarray(cfg_scale, jnp.float32))
+    return jitted_teacher_velocities(model, img_shapes, n)(
+      params, batch, jnp.asarray(cfg_scale, jnp.float32)
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -170,8 +206,7 @@ def opd_grads(params, model, batch, *, img_shapes, micro_batch_size: int | None 
   grad_fn = jax.value_and_grad(opd_loss, has_aux=True)
 
   def body(acc, micro):
-    (_, metrics), grads = grad_fn(params, model, dict(micro, sigmas=sigmas),
-                                  img_shapes=img_shapes)
+    (_, metrics), grads = grad_fn(params, model, dict(micro, sigmas=sigmas), img_shapes=img_shapes)
     return jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads), metrics
 
   zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
@@ -180,8 +215,9 @@ def opd_grads(params, model, batch, *, img_shapes, micro_batch_size: int | None 
   return grads, jax.tree.map(jnp.mean, per_micro)
 
 
-def make_opd_train_step(model, tx: optax.GradientTransformation, rules, *, img_shapes,
-                        micro_batch_size: int | None = None):
+def make_opd_train_step(
+  model, tx: optax.GradientTransformation, rules, *, img_shapes, micro_batch_size: int | None = None
+):
   """step(state, batch) -> (state, metrics), to be jitted by the caller (donating the state).
 
   A non-finite loss or gradient leaves the state unchanged and reports loss = NaN.
@@ -190,12 +226,14 @@ def make_opd_train_step(model, tx: optax.GradientTransformation, rules, *, img_s
 
   def step(state: TrainState, batch):
     with nn.logical_axis_rules(rules):
-      grads, metrics = opd_grads(state.params, model, batch, img_shapes=img_shapes,
-                                 micro_batch_size=micro_batch_size)
+      grads, metrics = opd_grads(
+        state.params, model, batch, img_shapes=img_shapes, micro_batch_size=micro_batch_size
+      )
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                        opt_state=opt_state)
+    new = state.replace(
+      step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state
+    )
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
     metrics["loss"] = jnp.where(finite, metrics["loss"], jnp.nan)
     metrics["grad_norm"] = grad_norm

@@ -21,13 +21,16 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 def resolve_pipeline_dir(init_from: str) -> str:
   """A diffusers pipeline directory, or a workdir holding export/pipeline."""
   if not init_from:
-    raise ConfigError("config.init_from is required: a diffusers-format pipeline directory "
-                      "(e.g. runs/demo/base/export/pipeline) or a workdir that exported one")
+    raise ConfigError(
+      "config.init_from is required: a diffusers-format pipeline directory "
+      "(e.g. runs/demo/base/export/pipeline) or a workdir that exported one"
+    )
   for candidate in (init_from, os.path.join(init_from, "export", "pipeline")):
     if os.path.isfile(os.path.join(candidate, pipe_common.MODEL_INDEX)):
       return candidate
-  raise ConfigError(f"config.init_from={init_from!r}: no {pipe_common.MODEL_INDEX} there nor in "
-                    f"its export/pipeline")
+  raise ConfigError(
+    f"config.init_from={init_from!r}: no {pipe_common.MODEL_INDEX} there nor in its export/pipeline"
+  )
 
 
 def load_base(config) -> QwenImagePipeline:
@@ -38,7 +41,8 @@ def load_base(config) -> QwenImagePipeline:
   overrides = dict(transformer_overrides(config))
   overrides.setdefault("param_dtype", dtypes["param_dtype"])
   return QwenImagePipeline.from_pretrained(
-      directory, dtype=dtypes["dtype"], vae_dtype=jnp.float32, transformer_overrides=overrides)
+    directory, dtype=dtypes["dtype"], vae_dtype=jnp.float32, transformer_overrides=overrides
+  )
 
 
 def task_pipeline_class(task: str):
@@ -52,9 +56,17 @@ def with_params(pipe, params, cls=None):
     out = copy.copy(pipe)
     out.transformer_params = params
     return out
-  return cls(pipe.transformer, params, pipe.vae, pipe.vae_params, pipe.text_encoder,
-             pipe.text_encoder_params, pipe.tokenizer, pipe.schedule,
-             text_encoder_extra=pipe.text_encoder_extra)
+  return cls(
+    pipe.transformer,
+    params,
+    pipe.vae,
+    pipe.vae_params,
+    pipe.text_encoder,
+    pipe.text_encoder_params,
+    pipe.tokenizer,
+    pipe.schedule,
+    text_encoder_extra=pipe.text_encoder_extra,
+  )
 
 
 def policy_shardings(model, tx, mesh, rules):
@@ -72,7 +84,10 @@ def init_policy_state(model, params, tx, mesh, rules, seed: int):
   with parallel.sharding_context(mesh, rules):
     opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
   rep = shardings.step
-  state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), rep), params=params,
-                     opt_state=opt_state,
-                     rng=jax.device_put(jax.random.key_data(jax.random.key(seed)), rep))
+  state = TrainState(
+    step=jax.device_put(jnp.zeros((), jnp.int32), rep),
+    params=params,
+    opt_state=opt_state,
+    rng=jax.device_put(jax.random.key_data(jax.random.key(seed)), rep),
+  )
   return state, shardings

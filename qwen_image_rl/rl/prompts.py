@@ -4,7 +4,6 @@ encoded once (and, for editing, the source images and their packed latents)."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 import numpy as np
 
@@ -23,8 +22,8 @@ class PromptPool:
   metas: tuple[dict, ...]  # reward metadata: {'spec': ...} or {'edit': ...}
   cond: np.ndarray  # [N, L, D]
   mask: np.ndarray  # [N, L]
-  sources: Optional[np.ndarray] = None  # uint8 [N, H, W, 3] (edit)
-  ref_latents: Optional[np.ndarray] = None  # packed [N, S, C] (edit)
+  sources: np.ndarray | None = None  # uint8 [N, H, W, 3] (edit)
+  ref_latents: np.ndarray | None = None  # packed [N, S, C] (edit)
 
   def __len__(self):
     return len(self.prompts)
@@ -32,9 +31,16 @@ class PromptPool:
 
 def encode_with(pipe, texts, length: int):
   """Prompt conditioning [N, length, D] / [N, length] with `pipe`'s encoder and template."""
-  return encode_fixed_length(pipe.text_encoder, pipe.text_encoder_params, pipe.tokenizer,
-                             texts, template=pipe.TEMPLATE, drop_idx=pipe.drop_idx,
-                             length=length, truncate=True)
+  return encode_fixed_length(
+    pipe.text_encoder,
+    pipe.text_encoder_params,
+    pipe.tokenizer,
+    texts,
+    template=pipe.TEMPLATE,
+    drop_idx=pipe.drop_idx,
+    length=length,
+    truncate=True,
+  )
 
 
 def t2i_pool(config, pipe) -> PromptPool:
@@ -59,10 +65,17 @@ def edit_pool(config, pipe) -> PromptPool:
   cond, mask = encode_with(edit_pipe, ex.instructions, data.max_text_tokens)
   latents = []
   for i in range(0, len(ex), 128):
-    z, _ = edit_pipe.encode_image(ex.sources[i:i + 128], image_area=None)
+    z, _ = edit_pipe.encode_image(ex.sources[i : i + 128], image_area=None)
     latents.append(np.asarray(pipe_common.pack_latents(z)))
-  return PromptPool(ex.instructions, ex.categories, tuple({"edit": e} for e in ex.edits), cond,
-                    mask, sources=ex.sources, ref_latents=np.concatenate(latents))
+  return PromptPool(
+    ex.instructions,
+    ex.categories,
+    tuple({"edit": e} for e in ex.edits),
+    cond,
+    mask,
+    sources=ex.sources,
+    ref_latents=np.concatenate(latents),
+  )
 
 
 def build_pool(config, pipe) -> PromptPool:

@@ -12,7 +12,7 @@ fails before anything compiles.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -25,12 +25,14 @@ from qwen_image_rl.rl.advantages import category_weight_table
 def reward_names(config) -> tuple[str, ...]:
   names = tuple(get_field(config, "rewards.names"))
   if not names:
-    raise ConfigError("config.rewards.names is empty: name at least one reward "
-                      f"(known: {known_rewards()})")
+    raise ConfigError(
+      f"config.rewards.names is empty: name at least one reward (known: {known_rewards()})"
+    )
   unknown = [n for n in names if n not in known_rewards()]
   if unknown:
-    raise ConfigError(f"config.rewards.names has unknown rewards {unknown}; known: "
-                      f"{known_rewards()}")
+    raise ConfigError(
+      f"config.rewards.names has unknown rewards {unknown}; known: {known_rewards()}"
+    )
   if len(set(names)) != len(names):
     raise ConfigError(f"config.rewards.names has duplicates: {list(names)}")
   return names
@@ -40,8 +42,9 @@ def category_weights(config) -> dict[str, dict[str, float]]:
   """Validated {category: {reward: weight}} from config.rl.category_weights."""
   names = reward_names(config)
   raw = get_field(config, "rl.category_weights")
-  weights = {str(c): {str(k): float(v) for k, v in dict(vec).items()} for c, vec in
-             dict(raw).items()}
+  weights = {
+    str(c): {str(k): float(v) for k, v in dict(vec).items()} for c, vec in dict(raw).items()
+  }
   try:
     validate_weights(weights, names)
   except ValueError as e:
@@ -49,12 +52,15 @@ def category_weights(config) -> dict[str, dict[str, float]]:
   return weights
 
 
-def check_categories_covered(weights: Mapping[str, Mapping[str, float]],
-                             categories: Sequence[str], where: str) -> None:
+def check_categories_covered(
+  weights: Mapping[str, Mapping[str, float]], categories: Sequence[str], where: str
+) -> None:
   missing = sorted(set(categories) - set(weights))
   if missing:
-    raise ConfigError(f"{where} has prompts of categories {missing} but "
-                      f"config.rl.category_weights only defines {sorted(weights)}")
+    raise ConfigError(
+      f"{where} has prompts of categories {missing} but "
+      f"config.rl.category_weights only defines {sorted(weights)}"
+    )
 
 
 def build_reward(config) -> CompositeReward:
@@ -63,8 +69,10 @@ def build_reward(config) -> CompositeReward:
   kwargs = dict(get_field(config, "rewards.kwargs", {}) or {})
   unknown = sorted(set(kwargs) - set(names))
   if unknown:
-    raise ConfigError(f"config.rewards.kwargs names rewards {unknown} that are not in "
-                      f"config.rewards.names {list(names)}")
+    raise ConfigError(
+      f"config.rewards.kwargs names rewards {unknown} that are not in "
+      f"config.rewards.names {list(names)}"
+    )
   members = {}
   for name in names:
     try:
@@ -73,9 +81,11 @@ def build_reward(config) -> CompositeReward:
       raise ConfigError(f"config.rewards: {e}") from e
   reward = CompositeReward(members, name="+".join(names))
   if tuple(reward.names) != names:
-    raise ConfigError(f"config.rewards.names {list(names)}: the rewards produce scores "
-                      f"{list(reward.names)}; each reward must produce exactly one score of "
-                      f"its own name")
+    raise ConfigError(
+      f"config.rewards.names {list(names)}: the rewards produce scores "
+      f"{list(reward.names)}; each reward must produce exactly one score of "
+      f"its own name"
+    )
   return reward
 
 

@@ -45,6 +45,7 @@ STEP_LATENT_AXES = ("act_batch", None, "act_length", "act_embed")
 @flax.struct.dataclass
 class RolloutResult:
   """What a rollout keeps for training. B samples, K trained steps, S tokens, C channels."""
+
   final_latents: jax.Array  # [B, S, C] float32, x at sigma = sigmas[N]
   latents_t: jax.Array  # [B, K, S, C] float32, state before each trained step
   latents_next: jax.Array  # [B, K, S, C] float32, state after it (the SDE sample)
@@ -63,8 +64,9 @@ def check_cfg_mode(cfg_mode: str, neg_cond) -> None:
   if cfg_mode not in CFG_MODES:
     raise ValueError(f"cfg_mode={cfg_mode!r}: expected one of {CFG_MODES}.")
   if cfg_mode != "none" and neg_cond is None:
-    raise ValueError(f"cfg_mode={cfg_mode!r} needs a negative prompt (neg_cond); pass one or use "
-                     f"cfg_mode='none'.")
+    raise ValueError(
+      f"cfg_mode={cfg_mode!r} needs a negative prompt (neg_cond); pass one or use cfg_mode='none'."
+    )
 
 
 def policy_is_guided(cfg_mode: str) -> bool:
@@ -95,12 +97,30 @@ def validate_train_idx(train_idx, num_steps: int) -> None:
   if idx.min() < 0 or idx.max() >= num_steps:
     raise ValueError(f"train_idx {idx.tolist()} must lie in [0, {num_steps}) (N = len(sigmas)-1).")
   if np.any(np.diff(idx) <= 0):
-    raise ValueError(f"train_idx {idx.tolist()} must be sorted ascending without repeats "
-                     f"(as rl.timesteps.select_timesteps returns them).")
+    raise ValueError(
+      f"train_idx {idx.tolist()} must be sorted ascending without repeats "
+      f"(as rl.timesteps.select_timesteps returns them)."
+    )
 
 
-def _rollout(model, img_shapes, guided, sde_type, params, x_T, cond, mask, neg_cond, neg_mask,
-             sigmas, train_idx, key, cfg_scale, noise_level, ref_latents):
+def _rollout(
+  model,
+  img_shapes,
+  guided,
+  sde_type,
+  params,
+  x_T,
+  cond,
+  mask,
+  neg_cond,
+  neg_mask,
+  sigmas,
+  train_idx,
+  key,
+  cfg_scale,
+  noise_level,
+  ref_latents,
+):
   sigmas = jnp.asarray(sigmas, jnp.float32)
   train_idx = jnp.asarray(train_idx, jnp.int32)
   b = x_T.shape[0]
@@ -112,9 +132,19 @@ def _rollout(model, img_shapes, guided, sde_type, params, x_T, cond, mask, neg_c
     x, buf_t, buf_next, buf_logp = carry
     x = nn.with_logical_constraint(x, LATENT_AXES)
     t, t_next = sigmas[i], sigmas[i + 1]
-    v = guided_velocity(model, params, x, t, cond, mask, neg_cond if guided else None,
-                        neg_mask, cfg_scale=cfg_scale, img_shapes=img_shapes,
-                        ref_latents=ref_latents)
+    v = guided_velocity(
+      model,
+      params,
+      x,
+      t,
+      cond,
+      mask,
+      neg_cond if guided else None,
+      neg_mask,
+      cfg_scale=cfg_scale,
+      img_shapes=img_shapes,
+      ref_latents=ref_latents,
+    )
     mean, std = step_mean_std(sde_type, x, v, t, t_next, noise_level)
     noise = jax.random.normal(jax.random.fold_in(key, i), x.shape, jnp.float32)
     x_sde = mean + std * noise
@@ -124,37 +154,69 @@ def _rollout(model, img_shapes, guided, sde_type, params, x_T, cond, mask, neg_c
     def store(bufs):
       buf_t, buf_next, buf_logp = bufs
       slot = jnp.argmax(hits)
-      return (buf_t.at[:, slot].set(x), buf_next.at[:, slot].set(x_sde),
-              buf_logp.at[:, slot].set(gaussian_log_prob(x_sde, mean, std)))
+      return (
+        buf_t.at[:, slot].set(x),
+        buf_next.at[:, slot].set(x_sde),
+        buf_logp.at[:, slot].set(gaussian_log_prob(x_sde, mean, std)),
+      )
 
     if k:  # static: an ODE-only rollout records nothing
-      buf_t, buf_next, buf_logp = jax.lax.cond(is_train, store, lambda bufs: bufs,
-                                               (buf_t, buf_next, buf_logp))
+      buf_t, buf_next, buf_logp = jax.lax.cond(
+        is_train, store, lambda bufs: bufs, (buf_t, buf_next, buf_logp)
+      )
     x_new = jnp.where(is_train, x_sde, euler_step(x, v, t, t_next))
-    return (x_new, nn.with_logical_constraint(buf_t, STEP_LATENT_AXES),
-            nn.with_logical_constraint(buf_next, STEP_LATENT_AXES), buf_logp), None
+    return (
+      x_new,
+      nn.with_logical_constraint(buf_t, STEP_LATENT_AXES),
+      nn.with_logical_constraint(buf_next, STEP_LATENT_AXES),
+      buf_logp,
+    ), None
 
   init = (x, zeros, zeros, jnp.zeros((b, k), jnp.float32))
   (x, buf_t, buf_next, buf_logp), _ = jax.lax.scan(
-      step, init, jnp.arange(sigmas.shape[0] - 1, dtype=jnp.int32))
+    step, init, jnp.arange(sigmas.shape[0] - 1, dtype=jnp.int32)
+  )
   step_sigmas = jnp.broadcast_to(sigmas[train_idx], (b, k))
   step_sigmas_next = jnp.broadcast_to(sigmas[train_idx + 1], (b, k))
-  return RolloutResult(final_latents=x, latents_t=buf_t, latents_next=buf_next,
-                       log_probs=buf_logp, sigmas=step_sigmas, sigmas_next=step_sigmas_next,
-                       step_indices=train_idx)
+  return RolloutResult(
+    final_latents=x,
+    latents_t=buf_t,
+    latents_next=buf_next,
+    log_probs=buf_logp,
+    sigmas=step_sigmas,
+    sigmas_next=step_sigmas_next,
+    step_indices=train_idx,
+  )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def jitted_rollout(model, img_shapes, guided: bool, sde_type: str = "flow_grpo"):
   """fn(params, x_T, cond, mask, neg_cond, neg_mask, sigmas, train_idx, key, cfg_scale,
   noise_level, ref_latents) -> RolloutResult; call it under `parallel.sharding_context`."""
   return jax.jit(functools.partial(_rollout, model, img_shapes, guided, sde_type))
 
 
-def rollout(model, params, x_T, cond, mask, neg_cond, neg_mask, sigmas, train_idx, key, *,
-            cfg_scale: float, cfg_mode: str, noise_level: float, img_shapes,
-            ref_latents=None, rules=DEFAULT_LOGICAL_AXIS_RULES, mesh=None,
-            sde_type: str = "flow_grpo") -> RolloutResult:
+def rollout(
+  model,
+  params,
+  x_T,
+  cond,
+  mask,
+  neg_cond,
+  neg_mask,
+  sigmas,
+  train_idx,
+  key,
+  *,
+  cfg_scale: float,
+  cfg_mode: str,
+  noise_level: float,
+  img_shapes,
+  ref_latents=None,
+  rules=DEFAULT_LOGICAL_AXIS_RULES,
+  mesh=None,
+  sde_type: str = "flow_grpo",
+) -> RolloutResult:
   """Sample B trajectories; SDE on the steps `train_idx`, Euler ODE on the others.
 
   Args:
@@ -190,10 +252,20 @@ def rollout(model, params, x_T, cond, mask, neg_cond, neg_mask, sigmas, train_id
     neg_cond = neg_mask = None
   fn = jitted_rollout(model, img_shapes, rollout_is_guided(cfg_mode), sde_type)
   with sharding_context(mesh, rules):
-    return fn(params, x_T, cond, mask, neg_cond, neg_mask, sigmas, train_idx, key,
-              jnp.asarray(cfg_scale, jnp.float32), jnp.asarray(noise_level, jnp.float32),
-              ref_latents)
-
+    return fn(
+      params,
+      x_T,
+      cond,
+      mask,
+      neg_cond,
+      neg_mask,
+      sigmas,
+      train_idx,
+      key,
+      jnp.asarray(cfg_scale, jnp.float32),
+      jnp.asarray(noise_level, jnp.float32),
+      ref_latents,
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -201,8 +273,17 @@ def rollout(model, params, x_T, cond, mask, neg_cond, neg_mask, sigmas, train_id
 # ------------------------------------------------------------------------------------------
 
 
-def transition_log_probs(model, params, batch, *, cfg_mode: str, cfg_scale, noise_level,
-                         img_shapes, sde_type: str = "flow_grpo"):
+def transition_log_probs(
+  model,
+  params,
+  batch,
+  *,
+  cfg_mode: str,
+  cfg_scale,
+  noise_level,
+  img_shapes,
+  sde_type: str = "flow_grpo",
+):
   """Log-probs of the stored transitions under the policy's objective branch.
 
   The K steps of each sample are folded into the batch: one forward of b * K tokens sets.
@@ -223,10 +304,19 @@ def transition_log_probs(model, params, batch, *, cfg_mode: str, cfg_scale, nois
   t = fold(batch["sigmas"])
   t_next = fold(batch["sigmas_next"])
   guided = policy_is_guided(cfg_mode)
-  v = guided_velocity(model, params, x, t, repeat(batch["cond"]), repeat(batch.get("mask")),
-                      repeat(batch.get("neg_cond")) if guided else None,
-                      repeat(batch.get("neg_mask")) if guided else None, cfg_scale=cfg_scale,
-                      img_shapes=img_shapes, ref_latents=repeat(batch.get("ref_latents")))
+  v = guided_velocity(
+    model,
+    params,
+    x,
+    t,
+    repeat(batch["cond"]),
+    repeat(batch.get("mask")),
+    repeat(batch.get("neg_cond")) if guided else None,
+    repeat(batch.get("neg_mask")) if guided else None,
+    cfg_scale=cfg_scale,
+    img_shapes=img_shapes,
+    ref_latents=repeat(batch.get("ref_latents")),
+  )
   mean, std = step_mean_std(sde_type, x, v, t, t_next, noise_level)
   log_probs = gaussian_log_prob(fold(batch["latents_next"]), mean, std)
   unfold = lambda a: a.reshape((b, k) + a.shape[1:])
@@ -242,8 +332,9 @@ def num_micro_batches(batch_size: int, micro_batch_size: int | None) -> int:
   if micro_batch_size is None:
     return 1
   if micro_batch_size < 1 or batch_size % micro_batch_size:
-    raise ValueError(f"micro_batch_size={micro_batch_size} must divide the batch size "
-                     f"{batch_size}.")
+    raise ValueError(
+      f"micro_batch_size={micro_batch_size} must divide the batch size {batch_size}."
+    )
   return batch_size // micro_batch_size
 
 
@@ -253,53 +344,86 @@ def split_micro_batches(tree, n: int):
   Strided rather than contiguous so that, with the batch sharded in contiguous blocks over the
   data-parallel devices, every micro-batch is spread over all devices.
   """
+
   def one(a):
     a = jnp.asarray(a)
     return jnp.swapaxes(a.reshape((a.shape[0] // n, n) + a.shape[1:]), 0, 1)
+
   return jax.tree.map(one, tree)
 
 
 def merge_micro_batches(tree):
   """Inverse of `split_micro_batches`: [n, m, ...] -> [n * m, ...] in the original order."""
+
   def one(a):
     a = jnp.swapaxes(a, 0, 1)
     return a.reshape((a.shape[0] * a.shape[1],) + a.shape[2:])
+
   return jax.tree.map(one, tree)
 
 
-def rollout_batch(result: RolloutResult, cond, mask=None, neg_cond=None, neg_mask=None,
-                  ref_latents=None, **extra) -> dict[str, Any]:
+def rollout_batch(
+  result: RolloutResult, cond, mask=None, neg_cond=None, neg_mask=None, ref_latents=None, **extra
+) -> dict[str, Any]:
   """The per-sample training batch (every leaf has leading dim B) for a rollout."""
-  batch = dict(latents_t=result.latents_t, latents_next=result.latents_next,
-               sigmas=result.sigmas, sigmas_next=result.sigmas_next, cond=cond, mask=mask,
-               neg_cond=neg_cond, neg_mask=neg_mask, ref_latents=ref_latents)
+  batch = dict(
+    latents_t=result.latents_t,
+    latents_next=result.latents_next,
+    sigmas=result.sigmas,
+    sigmas_next=result.sigmas_next,
+    cond=cond,
+    mask=mask,
+    neg_cond=neg_cond,
+    neg_mask=neg_mask,
+    ref_latents=ref_latents,
+  )
   batch.update(extra)
   return batch
 
 
-def _old_log_probs(model, img_shapes, cfg_mode, n, sde_type, params, batch, cfg_scale,
-                   noise_level):
+def _old_log_probs(model, img_shapes, cfg_mode, n, sde_type, params, batch, cfg_scale, noise_level):
   def one(micro):
-    return transition_log_probs(model, params, micro, cfg_mode=cfg_mode, cfg_scale=cfg_scale,
-                                noise_level=noise_level, img_shapes=img_shapes,
-                                sde_type=sde_type)[0]
+    return transition_log_probs(
+      model,
+      params,
+      micro,
+      cfg_mode=cfg_mode,
+      cfg_scale=cfg_scale,
+      noise_level=noise_level,
+      img_shapes=img_shapes,
+      sde_type=sde_type,
+    )[0]
+
   per_micro = jax.lax.map(one, split_micro_batches(batch, n))
   return merge_micro_batches(per_micro)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def jitted_old_log_probs(model, img_shapes, cfg_mode, n, sde_type="flow_grpo"):
   """fn(params, batch, cfg_scale, noise_level) -> [B, K] policy log-probs, micro-batched;
   call it under `parallel.sharding_context`."""
   return jax.jit(functools.partial(_old_log_probs, model, img_shapes, cfg_mode, n, sde_type))
 
 
-def recompute_old_log_probs(model, params, result: RolloutResult, cond, mask, neg_cond=None,
-                            neg_mask=None, *, cfg_mode: str, cfg_scale: float,
-                            noise_level: float, img_shapes, ref_latents=None,
-                            micro_batch_size: int | None = None,
-                            rules=DEFAULT_LOGICAL_AXIS_RULES, mesh=None,
-                            sde_type: str = "flow_grpo"):
+def recompute_old_log_probs(
+  model,
+  params,
+  result: RolloutResult,
+  cond,
+  mask,
+  neg_cond=None,
+  neg_mask=None,
+  *,
+  cfg_mode: str,
+  cfg_scale: float,
+  noise_level: float,
+  img_shapes,
+  ref_latents=None,
+  micro_batch_size: int | None = None,
+  rules=DEFAULT_LOGICAL_AXIS_RULES,
+  mesh=None,
+  sde_type: str = "flow_grpo",
+):
   """Old log-probs [B, K] of the stored transitions under the policy's objective branch.
 
   'rollout_only' and 'none' use the conditional velocity, 'both' the CFG one. Pass the train
@@ -317,5 +441,6 @@ def recompute_old_log_probs(model, params, result: RolloutResult, cond, mask, ne
   policy_mode = "both" if policy_is_guided(cfg_mode) else "none"
   fn = jitted_old_log_probs(model, img_shapes, policy_mode, n, sde_type)
   with sharding_context(mesh, rules):
-    return fn(params, batch, jnp.asarray(cfg_scale, jnp.float32),
-              jnp.asarray(noise_level, jnp.float32))
+    return fn(
+      params, batch, jnp.asarray(cfg_scale, jnp.float32), jnp.asarray(noise_level, jnp.float32)
+    )

@@ -17,5 +17,4 @@ def route_task(seed: int, iteration: int, t2i_fraction: float, block: int = 1) -
   """
   u = np.random.default_rng([seed, 11]).random()
   j = iteration // max(int(block), 1)
-  return "t2i" if np.floor((j + 1) * t2i_fraction + u) - np.floor(j * t2i_fraction + u) else \
-      "edit"
+  return "t2i" if np.floor((j + 1) * t2i_fraction + u) - np.floor(j * t2i_fraction + u) else "edit"

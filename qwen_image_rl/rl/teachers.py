@@ -31,13 +31,17 @@ HOST_MEMORY_KIND = "pinned_host"
 def resolve_teacher(task: str, path: str) -> str:
   """The pipeline directory config.teachers.<task> names (itself or its export/pipeline)."""
   if not path:
-    raise ConfigError(f"config.teachers.{task} is empty: name the {task} teacher's exported "
-                      f"pipeline (e.g. runs/demo/rl_{task}/export/pipeline) or its workdir")
+    raise ConfigError(
+      f"config.teachers.{task} is empty: name the {task} teacher's exported "
+      f"pipeline (e.g. runs/demo/rl_{task}/export/pipeline) or its workdir"
+    )
   for candidate in (path, os.path.join(path, "export", "pipeline")):
     if os.path.isfile(os.path.join(candidate, pipe_common.MODEL_INDEX)):
       return candidate
-  raise ConfigError(f"config.teachers.{task}={path!r}: teacher not found (no "
-                    f"{pipe_common.MODEL_INDEX} there nor in its export/pipeline)")
+  raise ConfigError(
+    f"config.teachers.{task}={path!r}: teacher not found (no "
+    f"{pipe_common.MODEL_INDEX} there nor in its export/pipeline)"
+  )
 
 
 def architecture(directory: str) -> dict:
@@ -65,8 +69,10 @@ def check_teachers(teachers: dict[str, str], student_dir: str) -> dict[str, str]
     diff = {k: (arch[k], student[k]) for k in student if arch[k] != student[k]}
     if diff:
       what = ", ".join(f"{k} {t} (student {s})" for k, (t, s) in diff.items())
-      raise ConfigError(f"config.teachers.{task}={path!r}: the teacher's architecture differs "
-                        f"from the student's (config.init_from): {what}")
+      raise ConfigError(
+        f"config.teachers.{task}={path!r}: the teacher's architecture differs "
+        f"from the student's (config.init_from): {what}"
+      )
     dirs[task] = directory
   return dirs
 
@@ -82,8 +88,9 @@ def host_memory_supported() -> bool:
 def to_host(params, shardings):
   """params off the device: pinned-host arrays with the device layout, or numpy."""
   if host_memory_supported():
-    return jax.device_put(params, jax.tree.map(
-        lambda s: s.with_memory_kind(HOST_MEMORY_KIND), shardings))
+    return jax.device_put(
+      params, jax.tree.map(lambda s: s.with_memory_kind(HOST_MEMORY_KIND), shardings)
+    )
   return jax.tree.map(np.asarray, jax.device_get(params))
 
 
@@ -106,8 +113,9 @@ class TeacherBank:
     by_dir, host = {}, {}
     for task, directory in dirs.items():
       if directory not in by_dir:
-        _, params = load_transformer(os.path.join(directory, "transformer"), dtype=dtype,
-                                     **(overrides or {}))
+        _, params = load_transformer(
+          os.path.join(directory, "transformer"), dtype=dtype, **(overrides or {})
+        )
         by_dir[directory] = to_host(params, shardings)
       host[task] = by_dir[directory]
     return cls(host, shardings, dirs)
@@ -135,5 +143,7 @@ class TeacherBank:
     """Whether any of the task's teacher params live in device memory."""
     if task == self.active_task:
       return True
-    return any(isinstance(x, jax.Array) and x.sharding.memory_kind not in (HOST_MEMORY_KIND,)
-               for x in jax.tree.leaves(self.host[task]))
+    return any(
+      isinstance(x, jax.Array) and x.sharding.memory_kind not in (HOST_MEMORY_KIND,)
+      for x in jax.tree.leaves(self.host[task])
+    )

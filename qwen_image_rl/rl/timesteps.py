@@ -27,9 +27,16 @@ import numpy as np
 STRATEGIES = ("all", "uniform", "high_noise", "window", "sliding")
 
 
-def validate_timestep_config(strategy: str, num_train: int | None, first_m: int | None,
-                             num_steps: int, *, window_start: int = 0, slide_every: int = 1,
-                             where: str = "rl.timesteps") -> None:
+def validate_timestep_config(
+  strategy: str,
+  num_train: int | None,
+  first_m: int | None,
+  num_steps: int,
+  *,
+  window_start: int = 0,
+  slide_every: int = 1,
+  where: str = "rl.timesteps",
+) -> None:
   """Raises ValueError naming the offending field. K = num_train, M = first_m, N = num_steps."""
   if strategy not in STRATEGIES:
     raise ValueError(f"{where}.strategy={strategy!r} is unknown; choose one of {STRATEGIES}.")
@@ -38,25 +45,32 @@ def validate_timestep_config(strategy: str, num_train: int | None, first_m: int 
   if num_train is None or not isinstance(num_train, (int, np.integer)) or num_train < 1:
     raise ValueError(f"{where}.num_train (K) = {num_train!r}: must be a positive integer.")
   if num_train > num_steps:
-    raise ValueError(f"{where}.num_train (K={num_train}) > num_steps (N={num_steps}): "
-                     "cannot train on more steps than the rollout has.")
+    raise ValueError(
+      f"{where}.num_train (K={num_train}) > num_steps (N={num_steps}): "
+      "cannot train on more steps than the rollout has."
+    )
   if strategy == "all" and num_train != num_steps:
-    raise ValueError(f"{where}.num_train (K={num_train}) must equal num_steps (N={num_steps}) "
-                     "for strategy 'all'.")
+    raise ValueError(
+      f"{where}.num_train (K={num_train}) must equal num_steps (N={num_steps}) for strategy 'all'."
+    )
   if first_m is not None:
     if not isinstance(first_m, (int, np.integer)) or first_m < 1:
       raise ValueError(f"{where}.first_m (M) = {first_m!r}: must be a positive integer or None.")
     if first_m > num_steps:
       raise ValueError(f"{where}.first_m (M={first_m}) > num_steps (N={num_steps}).")
     if num_train > first_m:
-      raise ValueError(f"{where}.num_train (K={num_train}) > first_m (M={first_m}): "
-                       "cannot pick K distinct steps from the first M.")
+      raise ValueError(
+        f"{where}.num_train (K={num_train}) > first_m (M={first_m}): "
+        "cannot pick K distinct steps from the first M."
+      )
   if strategy in ("window", "sliding"):
     region = num_steps if first_m is None else first_m
     if window_start < 0 or window_start + num_train > region:
-      raise ValueError(f"{where}.window_start={window_start}: the window [start, start+K) = "
-                       f"[{window_start}, {window_start + num_train}) must lie in the first "
-                       f"{region} steps (first_m, or num_steps when first_m is None).")
+      raise ValueError(
+        f"{where}.window_start={window_start}: the window [start, start+K) = "
+        f"[{window_start}, {window_start + num_train}) must lie in the first "
+        f"{region} steps (first_m, or num_steps when first_m is None)."
+      )
   if strategy == "sliding" and slide_every < 1:
     raise ValueError(f"{where}.slide_every={slide_every}: must be >= 1.")
 
@@ -84,16 +98,28 @@ def _top_k_without_replacement(key, logits, k: int):
   return indices
 
 
-def select_timesteps(key, strategy: str, num_steps: int, num_train: int, first_m: int | None = None,
-                     *, power: float = 1.0, sigmas=None, window_start: int = 0, train_step=0,
-                     slide_every: int = 1, slide_stride: int = 1):
+def select_timesteps(
+  key,
+  strategy: str,
+  num_steps: int,
+  num_train: int,
+  first_m: int | None = None,
+  *,
+  power: float = 1.0,
+  sigmas=None,
+  window_start: int = 0,
+  train_step=0,
+  slide_every: int = 1,
+  slide_stride: int = 1,
+):
   """Step indices to train on: (int32 [K] sorted ascending, bool mask [N]).
 
   `strategy`, `num_steps`, `num_train`, `first_m` and the window settings are static; `key`,
   `sigmas` and `train_step` may be traced. Call `validate_timestep_config` once on the host first.
   """
-  validate_timestep_config(strategy, num_train, first_m, num_steps, window_start=window_start,
-                           slide_every=slide_every)
+  validate_timestep_config(
+    strategy, num_train, first_m, num_steps, window_start=window_start, slide_every=slide_every
+  )
   region = num_steps if first_m is None else first_m
   if strategy == "all":
     indices = jnp.arange(num_steps, dtype=jnp.int32)

@@ -56,8 +56,9 @@ def velocity(model, params, x, sigma, cond, mask, img_shapes, ref_latents=None):
   """
   b = x.shape[0]
   inputs = x if ref_latents is None else jnp.concatenate([x, ref_latents.astype(x.dtype)], 1)
-  out = model.apply({"params": params}, inputs.astype(model.dtype), cond, mask,
-                    model_timestep(sigma, b), img_shapes)
+  out = model.apply(
+    {"params": params}, inputs.astype(model.dtype), cond, mask, model_timestep(sigma, b), img_shapes
+  )
   return out.astype(jnp.float32)
 
 
@@ -81,8 +82,20 @@ def cfg_batch(cond, mask, neg_cond, neg_mask):
   return jnp.concatenate([c1, c2]), jnp.concatenate([m1, m2])
 
 
-def guided_velocity(model, params, x, sigma, cond, mask, neg_cond=None, neg_mask=None, *,
-                    cfg_scale=1.0, img_shapes, ref_latents=None):
+def guided_velocity(
+  model,
+  params,
+  x,
+  sigma,
+  cond,
+  mask,
+  neg_cond=None,
+  neg_mask=None,
+  *,
+  cfg_scale=1.0,
+  img_shapes,
+  ref_latents=None,
+):
   """Qwen-Image's norm-rescaled true-CFG velocity, or the conditional one when neg_cond is None.
 
   The conditional and negative branches run as one forward of batch 2B (the shorter text padded
@@ -93,8 +106,9 @@ def guided_velocity(model, params, x, sigma, cond, mask, neg_cond=None, neg_mask
     return velocity(model, params, x, sigma, cond, mask, img_shapes, ref_latents)
   b = x.shape[0]
   text, text_mask = cfg_batch(cond, mask, neg_cond, neg_mask)
-  double = lambda a: None if a is None else jnp.concatenate([a, a])  # noqa: E731
+  double = lambda a: None if a is None else jnp.concatenate([a, a])
   t = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), (b,))
-  v = velocity(model, params, double(x), double(t), text, text_mask, img_shapes,
-               double(ref_latents))
+  v = velocity(
+    model, params, double(x), double(t), text, text_mask, img_shapes, double(ref_latents)
+  )
   return true_cfg(v[:b], v[b:], cfg_scale)

@@ -23,7 +23,8 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -31,27 +32,31 @@ import numpy as np
 # Keys of a diffusers scheduler_config.json that we read, with diffusers' class defaults (which
 # are also the pipeline's `config.get(...)` fallbacks).
 _DEFAULTS = dict(
-    num_train_timesteps=1000,
-    shift=1.0,
-    use_dynamic_shifting=False,
-    base_shift=0.5,
-    max_shift=1.15,
-    base_image_seq_len=256,
-    max_image_seq_len=4096,
-    shift_terminal=None,
-    time_shift_type="exponential",
+  num_train_timesteps=1000,
+  shift=1.0,
+  use_dynamic_shifting=False,
+  base_shift=0.5,
+  max_shift=1.15,
+  base_image_seq_len=256,
+  max_image_seq_len=4096,
+  shift_terminal=None,
+  time_shift_type="exponential",
 )
 # Scheduler options we do not implement; a config that turns one on is rejected, not ignored.
 _UNSUPPORTED_TRUE_FLAGS = (
-    "invert_sigmas", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
-    "stochastic_sampling",
+  "invert_sigmas",
+  "use_karras_sigmas",
+  "use_exponential_sigmas",
+  "use_beta_sigmas",
+  "stochastic_sampling",
 )
 # Bookkeeping keys that carry no schedule information.
 _IGNORED_KEYS = ("_class_name", "_diffusers_version")
 
 
-def packed_image_seq_len(height: int, width: int, vae_scale_factor: int = 8,
-                         patch_size: int = 2) -> int:
+def packed_image_seq_len(
+  height: int, width: int, vae_scale_factor: int = 8, patch_size: int = 2
+) -> int:
   """Number of packed latent tokens for an image, as the pipeline's `latents.shape[1]`."""
   step = vae_scale_factor * patch_size
   return (height // step) * (width // step)
@@ -74,39 +79,47 @@ class FlowMatchSchedule:
   def __post_init__(self):
     if self.time_shift_type not in ("exponential", "linear"):
       raise ValueError(
-          f"scheduler time_shift_type={self.time_shift_type!r}: must be 'exponential' or 'linear'.")
+        f"scheduler time_shift_type={self.time_shift_type!r}: must be 'exponential' or 'linear'."
+      )
     if self.shift_terminal is not None and not 0.0 <= self.shift_terminal < 1.0:
-      raise ValueError(f"scheduler shift_terminal={self.shift_terminal}: "
-                       f"must be in [0, 1) or None.")
+      raise ValueError(
+        f"scheduler shift_terminal={self.shift_terminal}: must be in [0, 1) or None."
+      )
     if self.use_dynamic_shifting:
       if self.base_shift is None or self.max_shift is None:
-        raise ValueError("scheduler use_dynamic_shifting=True needs base_shift and max_shift "
-                         "(got None).")
+        raise ValueError(
+          "scheduler use_dynamic_shifting=True needs base_shift and max_shift (got None)."
+        )
       if self.max_image_seq_len == self.base_image_seq_len:
         raise ValueError("scheduler max_image_seq_len must differ from base_image_seq_len.")
 
   # --- construction -------------------------------------------------------------------------
 
   @classmethod
-  def from_config(cls, config: Mapping[str, Any]) -> "FlowMatchSchedule":
+  def from_config(cls, config: Mapping[str, Any]) -> FlowMatchSchedule:
     """From a diffusers scheduler_config.json dict; missing keys take diffusers' defaults."""
     for flag in _UNSUPPORTED_TRUE_FLAGS:
       if config.get(flag):
-        raise ValueError(f"scheduler config sets {flag}=True, "
-                         f"which FlowMatchSchedule does not support.")
+        raise ValueError(
+          f"scheduler config sets {flag}=True, which FlowMatchSchedule does not support."
+        )
     class_name = config.get("_class_name")
     if class_name not in (None, "FlowMatchEulerDiscreteScheduler"):
       raise ValueError(
-          f"scheduler config _class_name={class_name!r}: "
-          f"only FlowMatchEulerDiscreteScheduler is supported.")
+        f"scheduler config _class_name={class_name!r}: "
+        f"only FlowMatchEulerDiscreteScheduler is supported."
+      )
     kwargs = {k: config.get(k, default) for k, default in _DEFAULTS.items()}
     return cls(**kwargs)
 
   @classmethod
-  def from_json(cls, path: str) -> "FlowMatchSchedule":
+  def from_json(cls, path: str) -> FlowMatchSchedule:
     """From a scheduler_config.json, a `scheduler/` folder, or a diffusers model root folder."""
-    candidates = [path, os.path.join(path, "scheduler_config.json"),
-                  os.path.join(path, "scheduler", "scheduler_config.json")]
+    candidates = [
+      path,
+      os.path.join(path, "scheduler_config.json"),
+      os.path.join(path, "scheduler", "scheduler_config.json"),
+    ]
     for candidate in candidates:
       if os.path.isfile(candidate):
         with open(candidate) as f:

@@ -78,8 +78,9 @@ def sde_step_mean_std(x, v, t, t_next, noise_level, sigma_max_t=None):
   sigma = sde_sigma(t_b, t_next_b, noise_level, sigma_max_b)
   delta = t_b - t_next_b
   sigma_sq = sigma * sigma
-  mean = (x * (1.0 - sigma_sq * delta / (2.0 * t_b))
-          - v * delta * (1.0 + sigma_sq * (1.0 - t_b) / (2.0 * t_b)))
+  mean = x * (1.0 - sigma_sq * delta / (2.0 * t_b)) - v * delta * (
+    1.0 + sigma_sq * (1.0 - t_b) / (2.0 * t_b)
+  )
   std = sigma * jnp.sqrt(delta)
   return mean, std
 
@@ -100,7 +101,7 @@ def cps_step_mean_std(x, v, t, t_next, noise_level):
   std = t_next_b * jnp.sin(noise_level * (math.pi / 2.0))
   x0_hat = x - t_b * v
   eps_hat = x + (1.0 - t_b) * v
-  mean = (1.0 - t_next_b) * x0_hat + jnp.sqrt(jnp.maximum(t_next_b ** 2 - std ** 2, 0.0)) * eps_hat
+  mean = (1.0 - t_next_b) * x0_hat + jnp.sqrt(jnp.maximum(t_next_b**2 - std**2, 0.0)) * eps_hat
   return mean, std
 
 

@@ -12,14 +12,16 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 
 class Batcher:
   """`await batcher.submit(item)` -> `score_fn([items...])[i]`, batched across callers."""
 
-  def __init__(self, score_fn: Callable[[Sequence[Any]], list], max_batch: int = 32,
-               max_wait_s: float = 0.002):
+  def __init__(
+    self, score_fn: Callable[[Sequence[Any]], list], max_batch: int = 32, max_wait_s: float = 0.002
+  ):
     if max_batch < 1:
       raise ValueError(f'max_batch={max_batch} must be >= 1')
     self._score_fn = score_fn
@@ -58,7 +60,7 @@ class Batcher:
         break
       try:
         batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-      except asyncio.TimeoutError:
+      except TimeoutError:
         break
     return [(item, fut) for item, fut in batch if not fut.done()]  # drop cancelled callers
 

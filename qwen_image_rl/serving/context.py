@@ -10,7 +10,8 @@ next to the prompt text instead of being parsed back from it. A learned judge ig
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 from qwen_image_rl.data import edits as edits_lib
 from qwen_image_rl.data import world
@@ -21,16 +22,24 @@ RUBRICS = T2I_RUBRICS + EDIT_RUBRICS
 
 
 def edit_to_dict(edit: edits_lib.Edit) -> dict:
-  return {'kind': edit.kind, 'source': world.to_dict(edit.source),
-          'instruction': edit.instruction, 'target': world.to_dict(edit.target)}
+  return {
+    'kind': edit.kind,
+    'source': world.to_dict(edit.source),
+    'instruction': edit.instruction,
+    'target': world.to_dict(edit.target),
+  }
 
 
 def edit_from_dict(d: Mapping[str, Any]) -> edits_lib.Edit:
-  return edits_lib.Edit(kind=d['kind'], source=world.from_dict(d['source']),
-                        instruction=d['instruction'], target=world.from_dict(d['target']))
+  return edits_lib.Edit(
+    kind=d['kind'],
+    source=world.from_dict(d['source']),
+    instruction=d['instruction'],
+    target=world.from_dict(d['target']),
+  )
 
 
-def judge_context(rubric: str, category: str, meta: Optional[Mapping[str, Any]]) -> dict:
+def judge_context(rubric: str, category: str, meta: Mapping[str, Any] | None) -> dict:
   """One sample's context: {'rubric', 'category'} plus its 'spec' and/or 'edit' (JSON-ready)."""
   context: dict[str, Any] = {'rubric': rubric, 'category': category}
   meta = meta or {}

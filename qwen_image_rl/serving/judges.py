@@ -26,7 +26,8 @@ import abc
 import dataclasses
 import math
 import os
-from typing import Any, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -38,7 +39,6 @@ from qwen_image_rl.serving import protocol
 from qwen_image_rl.serving.context import EDIT_RUBRICS, RUBRICS, edit_from_dict
 
 
-
 class JudgeInputError(ValueError):
   """A request the judge cannot score (wrong image count, bad context); HTTP 400."""
 
@@ -47,17 +47,20 @@ class JudgeInputError(ValueError):
 class JudgeReply:
   """text: the generated text; tokens: per generated token (token, logprob, [(alternative,
   logprob), ...] best first)."""
+
   text: str
   tokens: tuple[tuple[str, float, tuple[tuple[str, float], ...]], ...]
 
 
 class Judge(abc.ABC):
   """A judge the server batches requests for."""
+
   model_name: str = 'judge'
 
   @abc.abstractmethod
-  def prepare(self, texts: Sequence[str], images: Sequence[np.ndarray],
-              context: Optional[Mapping[str, Any]]) -> Any:
+  def prepare(
+    self, texts: Sequence[str], images: Sequence[np.ndarray], context: Mapping[str, Any] | None
+  ) -> Any:
     """Checks and converts one request's inputs; raises JudgeInputError."""
 
   @abc.abstractmethod
@@ -75,17 +78,19 @@ class _OracleItem:
   rubric: str
   category: str
   image: np.ndarray
-  source: Optional[np.ndarray]
+  source: np.ndarray | None
   meta: dict
 
 
 def _reward_batch(items: Sequence[_OracleItem]) -> RewardBatch:
   return RewardBatch(
-      images=np.stack([it.image for it in items]), prompts=[''] * len(items),
-      categories=[it.category for it in items], sample_ids=np.arange(len(items)),
-      source_images=(np.stack([it.source for it in items]) if items[0].source is not None
-                     else None),
-      meta=[it.meta for it in items])
+    images=np.stack([it.image for it in items]),
+    prompts=[''] * len(items),
+    categories=[it.category for it in items],
+    sample_ids=np.arange(len(items)),
+    source_images=(np.stack([it.source for it in items]) if items[0].source is not None else None),
+    meta=[it.meta for it in items],
+  )
 
 
 def score_distribution(value: float) -> np.ndarray:
@@ -111,6 +116,7 @@ def distribution_reply(probs: np.ndarray) -> JudgeReply:
 
 class OracleJudge(Judge):
   """The tiny world's oracle behind the judge API; rubric and spec come from `judge_context`."""
+
   model_name = 'oracle'
 
   def __init__(self):
@@ -119,29 +125,36 @@ class OracleJudge(Judge):
   def prepare(self, texts, images, context):
     del texts  # The oracle reads the ground truth, not the prompt text.
     if not context:
-      raise JudgeInputError(f'the oracle judge needs "{protocol.JUDGE_CONTEXT}": {{"rubric": one '
-                            f'of {RUBRICS}, "category", and "spec" (text-to-image) or "edit"}}')
+      raise JudgeInputError(
+        f'the oracle judge needs "{protocol.JUDGE_CONTEXT}": {{"rubric": one '
+        f'of {RUBRICS}, "category", and "spec" (text-to-image) or "edit"}}'
+      )
     rubric, category = context.get('rubric'), context.get('category')
     if rubric not in RUBRICS:
       raise JudgeInputError(f'{protocol.JUDGE_CONTEXT}.rubric {rubric!r} is not one of {RUBRICS}')
     if category not in world.CATEGORIES:
-      raise JudgeInputError(f'{protocol.JUDGE_CONTEXT}.category {category!r} is not one of '
-                            f'{world.CATEGORIES}')
+      raise JudgeInputError(
+        f'{protocol.JUDGE_CONTEXT}.category {category!r} is not one of {world.CATEGORIES}'
+      )
     edit = rubric in EDIT_RUBRICS
     want = 2 if edit else 1
     if len(images) != want:
-      raise JudgeInputError(f'rubric {rubric!r} needs {want} image(s) '
-                            f'{"(source, then output)" if edit else "(the output)"}, got '
-                            f'{len(images)}')
+      raise JudgeInputError(
+        f'rubric {rubric!r} needs {want} image(s) '
+        f'{"(source, then output)" if edit else "(the output)"}, got '
+        f'{len(images)}'
+      )
     key = 'edit' if edit else 'spec'
     try:
       meta = {key: edit_from_dict(context['edit']) if edit else world.from_dict(context['spec'])}
     except (KeyError, TypeError, ValueError, AttributeError) as e:
-      raise JudgeInputError(f'{protocol.JUDGE_CONTEXT}.{key} is missing or malformed: '
-                            f'{type(e).__name__}: {e}') from None
+      raise JudgeInputError(
+        f'{protocol.JUDGE_CONTEXT}.{key} is missing or malformed: {type(e).__name__}: {e}'
+      ) from None
     if edit and images[0].shape != images[1].shape:
-      raise JudgeInputError(f'source image {images[0].shape} and output {images[1].shape} differ '
-                            f'in size')
+      raise JudgeInputError(
+        f'source image {images[0].shape} and output {images[1].shape} differ in size'
+      )
     item = _OracleItem(rubric, category, images[-1], images[0] if edit else None, meta)
     try:  # Category/spec mismatches are the requester's error: check them here, not in score.
       check = oracle_rewards.batch_edits if edit else oracle_rewards.batch_specs
@@ -175,7 +188,9 @@ def load_judge(spec: str) -> Judge:
   if spec == 'oracle':
     return OracleJudge()
   if os.path.isdir(spec):
-    raise ValueError(f'--judge={spec}: serving a learned judge directory is not supported yet '
-                     f'(no judge export format exists; see the reward-model issue). Use '
-                     f'--judge=oracle, or serve a Qwen2.5-VL judge with vLLM.')
+    raise ValueError(
+      f'--judge={spec}: serving a learned judge directory is not supported yet '
+      f'(no judge export format exists; see the reward-model issue). Use '
+      f'--judge=oracle, or serve a Qwen2.5-VL judge with vLLM.'
+    )
   raise ValueError(f'--judge={spec!r}: expected "oracle" or an existing judge directory')

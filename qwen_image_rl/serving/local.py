@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STARTUP_TIMEOUT_S = 60.0
@@ -28,11 +28,11 @@ READY_PREFIX = 'listening on http://'
 class ServerProcess:
   """One server process running `command` (which must accept --port and print READY_PREFIX)."""
 
-  def __init__(self, command: Sequence[str], env: Optional[dict] = None):
+  def __init__(self, command: Sequence[str], env: dict | None = None):
     self.command, self.env = list(command), dict(env or {})
     self.port = 0
-    self.process: Optional[subprocess.Popen] = None
-    self._pump_thread: Optional[threading.Thread] = None
+    self.process: subprocess.Popen | None = None
+    self._pump_thread: threading.Thread | None = None
     self.output: list[str] = []
 
   @property
@@ -43,21 +43,30 @@ class ServerProcess:
   def base_url(self) -> str:
     return self.url + '/v1'
 
-  def start(self, timeout_s: float = STARTUP_TIMEOUT_S) -> 'ServerProcess':
+  def start(self, timeout_s: float = STARTUP_TIMEOUT_S) -> ServerProcess:
     """Starts the child and waits until it listens.
 
     Raises:
       RuntimeError with the child's last output if it exits or stays silent for timeout_s.
     """
     pythonpath = os.pathsep.join(p for p in (ROOT, os.environ.get('PYTHONPATH', '')) if p)
-    env = dict(os.environ, JAX_PLATFORMS=os.environ.get('JAX_PLATFORMS', 'cpu'),
-               PYTHONPATH=pythonpath, **self.env)
+    env = dict(
+      os.environ,
+      JAX_PLATFORMS=os.environ.get('JAX_PLATFORMS', 'cpu'),
+      PYTHONPATH=pythonpath,
+      **self.env,
+    )
     self.process = subprocess.Popen(
-        [*self.command, f'--port={self.port}'], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, start_new_session=True)
+      [*self.command, f'--port={self.port}'],
+      cwd=ROOT,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+      start_new_session=True,
+    )
     lines: queue.Queue = queue.Queue()
-    self._pump_thread = threading.Thread(target=self._pump, args=(self.process, lines),
-                                         daemon=True)
+    self._pump_thread = threading.Thread(target=self._pump, args=(self.process, lines), daemon=True)
     self._pump_thread.start()
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -71,8 +80,9 @@ class ServerProcess:
         self.port = int(line.strip().rsplit(':', 1)[1])
         return self
     self.kill()
-    raise RuntimeError(f'judge server did not start: {" ".join(self.command)}\n'
-                       + ''.join(self.output[-30:]))
+    raise RuntimeError(
+      f'judge server did not start: {" ".join(self.command)}\n' + ''.join(self.output[-30:])
+    )
 
   def _pump(self, process, lines) -> None:
     for line in process.stdout:
@@ -89,7 +99,7 @@ class ServerProcess:
     self._pump_thread.join(10)  # the pipe is at EOF once the child is gone
     self.process.stdout.close()
 
-  def restart(self) -> 'ServerProcess':
+  def restart(self) -> ServerProcess:
     self.kill()
     return self.start()
 
@@ -99,7 +109,7 @@ def serve_command(*args: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def local_server(*args: str, env: Optional[dict] = None):
+def local_server(*args: str, env: dict | None = None):
   """`python -m qwen_image_rl.serve ARGS` for the duration of the block; killed at exit."""
   server = ServerProcess(serve_command(*args), env)
   try:

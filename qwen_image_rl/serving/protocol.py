@@ -30,7 +30,8 @@ import base64
 import binascii
 import io
 import math
-from typing import Any, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -74,12 +75,15 @@ def data_uri_to_image(uri: Any) -> np.ndarray:
   """
   if not isinstance(uri, str) or not uri.startswith('data:'):
     shown = uri[:40] if isinstance(uri, str) else type(uri).__name__
-    raise ProtocolError(f'image_url.url must be a data URI (data:image/png;base64,...); got '
-                        f'{shown!r}; remote URLs are not fetched')
+    raise ProtocolError(
+      f'image_url.url must be a data URI (data:image/png;base64,...); got '
+      f'{shown!r}; remote URLs are not fetched'
+    )
   header, sep, payload = uri.partition(',')
   if not sep or not header.endswith(';base64') or not header[5:].startswith('image/'):
-    raise ProtocolError(f'image data URI header {header[:60]!r}: expected '
-                        f'data:image/<format>;base64,')
+    raise ProtocolError(
+      f'image data URI header {header[:60]!r}: expected data:image/<format>;base64,'
+    )
   try:
     raw = base64.b64decode(payload, validate=True)
   except (binascii.Error, ValueError) as e:
@@ -92,8 +96,9 @@ def data_uri_to_image(uri: Any) -> np.ndarray:
   except ProtocolError:
     raise
   except Exception as e:  # PIL raises many types for corrupt data.
-    raise ProtocolError(f'undecodable image ({IMAGE_FORMATS} accepted): '
-                        f'{type(e).__name__}: {e}') from None
+    raise ProtocolError(
+      f'undecodable image ({IMAGE_FORMATS} accepted): {type(e).__name__}: {e}'
+    ) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,15 +106,26 @@ def data_uri_to_image(uri: Any) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
-def chat_request(model: str, text: str, images: Sequence[np.ndarray], *, top_logprobs: int = 5,
-                 max_tokens: int = 1, context: Optional[Mapping[str, Any]] = None) -> dict:
+def chat_request(
+  model: str,
+  text: str,
+  images: Sequence[np.ndarray],
+  *,
+  top_logprobs: int = 5,
+  max_tokens: int = 1,
+  context: Mapping[str, Any] | None = None,
+) -> dict:
   """A chat-completions body: one user message with `text` then the images, greedy decoding."""
   content = [{'type': 'text', 'text': text}]
-  content += [{'type': 'image_url', 'image_url': {'url': image_to_data_uri(im)}}
-              for im in images]
-  body = {'model': model, 'messages': [{'role': 'user', 'content': content}],
-          'max_tokens': int(max_tokens), 'temperature': 0.0, 'logprobs': True,
-          'top_logprobs': int(top_logprobs)}
+  content += [{'type': 'image_url', 'image_url': {'url': image_to_data_uri(im)}} for im in images]
+  body = {
+    'model': model,
+    'messages': [{'role': 'user', 'content': content}],
+    'max_tokens': int(max_tokens),
+    'temperature': 0.0,
+    'logprobs': True,
+    'top_logprobs': int(top_logprobs),
+  }
   if context is not None:
     body[JUDGE_CONTEXT] = dict(context)
   return body
@@ -131,19 +147,21 @@ def parse_chat_request(body: Any) -> dict:
   Raises:
     ProtocolError naming the offending field.
   """
-  _require(isinstance(body, dict), f'request body must be a JSON object, got '
-           f'{type(body).__name__}')
+  _require(isinstance(body, dict), f'request body must be a JSON object, got {type(body).__name__}')
   model = body.get('model')
   _require(isinstance(model, str) and bool(model), 'request needs "model" (a non-empty string)')
   messages = body.get('messages')
-  _require(isinstance(messages, list) and bool(messages),
-           'request needs "messages" (a non-empty list)')
+  _require(
+    isinstance(messages, list) and bool(messages), 'request needs "messages" (a non-empty list)'
+  )
   texts, images = [], []
   for i, message in enumerate(messages):
     where = f'messages[{i}]'
     _require(isinstance(message, dict), f'{where} must be an object')
-    _require(message.get('role') in ('system', 'user', 'assistant'),
-             f'{where}.role must be system, user or assistant, got {message.get("role")!r}')
+    _require(
+      message.get('role') in ('system', 'user', 'assistant'),
+      f'{where}.role must be system, user or assistant, got {message.get("role")!r}',
+    )
     content = message.get('content')
     if isinstance(content, str):
       texts.append(content)
@@ -159,23 +177,36 @@ def parse_chat_request(body: Any) -> dict:
         except ProtocolError as e:
           raise ProtocolError(f'{where}.content[{j}]: {e}') from None
       else:
-        raise ProtocolError(f'{where}.content[{j}] must be {{"type": "text", "text": str}} or '
-                            f'{{"type": "image_url", "image_url": {{"url": data URI}}}}')
+        raise ProtocolError(
+          f'{where}.content[{j}] must be {{"type": "text", "text": str}} or '
+          f'{{"type": "image_url", "image_url": {{"url": data URI}}}}'
+        )
   logprobs = body.get('logprobs', False)
   _require(isinstance(logprobs, bool), '"logprobs" must be a boolean')
   top = body.get('top_logprobs', 0 if not logprobs else 1)
-  _require(isinstance(top, int) and not isinstance(top, bool) and 0 <= top <= MAX_TOP_LOGPROBS,
-           f'"top_logprobs" must be an integer in [0, {MAX_TOP_LOGPROBS}], got {top!r}')
+  _require(
+    isinstance(top, int) and not isinstance(top, bool) and 0 <= top <= MAX_TOP_LOGPROBS,
+    f'"top_logprobs" must be an integer in [0, {MAX_TOP_LOGPROBS}], got {top!r}',
+  )
   _require(logprobs or not body.get('top_logprobs'), '"top_logprobs" needs "logprobs": true')
   max_tokens = body.get('max_tokens', body.get('max_completion_tokens'))
-  _require(max_tokens is None or (isinstance(max_tokens, int) and max_tokens >= 1),
-           f'"max_tokens" must be an integer >= 1, got {max_tokens!r}')
+  _require(
+    max_tokens is None or (isinstance(max_tokens, int) and max_tokens >= 1),
+    f'"max_tokens" must be an integer >= 1, got {max_tokens!r}',
+  )
   _require(body.get('n', 1) == 1, '"n" must be 1')
   _require(not body.get('stream', False), 'streaming is not supported')
   context = body.get(JUDGE_CONTEXT)
   _require(context is None or isinstance(context, dict), f'"{JUDGE_CONTEXT}" must be an object')
-  return {'model': model, 'texts': texts, 'images': images, 'logprobs': logprobs,
-          'top_logprobs': top, 'max_tokens': max_tokens, 'context': context}
+  return {
+    'model': model,
+    'texts': texts,
+    'images': images,
+    'logprobs': logprobs,
+    'top_logprobs': top,
+    'max_tokens': max_tokens,
+    'context': context,
+  }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,24 +218,47 @@ def _token_entry(token: str, logprob: float) -> dict:
   return {'token': token, 'logprob': float(logprob), 'bytes': list(token.encode('utf-8'))}
 
 
-def chat_response(request_id: str, model: str, created: int, text: str,
-                  tokens: Sequence[tuple[str, float, Sequence[tuple[str, float]]]],
-                  top_logprobs: Optional[int], prompt_tokens: int = 0) -> dict:
+def chat_response(
+  request_id: str,
+  model: str,
+  created: int,
+  text: str,
+  tokens: Sequence[tuple[str, float, Sequence[tuple[str, float]]]],
+  top_logprobs: int | None,
+  prompt_tokens: int = 0,
+) -> dict:
   """A chat.completion object. `tokens`: per generated token (token, logprob, [(alternative,
   logprob), ...] best first); `top_logprobs` None leaves `logprobs` null."""
   logprobs = None
   if top_logprobs is not None:
-    logprobs = {'content': [
-        dict(_token_entry(tok, lp), top_logprobs=[_token_entry(t, l) for t, l in
-                                                  list(alternatives)[:top_logprobs]])
-        for tok, lp, alternatives in tokens]}
+    logprobs = {
+      'content': [
+        dict(
+          _token_entry(tok, lp),
+          top_logprobs=[_token_entry(t, l) for t, l in list(alternatives)[:top_logprobs]],
+        )
+        for tok, lp, alternatives in tokens
+      ]
+    }
   return {
-      'id': f'chatcmpl-{request_id}', 'object': 'chat.completion', 'created': int(created),
-      'model': model,
-      'choices': [{'index': 0, 'message': {'role': 'assistant', 'content': text},
-                   'logprobs': logprobs, 'finish_reason': 'stop'}],
-      'usage': {'prompt_tokens': int(prompt_tokens), 'completion_tokens': len(tokens),
-                'total_tokens': int(prompt_tokens) + len(tokens)}}
+    'id': f'chatcmpl-{request_id}',
+    'object': 'chat.completion',
+    'created': int(created),
+    'model': model,
+    'choices': [
+      {
+        'index': 0,
+        'message': {'role': 'assistant', 'content': text},
+        'logprobs': logprobs,
+        'finish_reason': 'stop',
+      }
+    ],
+    'usage': {
+      'prompt_tokens': int(prompt_tokens),
+      'completion_tokens': len(tokens),
+      'total_tokens': int(prompt_tokens) + len(tokens),
+    },
+  }
 
 
 def error_body(message: str, kind: str, code: int) -> dict:
@@ -222,30 +276,39 @@ def reply_token_logprobs(response: Any) -> list:
     choice = response['choices'][0]
     content = choice['logprobs']['content']
   except (KeyError, IndexError, TypeError):
-    raise ProtocolError('reply is not a chat.completion with choices[0].logprobs.content '
-                        '(did the request set logprobs: true?)') from None
+    raise ProtocolError(
+      'reply is not a chat.completion with choices[0].logprobs.content '
+      '(did the request set logprobs: true?)'
+    ) from None
   _require(isinstance(content, list), 'choices[0].logprobs.content must be a list')
   for t, entry in enumerate(content):
-    ok = (isinstance(entry, dict) and isinstance(entry.get('token'), str)
-          and _is_number(entry.get('logprob')) and isinstance(entry.get('top_logprobs', []), list)
-          and all(isinstance(a, dict) and isinstance(a.get('token'), str)
-                  and _is_number(a.get('logprob')) for a in entry.get('top_logprobs', [])))
+    ok = (
+      isinstance(entry, dict)
+      and isinstance(entry.get('token'), str)
+      and _is_number(entry.get('logprob'))
+      and isinstance(entry.get('top_logprobs', []), list)
+      and all(
+        isinstance(a, dict) and isinstance(a.get('token'), str) and _is_number(a.get('logprob'))
+        for a in entry.get('top_logprobs', [])
+      )
+    )
     _require(ok, f'choices[0].logprobs.content[{t}] is not {{token, logprob, top_logprobs}}')
   return content
 
 
 def _is_number(x) -> bool:
   """A log-prob: a finite number or -inf (JSON from Python may carry -Infinity)."""
-  return (isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isnan(x)
-          and x != math.inf)
+  return (
+    isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isnan(x) and x != math.inf
+  )
 
 
-def _score_of(token: str) -> Optional[int]:
+def _score_of(token: str) -> int | None:
   stripped = token.strip()
   return int(stripped) if stripped in SCORE_TOKENS else None
 
 
-def expected_score(content: Sequence[Mapping[str, Any]], scale: str = 'unit') -> Optional[float]:
+def expected_score(content: Sequence[Mapping[str, Any]], scale: str = 'unit') -> float | None:
   """The expected score at the last score position of `content` (see the module doc), or None.
 
   Args:
@@ -267,7 +330,7 @@ def expected_score(content: Sequence[Mapping[str, Any]], scale: str = 'unit') ->
   top = max(lp for _, lp in by_value)
   if not math.isfinite(top):  # every score token has probability 0 (or the reply is broken)
     return None
-  mass = {s: 0.0 for s in SCORE_VALUES}
+  mass = dict.fromkeys(SCORE_VALUES, 0.0)
   for s, lp in by_value:
     mass[s] += math.exp(lp - top)
   total = math.fsum(mass.values())

@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import pkgutil
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import ml_collections
 
@@ -31,8 +32,11 @@ class TrainerSpec:
 
 
 def names() -> list[str]:
-  return sorted(m.name for m in pkgutil.iter_modules(__path__)
-                if m.name not in NOT_TRAINERS and not m.name.startswith("_"))
+  return sorted(
+    m.name
+    for m in pkgutil.iter_modules(__path__)
+    if m.name not in NOT_TRAINERS and not m.name.startswith("_")
+  )
 
 
 def get(name: str) -> TrainerSpec:
@@ -40,8 +44,9 @@ def get(name: str) -> TrainerSpec:
     raise ConfigError(f"config.trainer={name!r} is not a known trainer; known: {names()}")
   module = importlib.import_module(f"{__name__}.{name}")
   doc = (module.train.__doc__ or "").strip().splitlines()
-  return TrainerSpec(name, module.train, dict(module.REQUIRED), module.validate,
-                     doc[0] if doc else "")
+  return TrainerSpec(
+    name, module.train, dict(module.REQUIRED), module.validate, doc[0] if doc else ""
+  )
 
 
 def validate(config: ml_collections.ConfigDict) -> TrainerSpec:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -38,12 +39,18 @@ class RunContext:
 def make_context(config, workdir: str, mesh=None) -> RunContext:
   mesh = parallel.make_mesh(dict(config.mesh)) if mesh is None else mesh
   logging.info("Mesh %s over %d devices.", dict(mesh.shape), mesh.size)
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=config.checkpoint.every,
-                      keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
-  logger = MetricLogger(workdir, total_steps=config.total_steps,
-                        progress_every=config.log.progress_every)
-  return RunContext(config, workdir, mesh, tuple(tuple(r) for r in config.logical_axis_rules),
-                    ckpt, logger)
+  ckpt = Checkpointer(
+    os.path.join(workdir, "checkpoints"),
+    save_every=config.checkpoint.every,
+    keep=config.checkpoint.keep,
+    async_save=config.checkpoint.async_save,
+  )
+  logger = MetricLogger(
+    workdir, total_steps=config.total_steps, progress_every=config.log.progress_every
+  )
+  return RunContext(
+    config, workdir, mesh, tuple(tuple(r) for r in config.logical_axis_rules), ckpt, logger
+  )
 
 
 def restore_or_keep(ctx: RunContext, state, shardings):
@@ -64,15 +71,25 @@ class NonFiniteError(RuntimeError):
 def _stop(ctx: RunContext, nonfinite: int, unit: str, done: int, reason: str):
   ctx.checkpointer.wait()
   raise NonFiniteError(
-      f"{nonfinite} consecutive {unit}s with a non-finite {reason} at {unit} {done}; stopping. "
-      f"The last good checkpoint is step {ctx.checkpointer.latest_step()} in "
-      f"{ctx.checkpointer.directory}")
+    f"{nonfinite} consecutive {unit}s with a non-finite {reason} at {unit} {done}; stopping. "
+    f"The last good checkpoint is step {ctx.checkpointer.latest_step()} in "
+    f"{ctx.checkpointer.directory}"
+  )
 
 
-def fit(ctx: RunContext, state, *, train_step: Callable, batch_for_step: Callable[[int], Any],
-        start_step: int, total_steps: int, max_consecutive_nonfinite: int = 3,
-        on_step_end: Callable[[int, Any, dict], None] | None = None,
-        on_skip: Callable[[int, dict], str] | None = None, unit: str = "step"):
+def fit(
+  ctx: RunContext,
+  state,
+  *,
+  train_step: Callable,
+  batch_for_step: Callable[[int], Any],
+  start_step: int,
+  total_steps: int,
+  max_consecutive_nonfinite: int = 3,
+  on_step_end: Callable[[int, Any, dict], None] | None = None,
+  on_skip: Callable[[int, dict], str] | None = None,
+  unit: str = "step",
+):
   """Run steps [start_step, total_steps) with logging, progress and periodic checkpoints.
 
   `train_step(state, batch) -> (new_state, metrics)` is jitted by the caller (it may donate the
@@ -94,10 +111,13 @@ def fit(ctx: RunContext, state, *, train_step: Callable, batch_for_step: Callabl
     if not math.isfinite(scalars["loss"]):
       nonfinite += 1
       reason = on_skip(done, scalars) if on_skip is not None else "loss"
-      logging.warning("%s %d: non-finite %s, update skipped (%d in a row)", unit, done, reason,
-                      nonfinite)
-      print(f"warning: {unit} {done}: non-finite {reason}, update skipped ({nonfinite} in a "
-            f"row)", flush=True)
+      logging.warning(
+        "%s %d: non-finite %s, update skipped (%d in a row)", unit, done, reason, nonfinite
+      )
+      print(
+        f"warning: {unit} {done}: non-finite {reason}, update skipped ({nonfinite} in a row)",
+        flush=True,
+      )
       if nonfinite >= max_consecutive_nonfinite:
         _stop(ctx, nonfinite, unit, done, reason)
       continue

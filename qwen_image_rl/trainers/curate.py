@@ -33,11 +33,24 @@ class CurationError(RuntimeError):
 
 
 REQUIRED = {
-    "seed": int, "init_from": str, "model.dtype": str, "data.image_size": int,
-    "data.max_text_tokens": int, "data.num_prompts": int, "data.prompt_file": str,
-    "rl.task": str, "rl.group_size": int, "rl.prompts_per_step": int, "rl.num_steps": int,
-    "rl.cfg_mode": str, "rl.cfg_scale": float, "rl.curation.threshold": float,
-    "rl.curation.output": str, "rl.curation.bins": int, "rewards.names": tuple}
+  "seed": int,
+  "init_from": str,
+  "model.dtype": str,
+  "data.image_size": int,
+  "data.max_text_tokens": int,
+  "data.num_prompts": int,
+  "data.prompt_file": str,
+  "rl.task": str,
+  "rl.group_size": int,
+  "rl.prompts_per_step": int,
+  "rl.num_steps": int,
+  "rl.cfg_mode": str,
+  "rl.cfg_scale": float,
+  "rl.curation.threshold": float,
+  "rl.curation.output": str,
+  "rl.curation.bins": int,
+  "rewards.names": tuple,
+}
 
 
 def validate(config):
@@ -47,8 +60,9 @@ def validate(config):
   if not config.rl.curation.threshold >= 0:
     raise ConfigError(f"config.rl.curation.threshold={config.rl.curation.threshold}: must be >= 0")
   if not prompt_files.is_jsonl(config.rl.curation.output):
-    raise ConfigError(f"config.rl.curation.output={config.rl.curation.output!r}: must end in "
-                      f".jsonl")
+    raise ConfigError(
+      f"config.rl.curation.output={config.rl.curation.output!r}: must end in .jsonl"
+    )
 
 
 def histogram_image(counts, height: int = 64, bar: int = 6) -> np.ndarray:
@@ -58,13 +72,57 @@ def histogram_image(counts, height: int = 64, bar: int = 6) -> np.ndarray:
   top = counts.max() if counts.size and counts.max() > 0 else 1.0
   for i, c in enumerate(counts):
     h = int(round((height - 1) * c / top))
-    image[height - h:, i * bar:(i + 1) * bar - 1] = (40, 90, 200)
+    image[height - h :, i * bar : (i + 1) * bar - 1] = (40, 90, 200)
   return image
 
 
 def group_ranges(composite: np.ndarray, group_size: int) -> np.ndarray:
   groups = composite.reshape(-1, group_size)
   return groups.max(axis=1) - groups.min(axis=1)
+
+
+def curation_summary(rl, pool, ranges, keep, raw) -> tuple[dict, np.ndarray]:
+  """The results JSON of a curation run (without its time) and the range histogram's counts."""
+  cats = np.asarray(pool.categories, dtype=object)
+  counts, edges = np.histogram(
+    ranges, bins=rl.curation.bins, range=(0.0, max(float(ranges.max()), 1e-6))
+  )
+  by_category = {
+    c: {
+      "n": int((cats == c).sum()),
+      "kept": int(keep[cats == c].sum()),
+      "range_mean": float(ranges[cats == c].mean()),
+    }
+    for c in sorted(set(pool.categories))
+  }
+  summary = {
+    "n_prompts": len(pool),
+    "n_kept": int(keep.sum()),
+    "threshold": float(rl.curation.threshold),
+    "group_size": rl.group_size,
+    "range_mean": float(ranges.mean()),
+    "range_quantiles": {str(q): float(np.quantile(ranges, q)) for q in (0.1, 0.5, 0.9)},
+    "histogram": {"counts": counts.tolist(), "edges": edges.tolist()},
+    "by_category": by_category,
+    "reward_means": {name: float(np.nanmean(v)) for name, v in raw.items()},
+  }
+  return summary, counts
+
+
+def write_kept_prompts(pool, ranges, keep, path: str) -> str:
+  """The kept prompts as a prompt file (with their range and spec); returns its path."""
+  records = []
+  for i in np.flatnonzero(keep):
+    extra = {"range": float(ranges[i])}
+    spec = pool.metas[i].get("spec")
+    if spec is not None:
+      extra["spec"] = spec if isinstance(spec, dict) else world.to_dict(spec)
+    records.append(
+      prompt_files.PromptRecord(prompt=pool.prompts[i], category=pool.categories[i], extra=extra)
+    )
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  prompt_files.write_prompt_file(path, records)
+  return path
 
 
 def train(config, workdir):
@@ -88,59 +146,55 @@ def train(config, workdir):
     k = hi - lo
     kw = {}
     if guided:
-      kw = dict(negative_prompt_embeds=np.repeat(neg_cond, k, 0),
-                negative_prompt_embeds_mask=np.repeat(neg_mask, k, 0))
-    images = pipe(prompt_embeds=pool.cond[lo:hi], prompt_embeds_mask=pool.mask[lo:hi],
-                  true_cfg_scale=rl.cfg_scale, num_inference_steps=rl.num_steps,
-                  height=config.data.image_size, width=config.data.image_size,
-                  seed=config.seed * 1_000_003 + lo, num_images_per_prompt=g,
-                  max_sequence_length=config.data.max_text_tokens, **kw)
+      kw = dict(
+        negative_prompt_embeds=np.repeat(neg_cond, k, 0),
+        negative_prompt_embeds_mask=np.repeat(neg_mask, k, 0),
+      )
+    images = pipe(
+      prompt_embeds=pool.cond[lo:hi],
+      prompt_embeds_mask=pool.mask[lo:hi],
+      true_cfg_scale=rl.cfg_scale,
+      num_inference_steps=rl.num_steps,
+      height=config.data.image_size,
+      width=config.data.image_size,
+      seed=config.seed * 1_000_003 + lo,
+      num_images_per_prompt=g,
+      max_sequence_length=config.data.max_text_tokens,
+      **kw,
+    )
     index = np.repeat(np.arange(lo, hi), g)  # num_images_per_prompt repeats each prompt
-    batch = RewardBatch(images=images, prompts=[pool.prompts[i] for i in index],
-                        categories=[pool.categories[i] for i in index],
-                        sample_ids=np.arange(lo * g, hi * g), meta=[pool.metas[i] for i in index])
+    batch = RewardBatch(
+      images=images,
+      prompts=[pool.prompts[i] for i in index],
+      categories=[pool.categories[i] for i in index],
+      sample_ids=np.arange(lo * g, hi * g),
+      meta=[pool.metas[i] for i in index],
+    )
     scores = reward_fn(batch)
     for name, value in scores.items():
-      raw[name][lo * g:hi * g] = value
-    composite[lo * g:hi * g] = category_weighted_sum(scores, batch.categories, weights)
+      raw[name][lo * g : hi * g] = value
+    composite[lo * g : hi * g] = category_weighted_sum(scores, batch.categories, weights)
     print(f"curate: scored {hi}/{n} prompts ({time.time() - start:.0f}s)", flush=True)
 
   ranges = group_ranges(composite, g)
   keep = ranges > rl.curation.threshold
-  cats = np.asarray(pool.categories, dtype=object)
-  counts, edges = np.histogram(ranges, bins=rl.curation.bins,
-                               range=(0.0, max(float(ranges.max()), 1e-6)))
-  summary = {
-      "n_prompts": n, "n_kept": int(keep.sum()), "threshold": float(rl.curation.threshold),
-      "group_size": g, "range_mean": float(ranges.mean()),
-      "range_quantiles": {str(q): float(np.quantile(ranges, q)) for q in (0.1, 0.5, 0.9)},
-      "histogram": {"counts": counts.tolist(), "edges": edges.tolist()},
-      "by_category": {c: {"n": int((cats == c).sum()), "kept": int(keep[cats == c].sum()),
-                          "range_mean": float(ranges[cats == c].mean())}
-                      for c in sorted(set(pool.categories))},
-      "reward_means": {name: float(np.nanmean(v)) for name, v in raw.items()},
-      "seconds": time.time() - start}
+  summary, counts = curation_summary(rl, pool, ranges, keep, raw)
+  summary["seconds"] = time.time() - start
   logger.write_results("curation", summary)
   logger.images(0, {"curation/range_histogram": histogram_image(counts)})
   logger.scalars(0, {"curation/kept_fraction": keep.mean(), "curation/range_mean": ranges.mean()})
   logger.close()
   if not keep.any():
     raise CurationError(
-        f"no prompt kept: all {n} reward ranges are <= rl.curation.threshold="
-        f"{rl.curation.threshold} (max range {float(ranges.max()):.4g}); lower the threshold or "
-        f"raise rl.group_size. Histogram in {os.path.join(workdir, 'results', 'curation.json')}")
-  records = []
-  for i in np.flatnonzero(keep):
-    extra = {"range": float(ranges[i])}
-    spec = pool.metas[i].get("spec")
-    if spec is not None:
-      extra["spec"] = spec if isinstance(spec, dict) else world.to_dict(spec)
-    records.append(prompt_files.PromptRecord(prompt=pool.prompts[i], category=pool.categories[i],
-                                             extra=extra))
-  path = os.path.join(workdir, rl.curation.output)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  prompt_files.write_prompt_file(path, records)
+      f"no prompt kept: all {n} reward ranges are <= rl.curation.threshold="
+      f"{rl.curation.threshold} (max range {float(ranges.max()):.4g}); lower the threshold or "
+      f"raise rl.group_size. Histogram in {os.path.join(workdir, 'results', 'curation.json')}"
+    )
+  path = write_kept_prompts(pool, ranges, keep, os.path.join(workdir, rl.curation.output))
+  records = int(keep.sum())
   summary["output"] = path
-  print(f"curate: kept {len(records)}/{n} prompts (range > {rl.curation.threshold}) -> {path}",
-        flush=True)
+  print(
+    f"curate: kept {records}/{n} prompts (range > {rl.curation.threshold}) -> {path}",
+    flush=True,
+  )
   return summary

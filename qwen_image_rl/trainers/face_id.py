@@ -22,8 +22,9 @@ from qwen_image_rl.trainers import common
 
 
 def validate(config):
-  config_lib.check_positive(config, "total_steps", "data.batch_size", "data.image_size",
-                            "model.dim", "loss.scale")
+  config_lib.check_positive(
+    config, "total_steps", "data.batch_size", "data.image_size", "model.dim", "loss.scale"
+  )
   if not 0.0 <= config.loss.margin < np.pi / 2:
     raise config_lib.ConfigError(f"config.loss.margin={config.loss.margin}: must be in [0, pi/2)")
 
@@ -36,28 +37,39 @@ def make_train_step(model: F.FaceIdModel, tx, scale: float, margin: float):
   def step(state: TrainState, batch):
     loss, grads = jax.value_and_grad(loss_fn)(state.params, batch["images"], batch["labels"])
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new = state.replace(step=state.step + 1, params=jax.tree.map(jnp.add, state.params, updates),
-                        opt_state=opt_state)
+    new = state.replace(
+      step=state.step + 1, params=jax.tree.map(jnp.add, state.params, updates), opt_state=opt_state
+    )
     return keep_if_finite(state, new, loss), {"loss": loss}
 
   return step
 
 
-REQUIRED = {"total_steps": int, "seed": int, "data.image_size": int, "data.batch_size": int,
-            "model.dim": int, "model.widths": tuple, "loss.scale": float, "loss.margin": float,
-            "eval.num_pairs": int}
+REQUIRED = {
+  "total_steps": int,
+  "seed": int,
+  "data.image_size": int,
+  "data.batch_size": int,
+  "model.dim": int,
+  "model.widths": tuple,
+  "loss.scale": float,
+  "loss.margin": float,
+  "eval.num_pairs": int,
+}
 
 
 def train(config, workdir):
   """Face-ID embedder (ArcFace margin loss on tiny-world portrait identities)."""
   ctx = common.make_context(config, workdir)
   size = config.data.image_size
-  print(f"face_id: rendering {len(F.TRAIN)} training identities x {len(F.STATES)} states",
-        flush=True)
+  print(
+    f"face_id: rendering {len(F.TRAIN)} training identities x {len(F.STATES)} states", flush=True
+  )
   bank = F.render_bank(F.TRAIN, size)
   augment = F.Augment(**dict(config.data.augment))
-  embedder = F.FaceEmbedder(image_size=size, widths=tuple(config.model.widths),
-                            dim=config.model.dim)
+  embedder = F.FaceEmbedder(
+    image_size=size, widths=tuple(config.model.widths), dim=config.model.dim
+  )
   model = F.FaceIdModel(embedder, num_classes=len(F.TRAIN))
   tx = optim.make_optimizer(config.optim, config.total_steps)
   init = lambda key: model.init(key, jnp.zeros((1, size, size, 3)))["params"]
@@ -72,11 +84,20 @@ def train(config, workdir):
     put = lambda x: jax.device_put(x, parallel.batch_sharding(ctx.mesh, x.shape, ctx.rules))
     return {"images": put(images), "labels": put(labels.astype(np.int32))}
 
-  step_fn = jax.jit(make_train_step(model, tx, config.loss.scale, config.loss.margin),
-                    donate_argnums=(0,), out_shardings=(shardings, None))
+  step_fn = jax.jit(
+    make_train_step(model, tx, config.loss.scale, config.loss.margin),
+    donate_argnums=(0,),
+    out_shardings=(shardings, None),
+  )
   with parallel.sharding_context(ctx.mesh, ctx.rules):
-    state, _ = common.fit(ctx, state, train_step=step_fn, batch_for_step=batch_for_step,
-                          start_step=start, total_steps=config.total_steps)
+    state, _ = common.fit(
+      ctx,
+      state,
+      train_step=step_fn,
+      batch_for_step=batch_for_step,
+      start_step=start,
+      total_steps=config.total_steps,
+    )
   params = jax.device_get(state.params)["embedder"]
   export = os.path.join(workdir, "export", "face_id")
   results = None

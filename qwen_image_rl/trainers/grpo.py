@@ -36,13 +36,31 @@ from qwen_image_rl.rl.policy import init_policy_state, task_pipeline_class, with
 from qwen_image_rl.trainers import common
 
 REQUIRED = {
-    "total_steps": int, "seed": int, "init_from": str, "model.dtype": str,
-    "data.image_size": int, "data.max_text_tokens": int, "data.num_prompts": int,
-    "data.prompt_file": str, "rl.task": str, "rl.objective": str, "rl.group_size": int,
-    "rl.prompts_per_step": int, "rl.num_steps": int, "rl.cfg_mode": str, "rl.cfg_scale": float,
-    "rl.noise_level": float, "rl.clip_eps": float, "rl.kl_beta": float, "rl.inner_updates": int,
-    "rl.rollout_chunks": int, "rl.timesteps.strategy": str, "rl.timesteps.num_train": int,
-    "rl.shared_initial_noise": bool, "rewards.names": tuple}
+  "total_steps": int,
+  "seed": int,
+  "init_from": str,
+  "model.dtype": str,
+  "data.image_size": int,
+  "data.max_text_tokens": int,
+  "data.num_prompts": int,
+  "data.prompt_file": str,
+  "rl.task": str,
+  "rl.objective": str,
+  "rl.group_size": int,
+  "rl.prompts_per_step": int,
+  "rl.num_steps": int,
+  "rl.cfg_mode": str,
+  "rl.cfg_scale": float,
+  "rl.noise_level": float,
+  "rl.clip_eps": float,
+  "rl.kl_beta": float,
+  "rl.inner_updates": int,
+  "rl.rollout_chunks": int,
+  "rl.timesteps.strategy": str,
+  "rl.timesteps.num_train": int,
+  "rl.shared_initial_noise": bool,
+  "rewards.names": tuple,
+}
 REWARD_WINDOW = 10  # iterations averaged for the training rewards written with eval results
 
 
@@ -52,12 +70,14 @@ def validate(config) -> None:
 
 
 def iteration_summary(done: int, names, scalars) -> str:
-  return (f"iteration {done}: loss {scalars['train/loss']:.4g}, reward "
-          + ", ".join(f"{n} {scalars[f'reward/{n}/mean']:.3f}" for n in names)
-          + f"; {scalars['perf/iteration_seconds']:.1f}s (rollout "
-          f"{scalars['perf/rollout_seconds']:.1f}, reward {scalars['perf/reward_seconds']:.1f}"
-          f" waited {scalars['perf/reward_wait_seconds']:.1f}, update "
-          f"{scalars['perf/update_seconds']:.1f})")
+  return (
+    f"iteration {done}: loss {scalars['train/loss']:.4g}, reward "
+    + ", ".join(f"{n} {scalars[f'reward/{n}/mean']:.3f}" for n in names)
+    + f"; {scalars['perf/iteration_seconds']:.1f}s (rollout "
+    f"{scalars['perf/rollout_seconds']:.1f}, reward {scalars['perf/reward_seconds']:.1f}"
+    f" waited {scalars['perf/reward_wait_seconds']:.1f}, update "
+    f"{scalars['perf/update_seconds']:.1f})"
+  )
 
 
 class Evaluator:
@@ -71,31 +91,34 @@ class Evaluator:
     params = jax.device_get(params)
     t2i = with_params(self.pipe, params, QwenImagePipeline)
     edit = with_params(self.pipe, params, QwenImageEditPipeline)
-    results = evaluation.evaluate(t2i, edit, self.config.eval, step=step, seed=self.config.seed,
-                                  logger=self.logger)
+    results = evaluation.evaluate(
+      t2i, edit, self.config.eval, step=step, seed=self.config.seed, logger=self.logger
+    )
     if self.recent_rewards:
       # The reward model's view next to the oracle's held-out scores (the "human's").
-      results["rewards"] = {k: float(np.mean([r[k] for r in self.recent_rewards]))
-                            for k in self.recent_rewards[-1]}
+      results["rewards"] = {
+        k: float(np.mean([r[k] for r in self.recent_rewards])) for k in self.recent_rewards[-1]
+      }
       results["rewards_window"] = len(self.recent_rewards)
     self.logger.write_results(f"eval_{step}", results)
     print(f"eval at iteration {step}:\n{evaluation.format_table(results)}", flush=True)
     return results
 
 
-def make_iteration(s: iteration.RLSetup, update_step, base_key, reward_pipeline, evaluator, last,
-                   ref_params=None):
+def make_iteration(
+  s: iteration.RLSetup, update_step, base_key, reward_pipeline, evaluator, last, ref_params=None
+):
   """train_step(state, it) for `common.fit`: one RL iteration. Keeps the iteration's rollout
   images in `last` for the image log."""
 
   def run(state, it):
     t_iter = time.perf_counter()
-    got = iteration.roll_out(s, state.params, jax.random.fold_in(base_key, it), it,
-                              reward_pipeline)
+    got = iteration.roll_out(s, state.params, jax.random.fold_in(base_key, it), it, reward_pipeline)
     last["images"] = got.images
     scalars = iteration.score(s, got)
-    evaluator.recent_rewards.append({k[len("reward/"):]: v for k, v in scalars.items()
-                                     if k.endswith("/mean")})
+    evaluator.recent_rewards.append(
+      {k[len("reward/") :]: v for k, v in scalars.items() if k.endswith("/mean")}
+    )
     t_update = time.perf_counter()
     finite = iteration.scores_finite(got)
     scalars["rollout/nonfinite_reward"] = float(not finite)
@@ -107,17 +130,39 @@ def make_iteration(s: iteration.RLSetup, update_step, base_key, reward_pipeline,
     else:
       scalars["loss"] = float("nan")
     now = time.perf_counter()
-    scalars.update({
-        "perf/rollout_seconds": got.rollout_seconds, "perf/reward_seconds": got.reward_seconds,
+    scalars.update(
+      {
+        "perf/rollout_seconds": got.rollout_seconds,
+        "perf/reward_seconds": got.reward_seconds,
         "perf/reward_wait_seconds": got.reward_wait_seconds,
-        "perf/update_seconds": now - t_update, "perf/iteration_seconds": now - t_iter,
+        "perf/update_seconds": now - t_update,
+        "perf/iteration_seconds": now - t_iter,
         "perf/samples_per_sec": s.batch_size / max(now - t_iter, 1e-9),
         "rollout/samples": float(s.batch_size),
-        "rollout/train_step_mean": float(np.mean(np.asarray(got.result.step_indices)))})
+        "rollout/train_step_mean": float(np.mean(np.asarray(got.result.step_indices))),
+      }
+    )
     scalars.update(got.reward_metrics)  # a remote judge's latency, retries and failures
     return state, scalars
 
   return run
+
+
+def run_banner(s, start: int) -> str:
+  rl = s.rl
+  return (
+    f"grpo[{rl.task}]: {len(s.pool)} prompts, batch {s.batch_size} = "
+    f"{rl.prompts_per_step} x G={rl.group_size}, {rl.num_steps} steps, "
+    f"K={rl.timesteps.num_train} trained ({rl.timesteps.strategy}), cfg_mode={rl.cfg_mode}, "
+    f"objective {rl.objective}, rewards {list(s.names)}; starting at iteration "
+    f"{start}/{s.config.total_steps}"
+  )
+
+
+def log_rollout_images(logger, step: int, images, group_size: int) -> None:
+  """The first four groups of the last rollout, one group per row."""
+  grid = metrics.image_grid(images[: min(len(images), 4 * group_size)], group_size)
+  logger.images(step, {"rollout/images": grid})
 
 
 def train(config, workdir):
@@ -130,20 +175,21 @@ def train(config, workdir):
   pipe = s.pipe
   tx = iteration.make_optimizer(s, config.total_steps * rl.inner_updates)
   # A mesh axis that does not divide the rollout batch silently replicates it: say so.
-  batch_check.check_batches(batch_check.config_batches(
-      config, ["rl.prompts_per_step*rl.group_size"]), mesh, rules, mode="warn")
-  state, shardings = init_policy_state(s.model, pipe.transformer_params, tx, mesh, rules,
-                                       config.seed)
+  batch_check.check_batches(
+    batch_check.config_batches(config, ["rl.prompts_per_step*rl.group_size"]),
+    mesh,
+    rules,
+    mode="warn",
+  )
+  state, shardings = init_policy_state(
+    s.model, pipe.transformer_params, tx, mesh, rules, config.seed
+  )
   ref_params = None
   if rl.kl_beta > 0:  # a frozen copy of the initial policy
     ref_params = jax.tree.map(lambda x: x.copy(), state.params)
   pipe.transformer_params = None  # the policy lives in `state` now
   state, start = common.restore_or_keep(ctx, state, shardings)
-  print(f"grpo[{rl.task}]: {len(s.pool)} prompts, batch {s.batch_size} = "
-        f"{rl.prompts_per_step} x G={rl.group_size}, {rl.num_steps} steps, "
-        f"K={rl.timesteps.num_train} trained ({rl.timesteps.strategy}), cfg_mode={rl.cfg_mode}, "
-        f"objective {rl.objective}, rewards {list(s.names)}; starting at iteration "
-        f"{start}/{config.total_steps}", flush=True)
+  print(run_banner(s, start), flush=True)
   evaluator = Evaluator(config, pipe, ctx.logger)
   results = [None]  # the latest evaluation's
   # Each jitted rollout, decode and update enters `parallel.sharding_context` itself; the
@@ -158,31 +204,50 @@ def train(config, workdir):
     if done % log_every == 0 or done == config.total_steps:
       print(iteration_summary(done, s.names, scalars), flush=True)
     if config.log.images_every and done % config.log.images_every == 0:
-      images = last["images"]
-      ctx.logger.images(done, {"rollout/images": metrics.image_grid(
-          images[:min(len(images), 4 * rl.group_size)], rl.group_size)})
-    if config.eval.every and done % config.eval.every == 0 and done < config.total_steps \
-        and evaluation.enabled(config.eval):
+      log_rollout_images(ctx.logger, done, last["images"], rl.group_size)
+    if (
+      config.eval.every
+      and done % config.eval.every == 0
+      and done < config.total_steps
+      and evaluation.enabled(config.eval)
+    ):
       results[0] = evaluator(done, state.params)
 
   def on_skip(done, scalars):
-    ctx.logger.scalars(done, {k: v for k, v in scalars.items()
-                              if k.startswith(("reward/", "perf/"))})
+    ctx.logger.scalars(
+      done, {k: v for k, v in scalars.items() if k.startswith(("reward/", "perf/"))}
+    )
     return "reward" if scalars["rollout/nonfinite_reward"] else "loss"
 
   with iteration.make_reward_pipeline(config, s.reward_fn) as reward_pipeline:
-    run = make_iteration(s, iteration.make_update_step(s, tx, shardings), base_key,
-                         reward_pipeline, evaluator, last, ref_params)
-    state, _ = common.fit(ctx, state, train_step=run, batch_for_step=lambda it: it,
-                          start_step=start, total_steps=config.total_steps,
-                          max_consecutive_nonfinite=rl.max_consecutive_nonfinite,
-                          on_step_end=on_step_end, on_skip=on_skip, unit="iteration")
+    run = make_iteration(
+      s,
+      iteration.make_update_step(s, tx, shardings),
+      base_key,
+      reward_pipeline,
+      evaluator,
+      last,
+      ref_params,
+    )
+    state, _ = common.fit(
+      ctx,
+      state,
+      train_step=run,
+      batch_for_step=lambda it: it,
+      start_step=start,
+      total_steps=config.total_steps,
+      max_consecutive_nonfinite=rl.max_consecutive_nonfinite,
+      on_step_end=on_step_end,
+      on_skip=on_skip,
+      unit="iteration",
+    )
   params = jax.device_get(state.params)
   if jax.process_index() == 0:
     # Exported in the compute dtype (the released bf16 format), not the f32 master weights.
     exported = precision.cast_floating(params, precision.model_dtypes(config)["dtype"])
     with_params(pipe, exported, task_pipeline_class(rl.task)).save_pretrained(
-        os.path.join(workdir, "export", "pipeline"))
+      os.path.join(workdir, "export", "pipeline")
+    )
   if evaluation.enabled(config.eval):
     results[0] = evaluator(config.total_steps, params)
   ctx.close()

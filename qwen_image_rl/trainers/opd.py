@@ -35,12 +35,26 @@ from qwen_image_rl.rl.policy import DTYPES, with_params
 from qwen_image_rl.trainers import common
 
 REQUIRED = {
-    "total_steps": int, "seed": int, "init_from": str, "model.dtype": str,
-    "data.image_size": int, "data.max_text_tokens": int, "data.num_prompts": int,
-    "data.prompt_file": str, "teachers.t2i": str, "teachers.edit": str,
-    "opd.t2i_fraction": float, "opd.route_block": int, "opd.batch_size": int, "opd.num_steps": int,
-    "opd.num_train_steps": int, "opd.teacher_cfg_scale": float, "opd.student_cfg_scale": float,
-    "opd.negative_prompt": str, "opd.max_consecutive_nonfinite": int}
+  "total_steps": int,
+  "seed": int,
+  "init_from": str,
+  "model.dtype": str,
+  "data.image_size": int,
+  "data.max_text_tokens": int,
+  "data.num_prompts": int,
+  "data.prompt_file": str,
+  "teachers.t2i": str,
+  "teachers.edit": str,
+  "opd.t2i_fraction": float,
+  "opd.route_block": int,
+  "opd.batch_size": int,
+  "opd.num_steps": int,
+  "opd.num_train_steps": int,
+  "opd.teacher_cfg_scale": float,
+  "opd.student_cfg_scale": float,
+  "opd.negative_prompt": str,
+  "opd.max_consecutive_nonfinite": int,
+}
 
 
 def validate(config) -> None:
@@ -51,14 +65,15 @@ def validate(config) -> None:
     if o[name] < 1:
       raise ConfigError(f"config.opd.{name}={o[name]} must be >= 1")
   if not 0 <= o.num_train_steps <= o.num_steps:
-    raise ConfigError(f"config.opd.num_train_steps={o.num_train_steps} must lie in [0, "
-                      f"opd.num_steps={o.num_steps}] (0: all steps)")
+    raise ConfigError(
+      f"config.opd.num_train_steps={o.num_train_steps} must lie in [0, "
+      f"opd.num_steps={o.num_steps}] (0: all steps)"
+    )
   if o.teacher_cfg_scale < 1.0:
     raise ConfigError(f"config.opd.teacher_cfg_scale={o.teacher_cfg_scale} must be >= 1")
   mb = o.get("micro_batch_size")
   if mb is not None and (mb < 1 or o.batch_size % mb):
-    raise ConfigError(f"config.opd.micro_batch_size={mb} must divide opd.batch_size="
-                      f"{o.batch_size}")
+    raise ConfigError(f"config.opd.micro_batch_size={mb} must divide opd.batch_size={o.batch_size}")
   if config.model.dtype not in DTYPES:
     raise ConfigError(f"config.model.dtype={config.model.dtype!r}: one of {sorted(DTYPES)}")
 
@@ -70,11 +85,19 @@ def make_evaluator(config, pipe, logger):
 
   def run(step: int, params):
     params = jax.device_get(params)
-    results = evaluation.evaluate(with_params(pipe, params, QwenImagePipeline),
-                                  with_params(pipe, params, QwenImageEditPipeline), cfg,
-                                  step=step, seed=config.seed, logger=logger)
-    print(f"eval at iteration {step} (student CFG {cfg.cfg_scale:g}):\n"
-          f"{evaluation.format_table(results)}", flush=True)
+    results = evaluation.evaluate(
+      with_params(pipe, params, QwenImagePipeline),
+      with_params(pipe, params, QwenImageEditPipeline),
+      cfg,
+      step=step,
+      seed=config.seed,
+      logger=logger,
+    )
+    print(
+      f"eval at iteration {step} (student CFG {cfg.cfg_scale:g}):\n"
+      f"{evaluation.format_table(results)}",
+      flush=True,
+    )
     return results
 
   return run
@@ -89,10 +112,13 @@ def train(config, workdir):
   pipe, bank, distiller = s.pipe, s.bank, s.distiller
   state, start = common.restore_or_keep(ctx, s.state, s.shardings)
   o = config.opd
-  print(f"opd: tasks {list(s.data)} (t2i fraction {o.t2i_fraction:g}), batch {o.batch_size}, "
-        f"{o.num_steps} steps ({o.num_train_steps or o.num_steps} trained), teacher CFG "
-        f"{o.teacher_cfg_scale:g}, teachers {bank.directories}; starting at iteration "
-        f"{start}/{config.total_steps}", flush=True)
+  print(
+    f"opd: tasks {list(s.data)} (t2i fraction {o.t2i_fraction:g}), batch {o.batch_size}, "
+    f"{o.num_steps} steps ({o.num_train_steps or o.num_steps} trained), teacher CFG "
+    f"{o.teacher_cfg_scale:g}, teachers {bank.directories}; starting at iteration "
+    f"{start}/{config.total_steps}",
+    flush=True,
+  )
   evaluate = make_evaluator(config, pipe, ctx.logger)
   results = [None]
   # The rollout, teacher and update calls enter `parallel.sharding_context` themselves; the
@@ -104,27 +130,41 @@ def train(config, workdir):
   def on_step_end(done, state, scalars):
     if done % max(int(config.log.every), 1) == 0 or done == config.total_steps:
       task = "t2i" if scalars["opd/task_is_t2i"] else "edit"
-      print(f"iteration {done} [{task}]: loss {scalars['loss']:.4g} (relative "
-            f"{scalars[f'train/relative_error_{task}']:.3f}); "
-            f"{scalars['perf/iteration_seconds']:.2f}s (swap "
-            f"{scalars['perf/swap_seconds']:.2f}, rollout {scalars['perf/rollout_seconds']:.2f}"
-            f", teacher {scalars['perf/teacher_seconds']:.2f}, update "
-            f"{scalars['perf/update_seconds']:.2f})", flush=True)
-    if config.eval.every and done % config.eval.every == 0 and done < config.total_steps \
-        and evaluation.enabled(config.eval):
+      print(
+        f"iteration {done} [{task}]: loss {scalars['loss']:.4g} (relative "
+        f"{scalars[f'train/relative_error_{task}']:.3f}); "
+        f"{scalars['perf/iteration_seconds']:.2f}s (swap "
+        f"{scalars['perf/swap_seconds']:.2f}, rollout {scalars['perf/rollout_seconds']:.2f}"
+        f", teacher {scalars['perf/teacher_seconds']:.2f}, update "
+        f"{scalars['perf/update_seconds']:.2f})",
+        flush=True,
+      )
+    if (
+      config.eval.every
+      and done % config.eval.every == 0
+      and done < config.total_steps
+      and evaluation.enabled(config.eval)
+    ):
       results[0] = evaluate(done, state.params)
 
-  state, _ = common.fit(ctx, state, train_step=distiller.make_iteration(base_key),
-                        batch_for_step=lambda it: it, start_step=start,
-                        total_steps=config.total_steps,
-                        max_consecutive_nonfinite=o.max_consecutive_nonfinite,
-                        on_step_end=on_step_end, unit="iteration")
+  state, _ = common.fit(
+    ctx,
+    state,
+    train_step=distiller.make_iteration(base_key),
+    batch_for_step=lambda it: it,
+    start_step=start,
+    total_steps=config.total_steps,
+    max_consecutive_nonfinite=o.max_consecutive_nonfinite,
+    on_step_end=on_step_end,
+    unit="iteration",
+  )
   bank.release()
   params = jax.device_get(state.params)
   if evaluation.enabled(config.eval):
     results[0] = evaluate(config.total_steps, params)
   if jax.process_index() == 0:
     with_params(pipe, params, QwenImagePipeline).save_pretrained(
-        os.path.join(workdir, "export", "pipeline"))
+      os.path.join(workdir, "export", "pipeline")
+    )
   ctx.close()
   return results[0]

@@ -41,38 +41,62 @@ LOSS_KINDS = ("pointwise", "pairwise")
 
 
 def validate(config):
-  config_lib.check_positive(config, "total_steps", "data.n_specs", "data.n_edits",
-                            "data.t2i_batch_size", "data.edit_batch_size", "data.image_size")
+  config_lib.check_positive(
+    config,
+    "total_steps",
+    "data.n_specs",
+    "data.n_edits",
+    "data.t2i_batch_size",
+    "data.edit_batch_size",
+    "data.image_size",
+  )
   config_lib.check_choice(config, "loss.kind", LOSS_KINDS)
   if not 0.0 <= config.data.no_cot_fraction <= 1.0:
-    raise config_lib.ConfigError(f"config.data.no_cot_fraction={config.data.no_cot_fraction}: "
-                                 "must be in [0, 1]")
+    raise config_lib.ConfigError(
+      f"config.data.no_cot_fraction={config.data.no_cot_fraction}: must be in [0, 1]"
+    )
   weights = dict(config.data.task_weights)
   if set(weights) != set(D.T2I_TASKS) or min(weights.values()) < 0 or not sum(weights.values()):
-    raise config_lib.ConfigError(f"config.data.task_weights={weights}: non-negative weights for "
-                                 f"exactly {D.T2I_TASKS}")
+    raise config_lib.ConfigError(
+      f"config.data.task_weights={weights}: non-negative weights for exactly {D.T2I_TASKS}"
+    )
   if config.data.variants < 2 and config.loss.kind == "pairwise":
     raise config_lib.ConfigError("pairwise training needs config.data.variants >= 2")
   if config.data.samples_from and not os.path.isdir(config.data.samples_from):
-    raise config_lib.ConfigError(f"config.data.samples_from={config.data.samples_from!r} is not "
-                                 "a directory (a pipeline exported by sft or grpo)")
+    raise config_lib.ConfigError(
+      f"config.data.samples_from={config.data.samples_from!r} is not "
+      "a directory (a pipeline exported by sft or grpo)"
+    )
 
 
 def build_model(config, tokenizer) -> Qwen25VL:
   ids = special_token_ids(tokenizer)
   text = Qwen25VLTextModel(vocab_size=len(tokenizer), head="tied", **dict(config.model.text))
-  vision = VisionConfig(out_hidden_size=text.hidden_size, **{
+  vision = VisionConfig(
+    out_hidden_size=text.hidden_size,
+    **{
       k: tuple(v) if isinstance(v, (list, tuple)) else v
-      for k, v in dict(config.model.vision).items()})
-  return Qwen25VL(text, Qwen25VLVisionModel(vision), ids["image_token_id"], ids["video_token_id"],
-                  ids["vision_start_token_id"], ids["vision_end_token_id"])
+      for k, v in dict(config.model.vision).items()
+    },
+  )
+  return Qwen25VL(
+    text,
+    Qwen25VLVisionModel(vision),
+    ids["image_token_id"],
+    ids["video_token_id"],
+    ids["vision_start_token_id"],
+    ids["vision_end_token_id"],
+  )
 
 
 def build_processor(config) -> ImageProcessor:
   v = config.model.vision
-  return ImageProcessor(patch_size=v.patch_size, merge_size=v.spatial_merge_size,
-                        temporal_patch_size=v.temporal_patch_size,
-                        min_pixels=(v.patch_size * v.spatial_merge_size) ** 2)
+  return ImageProcessor(
+    patch_size=v.patch_size,
+    merge_size=v.spatial_merge_size,
+    temporal_patch_size=v.temporal_patch_size,
+    min_pixels=(v.patch_size * v.spatial_merge_size) ** 2,
+  )
 
 
 def pipeline_samples(directory: str, prompts, size: int, seed: int) -> np.ndarray:
@@ -81,8 +105,16 @@ def pipeline_samples(directory: str, prompts, size: int, seed: int) -> np.ndarra
   from qwen_image_rl.pipelines.qwen_image import QwenImagePipeline
 
   pipe = QwenImagePipeline.from_pretrained(directory)
-  out = [pipe(prompt=list(prompts[i:i + 32]), num_inference_steps=20, height=size, width=size,
-              seed=seed + i) for i in range(0, len(prompts), 32)]
+  out = [
+    pipe(
+      prompt=list(prompts[i : i + 32]),
+      num_inference_steps=20,
+      height=size,
+      width=size,
+      seed=seed + i,
+    )
+    for i in range(0, len(prompts), 32)
+  ]
   return np.concatenate(out)
 
 
@@ -129,7 +161,7 @@ class Batcher:
     ids, pos = V.assemble(prompt, cot_ids, self.judge.tokens, digit)
     weights = np.zeros(len(ids), np.float32)
     # Targets: the CoT and its marker (CoT mode), then the digit and <|im_end|>.
-    weights[len(prompt) if cot else pos + 1:] = 1.0
+    weights[len(prompt) if cot else pos + 1 :] = 1.0
     return ids, weights, pos, 1.0 + 4.0 * label[task]
 
   def _max_length(self) -> int:
@@ -147,8 +179,9 @@ class Batcher:
     """[(task, row, cot)] of the step: t2i examples first, then edit examples."""
     rng = np.random.default_rng([self.config.seed, step])
     d = self.config.data
-    tasks = [self.tasks[i] for i in rng.choice(len(self.tasks), d.t2i_batch_size,
-                                               p=self.task_probs)]
+    tasks = [
+      self.tasks[i] for i in rng.choice(len(self.tasks), d.t2i_batch_size, p=self.task_probs)
+    ]
     tasks += ["instruction"] * d.edit_batch_size
     picks = []
     for task in tasks:
@@ -191,23 +224,34 @@ class Batcher:
       seq, w, p, y = self._example(task, row, cot, with_target)
       if len(seq) > L:
         raise ValueError(f"judge example of {len(seq)} tokens exceeds the batch length {L}")
-      ids[i, :len(seq)], mask[i, :len(seq)], weights[i, :len(seq)] = seq, 1, w
+      ids[i, : len(seq)], mask[i, : len(seq)], weights[i, : len(seq)] = seq, 1, w
       pos[i], target[i] = p, y
       images += self._images(task, row)
     processed = self.judge.processor(images)
     positions, _ = self.judge.model.rope_index(ids, mask, processed["image_grid_thw"])
-    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
-            "pixel_values": processed["pixel_values"], "weights": weights, "score_pos": pos,
-            "score_target": target}
+    return {
+      "input_ids": ids,
+      "attention_mask": mask,
+      "position_ids": positions,
+      "pixel_values": processed["pixel_values"],
+      "weights": weights,
+      "score_pos": pos,
+      "score_target": target,
+    }
 
 
 def make_loss(model: Qwen25VL, digit_ids, layout, config):
   kind, mse_weight = config.loss.kind, config.loss.score_mse_weight
 
   def forward(params, batch):
-    return model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
-                       batch["pixel_values"], position_ids=batch["position_ids"],
-                       vision_layout=layout)
+    return model.apply(
+      {"params": params},
+      batch["input_ids"],
+      batch["attention_mask"],
+      batch["pixel_values"],
+      position_ids=batch["position_ids"],
+      vision_layout=layout,
+    )
 
   def expected_at_score(logits, batch):
     at = jnp.take_along_axis(logits, batch["score_pos"][:, None, None], axis=1)[:, 0]
@@ -225,9 +269,14 @@ def make_loss(model: Qwen25VL, digit_ids, layout, config):
   def pairwise(params, batch):
     # Only the score position is needed: the LM head runs there alone.
     hidden_logits = model.apply(
-        {"params": params}, batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
-        position_ids=batch["position_ids"], vision_layout=layout,
-        output_positions=batch["score_pos"][:, None])
+      {"params": params},
+      batch["input_ids"],
+      batch["attention_mask"],
+      batch["pixel_values"],
+      position_ids=batch["position_ids"],
+      vision_layout=layout,
+      output_positions=batch["score_pos"][:, None],
+    )
     r = V.expected_score(hidden_logits[:, 0], digit_ids)
     half = r.shape[0] // 2
     w = batch["pair_weight"]
@@ -243,18 +292,30 @@ def make_train_step(loss_fn, tx):
   def step(state: TrainState, batch):
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new = state.replace(step=state.step + 1, params=jax.tree.map(jnp.add, state.params, updates),
-                        opt_state=opt_state)
+    new = state.replace(
+      step=state.step + 1, params=jax.tree.map(jnp.add, state.params, updates), opt_state=opt_state
+    )
     return keep_if_finite(state, new, loss), {"loss": loss, **aux}
 
   return step
 
 
-REQUIRED = {"total_steps": int, "seed": int, "data.image_size": int, "data.n_specs": int,
-            "data.n_edits": int, "data.variants": int, "data.t2i_batch_size": int,
-            "data.edit_batch_size": int, "data.no_cot_fraction": float, "data.samples_from": str,
-            "loss.kind": str, "loss.score_mse_weight": float, "loss.min_margin": float,
-            "judge.max_cot_tokens": int}
+REQUIRED = {
+  "total_steps": int,
+  "seed": int,
+  "data.image_size": int,
+  "data.n_specs": int,
+  "data.n_edits": int,
+  "data.variants": int,
+  "data.t2i_batch_size": int,
+  "data.edit_batch_size": int,
+  "data.no_cot_fraction": float,
+  "data.samples_from": str,
+  "loss.kind": str,
+  "loss.score_mse_weight": float,
+  "loss.min_margin": float,
+  "judge.max_cot_tokens": int,
+}
 
 
 def train(config, workdir):
@@ -263,21 +324,29 @@ def train(config, workdir):
   export = os.path.join(workdir, "export")
   tokenizer = V.build_judge_tokenizer(os.path.join(export, "tokenizer"))
   model = build_model(config, tokenizer)
-  judge = V.VLMJudge(model, None, tokenizer, build_processor(config),
-                     max_cot_tokens=config.judge.max_cot_tokens)
+  judge = V.VLMJudge(
+    model, None, tokenizer, build_processor(config), max_cot_tokens=config.judge.max_cot_tokens
+  )
   print("reward_sft: rendering, corrupting and labelling the training set ...", flush=True)
   t2i, edits = build_sets(config)
   batcher = Batcher(config, judge, t2i, edits)
-  print(f"reward_sft: {len(t2i)} T2I and {len(edits)} edit images, sequence length "
-        f"{batcher.length}, loss {config.loss.kind}", flush=True)
+  print(
+    f"reward_sft: {len(t2i)} T2I and {len(edits)} edit images, sequence length "
+    f"{batcher.length}, loss {config.loss.kind}",
+    flush=True,
+  )
 
   example = batcher(0)
-  layout = {k: jnp.asarray(v) for k, v in model.layout(
-      np.repeat(batcher.grid, len(example["pixel_values"]) // int(batcher.grid.prod()),
-                axis=0)).items()}
+  layout = {
+    k: jnp.asarray(v)
+    for k, v in model.layout(
+      np.repeat(batcher.grid, len(example["pixel_values"]) // int(batcher.grid.prod()), axis=0)
+    ).items()
+  }
   tx = optim.make_optimizer(config.optim, config.total_steps)
   init = lambda key: model.init(key, jnp.zeros((1, 8), jnp.int32), jnp.ones((1, 8), jnp.int32))[
-      "params"]
+    "params"
+  ]
   state, shardings = create_train_state(init, tx, ctx.mesh, ctx.rules, config.seed)
   state, start = common.restore_or_keep(ctx, state, shardings)
 
@@ -292,11 +361,18 @@ def train(config, workdir):
     return out
 
   loss_fn = make_loss(model, jnp.asarray(judge.tokens.digits), layout, config)
-  step_fn = jax.jit(make_train_step(loss_fn, tx), donate_argnums=(0,),
-                    out_shardings=(shardings, None))
+  step_fn = jax.jit(
+    make_train_step(loss_fn, tx), donate_argnums=(0,), out_shardings=(shardings, None)
+  )
   with parallel.sharding_context(ctx.mesh, ctx.rules):
-    state, history = common.fit(ctx, state, train_step=step_fn, batch_for_step=batch_for_step,
-                                start_step=start, total_steps=config.total_steps)
+    state, history = common.fit(
+      ctx,
+      state,
+      train_step=step_fn,
+      batch_for_step=batch_for_step,
+      start_step=start,
+      total_steps=config.total_steps,
+    )
   judge.params = jax.device_get(state.params)
   if jax.process_index() == 0:
     judge.save(os.path.join(export, "judge"), extra={"loss": config.loss.kind})

@@ -30,9 +30,16 @@ from qwen_image_rl.rl import iteration, routing
 from qwen_image_rl.rl.policy import init_policy_state, with_params
 from qwen_image_rl.trainers import common, grpo
 
-REQUIRED = {"total_steps": int, "seed": int, "init_from": str, "model.dtype": str,
-            "mix.t2i_fraction": float, "mix.route_block": int, "tasks.t2i.rl.task": str,
-            "tasks.edit.rl.task": str}
+REQUIRED = {
+  "total_steps": int,
+  "seed": int,
+  "init_from": str,
+  "model.dtype": str,
+  "mix.t2i_fraction": float,
+  "mix.route_block": int,
+  "tasks.t2i.rl.task": str,
+  "tasks.edit.rl.task": str,
+}
 
 
 def task_config(config, task: str):
@@ -46,8 +53,10 @@ def task_config(config, task: str):
 
 def validate(config) -> None:
   if not 0.0 < config.mix.t2i_fraction < 1.0:
-    raise ConfigError(f"config.mix.t2i_fraction={config.mix.t2i_fraction} must lie in (0, 1): "
-                      f"a mixed run trains both tasks (use the grpo trainer for one)")
+    raise ConfigError(
+      f"config.mix.t2i_fraction={config.mix.t2i_fraction} must lie in (0, 1): "
+      f"a mixed run trains both tasks (use the grpo trainer for one)"
+    )
   if config.mix.route_block < 1:
     raise ConfigError(f"config.mix.route_block={config.mix.route_block} must be >= 1")
   for task in routing.TASKS:
@@ -55,8 +64,9 @@ def validate(config) -> None:
     if c.rl.task != task:
       raise ConfigError(f"config.tasks.{task}.rl.task={c.rl.task!r}: expected {task!r}")
     if c.rl.kl_beta != 0:
-      raise ConfigError(f"config.tasks.{task}.rl.kl_beta={c.rl.kl_beta}: Mix-RL runs without "
-                        f"a KL reference")
+      raise ConfigError(
+        f"config.tasks.{task}.rl.kl_beta={c.rl.kl_beta}: Mix-RL runs without a KL reference"
+      )
     try:
       grpo.validate(c)
     except ConfigError as e:
@@ -71,14 +81,18 @@ def train(config, workdir):
   ctx = common.make_context(config, workdir, mesh)
   pipe = setups["t2i"].pipe
   tx = optim.make_optimizer(config.optim, config.total_steps)
-  state, shardings = init_policy_state(pipe.transformer, pipe.transformer_params, tx, mesh,
-                                       rules, config.seed)
+  state, shardings = init_policy_state(
+    pipe.transformer, pipe.transformer_params, tx, mesh, rules, config.seed
+  )
   for s in setups.values():
     s.pipe.transformer_params = None  # the policy lives in `state` now
   state, start = common.restore_or_keep(ctx, state, shardings)
   names = {t: list(s.names) for t, s in setups.items()}
-  print(f"rl_mix: t2i fraction {config.mix.t2i_fraction:g}, rewards {names}; starting at "
-        f"iteration {start}/{config.total_steps}", flush=True)
+  print(
+    f"rl_mix: t2i fraction {config.mix.t2i_fraction:g}, rewards {names}; starting at "
+    f"iteration {start}/{config.total_steps}",
+    flush=True,
+  )
   evaluator = grpo.Evaluator(config, pipe, ctx.logger)
   results = [None]
   # As in the grpo trainer, each jitted call enters `parallel.sharding_context` itself.
@@ -90,13 +104,17 @@ def train(config, workdir):
     for task, s in setups.items():
       rewards = stack.enter_context(iteration.make_reward_pipeline(s.config, s.reward_fn))
       # Each task keeps its own training-reward window (their reward names differ).
-      runs[task] = grpo.make_iteration(s, iteration.make_update_step(s, tx, shardings),
-                                       base_key, rewards, grpo.Evaluator(config, pipe, None),
-                                       last)
+      runs[task] = grpo.make_iteration(
+        s,
+        iteration.make_update_step(s, tx, shardings),
+        base_key,
+        rewards,
+        grpo.Evaluator(config, pipe, None),
+        last,
+      )
 
     def run(state, it):
-      task = routing.route_task(config.seed, it, config.mix.t2i_fraction,
-                                config.mix.route_block)
+      task = routing.route_task(config.seed, it, config.mix.t2i_fraction, config.mix.route_block)
       state, scalars = runs[task](state, it)
       scalars["mix/task_is_t2i"] = float(task == "t2i")
       return state, scalars
@@ -104,21 +122,32 @@ def train(config, workdir):
     def on_step_end(done, state, scalars):
       if done % max(int(config.log.every), 1) == 0 or done == config.total_steps:
         task = "t2i" if scalars["mix/task_is_t2i"] else "edit"
-        print(f"[{task}] " + grpo.iteration_summary(done, setups[task].names, scalars),
-              flush=True)
-      if config.eval.every and done % config.eval.every == 0 and done < config.total_steps \
-          and evaluation.enabled(config.eval):
+        print(f"[{task}] " + grpo.iteration_summary(done, setups[task].names, scalars), flush=True)
+      if (
+        config.eval.every
+        and done % config.eval.every == 0
+        and done < config.total_steps
+        and evaluation.enabled(config.eval)
+      ):
         results[0] = evaluator(done, state.params)
 
-    state, _ = common.fit(ctx, state, train_step=run, batch_for_step=lambda it: it,
-                          start_step=start, total_steps=config.total_steps,
-                          max_consecutive_nonfinite=config.max_consecutive_nonfinite,
-                          on_step_end=on_step_end, unit="iteration")
+    state, _ = common.fit(
+      ctx,
+      state,
+      train_step=run,
+      batch_for_step=lambda it: it,
+      start_step=start,
+      total_steps=config.total_steps,
+      max_consecutive_nonfinite=config.max_consecutive_nonfinite,
+      on_step_end=on_step_end,
+      unit="iteration",
+    )
     params = jax.device_get(state.params)
     if evaluation.enabled(config.eval):
       results[0] = evaluator(config.total_steps, params)
   if jax.process_index() == 0:  # outside the mesh: the VAE's abstract shapes are host-side
     with_params(pipe, params, QwenImagePipeline).save_pretrained(
-        os.path.join(workdir, "export", "pipeline"))
+      os.path.join(workdir, "export", "pipeline")
+    )
   ctx.close()
   return results[0]

@@ -43,29 +43,48 @@ EDIT_TEMPLATE = QwenImageEditPipeline.TEMPLATE
 
 
 REQUIRED = {
-    "total_steps": int, "seed": int, "data.image_size": int, "data.t2i_batch_size": int,
-    "data.edit_batch_size": int, "data.num_train": int, "data.max_text_tokens": int,
-    "loss.cfg_dropout": float, "loss.edit_weight": float, "loss.uniform_time_fraction": float,
-    "loss.shift_like_sampler": bool}
+  "total_steps": int,
+  "seed": int,
+  "data.image_size": int,
+  "data.t2i_batch_size": int,
+  "data.edit_batch_size": int,
+  "data.num_train": int,
+  "data.max_text_tokens": int,
+  "loss.cfg_dropout": float,
+  "loss.edit_weight": float,
+  "loss.uniform_time_fraction": float,
+  "loss.shift_like_sampler": bool,
+}
 
 
 def validate(config):
-  config_lib.check_positive(config, "total_steps", "data.t2i_batch_size", "data.num_train",
-                            "data.image_size", "data.max_text_tokens")
+  config_lib.check_positive(
+    config,
+    "total_steps",
+    "data.t2i_batch_size",
+    "data.num_train",
+    "data.image_size",
+    "data.max_text_tokens",
+  )
   config_lib.check_fields(config, {"model.vae_from": str})
   if not config.model.vae_from:
-    raise config_lib.ConfigError("config.model.vae_from is required: a diffusers-format VAE "
-                                 "directory (the `vae` stage exports WORKDIR/export/vae)")
+    raise config_lib.ConfigError(
+      "config.model.vae_from is required: a diffusers-format VAE "
+      "directory (the `vae` stage exports WORKDIR/export/vae)"
+    )
   if not os.path.isdir(config.model.vae_from):
-    raise config_lib.ConfigError(f"config.model.vae_from={config.model.vae_from!r} is not a "
-                                 f"directory")
+    raise config_lib.ConfigError(
+      f"config.model.vae_from={config.model.vae_from!r} is not a directory"
+    )
   if not 0.0 <= config.loss.uniform_time_fraction <= 1.0:
-    raise config_lib.ConfigError(f"config.loss.uniform_time_fraction="
-                                 f"{config.loss.uniform_time_fraction}: must be in [0, 1]")
+    raise config_lib.ConfigError(
+      f"config.loss.uniform_time_fraction={config.loss.uniform_time_fraction}: must be in [0, 1]"
+    )
   config_lib.check_fields(config, {"loss.shift_like_sampler": bool})
   if not 0.0 <= config.loss.cfg_dropout < 1.0:
-    raise config_lib.ConfigError(f"config.loss.cfg_dropout={config.loss.cfg_dropout}: must be "
-                                 f"in [0, 1)")
+    raise config_lib.ConfigError(
+      f"config.loss.cfg_dropout={config.loss.cfg_dropout}: must be in [0, 1)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,8 +102,11 @@ def build_text_encoder(config, tokenizer):
   fields = dict(config.model.text_encoder)
   seed = fields.pop("seed")
   model = Qwen25VLTextModel(vocab_size=len(tokenizer), **fields)
-  params = nn.meta.unbox(model.init(jax.random.key(seed), jnp.zeros((1, 4), jnp.int32),
-                                    jnp.ones((1, 4), jnp.int32))["params"])
+  params = nn.meta.unbox(
+    model.init(jax.random.key(seed), jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32))[
+      "params"
+    ]
+  )
   return model, params
 
 
@@ -93,8 +115,9 @@ def encode_texts(te_model, te_params, tokenizer, texts, template, max_tokens: in
   max_tokens is a ConfigError (training must see what sampling sees)."""
   drop = text_encoding.template_drop_index(tokenizer, template)
   try:
-    return encode_fixed_length(te_model, te_params, tokenizer, texts, template=template,
-                               drop_idx=drop, length=max_tokens)
+    return encode_fixed_length(
+      te_model, te_params, tokenizer, texts, template=template, drop_idx=drop, length=max_tokens
+    )
   except PromptTooLongError as e:
     raise config_lib.ConfigError(f"config.data.max_text_tokens={max_tokens} {e}") from e
 
@@ -104,10 +127,13 @@ def encode_images(vae: QwenImageVAE, vae_params, images_uint8, chunk: int = 128)
   encode = jax.jit(lambda p, x: vae.apply({"params": p}, x, method=vae.encode))
   out = []
   for i in range(0, len(images_uint8), chunk):
-    out.append(np.asarray(encode(vae_params, examples.to_model_range(images_uint8[i:i + chunk]))))
+    out.append(np.asarray(encode(vae_params, examples.to_model_range(images_uint8[i : i + chunk]))))
   z = np.concatenate(out)
-  return np.asarray(normalize_latents(z, np.asarray(vae.latents_mean, np.float32),
-                                      np.asarray(vae.latents_std, np.float32)))
+  return np.asarray(
+    normalize_latents(
+      z, np.asarray(vae.latents_mean, np.float32), np.asarray(vae.latents_std, np.float32)
+    )
+  )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,14 +150,17 @@ def sample_training_times(key, batch: int, uniform_fraction: float = 0.0, shift:
   trains them.
   """
   k_ln, k_u, k_pick = jax.random.split(key, 3)
-  t = jnp.where(jax.random.uniform(k_pick, (batch,)) < uniform_fraction,
-                jax.random.uniform(k_u, (batch,)),
-                jax.nn.sigmoid(jax.random.normal(k_ln, (batch,))))
+  t = jnp.where(
+    jax.random.uniform(k_pick, (batch,)) < uniform_fraction,
+    jax.random.uniform(k_u, (batch,)),
+    jax.nn.sigmoid(jax.random.normal(k_ln, (batch,))),
+  )
   return shift * t / (1.0 + (shift - 1.0) * t)
 
 
-def flow_matching_loss(model, params, x0, cond, mask, key, ref_latents=None, *,
-                       uniform_fraction=0.0, shift=1.0):
+def flow_matching_loss(
+  model, params, x0, cond, mask, key, ref_latents=None, *, uniform_fraction=0.0, shift=1.0
+):
   """MSE between predicted and true velocity at t from `sample_training_times`. x0 and
   ref_latents (editing's source image): packed latents."""
   b = x0.shape[0]
@@ -149,23 +178,39 @@ def flow_matching_loss(model, params, x0, cond, mask, key, ref_latents=None, *,
   return jnp.mean((v - (eps - x0)) ** 2)
 
 
-def make_train_step(model, tx, rules, cfg_dropout: float, edit_weight: float,
-                    uniform_fraction: float = 0.0, shift: float = 1.0):
+def make_train_step(
+  model,
+  tx,
+  rules,
+  cfg_dropout: float,
+  edit_weight: float,
+  uniform_fraction: float = 0.0,
+  shift: float = 1.0,
+):
   def drop_text(key, cond, mask, null_cond, null_mask):
     drop = jax.random.uniform(key, (cond.shape[0],)) < cfg_dropout
-    return (jnp.where(drop[:, None, None], null_cond[None], cond),
-            jnp.where(drop[:, None], null_mask[None], mask))
+    return (
+      jnp.where(drop[:, None, None], null_cond[None], cond),
+      jnp.where(drop[:, None], null_mask[None], mask),
+    )
 
   def loss_fn(params, batch, key):
     keys = jax.random.split(key, 4)
-    c, m = drop_text(keys[0], batch["t2i_cond"], batch["t2i_mask"], batch["t2i_null_cond"],
-                     batch["t2i_null_mask"])
+    c, m = drop_text(
+      keys[0], batch["t2i_cond"], batch["t2i_mask"], batch["t2i_null_cond"], batch["t2i_null_mask"]
+    )
     times = dict(uniform_fraction=uniform_fraction, shift=shift)
     t2i = flow_matching_loss(model, params, batch["t2i_x0"], c, m, keys[1], **times)
-    c, m = drop_text(keys[2], batch["edit_cond"], batch["edit_mask"], batch["edit_null_cond"],
-                     batch["edit_null_mask"])
-    edit = flow_matching_loss(model, params, batch["edit_x0"], c, m, keys[3],
-                              ref_latents=batch["edit_ref_latents"], **times)
+    c, m = drop_text(
+      keys[2],
+      batch["edit_cond"],
+      batch["edit_mask"],
+      batch["edit_null_cond"],
+      batch["edit_null_mask"],
+    )
+    edit = flow_matching_loss(
+      model, params, batch["edit_x0"], c, m, keys[3], ref_latents=batch["edit_ref_latents"], **times
+    )
     return (t2i + edit_weight * edit) / (1.0 + edit_weight), {"t2i_loss": t2i, "edit_loss": edit}
 
   def step(state: TrainState, batch):
@@ -173,8 +218,9 @@ def make_train_step(model, tx, rules, cfg_dropout: float, edit_weight: float,
     with nn.logical_axis_rules(rules):
       (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new = state.replace(step=state.step + 1, params=jax.tree.map(jnp.add, state.params, updates),
-                        opt_state=opt_state)
+    new = state.replace(
+      step=state.step + 1, params=jax.tree.map(jnp.add, state.params, updates), opt_state=opt_state
+    )
     return keep_if_finite(state, new, loss), {"loss": loss, **aux}
 
   return step
@@ -183,6 +229,65 @@ def make_train_step(model, tx, rules, cfg_dropout: float, edit_weight: float,
 # ---------------------------------------------------------------------------------------------
 # The trainer.
 # ---------------------------------------------------------------------------------------------
+
+
+def training_arrays(config, vae, vae_params, te_model, te_params, tokenizer):
+  """(t2i examples, edit examples, per-example arrays, the empty prompts' embeddings)."""
+  data = config.data
+  print("sft: rendering and encoding the training set ...", flush=True)
+  t2i = examples.t2i_examples(config.seed, data.num_train, "train", data.image_size)
+  edits = examples.edit_examples(config.seed, data.num_train_edits, "train", data.image_size)
+  length = data.max_text_tokens
+  arrays = {
+    "t2i_x0": pack_latents(encode_images(vae, vae_params, t2i.images)),
+    "edit_x0": pack_latents(encode_images(vae, vae_params, edits.targets)),
+    "edit_ref_latents": pack_latents(encode_images(vae, vae_params, edits.sources)),
+  }
+  arrays["t2i_cond"], arrays["t2i_mask"] = encode_texts(
+    te_model, te_params, tokenizer, t2i.prompts, T2I_TEMPLATE, length
+  )
+  arrays["edit_cond"], arrays["edit_mask"] = encode_texts(
+    te_model, te_params, tokenizer, edits.instructions, EDIT_TEMPLATE, length
+  )
+  # The empty prompt of each task: what CFG dropout trains and what sampling uses as negative.
+  nulls = {}
+  for task, template in (("t2i", T2I_TEMPLATE), ("edit", EDIT_TEMPLATE)):
+    cond, mask = encode_texts(te_model, te_params, tokenizer, [""], template, length)
+    nulls[f"{task}_null_cond"], nulls[f"{task}_null_mask"] = cond[0], mask[0]
+  print(
+    f"sft: {len(t2i)} T2I and {len(edits)} edit examples; latent tokens "
+    f"{arrays['t2i_x0'].shape[1]}, text tokens {length}",
+    flush=True,
+  )
+  return t2i, edits, arrays, nulls
+
+
+def time_shift(config, image_tokens: int) -> float:
+  """The sampler's resolution shift of training times (loss.shift_like_sampler), else 1."""
+  if not config.loss.shift_like_sampler:
+    return 1.0
+  shift = FlowMatchSchedule.from_config(config.model.scheduler).time_shift_factor(image_tokens)
+  print(
+    f"sft: training times shifted like the sampler's at {image_tokens} tokens (factor {shift:.3f})",
+    flush=True,
+  )
+  return shift
+
+
+def export_and_evaluate(config, ctx, components, export: str):
+  """Writes export/pipeline (process 0) and evaluates the held-out sets if asked."""
+  t2i_pipe = QwenImagePipeline(*components)
+  edit_pipe = QwenImageEditPipeline(*components)
+  if jax.process_index() == 0:
+    t2i_pipe.save_pretrained(os.path.join(export, "pipeline"))
+  if not evaluation.enabled(config.eval):
+    return None
+  print("sft: evaluating on held-out prompts and edits ...", flush=True)
+  results = evaluation.evaluate(
+    t2i_pipe, edit_pipe, config.eval, step=config.total_steps, seed=config.seed, logger=ctx.logger
+  )
+  print(evaluation.format_table(results), flush=True)
+  return results
 
 
 def train(config, workdir):
@@ -196,33 +301,17 @@ def train(config, workdir):
   te_model, te_params = build_text_encoder(config, tokenizer)
   vae, vae_params = load_vae(config.model.vae_from)
   vae_params = vae_params["params"] if "params" in vae_params else vae_params
-
-  print("sft: rendering and encoding the training set ...", flush=True)
-  t2i = examples.t2i_examples(config.seed, data.num_train, "train", data.image_size)
-  edits = examples.edit_examples(config.seed, data.num_train_edits, "train", data.image_size)
-  L = data.max_text_tokens
-  arrays = {
-      "t2i_x0": pack_latents(encode_images(vae, vae_params, t2i.images)),
-      "edit_x0": pack_latents(encode_images(vae, vae_params, edits.targets)),
-      "edit_ref_latents": pack_latents(encode_images(vae, vae_params, edits.sources)),
-  }
-  arrays["t2i_cond"], arrays["t2i_mask"] = encode_texts(te_model, te_params, tokenizer,
-                                                        t2i.prompts, T2I_TEMPLATE, L)
-  arrays["edit_cond"], arrays["edit_mask"] = encode_texts(te_model, te_params, tokenizer,
-                                                          edits.instructions, EDIT_TEMPLATE, L)
-  # The empty prompt of each task: what CFG dropout trains and what sampling uses as negative.
-  nulls = {}
-  for task, template in (("t2i", T2I_TEMPLATE), ("edit", EDIT_TEMPLATE)):
-    cond, mask = encode_texts(te_model, te_params, tokenizer, [""], template, L)
-    nulls[f"{task}_null_cond"], nulls[f"{task}_null_mask"] = cond[0], mask[0]
-  print(f"sft: {len(t2i)} T2I and {len(edits)} edit examples; latent tokens "
-        f"{arrays['t2i_x0'].shape[1]}, text tokens {L}", flush=True)
+  t2i, edits, arrays, nulls = training_arrays(
+    config, vae, vae_params, te_model, te_params, tokenizer
+  )
 
   transformer_cfg = dict(config.model.transformer)
-  transformer_cfg.update(in_channels=4 * vae.z_dim, out_channels=vae.z_dim,
-                         joint_attention_dim=te_model.hidden_size)
-  model = QwenImageTransformer.from_config(transformer_cfg,
-                                          **config_lib.transformer_overrides(config))
+  transformer_cfg.update(
+    in_channels=4 * vae.z_dim, out_channels=vae.z_dim, joint_attention_dim=te_model.hidden_size
+  )
+  model = QwenImageTransformer.from_config(
+    transformer_cfg, **config_lib.transformer_overrides(config)
+  )
   tx = optim.make_optimizer(config.optim, config.total_steps)
   state, shardings = create_train_state(model.init_params, tx, ctx.mesh, ctx.rules, config.seed)
   state, start = common.restore_or_keep(ctx, state, shardings)
@@ -232,37 +321,34 @@ def train(config, workdir):
     ei = examples.batch_indices(config.seed, step, len(edits), data.edit_batch_size, stream=1)
     batch = {k: v[ti] for k, v in arrays.items() if k.startswith("t2i")}
     batch.update({k: v[ei] for k, v in arrays.items() if k.startswith("edit")})
-    batch = {k: jax.device_put(v, parallel.batch_sharding(ctx.mesh, v.shape, ctx.rules))
-             for k, v in batch.items()}
+    batch = {
+      k: jax.device_put(v, parallel.batch_sharding(ctx.mesh, v.shape, ctx.rules))
+      for k, v in batch.items()
+    }
     batch.update(nulls)
     return batch
 
-  shift = 1.0
-  if config.loss.shift_like_sampler:
-    schedule = FlowMatchSchedule.from_config(config.model.scheduler)
-    shift = schedule.time_shift_factor(arrays["t2i_x0"].shape[1])
-    print(f"sft: training times shifted like the sampler's at {arrays['t2i_x0'].shape[1]} "
-          f"tokens (factor {shift:.3f})", flush=True)
-  step_fn = jax.jit(make_train_step(model, tx, ctx.rules, config.loss.cfg_dropout,
-                                    config.loss.edit_weight, config.loss.uniform_time_fraction,
-                                    shift),
-                    donate_argnums=(0,), out_shardings=(shardings, None))
+  loss = config.loss
+  shift = time_shift(config, arrays["t2i_x0"].shape[1])
+  step_fn = jax.jit(
+    make_train_step(
+      model, tx, ctx.rules, loss.cfg_dropout, loss.edit_weight, loss.uniform_time_fraction, shift
+    ),
+    donate_argnums=(0,),
+    out_shardings=(shardings, None),
+  )
   with parallel.sharding_context(ctx.mesh, ctx.rules):
-    state, history = common.fit(ctx, state, train_step=step_fn, batch_for_step=batch_for_step,
-                                start_step=start, total_steps=config.total_steps)
-
+    state, _ = common.fit(
+      ctx,
+      state,
+      train_step=step_fn,
+      batch_for_step=batch_for_step,
+      start_step=start,
+      total_steps=config.total_steps,
+    )
   params = jax.device_get(state.params)
-  components = (model, params, vae, vae_params, te_model, te_params, tokenizer,
-                dict(config.model.scheduler))
-  t2i_pipe = QwenImagePipeline(*components)
-  edit_pipe = QwenImageEditPipeline(*components)
-  if jax.process_index() == 0:
-    t2i_pipe.save_pretrained(os.path.join(export, "pipeline"))
-  results = None
-  if evaluation.enabled(config.eval):
-    print("sft: evaluating on held-out prompts and edits ...", flush=True)
-    results = evaluation.evaluate(t2i_pipe, edit_pipe, config.eval, step=config.total_steps,
-                                  seed=config.seed, logger=ctx.logger)
-    print(evaluation.format_table(results), flush=True)
+  scheduler = dict(config.model.scheduler)
+  components = (model, params, vae, vae_params, te_model, te_params, tokenizer, scheduler)
+  results = export_and_evaluate(config, ctx, components, export)
   ctx.close()
   return results

@@ -47,17 +47,31 @@ def awm_surrogate(log_lik, old_log_lik, advantages, clip: float):
   ratio = jnp.exp(log_lik - jax.lax.stop_gradient(old_log_lik))
   adv = jnp.asarray(advantages, jnp.float32)
   loss = jnp.mean(jnp.maximum(-adv * ratio, -adv * jnp.clip(ratio, 1.0 - clip, 1.0 + clip)))
-  return loss, dict(ratio_mean=jnp.mean(ratio),
-                    clipfrac=jnp.mean((jnp.abs(ratio - 1.0) > clip).astype(jnp.float32)))
+  return loss, dict(
+    ratio_mean=jnp.mean(ratio), clipfrac=jnp.mean((jnp.abs(ratio - 1.0) > clip).astype(jnp.float32))
+  )
 
 
-def awm_loss(params, micro, *, old_params, ref_params, model, clip, weighting, kl_beta,
-             cfg_mode, cfg_scale, img_shapes):
+def awm_loss(
+  params,
+  micro,
+  *,
+  old_params,
+  ref_params,
+  model,
+  clip,
+  weighting,
+  kl_beta,
+  cfg_mode,
+  cfg_scale,
+  img_shapes,
+):
   """AWM loss of a micro-batch with draws (see `forward.make_forward_step`)."""
   t = micro["t"]
   x_t, u = forward.noised(micro["x0"], t, micro["eps"])
-  velocity = lambda p: forward.draw_velocities(  # noqa: E731
-      model, p, micro, x_t, t, cfg_mode=cfg_mode, cfg_scale=cfg_scale, img_shapes=img_shapes)
+  velocity = lambda p: forward.draw_velocities(
+    model, p, micro, x_t, t, cfg_mode=cfg_mode, cfg_scale=cfg_scale, img_shapes=img_shapes
+  )
   v = velocity(params)
   log_lik = fm_log_likelihood(v, u, t, weighting)
   if old_params is None:  # on-policy: the ratio is exactly 1
@@ -97,9 +111,20 @@ def make_loss(model, rl, img_shapes):
   img_shapes = tuple(tuple(int(v) for v in shape) for shape in img_shapes)
 
   def loss(params, micro, *, old_params, ref_params):
-    return awm_loss(params, micro, old_params=old_params, ref_params=ref_params, model=model,
-                    clip=float(s["clip"]), weighting=s["weighting"], kl_beta=float(rl.kl_beta),
-                    cfg_mode=rl.cfg_mode, cfg_scale=rl.cfg_scale, img_shapes=img_shapes)
+    return awm_loss(
+      params,
+      micro,
+      old_params=old_params,
+      ref_params=ref_params,
+      model=model,
+      clip=float(s["clip"]),
+      weighting=s["weighting"],
+      kl_beta=float(rl.kl_beta),
+      cfg_mode=rl.cfg_mode,
+      cfg_scale=rl.cfg_scale,
+      img_shapes=img_shapes,
+    )
+
   return loss
 
 

@@ -25,7 +25,7 @@ or gradient (train_state.keep_if_finite), as the GRPO step does.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -35,8 +35,7 @@ import optax
 
 from qwen_image_rl.rl.objectives import old_policy
 from qwen_image_rl.rl.objectives.registry import Objective
-from qwen_image_rl.rl.rollout import (
-    num_micro_batches, policy_is_guided, split_micro_batches)
+from qwen_image_rl.rl.rollout import num_micro_batches, policy_is_guided, split_micro_batches
 from qwen_image_rl.sampling.guidance import guided_velocity
 from qwen_image_rl.train_state import TrainState, keep_if_finite
 
@@ -79,14 +78,22 @@ def draw_velocities(model, params, micro, x_t, t, *, cfg_mode: str, cfg_scale, i
   the conditional one, or the CFG one with cfg_mode='both'. The D draws of a sample are folded
   into the batch (one forward of b * D samples)."""
   b, d = t.shape
-  repeat = lambda a: None if a is None else jnp.repeat(a, d, axis=0)  # noqa: E731
+  repeat = lambda a: None if a is None else jnp.repeat(a, d, axis=0)
   guided = policy_is_guided(cfg_mode)
   x = x_t.reshape((b * d,) + x_t.shape[2:])
-  v = guided_velocity(model, params, x, t.reshape(-1), repeat(micro["cond"]),
-                      repeat(micro.get("mask")),
-                      repeat(micro.get("neg_cond")) if guided else None,
-                      repeat(micro.get("neg_mask")) if guided else None, cfg_scale=cfg_scale,
-                      img_shapes=img_shapes, ref_latents=repeat(micro.get("ref_latents")))
+  v = guided_velocity(
+    model,
+    params,
+    x,
+    t.reshape(-1),
+    repeat(micro["cond"]),
+    repeat(micro.get("mask")),
+    repeat(micro.get("neg_cond")) if guided else None,
+    repeat(micro.get("neg_mask")) if guided else None,
+    cfg_scale=cfg_scale,
+    img_shapes=img_shapes,
+    ref_latents=repeat(micro.get("ref_latents")),
+  )
   return v.reshape(x_t.shape)
 
 
@@ -115,15 +122,17 @@ def apply_update(state: TrainState, tx, grads, metrics):
   """One optimiser step, or the old state (loss reported NaN) if loss or gradient is not finite."""
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                      opt_state=opt_state)
+  new = state.replace(
+    step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state
+  )
   finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
   metrics = dict(metrics, loss=jnp.where(finite, metrics["loss"], jnp.nan), grad_norm=grad_norm)
   return keep_if_finite(state, new, metrics["loss"]), metrics
 
 
-def make_forward_grads(loss_fn: Callable, *, micro_batch_size: int | None, draws: int,
-                       time_sampling: str):
+def make_forward_grads(
+  loss_fn: Callable, *, micro_batch_size: int | None, draws: int, time_sampling: str
+):
   """grads(params, batch, key, old_params=None, ref_params=None) -> (grads, metrics).
 
   loss_fn(params, micro, *, old_params, ref_params) -> (loss, metrics) sees a micro-batch with
@@ -139,27 +148,36 @@ def make_forward_grads(loss_fn: Callable, *, micro_batch_size: int | None, draws
     t, eps = draw_times_and_noise(key, batch["x0"], batch["schedule"], draws, time_sampling)
     batch = dict(batch, t=t, eps=eps)
     n = num_micro_batches(batch["advantages"].shape[0], micro_batch_size)
-    return accumulate_grads(loss_fn, params, batch, n, old_params=old_params,
-                            ref_params=ref_params)
+    return accumulate_grads(loss_fn, params, batch, n, old_params=old_params, ref_params=ref_params)
 
   return grads
 
 
-def make_forward_step(loss_fn: Callable, tx, rules, *, micro_batch_size: int | None,
-                      draws: int, time_sampling: str, inner_updates: int = 1):
+def make_forward_step(
+  loss_fn: Callable,
+  tx,
+  rules,
+  *,
+  micro_batch_size: int | None,
+  draws: int,
+  time_sampling: str,
+  inner_updates: int = 1,
+):
   """step(state, batch, ref_params=None) -> (state, metrics), to be jitted by the caller: the
   draws keyed by the iteration (module docstring), theta_old from the optimiser state
   (`old_policy.with_old_policy`, else None). Call the jitted step under
   `parallel.sharding_context(mesh, rules)`.
   """
-  grads_fn = make_forward_grads(loss_fn, micro_batch_size=micro_batch_size, draws=draws,
-                                time_sampling=time_sampling)
+  grads_fn = make_forward_grads(
+    loss_fn, micro_batch_size=micro_batch_size, draws=draws, time_sampling=time_sampling
+  )
 
   def step(state: TrainState, batch, ref_params=None):
     key = draw_key(state.rng, state.step // inner_updates)
     with nn.logical_axis_rules(rules):
-      grads, metrics = grads_fn(state.params, batch, key, old_policy.old_params(state.opt_state),
-                                ref_params)
+      grads, metrics = grads_fn(
+        state.params, batch, key, old_policy.old_params(state.opt_state), ref_params
+      )
     return apply_update(state, tx, grads, metrics)
 
   return step
@@ -170,12 +188,20 @@ def forward_objective(name: str, make_loss: Callable, wrap_optimizer: Callable) 
   make_loss(model, rl, img_shapes) -> loss_fn (see `make_forward_grads`)."""
 
   def settings(rl):
-    return dict(micro_batch_size=rl.micro_batch_size, draws=int(rl.get("fm_draws", 4)),
-                time_sampling=rl.get("fm_time", "schedule"))
+    return dict(
+      micro_batch_size=rl.micro_batch_size,
+      draws=int(rl.get("fm_draws", 4)),
+      time_sampling=rl.get("fm_time", "schedule"),
+    )
 
   def make_step(model, tx, rules, rl, img_shapes):
-    return make_forward_step(make_loss(model, rl, img_shapes), tx, rules,
-                             inner_updates=int(rl.inner_updates), **settings(rl))
+    return make_forward_step(
+      make_loss(model, rl, img_shapes),
+      tx,
+      rules,
+      inner_updates=int(rl.inner_updates),
+      **settings(rl),
+    )
 
   def make_grads(model, rules, rl, img_shapes):
     grads_fn = make_forward_grads(make_loss(model, rl, img_shapes), **settings(rl))
@@ -183,10 +209,17 @@ def forward_objective(name: str, make_loss: Callable, wrap_optimizer: Callable) 
     def grads(params, batch, key):
       with nn.logical_axis_rules(rules):
         return grads_fn(params, batch, key)
+
     return grads
 
-  return Objective(name=name, records="final_latents", make_step=make_step,
-                   make_batch=make_batch, wrap_optimizer=wrap_optimizer, make_grads=make_grads)
+  return Objective(
+    name=name,
+    records="final_latents",
+    make_step=make_step,
+    make_batch=make_batch,
+    wrap_optimizer=wrap_optimizer,
+    make_grads=make_grads,
+  )
 
 
 def make_batch(policy, params, result, inputs, advantages):

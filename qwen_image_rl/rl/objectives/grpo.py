@@ -30,8 +30,14 @@ import optax
 
 from qwen_image_rl.rl.objectives.registry import Objective, register
 from qwen_image_rl.rl.rollout import (
-    CFG_MODES, num_micro_batches, policy_is_guided, recompute_old_log_probs, rollout_batch,
-    split_micro_batches, transition_log_probs)
+  CFG_MODES,
+  num_micro_batches,
+  policy_is_guided,
+  recompute_old_log_probs,
+  rollout_batch,
+  split_micro_batches,
+  transition_log_probs,
+)
 from qwen_image_rl.sampling.sde import kl_closed_form
 from qwen_image_rl.train_state import TrainState, keep_if_finite
 
@@ -49,9 +55,12 @@ def clipped_surrogate(log_probs, old_log_probs, advantages, clip_eps: float):
   clipped = -adv * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
   loss = jnp.mean(jnp.maximum(unclipped, clipped))
   metrics = dict(
-      approx_kl=0.5 * jnp.mean(log_ratio ** 2),  # flow_grpo's estimate
-      clipfrac=jnp.mean((jnp.abs(ratio - 1.0) > clip_eps).astype(jnp.float32)),
-      ratio_mean=jnp.mean(ratio), ratio_min=jnp.min(ratio), ratio_max=jnp.max(ratio))
+    approx_kl=0.5 * jnp.mean(log_ratio**2),  # flow_grpo's estimate
+    clipfrac=jnp.mean((jnp.abs(ratio - 1.0) > clip_eps).astype(jnp.float32)),
+    ratio_mean=jnp.mean(ratio),
+    ratio_min=jnp.min(ratio),
+    ratio_max=jnp.max(ratio),
+  )
   return loss, metrics
 
 
@@ -65,8 +74,20 @@ def _uses_kl(kl_beta, ref_params) -> bool:
   return not (concrete and kl_beta == 0.0)
 
 
-def grpo_loss(params, model, batch, *, cfg_mode: str, clip_eps, kl_beta=0.0, ref_params=None,
-              noise_level, cfg_scale=1.0, img_shapes, sde_type: str = "flow_grpo"):
+def grpo_loss(
+  params,
+  model,
+  batch,
+  *,
+  cfg_mode: str,
+  clip_eps,
+  kl_beta=0.0,
+  ref_params=None,
+  noise_level,
+  cfg_scale=1.0,
+  img_shapes,
+  sde_type: str = "flow_grpo",
+):
   """GRPO loss of one (micro-)batch. Returns (loss, metrics); metrics are scalars.
 
   clip_eps, kl_beta, noise_level and cfg_scale may be traced. The KL term is computed when
@@ -76,14 +97,18 @@ def grpo_loss(params, model, batch, *, cfg_mode: str, clip_eps, kl_beta=0.0, ref
     raise ValueError(f"cfg_mode={cfg_mode!r}: expected one of {CFG_MODES}.")
   if policy_is_guided(cfg_mode) and batch.get("neg_cond") is None:
     raise ValueError("cfg_mode='both' trains the CFG velocity: the batch needs neg_cond.")
-  kw = dict(cfg_mode=cfg_mode, cfg_scale=cfg_scale, noise_level=noise_level,
-            img_shapes=img_shapes, sde_type=sde_type)
+  kw = dict(
+    cfg_mode=cfg_mode,
+    cfg_scale=cfg_scale,
+    noise_level=noise_level,
+    img_shapes=img_shapes,
+    sde_type=sde_type,
+  )
   log_probs, mean, std = transition_log_probs(model, params, batch, **kw)
   old_log_probs = batch.get("old_log_probs")
   if old_log_probs is None:  # on-policy: the ratio is exactly 1 (see the module docstring)
     old_log_probs = jax.lax.stop_gradient(log_probs)
-  policy_loss, metrics = clipped_surrogate(log_probs, old_log_probs, batch["advantages"],
-                                           clip_eps)
+  policy_loss, metrics = clipped_surrogate(log_probs, old_log_probs, batch["advantages"], clip_eps)
   kl = jnp.zeros((), jnp.float32)
   if _uses_kl(kl_beta, ref_params):
     _, ref_mean, _ = transition_log_probs(model, jax.lax.stop_gradient(ref_params), batch, **kw)
@@ -91,13 +116,13 @@ def grpo_loss(params, model, batch, *, cfg_mode: str, clip_eps, kl_beta=0.0, ref
     fold = lambda a: a.reshape((b * k,) + a.shape[2:])
     kl = jnp.mean(kl_closed_form(fold(mean), fold(jax.lax.stop_gradient(ref_mean)), fold(std)))
   loss = policy_loss + kl_beta * kl
-  metrics.update(loss=loss, policy_loss=policy_loss, kl=kl,
-                 log_prob_mean=jnp.mean(log_probs))
+  metrics.update(loss=loss, policy_loss=policy_loss, kl=kl, log_prob_mean=jnp.mean(log_probs))
   return loss, metrics
 
 
-def grpo_grads(params, model, batch, *, micro_batch_size: int | None = None, ref_params=None,
-               **loss_kw):
+def grpo_grads(
+  params, model, batch, *, micro_batch_size: int | None = None, ref_params=None, **loss_kw
+):
   """Mean gradient and metrics over micro-batches of `micro_batch_size` samples (one scan).
 
   The micro-batch size is a per-step number of samples, independent of the device count; the
@@ -126,10 +151,20 @@ def grpo_grads(params, model, batch, *, micro_batch_size: int | None = None, ref
   return grads, metrics
 
 
-def make_grpo_train_step(model, tx: optax.GradientTransformation, rules, *,
-                         micro_batch_size: int | None, cfg_mode: str, clip_eps: float,
-                         noise_level, img_shapes, cfg_scale=1.0, kl_beta: float = 0.0,
-                         sde_type: str = "flow_grpo"):
+def make_grpo_train_step(
+  model,
+  tx: optax.GradientTransformation,
+  rules,
+  *,
+  micro_batch_size: int | None,
+  cfg_mode: str,
+  clip_eps: float,
+  noise_level,
+  img_shapes,
+  cfg_scale=1.0,
+  kl_beta: float = 0.0,
+  sde_type: str = "flow_grpo",
+):
   """step(state, batch, ref_params=None) -> (state, metrics), to be jitted by the caller.
 
   Gradients are accumulated over micro-batches; clipping and the optimiser live in `tx` (e.g.
@@ -138,24 +173,37 @@ def make_grpo_train_step(model, tx: optax.GradientTransformation, rules, *,
   step under `parallel.sharding_context(mesh, rules)`, or its activation constraints are off.
   """
   img_shapes = tuple(tuple(int(v) for v in s) for s in img_shapes)
-  loss_kw = dict(cfg_mode=cfg_mode, clip_eps=clip_eps, kl_beta=kl_beta, noise_level=noise_level,
-                 cfg_scale=cfg_scale, img_shapes=img_shapes, sde_type=sde_type)
+  loss_kw = dict(
+    cfg_mode=cfg_mode,
+    clip_eps=clip_eps,
+    kl_beta=kl_beta,
+    noise_level=noise_level,
+    cfg_scale=cfg_scale,
+    img_shapes=img_shapes,
+    sde_type=sde_type,
+  )
 
   def step(state: TrainState, batch, ref_params=None):
     with nn.logical_axis_rules(rules):
-      grads, metrics = grpo_grads(state.params, model, batch, micro_batch_size=micro_batch_size,
-                                  ref_params=ref_params, **loss_kw)
+      grads, metrics = grpo_grads(
+        state.params,
+        model,
+        batch,
+        micro_batch_size=micro_batch_size,
+        ref_params=ref_params,
+        **loss_kw,
+      )
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                        opt_state=opt_state)
+    new = state.replace(
+      step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state
+    )
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
     metrics["loss"] = jnp.where(finite, metrics["loss"], jnp.nan)
     metrics["grad_norm"] = grad_norm
     return keep_if_finite(state, new, metrics["loss"]), metrics
 
   return step
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,9 +216,18 @@ OLD_LOG_PROBS = ("auto", "recompute")
 def make_step_from_config(model, tx, rules, rl, img_shapes):
   """`make_grpo_train_step` with the settings of config.rl."""
   return make_grpo_train_step(
-      model, tx, rules, micro_batch_size=rl.micro_batch_size, cfg_mode=rl.cfg_mode,
-      clip_eps=rl.clip_eps, noise_level=rl.noise_level, img_shapes=img_shapes,
-      cfg_scale=rl.cfg_scale, kl_beta=rl.kl_beta, sde_type=rl.get("sde_type", "flow_grpo"))
+    model,
+    tx,
+    rules,
+    micro_batch_size=rl.micro_batch_size,
+    cfg_mode=rl.cfg_mode,
+    clip_eps=rl.clip_eps,
+    noise_level=rl.noise_level,
+    img_shapes=img_shapes,
+    cfg_scale=rl.cfg_scale,
+    kl_beta=rl.kl_beta,
+    sde_type=rl.get("sde_type", "flow_grpo"),
+  )
 
 
 def recomputes_old_log_probs(rl) -> bool:
@@ -185,10 +242,19 @@ def make_batch(policy, params, result, inputs, advantages):
   old = None
   if recomputes_old_log_probs(rl):
     old = recompute_old_log_probs(
-        policy.model, params, result, **inputs, cfg_mode=rl.cfg_mode, cfg_scale=rl.cfg_scale,
-        noise_level=rl.noise_level, img_shapes=policy.img_shapes,
-        micro_batch_size=rl.micro_batch_size, rules=policy.rules, mesh=policy.mesh,
-        sde_type=rl.get("sde_type", "flow_grpo"))
+      policy.model,
+      params,
+      result,
+      **inputs,
+      cfg_mode=rl.cfg_mode,
+      cfg_scale=rl.cfg_scale,
+      noise_level=rl.noise_level,
+      img_shapes=policy.img_shapes,
+      micro_batch_size=rl.micro_batch_size,
+      rules=policy.rules,
+      mesh=policy.mesh,
+      sde_type=rl.get("sde_type", "flow_grpo"),
+    )
   if not policy_is_guided(rl.cfg_mode):
     # The unconditional branch enters the objective only with cfg_mode='both'.
     inputs = dict(inputs, neg_cond=None, neg_mask=None)
@@ -203,12 +269,28 @@ def make_grads(model, rules, rl, img_shapes):
   def grads(params, batch, key):
     del key
     with nn.logical_axis_rules(rules):
-      return grpo_grads(params, model, batch, micro_batch_size=rl.micro_batch_size,
-                        cfg_mode=rl.cfg_mode, clip_eps=rl.clip_eps, noise_level=rl.noise_level,
-                        cfg_scale=rl.cfg_scale, img_shapes=img_shapes,
-                        sde_type=rl.get("sde_type", "flow_grpo"))
+      return grpo_grads(
+        params,
+        model,
+        batch,
+        micro_batch_size=rl.micro_batch_size,
+        cfg_mode=rl.cfg_mode,
+        clip_eps=rl.clip_eps,
+        noise_level=rl.noise_level,
+        cfg_scale=rl.cfg_scale,
+        img_shapes=img_shapes,
+        sde_type=rl.get("sde_type", "flow_grpo"),
+      )
+
   return grads
 
 
-register(Objective(name="grpo", records="transitions", make_step=make_step_from_config,
-                   make_batch=make_batch, make_grads=make_grads))
+register(
+  Objective(
+    name="grpo",
+    records="transitions",
+    make_step=make_step_from_config,
+    make_batch=make_batch,
+    make_grads=make_grads,
+  )
+)

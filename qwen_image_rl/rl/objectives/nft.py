@@ -55,38 +55,56 @@ def nft_draw_losses(v, v_old, x_t, x0, t, r, beta: float):
   positive = beta * v + (1.0 - beta) * v_old
   negative = (1.0 + beta) * v_old - beta * v
   r = r[:, None]
-  return (r * adaptive_x0_loss(x_t, x0, t, positive)
-          + (1.0 - r) * adaptive_x0_loss(x_t, x0, t, negative)) / beta
+  return (
+    r * adaptive_x0_loss(x_t, x0, t, positive) + (1.0 - r) * adaptive_x0_loss(x_t, x0, t, negative)
+  ) / beta
 
 
-def nft_loss(params, micro, *, old_params, ref_params, model, beta, adv_max, kl_beta,
-             cfg_mode, cfg_scale, img_shapes):
+def nft_loss(
+  params,
+  micro,
+  *,
+  old_params,
+  ref_params,
+  model,
+  beta,
+  adv_max,
+  kl_beta,
+  cfg_mode,
+  cfg_scale,
+  img_shapes,
+):
   """DiffusionNFT loss of a micro-batch with draws (see `forward.make_forward_step`)."""
   x_t, u = forward.noised(micro["x0"], micro["t"], micro["eps"])
-  velocity = lambda p: forward.draw_velocities(  # noqa: E731
-      model, p, micro, x_t, micro["t"], cfg_mode=cfg_mode, cfg_scale=cfg_scale,
-      img_shapes=img_shapes)
+  velocity = lambda p: forward.draw_velocities(
+    model, p, micro, x_t, micro["t"], cfg_mode=cfg_mode, cfg_scale=cfg_scale, img_shapes=img_shapes
+  )
   v = velocity(params)
   # Without a tracked old policy the batch is on-policy: theta_old = theta.
   v_old = jax.lax.stop_gradient(v if old_params is None else velocity(old_params))
   r = optimality(micro["advantages"], adv_max)
-  policy_loss = adv_max * jnp.mean(nft_draw_losses(v, v_old, x_t, micro["x0"], micro["t"], r,
-                                                   beta))
+  policy_loss = adv_max * jnp.mean(nft_draw_losses(v, v_old, x_t, micro["x0"], micro["t"], r, beta))
   kl = jnp.zeros((), jnp.float32)
   if ref_params is not None:
     kl = jnp.mean(forward.velocity_kl(v, velocity(jax.lax.stop_gradient(ref_params))))
   loss = policy_loss + kl_beta * kl
-  return loss, dict(loss=loss, policy_loss=policy_loss, kl=kl, r_mean=jnp.mean(r),
-                    fm_loss=jnp.mean((v - u) ** 2),
-                    old_gap=jnp.mean((v - v_old) ** 2))
+  return loss, dict(
+    loss=loss,
+    policy_loss=policy_loss,
+    kl=kl,
+    r_mean=jnp.mean(r),
+    fm_loss=jnp.mean((v - u) ** 2),
+    old_gap=jnp.mean((v - v_old) ** 2),
+  )
 
 
 # ---------------------------------------------------------------------------------------------
 # The objective as the RL loop sees it (rl/objectives/registry.py).
 # ---------------------------------------------------------------------------------------------
 
-DEFAULTS = dict(beta=1.0, adv_max=5.0, old_policy="ema", ema_decay=0.5, ema_ramp=0.001,
-                refresh_every=1)
+DEFAULTS = dict(
+  beta=1.0, adv_max=5.0, old_policy="ema", ema_decay=0.5, ema_ramp=0.001, refresh_every=1
+)
 
 
 def settings(rl) -> dict:
@@ -96,8 +114,13 @@ def settings(rl) -> dict:
 
 def wrap_optimizer(tx, rl):
   s = settings(rl)
-  return old_policy.with_old_policy(tx, mode=s["old_policy"], decay=s["ema_decay"],
-                                    ramp=s["ema_ramp"], refresh_every=s["refresh_every"])
+  return old_policy.with_old_policy(
+    tx,
+    mode=s["old_policy"],
+    decay=s["ema_decay"],
+    ramp=s["ema_ramp"],
+    refresh_every=s["refresh_every"],
+  )
 
 
 def make_loss(model, rl, img_shapes):
@@ -105,10 +128,20 @@ def make_loss(model, rl, img_shapes):
   img_shapes = tuple(tuple(int(v) for v in shape) for shape in img_shapes)
 
   def loss(params, micro, *, old_params, ref_params):
-    return nft_loss(params, micro, old_params=old_params, ref_params=ref_params, model=model,
-                    beta=float(s["beta"]), adv_max=float(s["adv_max"]),
-                    kl_beta=float(rl.kl_beta), cfg_mode=rl.cfg_mode, cfg_scale=rl.cfg_scale,
-                    img_shapes=img_shapes)
+    return nft_loss(
+      params,
+      micro,
+      old_params=old_params,
+      ref_params=ref_params,
+      model=model,
+      beta=float(s["beta"]),
+      adv_max=float(s["adv_max"]),
+      kl_beta=float(rl.kl_beta),
+      cfg_mode=rl.cfg_mode,
+      cfg_scale=rl.cfg_scale,
+      img_shapes=img_shapes,
+    )
+
   return loss
 
 

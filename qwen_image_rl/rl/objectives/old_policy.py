@@ -32,9 +32,14 @@ class OldPolicyState(NamedTuple):
   count: jax.Array  # int32 updates so far
 
 
-def with_old_policy(tx: optax.GradientTransformation, *, mode: str, decay: float = 0.5,
-                    ramp: float = 0.001, refresh_every: int = 1
-                    ) -> optax.GradientTransformation:
+def with_old_policy(
+  tx: optax.GradientTransformation,
+  *,
+  mode: str,
+  decay: float = 0.5,
+  ramp: float = 0.001,
+  refresh_every: int = 1,
+) -> optax.GradientTransformation:
   """`tx` whose state also tracks theta_old (see the module docstring)."""
   if mode not in MODES:
     raise ValueError(f"old policy mode={mode!r}: expected one of {MODES}.")
@@ -45,8 +50,7 @@ def with_old_policy(tx: optax.GradientTransformation, *, mode: str, decay: float
 
   def init(params):
     # A copy, not the params themselves: the train step donates both.
-    return OldPolicyState(tx.init(params), jax.tree.map(jnp.copy, params),
-                          jnp.zeros((), jnp.int32))
+    return OldPolicyState(tx.init(params), jax.tree.map(jnp.copy, params), jnp.zeros((), jnp.int32))
 
   def update(updates, state, params=None):
     if params is None:
@@ -56,12 +60,14 @@ def with_old_policy(tx: optax.GradientTransformation, *, mode: str, decay: float
     count = state.count + 1
     if mode == "ema":
       d = jnp.minimum(ramp * count.astype(jnp.float32), decay)
-      old = jax.tree.map(lambda o, p: (d * o + (1.0 - d) * p).astype(o.dtype), state.params,
-                         new_params)
+      old = jax.tree.map(
+        lambda o, p: (d * o + (1.0 - d) * p).astype(o.dtype), state.params, new_params
+      )
     else:
       refresh = count % refresh_every == 0
-      old = jax.tree.map(lambda o, p: jnp.where(refresh, p, o).astype(o.dtype), state.params,
-                         new_params)
+      old = jax.tree.map(
+        lambda o, p: jnp.where(refresh, p, o).astype(o.dtype), state.params, new_params
+      )
     return updates, OldPolicyState(inner, old, count)
 
   return optax.GradientTransformation(init, update)

@@ -33,7 +33,8 @@ returns it or raises KeyError listing the known names, `names()` lists them.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 RECORDS = ("transitions", "final_latents")
 
@@ -49,8 +50,7 @@ class Objective:
 
   def __post_init__(self):
     if self.records not in RECORDS:
-      raise ValueError(f"objective {self.name!r}: records={self.records!r} is not one of "
-                       f"{RECORDS}")
+      raise ValueError(f"objective {self.name!r}: records={self.records!r} is not one of {RECORDS}")
 
 
 _OBJECTIVES: dict[str, Objective] = {}
