@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/demo
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= -n 2  # two workers (pytest-xdist): the suite is compile-bound and single-threaded
 export JAX_PLATFORMS ?= cpu
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 

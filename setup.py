@@ -24,6 +24,7 @@ RUNTIME = [
 
 TEST = [
   "pytest>=8",
+  "pytest-xdist>=3.5",  # `make test` runs the suite on two workers
   "ruff>=0.17",  # lint and format (ruff.toml), run by `make test`
   # Exactly this torch: it is a CPU wheel on the machine's disk; any other version pulls CUDA.
   "torch==2.13.0",
