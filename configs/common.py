@@ -33,6 +33,7 @@ def base() -> ml_collections.ConfigDict:
       eps=1e-8,
       weight_decay=0.0,
       grad_clip_norm=1.0,
+      ema_decay=0.0,  # > 0 keeps an average of the weights (optim.ema_params), e.g. 0.99
     )
   )
   return c

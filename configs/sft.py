@@ -16,7 +16,9 @@ def get_config(arg: str = "tiny"):
     raise ValueError(f"configs/sft.py: unknown variant {arg!r}; known: ['tiny']")
   c = common.base()
   c.trainer = "sft"
-  c.total_steps = 600
+  # 1200 steps with a weight average (optim.ema_decay): held-out capped T2I 0.204 -> 0.274 over
+  # 600 steps without it (README, "The tiny world").
+  c.total_steps = 1200
   c.model = ml_collections.ConfigDict(
     dict(
       vae_from="",
@@ -77,6 +79,7 @@ def get_config(arg: str = "tiny"):
   c.optim.lr = 2e-3
   c.optim.warmup_steps = 50
   c.optim.schedule = "cosine"
+  c.optim.ema_decay = 0.995
   c.checkpoint.every = 100
   c.log.every = 20
   c.log.progress_every = 20

@@ -39,7 +39,7 @@ DEMO_ITERATIONS = {"rl_t2i": 60, "rl_edit": 40, "opd": 150}  # rl_mix: rl_t2i + 
 # Rough stage times on the idle 2-core CPU (seconds), for the ETA before a stage has run.
 ESTIMATED_SECONDS = {
   "vae": 200,
-  "base": 300,
+  "base": 550,
   "rl_t2i": 220,
   "rl_edit": 150,
   "rl_mix": 350,

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
 import optax
 
 from qwen_image_rl.config_lib import ConfigError
@@ -26,8 +30,49 @@ def learning_rate_schedule(optim, total_steps: int) -> optax.Schedule:
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
 
 
-def make_optimizer(optim, total_steps: int) -> optax.GradientTransformation:
-  """Gradient clipping by global norm, then the configured optimiser."""
+class ParamEmaState(NamedTuple):
+  inner: Any
+  count: jax.Array
+  ema: Any
+
+
+def with_param_ema(tx: optax.GradientTransformation, decay: float) -> optax.GradientTransformation:
+  """`tx`, plus an exponential moving average of the updated parameters in the optimiser state.
+
+  Living in the optimiser state, the average is checkpointed, restored and sharded like the
+  parameters' moments. The effective decay min(decay, (1 + n) / (10 + n)) lets the early average
+  follow the fast-moving weights instead of remembering the random init.
+  """
+
+  def init(params):
+    return ParamEmaState(tx.init(params), jnp.zeros((), jnp.int32), jax.tree.map(jnp.copy, params))
+
+  def update(updates, state, params=None):
+    if params is None:
+      raise ValueError("with_param_ema needs the parameters in update()")
+    updates, inner = tx.update(updates, state.inner, params)
+    new_params = optax.apply_updates(params, updates)
+    n = state.count.astype(jnp.float32)
+    d = jnp.minimum(decay, (1.0 + n) / (10.0 + n))
+    ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p.astype(e.dtype), state.ema, new_params)
+    return updates, ParamEmaState(inner, state.count + 1, ema)
+
+  return optax.GradientTransformation(init, update)
+
+
+def ema_params(opt_state):
+  """The parameter average kept by `with_param_ema` (an optimiser state built with it)."""
+  if not isinstance(opt_state, ParamEmaState):
+    raise TypeError("this optimiser state keeps no parameter average (optim.ema_decay=0)")
+  return opt_state.ema
+
+
+def make_optimizer(
+  optim, total_steps: int, keep_param_average: bool = False
+) -> optax.GradientTransformation:
+  """Gradient clipping by global norm, the configured optimiser, and, with optim.ema_decay > 0,
+  an average of the parameters (`ema_params`) for trainers that export it
+  (`keep_param_average`)."""
   if optim.name not in OPTIMIZERS:
     raise ConfigError(f"config.optim.name={optim.name!r} is not one of {list(OPTIMIZERS)}")
   lr = learning_rate_schedule(optim, total_steps)
@@ -40,4 +85,13 @@ def make_optimizer(optim, total_steps: int) -> optax.GradientTransformation:
   chain = [opt]
   if optim.grad_clip_norm and optim.grad_clip_norm > 0:
     chain.insert(0, optax.clip_by_global_norm(optim.grad_clip_norm))
-  return optax.chain(*chain)
+  tx = optax.chain(*chain)
+  decay = float(optim.get("ema_decay", 0.0))
+  if not 0.0 <= decay < 1.0:
+    raise ConfigError(f"config.optim.ema_decay={decay}: must be in [0, 1)")
+  if decay > 0 and not keep_param_average:
+    raise ConfigError(
+      f"config.optim.ema_decay={decay}: this trainer exports its raw weights and keeps no "
+      "parameter average (only the sft trainer does); set it to 0"
+    )
+  return with_param_ema(tx, decay) if decay > 0 else tx

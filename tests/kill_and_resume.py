@@ -19,12 +19,19 @@ def sigkill(proc, timeout: float = 30.0) -> None:
 
 
 def run_child(
-  config_code: str, workdir: str, kill_after_step: int | None = None, timeout: float = 600.0
+  config_code: str,
+  workdir: str,
+  kill_after_step: int | None = None,
+  timeout: float = 600.0,
+  compilation_cache: str | None = None,
 ) -> None:
   """Runs main.run on the config that `config_code` (Python defining `c`) builds.
 
   Without `kill_after_step` the child must finish with status 0. With it, the child is killed
   with SIGKILL as soon as a checkpoint >= kill_after_step is committed (it must not finish first).
+  `compilation_cache`: a JAX persistent compilation cache directory shared by the children of one
+  test, so that the second and third runs of the same program load its executables instead of
+  compiling them again (compilation is most of these tests' time on CPU).
   """
   from qwen_image_rl.checkpoint import committed_steps
 
@@ -35,6 +42,12 @@ def run_child(
     f"main.run(c, {workdir!r})\n"
   )
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  if compilation_cache:
+    env.update(
+      JAX_COMPILATION_CACHE_DIR=compilation_cache,
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
   proc = subprocess.Popen(
     [sys.executable, "-c", code],
     cwd=REPO,
@@ -68,10 +81,11 @@ def assert_killed_then_resumed_run_is_exact(
 
   from qwen_image_rl.checkpoint import committed_steps
 
-  run_child(config_code, straight)
-  run_child(config_code, resumed, kill_after_step=kill_after_step)
+  cache = os.path.join(os.path.dirname(os.path.abspath(straight)), "compilation_cache")
+  run_child(config_code, straight, compilation_cache=cache)
+  run_child(config_code, resumed, kill_after_step=kill_after_step, compilation_cache=cache)
   assert max(committed_steps(os.path.join(resumed, "checkpoints"))) < total_steps
-  run_child(config_code, resumed)
+  run_child(config_code, resumed, compilation_cache=cache)
   load = lambda w: ocp.StandardCheckpointer().restore(
     os.path.join(w, "checkpoints", str(total_steps), "state")
   )

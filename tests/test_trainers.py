@@ -82,7 +82,9 @@ def test_sft_trains_evaluates_and_exports(vae_run, tmp_path):
   from qwen_image_rl.pipelines.qwen_image import QwenImagePipeline
 
   workdir = str(tmp_path / "base")
-  results = main.run(_small_sft(os.path.join(vae_run[0], "export", "vae")), workdir)
+  config = _small_sft(os.path.join(vae_run[0], "export", "vae"))
+  config.optim.ema_decay = 0.5
+  results = main.run(config, workdir)
   with open(os.path.join(workdir, "results", "eval_6.json")) as f:
     saved = json.load(f)
   assert saved["step"] == 6 and saved["n_samples"] == 6
@@ -94,6 +96,16 @@ def test_sft_trains_evaluates_and_exports(vae_run, tmp_path):
   pipe = QwenImagePipeline.from_pretrained(os.path.join(workdir, "export", "pipeline"))
   images = pipe(prompt=["a red circle"], num_inference_steps=2, height=32, width=32, seed=0)
   assert images.shape == (1, 32, 32, 3) and images.dtype == np.uint8
+  # The export is the weight average kept in the optimiser state, not the last weights.
+  import jax
+  import orbax.checkpoint as ocp
+
+  state = ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", "6", "state"))
+  # Scanned blocks are stored stacked and exported per layer: compare the multisets of values.
+  values = lambda tree: np.sort(np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)]))
+  exported = values(pipe.transformer_params)
+  np.testing.assert_array_equal(exported, values(state["opt_state"]["ema"]))
+  assert not np.array_equal(exported, values(state["params"]))
 
 
 @pytest.mark.slow

@@ -312,7 +312,7 @@ def train(config, workdir):
   model = QwenImageTransformer.from_config(
     transformer_cfg, **config_lib.transformer_overrides(config)
   )
-  tx = optim.make_optimizer(config.optim, config.total_steps)
+  tx = optim.make_optimizer(config.optim, config.total_steps, keep_param_average=True)
   state, shardings = create_train_state(model.init_params, tx, ctx.mesh, ctx.rules, config.seed)
   state, start = common.restore_or_keep(ctx, state, shardings)
 
@@ -346,7 +346,9 @@ def train(config, workdir):
       start_step=start,
       total_steps=config.total_steps,
     )
-  params = jax.device_get(state.params)
+  # The weight average, when kept, is what a diffusion model samples best from.
+  keeps_average = config.optim.get("ema_decay", 0.0) > 0
+  params = jax.device_get(optim.ema_params(state.opt_state) if keeps_average else state.params)
   scheduler = dict(config.model.scheduler)
   components = (model, params, vae, vae_params, te_model, te_params, tokenizer, scheduler)
   results = export_and_evaluate(config, ctx, components, export)
