@@ -4,8 +4,11 @@
 Each test checks, for one trainer: the 2x4 run's final train state equals the 1x8 run's (to
 float rounding: cross-process all-reduces sum in another order); SIGKILL of both processes
 mid-run and a restart from the shared checkpoint directory ends bit-identical to the straight
-2x4 run; only process 0 writes config.json, results and exports. The runs of a test share a
-persistent compilation cache, so only the first 2x4 and the 1x8 run compile.
+2x4 run; only process 0 writes config.json, results and exports.
+
+No persistent compilation cache: jax writes it from process 0 only and keys a multi-process
+program per process, so the 2x4 runs would never hit it, while process 0's cache hits on local
+programs would only let it run ahead of process 1.
 """
 
 import os
@@ -51,10 +54,9 @@ def _params_moved(before: dict, after: dict) -> float:
 
 
 def check_multihost_job(tmp_path, config_code: str, steps: int, exports: tuple[str, ...]):
-  cache = str(tmp_path / "jax_cache")
   config_file = multiprocess.write_config_file(str(tmp_path / "job_config.py"), config_code)
   straight, resumed, single = (str(tmp_path / n) for n in ("straight", "resumed", "single"))
-  run = lambda workdir, **kw: multiprocess.run(config_file, workdir, cache_dir=cache, **kw)
+  run = lambda workdir, **kw: multiprocess.run(config_file, workdir, **kw)
 
   run(straight, tag="straight")
   run(resumed, kill_after_step=1, tag="killed")
@@ -76,6 +78,28 @@ def check_multihost_job(tmp_path, config_code: str, steps: int, exports: tuple[s
     assert "config.json" in written, sorted(written)
     for prefix in ("results" + os.sep, *exports):
       assert any(w.startswith(prefix) for w in written), (prefix, sorted(written))
+
+
+def test_distributed_flags_go_together_and_are_checked(monkeypatch):
+  from qwen_image_rl.parallel import mesh
+
+  assert mesh.distributed_args() == {}
+  args = dict(coordinator_address="10.0.0.2:1234", num_processes=4, process_id=3)
+  assert mesh.distributed_args(**args) == args
+  with pytest.raises(ValueError, match=r"missing \['--process_id'\]"):
+    mesh.distributed_args(coordinator_address="10.0.0.2:1234", num_processes=4)
+  with pytest.raises(ValueError, match="--process_id=4 must be in"):
+    mesh.distributed_args(**dict(args, process_id=4))
+  with pytest.raises(ValueError, match="expected HOST:PORT"):
+    mesh.distributed_args(**dict(args, coordinator_address="10.0.0.2"))
+  with pytest.raises(ValueError, match="config.distributed='sometimes'"):
+    mesh.maybe_initialize_distributed("sometimes")
+  # One CPU host with no cluster environment: 'auto' stays single-process.
+  for var in ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES"):
+    monkeypatch.delenv(var, raising=False)
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  assert not mesh.on_tpu_vm()
+  assert not mesh.maybe_initialize_distributed("auto")
 
 
 @pytest.mark.slow

@@ -14,6 +14,8 @@ process holds only the shards on its own chips:
 
 from __future__ import annotations
 
+import itertools
+
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
@@ -63,3 +65,20 @@ def gather_rows(local: np.ndarray, n: int) -> np.ndarray:
   if process_rows(n) == slice(0, n):
     return local
   return np.asarray(multihost_utils.process_allgather(local, tiled=True))
+
+
+_barriers = itertools.count()
+
+
+def barrier(name: str, timeout_s: int = 3600) -> None:
+  """Wait until every process gets here (a no-op on one process).
+
+  A coordination-service barrier, not a device collective: a process that is still compiling
+  (its peers loaded the programs from the persistent cache) is waited for here, with a long
+  timeout, instead of inside the first collective, whose set-up on CPU (gloo) gives up after 30 s.
+  """
+  if jax.process_count() == 1:
+    return
+  from orbax.checkpoint import multihost as orbax_multihost
+
+  orbax_multihost.sync_global_processes(f"{name}_{next(_barriers)}", timeout=timeout_s)

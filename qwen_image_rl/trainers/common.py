@@ -105,6 +105,7 @@ def fit(
   nonfinite = 0
   history = []
   profiler = profiling.StepProfiler.from_config(ctx.config, ctx.workdir)
+  parallel.barrier("fit_start")  # hosts start stepping together (see `parallel.barrier`)
   for step in range(start_step, total_steps):
     done = step + 1
     profiler.step_starts(step)
