@@ -56,7 +56,7 @@ def _params_moved(before: dict, after: dict) -> float:
 def check_multihost_job(tmp_path, config_code: str, steps: int, exports: tuple[str, ...]):
   config_file = multiprocess.write_config_file(str(tmp_path / "job_config.py"), config_code)
   straight, resumed, single = (str(tmp_path / n) for n in ("straight", "resumed", "single"))
-  run = lambda workdir, **kw: multiprocess.run(config_file, workdir, **kw)
+  run = lambda workdir, **kw: multiprocess.run(config_file, workdir, timeout=1800, **kw)
 
   run(straight, tag="straight")
   run(resumed, kill_after_step=1, tag="killed")
@@ -109,7 +109,8 @@ def test_grpo_two_processes(pipe_dir, tmp_path):
   code = (
     "from tests.test_grpo_trainer import _small_grpo\n"
     f"c = _small_grpo({pipe_dir!r})\n"
-    f"c.total_steps = {steps}; c.eval.num_t2i = 2; c.log.images_every = 0"
+    f"c.total_steps = {steps}; c.eval.num_t2i = 2; c.eval.num_edits = 0\n"
+    "c.log.images_every = 0"
   )
   check_multihost_job(tmp_path, code, steps, exports=(os.path.join("export", "pipeline"),))
 
