@@ -14,6 +14,7 @@ drawn logit-normal, which concentrates training on the middle of the path.
 from __future__ import annotations
 
 import os
+import tempfile
 
 import flax.linen as nn
 import jax
@@ -93,6 +94,12 @@ def validate(config):
 
 
 def build_tokenizer(directory: str):
+  """The run's tokenizer, saved to `directory` by process 0. Other processes build the same one
+  in a scratch directory: they must neither write the shared workdir nor read a half-written
+  file."""
+  if not parallel.is_primary():
+    with tempfile.TemporaryDirectory() as scratch:
+      return build_qwen_tokenizer(captions.vocabulary(), scratch)
   if os.path.isfile(os.path.join(directory, "tokenizer.json")):
     return load_tokenizer(directory)
   return build_qwen_tokenizer(captions.vocabulary(), directory)
