@@ -22,6 +22,8 @@ def base() -> ml_collections.ConfigDict:
   c.total_steps = 100
   c.checkpoint = ml_collections.ConfigDict(dict(every=50, keep=3, async_save=True))
   c.log = ml_collections.ConfigDict(dict(every=10, progress_every=20, images_every=0))
+  # jax.profiler trace of steps start_step+1 .. start_step+num_steps into WORKDIR/profile.
+  c.profile = ml_collections.ConfigDict(dict(start_step=1, num_steps=0))
   c.optim = ml_collections.ConfigDict(
     dict(
       name="adamw",

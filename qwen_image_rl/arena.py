@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 import os
 import sys
@@ -28,7 +27,7 @@ import types
 
 import numpy as np
 
-from qwen_image_rl import host_memory, ratings
+from qwen_image_rl import host_memory, paths, ratings
 from qwen_image_rl.data import examples, oracle, world
 
 RATERS = ("oracle",)
@@ -154,7 +153,7 @@ def markdown(table: dict, names) -> str:
   return "\n".join(lines)
 
 
-def plot(table: dict, names, path: str) -> None:
+def plot(table: dict, names, path) -> None:
   import matplotlib
 
   matplotlib.use("Agg")
@@ -175,7 +174,7 @@ def plot(table: dict, names, path: str) -> None:
   axes[0][0].set_yticks(np.arange(len(names)), names)
   fig.supxlabel("Elo (95% bootstrap interval)", fontsize=9)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  fig.savefig(path, dpi=110, format="png")  # a path or a binary file object
   plt.close(fig)
 
 
@@ -217,7 +216,7 @@ def run(argv) -> dict:
   num_prompts = math.ceil(args.battles / math.comb(len(names), 2))
   scored = score_players(players, args, num_prompts)
   table = rate(scored, names, tie=args.tie, rounds=args.bootstrap, seed=args.seed)
-  os.makedirs(args.out, exist_ok=True)
+  paths.makedirs(args.out)  # local or gs://
   result = dict(
     rater=args.rater,
     split=args.split,
@@ -226,12 +225,11 @@ def run(argv) -> dict:
     mean_score={t: dict(zip(names, map(float, scored[t][0].mean(axis=1)))) for t in scored},
     ratings=table,
   )
-  with open(os.path.join(args.out, "arena.json"), "w") as f:
-    json.dump(result, f, indent=2)
+  paths.write_json_atomic(paths.join(args.out, "arena.json"), result, indent=2)
   text = markdown(table, names)
-  with open(os.path.join(args.out, "arena.md"), "w") as f:
-    f.write(text + "\n")
-  plot(table, names, os.path.join(args.out, "arena.png"))
+  paths.write_text_atomic(paths.join(args.out, "arena.md"), text + "\n")
+  with paths.open_file(paths.join(args.out, "arena.png"), "wb") as f:
+    plot(table, names, f)
   print(text)
   return result
 

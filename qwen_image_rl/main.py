@@ -1,7 +1,9 @@
 """Entry point: `python -m qwen_image_rl.main --config=configs/<file>.py[:variant] --workdir=DIR`.
 
 The config's `trainer` field selects the job; `--config.a.b=value` overrides any field (type
-checked). The resolved config is written to DIR/config.json before the trainer starts.
+checked). The resolved config is written to DIR/config.json before the trainer starts (by
+process 0 of a multi-process run; DIR may be a gs:// URL). Processes launched by hand join with
+`--coordinator_address=HOST:PORT --num_processes=N --process_id=I`.
 """
 
 from __future__ import annotations
@@ -32,7 +34,17 @@ _CONFIG = config_flags.DEFINE_config_file(
   "Config file, `configs/<file>.py[:variant]`. Trainers: (see --helpfull)",
   lock_config=True,
 )
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, events, results.")
+_WORKDIR = flags.DEFINE_string(
+  "workdir", None, "Run directory (local or gs://): checkpoints, events, results, exports."
+)
+_COORDINATOR = flags.DEFINE_string(
+  "coordinator_address",
+  None,
+  "Multi-process runs launched by hand: HOST:PORT of process 0 (jax.distributed). TPU VM pods "
+  "and GKE need none of these three flags.",
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")
 
 
 def _fail(message: str) -> None:
@@ -44,7 +56,12 @@ def main(argv):
   if len(argv) > 1:
     _fail(f"unexpected arguments: {' '.join(argv[1:])}")
   try:
-    run(_CONFIG.value, _WORKDIR.value)
+    distributed = dict(
+      coordinator_address=_COORDINATOR.value,
+      num_processes=_NUM_PROCESSES.value,
+      process_id=_PROCESS_ID.value,
+    )
+    run(_CONFIG.value, _WORKDIR.value, distributed)
   except config_lib.ConfigError as e:
     _fail(str(e))
 

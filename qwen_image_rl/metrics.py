@@ -25,6 +25,8 @@ import jax
 import numpy as np
 from absl import logging
 
+from qwen_image_rl import paths
+
 _RESULT_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 
@@ -77,9 +79,12 @@ def _to_json(value: Any):
 
 
 def write_json_atomic(path: str, data: Mapping[str, Any]) -> str:
-  """Write JSON to a temp file in the same folder, then rename: readers never see half a file."""
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  """Write JSON to a temp file in the same folder, then rename: readers never see half a file.
+  A gs:// path is written as one object (see `paths.write_text_atomic`)."""
   text = json.dumps(_to_json(data), indent=2, sort_keys=True, allow_nan=True)
+  if paths.is_url(path):
+    return paths.write_text_atomic(path, text + "\n")
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   tmp = f"{path}.tmp.{os.getpid()}"
   with open(tmp, "w") as f:
     f.write(text + "\n")
@@ -95,7 +100,7 @@ class MetricLogger:
   def __init__(
     self, workdir: str, *, total_steps: int, progress_every: int = 100, is_host0: bool | None = None
   ):
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
+    if paths.exists(workdir) and not paths.isdir(workdir):
       raise ValueError(f"MetricLogger: workdir {workdir} is a file, expected a directory")
     if progress_every < 1:
       raise ValueError(f"MetricLogger: progress_every={progress_every} must be >= 1")
@@ -104,7 +109,7 @@ class MetricLogger:
     self.progress_every = int(progress_every)
     self.is_host0 = jax.process_index() == 0 if is_host0 is None else bool(is_host0)
     if self.is_host0:
-      os.makedirs(workdir, exist_ok=True)
+      paths.makedirs(workdir)
     from clu import metric_writers  # Lazy: clu imports TensorFlow.
 
     self._writer = metric_writers.create_default_writer(

@@ -20,6 +20,7 @@ import tempfile
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from qwen_image_rl import paths
 from qwen_image_rl.data import world
 
 JSONL_SUFFIXES = ('.jsonl', '.ndjson')
@@ -69,8 +70,13 @@ def _check_prompt(prompt, path, line: int | None) -> str:
 
 def _lines(path) -> list[str]:
   """Decoded lines; a bad byte sequence is reported with its line number."""
+  if paths.is_url(path):
+    if not paths.exists(path):
+      raise PromptFileError(path, None, 'no such prompt file')
+    if paths.isdir(path):
+      raise PromptFileError(path, None, 'is a directory, not a prompt file')
   try:
-    with open(path, 'rb') as f:
+    with paths.open_file(path, 'rb') as f:
       raw = f.read()
   except FileNotFoundError:
     raise PromptFileError(path, None, 'no such prompt file') from None
@@ -166,6 +172,9 @@ def write_prompt_file(path, records: Iterable) -> int:
   lines = [_record_line(_as_record(r), path, i) for i, r in enumerate(records, start=1)]
   if not lines:
     raise PromptFileError(path, None, 'no records to write (read_prompt_file rejects empty files)')
+  if paths.is_url(path):  # one object upload: readers see all of it or nothing
+    paths.write_text_atomic(path, '\n'.join(lines) + '\n')
+    return len(lines)
   directory = os.path.dirname(os.path.abspath(path))
   fd, tmp = tempfile.mkstemp(
     prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=directory

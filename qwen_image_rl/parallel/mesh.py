@@ -54,24 +54,73 @@ def make_mesh(axis_sizes: Mapping[str, int], devices=None) -> Mesh:
   return Mesh(device_array, MESH_AXES)
 
 
-def maybe_initialize_distributed(mode: str = "auto") -> bool:
+_COORDINATOR_VARS = (
+  "JAX_COORDINATOR_ADDRESS",
+  "COORDINATOR_ADDRESS",
+  "MEGASCALE_COORDINATOR_ADDRESS",
+)
+
+
+def on_tpu_vm() -> bool:
+  """Whether this machine has TPU chips (a Cloud TPU VM), found without touching a backend.
+
+  jax.distributed.initialize() with no arguments finds the other hosts of a TPU VM pod from the
+  GCE metadata server, and on a single-host TPU VM it simply sees one process.
+  """
+  platforms = os.environ.get("JAX_PLATFORMS", "")
+  if platforms and "tpu" not in platforms.split(","):
+    return False
+  try:
+    from jax._src import hardware_utils  # the check jax itself runs before starting libtpu
+
+    chips, _ = hardware_utils.num_available_tpu_chips_and_device_id()
+  except Exception:  # pragma: no cover - a jax without this helper: treat as no TPU
+    return False
+  return chips > 0
+
+
+def distributed_args(coordinator_address=None, num_processes=None, process_id=None) -> dict:
+  """jax.distributed.initialize's explicit arguments; all three or none (then auto-detected)."""
+  given = {
+    "coordinator_address": coordinator_address,
+    "num_processes": num_processes,
+    "process_id": process_id,
+  }
+  if all(v is None for v in given.values()):
+    return {}
+  missing = [k for k, v in given.items() if v is None]
+  if missing:
+    raise ValueError(
+      f"--coordinator_address, --num_processes and --process_id go together; "
+      f"missing {['--' + k for k in missing]}"
+    )
+  if num_processes < 1 or not 0 <= process_id < num_processes:
+    raise ValueError(f"--process_id={process_id} must be in [0, --num_processes={num_processes})")
+  if ":" not in coordinator_address:
+    raise ValueError(f"--coordinator_address={coordinator_address!r}: expected HOST:PORT")
+  return given
+
+
+def maybe_initialize_distributed(mode: str = "auto", **args) -> bool:
   """Call `jax.distributed.initialize()` on multi-host runs (TPU pods); a no-op on one host.
 
-  mode: 'auto' initialises when the environment names a coordinator or a multi-host TPU slice,
-  'always' forces it, 'never' skips it.
+  mode: 'auto' initialises when given explicit `args` (coordinator_address, num_processes,
+  process_id), when the environment names a coordinator or a multi-host TPU slice (GKE), or on
+  a Cloud TPU VM (pods find their peers from the metadata server); 'always' forces it, 'never'
+  skips it. On CPU (tests: several processes on one machine) cross-process collectives use gloo.
   """
   if mode not in ("auto", "always", "never"):
     raise ValueError(f"config.distributed={mode!r}: expected 'auto', 'always' or 'never'")
-  if mode == "never":
+  args = distributed_args(**args)
+  if mode == "never" or jax.distributed.is_initialized():
     return False
-  multi_host_env = any(
-    os.environ.get(k)
-    for k in ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS")
-  )
-  tpu_hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-  multi_host_env = multi_host_env or ("," in tpu_hosts)
-  if mode == "always" or multi_host_env:
-    logging.info("Initialising jax.distributed (multi-host).")
-    jax.distributed.initialize()
-    return True
-  return False
+  multi_host_env = any(os.environ.get(k) for k in _COORDINATOR_VARS)
+  multi_host_env = multi_host_env or ("," in os.environ.get("TPU_WORKER_HOSTNAMES", ""))
+  if not (mode == "always" or args or multi_host_env or on_tpu_vm()):
+    return False
+  if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  logging.info("Initialising jax.distributed (%s).", args or "auto-detected cluster")
+  jax.distributed.initialize(**args)
+  logging.info("Process %d of %d.", jax.process_index(), jax.process_count())
+  return True

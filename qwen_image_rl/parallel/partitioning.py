@@ -21,6 +21,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from qwen_image_rl.parallel.multihost import host_to_global
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 DEFAULT_LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
@@ -104,9 +106,19 @@ def tree_shardings(abstract_tree, mesh: Mesh, rules):
   return jax.tree.map(one, shapes, specs, is_leaf=lambda x: isinstance(x, P))
 
 
+def _place(x, sharding):
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return jax.device_put(x, sharding)  # already global: a reshard
+  return host_to_global(x, sharding)
+
+
 def shard_tree(tree, shardings):
-  """Place a tree of arrays on the mesh (host arrays are copied, device arrays resharded)."""
-  return jax.tree.map(lambda x, s: jax.device_put(x, s), tree, shardings)
+  """Place a tree of arrays on the mesh (host arrays are copied, device arrays resharded).
+
+  Every process must hold the same host values (weights loaded from the same files, or drawn
+  from the same seed); each places only its own shards.
+  """
+  return jax.tree.map(_place, tree, shardings)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

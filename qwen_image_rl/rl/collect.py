@@ -81,7 +81,7 @@ class Roller:
     """A host array, sharded over the batch (None stays None)."""
     if x is None:
       return None
-    return jax.device_put(x, parallel.batch_sharding(self.mesh, np.shape(x), self.rules))
+    return parallel.host_to_global(x, parallel.batch_sharding(self.mesh, np.shape(x), self.rules))
 
   def policy_inputs(self, pool_index) -> dict:
     """Conditioning of a whole rollout batch, batch-sharded: cond, mask, neg_cond and neg_mask
@@ -175,7 +175,7 @@ class Roller:
       decoded = pipe_common.decode_packed(
         self.pipe.vae, self.pipe.vae_params, res.final_latents, self.latent_h, self.latent_w
       )
-    return res, pipe_common.to_uint8(np.asarray(decoded))
+    return res, pipe_common.to_uint8(parallel.to_host(decoded))
 
   def collect(self, params, key, iteration: int, reward_pipeline) -> Collected:
     index = self.prompt_indices(iteration)
@@ -188,19 +188,23 @@ class Roller:
       t0 = time.perf_counter()
       res, chunk_images = self.rollout_chunk(params, key, index[part], train_idx, c)
       rollout_seconds += time.perf_counter() - t0
-      # Scored on the worker thread while the next chunk rolls out.
-      batch = self.reward_batch(index[part], chunk_images, ids[part])
+      # Scored on the worker thread while the next chunk rolls out; on a pod each process
+      # scores its share of the chunk and the scores are gathered below.
+      mine = parallel.process_rows(self.chunk)
+      batch = self.reward_batch(index[part][mine], chunk_images[mine], ids[part][mine])
       tickets.append(reward_pipeline.submit(batch))
       results.append(res)
       images.append(chunk_images)
     scores, reward_seconds, wait, reward_metrics = {}, 0.0, 0.0, {}
     for c, ticket in enumerate(tickets):
       part = slice(c * self.chunk, (c + 1) * self.chunk)
-      scored = reward_pipeline.result(ticket, expect_sample_ids=ids[part])
+      mine = parallel.process_rows(self.chunk)
+      scored = reward_pipeline.result(ticket, expect_sample_ids=ids[part][mine])
       reward_seconds += scored.seconds
       wait += scored.wait_seconds
-      for name, value in scored.scores.items():
-        scores.setdefault(name, []).append(value)
+      for name in sorted(scored.scores):  # the same order on every process: a collective
+        value = np.asarray(scored.scores[name], np.float32)
+        scores.setdefault(name, []).append(parallel.gather_rows(value, self.chunk))
       for name, value in scored.extra_metrics.items():
         reward_metrics.setdefault(name, []).append(float(value))
     scores = {name: np.concatenate(v) for name, v in scores.items()}

@@ -222,7 +222,7 @@ def update(s: RLSetup, step_fn, state, got: Collected, adv, ref_params=None):
   """rl.inner_updates steps of the objective on the batch. Returns (state, metrics): the last
   step's as 'train/...', its 'loss', and what the objective reports of the first one."""
   inputs = s.roller.policy_inputs(got.pool_index)
-  batch = s.objective.make_batch(s, state.params, got.result, inputs, jnp.asarray(adv))
+  batch = s.objective.make_batch(s, state.params, got.result, inputs, s.roller.put(np.asarray(adv)))
   history = []
   with parallel.sharding_context(s.mesh, s.rules):
     for _ in range(s.rl.inner_updates):

@@ -88,7 +88,7 @@ class Distiller:
     return (
       None
       if x is None
-      else jax.device_put(x, parallel.batch_sharding(self.mesh, np.shape(x), self.rules))
+      else parallel.host_to_global(x, parallel.batch_sharding(self.mesh, np.shape(x), self.rules))
     )
 
   def task(self, it: int) -> str:

@@ -7,6 +7,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from qwen_image_rl import parallel, precision
 from qwen_image_rl.config_lib import ConfigError, transformer_overrides
@@ -85,9 +86,9 @@ def init_policy_state(model, params, tx, mesh, rules, seed: int):
     opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
   rep = shardings.step
   state = TrainState(
-    step=jax.device_put(jnp.zeros((), jnp.int32), rep),
+    step=parallel.host_to_global(np.zeros((), np.int32), rep),
     params=params,
     opt_state=opt_state,
-    rng=jax.device_put(jax.random.key_data(jax.random.key(seed)), rep),
+    rng=parallel.host_to_global(np.asarray(jax.random.key_data(jax.random.key(seed))), rep),
   )
   return state, shardings

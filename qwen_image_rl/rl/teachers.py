@@ -15,7 +15,6 @@ import os
 import time
 
 import jax
-import numpy as np
 
 from qwen_image_rl import parallel
 from qwen_image_rl.config_lib import ConfigError
@@ -91,7 +90,7 @@ def to_host(params, shardings):
     return jax.device_put(
       params, jax.tree.map(lambda s: s.with_memory_kind(HOST_MEMORY_KIND), shardings)
     )
-  return jax.tree.map(np.asarray, jax.device_get(params))
+  return parallel.to_host(params)
 
 
 class TeacherBank:

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from qwen_image_rl import parallel
+from qwen_image_rl import parallel, paths, profiling
 from qwen_image_rl.checkpoint import Checkpointer
 from qwen_image_rl.metrics import MetricLogger
 from qwen_image_rl.train_state import abstract_like
@@ -104,9 +104,13 @@ def fit(
   log_every = max(int(ctx.config.log.every), 1)
   nonfinite = 0
   history = []
+  profiler = profiling.StepProfiler.from_config(ctx.config, ctx.workdir)
+  parallel.barrier("fit_start")  # hosts start stepping together (see `parallel.barrier`)
   for step in range(start_step, total_steps):
     done = step + 1
+    profiler.step_starts(step)
     state, metrics = train_step(state, batch_for_step(step))
+    profiler.step_done(step, (state, metrics))
     scalars = scalar_metrics(metrics)
     if not math.isfinite(scalars["loss"]):
       nonfinite += 1
@@ -129,6 +133,7 @@ def fit(
     ctx.checkpointer.maybe_save(done, state, extra={"step": done})
     if on_step_end is not None:
       on_step_end(done, state, scalars)
+  profiler.stop()  # a profile window past the last step ends here
   ctx.checkpointer.save(total_steps, state, extra={"step": total_steps})
   ctx.checkpointer.wait()
   return state, history
@@ -137,8 +142,14 @@ def fit(
 def final_checkpoint_exists(workdir: str, total_steps: int) -> bool:
   from qwen_image_rl.checkpoint import committed_steps
 
-  directory = os.path.join(workdir, "checkpoints")
-  return os.path.isdir(directory) and total_steps in committed_steps(directory)
+  directory = paths.join(workdir, "checkpoints")
+  return paths.isdir(directory) and total_steps in committed_steps(directory)
+
+
+def save_export(save: Callable[[str], None], directory: str) -> None:
+  """`save(local_dir)` (a `save_pretrained`) into `directory`, local or a gs:// URL."""
+  with paths.staged_dir(directory) as local:
+    save(local)
 
 
 def scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:

@@ -16,8 +16,10 @@ from __future__ import annotations
 import os
 import time
 
+import jax
 import numpy as np
 
+from qwen_image_rl import paths
 from qwen_image_rl.config_lib import ConfigError
 from qwen_image_rl.data import prompt_files, world
 from qwen_image_rl.metrics import MetricLogger
@@ -120,7 +122,7 @@ def write_kept_prompts(pool, ranges, keep, path: str) -> str:
     records.append(
       prompt_files.PromptRecord(prompt=pool.prompts[i], category=pool.categories[i], extra=extra)
     )
-  os.makedirs(os.path.dirname(path), exist_ok=True)
+  paths.makedirs(os.path.dirname(path))
   prompt_files.write_prompt_file(path, records)
   return path
 
@@ -190,7 +192,9 @@ def train(config, workdir):
       f"{rl.curation.threshold} (max range {float(ranges.max()):.4g}); lower the threshold or "
       f"raise rl.group_size. Histogram in {os.path.join(workdir, 'results', 'curation.json')}"
     )
-  path = write_kept_prompts(pool, ranges, keep, os.path.join(workdir, rl.curation.output))
+  path = os.path.join(workdir, rl.curation.output)
+  if jax.process_index() == 0:  # every process scored the same pool; one writes
+    write_kept_prompts(pool, ranges, keep, path)
   records = int(keep.sum())
   summary["output"] = path
   print(

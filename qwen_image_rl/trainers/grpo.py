@@ -88,7 +88,7 @@ class Evaluator:
     self.recent_rewards = collections.deque(maxlen=REWARD_WINDOW)
 
   def __call__(self, step: int, params):
-    params = jax.device_get(params)
+    params = parallel.to_host(params)  # every process: a collective where params span hosts
     t2i = with_params(self.pipe, params, QwenImagePipeline)
     edit = with_params(self.pipe, params, QwenImageEditPipeline)
     results = evaluation.evaluate(
@@ -241,12 +241,13 @@ def train(config, workdir):
       on_skip=on_skip,
       unit="iteration",
     )
-  params = jax.device_get(state.params)
-  if jax.process_index() == 0:
+  params = parallel.to_host(state.params)
+  if parallel.is_primary():
     # Exported in the compute dtype (the released bf16 format), not the f32 master weights.
     exported = precision.cast_floating(params, precision.model_dtypes(config)["dtype"])
-    with_params(pipe, exported, task_pipeline_class(rl.task)).save_pretrained(
-      os.path.join(workdir, "export", "pipeline")
+    common.save_export(
+      with_params(pipe, exported, task_pipeline_class(rl.task)).save_pretrained,
+      os.path.join(workdir, "export", "pipeline"),
     )
   if evaluation.enabled(config.eval):
     results[0] = evaluator(config.total_steps, params)

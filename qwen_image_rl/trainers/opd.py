@@ -84,7 +84,7 @@ def make_evaluator(config, pipe, logger):
   cfg.cfg_scale = config.opd.student_cfg_scale
 
   def run(step: int, params):
-    params = jax.device_get(params)
+    params = parallel.to_host(params)  # every process: a collective where params span hosts
     results = evaluation.evaluate(
       with_params(pipe, params, QwenImagePipeline),
       with_params(pipe, params, QwenImageEditPipeline),
@@ -159,12 +159,13 @@ def train(config, workdir):
     unit="iteration",
   )
   bank.release()
-  params = jax.device_get(state.params)
+  params = parallel.to_host(state.params)
   if evaluation.enabled(config.eval):
     results[0] = evaluate(config.total_steps, params)
-  if jax.process_index() == 0:
-    with_params(pipe, params, QwenImagePipeline).save_pretrained(
-      os.path.join(workdir, "export", "pipeline")
+  if parallel.is_primary():
+    common.save_export(
+      with_params(pipe, params, QwenImagePipeline).save_pretrained,
+      os.path.join(workdir, "export", "pipeline"),
     )
   ctx.close()
   return results[0]

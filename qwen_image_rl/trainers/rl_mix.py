@@ -142,12 +142,13 @@ def train(config, workdir):
       on_step_end=on_step_end,
       unit="iteration",
     )
-    params = jax.device_get(state.params)
+    params = parallel.to_host(state.params)
     if evaluation.enabled(config.eval):
       results[0] = evaluator(config.total_steps, params)
-  if jax.process_index() == 0:  # outside the mesh: the VAE's abstract shapes are host-side
-    with_params(pipe, params, QwenImagePipeline).save_pretrained(
-      os.path.join(workdir, "export", "pipeline")
+  if parallel.is_primary():  # outside the mesh: the VAE's abstract shapes are host-side
+    common.save_export(
+      with_params(pipe, params, QwenImagePipeline).save_pretrained,
+      os.path.join(workdir, "export", "pipeline"),
     )
   ctx.close()
   return results[0]

@@ -14,6 +14,7 @@ drawn logit-normal, which concentrates training on the middle of the path.
 from __future__ import annotations
 
 import os
+import tempfile
 
 import flax.linen as nn
 import jax
@@ -93,6 +94,12 @@ def validate(config):
 
 
 def build_tokenizer(directory: str):
+  """The run's tokenizer, saved to `directory` by process 0. Other processes build the same one
+  in a scratch directory: they must neither write the shared workdir nor read a half-written
+  file."""
+  if not parallel.is_primary():
+    with tempfile.TemporaryDirectory() as scratch:
+      return build_qwen_tokenizer(captions.vocabulary(), scratch)
   if os.path.isfile(os.path.join(directory, "tokenizer.json")):
     return load_tokenizer(directory)
   return build_qwen_tokenizer(captions.vocabulary(), directory)
@@ -278,8 +285,8 @@ def export_and_evaluate(config, ctx, components, export: str):
   """Writes export/pipeline (process 0) and evaluates the held-out sets if asked."""
   t2i_pipe = QwenImagePipeline(*components)
   edit_pipe = QwenImageEditPipeline(*components)
-  if jax.process_index() == 0:
-    t2i_pipe.save_pretrained(os.path.join(export, "pipeline"))
+  if parallel.is_primary():
+    common.save_export(t2i_pipe.save_pretrained, os.path.join(export, "pipeline"))
   if not evaluation.enabled(config.eval):
     return None
   print("sft: evaluating on held-out prompts and edits ...", flush=True)
@@ -316,16 +323,21 @@ def train(config, workdir):
   state, shardings = create_train_state(model.init_params, tx, ctx.mesh, ctx.rules, config.seed)
   state, start = common.restore_or_keep(ctx, state, shardings)
 
+  global_nulls = {
+    k: parallel.host_to_global(v, parallel.replicated(ctx.mesh)) for k, v in nulls.items()
+  }
+
   def batch_for_step(step):
     ti = examples.batch_indices(config.seed, step, len(t2i), data.t2i_batch_size, stream=0)
     ei = examples.batch_indices(config.seed, step, len(edits), data.edit_batch_size, stream=1)
     batch = {k: v[ti] for k, v in arrays.items() if k.startswith("t2i")}
     batch.update({k: v[ei] for k, v in arrays.items() if k.startswith("edit")})
+    # Every process draws the same global batch; each places only its own shards.
     batch = {
-      k: jax.device_put(v, parallel.batch_sharding(ctx.mesh, v.shape, ctx.rules))
+      k: parallel.host_to_global(v, parallel.batch_sharding(ctx.mesh, v.shape, ctx.rules))
       for k, v in batch.items()
     }
-    batch.update(nulls)
+    batch.update(global_nulls)
     return batch
 
   loss = config.loss
@@ -346,9 +358,10 @@ def train(config, workdir):
       start_step=start,
       total_steps=config.total_steps,
     )
-  # The weight average, when kept, is what a diffusion model samples best from.
+  # The weight average, when kept, is what a diffusion model samples best from. to_host runs on
+  # every process: a collective where the params span hosts.
   keeps_average = config.optim.get("ema_decay", 0.0) > 0
-  params = jax.device_get(optim.ema_params(state.opt_state) if keeps_average else state.params)
+  params = parallel.to_host(optim.ema_params(state.opt_state) if keeps_average else state.params)
   scheduler = dict(config.model.scheduler)
   components = (model, params, vae, vae_params, te_model, te_params, tokenizer, scheduler)
   results = export_and_evaluate(config, ctx, components, export)

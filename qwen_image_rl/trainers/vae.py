@@ -101,7 +101,7 @@ def train(config, workdir):
 
   def batch_for_step(step):
     idx = examples.batch_indices(config.seed, step, len(train_set), data.batch_size)
-    return jax.device_put(images[idx], batch_sharding)
+    return parallel.host_to_global(images[idx], batch_sharding)
 
   step_fn = jax.jit(
     make_train_step(model, tx, config.loss.kl_weight, ctx.rules),
@@ -123,8 +123,9 @@ def train(config, workdir):
   final = model.clone(
     latents_mean=tuple(results.pop("latents_mean")), latents_std=tuple(results.pop("latents_std"))
   )
-  if jax.process_index() == 0:
-    save_vae(final, jax.device_get(state.params), export_dir)
+  params = parallel.to_host(state.params)  # every process: a collective where params span hosts
+  if parallel.is_primary():
+    common.save_export(lambda local: save_vae(final, params, local), export_dir)
   ctx.logger.write_results(f"eval_{config.total_steps}", results)
   print(
     f"vae: val PSNR {results['psnr']:.2f} dB, oracle on reconstructions "
@@ -143,8 +144,8 @@ def evaluate(ctx, model, params, eval_set, config):
   latents, recon = [], []
   for i in range(0, len(images), 64):  # under the caller's sharding context
     z = encode(params, images[i : i + 64])
-    latents.append(np.asarray(z))
-    recon.append(np.asarray(decode(params, z)))
+    latents.append(parallel.to_host(z))
+    recon.append(parallel.to_host(decode(params, z)))
   latents, recon = np.concatenate(latents), np.concatenate(recon)
   n_show = min(8, len(images))
   grid = metrics.image_grid(
