@@ -20,3 +20,8 @@ def pytest_configure(config):
   config.addinivalue_line(
     "markers", "torch: needs the PyTorch reference (torch, diffusers, transformers)"
   )
+  config.addinivalue_line(
+    "markers",
+    "multihost: 2 processes x 4 devices, four runs each; not yet passed end to end on the "
+    "2-core CPU, so `make test` deselects them (run with `pytest -m multihost`)",
+  )

@@ -103,6 +103,7 @@ def test_distributed_flags_go_together_and_are_checked(monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.multihost
 @pytest.mark.torch
 def test_grpo_two_processes(pipe_dir, tmp_path):
   steps = 3
@@ -116,6 +117,7 @@ def test_grpo_two_processes(pipe_dir, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.multihost
 @pytest.mark.torch
 def test_sft_two_processes(pipe_dir, tmp_path):
   steps = 3
