@@ -388,6 +388,7 @@ def measure(name, config, devices, args, attention: str) -> dict:
   program = build_program(name, config, model, lay, False, vae, vae_params)
   compiled, seconds = compile_program(program, lay, f"{name}, {attention}")
   memory = aot_common.memory_of(compiled)
+  direct_cost = aot_common.cost_of(compiled)  # whole only for a program without loops
   del compiled
   chip = aot_common.chip_of(args.topology)
   per_chip = memory["program_bytes"] + program.resident_bytes
@@ -410,17 +411,15 @@ def measure(name, config, devices, args, attention: str) -> dict:
     mfu=None,
   )
   if name in args.cost or name == "rollout_decode":
-    record.update(estimate(name, config, lay, program, vae, vae_params, chip))
+    record.update(estimate(name, config, lay, program, direct_cost, chip))
   return record
 
 
-def estimate(name, config, lay, program, vae, vae_params, chip) -> dict:
+def estimate(name, config, lay, program, direct_cost, chip) -> dict:
   """Cost of the whole step: unrolled 1- and 2-layer probes of one loop iteration,
   extrapolated (the decode has no loop over layers: its own cost analysis)."""
   if name == "rollout_decode":
-    compiled, _ = compile_program(program, lay, f"{name} cost")
-    cost = aot_common.cost_of(compiled)
-    method = "program"
+    cost, method = direct_cost, "program"
   else:
     costs = []
     for layers in (1, 2):
