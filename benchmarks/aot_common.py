@@ -20,22 +20,25 @@ from qwen_image_rl.parallel import tree_shardings
 
 GiB = 2**30
 
-# Per chip: HBM capacity (GiB, Cloud TPU system architecture pages) and peak dense bf16 FLOP/s.
+# Per chip (Cloud TPU system architecture pages): HBM capacity (GiB), peak dense bf16 FLOP/s,
+# HBM bandwidth (bytes/s).
 CHIPS = {
-  "v4": dict(hbm_gib=32, peak_flops=275e12),
-  "v5e": dict(hbm_gib=16, peak_flops=197e12),
-  "v5p": dict(hbm_gib=95, peak_flops=459e12),
-  "v6e": dict(hbm_gib=32, peak_flops=918e12),
+  "v4": dict(hbm_gib=32, peak_flops=275e12, hbm_bandwidth=1228e9),
+  "v5e": dict(hbm_gib=16, peak_flops=197e12, hbm_bandwidth=819e9),
+  "v5p": dict(hbm_gib=95, peak_flops=459e12, hbm_bandwidth=2765e9),
+  "v6e": dict(hbm_gib=32, peak_flops=918e12, hbm_bandwidth=1640e9),
 }
 
 
 def chip_of(topology: str) -> dict:
-  """{'hbm_bytes', 'peak_flops'} of one chip of a topology name such as 'v5p:2x4x4'."""
+  """{'hbm_bytes', 'peak_flops', 'hbm_bandwidth'} of one chip of a topology such as 'v5p:2x4x4'."""
   kind = topology.split(":")[0]
   if kind not in CHIPS:
     raise ValueError(f"topology {topology!r}: unknown TPU generation; known: {sorted(CHIPS)}")
   c = CHIPS[kind]
-  return dict(hbm_bytes=int(c["hbm_gib"] * GiB), peak_flops=c["peak_flops"])
+  return dict(
+    hbm_bytes=int(c["hbm_gib"] * GiB), peak_flops=c["peak_flops"], hbm_bandwidth=c["hbm_bandwidth"]
+  )
 
 
 def topology_devices(topology: str):

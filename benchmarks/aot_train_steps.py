@@ -438,6 +438,9 @@ def estimate(name, config, lay, program, direct_cost, chip) -> dict:
     estimated_seconds=seconds,
     mfu=round(useful / (seconds * chip["peak_flops"]), 4) if seconds > 0 else None,
     hfu=round(flops / (seconds * chip["peak_flops"]), 4) if seconds > 0 else None,
+    # What bounds the estimate: all flops at peak vs all bytes at HBM bandwidth.
+    compute_bound_seconds=flops / chip["peak_flops"],
+    memory_bound_seconds=float(cost.get("bytes accessed", float("nan"))) / chip["hbm_bandwidth"],
     cost_method=method,
   )
 
