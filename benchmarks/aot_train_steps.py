@@ -32,6 +32,14 @@ micro-batches, denoising steps). For the steps named in `--cost`, the script als
 step with 1 and 2 unrolled layers and one loop iteration (one micro-batch, one denoising step)
 and extrapolates to L layers x iterations (benchmarks/aot_common.extrapolate); the other steps
 report memory only (cost fields null).
+
+Measured on the 2-core CPU dev box under heavy load (libtpu 0.0.42.1; compiler analyses, not TPU
+measurements), `--topology=v5p:2x4x4 --steps=update --cost=update` (grpo_t2i:qwen_image, mesh
+data 4 x fsdp 8, 512 samples x 6 trained steps, micro-batches of 16, flash attention):
+  per chip 77.28 GiB of 95 (headroom 18.6%): arguments 28.90 (the f32 params and AdamW moments
+  sharded 8 ways, 28.54, and the batch), temporaries 48.38, outputs 28.60 all aliased (donated);
+  2.713e16 flops per chip (2.255e16 model flops), 6.94e13 bytes accessed, estimated 89.7 s per
+  update -> MFU 54.8% (HFU 65.9%). Compile 641 s, probes 331 s and 489 s.
 """
 
 from __future__ import annotations
