@@ -122,6 +122,11 @@ def write_encoded_prompts(config, pipe, path: str, negative_prompts=()) -> int:
 
 def edit_pool(config, pipe) -> PromptPool:
   data = config.data
+  if encoded_prompts_path(config):
+    raise ConfigError(
+      "config.data.encoded_prompts covers T2I prompts only: edit instructions are encoded "
+      "with their source images (an OPD run with edits needs the live text encoder)"
+    )
   ex = examples.edit_examples(config.seed, data.num_prompts, "train", data.image_size)
   edit_pipe = with_params(pipe, pipe.transformer_params, QwenImageEditPipeline)
   cond, mask = encode_with(edit_pipe, ex.instructions, data.max_text_tokens)
@@ -141,11 +146,6 @@ def edit_pool(config, pipe) -> PromptPool:
 
 
 def build_pool(config, pipe) -> PromptPool:
-  if encoded_prompts_path(config) and config.rl.task != "t2i":
-    raise ConfigError(
-      f"config.data.encoded_prompts is for rl.task='t2i' (got {config.rl.task!r}): edit "
-      "instructions are encoded with their source images"
-    )
   pool = t2i_pool(config, pipe) if config.rl.task == "t2i" else edit_pool(config, pipe)
   if not len(pool):
     raise ConfigError("the prompt set is empty")
