@@ -33,14 +33,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.experimental import topologies
+from aot_common import GiB, cost_of, memory_of, topology_devices
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from qwen_image_rl.models import attention_kernels
 from qwen_image_rl.parallel import DEFAULT_LOGICAL_AXIS_RULES, make_mesh
-
-GiB = 2**30
 
 
 def compile_one(implementation, mesh, shape, query_chunk):
@@ -72,19 +70,12 @@ def compile_one(implementation, mesh, shape, query_chunk):
   start = time.time()
   with jax.set_mesh(mesh):
     compiled = step.lower(*args).compile()
-  mem, cost = compiled.memory_analysis(), compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  total = (
-    mem.argument_size_in_bytes
-    + mem.output_size_in_bytes
-    + mem.temp_size_in_bytes
-    - mem.alias_size_in_bytes
-  )
+  mem, cost = memory_of(compiled), cost_of(compiled)
   return {
     "implementation": implementation,
     "compile_seconds": round(time.time() - start, 1),
-    "temp_bytes": int(mem.temp_size_in_bytes),
-    "per_chip_bytes": int(total),
+    "temp_bytes": mem["temp_bytes"],
+    "per_chip_bytes": mem["program_bytes"],
     "flops_per_chip": float(cost.get("flops", 0.0)),
     "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
     "estimated_seconds": float(cost.get("optimal_seconds", 0.0)),
@@ -102,7 +93,7 @@ def main():
   p.add_argument("--query_chunk", type=int, default=1024, help="XLA path block; 0 = none")
   p.add_argument("--implementations", default="xla,flash")
   args = p.parse_args()
-  devices = topologies.get_topology_desc(platform="tpu", topology_name=args.topology).devices
+  devices = topology_devices(args.topology)
   mesh = make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, devices)
   shape = (
     args.per_chip_batch * len(devices),

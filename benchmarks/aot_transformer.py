@@ -26,13 +26,23 @@ scan, remat 'full', per-chip batch 1, 4096 image + 512 text tokens, 20.430B para
 from __future__ import annotations
 
 import argparse
-import time
+import os
+import sys
 
-import flax.linen as nn
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax.experimental import topologies
+from aot_common import (
+  GiB,
+  abstract_tree,
+  compile_with,
+  cost_of,
+  extrapolate,
+  memory_of,
+  topology_devices,
+  transformer_flops,
+)
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -44,8 +54,6 @@ from qwen_image_rl.parallel import (
   tree_shardings,
 )
 from qwen_image_rl.parallel.partitioning import batch_sharding
-
-GiB = 2**30
 
 
 def parse_args(argv=None):
@@ -82,18 +90,6 @@ def parse_args(argv=None):
   return p.parse_args(argv)
 
 
-def transformer_flops(model: QwenImageTransformer, n_img: int, n_txt: int) -> float:
-  """Matmul FLOPs of one forward pass per sample (2 per multiply-add), attention included."""
-  d, n = model.inner_dim, n_img + n_txt
-  per_token = 2 * (4 * d * d + 2 * 4 * d * d)  # q, k, v, out + MLP (4x) per stream
-  attention = 2 * 2 * n * n * d  # logits and weighted sum
-  block = per_token * n + attention
-  embed = 2 * n_img * model.in_channels * d + 2 * n_txt * model.joint_attention_dim * d
-  return (
-    model.num_layers * block + embed + 2 * n_img * d * model.patch_size**2 * model.output_channels
-  )
-
-
 def compile_step(args, mesh, num_layers: int, scan_layers: bool):
   """Lower and compile value_and_grad(mean(out**2)) wrt the params; returns (compiled, model)."""
   dtype = jnp.dtype(args.dtype)
@@ -112,11 +108,7 @@ def compile_step(args, mesh, num_layers: int, scan_layers: bool):
 
   abstract = model.abstract_params()
   param_shardings = tree_shardings(abstract, mesh, rules)
-  param_specs = jax.tree.map(
-    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-    nn.meta.unbox(abstract),
-    param_shardings,
-  )
+  param_specs = abstract_tree(abstract, mesh, rules)
 
   def batch_spec(shape, dt):
     return jax.ShapeDtypeStruct(shape, dt, sharding=batch_sharding(mesh, len(shape), rules))
@@ -135,30 +127,19 @@ def compile_step(args, mesh, num_layers: int, scan_layers: bool):
   step = jax.jit(
     jax.value_and_grad(loss_fn), out_shardings=(NamedSharding(mesh, P()), param_shardings)
   )
-  t0 = time.time()
-  with sharding_context(mesh, rules):  # jax.set_mesh: flax's activation constraints apply
-    lowered = step.lower(param_specs, inputs)
-  t1 = time.time()
-  compiled = lowered.compile()
-  print(
-    f"[{num_layers} layers, scan={scan_layers}] lower {t1 - t0:.1f} s, compile "
-    f"{time.time() - t1:.1f} s",
-    flush=True,
+  # jax.set_mesh: flax's activation constraints apply
+  compiled, _ = compile_with(
+    step,
+    (param_specs, inputs),
+    sharding_context(mesh, rules),
+    f"{num_layers} layers, scan={scan_layers}",
   )
   return compiled, model
 
 
-def cost_of(compiled) -> dict:
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else {}
-  return dict(cost or {})
-
-
 def main(argv=None):
   args = parse_args(argv)
-  topo = topologies.get_topology_desc(platform="tpu", topology_name=args.topology)
-  devices = topo.devices
+  devices = topology_devices(args.topology)
   sizes = {k: int(v) for k, v in (kv.split("=") for kv in args.mesh.split(","))}
   mesh = make_mesh(sizes, devices=devices)
   n_img = (args.height // 16) * (args.width // 16)
@@ -173,25 +154,10 @@ def main(argv=None):
     f"{batch}, tokens {n_img} image + {args.txt_len} text"
   )
 
-  mem = compiled.memory_analysis()
-  if mem is not None:
-    fields = (
-      "argument_size_in_bytes",
-      "output_size_in_bytes",
-      "alias_size_in_bytes",
-      "temp_size_in_bytes",
-      "generated_code_size_in_bytes",
-    )
-    vals = {f: getattr(mem, f, 0) for f in fields}
-    for f, v in vals.items():
-      print(f"  {f:32s} {v / GiB:9.3f} GiB")
-    peak = (
-      vals["argument_size_in_bytes"]
-      + vals["output_size_in_bytes"]
-      - vals["alias_size_in_bytes"]
-      + vals["temp_size_in_bytes"]
-    )
-    print(f"  per-chip total (args+out-alias+temp) {peak / GiB:9.3f} GiB")
+  mem = memory_of(compiled)
+  for f in ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes"):
+    print(f"  {f:32s} {mem[f] / GiB:9.3f} GiB")
+  print(f"  per-chip total (args+out-alias+temp) {mem['program_bytes'] / GiB:9.3f} GiB")
 
   keys = ("flops", "bytes accessed", "optimal_seconds")
   cost = cost_of(compiled)
@@ -205,10 +171,9 @@ def main(argv=None):
       f"  cost extrapolated to {args.num_layers} layers from unrolled 1/2-layer compiles "
       f"(per chip):"
     )
+    total = extrapolate(one, two, args.num_layers)
     for k in keys:
-      per_layer = two.get(k, np.nan) - one.get(k, np.nan)
-      total = one.get(k, np.nan) + (args.num_layers - 1) * per_layer
-      print(f"    {k:18s} {total:.4e}   (per layer {per_layer:.4e})")
+      print(f"    {k:18s} {total[k]:.4e}   (per layer {two.get(k, 0) - one.get(k, 0):.4e})")
   model_flops = 3 * transformer_flops(model, n_img, args.txt_len) * args.per_chip_batch
   print(f"  analytic fwd+bwd matmul FLOPs per chip (3x forward, before remat) {model_flops:.4e}")
   return compiled

@@ -7,7 +7,9 @@ Rewards: alignment + aesthetics + portrait (the paper's T2I trio, tiny world ora
 combined per prompt category (portrait prompts weight the portrait reward more, typography
 prompts weight alignment more). Hybrid CFG (CFG at rollout only), a high-noise timestep subset,
 GDPO advantages, asynchronous rewards. 'qwen_image' is the full-size 20B setup (bf16, FSDP,
-remat); it needs real weights in config.init_from.
+remat) for a 32-chip slice (v5p-32), 'qwen_image_256' the same run laid out for 256 chips
+(v6e-256: 32 GiB HBM per chip); both need real weights in config.init_from. Their fit and
+compiler-estimated speed: README "Pods" (benchmarks/aot_train_steps.py).
 
 Results, runtime and how the settings were chosen: README "GRPO on the tiny base".
 """
@@ -115,9 +117,22 @@ def qwen_image_model() -> ml_collections.ConfigDict:
   )
 
 
+VARIANTS = ("tiny", "qwen_image", "qwen_image_256")
+
+
+def layout_for_256_chips(c):
+  """The full-size run on 256 chips: every chip holds one sample of each micro-batch and of each
+  rollout chunk (a mesh axis that does not divide a batch replicates it), and the state is
+  sharded 256 ways so that it fits v6e's 32 GiB."""
+  c.mesh = common.mesh(data=-1, fsdp=256, tensor=1)
+  c.rl.rollout_chunks = 2  # 512 / 2 = 256 rollouts per chunk
+  c.rl.micro_batch_size = 256
+  return c
+
+
 def get_config(arg: str = "tiny"):
-  if arg not in ("tiny", "qwen_image"):
-    raise ValueError(f"configs/grpo_t2i.py: unknown variant {arg!r}; known: ['tiny', 'qwen_image']")
+  if arg not in VARIANTS:
+    raise ValueError(f"configs/grpo_t2i.py: unknown variant {arg!r}; known: {list(VARIANTS)}")
   c = common.base()
   c.trainer = "grpo"
   c.init_from = "runs/demo/base/export/pipeline"
@@ -140,7 +155,7 @@ def get_config(arg: str = "tiny"):
   c.eval.num_edits = 0  # a T2I policy: held-out prompts only
   c.eval.every = 0  # before and after only: each eval costs several iterations
   c.eval.at_start = True
-  if arg == "qwen_image":
+  if arg.startswith("qwen_image"):
     c.init_from = "/ckpt/Qwen-Image"
     c.model = qwen_image_model()
     c.mesh = common.mesh(data=-1, fsdp=8, tensor=1)
@@ -167,4 +182,6 @@ def get_config(arg: str = "tiny"):
     c.eval.at_start = False
     c.eval.num_t2i = 0
     c.eval.num_edits = 0
+  if arg == "qwen_image_256":
+    layout_for_256_chips(c)
   return c

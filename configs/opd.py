@@ -7,7 +7,9 @@
 The student starts from the base and samples without CFG; each teacher is an RL run's exported
 pipeline, queried with CFG. Deviation (cost): opd.num_train_steps > 0 trains K random states of
 the N per iteration instead of all N (0 = all, the paper's sum). 'qwen_image' is the full-size
-20B setup (bf16, FSDP, remat); it needs real weights.
+20B setup (bf16, FSDP, remat) for 32 chips (v5p-32), 'qwen_image_256' for 256 chips (v6e-256,
+a batch of 256 prompts: one per chip); they need real weights. Fit and compiler-estimated speed:
+README "Pods" (benchmarks/aot_train_steps.py).
 
 Results and runtime: README "On-policy distillation".
 """
@@ -34,9 +36,12 @@ def opd_section() -> ml_collections.ConfigDict:
   )
 
 
+VARIANTS = ("tiny", "qwen_image", "qwen_image_256")
+
+
 def get_config(arg: str = "tiny"):
-  if arg not in ("tiny", "qwen_image"):
-    raise ValueError(f"configs/opd.py: unknown variant {arg!r}; known: ['tiny', 'qwen_image']")
+  if arg not in VARIANTS:
+    raise ValueError(f"configs/opd.py: unknown variant {arg!r}; known: {list(VARIANTS)}")
   c = common.base()
   c.trainer = "opd"
   c.init_from = "runs/demo/base/export/pipeline"
@@ -57,7 +62,7 @@ def get_config(arg: str = "tiny"):
   c.eval = common.tiny_eval()
   c.eval.every = 0
   c.eval.at_start = False  # the base's numbers are the demo's base stage
-  if arg == "qwen_image":
+  if arg.startswith("qwen_image"):
     c.init_from = "/ckpt/Qwen-Image"
     c.teachers.t2i = "/ckpt/Qwen-Image-RL-T2I"
     c.teachers.edit = "/ckpt/Qwen-Image-RL-Edit"
@@ -78,4 +83,9 @@ def get_config(arg: str = "tiny"):
     c.eval.every = 250
     c.eval.num_t2i = 0
     c.eval.num_edits = 0
+  if arg == "qwen_image_256":
+    # One prompt per chip: the batch axis must divide over all 256 chips (else replicated).
+    c.mesh = common.mesh(data=-1, fsdp=256, tensor=1)
+    c.opd.batch_size = 256
+    c.opd.micro_batch_size = 256
   return c

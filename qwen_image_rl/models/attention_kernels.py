@@ -23,6 +23,7 @@ them under `jax.default_matmul_precision("default")` (the backward kernels are t
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import flax.linen as nn
@@ -35,6 +36,7 @@ from jax.sharding import PartitionSpec as P
 from qwen_image_rl.models import layers
 
 IMPLEMENTATIONS = ("xla", "flash")
+_KERNEL_EVERYWHERE = [False]  # set by `kernel_everywhere` (AOT compiles for TPU from a CPU host)
 HEAD_AXES = ("act_batch", "act_length", "act_heads", "act_kv")  # q, k, v: [B, S, H, D]
 
 
@@ -132,9 +134,23 @@ def attention(
     raise ValueError(
       f"attention implementation {implementation!r}: expected one of {list(IMPLEMENTATIONS)}"
     )
-  if implementation == "flash" and (kernel_off_tpu or jax.default_backend() == "tpu"):
+  on_tpu = jax.default_backend() == "tpu"
+  if implementation == "flash" and (kernel_off_tpu or _KERNEL_EVERYWHERE[0] or on_tpu):
     return flash_attention(q, k, v, key_mask)
   return layers.chunked_attention(q, k, v, key_mask, query_chunk)
+
+
+@contextlib.contextmanager
+def kernel_everywhere():
+  """Context manager: 'flash' traces the Pallas kernel whatever the default backend, as
+  `kernel_off_tpu` does for one call; for AOT-compiling whole models for a TPU topology from a
+  CPU host (benchmarks/aot_train_steps.py), where the model's own calls cannot pass the flag."""
+  previous = _KERNEL_EVERYWHERE[0]
+  _KERNEL_EVERYWHERE[0] = True
+  try:
+    yield
+  finally:
+    _KERNEL_EVERYWHERE[0] = previous
 
 
 def interpret_mode():

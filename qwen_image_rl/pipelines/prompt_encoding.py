@@ -59,3 +59,83 @@ def encode_fixed_length(
     cond[i : i + len(e), : e.shape[1]] = e
     mask[i : i + len(e), : m.shape[1]] = m
   return cond, mask
+
+
+# ------------------------------------------------------------------------------------------
+# Pre-encoded prompt sets: encode once, train without the text encoder on the device
+# ------------------------------------------------------------------------------------------
+
+ENCODED_FORMAT = 1
+
+
+def save_encoded_prompts(path: str, texts: Sequence[str], cond, mask) -> None:
+  """Write fixed-length conditioning of `texts` (from `encode_fixed_length`) to an .npz file.
+
+  Only the tokens up to the longest prompt's end are stored (past it every row is zero with
+  mask 0); `load_encoded_prompts` pads back to the encoded length.
+  """
+  cond, mask = np.asarray(cond, np.float32), np.asarray(mask, np.int32)
+  if cond.shape[:2] != mask.shape or len(texts) != len(cond):
+    raise ValueError(
+      f"save_encoded_prompts: {len(texts)} texts, cond {cond.shape} and mask {mask.shape} "
+      "do not agree"
+    )
+  if len(set(texts)) != len(texts):
+    raise ValueError("save_encoded_prompts: texts must be distinct (they are the lookup keys)")
+  used = int(mask.sum(axis=1).max()) if len(mask) else 0
+  if np.any(cond[:, used:]) or np.any(mask[:, used:]):
+    raise ValueError("save_encoded_prompts: conditioning past every prompt's end is not zero")
+  with open(path, "wb") as f:  # np.savez would append '.npz' to a path without it
+    np.savez(
+      f,
+      format=np.int32(ENCODED_FORMAT),
+      length=np.int32(cond.shape[1]),
+      texts=np.asarray(list(texts), dtype=str),
+      cond=cond[:, :used],
+      mask=mask[:, :used],
+    )
+
+
+class EncodedPrompts:
+  """A pre-encoded prompt set read from `save_encoded_prompts`' file, looked up by text."""
+
+  def __init__(self, path: str):
+    try:
+      with np.load(path) as data:
+        fields = {k: data[k] for k in data.files}
+    except (OSError, ValueError) as e:
+      raise ValueError(f"encoded prompts {path!r}: cannot read ({e})") from e
+    missing = {"format", "length", "texts", "cond", "mask"} - set(fields)
+    if missing or int(fields["format"]) != ENCODED_FORMAT:
+      raise ValueError(
+        f"encoded prompts {path!r}: not a format-{ENCODED_FORMAT} file from "
+        f"save_encoded_prompts (missing {sorted(missing)})"
+      )
+    self.path = path
+    self.length = int(fields["length"])
+    self.cond, self.mask = fields["cond"], fields["mask"]
+    self.index = {str(t): i for i, t in enumerate(fields["texts"])}
+
+  def __len__(self):
+    return len(self.index)
+
+  def lookup(self, texts: Sequence[str], length: int):
+    """(cond float32 [N, length, D], mask int32 [N, length]) of `texts`, as
+    `encode_fixed_length(..., length=length, truncate=True)` gave them at encoding time."""
+    if length != self.length:
+      raise ValueError(
+        f"encoded prompts {self.path!r} were encoded with {self.length} text tokens, "
+        f"the config asks for {length} (data.max_text_tokens): encode them again"
+      )
+    missing = [t for t in texts if t not in self.index]
+    if missing:
+      raise ValueError(
+        f"encoded prompts {self.path!r}: {len(missing)} prompt(s) are not in the file, e.g. "
+        f"{missing[0]!r}; encode the run's prompt set again"
+      )
+    rows = np.array([self.index[t] for t in texts], np.int64)
+    used = self.cond.shape[1]
+    cond = np.zeros((len(rows), length, self.cond.shape[2]), np.float32)
+    mask = np.zeros((len(rows), length), np.int32)
+    cond[:, :used], mask[:, :used] = self.cond[rows], self.mask[rows]
+    return cond, mask

@@ -44,6 +44,26 @@ def check_prompts(config, weights) -> None:
     )
   else:
     reward_setup.check_categories_covered(weights, world.CATEGORIES, "the tiny world")
+  check_encoded_prompts(config)
+
+
+def check_encoded_prompts(config) -> None:
+  """data.encoded_prompts (no text encoder loaded) needs a T2I run without evaluation, which
+  encodes its own held-out prompts."""
+  path = config.data.get("encoded_prompts", "")
+  if not path:
+    return
+  if config.rl.task != "t2i":
+    raise ConfigError(
+      f"config.data.encoded_prompts is for rl.task='t2i' (got {config.rl.task!r}): edit "
+      "instructions are encoded with their source images"
+    )
+  cfg = config.get("eval", None)
+  if cfg is not None and (cfg.get("num_t2i", 0) > 0 or cfg.get("num_edits", 0) > 0):
+    raise ConfigError(
+      "config.data.encoded_prompts loads no text encoder, but evaluation encodes its own "
+      "prompts: set eval.num_t2i = eval.num_edits = 0 or leave data.encoded_prompts empty"
+    )
 
 
 def check_rollout(config) -> None:

@@ -34,7 +34,7 @@ from qwen_image_rl.rl.policy import (
   resolve_pipeline_dir,
   with_params,
 )
-from qwen_image_rl.rl.prompts import edit_pool, encode_with, t2i_pool
+from qwen_image_rl.rl.prompts import conditioning, edit_pool, t2i_pool
 from qwen_image_rl.trainers import common
 
 
@@ -53,8 +53,11 @@ class TaskData:
     if not len(self.pool):
       raise ConfigError(f"the {task} prompt set is empty")
     cls = QwenImagePipeline if task == "t2i" else QwenImageEditPipeline
-    self.neg_cond, self.neg_mask = encode_with(
-      with_params(pipe, None, cls), [config.opd.negative_prompt], config.data.max_text_tokens
+    self.neg_cond, self.neg_mask = conditioning(
+      config,
+      with_params(pipe, None, cls),
+      [config.opd.negative_prompt],
+      config.data.max_text_tokens,
     )
     size = config.data.image_size
     h, w = pipe_common.latent_size(size, size, pipe.vae_scale_factor)

@@ -42,7 +42,12 @@ def load_base(config) -> QwenImagePipeline:
   overrides = dict(transformer_overrides(config))
   overrides.setdefault("param_dtype", dtypes["param_dtype"])
   return QwenImagePipeline.from_pretrained(
-    directory, dtype=dtypes["dtype"], vae_dtype=jnp.float32, transformer_overrides=overrides
+    directory,
+    dtype=dtypes["dtype"],
+    vae_dtype=jnp.float32,
+    transformer_overrides=overrides,
+    # Pre-encoded prompts (rl/prompts.py): the text encoder is never loaded.
+    load_text_encoder=not config.data.get("encoded_prompts", ""),
   )
 
 

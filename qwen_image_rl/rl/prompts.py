@@ -1,9 +1,16 @@
 """Prompt pools of an RL run: every prompt's text, category, reward metadata and conditioning,
-encoded once (and, for editing, the source images and their packed latents)."""
+encoded once (and, for editing, the source images and their packed latents).
+
+With `config.data.encoded_prompts` (a file from `write_encoded_prompts`, e.g. via
+`python -m qwen_image_rl.rl.encode_prompts`), T2I conditioning is read from that file instead:
+the run then loads no text encoder (rl/policy.load_base) and it never goes on the device.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 
 import numpy as np
 
@@ -11,7 +18,11 @@ from qwen_image_rl.config_lib import ConfigError
 from qwen_image_rl.data import examples, prompt_files
 from qwen_image_rl.pipelines import common as pipe_common
 from qwen_image_rl.pipelines.edit import QwenImageEditPipeline
-from qwen_image_rl.pipelines.prompt_encoding import encode_fixed_length
+from qwen_image_rl.pipelines.prompt_encoding import (
+  EncodedPrompts,
+  encode_fixed_length,
+  save_encoded_prompts,
+)
 from qwen_image_rl.rl.policy import task_pipeline_class, with_params
 
 
@@ -43,7 +54,33 @@ def encode_with(pipe, texts, length: int):
   )
 
 
-def t2i_pool(config, pipe) -> PromptPool:
+def encoded_prompts_path(config) -> str:
+  """config.data.encoded_prompts ('' or absent: encode with the live text encoder)."""
+  return config.data.get("encoded_prompts", "") or ""
+
+
+@functools.lru_cache(maxsize=1)
+def _read_encoded(path: str, mtime: float) -> EncodedPrompts:
+  del mtime  # part of the cache key: a rewritten file is read again
+  return EncodedPrompts(path)
+
+
+def conditioning(config, pipe, texts, length: int):
+  """[N, length, D] / [N, length] conditioning of `texts`: from the pre-encoded file when the
+  config names one, else from `pipe`'s text encoder."""
+  path = encoded_prompts_path(config)
+  if not path:
+    return encode_with(pipe, texts, length)
+  if not os.path.isfile(path):
+    raise ConfigError(f"config.data.encoded_prompts={path!r}: no such file")
+  try:
+    return _read_encoded(path, os.path.getmtime(path)).lookup(list(texts), length)
+  except ValueError as e:
+    raise ConfigError(f"config.data.encoded_prompts: {e}") from e
+
+
+def t2i_prompts(config):
+  """(prompts, categories, reward metadata) of the T2I prompt set, in pool order."""
   data = config.data
   if data.prompt_file:
     records = prompt_files.read_prompt_file(data.prompt_file)
@@ -54,12 +91,42 @@ def t2i_pool(config, pipe) -> PromptPool:
     ex = examples.t2i_examples(config.seed, data.num_prompts, "train", data.image_size)
     prompts, categories = ex.prompts, ex.categories
     metas = tuple({"spec": s} for s in ex.specs)
-  cond, mask = encode_with(pipe, prompts, data.max_text_tokens)
+  return prompts, categories, metas
+
+
+def t2i_pool(config, pipe) -> PromptPool:
+  prompts, categories, metas = t2i_prompts(config)
+  cond, mask = conditioning(config, pipe, prompts, config.data.max_text_tokens)
   return PromptPool(prompts, categories, metas, cond, mask)
+
+
+def write_encoded_prompts(config, pipe, path: str, negative_prompts=()) -> int:
+  """Encode the run's T2I prompt set and `negative_prompts` once with `pipe`'s text encoder
+  (exactly as the pool and the negative prompt are encoded live) and write them to `path` for
+  config.data.encoded_prompts. Returns the number of texts written."""
+  if config.rl.task != "t2i":
+    raise ConfigError("pre-encoded prompts are for T2I runs (edit prompts see the source image)")
+  length = config.data.max_text_tokens
+  prompts = list(t2i_prompts(config)[0])
+  cond, mask = encode_with(pipe, prompts, length)
+  extra = [t for t in dict.fromkeys(negative_prompts) if t not in set(prompts)]
+  conds, masks = [cond], [mask]
+  for text in extra:  # one at a time, as negative_cond encodes it
+    c, m = encode_with(pipe, [text], length)
+    conds.append(c)
+    masks.append(m)
+  texts = prompts + extra
+  save_encoded_prompts(path, texts, np.concatenate(conds), np.concatenate(masks))
+  return len(texts)
 
 
 def edit_pool(config, pipe) -> PromptPool:
   data = config.data
+  if encoded_prompts_path(config):
+    raise ConfigError(
+      "config.data.encoded_prompts covers T2I prompts only: edit instructions are encoded "
+      "with their source images (an OPD run with edits needs the live text encoder)"
+    )
   ex = examples.edit_examples(config.seed, data.num_prompts, "train", data.image_size)
   edit_pipe = with_params(pipe, pipe.transformer_params, QwenImageEditPipeline)
   cond, mask = encode_with(edit_pipe, ex.instructions, data.max_text_tokens)
@@ -88,5 +155,6 @@ def build_pool(config, pipe) -> PromptPool:
 def negative_cond(config, pipe, batch: int):
   """The negative prompt's conditioning, broadcast to `batch` rows."""
   task_pipe = with_params(pipe, pipe.transformer_params, task_pipeline_class(config.rl.task))
-  cond, mask = encode_with(task_pipe, [config.rl.negative_prompt], config.data.max_text_tokens)
+  length = config.data.max_text_tokens
+  cond, mask = conditioning(config, task_pipe, [config.rl.negative_prompt], length)
   return np.repeat(cond, batch, axis=0), np.repeat(mask, batch, axis=0)
