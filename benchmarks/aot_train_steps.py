@@ -19,6 +19,15 @@ others), it lowers the very jitted functions the trainers call, with abstract sh
                  Distiller.steps)
 
 `--steps` takes these names or the groups rollout (= rollout, rollout_decode), update and opd.
+
+A short check on a tiny config (minutes on the 2-core CPU):
+
+  JAX_PLATFORMS=cpu python benchmarks/aot_train_steps.py --topology=v5p:2x2x1 --steps=update \
+      --set model.transformer.num_layers=2 --set model.transformer.num_attention_heads=2 \
+      --set model.transformer.joint_attention_dim=64 --set data.image_size=64 \
+      --set data.max_text_tokens=32 --set mesh.fsdp=4 --set rl.prompts_per_step=4 \
+      --set rl.group_size=2 --set rl.rollout_chunks=2 --set rl.micro_batch_size=4 \
+      --set rl.num_steps=4 --set rl.timesteps.num_train=2 --set rl.timesteps.first_m=3
 Per step it prints one JSON line: per-chip memory (the program's arguments, outputs, aliased
 and temporary bytes, plus `resident_bytes`: what the trainer keeps on the chips that is not an
 argument of this program, e.g. the AdamW moments during the rollout or the active teacher
