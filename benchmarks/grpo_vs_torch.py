@@ -18,10 +18,11 @@ Ratios are PyTorch seconds / our seconds of the same round (> 1: ours is faster)
 the median over rounds with the range. The peak is a 2048^2 float32 matmul of each framework,
 timed in the same process after the rounds.
 
-On a machine shared with other jobs, 2-thread OpenMP barriers in PyTorch suffer far more from
-oversubscription than XLA's pool does (measured: PyTorch's rollout 25x slower at load 11 on 2
-cores, ours 1.6x). `taskset -c 0 python benchmarks/grpo_vs_torch.py` pins both frameworks to
-one core, which compares per-core efficiency and is much less sensitive to the load.
+On a machine shared with other jobs, PyTorch's 2-thread OpenMP barriers suffer far more from
+oversubscription than XLA's pool does (measured at load ~11 on 2 cores: PyTorch's rollout 7.7x
+slower than ours in one 2-thread run, 1.6x when both were pinned to one core). `taskset -c 0
+python benchmarks/grpo_vs_torch.py` pins both frameworks to one core, which compares per-core
+efficiency and is much less sensitive to the load.
 """
 
 from __future__ import annotations
