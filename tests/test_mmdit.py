@@ -178,6 +178,24 @@ def test_chunked_attention_matches_plain():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
 
+def test_materialize_cotangent_is_an_identity_that_xla_cpu_cannot_fuse_through():
+  plain = lambda x: jnp.sum(jnp.sin(x * 2.0) ** 2 * x)
+  cut = lambda x: jnp.sum(jnp.sin(layers.materialize_cotangent(x * 2.0)) ** 2 * x)
+  x = jnp.linspace(-1.0, 1.0, 8)
+  np.testing.assert_allclose(jax.grad(cut)(x), jax.grad(plain)(x), rtol=1e-6, atol=1e-7)
+  # A NaN in the cotangent's first element takes the other branch: still the identity.
+  nan_first = x.at[0].set(jnp.nan)
+  np.testing.assert_array_equal(
+    np.isnan(jax.grad(cut)(nan_first)), np.isnan(jax.grad(plain)(nan_first))
+  )
+  np.testing.assert_allclose(
+    jax.grad(cut)(nan_first)[1:], jax.grad(plain)(nan_first)[1:], rtol=1e-6, atol=1e-7
+  )
+  # On CPU the backward keeps the barrier (a conditional) that splits the fusion.
+  assert "conditional(" in jax.jit(jax.grad(cut)).lower(x).compile().as_text()
+  assert "conditional(" not in jax.jit(jax.grad(plain)).lower(x).compile().as_text()
+
+
 def test_config_round_trip_and_rejections():
   model = QwenImageTransformer.from_config(
     {"_class_name": "QwenImageTransformer2DModel", "_diffusers_version": "0.36.0", **TINY}

@@ -49,6 +49,49 @@ def constrain(x: jax.Array, axes: LogicalAxes) -> jax.Array:
   return nn.with_logical_constraint(x, axes)
 
 
+# Read at trace time; the speed benchmarks switch it off to measure what it buys.
+CPU_COTANGENT_BARRIERS = True
+
+
+def _fusion_barrier(tree):
+  """Identity that XLA:CPU cannot fuse through: a conditional whose two branches both return
+  the input (the second times 1.0, taken only when the first element is NaN). XLA:CPU drops
+  optimization barriers before fusion, so those do not serve."""
+  first = jax.tree.leaves(tree)[0].ravel()[0]
+  same = lambda t: t
+  times_one = lambda t: jax.tree.map(lambda a: a * jnp.ones((), a.dtype), t)
+  return jax.lax.cond(first == first, same, times_one, tree)
+
+
+def _barrier_on_cpu(tree):
+  if not CPU_COTANGENT_BARRIERS:
+    return tree
+  return jax.lax.platform_dependent(tree, cpu=_fusion_barrier, default=lambda t: t)
+
+
+@jax.custom_vjp
+def materialize_cotangent(tree):
+  """Identity whose cotangent is materialised when lowered for CPU (no-op elsewhere).
+
+  XLA:CPU otherwise fuses the residual stream's gradient (a long elementwise chain over every
+  later layer) into each transposing copy that feeds a weight-gradient dot, recomputing the
+  chain per consumer with strided reads; in the tiny GRPO update those copies took a quarter
+  of the step.
+  """
+  return tree
+
+
+def _materialize_fwd(tree):
+  return tree, None
+
+
+def _materialize_bwd(_, cotangent):
+  return (_barrier_on_cpu(cotangent),)
+
+
+materialize_cotangent.defvjp(_materialize_fwd, _materialize_bwd)
+
+
 # ----------------------------------------------------------------------------------------------
 # Norms
 # ----------------------------------------------------------------------------------------------

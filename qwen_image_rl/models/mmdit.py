@@ -115,7 +115,7 @@ class QwenImageBlock(nn.Module):
 
   @nn.compact
   def __call__(self, carry, temb, temb_ref, key_mask, rope_cos, rope_sin):
-    img, txt = carry
+    img, txt = layers.materialize_cotangent(carry)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     img_mod = dense(6 * self.dim, ("embed", "modulation"), name="img_mod", **kw)
     txt_mod = dense(6 * self.dim, ("embed", "modulation"), name="txt_mod", **kw)
@@ -141,6 +141,7 @@ class QwenImageBlock(nn.Module):
     )(img_in, txt_in, key_mask, rope_cos, rope_sin)
     img = constrain(img + img_gate * img_attn, HIDDEN_AXES)
     txt = constrain(txt + txt_gate * txt_attn, HIDDEN_AXES)
+    img, txt = layers.materialize_cotangent((img, txt))
 
     hidden = 4 * self.dim
     img_in, img_gate = mod(img, img_params, 1)
