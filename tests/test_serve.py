@@ -187,7 +187,7 @@ def test_cli_errors(capsys, tmp_path, monkeypatch):
   with pytest.raises(SystemExit) as exit_info:
     serve.main(['--judge', str(tmp_path)])
   assert exit_info.value.code == 2
-  assert 'not supported yet' in capsys.readouterr().err
+  assert 'not a loadable judge export' in capsys.readouterr().err
   with pytest.raises(SystemExit):
     serve.main(['--judge=gpt'])
   assert 'expected "oracle"' in capsys.readouterr().err
