@@ -54,31 +54,30 @@ def image_grid(images, ncols: int, *, pad: int = 0, pad_value: int = 0) -> np.nd
   return grid
 
 
-def captioned_grid(images, title: str, captions, *, width_chars: int | None = None) -> np.ndarray:
+def captioned_grid(images, title: str, captions) -> np.ndarray:
   """uint8 [N, H, W, 3] -> one row of the images under a `title` strip, each above its caption
-  lines (e.g. a prompt's rollouts with their rewards). Text in PIL's built-in bitmap font."""
+  lines (e.g. a prompt's rollouts with their rewards). Cells widen to fit the longest caption
+  line; text in PIL's built-in bitmap font (6 x 11 pixels a character)."""
   from PIL import Image, ImageDraw, ImageFont
 
   images = _check_image("captioned_grid", images)
   n, h, w = images.shape[:3]
-  captions = [list(c) for c in captions]
+  captions = [[str(t) for t in c] for c in captions]
   if len(captions) != n:
     raise ValueError(f"captioned_grid: {n} images but {len(captions)} captions")
-  font = ImageFont.load_default()
-  line = 11  # the default bitmap font's line height in pixels
-  chars = width_chars or max(8, (n * w) // 6)
-  title_lines = textwrap.wrap(title, chars) or [""]
-  caption_rows = max((len(c) for c in captions), default=0)
-  top, height = line * len(title_lines) + 2, h + line * caption_rows + 2
-  canvas = Image.new("RGB", (n * w, top + height), (255, 255, 255))
-  draw = ImageDraw.Draw(canvas)
+  char, line = 6, 11
+  cell = max([w] + [char * len(t) + 4 for c in captions for t in c])
+  title_lines = textwrap.wrap(title, max(1, (n * cell - 4) // char)) or [""]
+  top = line * len(title_lines) + 2
+  rows = max((len(c) for c in captions), default=0)
+  canvas = Image.new("RGB", (n * cell, top + h + line * rows + 2), (255, 255, 255))
+  draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
   for i, text in enumerate(title_lines):
     draw.text((2, 1 + i * line), text, fill=(0, 0, 0), font=font)
   for i in range(n):
-    canvas.paste(Image.fromarray(images[i][..., :3]), (i * w, top))
+    canvas.paste(Image.fromarray(images[i][..., :3]), (i * cell + (cell - w) // 2, top))
     for j, text in enumerate(captions[i]):
-      xy = (i * w + 2, top + h + 1 + j * line)
-      draw.text(xy, text[: max(w // 6, 4)], fill=(0, 0, 0), font=font)
+      draw.text((i * cell + 2, top + h + 1 + j * line), text, fill=(0, 0, 0), font=font)
   return np.asarray(canvas, np.uint8)
 
 

@@ -117,7 +117,9 @@ def test_served_judge_rewards_are_bit_identical_to_in_process(judge_dir):
   factory = ServerFactory()
   try:
     # One server batch holds the whole reward batch (max_batch = n), as in-process.
-    server = factory.start(f'--judge={judge_dir}', f'--max_batch={n}', '--max_wait_ms=5000')
+    server = factory.start(
+      f'--judge={judge_dir}', '--model_name=judge', f'--max_batch={n}', '--max_wait_ms=5000'
+    )
     remote = make_reward(
       'remote_alignment',
       base_url=server.base_url,
@@ -126,6 +128,7 @@ def test_served_judge_rewards_are_bit_identical_to_in_process(judge_dir):
       max_tokens=16,
       send_context=False,
       max_concurrency=n,
+      timeout_s=900.0,  # the server compiles on the first batch; a retry would re-batch
     )
     got = remote(batch)['remote_alignment']
     np.testing.assert_array_equal(got.astype(np.float32), want)
@@ -136,7 +139,7 @@ def test_served_judge_rewards_are_bit_identical_to_in_process(judge_dir):
     # One reply in full: text, per-token log-probs and top-k as vLLM returns them.
     body = remote.request_body(batch, int(np.argmax([len(c) for c in in_process.cot])))
     body['top_logprobs'] = 5
-    status, reply = http(server.base_url + '/chat/completions', body)
+    status, reply = http(server.base_url + '/chat/completions', body, timeout=600)  # compiles
     assert status == 200, reply
     check_reply(reply, max_cot_tokens=6)
   finally:

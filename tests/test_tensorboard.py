@@ -37,9 +37,6 @@ def histogram_count(hist) -> float:
 
 @pytest.mark.torch
 def test_rl_run_writes_histograms_images_eval_by_category_and_hparams(pipe_dir, tmp_path):  # noqa: F811
-  from PIL import Image
-  from tensorboard.plugins.hparams import plugin_data_pb2
-
   from qwen_image_rl import main
 
   workdir = str(tmp_path / 'run')
@@ -48,7 +45,14 @@ def test_rl_run_writes_histograms_images_eval_by_category_and_hparams(pipe_dir, 
   c.eval.num_edits = 0
   c.checkpoint.every = 2
   main.run(c, workdir)
-  events = read_events(workdir)
+  check_events(read_events(workdir), c)
+
+
+def check_events(events, c):
+  """The TensorBoard summaries of a 2-iteration run of config `c` with a final evaluation."""
+  from PIL import Image
+  from tensorboard.plugins.hparams import plugin_data_pb2
+
   batch = c.rl.group_size * c.rl.prompts_per_step
 
   # Per reward: one histogram over the batch and one per category, every logged iteration.
@@ -58,11 +62,18 @@ def test_rl_run_writes_histograms_images_eval_by_category_and_hparams(pipe_dir, 
     hist = np.asarray(overall[-1][2])
     assert histogram_count(hist) == batch
     assert hist[:, 0].min() >= 0.0 and hist[:, 1].max() <= 1.0  # rewards in [0, 1]
-    per_category = [t for t in events if t.startswith(f'reward_hist/{name}/') and '/all' not in t]
-    assert per_category
-    assert sum(histogram_count(events[t][-1][2]) for t in per_category) == batch
+    for step in (1, 2):  # the iteration's categories split its batch, whole groups each
+      counts = [
+        histogram_count(hist)
+        for tag, entries in events.items()
+        if tag.startswith(f'reward_hist/{name}/') and not tag.endswith('/all')
+        for at, _, hist in entries
+        if at == step
+      ]
+      assert sum(counts) == batch and all(n % c.rl.group_size == 0 for n in counts), counts
   advantage = np.asarray(events['advantage_hist/all'][-1][2])
   assert histogram_count(advantage) == batch and advantage[:, 0].min() < 0 < advantage[:, 1].max()
+  assert [t for t in events if t.startswith('advantage_hist/') and not t.endswith('/all')]
 
   # Held-out scalars per category at the final evaluation.
   strict = [t for t in events if t.startswith('eval/t2i/strict/')]
@@ -74,7 +85,8 @@ def test_rl_run_writes_histograms_images_eval_by_category_and_hparams(pipe_dir, 
   image = np.asarray(Image.open(io.BytesIO(encoded[2])))
   assert step == 2 and plugin == 'images' and image.shape == (height, width, 3)
   size = c.data.image_size
-  assert width == c.rl.group_size * size and height > size + 11 * 4  # title + 4 caption lines
+  cell = max(size, 6 * len('align 0.123') + 4)  # widened for "name value" captions
+  assert width == c.rl.group_size * cell and height > size + 11 * 4  # title + 4 caption lines
   assert (image[:11] < 128).any()  # the prompt is written on the title strip
 
   # The run's hparams, once, with the config's values.
@@ -89,6 +101,8 @@ def test_captioned_grid_and_flat_hparams():
   images = np.zeros((3, 20, 30, 3), np.uint8) + 255
   grid = metrics.captioned_grid(images, 'a red circle', [['r 0.5'], ['r 0.25'], ['r 1.0']])
   assert grid.shape == (11 + 2 + 20 + 11 + 2, 90, 3) and grid.dtype == np.uint8
+  wide = metrics.captioned_grid(images[:2], 'a red circle', [['alignment 0.5'], []])
+  assert wide.shape[1] == 2 * (6 * 13 + 4)  # cells widen to the longest caption
   with pytest.raises(ValueError, match='2 captions'):
     metrics.captioned_grid(images, 't', [[], []])
   flat = metrics.flat_hparams({'a': {'b': 1, 'c': (1, 2), 'd': None}, 'e': np.float32(0.5)})

@@ -182,7 +182,7 @@ def first_group(s, got, adv) -> dict:
   """The first prompt group of the rollout with each sample's rewards (and advantage)."""
   g = s.rl.group_size
   captions = [
-    [f"{name[:7]} {float(got.scores[name][i]):.3f}" for name in got.scores]
+    [f"{name[:5]} {float(got.scores[name][i]):.3f}" for name in got.scores]
     + ([f"adv {float(adv[i]):+.2f}"] if adv is not None else [])
     for i in range(g)
   ]
