@@ -166,6 +166,22 @@ def check_reply(reply, max_cot_tokens):
   assert math.isclose(math.fsum(math.exp(a['logprob']) for a in score['top_logprobs']), 1.0)
 
 
+def test_a_judge_reply_is_read_after_its_score_marker_only():
+  def entry(token, alternatives=()):
+    return {
+      'token': token,
+      'logprob': -0.1,
+      'top_logprobs': [{'token': t, 'logprob': lp} for t, lp in alternatives],
+    }
+
+  cot_digit = [entry('count'), entry(' 3'), entry('.')]  # reasoning that holds a digit
+  assert protocol.expected_score(cot_digit) is not None  # the plain readout takes it
+  assert protocol.expected_score(cot_digit, after='Score:') is None  # a judge's does not
+  scored = cot_digit + [entry(' Score'), entry(':'), entry(' ')]
+  scored.append(entry('5', [('5', math.log(0.75)), ('1', math.log(0.25))]))
+  assert protocol.expected_score(scored, after='Score:') == pytest.approx(0.75, rel=1e-15)
+
+
 def test_bad_judge_directories_are_refused_with_the_reason(tmp_path, capsys):
   with pytest.raises(ValueError, match='not a loadable judge export'):
     vlm.load(str(tmp_path))

@@ -33,7 +33,8 @@ and `last_metrics` is per calling thread.
 A learned judge (ours, `serve --judge=DIR`, or a reward_sft export served by vLLM) is asked with
 prompt_format='judge': the judge's own training prompt, the system message `prompts.SYSTEM` and
 a user turn with the image(s) then the rubric and the caption, so the served judge sees the
-tokens it was trained on; max_tokens must cover its chain of thought plus " Score: d" (4 more):
+tokens it was trained on, and its score is read only after " Score:" (its chain of thought may
+hold digits); max_tokens must cover the chain of thought plus " Score: d" (4 more tokens):
 
   c.rewards.kwargs = {'remote_alignment': {'base_url': ..., 'model': 'judge',
                                            'prompt_format': 'judge', 'max_tokens': 64,
@@ -107,6 +108,8 @@ JUDGE_TASKS = {
   'instruction_following': 'instruction',
 }
 PROMPT_FORMATS = ('plain', 'judge')
+# A judge's chain of thought may hold digits: its score is the token after this text.
+JUDGE_SCORE_MARK = judge_prompts.SCORE_MARK.strip() + ':'
 
 
 class RemoteRewardError(RewardError):
@@ -334,7 +337,8 @@ class RemoteReward(RewardFn):
       content = protocol.reply_token_logprobs(json.loads(text))
     except (json.JSONDecodeError, protocol.ProtocolError) as e:
       raise _Retryable(f'garbage reply ({e}): {text[:200]!r}') from None
-    return protocol.expected_score(content, self.scale)
+    after = JUDGE_SCORE_MARK if self.prompt_format == 'judge' else None
+    return protocol.expected_score(content, self.scale, after)
 
   async def _one(
     self, session, slots: asyncio.Semaphore, index: int, data: bytes, request_id: str, headers: dict

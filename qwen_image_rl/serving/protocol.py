@@ -322,19 +322,24 @@ def _score_of(token: str) -> int | None:
   return int(stripped) if stripped in SCORE_TOKENS else None
 
 
-def expected_score(content: Sequence[Mapping[str, Any]], scale: str = 'unit') -> float | None:
+def expected_score(
+  content: Sequence[Mapping[str, Any]], scale: str = 'unit', after: str | None = None
+) -> float | None:
   """The expected score at the last score position of `content` (see the module doc), or None.
 
   Args:
     content: `choices[0].logprobs.content` (from `reply_token_logprobs`).
     scale: 'unit' -> sum_s (s - 1)/4 p(s) in [0, 1]; 'raw' -> sum_s s p(s) in [1, 5].
+    after: if given, a score token counts only where the reply text before it ends with this
+      (e.g. 'Score:' for a chain-of-thought judge, whose reasoning may contain digits).
   """
   if scale not in SCALES:
     raise ValueError(f'scale={scale!r} is not one of {SCALES}')
-  position = None
+  position, text = None, ''
   for entry in content:
-    if _score_of(entry['token']) is not None:
+    if _score_of(entry['token']) is not None and (after is None or text.rstrip().endswith(after)):
       position = entry
+    text += entry['token']
   if position is None:
     return None
   candidates = {}  # token text -> logprob (the sampled token and its alternatives)
