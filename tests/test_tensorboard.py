@@ -99,7 +99,7 @@ def check_events(events, c):
 
 def test_captioned_grid_and_flat_hparams():
   images = np.zeros((3, 20, 30, 3), np.uint8) + 255
-  grid = metrics.captioned_grid(images, 'a red circle', [['r 0.5'], ['r 0.25'], ['r 1.0']])
+  grid = metrics.captioned_grid(images, 'a red circle', [['0.5'], ['0.25'], ['1.0']])
   assert grid.shape == (11 + 2 + 20 + 11 + 2, 90, 3) and grid.dtype == np.uint8
   wide = metrics.captioned_grid(images[:2], 'a red circle', [['alignment 0.5'], []])
   assert wide.shape[1] == 2 * (6 * 13 + 4)  # cells widen to the longest caption
