@@ -163,6 +163,7 @@ def evaluate(t2i_pipe, edit_pipe, cfg, *, step: int, seed: int, logger=None) -> 
     )
     scalars.update({f"eval/t2i/{c}": v for c, v in results["t2i"]["by_category"].items()})
     scalars["eval/t2i/overall"] = results["t2i"]["overall"]
+    scalars.update(metrics.flat_scalars("eval/t2i/strict", results["t2i"]["strict_by_category"]))
   if cfg.num_edits > 0:
     outputs = sample_edits(edit_pipe, edits.sources, edits.instructions, cfg, seed)
     results["edit"] = summarise_edits(
@@ -172,9 +173,8 @@ def evaluate(t2i_pipe, edit_pipe, cfg, *, step: int, seed: int, logger=None) -> 
     grids["eval/edit"] = metrics.image_grid(
       np.concatenate([edits.sources[:n], edits.targets[:n], outputs[:n]]), min(n, len(outputs))
     )
-    scalars.update(
-      {f"eval/edit/{k}": v for k, v in results["edit"].items() if isinstance(v, float)}
-    )
+    # Means and their per-kind breakdowns (eval/edit/<metric>_by_kind/<kind>).
+    scalars.update(metrics.flat_scalars("eval/edit", results["edit"]))
   results["eval_seconds"] = time.time() - start
   if logger is not None:
     logger.images(step, grids)

@@ -5,7 +5,9 @@ other hosts log scalars to their own absl logs, so multi-host code can call it u
 
   logger = MetricLogger(workdir, total_steps=1000, progress_every=50)
   logger.scalars(step, {"train/loss": loss})
+  logger.histograms(step, {"rollout/reward/aesthetics": rewards})   # finite values only
   logger.images(step, {"samples": image_grid(batch_uint8, ncols=4)})
+  logger.hparams(config)                   # once per run: the TensorBoard HPARAMS view
   logger.progress(step)                    # every progress_every steps: steps/s and ETA
   logger.write_results("eval_1000", {...})  # workdir/results/eval_1000.json, atomically
   logger.close()
@@ -17,6 +19,7 @@ import json
 import math
 import os
 import re
+import textwrap
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -51,6 +54,62 @@ def image_grid(images, ncols: int, *, pad: int = 0, pad_value: int = 0) -> np.nd
     y, x = r * (h + pad), col * (w + pad)
     grid[y : y + h, x : x + w] = images[i]
   return grid
+
+
+def captioned_grid(images, title: str, captions) -> np.ndarray:
+  """uint8 [N, H, W, 3] -> one row of the images under a `title` strip, each above its caption
+  lines (e.g. a prompt's rollouts with their rewards). Cells widen to fit the longest caption
+  line; text in PIL's built-in bitmap font (6 x 11 pixels a character)."""
+  from PIL import Image, ImageDraw, ImageFont
+
+  images = _check_image("captioned_grid", images)
+  n, h, w = images.shape[:3]
+  captions = [[str(t) for t in c] for c in captions]
+  if len(captions) != n:
+    raise ValueError(f"captioned_grid: {n} images but {len(captions)} captions")
+  char, line = 6, 11
+  cell = max([w] + [char * len(t) + 4 for c in captions for t in c])
+  title_lines = textwrap.wrap(title, max(1, (n * cell - 4) // char)) or [""]
+  top = line * len(title_lines) + 2
+  rows = max((len(c) for c in captions), default=0)
+  canvas = Image.new("RGB", (n * cell, top + h + line * rows + 2), (255, 255, 255))
+  draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
+  for i, text in enumerate(title_lines):
+    draw.text((2, 1 + i * line), text, fill=(0, 0, 0), font=font)
+  for i in range(n):
+    canvas.paste(Image.fromarray(images[i][..., :3]), (i * cell + (cell - w) // 2, top))
+    for j, text in enumerate(captions[i]):
+      draw.text((i * cell + 2, top + h + 1 + j * line), text, fill=(0, 0, 0), font=font)
+  return np.asarray(canvas, np.uint8)
+
+
+def flat_hparams(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """A (nested) config -> {"a.b.c": bool | int | float | str} for the hparams plugin, which
+  takes only those types: None, tuples, lists and other values become their str()."""
+  out = {}
+  for key, value in config.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, Mapping):
+      out.update(flat_hparams(value, name + "."))
+    elif isinstance(value, (bool, int, float, str)):
+      out[name] = value
+    elif isinstance(value, np.generic):
+      out[name] = value.item()
+    else:
+      out[name] = str(value)
+  return out
+
+
+def flat_scalars(prefix: str, nested: Mapping[str, Any]) -> dict[str, float]:
+  """{"a": {"b": 0.5}, "c": 1} -> {"PREFIX/a/b": 0.5, "PREFIX/c": 1.0}; non-numbers dropped."""
+  out = {}
+  for key, value in nested.items():
+    name = f"{prefix}/{key}"
+    if isinstance(value, Mapping):
+      out.update(flat_scalars(name, value))
+    elif isinstance(value, (int, float, np.number)) and not isinstance(value, bool):
+      out[name] = float(value)
+  return out
 
 
 def _check_image(name: str, value) -> np.ndarray:
@@ -134,6 +193,26 @@ class MetricLogger:
     checked = {name: _check_image(name, value) for name, value in images.items()}
     if self.is_host0:
       self._writer.write_images(int(step), checked)
+
+  def histograms(self, step: int, arrays: Mapping[str, Any], num_buckets: int = 30) -> None:
+    """name -> values (any shape, flattened); non-finite values are left out and an array with
+    none left is skipped (a histogram of NaN is no histogram)."""
+    clean = {}
+    for name, value in arrays.items():
+      arr = np.asarray(value, np.float64).reshape(-1)
+      arr = arr[np.isfinite(arr)]
+      if arr.size:
+        clean[name] = arr
+    if clean and self.is_host0:
+      self._writer.write_histograms(int(step), clean, dict.fromkeys(clean, num_buckets))
+
+  def hparams(self, config: Mapping[str, Any]) -> None:
+    """The run's configuration, flattened (`flat_hparams`), for TensorBoard's HPARAMS view:
+    written once per run so ablation runs compare in one table."""
+    if hasattr(config, "to_dict"):
+      config = config.to_dict()
+    if self.is_host0:
+      self._writer.write_hparams(flat_hparams(config))
 
   # -- results -------------------------------------------------------------------------------
 

@@ -1,7 +1,12 @@
 """An OpenAI-compatible judge server (vLLM's chat-completions API subset that judges use).
 
-  python -m qwen_image_rl.serve --judge=oracle [--host=127.0.0.1] [--port=8000]
+  python -m qwen_image_rl.serve --judge=DIR|oracle [--host=127.0.0.1] [--port=8000]
       [--api_key_env=NAME] [--max_batch=32] [--max_request_mb=16] [--max_wait_ms=2]
+      [--model_name=NAME] [--no_cot] [--max_cot_tokens=N]
+
+--judge=oracle serves the tiny world's oracle (serving/judges.py); --judge=DIR a learned judge
+exported by reward_sft (WORKDIR/export/judge; serving/vlm.py), named after the directory's
+basename unless --model_name says otherwise, with its chain of thought unless --no_cot.
 
 Routes:
   POST /v1/chat/completions  messages with text and image_url data-URI parts -> the judge's text
@@ -119,7 +124,7 @@ class _Handlers:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
       raise protocol.ProtocolError(f'request body is not valid JSON: {e}') from None
     parsed = protocol.parse_chat_request(body)
-    return parsed, self.judge.prepare(parsed['texts'], parsed['images'], parsed['context'])
+    return parsed, self.judge.prepare(parsed)
 
   async def models(self, request: web.Request) -> web.Response:
     del request
@@ -200,6 +205,11 @@ def parse_args(argv):
     formatter_class=argparse.RawDescriptionHelpFormatter,
   )
   parser.add_argument('--judge', required=True, help='"oracle" or a judge directory')
+  parser.add_argument('--model_name', default='', help='served name (default: DIR basename)')
+  parser.add_argument('--no_cot', action='store_true', help='score without chain of thought')
+  parser.add_argument(
+    '--max_cot_tokens', type=int, default=0, help="chain-of-thought budget (0: the judge's)"
+  )
   parser.add_argument('--host', default='127.0.0.1', help='bind address (loopback by default)')
   parser.add_argument('--port', type=int, default=8000, help='0 picks a free port')
   parser.add_argument(
@@ -213,6 +223,8 @@ def parse_args(argv):
   args = parser.parse_args(argv)
   if args.max_batch < 1 or args.max_request_mb <= 0 or args.max_wait_ms < 0:
     parser.error('--max_batch must be >= 1, --max_request_mb > 0, --max_wait_ms >= 0')
+  if args.max_cot_tokens < 0:
+    parser.error(f'--max_cot_tokens={args.max_cot_tokens} must be >= 0')
   if not 0 <= args.port <= 65535:
     parser.error(f'--port={args.port} is not a TCP port')
   return parser, args
@@ -227,11 +239,24 @@ def api_key_from_env(name: str) -> str | None:
   return key
 
 
+def load_judge(args) -> judges.Judge:
+  """The judge --judge names. Raises ValueError naming the problem."""
+  if args.judge == 'oracle':
+    return judges.OracleJudge()
+  if not os.path.isdir(args.judge):
+    raise ValueError(f'--judge={args.judge!r}: expected "oracle" or an existing judge directory')
+  from qwen_image_rl.serving import vlm  # Lazy: the oracle needs no model code.
+
+  return vlm.load(
+    args.judge, model_name=args.model_name, cot=not args.no_cot, max_cot_tokens=args.max_cot_tokens
+  )
+
+
 def main(argv=None) -> int:
   parser, args = parse_args(sys.argv[1:] if argv is None else argv)
   try:
     api_key = api_key_from_env(args.api_key_env)
-    judge = judges.load_judge(args.judge)
+    judge = load_judge(args)
   except ValueError as e:
     parser.error(str(e))
   if args.host not in LOOPBACK and api_key is None:

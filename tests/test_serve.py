@@ -28,14 +28,14 @@ def oracle_server():
     factory.kill_all()
 
 
-def http(url, body=None, headers=None, raw=None):
+def http(url, body=None, headers=None, raw=None, timeout=30):
   """(status, parsed JSON or text) of a GET (body None) or POST."""
   data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
   request = urllib.request.Request(
     url, data=data, headers={'Content-Type': 'application/json', **(headers or {})}
   )
   try:
-    with urllib.request.urlopen(request, timeout=30) as response:
+    with urllib.request.urlopen(request, timeout=timeout) as response:
       status, text = response.status, response.read().decode()
   except urllib.error.HTTPError as e:
     status, text = e.code, e.read().decode()
@@ -187,7 +187,7 @@ def test_cli_errors(capsys, tmp_path, monkeypatch):
   with pytest.raises(SystemExit) as exit_info:
     serve.main(['--judge', str(tmp_path)])
   assert exit_info.value.code == 2
-  assert 'not supported yet' in capsys.readouterr().err
+  assert 'not a loadable judge export' in capsys.readouterr().err
   with pytest.raises(SystemExit):
     serve.main(['--judge=gpt'])
   assert 'expected "oracle"' in capsys.readouterr().err

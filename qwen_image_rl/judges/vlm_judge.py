@@ -9,7 +9,9 @@ Scoring one batch (`VLMJudge.score`):
      token; there the logits of the five digit tokens "1".."5" are read.
   3. Readout: p(s) = softmax over those five logits only (renormalised over the five score
      tokens; the rest of the vocabulary is ignored), E = sum_s s p(s) in [1, 5], and the reward
-     is (E - 1) / 4 in [0, 1].
+     is (E - 1) / 4 in [0, 1]. On the host this is the serving protocol's float64 readout of the
+     five float32 log-probs (`score_logprobs`), the same function a remote client applies to a
+     served judge's reply, so served and in-process rewards agree bit for bit.
 The no-CoT path is step 2 with an empty chain of thought, so both paths read the same position
 of the same template (tests check it). Training (trainers/reward_sft.py) builds its sequences
 with the same `assemble`.
@@ -29,9 +31,11 @@ import numpy as np
 from qwen_image_rl.judges import prompts as P
 from qwen_image_rl.models import qwen2_5_vl_generate as gen
 from qwen_image_rl.models.qwen2_5_vl_processor import ImageProcessor, expand_image_tokens
+from qwen_image_rl.serving import protocol
 
 JUDGE_CONFIG = 'judge_config.json'
 PREPROCESSOR_CONFIG = 'preprocessor_config.json'
+P_VALUES = tuple(int(d) for d in P.SCORE_DIGITS)
 
 
 def build_judge_tokenizer(directory: str):
@@ -107,6 +111,22 @@ def score_distribution(logits, digit_ids):
   return jax.nn.softmax(
     jnp.take(logits.astype(jnp.float32), jnp.asarray(digit_ids), axis=-1), axis=-1
   )
+
+
+def score_logprobs(logits, digit_ids):
+  """float32 log p(s) over the five score tokens (renormalised over them). logits [..., V]."""
+  return jax.nn.log_softmax(
+    jnp.take(logits.astype(jnp.float32), jnp.asarray(digit_ids), axis=-1), axis=-1
+  )
+
+
+def readout(logprobs: np.ndarray, scale: str) -> np.ndarray:
+  """float32 [B] from log p(s) [B, 5]: the protocol's expected-score readout per row."""
+  values = [
+    protocol.score_readout(list(zip(P_VALUES, map(float, row))), scale)
+    for row in np.asarray(logprobs)
+  ]
+  return np.array([np.nan if v is None else v for v in values], np.float32)
 
 
 def expected_score(logits, digit_ids):
@@ -273,21 +293,25 @@ class VLMJudge:
     if cot:
       cots, valid = self.generate_cot(prompt_ids, processed)
     seqs = [assemble(p, c, self.tokens)[0] for p, c in zip(prompt_ids, cots)]
-    logits = self.read_logits(seqs, processed)
-    expected = np.asarray(expected_score(logits, self.tokens.digits), np.float32)
-    expected = np.where(valid, expected, np.nan).astype(np.float32)
+    logprobs = np.asarray(score_logprobs(self.read_logits(seqs, processed), self.tokens.digits))
+    expected = np.where(valid, readout(logprobs, 'raw'), np.nan).astype(np.float32)
+    reward = np.where(valid, readout(logprobs, 'unit'), np.nan).astype(np.float32)
     texts = [self.tokenizer.decode(c) for c in cots]
-    return JudgeOutput(expected=expected, reward=P.to_unit(expected), valid=valid, cot=texts)
+    return JudgeOutput(expected=expected, reward=reward, valid=valid, cot=texts)
 
   def generate_cot(self, prompt_ids, processed):
     """(chains of thought as id lists, valid [B]): greedy until the " Score" marker."""
+    return parse_cot(self.generate_rows(prompt_ids, processed).tolist(), self.tokens)
+
+  def generate_rows(self, prompt_ids, processed) -> np.ndarray:
+    """The greedy tokens [B, max_cot_tokens] after each prompt (pad after a stop token)."""
     ids, mask = _left_pad(prompt_ids, self.tokens.pad)
     config = gen.GenerationConfig(
       max_new_tokens=self.max_cot_tokens,
       stop_token_ids=(self.tokens.marker, self.tokens.im_end),
       pad_token_id=self.tokens.pad,
     )
-    out = np.asarray(
+    return np.asarray(
       gen.generate(
         self.model,
         self.params,
@@ -298,7 +322,6 @@ class VLMJudge:
         config=config,
       )
     )
-    return parse_cot(out.tolist(), self.tokens)
 
   def read_logits(self, seqs, processed) -> np.ndarray:
     """Logits [B, V] at the last token of each (left-padded) sequence: the score position."""
@@ -314,6 +337,20 @@ class VLMJudge:
       image_grid_thw=processed['image_grid_thw'],
     )
     return np.asarray(logits[:, 0], np.float32)
+
+  def logits_at(self, seqs, processed, positions) -> jax.Array:
+    """Logits [B, K, V] at `positions` [B, K], indices into each unpadded sequence."""
+    ids, mask = _left_pad(seqs, self.tokens.pad)
+    offsets = ids.shape[1] - np.array([len(s) for s in seqs], np.int32)
+    return gen.score(
+      self.model,
+      self.params,
+      ids,
+      np.asarray(positions, np.int32) + offsets[:, None],
+      mask,
+      pixel_values=processed['pixel_values'],
+      image_grid_thw=processed['image_grid_thw'],
+    )
 
 
 def parse_cot(rows: Sequence[Sequence[int]], tokens: ScoreTokens):

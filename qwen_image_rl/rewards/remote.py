@@ -30,6 +30,16 @@ RewardResult (`extra_metrics`, included in `RewardResult.metrics()`). The reward
 concurrent calls (AsyncRewardPipeline(workers > 1)) share one event loop and connection pool,
 and `last_metrics` is per calling thread.
 
+A learned judge (ours, `serve --judge=DIR`, or a reward_sft export served by vLLM) is asked with
+prompt_format='judge': the judge's own training prompt, the system message `prompts.SYSTEM` and
+a user turn with the image(s) then the rubric and the caption, so the served judge sees the
+tokens it was trained on, and its score is read only after " Score:" (its chain of thought may
+hold digits); max_tokens must cover the chain of thought plus " Score: d" (4 more tokens):
+
+  c.rewards.kwargs = {'remote_alignment': {'base_url': ..., 'model': 'judge',
+                                           'prompt_format': 'judge', 'max_tokens': 64,
+                                           'send_context': False}}
+
 Config (rewards registered as `remote` and `remote_<rubric>`):
   c.rewards.names = ('remote_alignment', 'aesthetics', 'portrait')
   c.rewards.kwargs = {'remote_alignment': {'base_url': 'http://judge-host:8000/v1',
@@ -53,6 +63,7 @@ from typing import Any
 import aiohttp
 import numpy as np
 
+from qwen_image_rl.judges import prompts as judge_prompts
 from qwen_image_rl.rewards.base import RewardBatch, RewardError, RewardFn
 from qwen_image_rl.rewards.registry import register_reward
 from qwen_image_rl.serving import context as context_lib
@@ -87,6 +98,18 @@ PROMPTS = {
     'kept. ' + _DIGITS
   ),
 }
+
+
+# prompt_format='judge': the remote rubric -> the learned judges' task (judges/prompts.py).
+JUDGE_TASKS = {
+  'alignment': 'alignment',
+  'aesthetics': 'aesthetics',
+  'portrait': 'portrait',
+  'instruction_following': 'instruction',
+}
+PROMPT_FORMATS = ('plain', 'judge')
+# A judge's chain of thought may hold digits: its score is the token after this text.
+JUDGE_SCORE_MARK = judge_prompts.SCORE_MARK.strip() + ':'
 
 
 class RemoteRewardError(RewardError):
@@ -158,6 +181,8 @@ class RemoteReward(RewardFn):
     send_context: send the tiny world's ground truth in `judge_context` (the oracle judge needs
       it; a learned judge ignores it).
     prompt_template: overrides the rubric's prompt; '{prompt}' is replaced by the sample's prompt.
+    prompt_format: 'plain' (the rubric's one-message prompt above) or 'judge' (a learned judge's
+      training prompt: system message, then the image(s) and the rubric with the caption).
     seed: seeds the backoff jitter.
   """
 
@@ -179,6 +204,7 @@ class RemoteReward(RewardFn):
     scale: str = 'unit',
     send_context: bool = True,
     prompt_template: str | None = None,
+    prompt_format: str = 'plain',
     seed: int = 0,
   ):
     if rubric not in context_lib.RUBRICS:
@@ -205,6 +231,14 @@ class RemoteReward(RewardFn):
         f'remote reward needs timeout_s > 0 and 0 <= backoff_base_s <= '
         f'backoff_max_s; got {timeout_s}, {backoff_base_s}, {backoff_max_s}'
       )
+    if prompt_format not in PROMPT_FORMATS:
+      raise ValueError(f'remote reward prompt_format={prompt_format!r}: one of {PROMPT_FORMATS}')
+    if prompt_format == 'judge' and (rubric not in JUDGE_TASKS or prompt_template is not None):
+      raise ValueError(
+        f"remote reward prompt_format='judge' asks a learned judge in its own prompt: rubric "
+        f'must be one of {sorted(JUDGE_TASKS)} (got {rubric!r}) and prompt_template unset'
+      )
+    self.prompt_format = prompt_format
     template = PROMPTS[rubric] if prompt_template is None else prompt_template
     try:
       template.format(prompt='')
@@ -256,14 +290,24 @@ class RemoteReward(RewardFn):
       context = context_lib.judge_context(
         self.rubric, batch.categories[i], None if batch.meta is None else batch.meta[i]
       )
+    judge = self.prompt_format == 'judge'
+    prompt = batch.prompts[i]
     return protocol.chat_request(
       self.model,
-      self.template.format(prompt=batch.prompts[i]),
+      self._judge_text(prompt) if judge else self.template.format(prompt=prompt),
       images,
       top_logprobs=self.top_logprobs,
       max_tokens=self.max_tokens,
       context=context,
+      system=judge_prompts.SYSTEM if judge else None,
+      images_first=judge,
     )
+
+  def _judge_text(self, prompt: str) -> str:
+    """The judge's user text after its image placeholders (they travel as image parts)."""
+    task = JUDGE_TASKS[self.rubric]
+    text = judge_prompts.user_text(task, prompt)
+    return text[len(judge_prompts.IMAGE) * judge_prompts.NUM_IMAGES[task] :]
 
   def _backoff(self, attempt: int) -> float:
     return self._rng.uniform(0, min(self.backoff_max_s, self.backoff_base_s * 2**attempt))
@@ -293,7 +337,8 @@ class RemoteReward(RewardFn):
       content = protocol.reply_token_logprobs(json.loads(text))
     except (json.JSONDecodeError, protocol.ProtocolError) as e:
       raise _Retryable(f'garbage reply ({e}): {text[:200]!r}') from None
-    return protocol.expected_score(content, self.scale)
+    after = JUDGE_SCORE_MARK if self.prompt_format == 'judge' else None
+    return protocol.expected_score(content, self.scale, after)
 
   async def _one(
     self, session, slots: asyncio.Semaphore, index: int, data: bytes, request_id: str, headers: dict

@@ -1,14 +1,13 @@
 """Judges the server can host: a batched `score(requests) -> replies` callable.
 
-  judge = load_judge('oracle')
-  request = judge.prepare(texts, images, context)   # per request; JudgeInputError -> HTTP 400
-  replies = judge.score([request, ...])             # one call per server batch
+  judge = OracleJudge()
+  request = judge.prepare(parsed)       # per parse_chat_request body; JudgeInputError -> HTTP 400
+  replies = judge.score([request, ...])  # one call per server batch
 
 A `JudgeReply` is the generated text and, per generated token, its log-prob and the most likely
 alternatives (best first), which the server returns as OpenAI `logprobs`. A learned VLM judge
-(Qwen2.5-VL, the judges issue) plugs in by implementing `Judge`: `prepare` tokenises and checks
-inputs, `score` runs one jitted batched generation; `load_judge(DIR)` will load it once a judge
-export format exists.
+(a reward_sft export) is `serving/vlm.py`'s `VLMServedJudge`: `prepare` renders the chat and
+preprocesses the images, `score` runs the judge's jitted batched generation and scoring.
 
 `OracleJudge` serves the tiny world's exact oracle (the registered in-process oracle rewards, so
 the numbers are the same code's): its reply is one score token whose distribution over "1".."5"
@@ -25,7 +24,6 @@ from __future__ import annotations
 import abc
 import dataclasses
 import math
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -58,10 +56,9 @@ class Judge(abc.ABC):
   model_name: str = 'judge'
 
   @abc.abstractmethod
-  def prepare(
-    self, texts: Sequence[str], images: Sequence[np.ndarray], context: Mapping[str, Any] | None
-  ) -> Any:
-    """Checks and converts one request's inputs; raises JudgeInputError."""
+  def prepare(self, parsed: Mapping[str, Any]) -> Any:
+    """Checks and converts one request (protocol.parse_chat_request's output); raises
+    JudgeInputError."""
 
   @abc.abstractmethod
   def score(self, requests: Sequence[Any]) -> list[JudgeReply]:
@@ -122,8 +119,9 @@ class OracleJudge(Judge):
   def __init__(self):
     self._rewards = {rubric: make_reward(rubric) for rubric in RUBRICS}
 
-  def prepare(self, texts, images, context):
-    del texts  # The oracle reads the ground truth, not the prompt text.
+  def prepare(self, parsed):
+    # The oracle reads the ground truth, not the prompt text.
+    images, context = parsed['images'], parsed['context']
     if not context:
       raise JudgeInputError(
         f'the oracle judge needs "{protocol.JUDGE_CONTEXT}": {{"rubric": one '
@@ -177,20 +175,3 @@ class OracleJudge(Judge):
       for i, value in zip(indices, scores):
         values[i] = float(value)  # the float32 reward, exactly
     return [distribution_reply(score_distribution(v)) for v in values]
-
-
-def load_judge(spec: str) -> Judge:
-  """'oracle' -> OracleJudge; a directory -> a learned judge (not available yet).
-
-  Raises:
-    ValueError: an unknown spec, or a directory (no judge export format exists yet).
-  """
-  if spec == 'oracle':
-    return OracleJudge()
-  if os.path.isdir(spec):
-    raise ValueError(
-      f'--judge={spec}: serving a learned judge directory is not supported yet '
-      f'(no judge export format exists; see the reward-model issue). Use '
-      f'--judge=oracle, or serve a Qwen2.5-VL judge with vLLM.'
-    )
-  raise ValueError(f'--judge={spec!r}: expected "oracle" or an existing judge directory')

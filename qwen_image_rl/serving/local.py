@@ -21,7 +21,7 @@ import time
 from collections.abc import Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-STARTUP_TIMEOUT_S = 60.0
+STARTUP_TIMEOUT_S = 300.0  # JAX start-up and a judge load on a busy machine
 READY_PREFIX = 'listening on http://'
 
 

@@ -114,13 +114,20 @@ def chat_request(
   top_logprobs: int = 5,
   max_tokens: int = 1,
   context: Mapping[str, Any] | None = None,
+  system: str | None = None,
+  images_first: bool = False,
 ) -> dict:
-  """A chat-completions body: one user message with `text` then the images, greedy decoding."""
-  content = [{'type': 'text', 'text': text}]
-  content += [{'type': 'image_url', 'image_url': {'url': image_to_data_uri(im)}} for im in images]
+  """A chat-completions body: [a system message,] one user message with `text` and the images
+  (text first, or the images first as Qwen judges are prompted), greedy decoding."""
+  text_part = [{'type': 'text', 'text': text}]
+  image_parts = [
+    {'type': 'image_url', 'image_url': {'url': image_to_data_uri(im)}} for im in images
+  ]
+  content = image_parts + text_part if images_first else text_part + image_parts
+  messages = [] if system is None else [{'role': 'system', 'content': system}]
   body = {
     'model': model,
-    'messages': [{'role': 'user', 'content': content}],
+    'messages': [*messages, {'role': 'user', 'content': content}],
     'max_tokens': int(max_tokens),
     'temperature': 0.0,
     'logprobs': True,
@@ -141,8 +148,9 @@ def parse_chat_request(body: Any) -> dict:
 
   Returns:
     {'model', 'texts' (list of str), 'images' (list of uint8 [H, W, 3], message order),
-     'logprobs' (bool), 'top_logprobs' (int), 'max_tokens' (int or None), 'context' (dict or
-     None)}.
+     'messages' (list of (role, parts); a part is ('text', str) or ('image', index into
+     images)), 'logprobs' (bool), 'top_logprobs' (int), 'max_tokens' (int or None), 'context'
+     (dict or None)}.
 
   Raises:
     ProtocolError naming the offending field.
@@ -154,7 +162,7 @@ def parse_chat_request(body: Any) -> dict:
   _require(
     isinstance(messages, list) and bool(messages), 'request needs "messages" (a non-empty list)'
   )
-  texts, images = [], []
+  texts, images, structured = [], [], []
   for i, message in enumerate(messages):
     where = f'messages[{i}]'
     _require(isinstance(message, dict), f'{where} must be an object')
@@ -163,19 +171,24 @@ def parse_chat_request(body: Any) -> dict:
       f'{where}.role must be system, user or assistant, got {message.get("role")!r}',
     )
     content = message.get('content')
+    parts = []
+    structured.append((message['role'], parts))
     if isinstance(content, str):
       texts.append(content)
+      parts.append(('text', content))
       continue
     _require(isinstance(content, list), f'{where}.content must be a string or a list of parts')
     for j, part in enumerate(content):
       kind = part.get('type') if isinstance(part, dict) else None
       if kind == 'text' and isinstance(part.get('text'), str):
         texts.append(part['text'])
+        parts.append(('text', part['text']))
       elif kind == 'image_url' and isinstance(part.get('image_url'), dict):
         try:
           images.append(data_uri_to_image(part['image_url'].get('url')))
         except ProtocolError as e:
           raise ProtocolError(f'{where}.content[{j}]: {e}') from None
+        parts.append(('image', len(images) - 1))
       else:
         raise ProtocolError(
           f'{where}.content[{j}] must be {{"type": "text", "text": str}} or '
@@ -202,6 +215,7 @@ def parse_chat_request(body: Any) -> dict:
     'model': model,
     'texts': texts,
     'images': images,
+    'messages': structured,
     'logprobs': logprobs,
     'top_logprobs': top,
     'max_tokens': max_tokens,
@@ -308,25 +322,40 @@ def _score_of(token: str) -> int | None:
   return int(stripped) if stripped in SCORE_TOKENS else None
 
 
-def expected_score(content: Sequence[Mapping[str, Any]], scale: str = 'unit') -> float | None:
+def expected_score(
+  content: Sequence[Mapping[str, Any]], scale: str = 'unit', after: str | None = None
+) -> float | None:
   """The expected score at the last score position of `content` (see the module doc), or None.
 
   Args:
     content: `choices[0].logprobs.content` (from `reply_token_logprobs`).
     scale: 'unit' -> sum_s (s - 1)/4 p(s) in [0, 1]; 'raw' -> sum_s s p(s) in [1, 5].
+    after: if given, a score token counts only where the reply text before it ends with this
+      (e.g. 'Score:' for a chain-of-thought judge, whose reasoning may contain digits).
   """
   if scale not in SCALES:
     raise ValueError(f'scale={scale!r} is not one of {SCALES}')
-  position = None
+  position, text = None, ''
   for entry in content:
-    if _score_of(entry['token']) is not None:
+    if _score_of(entry['token']) is not None and (after is None or text.rstrip().endswith(after)):
       position = entry
+    text += entry['token']
   if position is None:
     return None
   candidates = {}  # token text -> logprob (the sampled token and its alternatives)
   for alt in [*position.get('top_logprobs', []), position]:
     candidates.setdefault(alt['token'], float(alt['logprob']))
   by_value = [(s, lp) for tok, lp in candidates.items() if (s := _score_of(tok)) is not None]
+  return score_readout(by_value, scale)
+
+
+def score_readout(by_value: Sequence[tuple[int, float]], scale: str = 'unit') -> float | None:
+  """The module doc's readout from (score value, log-prob) pairs (one pair per token, so values
+  may repeat); None when every score has probability 0. The in-process VLM judge reads its
+  score tokens' log-probs with this same function, so served and in-process rewards agree bit
+  for bit."""
+  if scale not in SCALES:
+    raise ValueError(f'scale={scale!r} is not one of {SCALES}')
   top = max(lp for _, lp in by_value)
   if not math.isfinite(top):  # every score token has probability 0 (or the reply is broken)
     return None

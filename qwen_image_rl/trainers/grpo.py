@@ -115,6 +115,7 @@ def make_iteration(
     t_iter = time.perf_counter()
     got = iteration.roll_out(s, state.params, jax.random.fold_in(base_key, it), it, reward_pipeline)
     last["images"] = got.images
+    last["histograms"] = reward_histograms(s, got)
     scalars = iteration.score(s, got)
     evaluator.recent_rewards.append(
       {k[len("reward/") :]: v for k, v in scalars.items() if k.endswith("/mean")}
@@ -127,8 +128,10 @@ def make_iteration(
       state, update_metrics = iteration.update(s, update_step, state, got, adv, ref_params)
       scalars.update(adv_stats)
       scalars.update(update_metrics)
+      last["histograms"].update(category_histograms("advantage_hist", np.asarray(adv), s, got))
     else:
       scalars["loss"] = float("nan")
+    last["group"] = first_group(s, got, np.asarray(adv) if finite else None)
     now = time.perf_counter()
     scalars.update(
       {
@@ -159,10 +162,45 @@ def run_banner(s, start: int) -> str:
   )
 
 
-def log_rollout_images(logger, step: int, images, group_size: int) -> None:
-  """The first four groups of the last rollout, one group per row."""
+def category_histograms(tag: str, values, s, got) -> dict[str, np.ndarray]:
+  """{tag/all: values, tag/<category>: that category's values} for TensorBoard."""
+  cats = np.asarray(iteration.sample_categories(s, got), dtype=object)
+  out = {f"{tag}/all": values}
+  out.update({f"{tag}/{c}": values[cats == c] for c in sorted(set(cats))})
+  return out
+
+
+def reward_histograms(s, got) -> dict[str, np.ndarray]:
+  """Each reward's distribution over the rollout, overall and per prompt category."""
+  out = {}
+  for name, value in got.scores.items():
+    out.update(category_histograms(f"reward_hist/{name}", np.asarray(value), s, got))
+  return out
+
+
+def first_group(s, got, adv) -> dict:
+  """The first prompt group of the rollout with each sample's rewards (and advantage)."""
+  g = s.rl.group_size
+  captions = [
+    [f"{name[:5]} {float(got.scores[name][i]):.3f}" for name in got.scores]
+    + ([f"adv {float(adv[i]):+.2f}"] if adv is not None else [])
+    for i in range(g)
+  ]
+  index = int(got.pool_index[0])
+  title = f"[{s.pool.categories[index]}] {s.pool.prompts[index]}"
+  return {"images": got.images[:g], "title": title, "captions": captions}
+
+
+def log_rollout_images(logger, step: int, images, group_size: int, group=None) -> None:
+  """The first four groups of the last rollout, one group per row; and the first group under
+  its prompt, each image above its rewards (`rollout/group`)."""
   grid = metrics.image_grid(images[: min(len(images), 4 * group_size)], group_size)
   logger.images(step, {"rollout/images": grid})
+  if group is not None:
+    logger.images(
+      step,
+      {"rollout/group": metrics.captioned_grid(group["images"], group["title"], group["captions"])},
+    )
 
 
 def train(config, workdir):
@@ -190,6 +228,8 @@ def train(config, workdir):
   pipe.transformer_params = None  # the policy lives in `state` now
   state, start = common.restore_or_keep(ctx, state, shardings)
   print(run_banner(s, start), flush=True)
+  if start == 0:  # once per run (a resumed run already wrote them)
+    ctx.logger.hparams(config)
   evaluator = Evaluator(config, pipe, ctx.logger)
   results = [None]  # the latest evaluation's
   # Each jitted rollout, decode and update enters `parallel.sharding_context` itself; the
@@ -203,8 +243,9 @@ def train(config, workdir):
     log_every = max(int(config.log.every), 1)
     if done % log_every == 0 or done == config.total_steps:
       print(iteration_summary(done, s.names, scalars), flush=True)
+      ctx.logger.histograms(done, last["histograms"])
     if config.log.images_every and done % config.log.images_every == 0:
-      log_rollout_images(ctx.logger, done, last["images"], rl.group_size)
+      log_rollout_images(ctx.logger, done, last["images"], rl.group_size, last.get("group"))
     if (
       config.eval.every
       and done % config.eval.every == 0
