@@ -13,7 +13,7 @@ from qwen_image_rl.judges import face_id as F
 from qwen_image_rl.judges import judge_data as D
 from qwen_image_rl.judges import prompts as P
 from qwen_image_rl.judges import vlm_judge as V
-from tests import kill_and_resume
+from tests import kill_and_resume, tiny_reference
 
 
 def _softmax(x):
@@ -59,36 +59,10 @@ def test_score_bins_and_chain_of_thought_follow_the_rubric_order():
 @pytest.fixture(scope='module')
 def judge(tmp_path_factory):
   """A tiny random judge (the reward_sft model at toy width)."""
-  import ml_collections
 
   from qwen_image_rl.trainers import reward_sft
 
-  config = ml_collections.ConfigDict(
-    dict(
-      model=dict(
-        text=dict(
-          hidden_size=32,
-          intermediate_size=48,
-          num_hidden_layers=1,
-          num_attention_heads=2,
-          num_key_value_heads=1,
-          rope_theta=1e4,
-          mrope_section=(2, 2, 4),
-        ),
-        vision=dict(
-          depth=1,
-          hidden_size=32,
-          intermediate_size=32,
-          num_heads=2,
-          patch_size=8,
-          spatial_merge_size=2,
-          temporal_patch_size=2,
-          window_size=64,
-          fullatt_block_indexes=(0,),
-        ),
-      )
-    )
-  )
+  config = tiny_reference.tiny_judge_config()
   tokenizer = V.build_judge_tokenizer(str(tmp_path_factory.mktemp('tok')))
   model = reward_sft.build_model(config, tokenizer)
   params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params']

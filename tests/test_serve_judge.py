@@ -19,6 +19,7 @@ from qwen_image_rl.judges import vlm_judge as V
 from qwen_image_rl.rewards.base import RewardBatch
 from qwen_image_rl.rewards.registry import make_reward
 from qwen_image_rl.serving import protocol, vlm
+from tests import tiny_reference
 
 # Scaling the tied " Score" embedding by this makes the random judge stop at once on some
 # samples, after a few chain-of-thought tokens on one and never on another (checked below).
@@ -29,36 +30,10 @@ MARKER_SCALE = -9.5
 def judge_dir(tmp_path_factory):
   """A tiny random judge (the reward_sft model at toy width), exported as reward_sft does."""
   import flax
-  import ml_collections
 
   from qwen_image_rl.trainers import reward_sft
 
-  config = ml_collections.ConfigDict(
-    dict(
-      model=dict(
-        text=dict(
-          hidden_size=32,
-          intermediate_size=48,
-          num_hidden_layers=1,
-          num_attention_heads=2,
-          num_key_value_heads=1,
-          rope_theta=1e4,
-          mrope_section=(2, 2, 4),
-        ),
-        vision=dict(
-          depth=1,
-          hidden_size=32,
-          intermediate_size=32,
-          num_heads=2,
-          patch_size=8,
-          spatial_merge_size=2,
-          temporal_patch_size=2,
-          window_size=64,
-          fullatt_block_indexes=(0,),
-        ),
-      )
-    )
-  )
+  config = tiny_reference.tiny_judge_config()
   directory = str(tmp_path_factory.mktemp('judge'))
   tokenizer = V.build_judge_tokenizer(directory)
   model = reward_sft.build_model(config, tokenizer)

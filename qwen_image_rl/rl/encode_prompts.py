@@ -25,8 +25,14 @@ from qwen_image_rl.pipelines.qwen_image import QwenImagePipeline
 from qwen_image_rl.rl.policy import resolve_pipeline_dir
 from qwen_image_rl.rl.prompts import write_encoded_prompts
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "The RL run's config file.")
-_OUTPUT = flags.DEFINE_string("output", None, "The .npz file to write.")
+FLAGS = flags.FLAGS
+
+
+def _define_flags():
+  # Only when run as a program: `qwen_image_rl.main` defines --config in processes that import
+  # this module's functions.
+  config_flags.DEFINE_config_file("config", None, "The RL run's config file.")
+  flags.DEFINE_string("output", None, "The .npz file to write.")
 
 
 def load_text_encoder_only(config):
@@ -60,13 +66,14 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   try:
-    n = encode_config_prompts(_CONFIG.value, _OUTPUT.value)
+    n = encode_config_prompts(FLAGS.config, FLAGS.output)
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  print(f"wrote {n} encoded prompts to {_OUTPUT.value}")
+  print(f"wrote {n} encoded prompts to {FLAGS.output}")
 
 
 if __name__ == "__main__":
+  _define_flags()
   flags.mark_flags_as_required(["config", "output"])
   app.run(main)
