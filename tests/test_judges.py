@@ -265,15 +265,7 @@ def _tiny_judge_config():
 
   c = judge.get_config('tiny')
   c.total_steps = 6
-  c.model.text = dict(
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    rope_theta=1e4,
-    mrope_section=(2, 2, 4),
-  )
+  c.model.text = tiny_reference.tiny_judge_config().model.text.to_dict()
   c.model.vision.update(depth=1, hidden_size=32, intermediate_size=32, fullatt_block_indexes=(0,))
   c.data.update(n_specs=8, n_edits=4, t2i_batch_size=4, edit_batch_size=2)
   c.checkpoint.every = 2
