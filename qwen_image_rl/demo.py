@@ -75,7 +75,7 @@ def _export(workdir: str, stage: str) -> str:
 def _rl_stage(config_name, workdir: str, stage: str):
   c = _config(*config_name)
   c.init_from = _export(workdir, "base")
-  c.total_steps = DEMO_ITERATIONS[stage]
+  c.total_steps = DEMO_ITERATIONS.get(stage, c.total_steps)  # rl_mix: set by `stages`
   c.eval.update(dict(num_t2i=0, num_edits=0, at_start=False))  # the summary evaluates
   return c
 
