@@ -159,3 +159,15 @@ def test_grpo_two_processes(pipe_dir, tmp_path):
     "c.log.images_every = 0\n" + COMMON
   )
   check_multihost_job(tmp_path, code)
+
+
+@pytest.mark.slow
+@pytest.mark.multihost
+@pytest.mark.torch
+def test_opd_two_processes(pipe_dir, tmp_path):
+  code = (
+    "from tests.test_opd import small_opd\n"
+    f"c = small_opd({pipe_dir!r})\n"
+    "c.opd.update(dict(batch_size=8, micro_batch_size=None))\n" + COMMON
+  )
+  check_multihost_job(tmp_path, code)
