@@ -29,6 +29,11 @@ TEST = [
   # Exactly this torch: it is a CPU wheel on the machine's disk; any other version pulls CUDA.
   "torch==2.13.0",
   "diffusers==0.42.*",
+  # tests/test_notebooks.py executes notebooks/*.ipynb in their short form.
+  "nbclient>=0.10",
+  "nbformat>=5.10",
+  "ipykernel>=6.29",
+  "matplotlib>=3.8",
 ]
 
 setup(

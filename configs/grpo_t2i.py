@@ -28,6 +28,27 @@ T2I_WEIGHTS = {
 }
 
 
+# The learned judge's counterpart of each oracle T2I reward (judges/rewards.py).
+JUDGE_REWARDS = {
+  "alignment": "judge_alignment",
+  "aesthetics": "judge_aesthetics",
+  "portrait": "judge_portrait",
+}
+
+
+def with_judge_rewards(c, judge_dir: str, cot: bool = True):
+  """The T2I run trained on a learned judge (a reward_sft export, WORKDIR/export/judge) instead
+  of the oracle: each oracle reward is replaced by its judge_* counterpart under the same
+  category weights, so the held-out evaluation's oracle is never seen by training."""
+  c.rewards.names = tuple(JUDGE_REWARDS[n] for n in c.rewards.names)
+  c.rewards.kwargs = {n: dict(judge_dir=judge_dir, cot=cot) for n in c.rewards.names}
+  c.rl.category_weights = {
+    category: {JUDGE_REWARDS[k]: v for k, v in weights.items()}
+    for category, weights in c.rl.category_weights.items()
+  }
+  return c
+
+
 def rl_section(task: str, weights) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(
     dict(

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
-import os
 import sys
 import types
 
@@ -48,9 +47,11 @@ def parse_player(text: str) -> tuple[str, str, float]:
     scale = float(cfg) if at else 4.0
   except ValueError:
     raise ArenaError(f"--pipelines entry {text!r}: CFG scale {cfg!r} is not a number") from None
-  for candidate in (directory, os.path.join(directory, "export", "pipeline")):
-    if os.path.isfile(os.path.join(candidate, "model_index.json")):
-      return name, candidate, scale
+  from qwen_image_rl.pipelines.common import find_pipeline_dir  # lazy: jax
+
+  found = find_pipeline_dir(directory)
+  if found:
+    return name, found, scale
   raise ArenaError(
     f"--pipelines entry {text!r}: no model_index.json in {directory!r} nor in its "
     f"export/pipeline (pass a pipeline exported by a trainer)"

@@ -75,7 +75,7 @@ def _export(workdir: str, stage: str) -> str:
 def _rl_stage(config_name, workdir: str, stage: str):
   c = _config(*config_name)
   c.init_from = _export(workdir, "base")
-  c.total_steps = DEMO_ITERATIONS[stage]
+  c.total_steps = DEMO_ITERATIONS.get(stage, c.total_steps)  # rl_mix: set by `stages`
   c.eval.update(dict(num_t2i=0, num_edits=0, at_start=False))  # the summary evaluates
   return c
 
@@ -252,12 +252,12 @@ def format_summary(rows: dict) -> str:
   return "\n".join(lines)
 
 
-def summary(workdir: str, seed: int = 0) -> str:
-  """Scores every stage's export (SUMMARY_ROWS), writes WORKDIR/summary.json, returns the
-  table."""
+def summary(workdir: str, seed: int = 0, eval_cfg=None) -> str:
+  """Scores every stage's export (SUMMARY_ROWS) on `eval_cfg`'s held-out sets (default
+  configs/common.py tiny_eval), writes WORKDIR/summary.json, returns the table."""
   from configs import common
 
-  eval_cfg = common.tiny_eval()
+  eval_cfg = common.tiny_eval() if eval_cfg is None else eval_cfg
   rows = {}
   for label, stage, cfg_scale in SUMMARY_ROWS:
     results = evaluate_row(workdir, label, stage, cfg_scale, eval_cfg, seed)

@@ -22,9 +22,11 @@ from absl import app, flags
 
 FLAGS = flags.FLAGS
 
-# name -> overrides of configs/grpo_t2i.py:tiny. 'high_noise' is the default run.
+# name -> overrides of configs/grpo_t2i.py:tiny. 'high_noise' is the default run (K=3 of the
+# first 5 of 10 steps, weighted toward high noise); 'uniform' draws its K=3 from all 10 steps.
 VARIANTS = {
   "high_noise": {},
+  "uniform": {"rl.timesteps.strategy": "uniform"},
   "all": {"rl.timesteps.strategy": "all"},
   "cfg_both": {"rl.cfg_mode": "both"},
   "cfg_none": {"rl.cfg_mode": "none"},
@@ -40,12 +42,19 @@ def _define_flags():
 
 
 def variant_config(
-  name: str, init_from: str, iterations: int, num_t2i: int, eval_base: bool = True
+  name: str,
+  init_from: str,
+  iterations: int,
+  num_t2i: int,
+  eval_base: bool = True,
+  overrides=(),
 ):
-  """configs/grpo_t2i.py:tiny with the variant's overrides; `eval_base`: evaluate at step 0."""
+  """configs/grpo_t2i.py:tiny with `overrides` ((key, value) pairs for every variant, e.g. the
+  notebooks' micro sizes), then the variant's own; `eval_base`: evaluate at step 0."""
   from configs import grpo_t2i  # the repo's config directory: run from the repo root
 
   c = grpo_t2i.get_config("tiny")
+  c.update_from_flattened_dict(dict(overrides))
   c.init_from = init_from
   c.total_steps = iterations
   c.eval.update(dict(num_t2i=num_t2i, num_edits=0, every=0, at_start=eval_base))
@@ -65,52 +74,77 @@ def _results(run_dir: str) -> dict[int, dict]:
   return out
 
 
+def summary(workdir: str, names) -> list[dict]:
+  """One row per variant: its timestep strategy and CFG mode, the training composite reward at
+  the last evaluation, the held-out oracle T2I score of the base and after training (None while
+  a variant is incomplete)."""
+  runs = {name: _results(os.path.join(workdir, name)) for name in names}
+  # The base is evaluated once (by the first variant that ran); all variants share it.
+  base = [r[0]["t2i"]["overall"] for r in runs.values() if 0 in r]
+  rows = []
+  for name in names:
+    with open(os.path.join(workdir, name, "config.json")) as f:
+      config = json.load(f)
+    results = runs[name]
+    row = dict(
+      variant=name,
+      timesteps=config["rl"]["timesteps"]["strategy"],
+      cfg_mode=config["rl"]["cfg_mode"],
+      train_reward=None,
+      before=None,
+      after=None,
+    )
+    if base and results and max(results) > 0:
+      last = results[max(results)]
+      row.update(
+        train_reward=last.get("rewards", {}).get("composite/mean", float("nan")),
+        before=base[0],
+        after=last["t2i"]["overall"],
+      )
+    rows.append(row)
+  return rows
+
+
 def table(workdir: str, names) -> str:
   rows = [
     "| variant | timesteps | CFG mode | training composite reward | held-out oracle T2I "
     "(before -> after) | change |",
     "|---|---|---|---|---|---|",
   ]
-  runs = {name: _results(os.path.join(workdir, name)) for name in names}
-  # The base is evaluated once (by the first variant that ran); all variants share it.
-  base = [r[0]["t2i"]["overall"] for r in runs.values() if 0 in r]
-  for name in names:
-    with open(os.path.join(workdir, name, "config.json")) as f:
-      config = json.load(f)
-    results = runs[name]
-    if not base or not results or max(results) == 0:
-      rows.append(f"| {name} | (incomplete) | | | | |")
+  for r in summary(workdir, names):
+    if r["after"] is None:
+      rows.append(f"| {r['variant']} | (incomplete) | | | | |")
       continue
-    before, after = base[0], results[max(results)]["t2i"]["overall"]
-    reward = results[max(results)].get("rewards", {}).get("composite/mean", float("nan"))
     rows.append(
-      f"| {name} | {config['rl']['timesteps']['strategy']} | {config['rl']['cfg_mode']} "
-      f"| {reward:.3f} | {before:.3f} -> {after:.3f} | {after - before:+.3f} |"
+      f"| {r['variant']} | {r['timesteps']} | {r['cfg_mode']} | {r['train_reward']:.3f} "
+      f"| {r['before']:.3f} -> {r['after']:.3f} | {r['after'] - r['before']:+.3f} |"
     )
   return "\n".join(rows)
 
 
-def main(argv):
-  del argv
+def run_variants(
+  workdir: str, names, init_from: str, iterations: int, num_t2i: int, overrides=()
+) -> list[dict]:
+  """Train every variant in WORKDIR/<variant> (a finished one is skipped), then return
+  `summary`'s rows. Every variant's config is checked (ConfigError naming the variant) before
+  the first one trains; an unknown name raises KeyError."""
   from qwen_image_rl import config_lib, runner, trainers
   from qwen_image_rl.trainers.common import final_checkpoint_exists
 
-  unknown = sorted(set(FLAGS.variants) - set(VARIANTS))
+  unknown = sorted(set(names) - set(VARIANTS))
   if unknown:
-    print(f"error: unknown variants {unknown}; known: {list(VARIANTS)}", file=sys.stderr)
-    sys.exit(2)
+    raise KeyError(f"unknown variants {unknown}; known: {list(VARIANTS)}")
   configs = {
-    name: variant_config(name, FLAGS.init_from, FLAGS.iterations, FLAGS.num_t2i, eval_base=(i == 0))
-    for i, name in enumerate(FLAGS.variants)
+    name: variant_config(name, init_from, iterations, num_t2i, i == 0, overrides)
+    for i, name in enumerate(names)
   }
-  for name, config in configs.items():  # every variant is checked before the first one runs
+  for name, config in configs.items():
     try:
       trainers.validate(config)
     except config_lib.ConfigError as e:
-      print(f"error: variant {name}: {e}", file=sys.stderr)
-      sys.exit(2)
+      raise config_lib.ConfigError(f"variant {name}: {e}") from e
   for name, config in configs.items():
-    run_dir = os.path.join(FLAGS.workdir, name)
+    run_dir = os.path.join(workdir, name)
     if final_checkpoint_exists(run_dir, config.total_steps):
       print(f"== {name}: final checkpoint exists in {run_dir}, skipped", flush=True)
       continue
@@ -118,6 +152,18 @@ def main(argv):
     print(f"== {name}: {dict(VARIANTS[name]) or 'defaults'} -> {run_dir}", flush=True)
     runner.run(config, run_dir)
     print(f"== {name}: {time.time() - start:.0f} s", flush=True)
+  return summary(workdir, names)
+
+
+def main(argv):
+  del argv
+  from qwen_image_rl import config_lib
+
+  try:
+    run_variants(FLAGS.workdir, FLAGS.variants, FLAGS.init_from, FLAGS.iterations, FLAGS.num_t2i)
+  except (config_lib.ConfigError, KeyError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   print(table(FLAGS.workdir, FLAGS.variants), flush=True)
 
 

@@ -4,12 +4,14 @@ Local paths go through `os` and `open`; any `scheme://` path goes through Tensor
 (imported only then), which reaches Google Cloud Storage and TensorFlow's in-memory `ram://`
 filesystem (what the tests use). Orbax checkpoints and TensorBoard events take such URLs
 themselves. Writers that only know local files (safetensors, `save_pretrained`) write into
-`staged_dir`, which uploads the tree when the path is a URL.
+`staged_dir`, which uploads the tree when the path is a URL; readers that only know local files
+(the safetensors loaders) read from `local_copy`, which downloads a URL's tree once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -127,3 +129,46 @@ def staged_dir(path) -> Iterator[str]:
     upload_tree(local, path)
   finally:
     shutil.rmtree(local, ignore_errors=True)
+
+
+def download_tree(remote_dir: str, local_dir: str) -> None:
+  """Copy a URL's directory tree into a local directory (files overwritten)."""
+  gfile = _gfile()
+  for root, _, files in gfile.walk(remote_dir):
+    rel = os.path.relpath(root.rstrip("/"), remote_dir.rstrip("/"))
+    target = local_dir if rel == "." else os.path.join(local_dir, rel)
+    os.makedirs(target, exist_ok=True)
+    for name in files:
+      gfile.copy(join(root, name), os.path.join(target, name), overwrite=True)
+
+
+def local_copy(path, cache_dir: str | None = None) -> str:
+  """A local directory with `path`'s tree: `path` itself when local; for a URL a copy in
+  `cache_dir` (default $QWEN_IMAGE_RL_CACHE, else the system temp dir), downloaded once.
+
+  Each process downloads into a scratch directory and renames it into place, so no reader
+  sees a half-written copy and concurrent processes on one host do not collide.
+  FileNotFoundError when the URL is not a directory.
+  """
+  path = os.fspath(path)
+  if not is_url(path):
+    return path
+  if not isdir(path):
+    raise FileNotFoundError(f"{path}: no such directory")
+  cache_dir = cache_dir or os.environ.get("QWEN_IMAGE_RL_CACHE") or tempfile.gettempdir()
+  root = os.path.join(cache_dir, "qwen_image_rl_remote")
+  local = os.path.join(root, hashlib.sha256(path.rstrip("/").encode()).hexdigest()[:16])
+  if os.path.isdir(local):
+    return local
+  os.makedirs(root, exist_ok=True)
+  scratch = tempfile.mkdtemp(prefix="download_", dir=root)
+  print(f"paths: downloading {path} -> {local}", flush=True)
+  try:
+    download_tree(path, scratch)
+    os.rename(scratch, local)
+  except OSError:
+    if not os.path.isdir(local):  # not another process having finished first
+      raise
+  finally:
+    shutil.rmtree(scratch, ignore_errors=True)
+  return local

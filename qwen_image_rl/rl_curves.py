@@ -143,13 +143,13 @@ def write_csv(path: str, rows_by_objective, task: str) -> None:
       writer.writerows(rows)
 
 
-def plot(path: str, rows_by_objective, task: str) -> None:
-  import matplotlib
+def plot(path: str, rows_by_objective, task: str):
+  """Writes the curves' PNG to `path` and returns the figure. A pyplot-free Figure, so it
+  leaves the process's matplotlib backend (a notebook's inline one) as it is."""
+  from matplotlib.figure import Figure
 
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, (held, train) = plt.subplots(1, 2, figsize=(11, 4))
+  fig = Figure(figsize=(11, 4))
+  held, train = fig.subplots(1, 2)
   label = "T2I overall" if task == "t2i" else "instruction following"
   for i, (name, rows) in enumerate(rows_by_objective.items()):
     colour = f"C{i}"
@@ -178,7 +178,7 @@ def plot(path: str, rows_by_objective, task: str) -> None:
   train.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)
+  return fig
 
 
 def run_curves(

@@ -41,7 +41,8 @@ def run_child(
     f"{config_code}\n"
     f"main.run(c, {workdir!r})\n"
   )
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  # XLA_FLAGS come from conftest: 8 devices and the fast-compile flags.
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
   if compilation_cache:
     env.update(
       JAX_COMPILATION_CACHE_DIR=compilation_cache,

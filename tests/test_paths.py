@@ -74,3 +74,46 @@ def test_a_missing_remote_prompt_file_is_named():
   path = f"ram://bucket-{uuid.uuid4().hex}/none.jsonl"
   with pytest.raises(prompt_files.PromptFileError, match="no such prompt file"):
     prompt_files.read_prompt_file(path)
+
+
+def test_local_copy_downloads_a_url_tree_once(tmp_path):
+  from safetensors.numpy import load_file, save_file
+
+  weights = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+  source = tmp_path / "vae"
+  os.makedirs(source / "sub")
+  save_file(weights, str(source / "sub" / "model.safetensors"))
+  (source / "config.json").write_text(json.dumps({"z_dim": 4}))
+  url = f"ram://bucket-{uuid.uuid4().hex}/vae"
+  paths.upload_tree(str(source), url)
+
+  assert paths.local_copy(str(source)) == str(source)  # local: itself
+  local = paths.local_copy(url, cache_dir=str(tmp_path / "cache"))
+  np.testing.assert_array_equal(
+    load_file(os.path.join(local, "sub", "model.safetensors"))["w"], weights["w"]
+  )
+  # Downloaded once: a second call reads the cache even after the remote copy changes.
+  paths.write_text_atomic(paths.join(url, "config.json"), "changed")
+  again = paths.local_copy(url, cache_dir=str(tmp_path / "cache"))
+  assert again == local and json.load(open(os.path.join(again, "config.json"))) == {"z_dim": 4}
+  # No scratch directory is left behind.
+  assert os.listdir(tmp_path / "cache" / "qwen_image_rl_remote") == [os.path.basename(local)]
+  with pytest.raises(FileNotFoundError, match="no such directory"):
+    paths.local_copy(url + "-missing", cache_dir=str(tmp_path / "cache"))
+
+
+def test_pipeline_dirs_resolve_from_a_url_workdir(tmp_path, monkeypatch):
+  from qwen_image_rl.config_lib import ConfigError
+  from qwen_image_rl.pipelines.common import find_pipeline_dir
+  from qwen_image_rl.rl.policy import resolve_pipeline_dir
+
+  workdir = f"ram://bucket-{uuid.uuid4().hex}/run"
+  paths.write_json_atomic(paths.join(workdir, "export", "pipeline", "model_index.json"), {"a": 1})
+  monkeypatch.setenv("QWEN_IMAGE_RL_CACHE", str(tmp_path / "cache"))
+  local = resolve_pipeline_dir(workdir)  # a workdir: its export/pipeline
+  assert local.startswith(str(tmp_path / "cache"))
+  assert json.load(open(os.path.join(local, "model_index.json"))) == {"a": 1}
+  assert find_pipeline_dir(paths.join(workdir, "export", "pipeline")) == local
+  assert find_pipeline_dir(workdir + "-other") is None
+  with pytest.raises(ConfigError, match="no model_index.json there"):
+    resolve_pipeline_dir(workdir + "-other")

@@ -58,10 +58,14 @@ def test_budget_is_the_two_teachers_together():
 
 
 @pytest.mark.torch
-def test_rl_mix_trains_both_tasks_and_exports(tmp_path, capsys):
+def test_rl_mix_trains_both_tasks_and_exports(tmp_path, capsys, monkeypatch):
   from qwen_image_rl import main
-  from qwen_image_rl.rl import routing
+  from qwen_image_rl.rl import iteration, routing
   from tests import tiny_reference
+
+  loads = []
+  load_base = iteration.load_base
+  monkeypatch.setattr(iteration, "load_base", lambda c: loads.append(c) or load_base(c))
 
   _, pipe_dir = tiny_reference.build_t2i(str(tmp_path / "pipe"))
   c = small_mix(pipe_dir)
@@ -73,3 +77,4 @@ def test_rl_mix_trains_both_tasks_and_exports(tmp_path, capsys):
   assert "reward instruction_following" in out and "reward alignment" in out
   assert "t2i" in results and "edit" in results
   assert os.path.isfile(tmp_path / "mix" / "export" / "pipeline" / "model_index.json")
+  assert len(loads) == 1  # both tasks share one copy of the base

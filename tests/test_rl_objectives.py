@@ -274,4 +274,6 @@ def test_awm_inner_updates_share_draws_and_keep_the_start_params(model, params, 
   assert abs(float(m1["ratio_mean"]) - 1.0) < 1e-6  # theta = theta_old at the first update
   state, m2 = step(state, batch)
   assert abs(float(m2["ratio_mean"]) - 1.0) > 1e-7  # theta moved, theta_old did not
-  assert tree_max_abs(old_policy.old_params(state.opt_state), state.params) == 0.0  # refreshed
+  # Refreshed: theta_old is the new params. The optimiser and the train state each compute
+  # params + updates, and XLA may contract the two copies differently (1 ulp apart).
+  assert tree_max_abs(old_policy.old_params(state.opt_state), state.params) < 1e-6

@@ -197,6 +197,13 @@ def test_demo_runs_a_stage_and_skips_it_once_done(tmp_path, capsys):
     export("rl_edit"),
   )
   assert stages["base"].model.vae_from == str(tmp_path / "vae" / "export" / "vae")
+  # --rl_mix adds the Mix-RL stage before opd, at the two teachers' budget together.
+  with_mix = dict(demo.stages(str(tmp_path), rl_mix=True))
+  assert list(with_mix) == ["vae", "base", "rl_t2i", "rl_edit", "rl_mix", "opd"]
+  mix = with_mix["rl_mix"]
+  assert mix.init_from == export("base")
+  assert mix.total_steps == demo.DEMO_ITERATIONS["rl_t2i"] + demo.DEMO_ITERATIONS["rl_edit"]
+  assert round(mix.total_steps * mix.mix.t2i_fraction) == demo.DEMO_ITERATIONS["rl_t2i"]
 
 
 def test_demo_summary_table_and_eta():

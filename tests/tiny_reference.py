@@ -174,27 +174,12 @@ def build_t2i(directory: str, **kwargs):
 
 
 def tiny_judge_config():
-  """The reward_sft judge (Qwen2.5-VL) at toy width: the `model` section of a judge config."""
+  """The reward_sft judge (Qwen2.5-VL) at toy width: the `model` section of a judge config (the
+  notebooks' micro judge)."""
+  import copy
+
   import ml_collections
 
-  vision = dict(
-    depth=1,
-    hidden_size=32,
-    intermediate_size=32,
-    num_heads=2,
-    patch_size=8,
-    spatial_merge_size=2,
-    temporal_patch_size=2,
-    window_size=64,
-    fullatt_block_indexes=(0,),
-  )
-  text = dict(
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    rope_theta=1e4,
-    mrope_section=(2, 2, 4),
-  )
-  return ml_collections.ConfigDict(dict(model=dict(text=text, vision=vision)))
+  from qwen_image_rl.notebook_lib import MICRO_JUDGE_MODEL
+
+  return ml_collections.ConfigDict(dict(model=copy.deepcopy(MICRO_JUDGE_MODEL)))

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qwen_image_rl import paths
 from qwen_image_rl.convert.safetensors_io import CheckpointError, read_json
 from qwen_image_rl.models import text_encoding
 from qwen_image_rl.models.vae import denormalize_latents, normalize_latents
@@ -41,6 +42,19 @@ from qwen_image_rl.sampling.schedule import FlowMatchSchedule, euler_step
 
 DIFFUSERS_VERSION = "0.42.1"
 MODEL_INDEX = "model_index.json"
+
+
+def find_pipeline_dir(path: str) -> str | None:
+  """The pipeline `path` names (itself, or a workdir's export/pipeline) as a local directory, a
+  URL's tree downloaded once (paths.local_copy); None when neither holds model_index.json."""
+  if not path:
+    return None
+  for candidate in (path, paths.join(path, "export", "pipeline")):
+    if paths.isfile(paths.join(candidate, MODEL_INDEX)):
+      return paths.local_copy(candidate)
+  return None
+
+
 # diffusers' `default_sample_size`: default height/width = 128 * vae_scale_factor.
 DEFAULT_SAMPLE_SIZE = 128
 OUTPUT_TYPES = ("np", "float", "latent")

@@ -88,9 +88,10 @@ class RLSetup:
     return self.roller.batch
 
 
-def setup(config, mesh, rules) -> RLSetup:
-  """Load the base pipeline, build the rewards, the prompt pool and the roller."""
-  pipe = load_base(config)  # ConfigError on a bad init_from, before any compile
+def setup(config, mesh, rules, pipe=None) -> RLSetup:
+  """Load the base pipeline (unless `pipe` is one already loaded from config.init_from), build
+  the rewards, the prompt pool and the roller."""
+  pipe = pipe or load_base(config)  # ConfigError on a bad init_from, before any compile
   reward_fn = reward_setup.build_reward(config)
   weights = reward_setup.category_weights(config)
   objective = objectives.get(config.rl.objective)

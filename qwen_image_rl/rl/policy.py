@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
 
 import jax
 import jax.numpy as jnp
@@ -26,9 +25,9 @@ def resolve_pipeline_dir(init_from: str) -> str:
       "config.init_from is required: a diffusers-format pipeline directory "
       "(e.g. runs/demo/base/export/pipeline) or a workdir that exported one"
     )
-  for candidate in (init_from, os.path.join(init_from, "export", "pipeline")):
-    if os.path.isfile(os.path.join(candidate, pipe_common.MODEL_INDEX)):
-      return candidate
+  directory = pipe_common.find_pipeline_dir(init_from)
+  if directory:
+    return directory
   raise ConfigError(
     f"config.init_from={init_from!r}: no {pipe_common.MODEL_INDEX} there nor in its export/pipeline"
   )

@@ -77,7 +77,13 @@ def train(config, workdir):
   """Mix-RL: one GRPO policy on T2I and edit prompts with all rewards (the OPD baseline)."""
   mesh = parallel.make_mesh(dict(config.mesh))
   rules = parallel.as_rules(config.logical_axis_rules)
-  setups = {t: iteration.setup(task_config(config, t), mesh, rules) for t in routing.TASKS}
+  setups, pipes = {}, {}
+  for task in routing.TASKS:
+    c = task_config(config, task)
+    # One copy of the base for both tasks, unless only one of them loads the text encoder.
+    loads_text_encoder = not c.data.get("encoded_prompts", "")
+    setups[task] = iteration.setup(c, mesh, rules, pipe=pipes.get(loads_text_encoder))
+    pipes[loads_text_encoder] = setups[task].pipe
   ctx = common.make_context(config, workdir, mesh)
   pipe = setups["t2i"].pipe
   tx = optim.make_optimizer(config.optim, config.total_steps)

@@ -8,7 +8,8 @@ target tokens). A fraction of prompts is replaced by the empty prompt so that tr
 sampling time.
 
 Forward path x_t = (1 - t) x0 + t eps with target velocity v = eps - x0 (paper sec. 1); t is
-drawn logit-normal, which concentrates training on the middle of the path.
+drawn logit-normal with a `loss.uniform_time_fraction` share uniform instead, then optionally
+shifted like the sampler's schedule (the tiny config: all uniform, shifted).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qwen_image_rl import config_lib, evaluation, optim, parallel
+from qwen_image_rl import config_lib, evaluation, optim, parallel, paths
 from qwen_image_rl.data import captions, examples
 from qwen_image_rl.data.tokenizer import build_qwen_tokenizer, load_tokenizer
 from qwen_image_rl.models import text_encoding
@@ -73,7 +74,7 @@ def validate(config):
       "config.model.vae_from is required: a diffusers-format VAE "
       "directory (the `vae` stage exports WORKDIR/export/vae)"
     )
-  if not os.path.isdir(config.model.vae_from):
+  if not paths.isdir(config.model.vae_from):
     raise config_lib.ConfigError(
       f"config.model.vae_from={config.model.vae_from!r} is not a directory"
     )
@@ -306,7 +307,7 @@ def train(config, workdir):
   export = os.path.join(workdir, "export")
   tokenizer = build_tokenizer(os.path.join(export, "tokenizer"))
   te_model, te_params = build_text_encoder(config, tokenizer)
-  vae, vae_params = load_vae(config.model.vae_from)
+  vae, vae_params = load_vae(paths.local_copy(config.model.vae_from))
   vae_params = vae_params["params"] if "params" in vae_params else vae_params
   t2i, edits, arrays, nulls = training_arrays(
     config, vae, vae_params, te_model, te_params, tokenizer
