@@ -38,6 +38,10 @@ from tests import multiprocess  # noqa: E402
 # at most 6e-8 (sft) and 3e-8 (grpo) after three steps; one update moves the weights by ~lr =
 # 1e-4 or more, which the test also checks.
 ROUNDING = 1e-6
+# OPD's velocity-matching gradients have many elements at rounding level, and Adam's first steps
+# normalise each element (m / sqrt(v)), so those move by a fraction of lr in either direction:
+# measured 2.3e-6 at lr 1e-4 after three steps, against 1e-4 per step for every other weight.
+OPD_ROUNDING = 5e-6
 
 # Both trainers: mesh fsdp=8 over the 2x4 devices, global batches of 8, checkpoints every step
 # (asynchronous, as on a pod), a held-out evaluation of two T2I prompts at the end.
@@ -77,7 +81,7 @@ def _max_difference(a: dict, b: dict, only: str = "") -> float:
   )
 
 
-def check_multihost_job(tmp_path, config_code: str, steps: int = 3):
+def check_multihost_job(tmp_path, config_code: str, steps: int = 3, rounding=ROUNDING):
   two, single = str(tmp_path / "two"), str(tmp_path / "single")
   job = multiprocess.write_config_file(str(tmp_path / "job.py"), config_code)
   job_1x8 = multiprocess.write_config_file(str(tmp_path / "job_1x8.py"), config_code + NO_EVAL)
@@ -101,10 +105,10 @@ def check_multihost_job(tmp_path, config_code: str, steps: int = 3):
   multiprocess.run(job_1x8, single, processes=1, devices=8, tag="single")
   final = multiprocess.final_state(ckpt, steps)
   final_1x8 = multiprocess.final_state(os.path.join(single, "checkpoints"), steps)
-  assert _max_difference(final, final_1x8) <= ROUNDING, _max_difference(final, final_1x8)
-  _assert_state_equal(final, final_1x8, atol=ROUNDING)
+  assert _max_difference(final, final_1x8) <= rounding, _max_difference(final, final_1x8)
+  _assert_state_equal(final, final_1x8, atol=rounding)
   moved = _max_difference(final, multiprocess.final_state(ckpt, 1), only="params")
-  assert moved > 20 * ROUNDING  # the tolerance is far below what training changes
+  assert moved > 20 * rounding  # the tolerance is far below what training changes
 
   assert multiprocess.files_written(two, 1) == set()
   written = multiprocess.files_written(two, 0)
@@ -137,6 +141,7 @@ def test_distributed_flags_go_together_and_are_checked(monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.multihost
+@pytest.mark.multihost_full
 @pytest.mark.torch
 def test_sft_two_processes(pipe_dir, tmp_path):
   vae_dir = os.path.join(pipe_dir, "vae")
@@ -163,6 +168,7 @@ def test_grpo_two_processes(pipe_dir, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.multihost
+@pytest.mark.multihost_full
 @pytest.mark.torch
 def test_opd_two_processes(pipe_dir, tmp_path):
   code = (
@@ -170,4 +176,4 @@ def test_opd_two_processes(pipe_dir, tmp_path):
     f"c = small_opd({pipe_dir!r})\n"
     "c.opd.update(dict(batch_size=8, micro_batch_size=None))\n" + COMMON
   )
-  check_multihost_job(tmp_path, code)
+  check_multihost_job(tmp_path, code, rounding=OPD_ROUNDING)
