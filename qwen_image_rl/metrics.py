@@ -169,11 +169,11 @@ class MetricLogger:
     self.is_host0 = jax.process_index() == 0 if is_host0 is None else bool(is_host0)
     if self.is_host0:
       paths.makedirs(workdir)
-    from clu import metric_writers  # Lazy: clu imports TensorFlow.
+      from clu import metric_writers  # Lazy: clu imports TensorFlow.
 
-    self._writer = metric_writers.create_default_writer(
-      workdir if self.is_host0 else None, just_logging=not self.is_host0
-    )
+      self._writer = metric_writers.create_default_writer(workdir)
+    else:
+      self._writer = _LogOnlyWriter()
     self._last_report: tuple[int, float] | None = None  # (step, wall time)
     self._start_time = time.time()
 
@@ -277,6 +277,23 @@ class MetricLogger:
 
   def __exit__(self, *exc):
     self.close()
+
+
+class _LogOnlyWriter:
+  """The writer of every process but 0: scalars to its own absl log, nothing to the workdir.
+
+  It does not import clu, whose `metric_writers` package imports TensorFlow: several seconds of
+  CPU at the start of every non-primary host of a pod, for event files it never writes.
+  """
+
+  def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+    logging.info("[%d] %s", step, ", ".join(f"{k}={v:.6g}" for k, v in sorted(scalars.items())))
+
+  def flush(self) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
 
 
 def _fmt_seconds(seconds: float) -> str:

@@ -31,6 +31,10 @@ def pytest_configure(config):
   )
   config.addinivalue_line(
     "markers",
-    "multihost: 2 processes x 4 devices, four runs each; not yet passed end to end on the "
-    "2-core CPU, so `make test` deselects them (run with `pytest -m multihost`)",
+    "multihost: 2 processes x 4 devices (jax.distributed over gloo), three runs each",
+  )
+  config.addinivalue_line(
+    "markers",
+    "multihost_full: the multi-host jobs beyond CI's short form (the grpo job); `make test` "
+    "deselects them, `pytest -m multihost` runs all",
   )

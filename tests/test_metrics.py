@@ -3,6 +3,8 @@
 import io
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,6 +13,8 @@ from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
 from qwen_image_rl.metrics import MetricLogger, image_grid
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _load_events(workdir):
@@ -129,3 +133,19 @@ def test_errors_and_non_host0(tmp_path):
   assert logger.write_results("r", {"a": 1}) is None
   logger.close()
   assert not other.exists()  # Only host 0 touches the workdir.
+
+
+def test_non_primary_logger_does_not_import_tensorflow(tmp_path):
+  """clu's writers import TensorFlow (seconds per host at start-up); hosts other than 0 write no
+  event files and must not pay for it."""
+  code = (
+    "import sys\n"
+    "from qwen_image_rl.metrics import MetricLogger\n"
+    f"logger = MetricLogger({str(tmp_path / 'run')!r}, total_steps=2, is_host0=False)\n"
+    "logger.scalars(1, {'a': 1.0}); logger.progress(1); logger.progress(2); logger.close()\n"
+    "assert 'tensorflow' not in sys.modules and 'clu' not in sys.modules, 'imported'\n"
+  )
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True)
+  assert done.returncode == 0, done.stderr.decode()[-2000:]
+  assert not (tmp_path / "run").exists()

@@ -155,12 +155,30 @@ def _split_special(text: str) -> list[str]:
 
 
 def load_tokenizer(directory: str):
-  """A transformers tokenizer from a local directory (ours or a real Qwen tokenizer)."""
-  from transformers import AutoTokenizer
+  """A transformers tokenizer from a local directory (ours or a real Qwen tokenizer).
 
+  The class that tokenizer_config.json names (Qwen2Tokenizer for ours and Qwen-Image's) is
+  loaded directly, which is what `AutoTokenizer` resolves to; `AutoTokenizer` itself imports
+  PyTorch when it is installed (~2 s of CPU per process, on every host of a pod). Any other
+  directory goes through `AutoTokenizer`.
+  """
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"tokenizer directory not found: {directory}")
-  return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+  import transformers
+
+  cls = getattr(transformers, _configured_class(directory) or "", None)
+  if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedTokenizerBase)):
+    cls = transformers.AutoTokenizer
+  return cls.from_pretrained(directory, local_files_only=True)
+
+
+def _configured_class(directory: str) -> str | None:
+  try:
+    with open(os.path.join(directory, "tokenizer_config.json")) as f:
+      name = json.load(f).get("tokenizer_class")
+  except (OSError, ValueError, AttributeError):
+    return None
+  return name if isinstance(name, str) and name.isidentifier() else None
 
 
 def special_token_ids(tokenizer) -> dict[str, int]:
