@@ -11,9 +11,12 @@ wins (a tie within --tie scores half). Ratings are fitted per category (the four
 and `edit`) and over all T2I prompts (`ratings.py`: Bradley-Terry, Elo scale, bootstrap
 intervals), then written as arena.json, arena.md and arena.png in --out.
 
-The paper's arena uses human raters; ours is the tiny world's oracle, which training never sees
-(the learned judges of the reward-model work will plug in as other raters). `--battles` is per
-task: the number of prompts is battles / (number of pairs), rounded up.
+The paper's arena uses human raters; ours is the tiny world's oracle, which training never sees,
+or a learned judge: `--rater=JUDGE_DIR` (a reward_sft export, WORKDIR/export/judge, or its
+workdir) scores T2I images by its alignment rubric and edits by instruction following, with its
+chain of thought unless `--judge_cot=0`. A judge output without a parsable score is invalid: its
+battles are left out and the count is reported per player (arena.json `invalid`). `--battles`
+is per task: the number of prompts is battles / (number of pairs), rounded up.
 """
 
 from __future__ import annotations
@@ -29,7 +32,6 @@ import numpy as np
 from qwen_image_rl import host_memory, paths, ratings
 from qwen_image_rl.data import examples, oracle, world
 
-RATERS = ("oracle",)
 TASKS = ("t2i", "edit")
 
 
@@ -59,11 +61,14 @@ def parse_player(text: str) -> tuple[str, str, float]:
 
 
 def pair_outcomes(scores: np.ndarray, tie: float) -> list[tuple[int, int, float, int]]:
-  """Battles (a, b, outcome, prompt) from per-player scores [P, n]: every pair on every prompt."""
+  """Battles (a, b, outcome, prompt) from per-player scores [P, n]: every pair on every prompt
+  where both were scored (NaN, a judge's invalid output, sits its battles out)."""
   out = []
   for k in range(scores.shape[1]):
     for a, b in itertools.combinations(range(scores.shape[0]), 2):
       diff = scores[a, k] - scores[b, k]
+      if np.isnan(diff):
+        continue
       out.append((a, b, 0.5 if abs(diff) <= tie else float(diff > 0), k))
   return out
 
@@ -79,11 +84,55 @@ def _sampling(args, cfg_scale: float):
   )
 
 
-def score_players(players, args, num_prompts: int) -> dict:
-  """{task: (scores [P, n], categories [n])} with the oracle's overall score per image."""
+class OracleRater:
+  """The tiny world's oracle: its capped overall score per image."""
+
+  def t2i(self, images, t2i) -> list[float]:
+    return [s["overall"] for s in oracle.score_t2i_batch(images, t2i.specs)]
+
+  def edit(self, images, edits) -> list[float]:
+    return [s["overall"] for s in oracle.score_edit_batch(edits.sources, images, edits.edits)]
+
+
+class JudgeRater:
+  """A learned VLM judge: its reward (E[score] - 1) / 4, NaN where its output had no score."""
+
+  def __init__(self, directory: str, cot: bool):
+    from qwen_image_rl.judges.rewards import load_judge  # lazy: jax
+
+    self.judge, self.cot = load_judge(directory), cot
+
+  def t2i(self, images, t2i) -> np.ndarray:
+    return self.judge.score("alignment", images, list(t2i.prompts), cot=self.cot).reward
+
+  def edit(self, images, edits) -> np.ndarray:
+    instructions = list(edits.instructions)
+    return self.judge.score("instruction", images, instructions, edits.sources, cot=self.cot).reward
+
+
+def judge_dir(rater: str) -> str:
+  """The judge directory `--rater` names: DIR itself or DIR/export/judge (a reward_sft workdir)."""
+  for candidate in (rater, paths.join(rater, "export", "judge")):
+    if paths.isfile(paths.join(candidate, "config.json")) and paths.isfile(
+      paths.join(candidate, "preprocessor_config.json")
+    ):
+      return candidate
+  raise ArenaError(
+    f"--rater={rater!r}: neither 'oracle' nor a judge directory (config.json and "
+    f"preprocessor_config.json in it or in its export/judge; reward_sft exports one)"
+  )
+
+
+def make_rater(args):
+  return OracleRater() if args.rater == "oracle" else JudgeRater(args.judge_dir, args.judge_cot)
+
+
+def score_players(players, args, num_prompts: int, rater=None) -> dict:
+  """{task: (scores [P, n], categories [n])}: the rater's score per image (NaN: invalid)."""
   from qwen_image_rl import evaluation
   from qwen_image_rl.pipelines import QwenImageEditPipeline, QwenImagePipeline
 
+  rater = rater or make_rater(args)
   t2i = examples.t2i_examples(args.seed + 7919, num_prompts, args.split, args.image_size)
   edits = examples.edit_examples(args.seed + 7919, num_prompts, args.split, args.image_size)
   out = {}
@@ -96,15 +145,13 @@ def score_players(players, args, num_prompts: int) -> dict:
       if task == "t2i":
         pipe = QwenImagePipeline.from_pretrained(directory)
         images = evaluation.sample_t2i(pipe, t2i.prompts, _sampling(args, scale), args.seed)
-        rows.append([s["overall"] for s in oracle.score_t2i_batch(images, t2i.specs)])
+        rows.append(rater.t2i(images, t2i))
       else:
         pipe = QwenImageEditPipeline.from_pretrained(directory)
         images = evaluation.sample_edits(
           pipe, edits.sources, edits.instructions, _sampling(args, scale), args.seed
         )
-        rows.append(
-          [s["overall"] for s in oracle.score_edit_batch(edits.sources, images, edits.edits)]
-        )
+        rows.append(rater.edit(images, edits))
     categories = list(t2i.categories) if task == "t2i" else ["edit"] * num_prompts
     out[task] = (np.asarray(rows, np.float64), categories)
   return out
@@ -123,7 +170,7 @@ def rate(scored: dict, names, *, tie: float, rounds: int, seed: int) -> dict:
     groups.append(("edit", pair_outcomes(scored["edit"][0], tie)))
   for group, battles in groups:
     if not battles:
-      continue
+      continue  # a category without prompts, or a rater that scored no pair in it
     triples = [x[:3] for x in battles]
     fit = ratings.bootstrap_elo(triples, len(names), rounds=rounds, seed=seed)
     wins = ratings.win_rates(triples, len(names))
@@ -184,7 +231,8 @@ def parse_args(argv):
     prog="python -m qwen_image_rl.arena", description=__doc__.split("\n")[0]
   )
   p.add_argument("--pipelines", nargs="+", required=True, metavar="NAME=DIR[@CFG]")
-  p.add_argument("--rater", default="oracle")
+  p.add_argument("--rater", default="oracle", help="'oracle' or a judge directory (reward_sft)")
+  p.add_argument("--judge_cot", type=int, default=1, choices=(0, 1), help="judge rater: CoT")
   p.add_argument("--split", default="val", choices=("val", "test"))
   p.add_argument("--battles", type=int, default=600, help="per task")
   p.add_argument("--tasks", default="t2i,edit")
@@ -197,10 +245,8 @@ def parse_args(argv):
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
   args.tasks = tuple(t for t in args.tasks.split(",") if t)
-  if args.rater not in RATERS:
-    raise ArenaError(
-      f"--rater={args.rater!r}: only {RATERS} exist so far (learned judges are not implemented yet)"
-    )
+  args.judge_cot = bool(args.judge_cot)
+  args.judge_dir = None if args.rater == "oracle" else judge_dir(args.rater)
   if not args.tasks or any(t not in TASKS for t in args.tasks):
     raise ArenaError(f"--tasks={','.join(args.tasks)!r}: choose from {TASKS}")
   if args.battles < 1:
@@ -217,13 +263,17 @@ def run(argv) -> dict:
   num_prompts = math.ceil(args.battles / math.comb(len(names), 2))
   scored = score_players(players, args, num_prompts)
   table = rate(scored, names, tie=args.tie, rounds=args.bootstrap, seed=args.seed)
+  if not table:
+    raise ArenaError(f"--rater={args.rater!r} scored no image validly: no battle to rate")
   paths.makedirs(args.out)  # local or gs://
   result = dict(
-    rater=args.rater,
+    rater=args.rater if args.judge_dir is None else args.judge_dir,
+    judge_cot=args.judge_cot if args.judge_dir else None,
     split=args.split,
     prompts_per_task=num_prompts,
     players={n: dict(directory=d, cfg_scale=s) for n, d, s in players},
-    mean_score={t: dict(zip(names, map(float, scored[t][0].mean(axis=1)))) for t in scored},
+    mean_score={t: dict(zip(names, map(float, np.nanmean(scored[t][0], axis=1)))) for t in scored},
+    invalid={t: dict(zip(names, map(int, np.isnan(scored[t][0]).sum(axis=1)))) for t in scored},
     ratings=table,
   )
   paths.write_json_atomic(paths.join(args.out, "arena.json"), result, indent=2)

@@ -82,8 +82,15 @@ def test_bad_arguments_name_the_problem(tmp_path):
   with pytest.raises(arena.ArenaError, match="not a number"):
     arena.parse_player(f"base={tmp_path}@high")
   assert arena.parse_player(f"s={tmp_path}@1") == ("s", str(tmp_path), 1.0)
-  with pytest.raises(arena.ArenaError, match="rater"):
+  with pytest.raises(arena.ArenaError, match="rater='gpt'.*judge directory"):
     arena.parse_args(["--pipelines", "a=x", "b=y", "--rater=gpt"])
+
+
+def test_invalid_scores_sit_their_battles_out():
+  scores = np.array([[0.9, np.nan], [0.5, 0.3], [0.1, 0.7]])
+  battles = arena.pair_outcomes(scores, tie=1e-3)
+  assert len(battles) == 3 + 1  # prompt 1: only players 1 and 2 were both scored
+  assert (1, 2, 0.0, 1) in battles and not any(a == 0 and k == 1 for a, _, _, k in battles)
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +128,66 @@ def test_arena_end_to_end_writes_rated_tables(tmp_path, tiny_t2i_pipeline_dir):
   assert json.loads((out / "arena.json").read_text())["prompts_per_task"] == 8
   assert "| t2i | 8 |" in (out / "arena.md").read_text()
   assert os.path.getsize(out / "arena.png") > 1000
+
+
+@pytest.fixture(scope="module")
+def tiny_judge_dir(tmp_path_factory):
+  """A tiny random pointwise judge saved as reward_sft exports one (WORKDIR/export/judge)."""
+  import flax
+  import jax
+  import jax.numpy as jnp
+
+  from qwen_image_rl.judges import vlm_judge
+  from qwen_image_rl.trainers import reward_sft
+  from tests import tiny_reference
+
+  workdir = tmp_path_factory.mktemp("judge_run")
+  config = tiny_reference.tiny_judge_config()
+  tokenizer = vlm_judge.build_judge_tokenizer(str(workdir / "tokenizer"))
+  model = reward_sft.build_model(config, tokenizer)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+  params = flax.linen.unbox(params)  # plain arrays, as a trained judge saves them
+  judge = vlm_judge.VLMJudge(model, params, tokenizer, reward_sft.build_processor(config))
+  judge.save(str(workdir / "export" / "judge"))
+  return workdir
+
+
+@pytest.mark.torch
+def test_judge_rater_scores_with_the_judge(tmp_path, tiny_t2i_pipeline_dir, tiny_judge_dir):
+  """--rater=WORKDIR of a judge: every image scored by its alignment readout, none invalid
+  without CoT; the mean scores are the judge's own on the same samples."""
+  import types
+
+  from qwen_image_rl import evaluation
+  from qwen_image_rl.data import examples
+  from qwen_image_rl.judges.rewards import load_judge
+  from qwen_image_rl.pipelines import QwenImagePipeline
+
+  result = arena.run(
+    [
+      "--pipelines",
+      f"a={tiny_t2i_pipeline_dir}@4",
+      f"b={tiny_t2i_pipeline_dir}@1",
+      f"--rater={tiny_judge_dir}",
+      "--judge_cot=0",
+      "--battles=4",
+      "--tasks=t2i",
+      "--num_steps=2",
+      "--image_size=32",
+      "--bootstrap=10",
+      f"--out={tmp_path / 'arena'}",
+    ]
+  )
+  judge_dir = str(tiny_judge_dir / "export" / "judge")
+  assert result["rater"] == judge_dir and result["judge_cot"] is False
+  assert result["invalid"] == {"t2i": {"a": 0, "b": 0}}
+  assert result["ratings"]["t2i"]["battles"] == 4
+  prompts = examples.t2i_examples(7919, 4, "val", 32)
+  sampling = types.SimpleNamespace(
+    negative_prompt="", cfg_scale=4.0, num_steps=2, image_size=32, max_text_tokens=48, batch_size=32
+  )
+  images = evaluation.sample_t2i(
+    QwenImagePipeline.from_pretrained(tiny_t2i_pipeline_dir), prompts.prompts, sampling, 0
+  )
+  own = load_judge(judge_dir).score("alignment", images, list(prompts.prompts), cot=False)
+  assert result["mean_score"]["t2i"]["a"] == pytest.approx(float(np.mean(own.reward)), abs=1e-6)
