@@ -112,14 +112,14 @@ class JudgeRater:
 
 def judge_dir(rater: str) -> str:
   """The judge directory `--rater` names: DIR itself or DIR/export/judge (a reward_sft workdir)."""
-  for candidate in (rater, paths.join(rater, "export", "judge")):
-    if paths.isfile(paths.join(candidate, "config.json")) and paths.isfile(
-      paths.join(candidate, "preprocessor_config.json")
-    ):
-      return candidate
+  from qwen_image_rl.judges.vlm_judge import PREPROCESSOR_CONFIG, find_judge_dir  # lazy: jax
+
+  found = find_judge_dir(rater)
+  if found:
+    return found
   raise ArenaError(
     f"--rater={rater!r}: neither 'oracle' nor a judge directory (config.json and "
-    f"preprocessor_config.json in it or in its export/judge; reward_sft exports one)"
+    f"{PREPROCESSOR_CONFIG} in it or in its export/judge; reward_sft exports one)"
   )
 
 

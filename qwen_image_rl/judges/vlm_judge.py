@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qwen_image_rl import paths
 from qwen_image_rl.judges import prompts as P
 from qwen_image_rl.models import qwen2_5_vl_generate as gen
 from qwen_image_rl.models.qwen2_5_vl_processor import ImageProcessor, expand_image_tokens
@@ -159,6 +160,22 @@ def _left_pad(seqs: Sequence[Sequence[int]], pad: int, multiple: int = 16):
   return ids, mask
 
 
+def is_judge_dir(directory: str) -> bool:
+  """Whether `directory` holds a judge export (the files VLMJudge.load needs first)."""
+  return all(paths.isfile(paths.join(directory, f)) for f in ('config.json', PREPROCESSOR_CONFIG))
+
+
+def find_judge_dir(path: str) -> str | None:
+  """The judge `path` names (itself, or a reward_sft workdir's export/judge) as a local
+  directory, a URL's tree downloaded once (paths.local_copy); None when neither holds one."""
+  if not path:
+    return None
+  for candidate in (path, paths.join(path, 'export', 'judge')):
+    if is_judge_dir(candidate):
+      return paths.local_copy(candidate)
+  return None
+
+
 class VLMJudge:
   """A Qwen2.5-VL judge: `score(task, images, prompts, sources)` for the four judge tasks."""
 
@@ -190,7 +207,7 @@ class VLMJudge:
     from qwen_image_rl.data.tokenizer import load_tokenizer
 
     path = os.path.join(directory, PREPROCESSOR_CONFIG)
-    if not os.path.isfile(os.path.join(directory, 'config.json')) or not os.path.isfile(path):
+    if not is_judge_dir(directory):
       raise FileNotFoundError(
         f'{directory!r} is not a judge directory (needs config.json and '
         f'{PREPROCESSOR_CONFIG}; reward_sft exports WORKDIR/export/judge)'
