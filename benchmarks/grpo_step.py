@@ -46,6 +46,34 @@ def flops_of(jitted, *args) -> float:
   return float(cost.get("flops", 0.0))
 
 
+def rollout_step_flops(s, params) -> float:
+  """FLOPs of one denoising step of a rollout chunk (`s`: iteration.setup's RLSetup). XLA's cost
+  analysis counts the sampler's while-loop body once, so this is per step: scale it by the
+  chunks and steps of an iteration."""
+  from qwen_image_rl import parallel
+  from qwen_image_rl.rl import rollout as rl_rollout
+
+  roller, rl = s.roller, s.rl
+  fn = rl_rollout.jitted_rollout(s.model, roller.img_shapes, True)
+  x_T = jnp.zeros((roller.chunk, roller.seq_len, roller.channels), jnp.float32)
+  with parallel.sharding_context(s.mesh, s.rules):  # as rl_rollout.rollout calls it
+    return flops_of(
+      fn,
+      params,
+      x_T,
+      s.pool.cond[: roller.chunk],
+      s.pool.mask[: roller.chunk],
+      roller.neg_cond,
+      roller.neg_mask,
+      roller.sigmas,
+      roller.train_steps(jax.random.key(0), 0),
+      jax.random.key(0),
+      jnp.float32(rl.cfg_scale),
+      jnp.float32(rl.noise_level),
+      None,
+    )
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--init_from", default="")
@@ -75,7 +103,6 @@ def main():
   from configs import grpo_t2i
   from qwen_image_rl import host_memory, optim, parallel
   from qwen_image_rl.rl import iteration
-  from qwen_image_rl.rl import rollout as rl_rollout
   from qwen_image_rl.rl.policy import init_policy_state
 
   malloc_tuned = host_memory.tune_malloc() if args.malloc_tuning == "true" else False
@@ -118,29 +145,7 @@ def main():
         )
         with parallel.sharding_context(mesh, rules):  # as iteration.update calls it
           step_flops = flops_of(step, state, batch, None)
-        x_T = jnp.zeros((roller.chunk, roller.seq_len, roller.channels), jnp.float32)
-        fn = rl_rollout.jitted_rollout(s.model, roller.img_shapes, True)
-        # XLA's cost analysis counts a while loop's body once: scale by the N scanned steps.
-        with parallel.sharding_context(mesh, rules):  # as rl_rollout.rollout calls it
-          rollout_flops = (
-            rl.rollout_chunks
-            * rl.num_steps
-            * flops_of(
-              fn,
-              state.params,
-              x_T,
-              s.pool.cond[: roller.chunk],
-              s.pool.mask[: roller.chunk],
-              roller.neg_cond,
-              roller.neg_mask,
-              roller.sigmas,
-              roller.train_steps(jax.random.key(0), 0),
-              jax.random.key(0),
-              jnp.float32(rl.cfg_scale),
-              jnp.float32(rl.noise_level),
-              None,
-            )
-          )
+        rollout_flops = rl.rollout_chunks * rl.num_steps * rollout_step_flops(s, state.params)
       t2 = time.perf_counter()
       state, _ = iteration.update(s, step, state, got, adv)
       jax.block_until_ready(state)  # the params too: the next rollout needs them

@@ -42,6 +42,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from grpo_step import flops_of, rollout_step_flops  # noqa: E402
 
 PARTS = ("rollout", "decode", "update", "iteration")
 
@@ -213,38 +214,15 @@ def summarise(ours: list[dict], theirs: list[dict], peaks: dict, flops: dict) ->
 def model_flops(ours: Ours) -> dict:
   """FLOPs of the rollout's transformer part and of the update, from XLA's cost analysis."""
   from qwen_image_rl import parallel
-  from qwen_image_rl.rl import rollout as rl_rollout
 
-  s, roller, rl = ours.s, ours.s.roller, ours.config.rl
-
-  def flops_of(jitted, *args):
-    with parallel.sharding_context(s.mesh, s.rules):
-      cost = jitted.lower(*args).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost.get("flops", 0.0))
-
+  s, rl = ours.s, ours.config.rl
   got = ours.iteration.roll_out(s, ours.state.params, jax.random.key(0), 0, ours.pipeline)
   adv, _ = ours.iteration.advantages(s, got)
-  inputs = roller.policy_inputs(got.pool_index)
+  inputs = s.roller.policy_inputs(got.pool_index)
   batch = s.objective.make_batch(s, ours.state.params, got.result, inputs, jnp.asarray(adv))
-  update = flops_of(ours.step, ours.state, batch, None)
-  fn = rl_rollout.jitted_rollout(s.model, roller.img_shapes, True)
-  x_T = jnp.zeros((roller.chunk, roller.seq_len, roller.channels), jnp.float32)
-  per_step = flops_of(
-    fn,
-    ours.state.params,
-    x_T,
-    s.pool.cond[: roller.chunk],
-    s.pool.mask[: roller.chunk],
-    roller.neg_cond,
-    roller.neg_mask,
-    roller.sigmas,
-    roller.train_steps(jax.random.key(0), 0),
-    jax.random.key(0),
-    jnp.float32(rl.cfg_scale),
-    jnp.float32(rl.noise_level),
-    None,
-  )
+  with parallel.sharding_context(s.mesh, s.rules):
+    update = flops_of(ours.step, ours.state, batch, None)
+  per_step = rollout_step_flops(s, ours.state.params)
   if ours.config.model.transformer_overrides.get("scan_layers"):
     return {}  # XLA counts a scanned block once: no honest per-part FLOPs
   # XLA counts a while loop's body once: scale by the N scanned steps.
