@@ -1,12 +1,14 @@
 """Samples side by side, and the oracle's soft / capped / strict scores of exported pipelines.
 
   python -m qwen_image_rl.sample_grid --pipelines=base=runs/demo/base/export/pipeline \
-      [--pipelines=grpo=runs/grpo_t2i] --out=assets/samples_grid.png [--n=8] [--split=test]
+      [--pipelines=grpo=runs/grpo_t2i] [--pipelines=student=runs/demo/opd@1] \
+      --out=assets/samples_grid.png [--n=8] [--split=test]
   python -m qwen_image_rl.sample_grid --pipelines=base=runs/demo/base --score_json=base.json
 
 The grid has one row per source, 8 held-out test-split prompts per row: the world's own render
 (the target) on top, then each pipeline's samples in the order given, with the eval's sampler
-settings (configs/common.py tiny_eval: 20 steps, CFG 4). The cells are upscaled (nearest) so
+settings (configs/common.py tiny_eval: 20 steps, CFG 4; `DIR@CFG` samples that pipeline at
+its own CFG scale, e.g. a CFG-free OPD student at 1). The cells are upscaled (nearest) so
 a 64 px image stays legible. With --score_json, each pipeline is also evaluated like a training
 run's eval (the val split's 128 prompts and 64 edits) and the eval JSON of each is written
 there, keyed by name.
@@ -14,6 +16,7 @@ there, keyed by name.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -24,7 +27,9 @@ FLAGS = flags.FLAGS
 
 
 def _define_flags():
-  flags.DEFINE_multi_string("pipelines", [], "name=DIR: an exported pipeline (or its workdir).")
+  flags.DEFINE_multi_string(
+    "pipelines", [], "name=DIR[@CFG]: an exported pipeline (or its workdir), its CFG scale."
+  )
   flags.DEFINE_string("out", "", "Where to write the grid PNG ('' skips the grid).")
   flags.DEFINE_integer("n", 8, "Prompts in the grid.")
   flags.DEFINE_string("split", "test", "Split the grid's prompts come from.")
@@ -43,6 +48,29 @@ def parse_pipelines(entries) -> dict[str, str]:
     if name in out:
       raise ValueError(f"--pipelines: name {name!r} given twice")
     out[name] = directory
+  return out
+
+
+def split_cfg(spec: str) -> tuple[str, float | None]:
+  """'DIR@CFG' -> (DIR, CFG); 'DIR' -> (DIR, None): the eval's own CFG scale."""
+  directory, at, scale = spec.rpartition("@")
+  if not at:
+    return spec, None
+  try:
+    value = float(scale)
+  except ValueError:
+    raise ValueError(f"--pipelines: {spec!r}: the CFG scale after '@' is not a number") from None
+  if not directory or value <= 0:
+    raise ValueError(f"--pipelines: {spec!r}: expected DIR@CFG with a positive CFG scale")
+  return directory, value
+
+
+def with_cfg_scale(cfg, scale: float | None):
+  """A copy of the eval config `cfg` sampling at `scale` (None: unchanged)."""
+  if scale is None:
+    return cfg
+  out = copy.deepcopy(cfg)
+  out.cfg_scale = scale
   return out
 
 
@@ -74,14 +102,16 @@ def load_pipelines(directory: str):
   )
 
 
-def grid_image(pipes: dict, cfg, n: int, split: str, seed: int, scale: int) -> np.ndarray:
+def grid_image(pipes: dict, cfgs: dict, n: int, split: str, seed: int, scale: int) -> np.ndarray:
+  """pipes {name: (t2i, edit)}, cfgs {name: its eval config}."""
   from qwen_image_rl import evaluation, metrics
   from qwen_image_rl.data import examples
 
-  prompts = examples.t2i_examples(seed + 7919, n, split, cfg.image_size)
+  image_size = next(iter(cfgs.values())).image_size
+  prompts = examples.t2i_examples(seed + 7919, n, split, image_size)
   rows = [prompts.images]
-  for t2i, _ in pipes.values():
-    rows.append(evaluation.sample_t2i(t2i, prompts.prompts, cfg, seed))
+  for name, (t2i, _) in pipes.items():
+    rows.append(evaluation.sample_t2i(t2i, prompts.prompts, cfgs[name], seed))
   images = np.concatenate(rows)
   if scale > 1:
     images = images.repeat(scale, axis=1).repeat(scale, axis=2)
@@ -98,17 +128,18 @@ def main(argv):
   named = parse_pipelines(FLAGS.pipelines)
   if not named:
     raise app.UsageError("give at least one --pipelines=name=DIR")
-  pipes = {name: load_pipelines(d) for name, d in named.items()}
-  cfg = config_common.tiny_eval()
+  specs = {name: split_cfg(spec) for name, spec in named.items()}
+  pipes = {name: load_pipelines(d) for name, (d, _) in specs.items()}
+  cfgs = {name: with_cfg_scale(config_common.tiny_eval(), s) for name, (_, s) in specs.items()}
   if FLAGS.out:
-    image = grid_image(pipes, cfg, FLAGS.n, FLAGS.split, FLAGS.seed, FLAGS.scale)
+    image = grid_image(pipes, cfgs, FLAGS.n, FLAGS.split, FLAGS.seed, FLAGS.scale)
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
     Image.fromarray(image).save(FLAGS.out, optimize=True)
     print(f"wrote {FLAGS.out} ({image.shape[1]}x{image.shape[0]})", flush=True)
   if FLAGS.score_json:
     results = {}
     for name, (t2i, edit) in pipes.items():
-      results[name] = evaluation.evaluate(t2i, edit, cfg, step=0, seed=0)
+      results[name] = evaluation.evaluate(t2i, edit, cfgs[name], step=0, seed=0)
       print(f"== {name}\n{evaluation.format_table(results[name])}", flush=True)
     with open(FLAGS.score_json, "w") as f:
       json.dump(results, f, indent=1, sort_keys=True)

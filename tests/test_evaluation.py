@@ -54,6 +54,7 @@ def test_summaries_hold_capped_uncapped_and_strict_scores():
 
 
 def test_sample_grid_rejects_bad_pipeline_arguments():
+  from configs import common
   from qwen_image_rl import sample_grid
 
   assert sample_grid.parse_pipelines(["base=a", "grpo=b/c"]) == {"base": "a", "grpo": "b/c"}
@@ -63,3 +64,10 @@ def test_sample_grid_rejects_bad_pipeline_arguments():
     sample_grid.parse_pipelines(["a=x", "a=y"])
   with pytest.raises(FileNotFoundError, match="model_index.json"):
     sample_grid.load_pipelines("/nonexistent/pipeline")
+  assert sample_grid.split_cfg("runs/demo/opd@1") == ("runs/demo/opd", 1.0)
+  assert sample_grid.split_cfg("runs/demo/base") == ("runs/demo/base", None)
+  for bad in ("runs/demo/opd@x", "runs/demo/opd@0", "@4"):
+    with pytest.raises(ValueError, match="CFG"):
+      sample_grid.split_cfg(bad)
+  eval_cfg = sample_grid.with_cfg_scale(common.tiny_eval(), 1.0)
+  assert eval_cfg.cfg_scale == 1.0 and common.tiny_eval().cfg_scale == 4.0
