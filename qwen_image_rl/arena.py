@@ -39,16 +39,28 @@ class ArenaError(ValueError):
   """Bad arena arguments (pipelines, rater, sizes); the message names the fix."""
 
 
+def split_cfg(spec: str) -> tuple[str, float | None]:
+  """'DIR@CFG' -> (DIR, CFG); 'DIR' -> (DIR, None). A scale that is not a number raises
+  ValueError naming it."""
+  directory, at, cfg = spec.rpartition("@")
+  if not at:
+    return spec, None
+  try:
+    return directory, float(cfg)
+  except ValueError:
+    raise ValueError(f"CFG scale {cfg!r} is not a number") from None
+
+
 def parse_player(text: str) -> tuple[str, str, float]:
   """'NAME=DIR[@CFG]' -> (name, pipeline directory, cfg scale)."""
   name, sep, rest = text.partition("=")
   if not sep or not name or not rest:
     raise ArenaError(f"--pipelines entry {text!r}: expected NAME=DIR or NAME=DIR@CFG")
-  directory, at, cfg = rest.rpartition("@") if "@" in rest else (rest, "", "")
   try:
-    scale = float(cfg) if at else 4.0
-  except ValueError:
-    raise ArenaError(f"--pipelines entry {text!r}: CFG scale {cfg!r} is not a number") from None
+    directory, scale = split_cfg(rest)
+  except ValueError as e:
+    raise ArenaError(f"--pipelines entry {text!r}: {e}") from None
+  scale = 4.0 if scale is None else scale
   from qwen_image_rl.pipelines.common import find_pipeline_dir  # lazy: jax
 
   found = find_pipeline_dir(directory)

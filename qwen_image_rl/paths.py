@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 
@@ -172,3 +172,14 @@ def local_copy(path, cache_dir: str | None = None) -> str:
   finally:
     shutil.rmtree(scratch, ignore_errors=True)
   return local
+
+
+def find_export(path, name: str, holds: Callable[[str], bool]) -> str | None:
+  """The export `path` names: `path` itself or a workdir's export/<name>, the first whose
+  directory `holds` accepts, as a local directory (local_copy); None when neither does."""
+  if not path:
+    return None
+  for candidate in (path, join(path, "export", name)):
+    if holds(candidate):
+      return local_copy(candidate)
+  return None

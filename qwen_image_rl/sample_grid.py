@@ -52,17 +52,17 @@ def parse_pipelines(entries) -> dict[str, str]:
 
 
 def split_cfg(spec: str) -> tuple[str, float | None]:
-  """'DIR@CFG' -> (DIR, CFG); 'DIR' -> (DIR, None): the eval's own CFG scale."""
-  directory, at, scale = spec.rpartition("@")
-  if not at:
-    return spec, None
+  """'DIR@CFG' -> (DIR, CFG); 'DIR' -> (DIR, None): the eval's own CFG scale. The arena's
+  syntax (arena.split_cfg), with a positive scale."""
+  from qwen_image_rl import arena
+
   try:
-    value = float(scale)
-  except ValueError:
-    raise ValueError(f"--pipelines: {spec!r}: the CFG scale after '@' is not a number") from None
-  if not directory or value <= 0:
+    directory, scale = arena.split_cfg(spec)
+  except ValueError as e:
+    raise ValueError(f"--pipelines: {spec!r}: {e}") from None
+  if not directory or (scale is not None and scale <= 0):
     raise ValueError(f"--pipelines: {spec!r}: expected DIR@CFG with a positive CFG scale")
-  return directory, value
+  return directory, scale
 
 
 def with_cfg_scale(cfg, scale: float | None):
@@ -81,22 +81,13 @@ def load_pipelines(directory: str):
   from qwen_image_rl.pipelines import common
   from qwen_image_rl.pipelines.edit import QwenImageEditPipeline
   from qwen_image_rl.pipelines.qwen_image import QwenImagePipeline
+  from qwen_image_rl.rl.policy import with_params
 
-  for candidate in (directory, os.path.join(directory, "export", "pipeline")):
-    if os.path.isfile(os.path.join(candidate, common.MODEL_INDEX)):
-      t2i = QwenImagePipeline.from_pretrained(candidate, dtype=jnp.float32)
-      edit = QwenImageEditPipeline(
-        t2i.transformer,
-        t2i.transformer_params,
-        t2i.vae,
-        t2i.vae_params,
-        t2i.text_encoder,
-        t2i.text_encoder_params,
-        t2i.tokenizer,
-        t2i.schedule,
-        text_encoder_extra=t2i.text_encoder_extra,
-      )
-      return t2i, edit
+  found = common.find_pipeline_dir(directory)
+  if found:
+    t2i = QwenImagePipeline.from_pretrained(found, dtype=jnp.float32)
+    edit = with_params(t2i, t2i.transformer_params, QwenImageEditPipeline)
+    return t2i, edit
   raise FileNotFoundError(
     f"{directory!r}: no {common.MODEL_INDEX} there nor in its export/pipeline"
   )

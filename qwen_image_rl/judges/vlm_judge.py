@@ -168,12 +168,7 @@ def is_judge_dir(directory: str) -> bool:
 def find_judge_dir(path: str) -> str | None:
   """The judge `path` names (itself, or a reward_sft workdir's export/judge) as a local
   directory, a URL's tree downloaded once (paths.local_copy); None when neither holds one."""
-  if not path:
-    return None
-  for candidate in (path, paths.join(path, 'export', 'judge')):
-    if is_judge_dir(candidate):
-      return paths.local_copy(candidate)
-  return None
+  return paths.find_export(path, 'judge', is_judge_dir)
 
 
 class VLMJudge:

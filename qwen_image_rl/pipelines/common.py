@@ -47,12 +47,7 @@ MODEL_INDEX = "model_index.json"
 def find_pipeline_dir(path: str) -> str | None:
   """The pipeline `path` names (itself, or a workdir's export/pipeline) as a local directory, a
   URL's tree downloaded once (paths.local_copy); None when neither holds model_index.json."""
-  if not path:
-    return None
-  for candidate in (path, paths.join(path, "export", "pipeline")):
-    if paths.isfile(paths.join(candidate, MODEL_INDEX)):
-      return paths.local_copy(candidate)
-  return None
+  return paths.find_export(path, "pipeline", lambda d: paths.isfile(paths.join(d, MODEL_INDEX)))
 
 
 # diffusers' `default_sample_size`: default height/width = 128 * vae_scale_factor.
