@@ -3,6 +3,7 @@ achieved FLOP/s next to a large-matmul peak measured in the same run.
 
   python benchmarks/grpo_step.py --init_from=runs/demo/base/export/pipeline [--iterations=3]
       [--scan_layers --remat_policy=full]  # how the MMDiT is compiled (transformer_overrides)
+      [--rollout_chunks=N] [--micro_batch_size=M]  # default: configs/grpo_t2i.py:tiny; M=0: none
   python benchmarks/grpo_step.py   # no --init_from: a tiny random diffusers pipeline (needs torch)
 
 FLOPs come from XLA's cost analysis of the compiled rollout (its scan body times N steps) and
@@ -46,6 +47,19 @@ def flops_of(jitted, *args) -> float:
   return float(cost.get("flops", 0.0))
 
 
+def update_step_flops(s, tx, state, batch) -> float:
+  """FLOPs of the update step on `batch` (`s`: iteration.setup's RLSetup). XLA's cost analysis
+  counts a micro-batch scan's body once, so this compiles the same step on the whole batch at
+  once (rl.micro_batch_size unset): the same model FLOPs, counted in full."""
+  from qwen_image_rl import parallel
+
+  rl = s.rl.copy_and_resolve_references()
+  rl.micro_batch_size = None
+  step = jax.jit(s.objective.make_step(s.model, tx, s.rules, rl, s.img_shapes))
+  with parallel.sharding_context(s.mesh, s.rules):  # as iteration.update calls it
+    return flops_of(step, state, batch, None)
+
+
 def rollout_step_flops(s, params) -> float:
   """FLOPs of one denoising step of a rollout chunk (`s`: iteration.setup's RLSetup). XLA's cost
   analysis counts the sampler's while-loop body once, so this is per step: scale it by the
@@ -81,6 +95,8 @@ def main():
   parser.add_argument("--group_size", type=int, default=8)
   parser.add_argument("--prompts_per_step", type=int, default=8)
   parser.add_argument("--num_steps", type=int, default=10)
+  parser.add_argument("--rollout_chunks", type=int, default=0, help="0: the config's")
+  parser.add_argument("--micro_batch_size", type=int, default=-1, help="-1: the config's; 0: none")
   parser.add_argument(
     "--scan_layers",
     action="store_true",
@@ -113,6 +129,10 @@ def main():
     )
   )
   c.rl.old_log_probs = "recompute" if args.recompute_old else "auto"
+  if args.rollout_chunks:
+    c.rl.rollout_chunks = args.rollout_chunks
+  if args.micro_batch_size >= 0:
+    c.rl.micro_batch_size = args.micro_batch_size or None
   c.data.num_prompts = 256
   c.model.transformer_overrides = dict(scan_layers=args.scan_layers, remat_policy=args.remat_policy)
   if args.init_from:
@@ -143,8 +163,7 @@ def main():
         batch = s.objective.make_batch(
           s, state.params, got.result, roller.policy_inputs(got.pool_index), jnp.asarray(adv)
         )
-        with parallel.sharding_context(mesh, rules):  # as iteration.update calls it
-          step_flops = flops_of(step, state, batch, None)
+        step_flops = update_step_flops(s, tx, state, batch)
         rollout_flops = rl.rollout_chunks * rl.num_steps * rollout_step_flops(s, state.params)
       t2 = time.perf_counter()
       state, _ = iteration.update(s, step, state, got, adv)
@@ -168,7 +187,8 @@ def main():
   print(
     f"devices {jax.device_count()} ({jax.devices()[0].platform}); batch {b} = "
     f"{rl.prompts_per_step} prompts x G={rl.group_size}, {rl.num_steps} steps, "
-    f"K={rl.timesteps.num_train}, cfg_mode={rl.cfg_mode}, transformer "
+    f"K={rl.timesteps.num_train}, cfg_mode={rl.cfg_mode}, {rl.rollout_chunks} rollout chunks, "
+    f"micro-batch {rl.micro_batch_size}, transformer "
     f"{dict(c.model.transformer_overrides)}, old log-probs "
     f"{'recomputed' if args.recompute_old else 'from the step (on-policy)'}, malloc tuned "
     f"{malloc_tuned}"

@@ -42,7 +42,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from grpo_step import flops_of, rollout_step_flops  # noqa: E402
+from grpo_step import rollout_step_flops, update_step_flops  # noqa: E402
 
 PARTS = ("rollout", "decode", "update", "iteration")
 
@@ -107,6 +107,7 @@ class Ours:
     self.state, shardings = init_policy_state(
       self.s.model, self.s.pipe.transformer_params, tx, mesh, self.s.rules, 0
     )
+    self.tx = tx
     self.step = iteration.make_update_step(self.s, tx, shardings)
     self.pipeline = iteration.make_reward_pipeline(c, self.s.reward_fn)
     self.decode_seconds = 0.0
@@ -213,15 +214,12 @@ def summarise(ours: list[dict], theirs: list[dict], peaks: dict, flops: dict) ->
 
 def model_flops(ours: Ours) -> dict:
   """FLOPs of the rollout's transformer part and of the update, from XLA's cost analysis."""
-  from qwen_image_rl import parallel
-
   s, rl = ours.s, ours.config.rl
   got = ours.iteration.roll_out(s, ours.state.params, jax.random.key(0), 0, ours.pipeline)
   adv, _ = ours.iteration.advantages(s, got)
   inputs = s.roller.policy_inputs(got.pool_index)
   batch = s.objective.make_batch(s, ours.state.params, got.result, inputs, jnp.asarray(adv))
-  with parallel.sharding_context(s.mesh, s.rules):
-    update = flops_of(ours.step, ours.state, batch, None)
+  update = update_step_flops(s, ours.tx, ours.state, batch)
   per_step = rollout_step_flops(s, ours.state.params)
   if ours.config.model.transformer_overrides.get("scan_layers"):
     return {}  # XLA counts a scanned block once: no honest per-part FLOPs

@@ -22,6 +22,7 @@ def forward_rl(c):
   c.rl.shared_initial_noise = False  # ODE rollouts from a shared x_T would be identical
   c.rl.advantage_std = "batch"
   c.rl.fm_draws = 4
+  c.rl.micro_batch_size = 4  # x fm_draws sequences: 1.45x vs 1.32x at 8 (update_micro_batches)
   c.rl.fm_time = "schedule"
   c.rl.nft.update(dict(beta=1.0, adv_max=5.0, old_policy="ema", ema_decay=0.5, ema_ramp=0.01))
   c.rl.kl_beta = 0.0

@@ -19,7 +19,14 @@ def small_mix(pipe_dir):
     t = c.tasks[task]
     t.data.update(dict(image_size=32, num_prompts=8, max_text_tokens=48))
     t.rl.update(
-      dict(group_size=2, prompts_per_step=2, rollout_chunks=1, num_steps=3, async_rewards=False)
+      dict(
+        group_size=2,
+        prompts_per_step=2,
+        rollout_chunks=1,
+        num_steps=3,
+        async_rewards=False,
+        micro_batch_size=2,
+      )
     )
     t.rl.timesteps.update(dict(num_train=1, first_m=2))
   c.mix.t2i_fraction = 0.5

@@ -42,6 +42,7 @@ def _small_sft(vae_dir):
       num_train_edits=8,
       t2i_batch_size=4,
       edit_batch_size=2,
+      micro_batches=2,
       max_text_tokens=48,
     )
   )
@@ -156,6 +157,74 @@ def test_training_times_cover_the_first_sampling_steps():
   assert high(shifted) == pytest.approx(1 - 0.95 / (3 - 0.95 * 2), abs=0.004)
   for t in (logit_normal, shifted):
     assert float(np.min(t)) > 0.0 and float(np.max(t)) < 1.0
+
+
+def test_sft_micro_batches_give_the_one_batch_update():
+  """The step draws dropout, times and noise for the whole batch, so splitting it into
+  micro-batches changes only rounding."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  from qwen_image_rl.models.mmdit import QwenImageTransformer
+  from qwen_image_rl.train_state import TrainState
+  from qwen_image_rl.trainers import sft
+
+  model = QwenImageTransformer(
+    num_layers=1,
+    num_attention_heads=2,
+    attention_head_dim=16,
+    axes_dims_rope=(4, 6, 6),
+    in_channels=16,
+    out_channels=4,
+    joint_attention_dim=8,
+  )
+  params = nn.meta.unbox(model.init_params(jax.random.key(0)))
+  tx = optax.sgd(1.0)  # the update is the gradient itself
+  rng = np.random.default_rng(0)
+  normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+  batch = {}
+  for task, b in (("t2i", 4), ("edit", 2)):
+    batch.update(
+      {
+        f"{task}_x0": normal(b, 4, 16),
+        f"{task}_cond": normal(b, 6, 8),
+        f"{task}_mask": jnp.ones((b, 6), jnp.int32),
+        f"{task}_null_cond": normal(6, 8),
+        f"{task}_null_mask": jnp.ones((6,), jnp.int32),
+      }
+    )
+  batch["edit_ref_latents"] = normal(2, 4, 16)
+  state = TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    opt_state=tx.init(params),
+    rng=jax.random.key_data(jax.random.key(1)),
+  )
+  results = {}
+  for n in (1, 2):
+    step = jax.jit(sft.make_train_step(model, tx, (), 0.5, 0.5, 1.0, 1.5, micro_batches=n))
+    results[n] = step(state, batch)
+  (one, m1), (two, m2) = results[1], results[2]
+  for name in ("loss", "t2i_loss", "edit_loss"):
+    np.testing.assert_allclose(float(m2[name]), float(m1[name]), rtol=1e-5)
+  grads = lambda new: jax.tree.leaves(jax.tree.map(jnp.subtract, params, new.params))
+  largest = max(float(jnp.max(jnp.abs(g))) for g in grads(one))
+  assert largest > 1e-3  # the step moved the parameters
+  for a, b in zip(grads(one), grads(two)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5 * largest)
+
+
+def test_sft_rejects_micro_batches_that_do_not_split_the_batches(tmp_path):
+  from qwen_image_rl import main
+  from qwen_image_rl.config_lib import ConfigError
+
+  for value, match in ((3, "must divide config.data.t2i_batch_size=4"), (0, "expected an")):
+    c = _small_sft(str(tmp_path))
+    c.data.micro_batches = value
+    with pytest.raises(ConfigError, match=f"config.data.micro_batches={value}.*{match}"):
+      main.run(c, str(tmp_path / "run"))
 
 
 def test_sft_rejects_bad_time_sampling(tmp_path):

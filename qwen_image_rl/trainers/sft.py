@@ -33,6 +33,7 @@ from qwen_image_rl.pipelines.common import pack_latents
 from qwen_image_rl.pipelines.edit import QwenImageEditPipeline
 from qwen_image_rl.pipelines.prompt_encoding import PromptTooLongError, encode_fixed_length
 from qwen_image_rl.pipelines.qwen_image import QwenImagePipeline
+from qwen_image_rl.rl.objectives.forward import accumulate_grads
 from qwen_image_rl.sampling.schedule import FlowMatchSchedule
 from qwen_image_rl.train_state import TrainState, create_train_state, keep_if_finite
 from qwen_image_rl.trainers import common
@@ -69,6 +70,7 @@ def validate(config):
     "data.max_text_tokens",
   )
   config_lib.check_fields(config, {"model.vae_from": str})
+  check_micro_batches(config.data)
   if not config.model.vae_from:
     raise config_lib.ConfigError(
       "config.model.vae_from is required: a diffusers-format VAE "
@@ -87,6 +89,18 @@ def validate(config):
     raise config_lib.ConfigError(
       f"config.loss.cfg_dropout={config.loss.cfg_dropout}: must be in [0, 1)"
     )
+
+
+def check_micro_batches(data):
+  """data.micro_batches (default 1) must split both per-step batches into equal parts."""
+  n = data.get("micro_batches", 1)
+  if not isinstance(n, int) or n < 1:
+    raise config_lib.ConfigError(f"config.data.micro_batches={n!r}: expected an integer >= 1")
+  for name in ("t2i_batch_size", "edit_batch_size"):
+    if data[name] % n:
+      raise config_lib.ConfigError(
+        f"config.data.micro_batches={n} must divide config.data.{name}={data[name]}"
+      )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,15 +180,17 @@ def sample_training_times(key, batch: int, uniform_fraction: float = 0.0, shift:
   return shift * t / (1.0 + (shift - 1.0) * t)
 
 
-def flow_matching_loss(
-  model, params, x0, cond, mask, key, ref_latents=None, *, uniform_fraction=0.0, shift=1.0
-):
-  """MSE between predicted and true velocity at t from `sample_training_times`. x0 and
-  ref_latents (editing's source image): packed latents."""
-  b = x0.shape[0]
+def flow_matching_draws(key, x0, uniform_fraction=0.0, shift=1.0):
+  """The random part of a flow-matching batch: times t [B] (`sample_training_times`) and noise
+  eps shaped like the packed latents x0."""
   k_t, k_eps = jax.random.split(key)
-  t = sample_training_times(k_t, b, uniform_fraction, shift)
-  eps = jax.random.normal(k_eps, x0.shape)
+  t = sample_training_times(k_t, x0.shape[0], uniform_fraction, shift)
+  return t, jax.random.normal(k_eps, x0.shape)
+
+
+def velocity_loss(model, params, x0, cond, mask, t, eps, ref_latents=None):
+  """MSE between predicted and true velocity (eps - x0) at x_t = (1 - t) x0 + t eps. x0 and
+  ref_latents (editing's source image): packed latents."""
   x_t = (1.0 - t[:, None, None]) * x0 + t[:, None, None] * eps
   side = int(round(np.sqrt(x0.shape[1])))
   img_shapes = ((1, side, side),)
@@ -186,15 +202,31 @@ def flow_matching_loss(
   return jnp.mean((v - (eps - x0)) ** 2)
 
 
+def flow_matching_loss(
+  model, params, x0, cond, mask, key, ref_latents=None, *, uniform_fraction=0.0, shift=1.0
+):
+  """`velocity_loss` at draws from `flow_matching_draws(key, ...)`."""
+  t, eps = flow_matching_draws(key, x0, uniform_fraction, shift)
+  return velocity_loss(model, params, x0, cond, mask, t, eps, ref_latents)
+
+
 def make_train_step(
   model,
   tx,
   rules,
   cfg_dropout: float,
   edit_weight: float,
-  uniform_fraction: float = 0.0,
+  uniform_time_fraction: float = 0.0,
   shift: float = 1.0,
+  micro_batches: int = 1,
 ):
+  """step(state, batch) -> (state, metrics), to be jitted by the caller.
+
+  The step draws its text dropout, times and noise for the whole batch, then accumulates the
+  gradient over `micro_batches` equal parts of the T2I and edit batches (one scan): the same
+  gradient to rounding, but each part's activations stay in cache on CPU (README, Benchmarks).
+  """
+
   def drop_text(key, cond, mask, null_cond, null_mask):
     drop = jax.random.uniform(key, (cond.shape[0],)) < cfg_dropout
     return (
@@ -202,34 +234,39 @@ def make_train_step(
       jnp.where(drop[:, None], null_mask[None], mask),
     )
 
-  def loss_fn(params, batch, key):
+  def draw(batch, key):
+    """Per task, the loss inputs of every example with its random draws."""
     keys = jax.random.split(key, 4)
-    c, m = drop_text(
-      keys[0], batch["t2i_cond"], batch["t2i_mask"], batch["t2i_null_cond"], batch["t2i_null_mask"]
-    )
-    times = dict(uniform_fraction=uniform_fraction, shift=shift)
-    t2i = flow_matching_loss(model, params, batch["t2i_x0"], c, m, keys[1], **times)
-    c, m = drop_text(
-      keys[2],
-      batch["edit_cond"],
-      batch["edit_mask"],
-      batch["edit_null_cond"],
-      batch["edit_null_mask"],
-    )
-    edit = flow_matching_loss(
-      model, params, batch["edit_x0"], c, m, keys[3], ref_latents=batch["edit_ref_latents"], **times
-    )
-    return (t2i + edit_weight * edit) / (1.0 + edit_weight), {"t2i_loss": t2i, "edit_loss": edit}
+    parts = {}
+    for i, task in enumerate(("t2i", "edit")):
+      x0 = batch[f"{task}_x0"]
+      cond, mask = drop_text(
+        keys[2 * i],
+        batch[f"{task}_cond"],
+        batch[f"{task}_mask"],
+        batch[f"{task}_null_cond"],
+        batch[f"{task}_null_mask"],
+      )
+      t, eps = flow_matching_draws(keys[2 * i + 1], x0, uniform_time_fraction, shift)
+      parts[task] = dict(x0=x0, cond=cond, mask=mask, t=t, eps=eps)
+    parts["edit"]["ref_latents"] = batch["edit_ref_latents"]
+    return parts
+
+  def loss_fn(params, parts):
+    t2i = velocity_loss(model, params, **parts["t2i"])
+    edit = velocity_loss(model, params, **parts["edit"])
+    loss = (t2i + edit_weight * edit) / (1.0 + edit_weight)
+    return loss, {"loss": loss, "t2i_loss": t2i, "edit_loss": edit}
 
   def step(state: TrainState, batch):
     key = jax.random.fold_in(state.key(), state.step)
     with nn.logical_axis_rules(rules):
-      (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
+      grads, metrics = accumulate_grads(loss_fn, state.params, draw(batch, key), micro_batches)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new = state.replace(
       step=state.step + 1, params=jax.tree.map(jnp.add, state.params, updates), opt_state=opt_state
     )
-    return keep_if_finite(state, new, loss), {"loss": loss, **aux}
+    return keep_if_finite(state, new, metrics["loss"]), metrics
 
   return step
 
@@ -345,7 +382,14 @@ def train(config, workdir):
   shift = time_shift(config, arrays["t2i_x0"].shape[1])
   step_fn = jax.jit(
     make_train_step(
-      model, tx, ctx.rules, loss.cfg_dropout, loss.edit_weight, loss.uniform_time_fraction, shift
+      model,
+      tx,
+      ctx.rules,
+      loss.cfg_dropout,
+      loss.edit_weight,
+      loss.uniform_time_fraction,
+      shift,
+      micro_batches=data.get("micro_batches", 1),
     ),
     donate_argnums=(0,),
     out_shardings=(shardings, None),
