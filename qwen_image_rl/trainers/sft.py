@@ -202,14 +202,6 @@ def velocity_loss(model, params, x0, cond, mask, t, eps, ref_latents=None):
   return jnp.mean((v - (eps - x0)) ** 2)
 
 
-def flow_matching_loss(
-  model, params, x0, cond, mask, key, ref_latents=None, *, uniform_fraction=0.0, shift=1.0
-):
-  """`velocity_loss` at draws from `flow_matching_draws(key, ...)`."""
-  t, eps = flow_matching_draws(key, x0, uniform_fraction, shift)
-  return velocity_loss(model, params, x0, cond, mask, t, eps, ref_latents)
-
-
 def make_train_step(
   model,
   tx,
