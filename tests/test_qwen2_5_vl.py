@@ -193,8 +193,13 @@ def test_image_processor_matches_transformers():
     ImageProcessor()(np.zeros((30, 30, 3), np.float32))
 
 
-def test_vision_features_match_transformers(reference):
-  processed = ImageProcessor()(_images())
+@pytest.mark.parametrize("sizes", ["mixed", "equal"])
+def test_vision_features_match_transformers(reference, sizes):
+  # Mixed sizes give ragged windows (masked attention over all patches); equal sizes give equal
+  # segments, which attend segment by segment.
+  equal = np.random.default_rng(1).integers(0, 256, (3, 112, 112, 3), dtype=np.uint8)
+  images = _images() if sizes == "mixed" else list(equal)
+  processed = ImageProcessor()(images)
   grid = processed["image_grid_thw"]
   with torch.no_grad():
     want = (
@@ -210,7 +215,10 @@ def test_vision_features_match_transformers(reference):
   )
   err = np.abs(np.asarray(got) - want).max()
   print(f"vision features {want.shape} max abs err {err:.2e} (max |x| {np.abs(want).max():.1f})")
-  assert layout["window_segments"].max() > len(SIZES), "several windows per image"
+  assert layout["window_segments"].max() > len(images), "several windows per image"
+  assert (
+    layout["window_segments"].ndim == layout["full_segments"].ndim == (1 if sizes == "mixed" else 2)
+  )
   assert err <= TOL
 
 

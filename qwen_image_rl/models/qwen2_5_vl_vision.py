@@ -94,8 +94,10 @@ class VisionLayout:
   """Index arrays the vision tower needs for one set of image grids (numpy, int32).
 
   window_index [N/m^2]: merge groups in window order. rope_positions [N, 2]: (row, col) of each
-  patch, already in window order. window_segments / full_segments [N]: attention segment of
-  each (window-ordered) patch for window blocks / full blocks. restore_index [N/m^2]: undoes
+  patch, already in window order. window_segments / full_segments: attention segment of each
+  (window-ordered) patch for window blocks / full blocks, [N]; or [S, N / S] when all S
+  segments hold the same number of patches, so attention runs segment by segment (a static
+  shape under jit) instead of over all N patches with a mask. restore_index [N/m^2]: undoes
   window_index on the merged tokens.
   """
 
@@ -143,6 +145,12 @@ def _window_order(t: int, h: int, w: int, window: int) -> tuple[np.ndarray, np.n
   return order[order >= 0], sizes[sizes > 0]
 
 
+def segment_ids(sizes: np.ndarray) -> np.ndarray:
+  """int32 segment id of each patch: [N], or [S, L] when all S segments have L patches."""
+  ids = np.repeat(np.arange(len(sizes)), sizes).astype(np.int32)
+  return ids.reshape(len(sizes), -1) if sizes.min() == sizes.max() else ids
+
+
 def vision_layout(grid_thw, config: VisionConfig) -> VisionLayout:
   """The window / rotary bookkeeping of transformers' vision forward, for `grid_thw` [n, 3]."""
   grid = check_grid_thw(grid_thw, config)
@@ -165,12 +173,11 @@ def vision_layout(grid_thw, config: VisionConfig) -> VisionLayout:
   window_index = np.concatenate(orders)
   patch_order = (window_index[:, None] * unit + np.arange(unit)).reshape(-1)
   rope_positions = np.concatenate(positions)[patch_order]
-  seg = lambda sizes: np.repeat(np.arange(len(sizes)), sizes)
   return VisionLayout(
     window_index=window_index.astype(np.int32),
     rope_positions=rope_positions.astype(np.int32),
-    window_segments=seg(np.concatenate(window_sizes)).astype(np.int32),
-    full_segments=seg(np.concatenate(frame_sizes)).astype(np.int32),
+    window_segments=segment_ids(np.concatenate(window_sizes)),
+    full_segments=segment_ids(np.concatenate(frame_sizes)),
     restore_index=np.argsort(window_index).astype(np.int32),
   )
 
@@ -183,6 +190,16 @@ def vision_rope(positions: jax.Array, head_dim: int, theta: float):
   freqs = jnp.concatenate([freqs[:, 0], freqs[:, 1]], axis=-1)
   emb = jnp.concatenate([freqs, freqs], axis=-1)
   return jnp.cos(emb), jnp.sin(emb)
+
+
+def segment_attention(q, k, v, mask=None):
+  """Softmax attention per segment: q, k, v [S, L, heads, head_dim], mask [S, 1, L, L] or None."""
+  scores = jnp.einsum("sqhd,skhd->shqk", q, k, preferred_element_type=jnp.float32)
+  scores = scores * q.shape[-1] ** -0.5
+  if mask is not None:
+    scores = jnp.where(mask, scores, -jnp.inf)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  return jnp.einsum("shqk,skhd->sqhd", probs, v)
 
 
 class VisionAttention(nn.Module):
@@ -201,12 +218,12 @@ class VisionAttention(nn.Module):
       t.astype(jnp.float32) * cos[:, None] + rotate_half(t.astype(jnp.float32)) * sin[:, None]
     ).astype(t.dtype)
     q, k = rope(q), rope(k)
-    scores = jnp.einsum("qhd,khd->hqk", q, k, preferred_element_type=jnp.float32)
-    scores = scores * head_dim**-0.5
-    same = segments[:, None] == segments[None, :]
-    scores = jnp.where(same[None], scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-    out = jnp.einsum("hqk,khd->qhd", probs, v).reshape(n, dim)
+    if segments.ndim == 2:  # equal segments: attend within each, O(N L) instead of O(N^2)
+      out = segment_attention(*(t.reshape(*segments.shape, *t.shape[1:]) for t in (q, k, v)))
+    else:
+      same = segments[:, None] == segments[None, :]
+      out = segment_attention(q[None], k[None], v[None], same[None, None])
+    out = out.reshape(n, dim)
     return logical_dense(dim, ("heads", "embed"), True, self.dtype, self.param_dtype, "proj")(out)
 
 
