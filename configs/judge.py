@@ -34,14 +34,15 @@ def get_config(arg: str = "tiny"):
         rope_theta=1e4,
         mrope_section=(4, 4, 4),
       ),
-      # 8-pixel patches merged 2x2: a 64-pixel image is 16 tokens; one window covers it.
+      # 4-pixel patches merged 4x4: a 64-pixel image is 16 tokens; one window covers it. (With
+      # 8-pixel patches the tower cannot learn to see pixel noise; README, learned rewards.)
       vision=dict(
         depth=2,
         hidden_size=64,
         intermediate_size=128,
         num_heads=2,
-        patch_size=8,
-        spatial_merge_size=2,
+        patch_size=4,
+        spatial_merge_size=4,
         temporal_patch_size=2,
         window_size=64,
         fullatt_block_indexes=(1,),
@@ -57,6 +58,7 @@ def get_config(arg: str = "tiny"):
       t2i_batch_size=24,
       edit_batch_size=8,
       no_cot_fraction=0.5,
+      caption_batch_size=16,
       samples_from="",
       task_weights=dict(alignment=0.45, aesthetics=0.3, portrait=0.25),
     )
@@ -66,7 +68,13 @@ def get_config(arg: str = "tiny"):
       kind="pairwise" if arg == "tiny_pairwise" else "pointwise",
       score_mse_weight=1.0,
       min_margin=0.02,
+      caption_weight=1.0,
     )
+  )
+  # The vision tower first learns to see (judges/perception.py; 0 steps skips it), then stays
+  # fixed: fine-tuned with the judge it forgets (README, learned rewards).
+  c.perception = ml_collections.ConfigDict(
+    dict(steps=400, batch_size=64, lr=2e-3, n_images=4096, balance_groups=True, freeze_tower=True)
   )
   c.judge = ml_collections.ConfigDict(dict(max_cot_tokens=40))
   c.optim.lr = 2e-3

@@ -90,7 +90,10 @@ MICRO_JUDGE_MODEL = dict(
     fullatt_block_indexes=(0,),
   ),
 )
-MICRO_JUDGE_DATA = dict(n_specs=8, n_edits=4, t2i_batch_size=4, edit_batch_size=2)
+MICRO_JUDGE_DATA = dict(
+  n_specs=8, n_edits=4, t2i_batch_size=4, edit_batch_size=2, caption_batch_size=2
+)
+MICRO_PERCEPTION = dict(steps=2, batch_size=4, n_images=8)
 MICRO_JUDGE_COT_TOKENS = 4
 
 
@@ -297,6 +300,7 @@ def shrink(config):
     config.model.update(MICRO_JUDGE_MODEL)
     config.data.update(MICRO_JUDGE_DATA)
     config.judge.max_cot_tokens = MICRO_JUDGE_COT_TOKENS
+    config.perception.update(MICRO_PERCEPTION)
   if "rl" in config:
     _shrink_rl(config.rl, config.data)
   if "tasks" in config:  # rl_mix: each task's own rl / data sections

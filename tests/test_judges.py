@@ -267,11 +267,127 @@ def _tiny_judge_config():
   c.total_steps = 6
   c.model.text = tiny_reference.tiny_judge_config().model.text.to_dict()
   c.model.vision.update(depth=1, hidden_size=32, intermediate_size=32, fullatt_block_indexes=(0,))
-  c.data.update(n_specs=8, n_edits=4, t2i_batch_size=4, edit_batch_size=2)
+  c.data.update(n_specs=8, n_edits=4, t2i_batch_size=4, edit_batch_size=2, caption_batch_size=2)
+  c.perception.update(steps=2, batch_size=4, n_images=8)
   c.checkpoint.every = 2
   c.checkpoint.async_save = False
   c.log.every = 2
   return c
+
+
+def test_caption_examples_target_exactly_the_scene_caption(judge):
+  from qwen_image_rl.trainers import reward_sft
+
+  c = _tiny_judge_config()
+  grid = judge.processor(np.zeros((64, 64, 3), np.uint8))['image_grid_thw']
+  batcher = reward_sft.CaptionBatcher(c, judge, grid)
+  batch = batcher(3)
+  rng = np.random.default_rng([c.seed, 3, 1])
+  rows = rng.choice(len(batcher.captions), c.data.caption_batch_size)
+  for i, row in enumerate(rows):
+    target = batch['caption/input_ids'][i][batch['caption/weights'][i] > 0].tolist()
+    assert target[-1] == judge.tokens.im_end
+    assert judge.tokenizer.decode(target[:-1]) == batcher.captions[row]
+    # The prompt (with its image tokens) carries no loss.
+    prompt = batch['caption/input_ids'][i][: len(batcher.prompt)]
+    assert np.all(batch['caption/weights'][i][: len(batcher.prompt)] == 0)
+    assert (prompt == judge.model.image_token_id).sum() == int(grid.prod()) // 4
+  again = batcher(3)
+  assert all(np.array_equal(batch[k], again[k]) for k in batch)
+  assert not np.array_equal(batch['caption/input_ids'], batcher(4)['caption/input_ids'])
+
+
+def test_perception_targets_are_the_caption_words_and_the_oracle_quality():
+  from qwen_image_rl.data import examples, oracle
+  from qwen_image_rl.judges import perception
+
+  data = perception.perception_set(0, 24, 64)
+  ex = examples.t2i_examples(0, 24, 'train', 64)
+  n_words = len(data.words)
+  corrupted = 0
+  for i, spec in enumerate(ex.specs):
+    words = {data.words[k] for k in np.flatnonzero(data.targets[i, :n_words])}
+    assert words == set(ex.prompts[i].split())
+    quality = oracle.image_quality(data.images[i])
+    np.testing.assert_allclose(
+      data.targets[i, n_words:-1], [quality[d] for d in perception.QUALITY_DIMS], rtol=1e-6
+    )
+    assert data.mask[i, -1] == (spec.category == 'portrait')
+    corrupted += not np.array_equal(data.images[i], ex.images[i])
+  assert 0 < corrupted < len(ex.specs)
+  assert data.names[-1] == 'well_formed' and len(data.names) == data.targets.shape[1]
+
+
+def test_perception_loss_averages_within_each_target_group():
+  from qwen_image_rl.judges import perception
+
+  rng = np.random.default_rng(0)
+  n_words, k = 6, 6 + len(perception.QUALITY_DIMS) + 1
+  logits, targets = rng.normal(size=(4, k)), rng.random((4, k))
+  mask = np.ones((4, k))
+  mask[[0, 2], -1] = 0  # two images without a face label
+  ce = np.logaddexp(0, logits) - targets * logits
+  groups = [slice(0, n_words), slice(n_words, k - 1), slice(k - 1, k)]
+  want = sum((ce * mask)[:, g].sum() / mask[:, g].sum() for g in groups)
+  got = perception.bce(logits, targets, mask, n_words)
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
+  plain = perception.bce(logits, targets, mask, n_words, balance_groups=False)
+  np.testing.assert_allclose(float(plain), (ce * mask).sum() / mask.sum(), rtol=1e-5)
+
+
+def test_perception_pretraining_fits_its_targets_and_returns_the_vision_tree(judge):
+  import flax.linen as nn
+  import ml_collections
+
+  from qwen_image_rl.judges import perception
+
+  settings = ml_collections.ConfigDict(
+    dict(steps=40, batch_size=8, lr=3e-3, n_images=16, balance_groups=True)
+  )
+  losses = []
+  visual, last = perception.pretrain_vision(
+    judge.model.visual, judge.processor, settings, 0, 64, log=losses.append
+  )
+  first = perception.pretrain_vision(
+    judge.model.visual,
+    judge.processor,
+    ml_collections.ConfigDict({**settings.to_dict(), 'steps': 1}),
+    0,
+    64,
+    log=lambda _: None,
+  )[1]
+  assert last < 0.6 * first, (first, last, losses)
+  shapes = lambda tree: jax.tree.map(np.shape, tree)
+  assert shapes(visual) == shapes(nn.meta.unbox(judge.params['visual']))
+
+
+def test_frozen_vision_tower_gets_no_updates_but_its_merger_and_the_lm_do(judge):
+  import flax.linen as nn
+  import optax
+
+  from qwen_image_rl.trainers import reward_sft
+
+  params = nn.meta.unbox(judge.params)
+  tx = reward_sft.freeze_vision_tower(optax.sgd(1.0))
+  updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+  moved = lambda tree: {bool(np.any(np.asarray(x) != 0)) for x in jax.tree.leaves(tree)}
+  tower = {k: v for k, v in updates['visual'].items() if k != 'merger'}
+  assert moved(tower) == {False}
+  assert moved(updates['visual']['merger']) == moved(updates['language_model']) == {True}
+
+
+def test_bad_caption_settings_are_rejected():
+  from qwen_image_rl import config_lib
+  from qwen_image_rl.trainers import reward_sft
+
+  c = _tiny_judge_config()
+  c.data.caption_batch_size = -1
+  with pytest.raises(config_lib.ConfigError, match='caption_batch_size=-1'):
+    reward_sft.validate(c)
+  c = _tiny_judge_config()
+  c.perception.steps = -1
+  with pytest.raises(config_lib.ConfigError, match='perception.steps=-1'):
+    reward_sft.validate(c)
 
 
 @pytest.mark.parametrize('kind', ['pointwise', 'pairwise'])
@@ -280,8 +396,10 @@ def test_reward_sft_trains_and_exports_a_loadable_judge(tmp_path, kind):
 
   c = _tiny_judge_config()
   c.loss.kind = kind
+  c.perception.freeze_tower = kind == 'pairwise'  # the frozen tower's optimiser, sharded
   history = main.run(c, str(tmp_path))
   assert all(np.isfinite(h['loss']) for h in history)
+  assert all(h['caption_ce'] > 0 for h in history)
   loaded = V.VLMJudge.load(str(tmp_path / 'export' / 'judge'), max_cot_tokens=3)
   with open(tmp_path / 'export' / 'judge' / V.JUDGE_CONFIG) as f:
     assert json.load(f)['loss'] == kind

@@ -94,6 +94,21 @@ def chat_prompt(task: str, prompt: str) -> str:
   )
 
 
+# Captioning, an auxiliary training task only (not a reward): the judge must name every object,
+# colour and position of the image, which a rubric verdict alone does not force it to read. Its
+# words are left out of the tokenizer's vocabulary ("Describe" is split into pieces), so adding
+# the task changed no judge's tokenizer.
+CAPTION_REQUEST = 'Describe the image.'
+
+
+def caption_prompt() -> str:
+  """The captioning prompt up to the assistant turn; the answer is the scene's caption."""
+  return (
+    f'<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{IMAGE}{CAPTION_REQUEST}'
+    f'<|im_end|>\n<|im_start|>assistant\n'
+  )
+
+
 def verdict(value: float) -> str:
   return next(word for threshold, word in VERDICTS if value >= threshold)
 

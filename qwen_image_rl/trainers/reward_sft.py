@@ -11,6 +11,16 @@ Pairwise (the paper's ablation, `loss.kind='pairwise'`): the same backbone, imag
 trained with Bradley-Terry -log sigmoid(R_w - R_l) on the two images of one spec ordered by the
 oracle (near-ties, |delta| < loss.min_margin, are dropped); R is the no-CoT expected score.
 
+Captioning (`data.caption_batch_size` > 0, both losses): each step adds that many examples of
+"Describe the image." answered with the scene's caption, on renders of the training split (half
+of them noised, blurred or speckled), with token cross-entropy weighted by `loss.caption_weight`.
+The rubric targets can be met from language priors alone (most verdicts are "good"); a caption
+cannot, so it is what makes a from-scratch vision tower encode objects, colours and positions.
+
+Perception pre-training (`perception.steps` > 0): before the first step of a fresh run the
+vision tower is trained on dense oracle targets (judges/perception.py) and the judge starts
+from it; a resumed run restores it from the checkpoint.
+
 Each step holds `data.t2i_batch_size` one-image examples (alignment / aesthetics / portrait, by
 `data.task_weights`) and `data.edit_batch_size` two-image instruction-following examples (pairs
 for the pairwise loss), drawn from (seed, step): a resumed run replays the same batches.
@@ -28,11 +38,12 @@ import numpy as np
 from qwen_image_rl import config_lib, optim, parallel
 from qwen_image_rl.data.tokenizer import special_token_ids
 from qwen_image_rl.judges import judge_data as D
+from qwen_image_rl.judges import perception
 from qwen_image_rl.judges import prompts as P
 from qwen_image_rl.judges import vlm_judge as V
 from qwen_image_rl.models.qwen2_5_vl import Qwen25VLTextModel
 from qwen_image_rl.models.qwen2_5_vl_full import Qwen25VL
-from qwen_image_rl.models.qwen2_5_vl_processor import ImageProcessor
+from qwen_image_rl.models.qwen2_5_vl_processor import ImageProcessor, expand_image_tokens
 from qwen_image_rl.models.qwen2_5_vl_vision import Qwen25VLVisionModel, VisionConfig
 from qwen_image_rl.train_state import TrainState, create_train_state, keep_if_finite
 from qwen_image_rl.trainers import common
@@ -50,7 +61,16 @@ def validate(config):
     "data.edit_batch_size",
     "data.image_size",
   )
+  if config.data.caption_batch_size < 0 or config.loss.caption_weight < 0:
+    raise config_lib.ConfigError(
+      f"config.data.caption_batch_size={config.data.caption_batch_size} and "
+      f"config.loss.caption_weight={config.loss.caption_weight}: must be >= 0"
+    )
   config_lib.check_choice(config, "loss.kind", LOSS_KINDS)
+  if config.perception.steps < 0:
+    raise config_lib.ConfigError(f"config.perception.steps={config.perception.steps}: must be >= 0")
+  if config.perception.steps:
+    config_lib.check_positive(config, "perception.batch_size", "perception.n_images")
   if not 0.0 <= config.data.no_cot_fraction <= 1.0:
     raise config_lib.ConfigError(
       f"config.data.no_cot_fraction={config.data.no_cot_fraction}: must be in [0, 1]"
@@ -227,30 +247,87 @@ class Batcher:
       ids[i, : len(seq)], mask[i, : len(seq)], weights[i, : len(seq)] = seq, 1, w
       pos[i], target[i] = p, y
       images += self._images(task, row)
-    processed = self.judge.processor(images)
-    positions, _ = self.judge.model.rope_index(ids, mask, processed["image_grid_thw"])
     return {
-      "input_ids": ids,
-      "attention_mask": mask,
-      "position_ids": positions,
-      "pixel_values": processed["pixel_values"],
+      **model_inputs(self.judge, ids, mask, images),
       "weights": weights,
       "score_pos": pos,
       "score_target": target,
     }
 
 
-def make_loss(model: Qwen25VL, digit_ids, layout, config):
+def model_inputs(judge: V.VLMJudge, ids, mask, images, prefix: str = "") -> dict:
+  """The forward pass's arrays (ids, mask, mRoPE positions, pixels), keys under `prefix`."""
+  processed = judge.processor(images)
+  positions, _ = judge.model.rope_index(ids, mask, processed["image_grid_thw"])
+  inputs = {
+    "input_ids": ids,
+    "attention_mask": mask,
+    "position_ids": positions,
+    "pixel_values": processed["pixel_values"],
+  }
+  return {prefix + k: v for k, v in inputs.items()}
+
+
+# Pixel corruptions that keep what a caption names (a recolour would change its colour words).
+CAPTION_CORRUPTIONS = (D.noise, D.blur, D.impulses)
+
+
+class CaptionBatcher:
+  """The step's captioning examples (a pure function of step): arrays under "caption/" keys."""
+
+  def __init__(self, config, judge: V.VLMJudge, grid):
+    from qwen_image_rl.data import examples
+
+    d = config.data
+    self.config, self.judge, self.grid = config, judge, grid
+    ex = examples.t2i_examples(config.seed, d.n_specs, "train", d.image_size)
+    self.images, self.captions = ex.images, ex.prompts
+    prompt = judge.tokenizer(
+      expand_image_tokens([P.caption_prompt()], grid, judge.processor.merge_size)[0]
+    )
+    self.prompt = prompt["input_ids"]
+    self.answers = [judge.tokenizer(c)["input_ids"] + [judge.tokens.im_end] for c in self.captions]
+    longest = len(self.prompt) + max(map(len, self.answers))
+    self.length = -(-longest // 16) * 16
+
+  def __call__(self, step: int) -> dict:
+    n, L = self.config.data.caption_batch_size, self.length
+    rng = np.random.default_rng([self.config.seed, step, 1])
+    rows = rng.choice(len(self.captions), n)
+    ids = np.full((n, L), self.judge.tokens.pad, np.int32)
+    mask = np.zeros((n, L), np.int32)
+    weights = np.zeros((n, L), np.float32)
+    images = []
+    for i, row in enumerate(rows):
+      seq = self.prompt + self.answers[row]
+      ids[i, : len(seq)], mask[i, : len(seq)] = seq, 1
+      weights[i, len(self.prompt) : len(seq)] = 1.0
+      image = self.images[row]
+      if rng.random() < 0.5:  # the content, not the pixels, is what the caption names
+        image = CAPTION_CORRUPTIONS[int(rng.integers(len(CAPTION_CORRUPTIONS)))](image, rng)
+      images.append(image)
+    return {**model_inputs(self.judge, ids, mask, images, "caption/"), "caption/weights": weights}
+
+
+def token_ce(logits, input_ids, weights):
+  """Weighted next-token cross-entropy (weights on the target positions)."""
+  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
+  nll = -jnp.take_along_axis(logp, input_ids[:, 1:, None], axis=-1)[..., 0]
+  w = weights[:, 1:]
+  return jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def make_loss(model: Qwen25VL, digit_ids, layout, config, caption_layout=None):
   kind, mse_weight = config.loss.kind, config.loss.score_mse_weight
 
-  def forward(params, batch):
+  def forward(params, batch, prefix="", vision_layout=layout):
     return model.apply(
       {"params": params},
-      batch["input_ids"],
-      batch["attention_mask"],
-      batch["pixel_values"],
-      position_ids=batch["position_ids"],
-      vision_layout=layout,
+      batch[prefix + "input_ids"],
+      batch[prefix + "attention_mask"],
+      batch[prefix + "pixel_values"],
+      position_ids=batch[prefix + "position_ids"],
+      vision_layout=vision_layout,
     )
 
   def expected_at_score(logits, batch):
@@ -259,10 +336,7 @@ def make_loss(model: Qwen25VL, digit_ids, layout, config):
 
   def pointwise(params, batch):
     logits = forward(params, batch).astype(jnp.float32)
-    logp = jax.nn.log_softmax(logits[:, :-1])
-    nll = -jnp.take_along_axis(logp, batch["input_ids"][:, 1:, None], axis=-1)[..., 0]
-    w = batch["weights"][:, 1:]
-    ce = jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
+    ce = token_ce(logits, batch["input_ids"], batch["weights"])
     mse = jnp.mean((expected_at_score(logits, batch) - batch["score_target"]) ** 2)
     return ce + mse_weight * mse, {"token_ce": ce, "score_mse": mse}
 
@@ -285,7 +359,17 @@ def make_loss(model: Qwen25VL, digit_ids, layout, config):
     acc = jnp.sum((r[:half] > r[half:]) * w) / jnp.maximum(jnp.sum(w), 1.0)
     return loss, {"pair_accuracy": acc}
 
-  return pointwise if kind == "pointwise" else pairwise
+  judge_loss = pointwise if kind == "pointwise" else pairwise
+  if caption_layout is None:
+    return judge_loss
+
+  def with_captions(params, batch):
+    loss, aux = judge_loss(params, batch)
+    logits = forward(params, batch, "caption/", caption_layout)
+    ce = token_ce(logits, batch["caption/input_ids"], batch["caption/weights"])
+    return loss + config.loss.caption_weight * ce, {**aux, "caption_ce": ce}
+
+  return with_captions
 
 
 def make_train_step(loss_fn, tx):
@@ -300,6 +384,34 @@ def make_train_step(loss_fn, tx):
   return step
 
 
+def freeze_vision_tower(tx):
+  """`tx` with the vision tower's updates set to zero, except its merger (which maps the tower's
+  features into the language model and must learn with it). The update is zeroed after `tx`,
+  so the optimiser state keeps the parameters' tree (and shardings)."""
+  import optax
+
+  frozen = lambda path: "visual" in str(path[0]) and "merger" not in str(path[1])
+
+  def update(updates, state, params=None):
+    del params
+    zeroed = jax.tree_util.tree_map_with_path(
+      lambda path, u: jnp.zeros_like(u) if frozen(path) else u, updates
+    )
+    return zeroed, state
+
+  return optax.chain(tx, optax.GradientTransformation(lambda _: optax.EmptyState(), update))
+
+
+def with_pretrained_vision(state, shardings, model, processor, config):
+  """`state` with its vision tower replaced by one pre-trained on perception targets."""
+  visual, loss = perception.pretrain_vision(
+    model.visual, processor, config.perception, config.seed, config.data.image_size
+  )
+  print(f"reward_sft: vision tower pre-trained, final perception loss {loss:.4f}", flush=True)
+  visual = jax.device_put(visual, shardings.params["visual"])
+  return state.replace(params={**state.params, "visual": visual})
+
+
 REQUIRED = {
   "total_steps": int,
   "seed": int,
@@ -310,10 +422,18 @@ REQUIRED = {
   "data.t2i_batch_size": int,
   "data.edit_batch_size": int,
   "data.no_cot_fraction": float,
+  "data.caption_batch_size": int,
   "data.samples_from": str,
   "loss.kind": str,
   "loss.score_mse_weight": float,
   "loss.min_margin": float,
+  "loss.caption_weight": float,
+  "perception.steps": int,
+  "perception.batch_size": int,
+  "perception.lr": float,
+  "perception.n_images": int,
+  "perception.freeze_tower": bool,
+  "perception.balance_groups": bool,
   "judge.max_cot_tokens": int,
 }
 
@@ -330,6 +450,9 @@ def train(config, workdir):
   print("reward_sft: rendering, corrupting and labelling the training set ...", flush=True)
   t2i, edits = build_sets(config)
   batcher = Batcher(config, judge, t2i, edits)
+  captioner = (
+    CaptionBatcher(config, judge, batcher.grid) if config.data.caption_batch_size else None
+  )
   print(
     f"reward_sft: {len(t2i)} T2I and {len(edits)} edit images, sequence length "
     f"{batcher.length}, loss {config.loss.kind}",
@@ -343,24 +466,34 @@ def train(config, workdir):
       np.repeat(batcher.grid, len(example["pixel_values"]) // int(batcher.grid.prod()), axis=0)
     ).items()
   }
+  caption_layout = None
+  if captioner:
+    grids = np.repeat(batcher.grid, config.data.caption_batch_size, axis=0)
+    caption_layout = {k: jnp.asarray(v) for k, v in model.layout(grids).items()}
   tx = optim.make_optimizer(config.optim, config.total_steps)
+  if config.perception.steps and config.perception.freeze_tower:
+    tx = freeze_vision_tower(tx)
   init = lambda key: model.init(key, jnp.zeros((1, 8), jnp.int32), jnp.ones((1, 8), jnp.int32))[
     "params"
   ]
   state, shardings = create_train_state(init, tx, ctx.mesh, ctx.rules, config.seed)
   state, start = common.restore_or_keep(ctx, state, shardings)
+  if start == 0 and config.perception.steps:
+    state = with_pretrained_vision(state, shardings, model, judge.processor, config)
 
   def batch_for_step(step):
     batch = batcher(step)
+    if captioner:
+      batch.update(captioner(step))
     out = {}
     for k, v in batch.items():
-      if k == "position_ids" or k == "pixel_values":
+      if k.endswith(("position_ids", "pixel_values")):
         out[k] = jax.device_put(v, parallel.replicated(ctx.mesh))
       else:
         out[k] = jax.device_put(v, parallel.batch_sharding(ctx.mesh, v.shape, ctx.rules))
     return out
 
-  loss_fn = make_loss(model, jnp.asarray(judge.tokens.digits), layout, config)
+  loss_fn = make_loss(model, jnp.asarray(judge.tokens.digits), layout, config, caption_layout)
   step_fn = jax.jit(
     make_train_step(loss_fn, tx), donate_argnums=(0,), out_shardings=(shardings, None)
   )
