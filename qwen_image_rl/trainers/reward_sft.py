@@ -34,6 +34,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from qwen_image_rl import config_lib, optim, parallel
 from qwen_image_rl.data.tokenizer import special_token_ids
@@ -268,10 +269,6 @@ def model_inputs(judge: V.VLMJudge, ids, mask, images, prefix: str = "") -> dict
   return {prefix + k: v for k, v in inputs.items()}
 
 
-# Pixel corruptions that keep what a caption names (a recolour would change its colour words).
-CAPTION_CORRUPTIONS = (D.noise, D.blur, D.impulses)
-
-
 class CaptionBatcher:
   """The step's captioning examples (a pure function of step): arrays under "caption/" keys."""
 
@@ -304,7 +301,7 @@ class CaptionBatcher:
       weights[i, len(self.prompt) : len(seq)] = 1.0
       image = self.images[row]
       if rng.random() < 0.5:  # the content, not the pixels, is what the caption names
-        image = CAPTION_CORRUPTIONS[int(rng.integers(len(CAPTION_CORRUPTIONS)))](image, rng)
+        image = perception.CORRUPTIONS[int(rng.integers(len(perception.CORRUPTIONS)))](image, rng)
       images.append(image)
     return {**model_inputs(self.judge, ids, mask, images, "caption/"), "caption/weights": weights}
 
@@ -388,8 +385,6 @@ def freeze_vision_tower(tx):
   """`tx` with the vision tower's updates set to zero, except its merger (which maps the tower's
   features into the language model and must learn with it). The update is zeroed after `tx`,
   so the optimiser state keeps the parameters' tree (and shardings)."""
-  import optax
-
   frozen = lambda path: "visual" in str(path[0]) and "merger" not in str(path[1])
 
   def update(updates, state, params=None):
