@@ -7,14 +7,16 @@
 
 Variants: tiny (pointwise: CoT SFT + expected-score regression, the paper's judge),
 tiny_pairwise (Bradley-Terry on oracle-ordered pairs, same backbone and images; the paper's
-ablation). Add base-model samples with --config.data.samples_from=runs/demo/base/export/pipeline.
+ablation), tiny_describe (pointwise; the alignment chain of thought first describes the image,
+then gives the verdicts). Add base-model samples with
+--config.data.samples_from=runs/demo/base/export/pipeline.
 """
 
 import ml_collections
 
 from configs import common
 
-VARIANTS = ("tiny", "tiny_pairwise")
+VARIANTS = ("tiny", "tiny_pairwise", "tiny_describe")
 
 
 def get_config(arg: str = "tiny"):
@@ -60,6 +62,8 @@ def get_config(arg: str = "tiny"):
       no_cot_fraction=0.5,
       caption_batch_size=16,
       samples_from="",
+      # Alignment CoTs first describe the image (judge_data.describe), then give the verdicts.
+      describe_in_cot=arg == "tiny_describe",
       task_weights=dict(alignment=0.45, aesthetics=0.3, portrait=0.25),
     )
   )
@@ -76,7 +80,8 @@ def get_config(arg: str = "tiny"):
   c.perception = ml_collections.ConfigDict(
     dict(steps=400, batch_size=64, lr=2e-3, n_images=4096, balance_groups=True, freeze_tower=True)
   )
-  c.judge = ml_collections.ConfigDict(dict(max_cot_tokens=40))
+  # Longest training CoT + marker: 21 tokens of verdicts, 51 with a description.
+  c.judge = ml_collections.ConfigDict(dict(max_cot_tokens=64 if arg == "tiny_describe" else 40))
   c.optim.lr = 2e-3
   c.optim.warmup_steps = 30
   c.optim.schedule = "cosine"

@@ -11,6 +11,12 @@ GRPO, which stays there); the objective and its rollout differ:
     draws per sample; the old policy is an EMA of theta (decay ramped to 0.5);
   - one batch-wide advantage std (rl.advantage_std='batch', Flow-GRPO's global std).
 Compare objectives at an equal rollout budget with `python -m qwen_image_rl.rl_curves`.
+
+RL on a learned judge with the oracle held out (the judge issue; README, learned rewards):
+  python -m qwen_image_rl.main --config=configs/rl_t2i.py:judge=runs/demo/judge/export/judge \
+      --workdir=runs/rl_t2i_judge --config.init_from=runs/demo/base/export/pipeline
+`judge_no_cot=DIR` scores without chain of thought. Every oracle reward is replaced by its judge_*
+counterpart under the same category weights; evaluation still reads the oracle.
 """
 
 from configs import grpo_t2i
@@ -29,9 +35,18 @@ def forward_rl(c):
   return c
 
 
+JUDGE_VARIANTS = {"judge": True, "judge_no_cot": False}  # variant -> judge writes a CoT
+
+
 def get_config(arg: str = "tiny"):
-  if arg != "tiny":
-    raise ValueError(f"configs/rl_t2i.py: unknown variant {arg!r}; known: ['tiny']")
+  variant, _, judge_dir = arg.partition("=")
+  if arg != "tiny" and (variant not in JUDGE_VARIANTS or not judge_dir):
+    raise ValueError(
+      f"configs/rl_t2i.py: unknown variant {arg!r}; known: ['tiny', 'judge=JUDGE_DIR', "
+      "'judge_no_cot=JUDGE_DIR'] (JUDGE_DIR: a reward_sft export, WORKDIR/export/judge)"
+    )
   c = forward_rl(grpo_t2i.get_config("tiny"))
   c.total_steps = 60
+  if judge_dir:
+    c = grpo_t2i.with_judge_rewards(c, judge_dir, cot=JUDGE_VARIANTS[variant])
   return c

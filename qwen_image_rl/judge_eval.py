@@ -7,10 +7,12 @@
 VLM judge: per task (alignment, aesthetics, portrait, instruction) and mode, the Spearman and
 Pearson correlations of the judge reward with the oracle reward over the valid outputs, the
 pairwise accuracy (the two images of one spec, oracle gap >= 0.02: does the judge order them as
-the oracle?), n and the number of invalid outputs. Images: n held-out specs' renders corrupted
-as in training (n / 2 specs x 2 draws), and with --samples_from the base pipeline's samples of
-the same prompts as the second draw. Face-ID: same- vs different-identity AUC of the embedding
-cosine on held-out identities (clean, augmented and blurred renders).
+the oracle?), n, the number of invalid outputs, and `by_kind`: the mean judge reward and
+oracle score per kind of image (clean render, pixel corruption, semantic mutation, unrelated
+scene, face distortion; edits also the untouched source; pipeline samples). Images: n held-out
+specs' renders corrupted as in training (n / 2 specs x 2 draws), and with --samples_from the base
+pipeline's samples of the same prompts as the second draw. Face-ID: same- vs different-identity
+AUC of the embedding cosine on held-out identities (clean, augmented and blurred renders).
 """
 
 from __future__ import annotations
@@ -83,8 +85,26 @@ def evaluate_judge(judge, t2i, edits, modes) -> dict:
         None if data.sources is None else data.sources[rows],
         cot=mode == "cot",
       )
-      results[f"{task}/{mode}"] = correlation_metrics(out.reward, oracle[rows], data.variants)
+      results[f"{task}/{mode}"] = {
+        **correlation_metrics(out.reward, oracle[rows], data.variants),
+        "by_kind": by_kind(out.reward, oracle[rows], [data.kinds[i] for i in rows]),
+      }
   return results
+
+
+def by_kind(judge: np.ndarray, oracle: np.ndarray, kinds) -> dict:
+  """Mean judge reward and oracle score per image kind (clean, pixel, semantic, unrelated, ...):
+  a judge that reads only image quality rates a semantic mutation like the clean render."""
+  kinds = np.asarray(kinds)
+  out = {}
+  for kind in sorted(set(kinds.tolist())):
+    rows = kinds == kind
+    out[kind] = {
+      "n": int(rows.sum()),
+      "judge": round(float(np.nanmean(judge[rows])), 4) if np.any(~np.isnan(judge[rows])) else None,
+      "oracle": round(float(np.mean(oracle[rows])), 4),
+    }
+  return out
 
 
 def main(argv):

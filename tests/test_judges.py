@@ -141,6 +141,30 @@ def test_judge_reward_reports_invalid_as_nan_and_keeps_neutral_for_other_categor
   assert np.isnan(scores[2]) and nan_counts({'x': scores}) == {'x': 1}
   with pytest.raises(ValueError, match='exactly one of judge_dir'):
     make_reward('judge_alignment')
+  with pytest.raises(FileNotFoundError, match='not a judge directory'):
+    make_reward('judge_alignment', judge_dir='/nonexistent/export/judge')
+
+
+def test_rl_config_on_a_judge_replaces_every_oracle_reward():
+  from configs import rl_t2i
+  from qwen_image_rl import trainers
+
+  oracle = rl_t2i.get_config('tiny')
+  for variant, cot in (('judge', True), ('judge_no_cot', False)):
+    c = rl_t2i.get_config(f'{variant}=runs/j/export/judge')
+    assert c.rewards.names == ('judge_alignment', 'judge_aesthetics', 'judge_portrait')
+    assert all(
+      c.rewards.kwargs[n].to_dict() == dict(judge_dir='runs/j/export/judge', cot=cot)
+      for n in c.rewards.names
+    )
+    assert c.rl.objective == oracle.rl.objective and c.total_steps == oracle.total_steps
+    assert (
+      c.rl.category_weights.portrait.judge_portrait == oracle.rl.category_weights.portrait.portrait
+    )
+    trainers.validate(c)
+  for bad in ('judge', 'judge=', 'tiny_judge=x'):
+    with pytest.raises(ValueError, match='unknown variant'):
+      rl_t2i.get_config(bad)
 
 
 def test_reward_registry_names():
@@ -295,6 +319,65 @@ def test_caption_examples_target_exactly_the_scene_caption(judge):
   again = batcher(3)
   assert all(np.array_equal(batch[k], again[k]) for k in batch)
   assert not np.array_equal(batch['caption/input_ids'], batcher(4)['caption/input_ids'])
+
+
+def test_corrupted_draws_record_the_scene_they_show():
+  from qwen_image_rl.data import render
+
+  t2i = D.t2i_set(0, 48, 'train', 64, 2)
+  assert {'clean', 'semantic', 'unrelated', 'pixel'} <= set(t2i.kinds)
+  for i, kind in enumerate(t2i.kinds):
+    shown = t2i.shown[i]
+    if kind in ('clean', 'semantic', 'unrelated'):  # no pixel corruption: the image IS its render
+      np.testing.assert_array_equal(t2i.images[i], render.render(shown, 64))
+    if kind in ('clean', 'pixel', 'face'):
+      assert shown == t2i.specs[i]
+    if kind == 'unrelated':
+      assert shown != t2i.specs[i]
+  edits = D.edit_set(0, 24, 'train', 64, 2)
+  assert 'source' in edits.kinds
+  for i, kind in enumerate(edits.kinds):
+    if kind == 'source':  # the edit not done
+      np.testing.assert_array_equal(edits.images[i], edits.sources[i])
+
+
+def test_describe_in_cot_puts_the_shown_scene_before_the_verdicts(judge):
+  from qwen_image_rl.trainers import reward_sft
+
+  c = _tiny_judge_config()
+  c.data.describe_in_cot = True
+  t2i, edits = D.t2i_set(0, 8, 'train', 64, 2), D.edit_set(0, 4, 'train', 64, 2)
+  batcher = reward_sft.Batcher(c, judge, t2i, edits)
+  mutated = [i for i, k in enumerate(t2i.kinds) if k in ('semantic', 'unrelated')]
+  assert mutated
+  for row in batcher.rows['alignment']:
+    text = judge.tokenizer.decode(batcher._cot_ids('alignment', row))
+    described = D.describe(t2i.shown[row])
+    assert text.startswith(described + '.')
+    assert text[len(described) + 1 :].strip() == P.chain_of_thought(
+      'alignment', t2i.labels[row]['dims/alignment']
+    )
+    if row in mutated and t2i.shown[row] != t2i.specs[row]:
+      assert described != D.describe(t2i.specs[row])  # the scene drawn, not the one asked for
+  c.data.describe_in_cot = False
+  plain = reward_sft.Batcher(c, judge, t2i, edits)
+  row = batcher.rows['alignment'][0]
+  assert judge.tokenizer.decode(plain._cot_ids('alignment', row)) == P.chain_of_thought(
+    'alignment', t2i.labels[row]['dims/alignment']
+  )
+  # Other tasks never describe.
+  assert batcher._cot_ids('aesthetics', row) == plain._cot_ids('aesthetics', row)
+
+
+def test_eval_breaks_scores_down_by_kind_of_image():
+  from qwen_image_rl import judge_eval
+
+  judge = np.array([0.9, 0.8, np.nan, 0.2, 0.4])
+  oracle = np.array([1.0, 1.0, 0.5, 0.1, 0.6])
+  out = judge_eval.by_kind(judge, oracle, ['clean', 'clean', 'semantic', 'semantic', 'pixel'])
+  assert out['clean'] == {'n': 2, 'judge': 0.85, 'oracle': 1.0}
+  assert out['semantic'] == {'n': 2, 'judge': 0.2, 'oracle': 0.3}  # NaN (invalid) left out
+  assert out['pixel']['judge'] == 0.4
 
 
 def test_perception_targets_are_the_caption_words_and_the_oracle_quality():

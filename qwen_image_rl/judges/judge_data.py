@@ -18,8 +18,8 @@ import dataclasses
 import numpy as np
 from scipy import ndimage
 
+from qwen_image_rl.data import captions, examples, oracle, render
 from qwen_image_rl.data import edits as E
-from qwen_image_rl.data import examples, oracle, render
 from qwen_image_rl.data import world as W
 
 TASKS = ('alignment', 'aesthetics', 'portrait', 'instruction')
@@ -147,27 +147,38 @@ PORTRAIT_VARIANT_PROBS = (0.15, 0.2, 0.15, 0.05, 0.4, 0.05)
 
 
 def corrupt(spec, image, size, rng):
-  """(image, variant name): one draw from the corruption mix for a render of `spec`."""
+  """(image, variant name, shown spec): one draw from the corruption mix for a render of `spec`;
+  the shown spec is the scene actually drawn (a mutated or unrelated one, else `spec`)."""
   probs = PORTRAIT_VARIANT_PROBS if spec.category == 'portrait' else VARIANT_PROBS
   variant = VARIANTS[int(rng.choice(len(VARIANTS), p=probs))]
   if variant == 'face' and spec.category != 'portrait':
     variant = 'pixel'
   if variant == 'clean':
-    return image, variant
+    return image, variant, spec
   if variant == 'face':
     out = distort_face(image, rng)
     return (
       PIXEL_CORRUPTIONS[int(rng.integers(4))](out, rng) if rng.random() < 0.3 else out,
       variant,
+      spec,
     )
   if variant == 'unrelated':
-    return render.render(W.sample_scene(rng, spec.category), size), variant
+    shown = W.sample_scene(rng, spec.category)
+    return render.render(shown, size), variant, shown
+  shown = spec
   if variant.startswith('semantic'):
     mutated = mutate_spec(spec, rng)
-    image = image if mutated is None else render.render(mutated, size)
+    if mutated is not None:
+      image, shown = render.render(mutated, size), mutated
   if variant.endswith('pixel'):
     image = PIXEL_CORRUPTIONS[int(rng.integers(4))](image, rng)
-  return image, variant
+  return image, variant, shown
+
+
+def describe(spec) -> str:
+  """What a judge that describes before it judges writes of the scene it sees: the world's
+  caption in one fixed phrasing (the prompt it is compared with is paraphrased freely)."""
+  return captions.caption(spec, np.random.default_rng(0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,6 +208,8 @@ class JudgeSet:
 
   T2I: images [N, H, W, 3], prompts, categories, specs, labels (dicts from `t2i_labels`).
   Edits: sources, images (outputs), prompts (instructions), categories, edits, labels.
+  kinds: each image's variant (VARIANTS, 'sample' for a pipeline sample, 'source' for an edit's
+  untouched source); shown: the scene each T2I image draws (None for a pipeline sample).
   """
 
   images: np.ndarray
@@ -207,6 +220,8 @@ class JudgeSet:
   sources: np.ndarray | None = None
   specs: tuple = ()
   edits: tuple = ()
+  kinds: tuple = ()
+  shown: tuple = ()
 
   def __len__(self):
     return len(self.prompts)
@@ -227,15 +242,17 @@ def t2i_set(
   samples of the same prompts, replace the last draw when given)."""
   ex = examples.t2i_examples(seed, n_specs, split, size)
   rng = np.random.default_rng([seed, W.SPLITS.index(split), 7])
-  images, rows = [], []
+  images, rows, kinds, shown = [], [], [], []
   for i, spec in enumerate(ex.specs):
     for v in range(variants):
       if extra_images is not None and v == variants - 1:
-        image = extra_images[i]
+        image, kind, scene = extra_images[i], 'sample', None
       else:
-        image, _ = corrupt(spec, ex.images[i], size, rng)
+        image, kind, scene = corrupt(spec, ex.images[i], size, rng)
       images.append(image)
       rows.append(i)
+      kinds.append(kind)
+      shown.append(scene)
   images = np.stack(images)
   return JudgeSet(
     images=images,
@@ -244,6 +261,8 @@ def t2i_set(
     labels=tuple(t2i_labels(im, ex.specs[i]) for im, i in zip(images, rows)),
     variants=variants,
     specs=tuple(ex.specs[i] for i in rows),
+    kinds=tuple(kinds),
+    shown=tuple(shown),
   )
 
 
@@ -269,17 +288,18 @@ def edit_set(
 ) -> JudgeSet:
   ex = examples.edit_examples(seed, n_edits, split, size)
   rng = np.random.default_rng([seed, W.SPLITS.index(split), 8])
-  outputs, rows = [], []
+  outputs, rows, kinds = [], [], []
   for i, edit in enumerate(ex.edits):
     for v in range(variants):
       if extra_outputs is not None and v == variants - 1:
-        out = extra_outputs[i]
+        out, kind = extra_outputs[i], 'sample'
       elif rng.random() < 0.15:
-        out = ex.sources[i]  # the edit not done
+        out, kind = ex.sources[i], 'source'  # the edit not done
       else:
-        out, _ = corrupt(edit.target, ex.targets[i], size, rng)
+        out, kind, _ = corrupt(edit.target, ex.targets[i], size, rng)
       outputs.append(out)
       rows.append(i)
+      kinds.append(kind)
   outputs = np.stack(outputs)
   sources = ex.sources[rows]
   return JudgeSet(
@@ -290,4 +310,5 @@ def edit_set(
     labels=tuple(edit_labels(s, o, ex.edits[i]) for s, o, i in zip(sources, outputs, rows)),
     variants=variants,
     edits=tuple(ex.edits[i] for i in rows),
+    kinds=tuple(kinds),
   )

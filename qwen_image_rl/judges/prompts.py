@@ -113,9 +113,10 @@ def verdict(value: float) -> str:
   return next(word for threshold, word in VERDICTS if value >= threshold)
 
 
-def chain_of_thought(task: str, dims: dict, instruction: str = '') -> str:
-  """`dim verdict.` for each oracle dimension in rubric order; edits first restate the core."""
-  parts = []
+def chain_of_thought(task: str, dims: dict, instruction: str = '', seen: str = '') -> str:
+  """`dim verdict.` for each oracle dimension in rubric order; edits first restate the core; a
+  `seen` description of the image (describe, then judge) comes first."""
+  parts = [f'{seen}.'] if seen else []
   if task == 'instruction':
     parts.append(f'core: {instruction}. non core: keep the rest.')
   for dim in DIM_ORDER[check_task(task)]:

@@ -174,10 +174,7 @@ class Batcher:
     grids = np.repeat(self.grid, P.NUM_IMAGES[task], axis=0)
     prompt = self.judge.prompt_ids(task, data.prompts[row], grids)
     label = data.labels[row]
-    cot_ids = []
-    if cot:
-      text = P.chain_of_thought(task, label[f"dims/{task}"], data.prompts[row])
-      cot_ids = self.judge.tokenizer(text)["input_ids"]
+    cot_ids = self._cot_ids(task, row) if cot else []
     digit = P.score_bin(label[task]) if with_target else None
     ids, pos = V.assemble(prompt, cot_ids, self.judge.tokens, digit)
     weights = np.zeros(len(ids), np.float32)
@@ -185,11 +182,27 @@ class Batcher:
     weights[len(prompt) if cot else pos + 1 :] = 1.0
     return ids, weights, pos, 1.0 + 4.0 * label[task]
 
+  def _cot_ids(self, task, row) -> list[int]:
+    data = self.edits if task == "instruction" else self.t2i
+    seen = ""
+    if task == "alignment" and self.config.data.describe_in_cot and data.shown[row] is not None:
+      seen = D.describe(data.shown[row])
+    text = P.chain_of_thought(task, data.labels[row][f"dims/{task}"], data.prompts[row], seen)
+    return self.judge.tokenizer(text)["input_ids"]
+
   def _max_length(self) -> int:
-    longest = 0
+    longest = longest_cot = 0
     for task, rows in self.rows.items():
       for row in rows[:64]:
         longest = max(longest, len(self._example(task, row, cot=True)[0]))
+        longest_cot = max(longest_cot, len(self._cot_ids(task, row)) + 1)  # + the marker
+    if longest_cot > self.judge.max_cot_tokens:  # e.g. describe_in_cot at the default bound
+      print(
+        f"reward_sft: WARNING: training chains of thought run to {longest_cot} tokens (with the "
+        f"score marker) but config.judge.max_cot_tokens={self.judge.max_cot_tokens}: at "
+        "inference longer ones are cut and counted invalid",
+        flush=True,
+      )
     return -(-(longest + 16) // 16) * 16  # headroom for longer verdict lists, then round up
 
   def _images(self, task, row):
@@ -419,6 +432,7 @@ REQUIRED = {
   "data.no_cot_fraction": float,
   "data.caption_batch_size": int,
   "data.samples_from": str,
+  "data.describe_in_cot": bool,
   "loss.kind": str,
   "loss.score_mse_weight": float,
   "loss.min_margin": float,
