@@ -7,8 +7,8 @@
 
 Variants: tiny (pointwise: CoT SFT + expected-score regression, the paper's judge),
 tiny_pairwise (Bradley-Terry on oracle-ordered pairs, same backbone and images; the paper's
-ablation), tiny_describe (pointwise; the alignment chain of thought first describes the image,
-then gives the verdicts). Add base-model samples with
+ablation), tiny_describe (pointwise; the alignment chain of thought describes the image before
+its verdicts, the instruction one the source and the output). Add base-model samples with
 --config.data.samples_from=runs/demo/base/export/pipeline.
 """
 
@@ -62,7 +62,8 @@ def get_config(arg: str = "tiny"):
       no_cot_fraction=0.5,
       caption_batch_size=16,
       samples_from="",
-      # Alignment CoTs first describe the image (judge_data.describe), then give the verdicts.
+      # Alignment CoTs describe the image (judge_data.describe) before the verdicts, instruction
+      # CoTs the source and the output.
       describe_in_cot=arg == "tiny_describe",
       task_weights=dict(alignment=0.45, aesthetics=0.3, portrait=0.25),
     )
@@ -80,8 +81,9 @@ def get_config(arg: str = "tiny"):
   c.perception = ml_collections.ConfigDict(
     dict(steps=400, batch_size=64, lr=2e-3, n_images=4096, balance_groups=True, freeze_tower=True)
   )
-  # Longest training CoT + marker: 21 tokens of verdicts, 51 with a description.
-  c.judge = ml_collections.ConfigDict(dict(max_cot_tokens=64 if arg == "tiny_describe" else 40))
+  # Longest training CoT + marker, in tokens: about 30 (verdicts; edits restate the instruction),
+  # 99 with descriptions (an edit's CoT describes its source and its output).
+  c.judge = ml_collections.ConfigDict(dict(max_cot_tokens=112 if arg == "tiny_describe" else 40))
   c.optim.lr = 2e-3
   c.optim.warmup_steps = 30
   c.optim.schedule = "cosine"

@@ -359,14 +359,21 @@ def test_describe_in_cot_puts_the_shown_scene_before_the_verdicts(judge):
     )
     if row in mutated and t2i.shown[row] != t2i.specs[row]:
       assert described != D.describe(t2i.specs[row])  # the scene drawn, not the one asked for
-  c.data.describe_in_cot = False
+  c = _tiny_judge_config()
+  assert not c.data.describe_in_cot
   plain = reward_sft.Batcher(c, judge, t2i, edits)
   row = batcher.rows['alignment'][0]
   assert judge.tokenizer.decode(plain._cot_ids('alignment', row)) == P.chain_of_thought(
     'alignment', t2i.labels[row]['dims/alignment']
   )
-  # Other tasks never describe.
+  # Aesthetics and portrait never describe; instruction describes the source, then the output.
   assert batcher._cot_ids('aesthetics', row) == plain._cot_ids('aesthetics', row)
+  for row in range(len(edits)):
+    text = judge.tokenizer.decode(batcher._cot_ids('instruction', row))
+    before, after = D.describe(edits.edits[row].source), D.describe(edits.shown[row])
+    assert f'keep the rest. {before}. {after}. core ' in text
+    if edits.kinds[row] == 'source':
+      assert before == after
 
 
 def test_eval_breaks_scores_down_by_kind_of_image():

@@ -209,7 +209,8 @@ class JudgeSet:
   T2I: images [N, H, W, 3], prompts, categories, specs, labels (dicts from `t2i_labels`).
   Edits: sources, images (outputs), prompts (instructions), categories, edits, labels.
   kinds: each image's variant (VARIANTS, 'sample' for a pipeline sample, 'source' for an edit's
-  untouched source); shown: the scene each T2I image draws (None for a pipeline sample).
+  untouched source); shown: the scene each image (an edit's output) draws (None for a pipeline
+  sample).
   """
 
   images: np.ndarray
@@ -288,18 +289,19 @@ def edit_set(
 ) -> JudgeSet:
   ex = examples.edit_examples(seed, n_edits, split, size)
   rng = np.random.default_rng([seed, W.SPLITS.index(split), 8])
-  outputs, rows, kinds = [], [], []
+  outputs, rows, kinds, shown = [], [], [], []
   for i, edit in enumerate(ex.edits):
     for v in range(variants):
       if extra_outputs is not None and v == variants - 1:
-        out, kind = extra_outputs[i], 'sample'
+        out, kind, scene = extra_outputs[i], 'sample', None
       elif rng.random() < 0.15:
-        out, kind = ex.sources[i], 'source'  # the edit not done
+        out, kind, scene = ex.sources[i], 'source', edit.source  # the edit not done
       else:
-        out, kind, _ = corrupt(edit.target, ex.targets[i], size, rng)
+        out, kind, scene = corrupt(edit.target, ex.targets[i], size, rng)
       outputs.append(out)
       rows.append(i)
       kinds.append(kind)
+      shown.append(scene)
   outputs = np.stack(outputs)
   sources = ex.sources[rows]
   return JudgeSet(
@@ -311,4 +313,5 @@ def edit_set(
     variants=variants,
     edits=tuple(ex.edits[i] for i in rows),
     kinds=tuple(kinds),
+    shown=tuple(shown),
   )

@@ -114,11 +114,13 @@ def verdict(value: float) -> str:
 
 
 def chain_of_thought(task: str, dims: dict, instruction: str = '', seen: str = '') -> str:
-  """`dim verdict.` for each oracle dimension in rubric order; edits first restate the core; a
-  `seen` description of the image (describe, then judge) comes first."""
-  parts = [f'{seen}.'] if seen else []
+  """`dim verdict.` for each oracle dimension in rubric order; edits first restate the core. A
+  `seen` description of the image(s) (describe, then judge) comes before the verdicts."""
+  parts = []
   if task == 'instruction':
     parts.append(f'core: {instruction}. non core: keep the rest.')
+  if seen:
+    parts.append(f'{seen}.')
   for dim in DIM_ORDER[check_task(task)]:
     if dim in dims:
       parts.append(f'{DIM_WORDS.get(dim, dim)} {verdict(dims[dim])}.')

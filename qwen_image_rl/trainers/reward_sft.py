@@ -184,11 +184,21 @@ class Batcher:
 
   def _cot_ids(self, task, row) -> list[int]:
     data = self.edits if task == "instruction" else self.t2i
-    seen = ""
-    if task == "alignment" and self.config.data.describe_in_cot and data.shown[row] is not None:
-      seen = D.describe(data.shown[row])
-    text = P.chain_of_thought(task, data.labels[row][f"dims/{task}"], data.prompts[row], seen)
+    text = P.chain_of_thought(
+      task, data.labels[row][f"dims/{task}"], data.prompts[row], self._seen(task, row)
+    )
     return self.judge.tokenizer(text)["input_ids"]
+
+  def _seen(self, task, row) -> str:
+    """describe_in_cot: the alignment CoT describes the image; the instruction CoT the source,
+    then the output (so the check becomes a comparison of texts). "" otherwise."""
+    if not self.config.data.describe_in_cot or task not in ("alignment", "instruction"):
+      return ""
+    data = self.edits if task == "instruction" else self.t2i
+    if data.shown[row] is None:  # a pipeline sample: its scene is unknown
+      return ""
+    seen = D.describe(data.shown[row])
+    return f"{D.describe(data.edits[row].source)}. {seen}" if task == "instruction" else seen
 
   def _max_length(self) -> int:
     longest = longest_cot = 0
