@@ -15,6 +15,7 @@ its verdicts, the instruction one the source and the output). Add base-model sam
 import ml_collections
 
 from configs import common
+from qwen_image_rl.judges import judge_data
 
 VARIANTS = ("tiny", "tiny_pairwise", "tiny_describe")
 
@@ -65,6 +66,8 @@ def get_config(arg: str = "tiny"):
       # Alignment CoTs describe the image (judge_data.describe) before the verdicts, instruction
       # CoTs the source and the output.
       describe_in_cot=arg == "tiny_describe",
+      # Scales each image variant's share of the mix (judge_data.VARIANT_PROBS).
+      variant_weights=dict.fromkeys(judge_data.VARIANTS, 1.0),
       task_weights=dict(alignment=0.45, aesthetics=0.3, portrait=0.25),
     )
   )

@@ -341,6 +341,21 @@ def test_corrupted_draws_record_the_scene_they_show():
       np.testing.assert_array_equal(edits.images[i], edits.sources[i])
 
 
+def test_variant_weights_rescale_the_mix_and_all_ones_change_nothing():
+  base = D.t2i_set(0, 16, 'train', 64, 2)
+  same = D.t2i_set(0, 16, 'train', 64, 2, mix=dict.fromkeys(D.VARIANTS, 1.0))
+  assert same.kinds == base.kinds and np.array_equal(same.images, base.images)
+  probs = D.variant_probs('general', {'unrelated': 5.0, 'semantic': 2.0})
+  want = np.array(D.VARIANT_PROBS) * [1, 1, 2, 1, 1, 5]
+  np.testing.assert_allclose(probs, want / want.sum())
+  heavy = D.t2i_set(0, 200, 'train', 64, 2, mix={'unrelated': 20.0})
+  assert heavy.kinds.count('unrelated') > 3 * max(1, base.kinds.count('unrelated'))
+  with pytest.raises(ValueError, match='unknown judge data variants'):
+    D.variant_probs('general', {'blurry': 2.0})
+  with pytest.raises(ValueError, match='must be >= 0'):
+    D.variant_probs('general', {'unrelated': -1.0})
+
+
 def test_describe_in_cot_puts_the_shown_scene_before_the_verdicts(judge):
   from qwen_image_rl.trainers import reward_sft
 

@@ -146,10 +146,26 @@ VARIANT_PROBS = (0.2, 0.3, 0.25, 0.1, 0.1, 0.05)
 PORTRAIT_VARIANT_PROBS = (0.15, 0.2, 0.15, 0.05, 0.4, 0.05)
 
 
-def corrupt(spec, image, size, rng):
+def variant_probs(category: str, mix: dict | None = None) -> np.ndarray:
+  """The corruption mix of a category, each variant's probability scaled by `mix[name]`
+  (default 1) and renormalised."""
+  probs = np.array(PORTRAIT_VARIANT_PROBS if category == 'portrait' else VARIANT_PROBS)
+  if mix:  # (all weights 1: the table itself, so the default data is drawn exactly as before)
+    unknown = set(mix) - set(VARIANTS)
+    if unknown:
+      raise ValueError(f'unknown judge data variants {sorted(unknown)}; known: {VARIANTS}')
+    weights = np.array([float(mix.get(v, 1.0)) for v in VARIANTS])
+    if weights.min() < 0 or not (probs * weights).sum():
+      raise ValueError(f'judge data variant weights {mix}: must be >= 0, not all 0')
+    if np.any(weights != 1.0):
+      probs = probs * weights / (probs * weights).sum()
+  return probs
+
+
+def corrupt(spec, image, size, rng, mix: dict | None = None):
   """(image, variant name, shown spec): one draw from the corruption mix for a render of `spec`;
   the shown spec is the scene actually drawn (a mutated or unrelated one, else `spec`)."""
-  probs = PORTRAIT_VARIANT_PROBS if spec.category == 'portrait' else VARIANT_PROBS
+  probs = variant_probs(spec.category, mix)
   variant = VARIANTS[int(rng.choice(len(VARIANTS), p=probs))]
   if variant == 'face' and spec.category != 'portrait':
     variant = 'pixel'
@@ -238,9 +254,10 @@ def t2i_set(
   size: int,
   variants: int = 2,
   extra_images: np.ndarray | None = None,
+  mix: dict | None = None,
 ) -> JudgeSet:
   """`variants` corrupted draws per spec (`extra_images` [n_specs, H, W, 3], e.g. pipeline
-  samples of the same prompts, replace the last draw when given)."""
+  samples of the same prompts, replace the last draw when given; `mix`: see variant_probs)."""
   ex = examples.t2i_examples(seed, n_specs, split, size)
   rng = np.random.default_rng([seed, W.SPLITS.index(split), 7])
   images, rows, kinds, shown = [], [], [], []
@@ -249,7 +266,7 @@ def t2i_set(
       if extra_images is not None and v == variants - 1:
         image, kind, scene = extra_images[i], 'sample', None
       else:
-        image, kind, scene = corrupt(spec, ex.images[i], size, rng)
+        image, kind, scene = corrupt(spec, ex.images[i], size, rng, mix)
       images.append(image)
       rows.append(i)
       kinds.append(kind)
@@ -286,6 +303,7 @@ def edit_set(
   size: int,
   variants: int = 2,
   extra_outputs: np.ndarray | None = None,
+  mix: dict | None = None,
 ) -> JudgeSet:
   ex = examples.edit_examples(seed, n_edits, split, size)
   rng = np.random.default_rng([seed, W.SPLITS.index(split), 8])
@@ -297,7 +315,7 @@ def edit_set(
       elif rng.random() < 0.15:
         out, kind, scene = ex.sources[i], 'source', edit.source  # the edit not done
       else:
-        out, kind, scene = corrupt(edit.target, ex.targets[i], size, rng)
+        out, kind, scene = corrupt(edit.target, ex.targets[i], size, rng, mix)
       outputs.append(out)
       rows.append(i)
       kinds.append(kind)

@@ -33,6 +33,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
@@ -68,6 +69,10 @@ def validate(config):
       f"config.loss.caption_weight={config.loss.caption_weight}: must be >= 0"
     )
   config_lib.check_choice(config, "loss.kind", LOSS_KINDS)
+  try:
+    D.variant_probs("general", dict(config.data.variant_weights))
+  except ValueError as e:
+    raise config_lib.ConfigError(f"config.data.variant_weights: {e}") from None
   if config.perception.steps < 0:
     raise config_lib.ConfigError(f"config.perception.steps={config.perception.steps}: must be >= 0")
   if config.perception.steps:
@@ -147,8 +152,9 @@ def build_sets(config):
 
     prompts = examples.t2i_examples(config.seed, d.n_specs, "train", d.image_size).prompts
     t2i_extra = pipeline_samples(d.samples_from, prompts, d.image_size, config.seed)
-  t2i = D.t2i_set(config.seed, d.n_specs, "train", d.image_size, d.variants, t2i_extra)
-  edits = D.edit_set(config.seed, d.n_edits, "train", d.image_size, d.variants)
+  mix = dict(d.variant_weights)
+  t2i = D.t2i_set(config.seed, d.n_specs, "train", d.image_size, d.variants, t2i_extra, mix)
+  edits = D.edit_set(config.seed, d.n_edits, "train", d.image_size, d.variants, mix=mix)
   return t2i, edits
 
 
@@ -443,6 +449,7 @@ REQUIRED = {
   "data.caption_batch_size": int,
   "data.samples_from": str,
   "data.describe_in_cot": bool,
+  "data.variant_weights": ml_collections.ConfigDict,
   "loss.kind": str,
   "loss.score_mse_weight": float,
   "loss.min_margin": float,
