@@ -531,3 +531,26 @@ def test_face_id_exact_resume_after_sigkill(tmp_path):
   kill_and_resume.assert_killed_then_resumed_run_is_exact(
     code, str(tmp_path / 'straight'), str(tmp_path / 'resumed'), 20, kill_after_step=10
   )
+
+
+def test_judge_share_of_an_rl_iteration_is_read_from_the_run_log(tmp_path):
+  from benchmarks import judge_throughput
+
+  log = tmp_path / 'rl.log'
+  lines = [
+    'iteration 1: loss 1.9, reward judge_alignment 0.7; 30.0s (rollout 9.0, reward 9.0 waited '
+    '5.0, update 16.0)',
+    'I1203 some absl line',
+  ]
+  for i, (total, reward, waited) in enumerate([(8.0, 3.0, 0.5), (9.0, 4.0, 1.0), (7.0, 2.0, 0.0)]):
+    lines.append(
+      f'iteration {i + 2}: loss 1.1, reward judge_alignment 0.8; {total}s (rollout 4.0, '
+      f'reward {reward} waited {waited}, update 3.5)'
+    )
+  log.write_text('\n'.join(lines))
+  out = judge_throughput.iteration_times(str(log))  # iteration 1 (compile) left out
+  assert out['iterations'] == 3 and out['iteration_s'] == 8.0 and out['reward_s'] == 3.0
+  assert out['waited_share'] == pytest.approx(0.5 / 8.0)
+  (tmp_path / 'empty.log').write_text('nothing here')
+  with pytest.raises(SystemExit, match='no RL iteration lines'):
+    judge_throughput.iteration_times(str(tmp_path / 'empty.log'))
