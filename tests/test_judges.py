@@ -366,7 +366,7 @@ def test_describe_in_cot_puts_the_shown_scene_before_the_verdicts(judge):
   mutated = [i for i, k in enumerate(t2i.kinds) if k in ('semantic', 'unrelated')]
   assert mutated
   for row in batcher.rows['alignment']:
-    text = judge.tokenizer.decode(batcher._cot_ids('alignment', row))
+    text = judge.tokenizer.decode(batcher.cot_ids('alignment', row))
     described = D.describe(t2i.shown[row])
     assert text.startswith(described + '.')
     assert text[len(described) + 1 :].strip() == P.chain_of_thought(
@@ -378,13 +378,13 @@ def test_describe_in_cot_puts_the_shown_scene_before_the_verdicts(judge):
   assert not c.data.describe_in_cot
   plain = reward_sft.Batcher(c, judge, t2i, edits)
   row = batcher.rows['alignment'][0]
-  assert judge.tokenizer.decode(plain._cot_ids('alignment', row)) == P.chain_of_thought(
+  assert judge.tokenizer.decode(plain.cot_ids('alignment', row)) == P.chain_of_thought(
     'alignment', t2i.labels[row]['dims/alignment']
   )
   # Aesthetics and portrait never describe; instruction describes the source, then the output.
-  assert batcher._cot_ids('aesthetics', row) == plain._cot_ids('aesthetics', row)
+  assert batcher.cot_ids('aesthetics', row) == plain.cot_ids('aesthetics', row)
   for row in range(len(edits)):
-    text = judge.tokenizer.decode(batcher._cot_ids('instruction', row))
+    text = judge.tokenizer.decode(batcher.cot_ids('instruction', row))
     before, after = D.describe(edits.edits[row].source), D.describe(edits.shown[row])
     assert f'keep the rest. {before}. {after}. core ' in text
     if edits.kinds[row] == 'source':

@@ -180,7 +180,7 @@ class Batcher:
     grids = np.repeat(self.grid, P.NUM_IMAGES[task], axis=0)
     prompt = self.judge.prompt_ids(task, data.prompts[row], grids)
     label = data.labels[row]
-    cot_ids = self._cot_ids(task, row) if cot else []
+    cot_ids = self.cot_ids(task, row) if cot else []
     digit = P.score_bin(label[task]) if with_target else None
     ids, pos = V.assemble(prompt, cot_ids, self.judge.tokens, digit)
     weights = np.zeros(len(ids), np.float32)
@@ -188,7 +188,8 @@ class Batcher:
     weights[len(prompt) if cot else pos + 1 :] = 1.0
     return ids, weights, pos, 1.0 + 4.0 * label[task]
 
-  def _cot_ids(self, task, row) -> list[int]:
+  def cot_ids(self, task, row) -> list[int]:
+    """The target chain of thought of a training example, as token ids."""
     data = self.edits if task == "instruction" else self.t2i
     text = P.chain_of_thought(
       task, data.labels[row][f"dims/{task}"], data.prompts[row], self._seen(task, row)
@@ -211,7 +212,7 @@ class Batcher:
     for task, rows in self.rows.items():
       for row in rows[:64]:
         longest = max(longest, len(self._example(task, row, cot=True)[0]))
-        longest_cot = max(longest_cot, len(self._cot_ids(task, row)) + 1)  # + the marker
+        longest_cot = max(longest_cot, len(self.cot_ids(task, row)) + 1)  # + the marker
     if longest_cot > self.judge.max_cot_tokens:  # e.g. describe_in_cot at the default bound
       print(
         f"reward_sft: WARNING: training chains of thought run to {longest_cot} tokens (with the "
