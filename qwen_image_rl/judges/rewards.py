@@ -67,14 +67,10 @@ class JudgeReward(RewardFn):
         f'judge_{self.task}: pass exactly one of judge_dir (a reward_sft export, '
         'WORKDIR/export/judge) or scorer (a served judge)'
       )
-    if judge_dir:
-      from qwen_image_rl.judges.vlm_judge import is_judge_dir
+    if judge_dir:  # fail at start-up, not after the first rollouts
+      from qwen_image_rl.judges.vlm_judge import check_judge_dir
 
-      if not is_judge_dir(judge_dir):  # fail at start-up, not after the first rollouts
-        raise FileNotFoundError(
-          f'judge_{self.task}: {judge_dir!r} is not a judge directory (needs config.json and '
-          'preprocessor_config.json; reward_sft exports WORKDIR/export/judge)'
-        )
+      check_judge_dir(judge_dir)
     self.name = name or f'judge_{self.task}'
     self.names = (self.name,)
     self.cot, self.neutral = bool(cot), float(neutral)

@@ -165,6 +165,15 @@ def is_judge_dir(directory: str) -> bool:
   return all(paths.isfile(paths.join(directory, f)) for f in ('config.json', PREPROCESSOR_CONFIG))
 
 
+def check_judge_dir(directory: str) -> None:
+  """FileNotFoundError naming what is missing unless `directory` holds a judge export."""
+  if not is_judge_dir(directory):
+    raise FileNotFoundError(
+      f'{directory!r} is not a judge directory (needs config.json and '
+      f'{PREPROCESSOR_CONFIG}; reward_sft exports WORKDIR/export/judge)'
+    )
+
+
 def find_judge_dir(path: str) -> str | None:
   """The judge `path` names (itself, or a reward_sft workdir's export/judge) as a local
   directory, a URL's tree downloaded once (paths.local_copy); None when neither holds one."""
@@ -202,11 +211,7 @@ class VLMJudge:
     from qwen_image_rl.data.tokenizer import load_tokenizer
 
     path = os.path.join(directory, PREPROCESSOR_CONFIG)
-    if not is_judge_dir(directory):
-      raise FileNotFoundError(
-        f'{directory!r} is not a judge directory (needs config.json and '
-        f'{PREPROCESSOR_CONFIG}; reward_sft exports WORKDIR/export/judge)'
-      )
+    check_judge_dir(directory)
     model, params = load_qwen2_5_vl(directory)
     with open(path) as f:
       processor = ImageProcessor.from_dict(json.load(f))

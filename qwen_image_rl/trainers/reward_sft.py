@@ -175,8 +175,11 @@ class Batcher:
     self.grid = grid
     self.length = self._max_length()
 
+  def _data(self, task) -> D.JudgeSet:
+    return self.edits if task == "instruction" else self.t2i
+
   def _example(self, task, row, cot: bool, with_target: bool = True):
-    data = self.edits if task == "instruction" else self.t2i
+    data = self._data(task)
     grids = np.repeat(self.grid, P.NUM_IMAGES[task], axis=0)
     prompt = self.judge.prompt_ids(task, data.prompts[row], grids)
     label = data.labels[row]
@@ -190,7 +193,7 @@ class Batcher:
 
   def cot_ids(self, task, row) -> list[int]:
     """The target chain of thought of a training example, as token ids."""
-    data = self.edits if task == "instruction" else self.t2i
+    data = self._data(task)
     text = P.chain_of_thought(
       task, data.labels[row][f"dims/{task}"], data.prompts[row], self._seen(task, row)
     )
@@ -201,7 +204,7 @@ class Batcher:
     then the output (so the check becomes a comparison of texts). "" otherwise."""
     if not self.config.data.describe_in_cot or task not in ("alignment", "instruction"):
       return ""
-    data = self.edits if task == "instruction" else self.t2i
+    data = self._data(task)
     if data.shown[row] is None:  # a pipeline sample: its scene is unknown
       return ""
     seen = D.describe(data.shown[row])
@@ -223,7 +226,7 @@ class Batcher:
     return -(-(longest + 16) // 16) * 16  # headroom for longer verdict lists, then round up
 
   def _images(self, task, row):
-    data = self.edits if task == "instruction" else self.t2i
+    data = self._data(task)
     return [data.sources[row], data.images[row]] if task == "instruction" else [data.images[row]]
 
   def picks(self, step: int):
@@ -246,7 +249,7 @@ class Batcher:
     rng = np.random.default_rng([self.config.seed, step])
     picks = []
     for task, row, _ in self.picks(step):
-      data = self.edits if task == "instruction" else self.t2i
+      data = self._data(task)
       group = row - row % data.variants
       a, b = group + rng.choice(data.variants, 2, replace=False)
       sa, sb = data.labels[a].get(task), data.labels[b].get(task)
