@@ -8,7 +8,11 @@
 Variants: tiny (pointwise: CoT SFT + expected-score regression, the paper's judge),
 tiny_pairwise (Bradley-Terry on oracle-ordered pairs, same backbone and images; the paper's
 ablation), tiny_describe (pointwise; the alignment chain of thought describes the image before
-its verdicts, the instruction one the source and the output). Add base-model samples with
+its verdicts, the instruction one the source and the output), tiny_describe_first (pointwise;
+the judge first captions each image in a separate "Describe the image." pass, which cannot copy
+the prompt, and the alignment and instruction prompts carry that caption: training shows the
+true scene's caption there; its language model first compares prompts with captions of renders,
+text alone, for `language.steps`). Add base-model samples with
 --config.data.samples_from=runs/demo/base/export/pipeline.
 """
 
@@ -17,7 +21,7 @@ import ml_collections
 from configs import common
 from qwen_image_rl.judges import judge_data
 
-VARIANTS = ("tiny", "tiny_pairwise", "tiny_describe")
+VARIANTS = ("tiny", "tiny_pairwise", "tiny_describe", "tiny_describe_first")
 
 
 def get_config(arg: str = "tiny"):
@@ -86,7 +90,20 @@ def get_config(arg: str = "tiny"):
   )
   # Longest training CoT + marker, in tokens: about 30 (verdicts; edits restate the instruction),
   # 99 with descriptions (an edit's CoT describes its source and its output).
-  c.judge = ml_collections.ConfigDict(dict(max_cot_tokens=112 if arg == "tiny_describe" else 40))
+  c.judge = ml_collections.ConfigDict(
+    dict(
+      max_cot_tokens=112 if arg == "tiny_describe" else 40,
+      # Alignment and instruction prompts carry the judge's own caption of each image, written
+      # in a separate pass before it judges (VLMJudge.describe_first); captions run to ~50 tokens.
+      describe_first=arg == "tiny_describe_first",
+      max_caption_tokens=64,
+    )
+  )
+  # describe_first judges: the language model first learns to compare the prompt with the
+  # description of a render, text alone (reward_sft.pretrain_language; 0 steps skips it).
+  c.language = ml_collections.ConfigDict(
+    dict(steps=2000 if arg == "tiny_describe_first" else 0, batch_size=32, lr=2e-3)
+  )
   c.optim.lr = 2e-3
   c.optim.warmup_steps = 30
   c.optim.schedule = "cosine"

@@ -13,6 +13,10 @@ scene, face distortion; edits also the untouched source; pipeline samples). Imag
 specs' renders corrupted as in training (n / 2 specs x 2 draws), and with --samples_from the base
 pipeline's samples of the same prompts as the second draw. Face-ID: same- vs different-identity
 AUC of the embedding cosine on held-out identities (clean, augmented and blurred renders).
+
+Describe-first judges (configs/judge.py:tiny_describe_first) caption each image before judging;
+--captions=true gives them the true caption of the scene each image draws instead, so the
+alignment and instruction numbers measure the comparison alone, without the captioning.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from absl import app, flags
 from scipy import stats
 
 from qwen_image_rl.judges import judge_data as D
+from qwen_image_rl.judges import prompts as P
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("judge", None, "A judge export dir, or face_id:DIR for the face embedder.")
@@ -34,6 +39,9 @@ flags.DEFINE_enum("mode", "both", ["both", "cot", "no_cot"], "Judge answer mode(
 flags.DEFINE_integer("max_cot_tokens", 0, "Override the judge's bound (0: the exported value).")
 flags.DEFINE_string("samples_from", "", "A pipeline dir: its samples join the held-out images.")
 flags.DEFINE_integer("seed", 1, "Seed of the held-out draws.")
+flags.DEFINE_enum(
+  "captions", "own", ["own", "true"], "Describe-first judges: their own captions or the truth."
+)
 PAIR_MARGIN = 0.02
 
 
@@ -70,12 +78,23 @@ def held_out_sets(split: str, n: int, seed: int, samples_from: str = "", size: i
   return (D.t2i_set(seed, n // 2, split, size, 2, extra), D.edit_set(seed, n // 2, split, size, 2))
 
 
-def evaluate_judge(judge, t2i, edits, modes) -> dict:
+def true_descriptions(task: str, data: D.JudgeSet, rows, seed: int) -> list[str]:
+  """The describe-first line of each row written from the scene its images draw."""
+  rng = np.random.default_rng([seed, 3])
+  return [P.seen_text(task, data.shown_captions(int(row), rng)) for row in rows]
+
+
+def evaluate_judge(judge, t2i, edits, modes, true_captions: bool = False, seed: int = 0) -> dict:
+  if true_captions and not judge.describe_first:
+    raise ValueError("--captions=true needs a describe_first judge (tiny_describe_first)")
   results = {}
   for task in D.TASKS:
     data = edits if task == "instruction" else t2i
     oracle = data.scores(task)
     rows = np.flatnonzero(~np.isnan(oracle))
+    seen = None
+    if true_captions and task in P.DESCRIBED_TASKS:
+      seen = true_descriptions(task, data, rows, seed)
     # Keep whole groups (the portrait task applies to every draw of a portrait spec).
     for mode in modes:
       out = judge.score(
@@ -84,6 +103,7 @@ def evaluate_judge(judge, t2i, edits, modes) -> dict:
         [data.prompts[i] for i in rows],
         None if data.sources is None else data.sources[rows],
         cot=mode == "cot",
+        seen=seen,
       )
       results[f"{task}/{mode}"] = {
         **correlation_metrics(out.reward, oracle[rows], data.variants),
@@ -129,11 +149,16 @@ def main(argv):
     judge = VLMJudge.load(FLAGS.judge, **kw)
     modes = ("cot", "no_cot") if FLAGS.mode == "both" else (FLAGS.mode,)
     t2i, edits = held_out_sets(FLAGS.split, FLAGS.n, FLAGS.seed, FLAGS.samples_from)
+    true_captions = FLAGS.captions == "true"
+    if true_captions and not judge.describe_first:
+      raise app.UsageError(f"--captions=true: {FLAGS.judge} is not a describe_first judge")
     result = {
       "judge": FLAGS.judge,
       "split": FLAGS.split,
       "max_cot_tokens": judge.max_cot_tokens,
-      **evaluate_judge(judge, t2i, edits, modes),
+      "describe_first": judge.describe_first,
+      "captions": FLAGS.captions if judge.describe_first else None,
+      **evaluate_judge(judge, t2i, edits, modes, true_captions, FLAGS.seed),
     }
   print(json.dumps(result, sort_keys=True), flush=True)
 

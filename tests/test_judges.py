@@ -4,6 +4,7 @@ exact resume of reward_sft after SIGKILL."""
 
 import json
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -391,6 +392,137 @@ def test_describe_in_cot_puts_the_shown_scene_before_the_verdicts(judge):
       assert before == after
 
 
+def _describing(judge):
+  return V.VLMJudge(
+    judge.model, judge.params, judge.tokenizer, judge.processor, describe_first=True
+  )
+
+
+def test_describe_first_training_prompts_name_the_scene_each_image_shows(judge):
+  from qwen_image_rl.data import captions
+  from qwen_image_rl.trainers import reward_sft
+
+  c = _tiny_judge_config()
+  c.judge.describe_first = True
+  t2i, edits = D.t2i_set(5, 40, 'train', 64, 2), D.edit_set(0, 4, 'train', 64, 2)
+  batcher = reward_sft.Batcher(c, _describing(judge), t2i, edits)
+  plain = reward_sft.Batcher(_tiny_judge_config(), judge, t2i, edits)
+  texts = [s for s in t2i.shown if s.category == 'typography']
+  checked = 0
+  for row in batcher.rows['alignment']:
+    given = batcher.given('alignment', row)
+    assert given and given == batcher.given('alignment', row)
+    prompt = judge.tokenizer.decode(batcher._example('alignment', row, cot=False)[0])
+    assert f'\n{P.SEEN_LABEL}: {given}<|im_end|>' in prompt
+    shown, asked = t2i.shown[row], t2i.specs[row]
+    if shown.category == 'typography':
+      assert captions.glyph_words(shown.text) in given
+      if shown.text != asked.text and captions.glyph_words(asked.text) not in (
+        captions.glyph_words(shown.text)
+      ):
+        assert captions.glyph_words(asked.text) not in given  # what is drawn, not asked
+        checked += 1
+  assert texts and checked
+  # Only alignment and instruction are described; an edit names its source, then its output.
+  row = batcher.rows['aesthetics'][0]
+  assert batcher.given('aesthetics', row) == ''
+  assert batcher._example('aesthetics', row, True)[0] == plain._example('aesthetics', row, True)[0]
+  for row in range(len(edits)):
+    given = batcher.given('instruction', row)
+    assert given.startswith('source ') and '. output ' in given
+
+
+def test_language_pretraining_compares_texts_of_exact_renders_and_leaves_the_tower(judge):
+  from qwen_image_rl import config_lib
+  from qwen_image_rl.trainers import reward_sft
+
+  c = _tiny_judge_config()
+  c.judge.describe_first = True
+  c.language.update(steps=3, batch_size=4)
+  t2i, edits = D.t2i_set(5, 24, 'train', 64, 2), D.edit_set(0, 12, 'train', 64, 2)
+  describing = _describing(judge)
+  batcher = reward_sft.Batcher(c, describing, t2i, edits)
+  picks = batcher.text_picks(7, 6)
+  batch = batcher.text_batch(7, 6)
+  assert [p[0] for p in picks] == ['alignment'] * 3 + ['instruction'] * 3
+  for i, (task, row, cot, seen) in enumerate(picks):
+    data = edits if task == 'instruction' else t2i
+    assert data.kinds[row] in reward_sft.TEXT_KINDS  # no pixel or face corruption
+    assert batch['score_target'][i] == pytest.approx(1 + 4 * data.labels[row][task])
+    ids = batch['input_ids'][i][batch['attention_mask'][i] > 0]
+    assert f'\n{P.SEEN_LABEL}: {seen}<|im_end|>' in judge.tokenizer.decode(ids)
+    images = P.NUM_IMAGES[task] * int(batcher.grid.prod()) // judge.processor.merge_size**2
+    assert (ids == judge.model.image_token_id).sum() == images
+    assert (batch['weights'][i] > 0).sum() > (0 if not cot else 3)
+  again = batcher.text_batch(7, 6)
+  assert all(np.array_equal(batch[k], again[k]) for k in batch)
+  assert not np.array_equal(batch['input_ids'], batcher.text_batch(8, 6)['input_ids'])
+  # Only the language model moves; the loss falls on a repeated batch.
+  params = nn.meta.unbox(judge.params)
+  c.language.lr = 1e-2
+  trained = reward_sft.pretrain_language(params, judge.model, batcher, c, log=lambda _: None)
+  np.testing.assert_array_equal(
+    jax.tree.leaves(trained['visual'])[0], jax.tree.leaves(params['visual'])[0]
+  )
+  moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), trained, params)
+  assert min(jax.tree.leaves({k: v for k, v in moved.items() if k != 'visual'})) > 0
+  c = _tiny_judge_config()
+  c.language.steps = 5
+  with pytest.raises(config_lib.ConfigError, match='needs config.judge.describe_first=True'):
+    reward_sft.validate(c)
+
+
+def test_describe_first_judges_score_with_their_own_captions(judge, monkeypatch, tmp_path):
+  from qwen_image_rl import judge_eval
+
+  describing = _describing(judge)
+  t2i, edits = D.t2i_set(3, 2, 'val', 64), D.edit_set(3, 1, 'val', 64)
+  asked = []
+
+  def fake_describe(images):
+    asked.append(len(images))
+    return [f'a caption {i}' for i in range(len(images))]
+
+  monkeypatch.setattr(describing, 'describe', fake_describe)
+  grid = judge.processor(np.zeros((64, 64, 3), np.uint8))['image_grid_thw']
+  ids, _ = describing._inputs('alignment', t2i.images, list(t2i.prompts), None)
+  assert ids == [
+    describing.prompt_ids('alignment', p, grid, f'a caption {i}') for i, p in enumerate(t2i.prompts)
+  ]
+  ids, _ = describing._inputs('instruction', edits.images, list(edits.prompts), edits.sources)
+  grids = np.repeat(grid, 2, axis=0)
+  want = P.seen_text('instruction', ['a caption 0', 'a caption 1'])
+  assert ids[0] == describing.prompt_ids('instruction', edits.prompts[0], grids, want)
+  assert want == 'source a caption 0. output a caption 1'
+  describing._inputs('aesthetics', t2i.images, list(t2i.prompts), None)
+  judge._inputs('alignment', t2i.images, list(t2i.prompts), None)
+  assert asked == [len(t2i), 2 * len(edits)]  # neither aesthetics nor a plain judge describes
+  # Descriptions given (judge_eval --captions=true) replace the captioning pass.
+  given = ['the truth', 'more truth']
+  ids, _ = describing._inputs('alignment', t2i.images, list(t2i.prompts), None, given)
+  assert len(asked) == 2 and ids[1] == describing.prompt_ids(
+    'alignment', t2i.prompts[1], grid, given[1]
+  )
+  with pytest.raises(ValueError, match='does not read them'):
+    judge.score('alignment', t2i.images, list(t2i.prompts), seen=given)
+  with pytest.raises(ValueError, match='needs a describe_first judge'):
+    judge_eval.evaluate_judge(judge, t2i, edits, ('no_cot',), true_captions=True)
+  # The real captioning pass returns text cut at max_caption_tokens; the setting is exported.
+  real = V.VLMJudge(
+    judge.model,
+    nn.meta.unbox(judge.params),
+    judge.tokenizer,
+    judge.processor,
+    describe_first=True,
+    max_caption_tokens=3,
+  )
+  out = real.describe(t2i.images)
+  assert len(out) == len(t2i) and all(len(judge.tokenizer(c)['input_ids']) <= 3 for c in out)
+  real.save(str(tmp_path / 'j'))
+  loaded = V.VLMJudge.load(str(tmp_path / 'j'))
+  assert loaded.describe_first and loaded.max_caption_tokens == 3
+
+
 def test_eval_breaks_scores_down_by_kind_of_image():
   from qwen_image_rl import judge_eval
 
@@ -493,19 +625,32 @@ def test_bad_caption_settings_are_rejected():
   c.perception.steps = -1
   with pytest.raises(config_lib.ConfigError, match='perception.steps=-1'):
     reward_sft.validate(c)
+  c = _tiny_judge_config()
+  c.judge.describe_first = True
+  c.data.caption_batch_size = 0
+  with pytest.raises(config_lib.ConfigError, match='describe_first needs'):
+    reward_sft.validate(c)
+  c = _tiny_judge_config()
+  c.judge.describe_first = True
+  c.data.samples_from = '/tmp'
+  with pytest.raises(config_lib.ConfigError, match='cannot use config.data.samples_from'):
+    reward_sft.validate(c)
 
 
-@pytest.mark.parametrize('kind', ['pointwise', 'pairwise'])
+@pytest.mark.parametrize('kind', ['pointwise', 'pairwise', 'describe_first'])
 def test_reward_sft_trains_and_exports_a_loadable_judge(tmp_path, kind):
   from qwen_image_rl import main
 
   c = _tiny_judge_config()
+  c.judge.describe_first = kind == 'describe_first'
+  kind = 'pointwise' if kind == 'describe_first' else kind
   c.loss.kind = kind
   c.perception.freeze_tower = kind == 'pairwise'  # the frozen tower's optimiser, sharded
   history = main.run(c, str(tmp_path))
   assert all(np.isfinite(h['loss']) for h in history)
   assert all(h['caption_ce'] > 0 for h in history)
   loaded = V.VLMJudge.load(str(tmp_path / 'export' / 'judge'), max_cot_tokens=3)
+  assert loaded.describe_first == c.judge.describe_first
   with open(tmp_path / 'export' / 'judge' / V.JUDGE_CONFIG) as f:
     assert json.load(f)['loss'] == kind
   ds = D.edit_set(2, 2, 'val', 64)

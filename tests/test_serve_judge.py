@@ -169,3 +169,12 @@ def test_bad_judge_directories_are_refused_with_the_reason(tmp_path, capsys):
     serve.main(['--judge', str(tmp_path / 'missing')])
   assert exit_info.value.code == 2
   assert 'expected "oracle" or an existing judge directory' in capsys.readouterr().err
+
+
+def test_a_describe_first_judge_is_refused_not_served_without_its_captions(judge_dir, tmp_path):
+  directory = str(tmp_path / 'describing')
+  judge = V.VLMJudge.load(judge_dir)
+  judge.describe_first = True
+  judge.save(directory)
+  with pytest.raises(ValueError, match='describe_first judge .* is not served yet'):
+    vlm.load(directory)

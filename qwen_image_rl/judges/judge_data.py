@@ -246,6 +246,16 @@ class JudgeSet:
   def scores(self, task: str) -> np.ndarray:
     return np.array([l.get(task, np.nan) for l in self.labels], np.float32)
 
+  def shown_captions(self, row: int, rng) -> list[str]:
+    """Captions of the scenes an example's images draw (an edit's source, then its output), in
+    a phrasing drawn from `rng`: what a describe-first judge should write of them."""
+    if self.shown[row] is None:
+      raise ValueError(f'image {row} is a pipeline sample: the scene it draws is unknown')
+    scenes = [self.shown[row]]
+    if self.sources is not None:
+      scenes.insert(0, self.edits[row].source)
+    return [captions.caption(scene, rng) for scene in scenes]
+
 
 def t2i_set(
   seed: int,

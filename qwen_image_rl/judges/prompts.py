@@ -82,16 +82,33 @@ def check_task(task: str) -> str:
   return task
 
 
-def user_text(task: str, prompt: str) -> str:
-  return IMAGE * NUM_IMAGES[check_task(task)] + f'{RUBRICS[task]}\n{PROMPT_LABEL[task]}: {prompt}'
+def user_text(task: str, prompt: str, seen: str = '') -> str:
+  text = IMAGE * NUM_IMAGES[check_task(task)] + f'{RUBRICS[task]}\n{PROMPT_LABEL[task]}: {prompt}'
+  return f'{text}\n{SEEN_LABEL}: {seen}' if seen else text
 
 
-def chat_prompt(task: str, prompt: str) -> str:
-  """The full prompt up to the assistant turn (Qwen chat format)."""
+def chat_prompt(task: str, prompt: str, seen: str = '') -> str:
+  """The full prompt up to the assistant turn (Qwen chat format); `seen` (seen_text) describes
+  the image(s) in words, for describe-first judges."""
   return (
-    f'<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{user_text(task, prompt)}'
+    f'<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{user_text(task, prompt, seen)}'
     f'<|im_end|>\n<|im_start|>assistant\n'
   )
+
+
+# Describe-first judges (VLMJudge.describe_first) add a line with their own caption of each image
+# to the alignment and instruction prompts, labelled with words already in the judge vocabulary.
+DESCRIBED_TASKS = ('alignment', 'instruction')
+SEEN_LABEL = 'image'
+
+
+def seen_text(task: str, captions) -> str:
+  """The described-images line: one caption, or for edits the source's then the output's."""
+  if NUM_IMAGES[check_task(task)] == 1:
+    (caption,) = captions
+    return caption
+  source, output = captions
+  return f'source {source}. output {output}'
 
 
 # Captioning, an auxiliary training task only (not a reward): the judge must name every object,

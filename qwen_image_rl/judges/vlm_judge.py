@@ -35,6 +35,8 @@ from qwen_image_rl.models.qwen2_5_vl_processor import ImageProcessor, expand_ima
 from qwen_image_rl.serving import protocol
 
 JUDGE_CONFIG = 'judge_config.json'
+# judge_config.json keys that set up a loaded judge (the rest describe its training).
+LOADED_SETTINGS = ('max_cot_tokens', 'describe_first', 'max_caption_tokens')
 PREPROCESSOR_CONFIG = 'preprocessor_config.json'
 P_VALUES = tuple(int(d) for d in P.SCORE_DIGITS)
 
@@ -192,6 +194,8 @@ class VLMJudge:
     *,
     max_cot_tokens: int = 48,
     batch_size: int = 32,
+    describe_first: bool = False,
+    max_caption_tokens: int = 64,
   ):
     if max_cot_tokens < 1:
       raise ValueError(
@@ -201,6 +205,10 @@ class VLMJudge:
     self.model, self.params, self.tokenizer, self.processor = model, params, tokenizer, processor
     self.tokens = ScoreTokens.from_tokenizer(tokenizer)
     self.max_cot_tokens, self.batch_size = max_cot_tokens, batch_size
+    # describe_first: alignment and instruction prompts carry the judge's own caption of each
+    # image, written in a separate "Describe the image." pass that cannot see (and so cannot
+    # copy) the prompt; the judge then compares two texts as well as reading the image.
+    self.describe_first, self.max_caption_tokens = describe_first, max_caption_tokens
     self._prompt_cache: dict = {}
 
   # -- persistence ----------------------------------------------------------------------------
@@ -218,7 +226,7 @@ class VLMJudge:
     settings = {}
     if os.path.isfile(os.path.join(directory, JUDGE_CONFIG)):
       with open(os.path.join(directory, JUDGE_CONFIG)) as f:
-        settings = {k: v for k, v in json.load(f).items() if k == 'max_cot_tokens'}
+        settings = {k: v for k, v in json.load(f).items() if k in LOADED_SETTINGS}
     settings.update(kw)
     return cls(model, params, load_tokenizer(directory), processor, **settings)
 
@@ -245,6 +253,8 @@ class VLMJudge:
       json.dump(
         {
           'max_cot_tokens': self.max_cot_tokens,
+          'describe_first': self.describe_first,
+          'max_caption_tokens': self.max_caption_tokens,
           'tasks': sorted(P.RUBRICS),
           'score_digits': list(P.SCORE_DIGITS),
           **(extra or {}),
@@ -255,44 +265,82 @@ class VLMJudge:
 
   # -- inputs ---------------------------------------------------------------------------------
 
-  def prompt_ids(self, task: str, prompt: str, grids) -> list[int]:
-    """Token ids of the judge prompt with its image placeholders expanded for `grids`."""
-    key = (task, prompt, tuple(map(tuple, np.asarray(grids).tolist())))
+  def prompt_ids(self, task: str, prompt: str, grids, seen: str = '') -> list[int]:
+    """Token ids of the judge prompt with its image placeholders expanded for `grids` (and the
+    description `seen` of the image(s), P.seen_text)."""
+    key = (task, prompt, seen, tuple(map(tuple, np.asarray(grids).tolist())))
     if key not in self._prompt_cache:
-      text = expand_image_tokens([P.chat_prompt(task, prompt)], grids, self.processor.merge_size)
+      chat = P.chat_prompt(task, prompt, seen)
+      text = expand_image_tokens([chat], grids, self.processor.merge_size)
       self._prompt_cache[key] = self.tokenizer(text[0])['input_ids']
     return self._prompt_cache[key]
 
-  def _inputs(self, task, images, prompts, sources):
+  def caption_prompt_ids(self, grid) -> list[int]:
+    """Token ids of the "Describe the image." prompt for one image of `grid` [1, 3]."""
+    text = expand_image_tokens([P.caption_prompt()], grid, self.processor.merge_size)
+    return self.tokenizer(text[0])['input_ids']
+
+  def describe(self, images) -> list[str]:
+    """The judge's greedy captions of images [B, H, W, 3] (cut at max_caption_tokens)."""
+    processed = self.processor(list(images))
+    grids = np.asarray(processed['image_grid_thw'])
+    ids = [self.caption_prompt_ids(g[None]) for g in grids]
+    rows = self.generate_rows(ids, processed, self.max_caption_tokens, (self.tokens.im_end,))
+    out = []
+    for row in rows.tolist():
+      end = row.index(self.tokens.im_end) if self.tokens.im_end in row else len(row)
+      out.append(self.tokenizer.decode([t for t in row[:end] if t != self.tokens.pad]).strip())
+    return out
+
+  def _inputs(self, task, images, prompts, sources, seen=None):
     per_sample = (
       [[s, im] for s, im in zip(sources, images)]
       if P.NUM_IMAGES[task] == 2
       else [[im] for im in images]
     )
-    processed = self.processor([im for pair in per_sample for im in pair])
+    flat = [im for pair in per_sample for im in pair]
+    processed = self.processor(flat)
     grids = np.asarray(processed['image_grid_thw']).reshape(len(images), -1, 3)
-    ids = [self.prompt_ids(task, p, g) for p, g in zip(prompts, grids)]
+    if seen is None and self.describe_first and task in P.DESCRIBED_TASKS:
+      captions = self.describe(flat)
+      k = P.NUM_IMAGES[task]
+      seen = [P.seen_text(task, captions[i * k : (i + 1) * k]) for i in range(len(images))]
+    if seen is None:
+      seen = [''] * len(images)
+    ids = [self.prompt_ids(task, p, g, s) for p, g, s in zip(prompts, grids, seen)]
     return ids, processed
 
   # -- scoring --------------------------------------------------------------------------------
 
   def score(
-    self, task: str, images, prompts: Sequence[str], sources=None, *, cot: bool = True
+    self,
+    task: str,
+    images,
+    prompts: Sequence[str],
+    sources=None,
+    *,
+    cot: bool = True,
+    seen: Sequence[str] | None = None,
   ) -> JudgeOutput:
-    """Scores images [B, H, W, 3] uint8 against prompts (edit instructions with `sources`)."""
+    """Scores images [B, H, W, 3] uint8 against prompts (edit instructions with `sources`).
+
+    seen: describe_first judges only, the description of each image (P.seen_text) in place of
+    the judge's own captions (judge_eval's --captions=true: its comparison, without its eyes).
+    """
     P.check_task(task)
     images = np.asarray(images)
     if len(prompts) != len(images):
       raise ValueError(f'{len(images)} images but {len(prompts)} prompts')
     if P.NUM_IMAGES[task] == 2 and (sources is None or len(sources) != len(images)):
       raise ValueError(f'judge task {task!r} needs one source image per output')
+    if seen is not None and (not self.describe_first or task not in P.DESCRIBED_TASKS):
+      raise ValueError(f'descriptions given for task {task!r} of a judge that does not read them')
+    if seen is not None and len(seen) != len(images):
+      raise ValueError(f'{len(images)} images but {len(seen)} descriptions')
+    part = lambda xs, i: None if xs is None else xs[i : i + self.batch_size]
     outs = [
       self._score_chunk(
-        task,
-        images[i : i + self.batch_size],
-        prompts[i : i + self.batch_size],
-        None if sources is None else sources[i : i + self.batch_size],
-        cot,
+        task, part(images, i), part(prompts, i), part(sources, i), cot, part(seen, i)
       )
       for i in range(0, len(images), self.batch_size)
     ]
@@ -303,8 +351,8 @@ class VLMJudge:
       cot=[c for o in outs for c in o.cot],
     )
 
-  def _score_chunk(self, task, images, prompts, sources, cot: bool) -> JudgeOutput:
-    prompt_ids, processed = self._inputs(task, images, prompts, sources)
+  def _score_chunk(self, task, images, prompts, sources, cot: bool, seen=None) -> JudgeOutput:
+    prompt_ids, processed = self._inputs(task, images, prompts, sources, seen)
     batch = len(prompt_ids)
     cots, valid = [[] for _ in range(batch)], np.ones(batch, bool)
     if cot:
@@ -320,12 +368,13 @@ class VLMJudge:
     """(chains of thought as id lists, valid [B]): greedy until the " Score" marker."""
     return parse_cot(self.generate_rows(prompt_ids, processed).tolist(), self.tokens)
 
-  def generate_rows(self, prompt_ids, processed) -> np.ndarray:
-    """The greedy tokens [B, max_cot_tokens] after each prompt (pad after a stop token)."""
+  def generate_rows(self, prompt_ids, processed, max_new_tokens=None, stop=None) -> np.ndarray:
+    """The greedy tokens [B, max_new_tokens] after each prompt (pad after a stop token);
+    defaults: a chain of thought (max_cot_tokens, stopping at the marker or <|im_end|>)."""
     ids, mask = _left_pad(prompt_ids, self.tokens.pad)
     config = gen.GenerationConfig(
-      max_new_tokens=self.max_cot_tokens,
-      stop_token_ids=(self.tokens.marker, self.tokens.im_end),
+      max_new_tokens=max_new_tokens or self.max_cot_tokens,
+      stop_token_ids=stop or (self.tokens.marker, self.tokens.im_end),
       pad_token_id=self.tokens.pad,
     )
     return np.asarray(

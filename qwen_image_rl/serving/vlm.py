@@ -177,5 +177,12 @@ def load(directory: str, *, model_name: str = '', cot: bool = True, max_cot_toke
       f'--judge={directory}: not a loadable judge export ({type(e).__name__}: {e}); '
       f'reward_sft writes one to WORKDIR/export/judge'
     ) from None
+  if judge.describe_first:
+    # Its prompts need the judge's own caption of each image (a second request the API's
+    # clients do not make yet); served as is it would score without one.
+    raise ValueError(
+      f'--judge={directory}: a describe_first judge (configs/judge.py:tiny_describe_first) is '
+      'not served yet; use it in-process (configs/rl_t2i.py:judge=DIR)'
+    )
   name = model_name or os.path.basename(os.path.normpath(directory))
   return VLMServedJudge(judge, model_name=name, cot=cot)

@@ -21,6 +21,12 @@ Perception pre-training (`perception.steps` > 0): before the first step of a fre
 vision tower is trained on dense oracle targets (judges/perception.py) and the judge starts
 from it; a resumed run restores it from the checkpoint.
 
+Describe-first judges (`judge.describe_first`): the alignment and instruction prompts carry a
+line describing the image(s); training shows the true scene's caption there, the exported judge
+writes its own in a separate captioning pass (VLMJudge.describe). With `language.steps` > 0 the
+language model first learns the comparison from text alone (`pretrain_language`: images that
+are exact renders, described by freshly phrased captions, with zero image features).
+
 Each step holds `data.t2i_batch_size` one-image examples (alignment / aesthetics / portrait, by
 `data.task_weights`) and `data.edit_batch_size` two-image instruction-following examples (pairs
 for the pairwise loss), drawn from (seed, step): a resumed run replays the same batches.
@@ -29,6 +35,7 @@ Exports WORKDIR/export/judge (transformers layout + tokenizer + preprocessor + j
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -45,12 +52,16 @@ from qwen_image_rl.judges import prompts as P
 from qwen_image_rl.judges import vlm_judge as V
 from qwen_image_rl.models.qwen2_5_vl import Qwen25VLTextModel
 from qwen_image_rl.models.qwen2_5_vl_full import Qwen25VL
-from qwen_image_rl.models.qwen2_5_vl_processor import ImageProcessor, expand_image_tokens
+from qwen_image_rl.models.qwen2_5_vl_processor import ImageProcessor
 from qwen_image_rl.models.qwen2_5_vl_vision import Qwen25VLVisionModel, VisionConfig
 from qwen_image_rl.train_state import TrainState, create_train_state, keep_if_finite
 from qwen_image_rl.trainers import common
 
 LOSS_KINDS = ("pointwise", "pairwise")
+# Images that are exactly the render of the scene they show (no pixel or face corruption): their
+# alignment and instruction labels follow from the prompt and that scene's caption.
+TEXT_KINDS = ("clean", "semantic", "unrelated", "source")
+TEXT_HEADROOM = 32  # tokens: freshly phrased captions run longer than the row's own
 
 
 def validate(config):
@@ -88,6 +99,27 @@ def validate(config):
     )
   if config.data.variants < 2 and config.loss.kind == "pairwise":
     raise config_lib.ConfigError("pairwise training needs config.data.variants >= 2")
+  if config.judge.describe_first and (config.data.samples_from or config.data.describe_in_cot):
+    raise config_lib.ConfigError(
+      "config.judge.describe_first trains on the caption of the scene each image shows: it "
+      "cannot use config.data.samples_from (pipeline samples show unknown scenes) nor "
+      "config.data.describe_in_cot (a second description)"
+    )
+  if config.judge.describe_first and not config.data.caption_batch_size:
+    raise config_lib.ConfigError(
+      "config.judge.describe_first needs config.data.caption_batch_size > 0: the judge writes "
+      "its own captions at inference"
+    )
+  config_lib.check_positive(config, "judge.max_caption_tokens")
+  if config.language.steps < 0:
+    raise config_lib.ConfigError(f"config.language.steps={config.language.steps}: must be >= 0")
+  if config.language.steps:
+    config_lib.check_positive(config, "language.batch_size")
+    if not config.judge.describe_first or config.loss.kind != "pointwise":
+      raise config_lib.ConfigError(
+        "config.language.steps > 0 pre-trains the comparison of the prompt with the image's "
+        "description: it needs config.judge.describe_first=True and config.loss.kind='pointwise'"
+      )
   if config.data.samples_from and not os.path.isdir(config.data.samples_from):
     raise config_lib.ConfigError(
       f"config.data.samples_from={config.data.samples_from!r} is not "
@@ -178,10 +210,11 @@ class Batcher:
   def _data(self, task) -> D.JudgeSet:
     return self.edits if task == "instruction" else self.t2i
 
-  def _example(self, task, row, cot: bool, with_target: bool = True):
+  def _example(self, task, row, cot: bool, with_target: bool = True, seen: str | None = None):
     data = self._data(task)
     grids = np.repeat(self.grid, P.NUM_IMAGES[task], axis=0)
-    prompt = self.judge.prompt_ids(task, data.prompts[row], grids)
+    seen = self.given(task, row) if seen is None else seen
+    prompt = self.judge.prompt_ids(task, data.prompts[row], grids, seen)
     label = data.labels[row]
     cot_ids = self.cot_ids(task, row) if cot else []
     digit = P.score_bin(label[task]) if with_target else None
@@ -210,10 +243,20 @@ class Batcher:
     seen = D.describe(data.shown[row])
     return f"{D.describe(data.edits[row].source)}. {seen}" if task == "instruction" else seen
 
+  def given(self, task, row) -> str:
+    """describe_first judges: the prompt's description of the image(s), here the true scene's
+    caption in a phrasing drawn from (seed, row) (at inference, the judge's own caption)."""
+    if not self.judge.describe_first or task not in P.DESCRIBED_TASKS:
+      return ""
+    rng = np.random.default_rng([self.config.seed, row, P.NUM_IMAGES[task]])
+    return P.seen_text(task, self._data(task).shown_captions(row, rng))
+
   def _max_length(self) -> int:
     longest = longest_cot = 0
+    # Described prompts vary in length with their captions: measure every example.
+    scan = None if self.judge.describe_first else 64
     for task, rows in self.rows.items():
-      for row in rows[:64]:
+      for row in rows[:scan]:
         longest = max(longest, len(self._example(task, row, cot=True)[0]))
         longest_cot = max(longest_cot, len(self.cot_ids(task, row)) + 1)  # + the marker
     if longest_cot > self.judge.max_cot_tokens:  # e.g. describe_in_cot at the default bound
@@ -268,6 +311,53 @@ class Batcher:
       return batch
     return self._arrays(self.picks(step))
 
+  def text_batch(self, step: int, n: int) -> dict:
+    """Language pre-training (describe_first): n examples, half alignment and half instruction,
+    of images that are exactly a scene's render (TEXT_KINDS), each described by a freshly
+    phrased caption of its scene. Fed without image features, their verdicts and score follow
+    from the two texts alone. Token arrays only, each image's tokens left in place."""
+    picks = self.text_picks(step, n)
+    L = self.length + TEXT_HEADROOM
+    ids = np.full((n, L), self.judge.tokens.pad, np.int32)
+    mask = np.zeros((n, L), np.int32)
+    weights = np.zeros((n, L), np.float32)
+    pos, target = np.zeros(n, np.int32), np.zeros(n, np.float32)
+    for i, (task, row, cot, seen) in enumerate(picks):
+      seq, w, pos[i], target[i] = self._example(task, row, cot, seen=seen)
+      if len(seq) > L:
+        raise ValueError(f"text example of {len(seq)} tokens exceeds its batch length {L}")
+      ids[i, : len(seq)], mask[i, : len(seq)], weights[i, : len(seq)] = seq, 1, w
+    grids = np.concatenate([np.repeat(self.grid, P.NUM_IMAGES[p[0]], axis=0) for p in picks])
+    positions, _ = self.judge.model.rope_index(ids, mask, grids)
+    return {
+      "input_ids": ids,
+      "attention_mask": mask,
+      "position_ids": positions,
+      "weights": weights,
+      "score_pos": pos,
+      "score_target": target,
+    }
+
+  def text_picks(self, step: int, n: int):
+    """[(task, row, cot, description)] of text_batch(step, n)."""
+    rng = np.random.default_rng([self.config.seed, step, 2])
+    picks = []
+    for task in ("alignment",) * (n - n // 2) + ("instruction",) * (n // 2):
+      row = int(rng.choice(self.text_rows[task]))
+      cot = bool(rng.random() >= self.config.data.no_cot_fraction)
+      picks.append((task, row, cot, P.seen_text(task, self._data(task).shown_captions(row, rng))))
+    return picks
+
+  @functools.cached_property
+  def text_rows(self) -> dict:
+    out = {}
+    for task in P.DESCRIBED_TASKS:
+      kinds = self._data(task).kinds
+      out[task] = np.array([r for r in self.rows[task] if kinds[r] in TEXT_KINDS])
+      if not len(out[task]):
+        raise ValueError(f"no {task} example shows an exact render ({TEXT_KINDS})")
+    return out
+
   def _arrays(self, picks, with_target: bool = True) -> dict:
     n, L = len(picks), self.length
     ids = np.full((n, L), self.judge.tokens.pad, np.int32)
@@ -312,11 +402,16 @@ class CaptionBatcher:
     self.config, self.judge, self.grid = config, judge, grid
     ex = examples.t2i_examples(config.seed, d.n_specs, "train", d.image_size)
     self.images, self.captions = ex.images, ex.prompts
-    prompt = judge.tokenizer(
-      expand_image_tokens([P.caption_prompt()], grid, judge.processor.merge_size)[0]
-    )
-    self.prompt = prompt["input_ids"]
+    self.prompt = judge.caption_prompt_ids(grid)
     self.answers = [judge.tokenizer(c)["input_ids"] + [judge.tokens.im_end] for c in self.captions]
+    longest_answer = max(map(len, self.answers))
+    if judge.describe_first and longest_answer > judge.max_caption_tokens:
+      print(
+        f"reward_sft: WARNING: training captions run to {longest_answer} tokens but "
+        f"config.judge.max_caption_tokens={judge.max_caption_tokens}: described prompts will "
+        "carry cut captions",
+        flush=True,
+      )
     longest = len(self.prompt) + max(map(len, self.answers))
     self.length = -(-longest // 16) * 16
 
@@ -347,6 +442,15 @@ def token_ce(logits, input_ids, weights):
   return jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
 
 
+def pointwise_terms(logits, batch, digit_ids, mse_weight: float):
+  """The pointwise judge loss: token CE on the answer + mse_weight (R - y)^2 at the score."""
+  logits = logits.astype(jnp.float32)
+  ce = token_ce(logits, batch["input_ids"], batch["weights"])
+  at = jnp.take_along_axis(logits, batch["score_pos"][:, None, None], axis=1)[:, 0]
+  mse = jnp.mean((V.expected_score(at, digit_ids) - batch["score_target"]) ** 2)
+  return ce + mse_weight * mse, {"token_ce": ce, "score_mse": mse}
+
+
 def make_loss(model: Qwen25VL, digit_ids, layout, config, caption_layout=None):
   kind, mse_weight = config.loss.kind, config.loss.score_mse_weight
 
@@ -360,15 +464,8 @@ def make_loss(model: Qwen25VL, digit_ids, layout, config, caption_layout=None):
       vision_layout=vision_layout,
     )
 
-  def expected_at_score(logits, batch):
-    at = jnp.take_along_axis(logits, batch["score_pos"][:, None, None], axis=1)[:, 0]
-    return V.expected_score(at, digit_ids)
-
   def pointwise(params, batch):
-    logits = forward(params, batch).astype(jnp.float32)
-    ce = token_ce(logits, batch["input_ids"], batch["weights"])
-    mse = jnp.mean((expected_at_score(logits, batch) - batch["score_target"]) ** 2)
-    return ce + mse_weight * mse, {"token_ce": ce, "score_mse": mse}
+    return pointwise_terms(forward(params, batch), batch, digit_ids, mse_weight)
 
   def pairwise(params, batch):
     # Only the score position is needed: the LM head runs there alone.
@@ -440,6 +537,50 @@ def with_pretrained_vision(state, shardings, model, processor, config):
   return state.replace(params={**state.params, "visual": visual})
 
 
+def pretrain_language(params, model: Qwen25VL, batcher: Batcher, config, log=print):
+  """`params` with the language model pre-trained on text_batch examples (the vision tower is
+  untouched): a from-scratch LM does not learn to compare the prompt with a description from
+  rubric SFT alone (README, learned rewards). A pure function of (params, seed, config)."""
+  settings = config.language
+  n = settings.batch_size
+  # The image tokens stay in place with zero features: the same layout as the judge's prompts.
+  image_tokens = int((batcher.text_batch(0, n)["input_ids"] == model.image_token_id).sum())
+  features = jnp.zeros((image_tokens, model.language_model.hidden_size), jnp.float32)
+  digit_ids = jnp.asarray(batcher.judge.tokens.digits)
+  frozen = {"visual": params["visual"]}
+  text = {k: v for k, v in params.items() if k != "visual"}
+  tx = optax.adamw(
+    optax.warmup_cosine_decay_schedule(
+      0.0, settings.lr, min(50, settings.steps // 4), settings.steps
+    ),
+    weight_decay=1e-4,
+  )
+
+  def loss_fn(text, batch):
+    logits = model.apply(
+      {"params": {**text, **frozen}},
+      batch["input_ids"],
+      batch["attention_mask"],
+      image_features=features,
+      position_ids=batch["position_ids"],
+    )
+    return pointwise_terms(logits, batch, digit_ids, config.loss.score_mse_weight)
+
+  @jax.jit
+  def step(text, opt, batch):
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(text, batch)
+    updates, opt = tx.update(grads, opt, text)
+    return optax.apply_updates(text, updates), opt, {"loss": loss, **aux}
+
+  opt = tx.init(text)
+  for i in range(settings.steps):
+    text, opt, aux = step(text, opt, batcher.text_batch(i, n))
+    if (i + 1) % max(1, settings.steps // 10) == 0 or i + 1 == settings.steps:
+      numbers = ", ".join(f"{k} {float(v):.4f}" for k, v in sorted(aux.items()))
+      log(f"language pre-training: step {i + 1}/{settings.steps}, {numbers}")
+  return {**text, **frozen}
+
+
 REQUIRED = {
   "total_steps": int,
   "seed": int,
@@ -465,6 +606,11 @@ REQUIRED = {
   "perception.freeze_tower": bool,
   "perception.balance_groups": bool,
   "judge.max_cot_tokens": int,
+  "judge.describe_first": bool,
+  "judge.max_caption_tokens": int,
+  "language.steps": int,
+  "language.batch_size": int,
+  "language.lr": float,
 }
 
 
@@ -475,7 +621,13 @@ def train(config, workdir):
   tokenizer = V.build_judge_tokenizer(os.path.join(export, "tokenizer"))
   model = build_model(config, tokenizer)
   judge = V.VLMJudge(
-    model, None, tokenizer, build_processor(config), max_cot_tokens=config.judge.max_cot_tokens
+    model,
+    None,
+    tokenizer,
+    build_processor(config),
+    max_cot_tokens=config.judge.max_cot_tokens,
+    describe_first=config.judge.describe_first,
+    max_caption_tokens=config.judge.max_caption_tokens,
   )
   print("reward_sft: rendering, corrupting and labelling the training set ...", flush=True)
   t2i, edits = build_sets(config)
@@ -510,6 +662,9 @@ def train(config, workdir):
   state, start = common.restore_or_keep(ctx, state, shardings)
   if start == 0 and config.perception.steps:
     state = with_pretrained_vision(state, shardings, model, judge.processor, config)
+  if start == 0 and config.language.steps:
+    params = pretrain_language(jax.device_get(state.params), model, batcher, config)
+    state = state.replace(params=jax.device_put(params, shardings.params))
 
   def batch_for_step(step):
     batch = batcher(step)
