@@ -6,7 +6,10 @@
 
 Each objective runs the grpo trainer (through `runner.run`, so exactly what `main` runs) in
 WORKDIR/<objective> for rollouts // batch iterations: 'grpo' from configs/grpo_{task}.py:tiny
-(the paper's GRPO), the others from configs/rl_{task}.py:tiny with rl.objective replaced. The
+(the paper's GRPO), the others from configs/rl_{task}.py:tiny with rl.objective replaced
+(`OBJECTIVE@VARIANT` takes configs/rl_{task}.py:VARIANT instead, e.g.
+`nft@judge_no_cot=runs/judge/export/judge`: RL on a learned judge, whose reward is then the
+curve's training reward, beside the held-out oracle; its run directory is `run_name`). The
 held-out oracle is evaluated every `eval_every` rollouts (rounded to whole iterations) and the
 base once (its scores are every curve's first point). A finished run is skipped, an interrupted
 one resumes. Writes WORKDIR/curves.csv and WORKDIR/curves.png: the held-out score (capped, soft
@@ -21,6 +24,7 @@ import csv
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -75,13 +79,21 @@ def objective_config(
   overrides,
   eval_base: bool,
 ):
-  """The run config of one objective (see the module docstring)."""
+  """The run config of one objective, `OBJECTIVE` or `OBJECTIVE@VARIANT` (see the module
+  docstring)."""
   from configs import grpo_edit, grpo_t2i, rl_edit, rl_t2i  # run from the repo root
+  from qwen_image_rl import config_lib
 
+  objective, _, variant = objective.partition("@")
   if objective == "grpo":
+    if variant:
+      raise config_lib.ConfigError(f"grpo@{variant}: variants apply to configs/rl_{task}.py only")
     c = (grpo_t2i if task == "t2i" else grpo_edit).get_config("tiny")
   else:
-    c = (rl_t2i if task == "t2i" else rl_edit).get_config("tiny")
+    try:
+      c = (rl_t2i if task == "t2i" else rl_edit).get_config(variant or "tiny")
+    except ValueError as e:
+      raise config_lib.ConfigError(str(e)) from None
     c.rl.objective = objective
   c.update_from_flattened_dict(dict(overrides))
   c.init_from = init_from
@@ -93,6 +105,12 @@ def objective_config(
     c.eval.update(dict(num_t2i=num_eval) if task == "t2i" else dict(num_edits=num_eval))
   c.checkpoint.every = c.eval.every
   return c
+
+
+def run_name(entry: str) -> str:
+  """The run's subdirectory: the entry with path characters replaced ("nft@judge=runs/j/export/
+  judge" -> "nft@judge_runs_j_export_judge")."""
+  return re.sub(r"[^A-Za-z0-9_.@-]+", "_", entry)
 
 
 def read_curve(run_dir: str, objective: str, task: str, batch: int) -> list[dict]:
@@ -203,7 +221,7 @@ def run_curves(
     )
     trainers.validate(configs[name])  # every run is checked before the first one trains
   for name, config in configs.items():
-    run_dir = os.path.join(workdir, name)
+    run_dir = os.path.join(workdir, run_name(name))
     if final_checkpoint_exists(run_dir, config.total_steps):
       print(f"== {name}: final checkpoint exists in {run_dir}, skipped", flush=True)
       continue
@@ -218,7 +236,7 @@ def run_curves(
   rows = with_base(
     {
       name: read_curve(
-        os.path.join(workdir, name), name, task, c.rl.prompts_per_step * c.rl.group_size
+        os.path.join(workdir, run_name(name)), name, task, c.rl.prompts_per_step * c.rl.group_size
       )
       for name, c in configs.items()
     }

@@ -107,6 +107,24 @@ def test_forward_objective_config_errors(pipe_dir):
     trainers.validate(c)
 
 
+def test_curve_entries_name_a_reward_variant():
+  from qwen_image_rl import config_lib, rl_curves
+
+  entry = "awm@judge_no_cot=runs/j/export/judge"
+  c = rl_curves.objective_config(entry, "t2i", "BASE", 128, 64, 0, (), eval_base=False)
+  assert c.rl.objective == "awm" and c.init_from == "BASE"
+  assert set(c.rewards.names) == {"judge_alignment", "judge_aesthetics", "judge_portrait"}
+  assert all(
+    kw["judge_dir"] == "runs/j/export/judge" and not kw["cot"] for kw in c.rewards.kwargs.values()
+  )
+  plain = rl_curves.objective_config("awm", "t2i", "BASE", 128, 64, 0, (), eval_base=False)
+  assert "alignment" in plain.rewards.names
+  assert rl_curves.run_name(entry) == "awm@judge_no_cot_runs_j_export_judge"
+  for bad in ("grpo@judge=x", "nft@bogus"):
+    with pytest.raises(config_lib.ConfigError):
+      rl_curves.objective_config(bad, "t2i", "BASE", 128, 64, 0, (), eval_base=False)
+
+
 @pytest.mark.slow
 @pytest.mark.torch
 def test_nft_exact_resume_after_sigkill(pipe_dir, tmp_path):
