@@ -17,6 +17,8 @@ AUC of the embedding cosine on held-out identities (clean, augmented and blurred
 Describe-first judges (configs/judge.py:tiny_describe_first) caption each image before judging;
 --captions=true gives them the true caption of the scene each image draws instead, so the
 alignment and instruction numbers measure the comparison alone, without the captioning.
+--caption_loss adds the judge's caption cross-entropy on 64 held-out renders given the right
+image, another image and a blank one (`caption_loss`).
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ flags.DEFINE_enum("mode", "both", ["both", "cot", "no_cot"], "Judge answer mode(
 flags.DEFINE_integer("max_cot_tokens", 0, "Override the judge's bound (0: the exported value).")
 flags.DEFINE_string("samples_from", "", "A pipeline dir: its samples join the held-out images.")
 flags.DEFINE_integer("seed", 1, "Seed of the held-out draws.")
+flags.DEFINE_bool(
+  "caption_loss", False, "Also the caption loss given the right, another and a blank image."
+)
 flags.DEFINE_enum(
   "captions", "own", ["own", "true"], "Describe-first judges: their own captions or the truth."
 )
@@ -76,6 +81,43 @@ def held_out_sets(split: str, n: int, seed: int, samples_from: str = "", size: i
     prompts = examples.t2i_examples(seed, n // 2, split, size).prompts
     extra = pipeline_samples(samples_from, prompts, size, seed)
   return (D.t2i_set(seed, n // 2, split, size, 2, extra), D.edit_set(seed, n // 2, split, size, 2))
+
+
+def caption_loss(judge, split: str, n: int, seed: int) -> dict:
+  """The judge's caption cross-entropy (nats per token) on n held-out renders' captions, given
+  the right image, another image of the set and a blank one: how much its captions read the
+  image rather than the language prior."""
+  import jax.numpy as jnp
+
+  from qwen_image_rl.data import examples
+  from qwen_image_rl.trainers.reward_sft import model_inputs, token_ce
+
+  ex = examples.t2i_examples(seed, n, split, 64)
+  grid = judge.processor(ex.images[0])["image_grid_thw"]
+  prompt = judge.caption_prompt_ids(grid)
+  answers = [judge.tokenizer(c)["input_ids"] + [judge.tokens.im_end] for c in ex.prompts]
+  length = -(-(len(prompt) + max(map(len, answers))) // 16) * 16
+  ids = np.full((n, length), judge.tokens.pad, np.int32)
+  mask, weights = np.zeros((n, length), np.int32), np.zeros((n, length), np.float32)
+  for i, answer in enumerate(answers):
+    ids[i, : len(prompt) + len(answer)], mask[i, : len(prompt) + len(answer)] = prompt + answer, 1
+    weights[i, len(prompt) : len(prompt) + len(answer)] = 1.0
+  layout = {k: jnp.asarray(v) for k, v in judge.model.layout(np.repeat(grid, n, axis=0)).items()}
+  images = {"right": ex.images, "other": np.roll(ex.images, 1, axis=0)}
+  images["blank"] = np.zeros_like(ex.images)
+  out = {}
+  for name, shown in images.items():
+    batch = model_inputs(judge, ids, mask, list(shown))
+    logits = judge.model.apply(
+      {"params": judge.params},
+      batch["input_ids"],
+      batch["attention_mask"],
+      batch["pixel_values"],
+      position_ids=batch["position_ids"],
+      vision_layout=layout,
+    )
+    out[name] = round(float(token_ce(logits, jnp.asarray(ids), jnp.asarray(weights))), 4)
+  return out
 
 
 def true_descriptions(task: str, data: D.JudgeSet, rows, seed: int) -> list[str]:
@@ -160,6 +202,8 @@ def main(argv):
       "captions": FLAGS.captions if judge.describe_first else None,
       **evaluate_judge(judge, t2i, edits, modes, true_captions, FLAGS.seed),
     }
+    if FLAGS.caption_loss:
+      result["caption_loss"] = caption_loss(judge, FLAGS.split, 64, FLAGS.seed)
   print(json.dumps(result, sort_keys=True), flush=True)
 
 

@@ -523,6 +523,18 @@ def test_describe_first_judges_score_with_their_own_captions(judge, monkeypatch,
   assert loaded.describe_first and loaded.max_caption_tokens == 3
 
 
+def test_caption_loss_reads_the_judge_with_right_other_and_blank_images(judge):
+  from qwen_image_rl import judge_eval
+
+  params = nn.meta.unbox(judge.params)
+  plain = V.VLMJudge(judge.model, params, judge.tokenizer, judge.processor)
+  out = judge_eval.caption_loss(plain, 'val', 4, seed=1)
+  assert set(out) == {'right', 'other', 'blank'}
+  assert all(np.isfinite(v) and v > 0 for v in out.values())
+  assert out['right'] != out['blank']  # the image reaches the caption's logits
+  assert judge_eval.caption_loss(plain, 'val', 4, seed=1) == out
+
+
 def test_eval_breaks_scores_down_by_kind_of_image():
   from qwen_image_rl import judge_eval
 
