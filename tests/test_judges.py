@@ -457,7 +457,7 @@ def test_language_pretraining_compares_texts_of_exact_renders_and_leaves_the_tow
   again = batcher.text_batch(7, 6)
   assert all(np.array_equal(batch[k], again[k]) for k in batch)
   assert not np.array_equal(batch['input_ids'], batcher.text_batch(8, 6)['input_ids'])
-  # Only the language model moves; the loss falls on a repeated batch.
+  # Only the language model moves.
   params = nn.meta.unbox(judge.params)
   c.language.lr = 1e-2
   trained = reward_sft.pretrain_language(params, judge.model, batcher, c, log=lambda _: None)
