@@ -113,6 +113,17 @@ def run_name(entry: str) -> str:
   return re.sub(r"[^A-Za-z0-9_.@-]+", "_", entry)
 
 
+def short_label(entry: str) -> str:
+  """A legend label: a judge variant's directory shortened to its run ("nft@judge_no_cot=
+  runs/judge_1600/export/judge" -> "nft@judge_no_cot=judge_1600")."""
+  head, sep, path = entry.partition("=")
+  if not sep:
+    return entry
+  parts = [p for p in path.split("/") if p]
+  run = parts[parts.index("export") - 1] if "export" in parts[1:] else (parts or [path])[-1]
+  return f"{head}={run}"
+
+
 def read_curve(run_dir: str, objective: str, task: str, batch: int) -> list[dict]:
   """Rows of the CSV from a run's results/eval_<iteration>.json files."""
   directory = os.path.join(run_dir, "results")
@@ -169,8 +180,8 @@ def plot(path: str, rows_by_objective, task: str):
   fig = Figure(figsize=(11, 4))
   held, train = fig.subplots(1, 2)
   label = "T2I overall" if task == "t2i" else "instruction following"
-  for i, (name, rows) in enumerate(rows_by_objective.items()):
-    colour = f"C{i}"
+  for i, (entry, rows) in enumerate(rows_by_objective.items()):
+    colour, name = f"C{i}", short_label(entry)
     x = [r["rollouts"] for r in rows]
     held.plot(x, [r["heldout_capped"] for r in rows], "-o", color=colour, label=f"{name} capped")
     held.plot(x, [r["heldout_soft"] for r in rows], ":", color=colour, label=f"{name} soft")

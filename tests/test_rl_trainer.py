@@ -120,6 +120,9 @@ def test_curve_entries_name_a_reward_variant():
   plain = rl_curves.objective_config("awm", "t2i", "BASE", 128, 64, 0, (), eval_base=False)
   assert "alignment" in plain.rewards.names
   assert rl_curves.run_name(entry) == "awm@judge_no_cot_runs_j_export_judge"
+  assert rl_curves.short_label(entry) == "awm@judge_no_cot=j"
+  assert rl_curves.short_label("nft") == "nft"
+  assert rl_curves.short_label("nft@judge=/abs/judge_dir") == "nft@judge=judge_dir"
   for bad in ("grpo@judge=x", "nft@bogus"):
     with pytest.raises(config_lib.ConfigError):
       rl_curves.objective_config(bad, "t2i", "BASE", 128, 64, 0, (), eval_base=False)
