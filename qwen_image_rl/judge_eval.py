@@ -90,18 +90,14 @@ def caption_loss(judge, split: str, n: int, seed: int) -> dict:
   import jax.numpy as jnp
 
   from qwen_image_rl.data import examples
-  from qwen_image_rl.trainers.reward_sft import model_inputs, token_ce
+  from qwen_image_rl.trainers.reward_sft import caption_tokens, model_inputs, token_ce
 
   ex = examples.t2i_examples(seed, n, split, 64)
   grid = judge.processor(ex.images[0])["image_grid_thw"]
   prompt = judge.caption_prompt_ids(grid)
   answers = [judge.tokenizer(c)["input_ids"] + [judge.tokens.im_end] for c in ex.prompts]
   length = -(-(len(prompt) + max(map(len, answers))) // 16) * 16
-  ids = np.full((n, length), judge.tokens.pad, np.int32)
-  mask, weights = np.zeros((n, length), np.int32), np.zeros((n, length), np.float32)
-  for i, answer in enumerate(answers):
-    ids[i, : len(prompt) + len(answer)], mask[i, : len(prompt) + len(answer)] = prompt + answer, 1
-    weights[i, len(prompt) : len(prompt) + len(answer)] = 1.0
+  ids, mask, weights = caption_tokens(prompt, answers, length, judge.tokens.pad)
   layout = {k: jnp.asarray(v) for k, v in judge.model.layout(np.repeat(grid, n, axis=0)).items()}
   images = {"right": ex.images, "other": np.roll(ex.images, 1, axis=0)}
   images["blank"] = np.zeros_like(ex.images)
@@ -190,10 +186,10 @@ def main(argv):
     kw = {"max_cot_tokens": FLAGS.max_cot_tokens} if FLAGS.max_cot_tokens else {}
     judge = VLMJudge.load(FLAGS.judge, **kw)
     modes = ("cot", "no_cot") if FLAGS.mode == "both" else (FLAGS.mode,)
-    t2i, edits = held_out_sets(FLAGS.split, FLAGS.n, FLAGS.seed, FLAGS.samples_from)
     true_captions = FLAGS.captions == "true"
     if true_captions and not judge.describe_first:
       raise app.UsageError(f"--captions=true: {FLAGS.judge} is not a describe_first judge")
+    t2i, edits = held_out_sets(FLAGS.split, FLAGS.n, FLAGS.seed, FLAGS.samples_from)
     result = {
       "judge": FLAGS.judge,
       "split": FLAGS.split,

@@ -317,16 +317,8 @@ class Batcher:
     phrased caption of its scene. Fed without image features, their verdicts and score follow
     from the two texts alone. Token arrays only, each image's tokens left in place."""
     picks = self.text_picks(step, n)
-    L = self.length + TEXT_HEADROOM
-    ids = np.full((n, L), self.judge.tokens.pad, np.int32)
-    mask = np.zeros((n, L), np.int32)
-    weights = np.zeros((n, L), np.float32)
-    pos, target = np.zeros(n, np.int32), np.zeros(n, np.float32)
-    for i, (task, row, cot, seen) in enumerate(picks):
-      seq, w, pos[i], target[i] = self._example(task, row, cot, seen=seen)
-      if len(seq) > L:
-        raise ValueError(f"text example of {len(seq)} tokens exceeds its batch length {L}")
-      ids[i, : len(seq)], mask[i, : len(seq)], weights[i, : len(seq)] = seq, 1, w
+    seqs, w, pos, target = zip(*(self._example(t, r, c, seen=s) for t, r, c, s in picks))
+    ids, mask, weights = padded_tokens(seqs, w, self.length + TEXT_HEADROOM, self.judge.tokens.pad)
     grids = np.concatenate([np.repeat(self.grid, P.NUM_IMAGES[p[0]], axis=0) for p in picks])
     positions, _ = self.judge.model.rope_index(ids, mask, grids)
     return {
@@ -334,8 +326,8 @@ class Batcher:
       "attention_mask": mask,
       "position_ids": positions,
       "weights": weights,
-      "score_pos": pos,
-      "score_target": target,
+      "score_pos": np.array(pos, np.int32),
+      "score_target": np.array(target, np.float32),
     }
 
   def text_picks(self, step: int, n: int):
@@ -359,24 +351,34 @@ class Batcher:
     return out
 
   def _arrays(self, picks, with_target: bool = True) -> dict:
-    n, L = len(picks), self.length
-    ids = np.full((n, L), self.judge.tokens.pad, np.int32)
-    mask = np.zeros((n, L), np.int32)
-    weights = np.zeros((n, L), np.float32)
-    pos, target, images = np.zeros(n, np.int32), np.zeros(n, np.float32), []
-    for i, (task, row, cot) in enumerate(picks):
-      seq, w, p, y = self._example(task, row, cot, with_target)
-      if len(seq) > L:
-        raise ValueError(f"judge example of {len(seq)} tokens exceeds the batch length {L}")
-      ids[i, : len(seq)], mask[i, : len(seq)], weights[i, : len(seq)] = seq, 1, w
-      pos[i], target[i] = p, y
-      images += self._images(task, row)
+    seqs, w, pos, target = zip(*(self._example(t, r, c, with_target) for t, r, c in picks))
+    ids, mask, weights = padded_tokens(seqs, w, self.length, self.judge.tokens.pad)
+    images = [image for task, row, _ in picks for image in self._images(task, row)]
     return {
       **model_inputs(self.judge, ids, mask, images),
       "weights": weights,
-      "score_pos": pos,
-      "score_target": target,
+      "score_pos": np.array(pos, np.int32),
+      "score_target": np.array(target, np.float32),
     }
+
+
+def padded_tokens(seqs, weights, length: int, pad: int):
+  """(ids, attention mask, loss weights), each [n, length]: the sequences right-padded, each
+  with its per-token loss weights."""
+  n = len(seqs)
+  ids = np.full((n, length), pad, np.int32)
+  mask, out = np.zeros((n, length), np.int32), np.zeros((n, length), np.float32)
+  for i, (seq, w) in enumerate(zip(seqs, weights)):
+    if len(seq) > length:
+      raise ValueError(f"judge example of {len(seq)} tokens exceeds the batch length {length}")
+    ids[i, : len(seq)], mask[i, : len(seq)], out[i, : len(seq)] = seq, 1, w
+  return ids, mask, out
+
+
+def caption_tokens(prompt, answers, length: int, pad: int):
+  """padded_tokens of captioning examples: the prompt, then each answer, loss on the answer."""
+  weights = [[0.0] * len(prompt) + [1.0] * len(answer) for answer in answers]
+  return padded_tokens([prompt + answer for answer in answers], weights, length, pad)
 
 
 def model_inputs(judge: V.VLMJudge, ids, mask, images, prefix: str = "") -> dict:
@@ -419,14 +421,10 @@ class CaptionBatcher:
     n, L = self.config.data.caption_batch_size, self.length
     rng = np.random.default_rng([self.config.seed, step, 1])
     rows = rng.choice(len(self.captions), n)
-    ids = np.full((n, L), self.judge.tokens.pad, np.int32)
-    mask = np.zeros((n, L), np.int32)
-    weights = np.zeros((n, L), np.float32)
+    answers = [self.answers[row] for row in rows]
+    ids, mask, weights = caption_tokens(self.prompt, answers, L, self.judge.tokens.pad)
     images = []
-    for i, row in enumerate(rows):
-      seq = self.prompt + self.answers[row]
-      ids[i, : len(seq)], mask[i, : len(seq)] = seq, 1
-      weights[i, len(self.prompt) : len(seq)] = 1.0
+    for row in rows:
       image = self.images[row]
       if rng.random() < 0.5:  # the content, not the pixels, is what the caption names
         image = perception.CORRUPTIONS[int(rng.integers(len(perception.CORRUPTIONS)))](image, rng)
