@@ -26,17 +26,6 @@ import jax
 import numpy as np
 
 
-def write_val_prompts(path: str, n: int, seed: int, image_size: int) -> None:
-  from qwen_image_rl.data import examples, prompt_files, world
-
-  ex = examples.t2i_examples(seed, n, "val", image_size)
-  records = [
-    prompt_files.PromptRecord(prompt=p, category=c, extra={"spec": world.to_dict(s)})
-    for p, c, s in zip(ex.prompts, ex.categories, ex.specs)
-  ]
-  prompt_files.write_prompt_file(path, records)
-
-
 def alignment_by_category(policy: str, prompt_file: str, noise: float, batches: int) -> dict:
   from configs import grpo_t2i
   from qwen_image_rl import parallel
@@ -75,10 +64,12 @@ def main():
   for policy in args.policy:
     if not os.path.isdir(policy):
       raise SystemExit(f"--policy={policy!r}: no such directory")
+  from qwen_image_rl.data import examples
+
   noises = [float(x) for x in args.noise.split(",")]
   with tempfile.TemporaryDirectory() as tmp:
     prompt_file = os.path.join(tmp, "val_prompts.jsonl")
-    write_val_prompts(prompt_file, args.num_prompts, seed=0, image_size=64)
+    examples.write_t2i_prompt_file(prompt_file, 0, args.num_prompts, "val", 64)
     for policy in args.policy:
       for noise in noises:
         row = alignment_by_category(policy, prompt_file, noise, args.batches)

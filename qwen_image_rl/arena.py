@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
+import os
 import sys
 import types
 
@@ -41,7 +42,10 @@ class ArenaError(ValueError):
 
 def split_cfg(spec: str) -> tuple[str, float | None]:
   """'DIR@CFG' -> (DIR, CFG); 'DIR' -> (DIR, None). A scale that is not a number raises
-  ValueError naming it."""
+  ValueError naming it. An existing directory is taken whole, '@' and all (rl_curves names its
+  judge runs `nft@judge_...`)."""
+  if os.path.isdir(spec):
+    return spec, None
   directory, at, cfg = spec.rpartition("@")
   if not at:
     return spec, None

@@ -174,11 +174,14 @@ def write_csv(path: str, rows_by_objective, task: str) -> None:
 
 def plot(path: str, rows_by_objective, task: str):
   """Writes the curves' PNG to `path` and returns the figure. A pyplot-free Figure, so it
-  leaves the process's matplotlib backend (a notebook's inline one) as it is."""
+  leaves the process's matplotlib backend (a notebook's inline one) as it is. Edit curves get a
+  middle panel with preservation and identity, which the edit targets bound from below."""
   from matplotlib.figure import Figure
 
-  fig = Figure(figsize=(11, 4))
-  held, train = fig.subplots(1, 2)
+  panels = 3 if task == "edit" else 2
+  fig = Figure(figsize=(5.5 * panels, 5))
+  axes = fig.subplots(1, panels)
+  held, train = axes[0], axes[-1]
   label = "T2I overall" if task == "t2i" else "instruction following"
   for i, (entry, rows) in enumerate(rows_by_objective.items()):
     colour, name = f"C{i}", short_label(entry)
@@ -186,6 +189,10 @@ def plot(path: str, rows_by_objective, task: str):
     held.plot(x, [r["heldout_capped"] for r in rows], "-o", color=colour, label=f"{name} capped")
     held.plot(x, [r["heldout_soft"] for r in rows], ":", color=colour, label=f"{name} soft")
     held.plot(x, [r["heldout_strict"] for r in rows], "--", color=colour, label=f"{name} strict")
+    if task == "edit":
+      kept = axes[1]
+      kept.plot(x, [r["preservation"] for r in rows], "-o", color=colour, label=f"{name} preserv.")
+      kept.plot(x, [r["identity"] for r in rows], "--", color=colour, label=f"{name} identity")
     train.plot(
       [r["rollouts"] for r in rows if r["iteration"] > 0],
       [r["train_reward"] for r in rows if r["iteration"] > 0],
@@ -198,15 +205,16 @@ def plot(path: str, rows_by_objective, task: str):
     ylabel=f"held-out oracle ({label})",
     title=f"{task}: held-out oracle",
   )
+  if task == "edit":
+    axes[1].set(xlabel="rollouts consumed", ylabel="held-out oracle", title="edit: what to keep")
   train.set(
     xlabel="rollouts consumed",
     ylabel="training composite reward",
     title=f"{task}: training reward (reward model's view)",
   )
-  held.legend(fontsize=7)
-  train.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  for ax in axes:  # below the axes, so no legend hides a curve
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
+  fig.savefig(path, dpi=120, bbox_inches="tight")
   return fig
 
 

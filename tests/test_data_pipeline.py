@@ -307,3 +307,15 @@ def test_write_validates_before_touching_the_file(tmp_path):
     pf.write_prompt_file(tmp_path / 'curated.txt', [pf.PromptRecord('ok')])
   assert path.read_bytes() == before
   assert sorted(os.listdir(tmp_path)) == ['curated.jsonl']
+
+
+def test_t2i_prompt_file_carries_the_scene_specs_the_oracle_reads(tmp_path):
+  from qwen_image_rl.data import examples, world
+
+  path = str(tmp_path / 'val.jsonl')
+  examples.write_t2i_prompt_file(path, 0, 6, 'val', 64)
+  want = examples.t2i_examples(0, 6, 'val', 64)
+  records = pf.read_prompt_file(path)
+  assert [r.prompt for r in records] == list(want.prompts)
+  assert [r.category for r in records] == list(want.categories)
+  assert [world.from_dict(r.extra['spec']) for r in records] == list(want.specs)

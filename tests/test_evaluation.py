@@ -53,7 +53,7 @@ def test_summaries_hold_capped_uncapped_and_strict_scores():
   assert e["instruction_following"] < e["instruction_following_mean"]
 
 
-def test_sample_grid_rejects_bad_pipeline_arguments():
+def test_sample_grid_rejects_bad_pipeline_arguments(tmp_path):
   from configs import common
   from qwen_image_rl import sample_grid
 
@@ -66,6 +66,10 @@ def test_sample_grid_rejects_bad_pipeline_arguments():
     sample_grid.load_pipelines("/nonexistent/pipeline")
   assert sample_grid.split_cfg("runs/demo/opd@1") == ("runs/demo/opd", 1.0)
   assert sample_grid.split_cfg("runs/demo/base") == ("runs/demo/base", None)
+  judge_run = tmp_path / "nft@judge_runs_j_export_judge"  # an rl_curves run directory
+  judge_run.mkdir()
+  assert sample_grid.split_cfg(str(judge_run)) == (str(judge_run), None)
+  assert sample_grid.split_cfg(f"{judge_run}@1.5") == (str(judge_run), 1.5)
   for bad in ("runs/demo/opd@x", "runs/demo/opd@0", "@4"):
     with pytest.raises(ValueError, match="CFG"):
       sample_grid.split_cfg(bad)

@@ -139,3 +139,35 @@ def test_nft_exact_resume_after_sigkill(pipe_dir, tmp_path):
   kill_and_resume.assert_killed_then_resumed_run_is_exact(
     code, str(tmp_path / "straight"), str(tmp_path / "resumed"), steps, kill_after_step=1
   )
+
+
+def test_edit_curves_plot_preservation_and_keep_legends_off_the_curves(tmp_path):
+  from qwen_image_rl import rl_curves
+
+  def row(it, value):
+    return dict(
+      iteration=it,
+      rollouts=64 * it,
+      train_reward=value,
+      heldout_capped=value,
+      heldout_soft=value,
+      heldout_strict=0.0,
+      preservation=0.95,
+      identity=0.7,
+    )
+
+  rows = {"nft": [row(0, 0.3), row(10, 0.32)], "grpo": [row(0, 0.3), row(10, 0.29)]}
+  fig = rl_curves.plot(str(tmp_path / "edit.png"), rows, "edit")
+  held, kept, train = fig.axes[:3]
+  assert [line.get_label() for line in kept.lines] == [
+    "nft preserv.",
+    "nft identity",
+    "grpo preserv.",
+    "grpo identity",
+  ]
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+  renderer = FigureCanvasAgg(fig).get_renderer()
+  for ax in (held, kept, train):  # every legend sits wholly below its axes
+    assert ax.get_legend().get_window_extent(renderer).y1 < ax.get_window_extent(renderer).y0
+  assert len(rl_curves.plot(str(tmp_path / "t2i.png"), rows, "t2i").axes) == 2

@@ -121,3 +121,41 @@ def test_b_noise_and_its_jackknife_interval_on_synthetic_gradients():
   assert lo < truth < hi and hi - lo < truth
   pure_noise = rng.normal(size=(n, dim))
   assert grad_snr.jackknife(pure_noise @ pure_noise.T, batch)["signal"][1] < 0.0
+
+
+def test_headroom_reads_best_of_group_top_quarter_and_flat_groups():
+  import os
+  import sys
+
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from benchmarks import rl_headroom
+
+  # Two groups of 8: one sample at 1.0 among zeros, and a constant group (no signal to rank).
+  metric = np.array([[0.0] * 7 + [1.0], [0.5] * 8])
+  composite = np.array([[0.0] * 7 + [0.4], [0.3] * 7 + [0.32]])
+  got = rl_headroom.headroom(metric, composite)
+  assert got["mean"] == round((1 / 8 + 0.5) / 2, 3)
+  assert got["best_of_G"] == 0.75
+  assert got["top_quarter"] == round((0.5 + 0.5) / 2, 3)  # best 2 of 8: (1+0)/2 and 0.5
+  assert got["gap"] == round(((1 - 1 / 8) + 0.0) / 2, 3)
+  assert got["flat"] == 0.5  # the second group's composite spans 0.02 < 0.05
+  # The bootstrap interval of the gap covers its expectation on random groups.
+  rng = np.random.default_rng(0)
+  draws = rng.uniform(size=(400, 8))
+  low, high = rl_headroom.headroom(draws, draws)["gap_ci95"]
+  expected = 8 / 9 - 0.5  # E[max of 8 uniforms] - E[mean]
+  assert low < expected < high and high - low < 0.05
+
+
+def test_headroom_variance_shares_follow_the_reward_that_ranks_the_group():
+  import os
+  import sys
+
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from benchmarks import rl_headroom
+
+  rng = np.random.default_rng(1)
+  moving = 0.3 * rng.normal(size=(50, 8))  # std 0.3 within every group
+  still = 0.1 * rng.normal(size=(50, 8)) + rng.normal(size=(50, 1))  # std 0.1; groups offset
+  shares = rl_headroom.variance_shares({"identity": moving, "instruction": still})
+  assert abs(shares["identity"] - 0.9) < 0.03 and abs(sum(shares.values()) - 1) < 1e-3

@@ -10,7 +10,7 @@ import dataclasses
 
 import numpy as np
 
-from qwen_image_rl.data import captions, edits, render, world
+from qwen_image_rl.data import captions, edits, prompt_files, render, world
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +55,17 @@ def t2i_examples(
     categories=tuple(p.category for p in prompts),
     specs=tuple(specs),
   )
+
+
+def write_t2i_prompt_file(path: str, seed: int, n: int, split: str, size: int) -> None:
+  """Writes `n` T2I prompts of `split` as a prompt file whose records carry their scene specs, so
+  an RL run (`data.prompt_file`) on them can be scored by the oracle."""
+  ex = t2i_examples(seed, n, split, size)
+  records = [
+    prompt_files.PromptRecord(prompt=p, category=c, extra={"spec": world.to_dict(s)})
+    for p, c, s in zip(ex.prompts, ex.categories, ex.specs)
+  ]
+  prompt_files.write_prompt_file(path, records)
 
 
 def edit_examples(seed: int, n: int, split: str, size: int, kinds=edits.EDIT_KINDS) -> EditExamples:
