@@ -14,8 +14,8 @@ per category, over prompt groups of G samples:
   best_of_G   the mean over groups of the best sample: a policy that always drew its group's
               best would score this
   top_quarter the mean over groups of the best G/4 samples: what a sharper reweighting reaches
-  flat        the fraction of groups whose training composite reward spans under 0.05
-              (no ranking signal; what prompt curation drops)
+  flat        the fraction of groups whose training composite reward spans no more than
+              rl.curation.threshold (0.05): no ranking signal, what prompt curation drops
 
 with bootstrap 95% intervals over groups for best_of_G - mean, and which reward the ranking
 follows: each reward's share of the within-group variance of the weighted, shaped rewards the
@@ -35,7 +35,6 @@ import jax
 import numpy as np
 
 METRIC = {"t2i": "alignment", "edit": "instruction_following"}
-FLAT_RANGE = 0.05
 
 
 def build_config(policy: str, task: str, group_size: int):
@@ -88,8 +87,9 @@ def bootstrap_ci(values: np.ndarray, draws: int = 2000, seed: int = 0) -> tuple[
   return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
-def headroom(metric: np.ndarray, composite: np.ndarray) -> dict:
-  """Statistics of groups [n, G] (see the module docstring)."""
+def headroom(metric: np.ndarray, composite: np.ndarray, flat_range: float) -> dict:
+  """Statistics of groups [n, G] (see the module docstring); a group is flat when its composite
+  spans at most `flat_range`, the rule of prompt curation (trainers/curate.py)."""
   g = metric.shape[1]
   ordered = np.sort(metric, axis=1)[:, ::-1]
   gap = ordered[:, 0] - metric.mean(axis=1)
@@ -102,7 +102,7 @@ def headroom(metric: np.ndarray, composite: np.ndarray) -> dict:
     gap=round(float(gap.mean()), 3),
     gap_ci95=[round(low, 3), round(high, 3)],
     within_group_std=round(float(metric.std(axis=1).mean()), 3),
-    flat=round(float((np.ptp(composite, axis=1) < FLAT_RANGE).mean()), 3),
+    flat=round(float((np.ptp(composite, axis=1) <= flat_range).mean()), 3),
   )
 
 
@@ -119,11 +119,12 @@ def main():
     raise SystemExit("--group_size must be >= 2 and --batches >= 1")
   config = build_config(args.policy, args.task, args.group_size)
   categories, metric, composite, terms = collect_groups(config, args.batches)
+  flat_range = float(config.rl.curation.threshold)
   rows = {
-    str(c): headroom(metric[categories == c], composite[categories == c])
+    str(c): headroom(metric[categories == c], composite[categories == c], flat_range)
     for c in sorted(set(categories))
   }
-  rows["all"] = headroom(metric, composite)
+  rows["all"] = headroom(metric, composite, flat_range)
   for name, row in rows.items():
     keep = slice(None) if name == "all" else categories == name
     row["variance_share"] = variance_shares({k: t[keep] for k, t in terms.items()})

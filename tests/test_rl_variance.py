@@ -133,7 +133,7 @@ def test_headroom_reads_best_of_group_top_quarter_and_flat_groups():
   # Two groups of 8: one sample at 1.0 among zeros, and a constant group (no signal to rank).
   metric = np.array([[0.0] * 7 + [1.0], [0.5] * 8])
   composite = np.array([[0.0] * 7 + [0.4], [0.3] * 7 + [0.32]])
-  got = rl_headroom.headroom(metric, composite)
+  got = rl_headroom.headroom(metric, composite, flat_range=0.05)
   assert got["mean"] == round((1 / 8 + 0.5) / 2, 3)
   assert got["best_of_G"] == 0.75
   assert got["top_quarter"] == round((0.5 + 0.5) / 2, 3)  # best 2 of 8: (1+0)/2 and 0.5
@@ -142,7 +142,7 @@ def test_headroom_reads_best_of_group_top_quarter_and_flat_groups():
   # The bootstrap interval of the gap covers its expectation on random groups.
   rng = np.random.default_rng(0)
   draws = rng.uniform(size=(400, 8))
-  low, high = rl_headroom.headroom(draws, draws)["gap_ci95"]
+  low, high = rl_headroom.headroom(draws, draws, flat_range=0.05)["gap_ci95"]
   expected = 8 / 9 - 0.5  # E[max of 8 uniforms] - E[mean]
   assert low < expected < high and high - low < 0.05
 
