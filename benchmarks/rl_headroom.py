@@ -20,6 +20,11 @@ per category, over prompt groups of G samples:
 with bootstrap 95% intervals over groups for best_of_G - mean, and which reward the ranking
 follows: each reward's share of the within-group variance of the weighted, shaped rewards the
 advantages see (`rl/iteration.py: shaped_rewards`; covariances between rewards left out).
+
+For edits it also prints where the ranking points: the within-group Spearman correlation of the
+metric with closeness to the source (minus the mean absolute pixel difference of output and
+source), averaged over the groups where both vary, with a bootstrap interval. Above 0, the
+samples an objective moves toward are the ones that change the source less.
 """
 
 from __future__ import annotations
@@ -49,7 +54,8 @@ def build_config(policy: str, task: str, group_size: int):
 
 def collect_groups(config, batches: int):
   """(categories [n_groups], metric [n_groups, G], composite [n_groups, G], {reward: weighted
-  shaped reward [n_groups, G]}) over `batches` rollout batches of the config's sampler."""
+  shaped reward [n_groups, G]}, closeness to the source [n_groups, G] or None for T2I) over
+  `batches` rollout batches of the config's sampler."""
   from qwen_image_rl import parallel
   from qwen_image_rl.rl import iteration
 
@@ -57,7 +63,7 @@ def collect_groups(config, batches: int):
   s = iteration.setup(config, mesh, parallel.as_rules(config.logical_axis_rules))
   g = config.rl.group_size
   metric_name = METRIC[config.rl.task]
-  categories, metric, composite, terms = [], [], [], {}
+  categories, metric, composite, terms, closeness = [], [], [], {}, []
   with iteration.make_reward_pipeline(config, s.reward_fn) as rewards:
     for i in range(batches):
       got = iteration.roll_out(s, s.pipe.transformer_params, jax.random.key(2000 + i), i, rewards)
@@ -69,9 +75,14 @@ def collect_groups(config, batches: int):
       for name in shaped:
         term = np.asarray(weights[name], np.float64) * np.asarray(shaped[name], np.float64)
         terms.setdefault(name, []).append(term.reshape(-1, g))
+      if s.pool.sources is not None:
+        sources = s.pool.sources[got.pool_index].astype(np.float64)
+        diff = np.abs(got.images.astype(np.float64) - sources).mean(axis=(1, 2, 3))
+        closeness.append(-diff.reshape(-1, g))
       print(f"batch {i + 1}/{batches}: {metric_name} {metric[-1].mean():.3f}", flush=True)
   terms = {name: np.concatenate(parts) for name, parts in terms.items()}
-  return np.array(categories), np.concatenate(metric), np.concatenate(composite), terms
+  closeness = np.concatenate(closeness) if closeness else None
+  return np.array(categories), np.concatenate(metric), np.concatenate(composite), terms, closeness
 
 
 def variance_shares(terms: dict) -> dict:
@@ -79,6 +90,16 @@ def variance_shares(terms: dict) -> dict:
   within = {name: float(t.var(axis=1).sum()) for name, t in terms.items()}
   total = sum(within.values())
   return {name: round(v / total, 3) if total > 0 else float("nan") for name, v in within.items()}
+
+
+def within_group_spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+  """Spearman correlation of a and b [n, G] inside each group, for the groups where both vary."""
+  from scipy.stats import rankdata
+
+  keep = (np.ptp(a, axis=1) > 0) & (np.ptp(b, axis=1) > 0)
+  ra, rb = rankdata(a[keep], axis=1), rankdata(b[keep], axis=1)
+  ra, rb = ra - ra.mean(axis=1, keepdims=True), rb - rb.mean(axis=1, keepdims=True)
+  return (ra * rb).sum(axis=1) / np.sqrt((ra**2).sum(axis=1) * (rb**2).sum(axis=1))
 
 
 def bootstrap_ci(values: np.ndarray, draws: int = 2000, seed: int = 0) -> tuple[float, float]:
@@ -118,7 +139,7 @@ def main():
   if args.group_size < 2 or args.batches < 1:
     raise SystemExit("--group_size must be >= 2 and --batches >= 1")
   config = build_config(args.policy, args.task, args.group_size)
-  categories, metric, composite, terms = collect_groups(config, args.batches)
+  categories, metric, composite, terms, closeness = collect_groups(config, args.batches)
   flat_range = float(config.rl.curation.threshold)
   rows = {
     str(c): headroom(metric[categories == c], composite[categories == c], flat_range)
@@ -128,6 +149,12 @@ def main():
   for name, row in rows.items():
     keep = slice(None) if name == "all" else categories == name
     row["variance_share"] = variance_shares({k: t[keep] for k, t in terms.items()})
+    if closeness is not None:
+      rho = within_group_spearman(metric[keep], closeness[keep])
+      low, high = bootstrap_ci(rho) if len(rho) else (float("nan"),) * 2
+      row["copy_rho"] = round(float(rho.mean()), 3) if len(rho) else float("nan")
+      row["copy_rho_ci95"] = [round(low, 3), round(high, 3)]
+      row["copy_rho_groups"] = int(len(rho))
   print(
     json.dumps(
       dict(
@@ -139,18 +166,25 @@ def main():
       )
     )
   )
+  edit = closeness is not None
   print(
     f"\n| category | groups | mean | best of {args.group_size} | top quarter | "
     "best - mean [95% CI] | within-group std | flat groups | ranking variance by reward |"
+    + (" metric vs closeness to the source, Spearman [95% CI] (groups) |" if edit else "")
   )
-  print("|---|---|---|---|---|---|---|---|---|")
+  print("|---|---|---|---|---|---|---|---|---|" + ("---|" if edit else ""))
   for name, r in rows.items():
+    copy = ""
+    if edit:
+      low, high = r["copy_rho_ci95"]
+      copy = f" {r['copy_rho']:+.3f} [{low:+.3f}, {high:+.3f}] ({r['copy_rho_groups']}) |"
     print(
       f"| {name} | {r['groups']} | {r['mean']:.3f} | {r['best_of_G']:.3f} | "
       f"{r['top_quarter']:.3f} | {r['gap']:+.3f} [{r['gap_ci95'][0]:+.3f}, "
       f"{r['gap_ci95'][1]:+.3f}] | {r['within_group_std']:.3f} | {r['flat']:.2f} | "
       + ", ".join(f"{k} {v:.2f}" for k, v in r["variance_share"].items())
       + " |"
+      + copy
     )
 
 

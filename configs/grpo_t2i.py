@@ -76,6 +76,9 @@ def rl_section(task: str, weights) -> ml_collections.ConfigDict:
       # 'group': each reward divided by its prompt group's std (GDPO, the paper's Eq. 10);
       # 'batch': centred per group, weighted, then divided by one batch-wide std (Flow-GRPO).
       advantage_std="group",
+      # A control run: advantages shuffled within each prompt group before the update, so it
+      # trains on noise with the real run's statistics (its held-out change is the drift).
+      placebo=False,
       # Shaping of near-constant rewards (0 = off): preservation as -max(0, tau - R); identity
       # weighted only in groups where some sample reaches the floor (a face was read).
       shaping=dict(preservation_threshold=0.0, identity_floor=0.0),

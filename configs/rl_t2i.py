@@ -17,6 +17,9 @@ RL on a learned judge with the oracle held out (the judge issue; README, learned
       --workdir=runs/rl_t2i_judge --config.init_from=runs/demo/base/export/pipeline
 `judge_no_cot=DIR` scores without chain of thought. Every oracle reward is replaced by its judge_*
 counterpart under the same category weights; evaluation still reads the oracle.
+
+'placebo' is the control run: advantages shuffled within each prompt group (rl.placebo), so its
+held-out change is what the optimiser's noise alone does to the base.
 """
 
 from configs import grpo_t2i
@@ -40,12 +43,14 @@ JUDGE_VARIANTS = {"judge": True, "judge_no_cot": False}  # variant -> judge writ
 
 def get_config(arg: str = "tiny"):
   variant, _, judge_dir = arg.partition("=")
-  if arg != "tiny" and (variant not in JUDGE_VARIANTS or not judge_dir):
+  if arg not in ("tiny", "placebo") and (variant not in JUDGE_VARIANTS or not judge_dir):
     raise ValueError(
-      f"configs/rl_t2i.py: unknown variant {arg!r}; known: ['tiny', 'judge=JUDGE_DIR', "
-      "'judge_no_cot=JUDGE_DIR'] (JUDGE_DIR: a reward_sft export, WORKDIR/export/judge)"
+      f"configs/rl_t2i.py: unknown variant {arg!r}; known: ['tiny', 'placebo', "
+      "'judge=JUDGE_DIR', 'judge_no_cot=JUDGE_DIR'] (JUDGE_DIR: a reward_sft export, "
+      "WORKDIR/export/judge)"
     )
   c = forward_rl(grpo_t2i.get_config("tiny"))
+  c.rl.placebo = arg == "placebo"
   c.total_steps = 60
   if judge_dir:
     c = grpo_t2i.with_judge_rewards(c, judge_dir, cot=JUDGE_VARIANTS[variant])

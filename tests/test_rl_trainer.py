@@ -118,7 +118,13 @@ def test_curve_entries_name_a_reward_variant():
     kw["judge_dir"] == "runs/j/export/judge" and not kw["cot"] for kw in c.rewards.kwargs.values()
   )
   plain = rl_curves.objective_config("awm", "t2i", "BASE", 128, 64, 0, (), eval_base=False)
-  assert "alignment" in plain.rewards.names
+  assert "alignment" in plain.rewards.names and not plain.rl.placebo
+  for task in ("t2i", "edit"):  # the control run differs from the real one only in rl.placebo
+    real = rl_curves.objective_config("nft", task, "BASE", 128, 64, 0, (), eval_base=False)
+    control = rl_curves.objective_config("nft@placebo", task, "BASE", 128, 64, 0, (), False)
+    assert control.rl.placebo and not real.rl.placebo
+    control.rl.placebo = False
+    assert control.to_dict() == real.to_dict()
   assert rl_curves.run_name(entry) == "awm@judge_no_cot_runs_j_export_judge"
   assert rl_curves.short_label(entry) == "awm@judge_no_cot=j"
   assert rl_curves.short_label("nft") == "nft"

@@ -47,6 +47,17 @@ def test_threshold_penalty_and_readable_groups():
   assert readable.tolist() == [False] * 3 + [True] * 3
 
 
+def test_placebo_permutes_advantages_within_each_group_only():
+  ids = adv_lib.contiguous_group_ids(12, 4)
+  values = np.arange(12, dtype=np.float32) * 0.5 - 2.0
+  got = adv_lib.permute_within_groups(values, ids, [0, 64])
+  for g in range(3):  # every group keeps its own advantages (its mean and spread), reordered
+    np.testing.assert_array_equal(np.sort(got[ids == g]), values[ids == g])
+  assert not np.array_equal(got, values)
+  np.testing.assert_array_equal(got, adv_lib.permute_within_groups(values, ids, [0, 64]))
+  assert not np.array_equal(got, adv_lib.permute_within_groups(values, ids, [0, 128]))
+
+
 def cps_reference(x, v, t, t_next, a):
   s = t_next * math.sin(a * math.pi / 2)
   x0_hat, eps_hat = x - t * v, x + (1 - t) * v
@@ -159,3 +170,45 @@ def test_headroom_variance_shares_follow_the_reward_that_ranks_the_group():
   still = 0.1 * rng.normal(size=(50, 8)) + rng.normal(size=(50, 1))  # std 0.1; groups offset
   shares = rl_headroom.variance_shares({"identity": moving, "instruction": still})
   assert abs(shares["identity"] - 0.9) < 0.03 and abs(sum(shares.values()) - 1) < 1e-3
+
+
+def test_headroom_within_group_spearman_reads_the_copy_direction():
+  import os
+  import sys
+
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from benchmarks import rl_headroom
+
+  rng = np.random.default_rng(2)
+  metric = rng.uniform(size=(40, 8))
+  # Closeness that follows the metric inside every group, groups offset: rho = 1 per group.
+  closeness = 3.0 * metric + rng.normal(size=(40, 1))
+  rho = rl_headroom.within_group_spearman(metric, closeness)
+  np.testing.assert_allclose(rho, 1.0)
+  assert abs(rl_headroom.within_group_spearman(metric, -closeness).mean() + 1.0) < 1e-9
+  # A constant group has no ranking and is left out; unrelated draws average near 0.
+  metric[0] = 0.5
+  assert len(rl_headroom.within_group_spearman(metric, closeness)) == 39
+  unrelated = rl_headroom.within_group_spearman(metric, rng.uniform(size=(40, 8)))
+  assert abs(unrelated.mean()) < 0.15
+
+
+def test_policy_drift_separates_the_branches_and_the_cfg_gap():
+  import os
+  import sys
+
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from benchmarks import policy_drift
+
+  rng = np.random.default_rng(3)
+  cond, uncond = rng.normal(size=(2, 6, 16, 4))
+  assert set(policy_drift.drift((cond, uncond), (cond, uncond)).values()) == {0.0, 1.0}
+  # Both branches moved by the same vector: the gap, which CFG multiplies, did not change.
+  shift = 0.1 * rng.normal(size=cond.shape)
+  same = policy_drift.drift((cond, uncond), (cond + shift, uncond + shift))
+  assert same["cond_change"] > 0.05 and same["uncond_change"] > 0.05
+  assert same["gap_change"] == 0.0 and same["gap_norm_ratio"] == 1.0
+  # Only the unconditional branch moved toward the conditional one: the gap shrank by half.
+  half = policy_drift.drift((cond, uncond), (cond, uncond + 0.5 * (cond - uncond)))
+  assert half["cond_change"] == 0.0 and half["gap_norm_ratio"] == 0.5
+  assert half["gap_change"] == 0.5

@@ -185,3 +185,16 @@ def readable_groups(values, group_ids, floor: float) -> np.ndarray:
   best = np.full(group_ids.max() + 1, -np.inf, np.float32)
   np.maximum.at(best, group_ids, values)
   return best[group_ids] >= floor
+
+
+def permute_within_groups(values, group_ids, seed) -> np.ndarray:
+  """`values` [B] shuffled among the samples of each group (a placebo: the same advantages per
+  prompt, no longer tied to the samples that earned them)."""
+  values = np.asarray(values)
+  group_ids = np.asarray(group_ids)
+  rng = np.random.default_rng(seed)
+  out = values.copy()
+  for g in np.unique(group_ids):
+    members = np.flatnonzero(group_ids == g)
+    out[members] = values[rng.permutation(members)]
+  return out

@@ -28,6 +28,7 @@ from qwen_image_rl.rl import objectives, reward_setup
 from qwen_image_rl.rl.advantages import (
   contiguous_group_ids,
   gdpo_advantages,
+  permute_within_groups,
   readable_groups,
   sample_weights,
   threshold_penalty,
@@ -202,20 +203,25 @@ def shaped_rewards(s: RLSetup, got: Collected):
 
 def advantages(s: RLSetup, got: Collected):
   """Advantages [B] (per reward, per prompt group, then category-weighted; rl.advantage_std
-  'group' is GDPO, 'batch' one batch-wide std) and their statistics as
-  {'train/advantage/...': float}. Scores must be finite (see `score`)."""
+  'group' is GDPO, 'batch' one batch-wide std; rl.placebo shuffles them within each group) and
+  their statistics as {'train/advantage/...': float}. Scores must be finite (see `score`)."""
   rl = s.rl
   rewards, weights = shaped_rewards(s, got)
+  groups = contiguous_group_ids(s.batch_size, rl.group_size)
   adv, stats = gdpo_advantages(
     rewards,
     weights,
-    contiguous_group_ids(s.batch_size, rl.group_size),
+    groups,
     rl.prompts_per_step,
     eps=rl.adv_eps,
     whiten=rl.whiten_advantages,
     clip=rl.adv_clip if rl.adv_clip > 0 else None,
     std=rl.get("advantage_std", "group"),
   )
+  if rl.get("placebo", False):
+    # The control run: each group's advantages shuffled among its samples, so the update
+    # carries the optimiser's noise but no reward signal (its held-out change is the drift).
+    adv = permute_within_groups(adv, groups, [s.config.seed, int(got.sample_ids[0])])
   return adv, {f"train/{k}": float(v) for k, v in stats.items() if k.startswith("advantage/")}
 
 

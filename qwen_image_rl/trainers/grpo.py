@@ -157,8 +157,9 @@ def run_banner(s, start: int) -> str:
     f"grpo[{rl.task}]: {len(s.pool)} prompts, batch {s.batch_size} = "
     f"{rl.prompts_per_step} x G={rl.group_size}, {rl.num_steps} steps, "
     f"K={rl.timesteps.num_train} trained ({rl.timesteps.strategy}), cfg_mode={rl.cfg_mode}, "
-    f"objective {rl.objective}, rewards {list(s.names)}; starting at iteration "
-    f"{start}/{s.config.total_steps}"
+    f"objective {rl.objective}, rewards {list(s.names)}"
+    + ("; PLACEBO: advantages shuffled within groups" if rl.get("placebo", False) else "")
+    + f"; starting at iteration {start}/{s.config.total_steps}"
   )
 
 
