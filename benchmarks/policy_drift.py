@@ -118,11 +118,12 @@ def heldout_at_scale(pipe, task: str, n: int, scale: float, seed: int = 0) -> di
 
   cfg = eval_config(task, n)
   cfg.cfg_scale = scale
-  t2i, edits = evaluation.eval_sets(cfg, seed)
   if task == "t2i":
-    images = evaluation.sample_t2i(pipe, t2i.prompts, cfg, seed)
-    r = evaluation.summarise_t2i(oracle.score_t2i_batch(images, t2i.specs), t2i.categories)
+    r = evaluation.evaluate(pipe, None, cfg, step=0, seed=seed)["t2i"]
     return dict(overall=round(r["overall"], 4), strict=round(r["strict"], 4))
+  # Edits sample here rather than through `evaluate`, which keeps no outputs to compare with
+  # the sources.
+  _, edits = evaluation.eval_sets(cfg, seed)
   out = evaluation.sample_edits(pipe, edits.sources, edits.instructions, cfg, seed)
   scores = oracle.score_edit_batch(edits.sources, out, edits.edits)
   r = evaluation.summarise_edits(scores, edits.edits)
