@@ -16,6 +16,10 @@ passes the strict metric; every adversary must fail it and score below it on the
 soft score. A render with one attribute wrong (a worse but honest attempt) must still beat the
 count gamers (duplicated, confetti) on the soft score. For edits the adversaries are a copy of
 the source image, blank, noise and confetti over the source.
+
+The image-quality score (the aesthetics reward) has its own gamer: the right scene under a
+high-frequency ripple (a grating of period 3-5 px, what a policy collapsed by self-training
+drew), which the median-Laplacian noise term alone scored 0.8-1.
 """
 
 import dataclasses
@@ -97,6 +101,13 @@ def confetti(spec, base=None, seed=0):
     cy, cx = rng.uniform(0, SIZE, 2)
     out[(ys - cy) ** 2 + (xs - cx) ** 2 <= rng.uniform(1.5, 3.0) ** 2] = colours[i % len(colours)]
   return out
+
+
+def rippled(spec, period=4, amplitude=30.0):
+  """The correct render under a diagonal grating of `period` pixels."""
+  ys, xs = np.mgrid[:SIZE, :SIZE]
+  grating = amplitude * np.cos(2 * np.pi * (xs + ys) / period)
+  return _u8(R.render(spec, SIZE).astype(np.float32) + grating[..., None])
 
 
 def _composite(under, over, background):
@@ -205,6 +216,16 @@ def test_adversaries_lose_to_correct_and_imperfect_renders(category):
           (name, spec, round(s['overall'], 3), s['strict'], round(good['overall'], 3))
         )
   assert not failures, failures
+
+
+@pytest.mark.parametrize('category', W.CATEGORIES)
+def test_ripple_loses_image_quality_to_imperfect_renders(category):
+  for i, spec in enumerate(_scenes(category)):
+    good = O.image_quality(imperfect(R.render(spec, SIZE), seed=i))['quality']
+    assert good > 0.9, (spec, good)
+    for period in (3, 4, 5):
+      q = O.image_quality(rippled(spec, period))
+      assert q['quality'] < 0.3 and q['ripple'] < 0.3, (spec, period, q)
 
 
 @pytest.mark.parametrize('category', W.CATEGORIES)

@@ -20,7 +20,7 @@ with a single shape, is left out of the dict):
 `overall` is the rubric-capped alignment (capped_alignment: presence and count, then attributes,
 then spatial relations; a failed tier caps the ones below it), `overall_mean` the plain mean of
 the dimensions, `strict` 1.0 when every item-level check passes (strict_pass, t2i_checks), and
-`quality` noise x sharpness x artefacts (not part of the alignment).
+`quality` noise x sharpness x artefacts x ripple (not part of the alignment).
 
 Edits (score_edit): core (the instruction's core requirement, core_checks), instruction_following
 (capped: core, then the target scene), preservation (pixels outside the region the edit touches,
@@ -138,15 +138,34 @@ def _disc_mask(size: int, cx, cy, r0, r1=None) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
-# Image quality (the aesthetics analogue): noise, sharpness, isolated-pixel artefacts.
+# Image quality (the aesthetics analogue): noise, sharpness, isolated-pixel artefacts, ripple.
 # ---------------------------------------------------------------------------------------------
 
 _LAPLACE = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float32)
 BLUR_CLEAN_MAX = 0.42  # re-blur ratio of clean renders stays below this (all sizes/categories)
+# Ripple: a pixel where the intensity turns (adjacent steps of opposite sign, both > RIPPLE_STEP
+# in some channel) along a row or column. Renders are flat fields with monotone edges (<= 0.016
+# of pixels turn, at thin glasses frames) and the base's samples <= 0.03; a policy collapsed into
+# high-frequency texture turned 0.10-0.27 while the median-Laplacian noise term still read 0.8-1.
+RIPPLE_STEP = 12.0
+RIPPLE_FREE = 0.04  # fraction of turning pixels that costs nothing
+RIPPLE_SCALE = 0.05
+
+
+def ripple_fraction(img: np.ndarray) -> float:
+  """Mean over both axes of the fraction of pixels where the intensity turns (see RIPPLE_STEP)."""
+  fractions = []
+  for axis in (0, 1):
+    d = np.diff(img, axis=axis)
+    n = d.shape[axis]
+    a, b = np.take(d, range(n - 1), axis=axis), np.take(d, range(1, n), axis=axis)
+    turns = (a * b < 0) & (np.abs(a) > RIPPLE_STEP) & (np.abs(b) > RIPPLE_STEP)
+    fractions.append(float(turns.any(-1).mean()))
+  return float(np.mean(fractions))
 
 
 def image_quality(image) -> dict:
-  """{'noise', 'sharpness', 'artefacts', 'quality'} in [0, 1]; clean renders score 1."""
+  """{'noise', 'sharpness', 'artefacts', 'ripple', 'quality'} in [0, 1]; clean renders score 1."""
   img = as_float_image(image)
   # Noise: robust (median) Laplacian estimate; flat regions dominate clean images.
   sigma = np.mean(
@@ -179,11 +198,13 @@ def image_quality(image) -> dict:
   outside = np.maximum(img - neighbours.max(0), neighbours.min(0) - img)
   isolated = float(np.mean(outside.max(-1) > 60))
   artefacts = float(np.exp(-max(0.0, isolated - 0.005) / 0.01))
+  ripple = float(np.exp(-max(0.0, ripple_fraction(img) - RIPPLE_FREE) / RIPPLE_SCALE))
   return {
     'noise': noise,
     'sharpness': sharpness,
     'artefacts': artefacts,
-    'quality': noise * sharpness * artefacts,
+    'ripple': ripple,
+    'quality': noise * sharpness * artefacts * ripple,
   }
 
 
