@@ -65,15 +65,9 @@ def parse_player(text: str) -> tuple[str, str, float]:
   except ValueError as e:
     raise ArenaError(f"--pipelines entry {text!r}: {e}") from None
   scale = 4.0 if scale is None else scale
-  from qwen_image_rl.pipelines.common import find_pipeline_dir  # lazy: jax
+  from qwen_image_rl.pipelines.common import require_pipeline_dir  # lazy: jax
 
-  found = find_pipeline_dir(directory)
-  if found:
-    return name, found, scale
-  raise ArenaError(
-    f"--pipelines entry {text!r}: no model_index.json in {directory!r} nor in its "
-    f"export/pipeline (pass a pipeline exported by a trainer)"
-  )
+  return name, require_pipeline_dir(directory, f"--pipelines entry {name}", ArenaError), scale
 
 
 def pair_outcomes(scores: np.ndarray, tie: float) -> list[tuple[int, int, float, int]]:

@@ -83,14 +83,9 @@ def load_pipelines(directory: str):
   from qwen_image_rl.pipelines.qwen_image import QwenImagePipeline
   from qwen_image_rl.rl.policy import with_params
 
-  found = common.find_pipeline_dir(directory)
-  if found:
-    t2i = QwenImagePipeline.from_pretrained(found, dtype=jnp.float32)
-    edit = with_params(t2i, t2i.transformer_params, QwenImageEditPipeline)
-    return t2i, edit
-  raise FileNotFoundError(
-    f"{directory!r}: no {common.MODEL_INDEX} there nor in its export/pipeline"
-  )
+  found = common.require_pipeline_dir(directory, "--pipelines")
+  t2i = QwenImagePipeline.from_pretrained(found, dtype=jnp.float32)
+  return t2i, with_params(t2i, t2i.transformer_params, QwenImageEditPipeline)
 
 
 def grid_image(pipes: dict, cfgs: dict, n: int, split: str, seed: int, scale: int) -> np.ndarray:

@@ -237,7 +237,7 @@ def test_missing_or_mismatched_teacher_fails_at_start(pipe_dirs, tmp_path):
   _expect_start_failure(
     small_opd(base, teacher_edit=str(tmp_path / "nope")),
     tmp_path,
-    r"config.teachers.edit=.*nope.*teacher not found",
+    r"config.teachers.edit=.*nope.*no model_index.json there",
   )
   c = small_opd(base)
   c.teachers.t2i = ""

@@ -50,6 +50,17 @@ def find_pipeline_dir(path: str) -> str | None:
   return paths.find_export(path, "pipeline", lambda d: paths.isfile(paths.join(d, MODEL_INDEX)))
 
 
+def require_pipeline_dir(path: str, name: str, error: type[Exception] = FileNotFoundError) -> str:
+  """find_pipeline_dir(path), or `error` naming the setting or flag `name` that gave `path`."""
+  directory = find_pipeline_dir(path)
+  if directory:
+    return directory
+  raise error(
+    f"{name}={path!r}: no {MODEL_INDEX} there nor in its export/pipeline (pass a pipeline "
+    "exported by a trainer, or its workdir)"
+  )
+
+
 # diffusers' `default_sample_size`: default height/width = 128 * vae_scale_factor.
 DEFAULT_SAMPLE_SIZE = 128
 OUTPUT_TYPES = ("np", "float", "latent")

@@ -25,12 +25,7 @@ def resolve_pipeline_dir(init_from: str) -> str:
       "config.init_from is required: a diffusers-format pipeline directory "
       "(e.g. runs/demo/base/export/pipeline) or a workdir that exported one"
     )
-  directory = pipe_common.find_pipeline_dir(init_from)
-  if directory:
-    return directory
-  raise ConfigError(
-    f"config.init_from={init_from!r}: no {pipe_common.MODEL_INDEX} there nor in its export/pipeline"
-  )
+  return pipe_common.require_pipeline_dir(init_from, "config.init_from", ConfigError)
 
 
 def load_base(config) -> QwenImagePipeline:

@@ -34,13 +34,7 @@ def resolve_teacher(task: str, path: str) -> str:
       f"config.teachers.{task} is empty: name the {task} teacher's exported "
       f"pipeline (e.g. runs/demo/rl_{task}/export/pipeline) or its workdir"
     )
-  directory = pipe_common.find_pipeline_dir(path)
-  if directory:
-    return directory
-  raise ConfigError(
-    f"config.teachers.{task}={path!r}: teacher not found (no "
-    f"{pipe_common.MODEL_INDEX} there nor in its export/pipeline)"
-  )
+  return pipe_common.require_pipeline_dir(path, f"config.teachers.{task}", ConfigError)
 
 
 def architecture(directory: str) -> dict:
