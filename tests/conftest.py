@@ -2,15 +2,9 @@
 
 import os
 
-# Tests run tiny programs once or twice, so XLA's compile time dominates them: skipping the
-# LLVM optimisation passes and the CPU fusion emitters cut the trainer tests ~3x (358 s -> 118 s
-# for sft_trains + opd_trains on one core). Numerics are unchanged within every tolerance here.
-FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
-os.environ["XLA_FLAGS"] = (
-  os.environ.get("XLA_FLAGS", "")
-  + " --xla_force_host_platform_device_count=8 "
-  + FAST_COMPILE_FLAGS
-).strip()
+from tests.xla_flags import cpu_xla_flags
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + cpu_xla_flags(8)).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Parity tests compare against PyTorch in float32; keep XLA from using bf16 dots on CPU.
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")

@@ -13,6 +13,8 @@ import subprocess
 import sys
 import time
 
+from tests.xla_flags import cpu_xla_flags
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -31,18 +33,11 @@ def write_config_file(path: str, config_code: str) -> str:
   return path
 
 
-# The test jobs compile far longer than they run. XLA:CPU's backend at -O0 with the older
-# elemental fusion emitters compiles the tiny sft train step (977 fusions) in ~6-8 s of CPU
-# instead of ~23 s. Every run of a test, 2x4 and 1x8, uses the same flags, so the exact-resume
-# and 2x4 vs 1x8 comparisons are unaffected.
-FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
-
-
 def _env(devices: int, cache_dir: str | None) -> dict:
   env = dict(
     os.environ,
     JAX_PLATFORMS="cpu",
-    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE_FLAGS}",
+    XLA_FLAGS=cpu_xla_flags(devices),
     PYTHONPATH=REPO,
   )
   if cache_dir:
