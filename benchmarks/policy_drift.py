@@ -14,6 +14,11 @@ norms). A control run (`nft@placebo`: advantages shuffled within groups) shows h
 movement the optimiser's noise makes on its own. Then, for the base and every policy, the
 held-out oracle at each --cfg_scales (T2I: capped overall; edits: instruction following,
 preservation, identity and the mean absolute pixel difference to the source).
+
+--random_like=POLICY adds a second control, `random~POLICY`: the base plus a random Gaussian
+direction with the same norm per parameter tensor as POLICY - base. If it costs the held-out
+oracle as much as POLICY's own motion, only the size of the motion matters (the base is that
+fragile); if it costs far less, the motion has a direction.
 """
 
 from __future__ import annotations
@@ -32,14 +37,12 @@ import numpy as np
 TIMES = (0.95, 0.7, 0.4)
 
 
-def load(policy: str, task: str):
+def load(policy: str, task: str, flag: str):
   from qwen_image_rl.pipelines import common as pipe_common
   from qwen_image_rl.pipelines.edit import QwenImageEditPipeline
   from qwen_image_rl.pipelines.qwen_image import QwenImagePipeline
 
-  directory = pipe_common.find_pipeline_dir(policy)
-  if not directory:
-    raise SystemExit(f"{policy!r}: no exported pipeline there nor in its export/pipeline")
+  directory = pipe_common.require_pipeline_dir(policy, flag, SystemExit)
   cls = QwenImageEditPipeline if task == "edit" else QwenImagePipeline
   return cls.from_pretrained(directory, dtype=jnp.float32)
 
@@ -136,6 +139,20 @@ def heldout_at_scale(pipe, task: str, n: int, scale: float, seed: int = 0) -> di
   )
 
 
+def random_like(base_params, policy_params, seed: int = 0):
+  """base + a random direction with the norm of policy - base in every parameter tensor."""
+  base_leaves, treedef = jax.tree.flatten(base_params)
+  policy_leaves = treedef.flatten_up_to(policy_params)
+  rng = np.random.default_rng(seed)
+  out = []
+  for b, p in zip(base_leaves, policy_leaves):
+    b = np.asarray(b, np.float32)
+    direction = rng.standard_normal(b.shape).astype(np.float32)
+    scale = np.linalg.norm(np.asarray(p, np.float32) - b) / max(np.linalg.norm(direction), 1e-12)
+    out.append(b + scale * direction)
+  return jax.tree.unflatten(treedef, out)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--base", required=True, help="the base's exported pipeline (or workdir)")
@@ -143,15 +160,27 @@ def main():
   parser.add_argument("--task", default="edit", choices=("t2i", "edit"))
   parser.add_argument("--n", type=int, default=64, help="held-out prompts / edits")
   parser.add_argument("--cfg_scales", default="1,4", help="comma-separated; empty: none")
+  parser.add_argument(
+    "--random_like", action="append", default=[], help="a --policy to add a random control for"
+  )
   args = parser.parse_args()
+  if set(args.random_like) - set(args.policy):
+    raise SystemExit(
+      f"--random_like {sorted(set(args.random_like) - set(args.policy))}: not a --policy"
+    )
   if args.n < 1:
     raise SystemExit("--n must be >= 1")
   scales = [float(s) for s in args.cfg_scales.split(",") if s]
-  base = load(args.base, args.task)
+  base = load(args.base, args.task, "--base")
   inputs = probe_inputs(base, args.task, args.n)
   model = base.transformer
   base_v = {t: branch_velocities(model, base.transformer_params, inputs, t) for t in TIMES}
-  policies = {path: load(path, args.task) for path in args.policy}
+  policies = {path: load(path, args.task, "--policy") for path in args.policy}
+  from qwen_image_rl.rl.policy import with_params
+
+  for path in args.random_like:
+    params = random_like(base.transformer_params, policies[path].transformer_params)
+    policies[f"random~{path}"] = with_params(base, params)
   for path, pipe in policies.items():
     for t in TIMES:
       row = drift(base_v[t], branch_velocities(model, pipe.transformer_params, inputs, t))

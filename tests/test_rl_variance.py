@@ -212,3 +212,20 @@ def test_policy_drift_separates_the_branches_and_the_cfg_gap():
   half = policy_drift.drift((cond, uncond), (cond, uncond + 0.5 * (cond - uncond)))
   assert half["cond_change"] == 0.0 and half["gap_norm_ratio"] == 0.5
   assert half["gap_change"] == 0.5
+
+
+def test_policy_drift_random_control_matches_each_tensors_motion():
+  import os
+  import sys
+
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from benchmarks import policy_drift
+
+  rng = np.random.default_rng(4)
+  base = {"a": rng.normal(size=(8, 16)), "b": {"c": rng.normal(size=(32,))}}
+  moved = {"a": base["a"] + 0.3 * np.sign(base["a"]), "b": {"c": base["b"]["c"]}}
+  control = policy_drift.random_like(base, moved, seed=1)
+  delta = control["a"] - base["a"]
+  np.testing.assert_allclose(np.linalg.norm(delta), np.linalg.norm(0.3 * np.ones((8, 16))), 1e-5)
+  assert abs(np.corrcoef(delta.ravel(), np.sign(base["a"]).ravel())[0, 1]) < 0.3  # not the motion
+  np.testing.assert_array_equal(control["b"]["c"], base["b"]["c"].astype(np.float32))  # unmoved
