@@ -83,7 +83,7 @@ def rl_section(task: str, weights) -> ml_collections.ConfigDict:
       # weighted only in groups where some sample reaches the floor (a face was read).
       shaping=dict(preservation_threshold=0.0, identity_floor=0.0),
       sde_type="flow_grpo",  # grpo's SDE step: 'flow_grpo' | 'cps' (coefficients-preserving)
-      # Forward-process objectives ('nft', 'awm'): (t, eps) draws per sample and update, and
+      # Forward-process objectives ('nft', 'awm', 'raft'): (t, eps) draws per sample and update, and
       # where t comes from ('schedule': the rollout's sigmas; 'uniform': U(0, 1)).
       fm_draws=4,
       fm_time="schedule",
@@ -91,6 +91,7 @@ def rl_section(task: str, weights) -> ml_collections.ConfigDict:
         beta=1.0, adv_max=5.0, old_policy="ema", ema_decay=0.5, ema_ramp=0.001, refresh_every=1
       ),
       awm=dict(clip=5.0, weighting="uniform"),
+      raft=dict(top_k=1, min_advantage=0.0),  # flow matching on each group's best rollouts
       async_rewards=True,
       max_consecutive_nonfinite=3,
       timesteps=dict(

@@ -1,4 +1,5 @@
-"""Forward-process RL objectives (DiffusionNFT `nft`, AWM `awm`) and their old policy.
+"""Forward-process RL objectives (DiffusionNFT `nft`, AWM `awm`, reward-ranked flow matching
+`raft`) and their old policy.
 
 The gradient at theta = theta_old is checked against its closed form, computed in float64 numpy
 on a linear velocity model v = x_t W; the train steps run on a tiny random QwenImageTransformer:
@@ -15,7 +16,7 @@ import pytest
 
 from qwen_image_rl import parallel
 from qwen_image_rl.models.mmdit import QwenImageTransformer
-from qwen_image_rl.rl.objectives import awm, forward, nft, old_policy
+from qwen_image_rl.rl.objectives import awm, forward, nft, old_policy, raft
 from qwen_image_rl.sampling.schedule import FlowMatchSchedule
 from qwen_image_rl.train_state import TrainState
 
@@ -84,6 +85,38 @@ def test_awm_gradient_at_old_policy_is_minus_advantage_times_fm_gradient(weighti
   err = np.max(np.abs(got - want)) / np.max(np.abs(want))
   print(f"awm ({weighting}) grad vs float64 closed form: rel err {err:.2e}")
   assert err < 1e-5
+
+
+def test_raft_keeps_the_top_of_each_group_above_the_floor():
+  adv = jnp.array([0.5, -1.0, 2.0, 0.1, 0.0, 0.0, 0.0, 0.0, -0.3, 0.2, 0.2, -0.1])
+  w = np.asarray(raft.top_of_group_weights(adv, 4, top_k=2, min_advantage=0.0))
+  keep = np.array([1, 0, 1, 0, 0, 0, 0, 0, 0, 1, 1, 0], bool)  # the flat group keeps nothing
+  np.testing.assert_allclose(w, np.where(keep, 12 / 4, 0.0))  # mean weight 1: a mean over kept
+  w1 = np.asarray(raft.top_of_group_weights(adv, 4, top_k=1, min_advantage=0.3))
+  np.testing.assert_allclose(w1, np.where(np.arange(12) == 2, 12.0, 0.0))  # 0.2 <= the floor
+  assert not np.any(raft.top_of_group_weights(jnp.zeros(8), 4, 1, 0.0))
+  assert np.all(np.isnan(raft.top_of_group_weights(adv.at[5].set(jnp.inf), 4, 1, 0.0)))
+
+
+def test_raft_gradient_is_flow_matching_on_the_kept_samples():
+  x0, eps, t, adv, w, x_t = linear_problem(2)
+  weights = raft.top_of_group_weights(jnp.float32(adv), 4, top_k=1, min_advantage=0.0)
+
+  def loss(w_):
+    xt, u = forward.noised(jnp.float32(x0), jnp.float32(t), jnp.float32(eps))
+    return jnp.mean(weights[:, None] * jnp.mean((xt @ w_ - u) ** 2, axis=(2, 3)))
+
+  got = np.asarray(jax.grad(loss)(jnp.float32(w)), np.float64)
+  kept = [4 * g + int(np.argmax(adv[4 * g : 4 * g + 4])) for g in range(B // 4)]
+  kept = [i for i in kept if adv[i] > 0]
+  v, u = x_t @ w, eps - x0[:, None]
+  # Plain flow matching, mean over the kept samples and draws: d mean((v - u)^2) / dW.
+  want = sum(
+    np.einsum("dsi,dsj->ij", x_t[i], v[i] - u[i]) * 2 / (D * S * w.shape[0]) for i in kept
+  ) / len(kept)
+  err = np.max(np.abs(got - want)) / np.max(np.abs(want))
+  print(f"raft grad vs float64 flow matching on {len(kept)} kept samples: rel err {err:.2e}")
+  assert kept and err < 1e-5
 
 
 def test_nft_bounds_and_implicit_trust_region():
@@ -189,6 +222,8 @@ def rl_config(objective, **kw):
       fm_time="schedule",
       nft=dict(ema_ramp=0.25),
       awm={},
+      raft=dict(top_k=2),
+      group_size=4,
     ),
     **kw,
   )
@@ -204,7 +239,7 @@ def make_state(tx, params):
 
 
 def run_step(model, params, batch, objective, rules=RULES, **rl_kw):
-  module = {"nft": nft, "awm": awm}[objective]
+  module = {"nft": nft, "awm": awm, "raft": raft}[objective]
   rl = rl_config(objective, **rl_kw)
   # SGD: the params moved are the gradient (Adam's first step is sign-like near g = 0).
   tx = module.wrap_optimizer(optax.sgd(0.1), rl)
@@ -221,7 +256,7 @@ def tree_max_abs(a, b):
   )
 
 
-@pytest.mark.parametrize("objective", ["nft", "awm"])
+@pytest.mark.parametrize("objective", ["nft", "awm", "raft"])
 def test_micro_batches_equal_one_batch(model, params, batch, objective):
   one = run_step(model, params, batch, objective)
   micro = run_step(model, params, batch, objective, micro_batch_size=2)
@@ -237,7 +272,7 @@ def test_micro_batches_equal_one_batch(model, params, batch, objective):
     assert tree_max_abs(old, want) < 1e-6
 
 
-@pytest.mark.parametrize("objective", ["nft", "awm"])
+@pytest.mark.parametrize("objective", ["nft", "awm", "raft"])
 def test_eight_devices_match_one(model, params, batch, objective):
   one = run_step(model, params, batch, objective, kl_beta=0.0)
   mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
@@ -257,7 +292,7 @@ def test_eight_devices_match_one(model, params, batch, objective):
   assert abs(float(one[1]["loss"]) - float(eight[1]["loss"])) < 1e-5
 
 
-@pytest.mark.parametrize("objective", ["nft", "awm"])
+@pytest.mark.parametrize("objective", ["nft", "awm", "raft"])
 def test_nonfinite_advantages_leave_the_state_unchanged(model, params, batch, objective):
   bad = dict(batch, advantages=batch["advantages"].at[3].set(jnp.nan))
   new, metrics = run_step(model, params, bad, objective)

@@ -11,7 +11,7 @@ from qwen_image_rl import config_lib, precision
 from qwen_image_rl.config_lib import ConfigError
 from qwen_image_rl.data import prompt_files, world
 from qwen_image_rl.rl import objectives, reward_setup
-from qwen_image_rl.rl.objectives import awm, forward, nft
+from qwen_image_rl.rl.objectives import awm, forward, nft, raft
 from qwen_image_rl.rl.objectives.grpo import OLD_LOG_PROBS
 from qwen_image_rl.rl.policy import DTYPES
 from qwen_image_rl.rl.rollout import CFG_MODES
@@ -162,6 +162,12 @@ def check_objective_settings(config) -> None:
       nft.wrap_optimizer(None, rl)
     except ValueError as e:
       raise ConfigError(f"config.rl.nft: {e}") from e
+  if rl.objective == "raft":
+    s = raft.settings(rl)
+    if not 1 <= s["top_k"] <= rl.group_size:
+      raise ConfigError(
+        f"config.rl.raft.top_k={s['top_k']}: must be in [1, rl.group_size={rl.group_size}]"
+      )
   if rl.objective == "awm":
     s = awm.settings(rl)
     if not s["clip"] > 0 or s["weighting"] not in awm.WEIGHTINGS:

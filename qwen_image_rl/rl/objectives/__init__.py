@@ -4,6 +4,7 @@ from qwen_image_rl.rl.objectives import (
   awm,
   grpo,
   nft,
+  raft,
 )
 from qwen_image_rl.rl.objectives.registry import RECORDS, Objective, get, names, register
 

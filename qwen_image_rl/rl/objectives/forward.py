@@ -131,13 +131,20 @@ def apply_update(state: TrainState, tx, grads, metrics):
 
 
 def make_forward_grads(
-  loss_fn: Callable, *, micro_batch_size: int | None, draws: int, time_sampling: str
+  loss_fn: Callable,
+  *,
+  micro_batch_size: int | None,
+  draws: int,
+  time_sampling: str,
+  prepare: Callable | None = None,
 ):
   """grads(params, batch, key, old_params=None, ref_params=None) -> (grads, metrics).
 
   loss_fn(params, micro, *, old_params, ref_params) -> (loss, metrics) sees a micro-batch with
   the draws from `key` added (t [b, D], eps [b, D, S, C]); old_params None means theta_old =
-  theta. Run under `nn.logical_axis_rules` / `parallel.sharding_context`.
+  theta. `prepare(batch) -> batch`, if given, runs on the whole batch first (for per-sample
+  weights that need whole prompt groups, which the strided micro-batches split). Run under
+  `nn.logical_axis_rules` / `parallel.sharding_context`.
   """
   if draws < 1:
     raise ValueError(f"fm_draws={draws} must be >= 1.")
@@ -145,6 +152,8 @@ def make_forward_grads(
     raise ValueError(f"fm_time={time_sampling!r}: expected one of {TIME_SAMPLING}.")
 
   def grads(params, batch, key, old_params=None, ref_params=None):
+    if prepare is not None:
+      batch = prepare(batch)
     t, eps = draw_times_and_noise(key, batch["x0"], batch["schedule"], draws, time_sampling)
     batch = dict(batch, t=t, eps=eps)
     n = num_micro_batches(batch["advantages"].shape[0], micro_batch_size)
@@ -162,6 +171,7 @@ def make_forward_step(
   draws: int,
   time_sampling: str,
   inner_updates: int = 1,
+  prepare: Callable | None = None,
 ):
   """step(state, batch, ref_params=None) -> (state, metrics), to be jitted by the caller: the
   draws keyed by the iteration (module docstring), theta_old from the optimiser state
@@ -169,7 +179,11 @@ def make_forward_step(
   `parallel.sharding_context(mesh, rules)`.
   """
   grads_fn = make_forward_grads(
-    loss_fn, micro_batch_size=micro_batch_size, draws=draws, time_sampling=time_sampling
+    loss_fn,
+    micro_batch_size=micro_batch_size,
+    draws=draws,
+    time_sampling=time_sampling,
+    prepare=prepare,
   )
 
   def step(state: TrainState, batch, ref_params=None):
@@ -183,15 +197,22 @@ def make_forward_step(
   return step
 
 
-def forward_objective(name: str, make_loss: Callable, wrap_optimizer: Callable) -> Objective:
+def forward_objective(
+  name: str,
+  make_loss: Callable,
+  wrap_optimizer: Callable,
+  make_prepare: Callable | None = None,
+) -> Objective:
   """The registry entry of a forward-process objective whose loss is
-  make_loss(model, rl, img_shapes) -> loss_fn (see `make_forward_grads`)."""
+  make_loss(model, rl, img_shapes) -> loss_fn (see `make_forward_grads`); make_prepare(rl) ->
+  prepare(batch) -> batch, if given, runs on the whole batch before the micro-batch split."""
 
   def settings(rl):
     return dict(
       micro_batch_size=rl.micro_batch_size,
       draws=int(rl.get("fm_draws", 4)),
       time_sampling=rl.get("fm_time", "schedule"),
+      prepare=None if make_prepare is None else make_prepare(rl),
     )
 
   def make_step(model, tx, rules, rl, img_shapes):
