@@ -144,9 +144,10 @@ def _disc_mask(size: int, cx, cy, r0, r1=None) -> np.ndarray:
 _LAPLACE = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float32)
 BLUR_CLEAN_MAX = 0.42  # re-blur ratio of clean renders stays below this (all sizes/categories)
 # Ripple: a pixel where the intensity turns (adjacent steps of opposite sign, both > RIPPLE_STEP
-# in some channel) along a row or column. Renders are flat fields with monotone edges (<= 0.016
+# in some channel) along a row or column. Renders are flat fields with monotone edges (<= 0.017
 # of pixels turn, at thin glasses frames) and the base's samples <= 0.03; a policy collapsed into
-# high-frequency texture turned 0.10-0.27 while the median-Laplacian noise term still read 0.8-1.
+# high-frequency texture turned 0.10-0.27 while the median-Laplacian noise term still read 0.8-1
+# (README, "The tiny world").
 RIPPLE_STEP = 12.0
 RIPPLE_FREE = 0.04  # fraction of turning pixels that costs nothing
 RIPPLE_SCALE = 0.05
