@@ -263,6 +263,8 @@ def test_demo_runs_a_stage_and_skips_it_once_done(tmp_path, capsys):
     # Both teachers train DiffusionNFT: GRPO's T2I policy lost the general scenes in held-out
     # evaluation where nft kept them (README, "100-iteration curves").
     assert stages[rl].rl.objective == "nft"
+    # 12 flow-matching draws: the first setting that moved both teachers above the placebo.
+    assert stages[rl].rl.fm_draws == demo.DEMO_FM_DRAWS == 12
   assert stages["opd"].init_from == export("base")
   assert (stages["opd"].teachers.t2i, stages["opd"].teachers.edit) == (
     export("rl_t2i"),
