@@ -1,6 +1,6 @@
 """Forward-process objectives through the trainer: the curves command end to end (nft, awm and
 grpo at toy size on a tiny random pipeline: CSV, PNG, moved weights), config errors, and exact
-resume of an nft run after SIGKILL (its EMA old policy included)."""
+resume of nft (its EMA old policy included) and raft runs after SIGKILL."""
 
 import csv
 import os
@@ -136,11 +136,14 @@ def test_curve_entries_name_a_reward_variant():
 
 @pytest.mark.slow
 @pytest.mark.torch
-def test_nft_exact_resume_after_sigkill(pipe_dir, tmp_path):
+@pytest.mark.parametrize("objective", ["nft", "raft"])
+def test_forward_objective_exact_resume_after_sigkill(pipe_dir, tmp_path, objective):
+  # nft carries an EMA old policy in its state; raft's per-batch weights come from the
+  # rollouts' advantages alone, so both must come back from the checkpoint bit for bit.
   steps = 4
   code = (
     "from tests.test_rl_trainer import small_rl\n"
-    f"c = small_rl({pipe_dir!r}); c.total_steps = {steps}; c.eval.num_t2i = 0"
+    f"c = small_rl({pipe_dir!r}, {objective!r}); c.total_steps = {steps}; c.eval.num_t2i = 0"
   )
   kill_and_resume.assert_killed_then_resumed_run_is_exact(
     code, str(tmp_path / "straight"), str(tmp_path / "resumed"), steps, kill_after_step=1
