@@ -31,20 +31,17 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 TIMES = (0.95, 0.7, 0.4)
 
 
 def load(policy: str, task: str, flag: str):
-  from qwen_image_rl.pipelines import common as pipe_common
-  from qwen_image_rl.pipelines.edit import QwenImageEditPipeline
-  from qwen_image_rl.pipelines.qwen_image import QwenImagePipeline
+  """The task's pipeline, built as the RL trainers and the evaluation build it."""
+  from qwen_image_rl.rl.policy import load_exported
 
-  directory = pipe_common.require_pipeline_dir(policy, flag, SystemExit)
-  cls = QwenImageEditPipeline if task == "edit" else QwenImagePipeline
-  return cls.from_pretrained(directory, dtype=jnp.float32)
+  t2i, edit = load_exported(policy, flag, SystemExit)
+  return t2i if task == "t2i" else edit
 
 
 def eval_config(task: str, n: int):

@@ -177,15 +177,6 @@ class Progress:
 # ------------------------------------------------------------------------------------------
 
 
-def _load(directory: str):
-  from qwen_image_rl.pipelines.edit import QwenImageEditPipeline
-  from qwen_image_rl.pipelines.qwen_image import QwenImagePipeline
-  from qwen_image_rl.rl.policy import with_params
-
-  t2i = QwenImagePipeline.from_pretrained(directory)
-  return t2i, with_params(t2i, t2i.transformer_params, QwenImageEditPipeline)
-
-
 def images_per_second(pipe, eval_cfg, seed: int) -> float:
   """T2I sampler throughput at eval_cfg's CFG scale: one eval batch, timed after a warm-up
   call (CFG > 1 runs two transformer passes per step, CFG 1 one)."""
@@ -204,6 +195,7 @@ def evaluate_row(workdir: str, label: str, stage: str, cfg_scale: float, eval_cf
   """The row's eval results (cached in WORKDIR/summary/<label>.json), or None if the stage has
   no export."""
   from qwen_image_rl import evaluation
+  from qwen_image_rl.rl.policy import load_exported
 
   directory = _export(workdir, stage)
   if not os.path.isfile(os.path.join(directory, "model_index.json")):
@@ -216,7 +208,7 @@ def evaluate_row(workdir: str, label: str, stage: str, cfg_scale: float, eval_cf
       return json.load(f)
   cfg = eval_cfg.copy_and_resolve_references()
   cfg.cfg_scale = cfg_scale
-  t2i, edit = _load(directory)
+  t2i, edit = load_exported(directory, f"the {stage} stage's export")
   results = evaluation.evaluate(t2i, edit, cfg, step=0, seed=seed)
   results.update(
     stage=stage, cfg_scale=cfg_scale, images_per_second=images_per_second(t2i, cfg, seed)

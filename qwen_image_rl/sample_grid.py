@@ -76,16 +76,9 @@ def with_cfg_scale(cfg, scale: float | None):
 
 def load_pipelines(directory: str):
   """(t2i, edit) pipelines sharing one set of components, from an export or its workdir."""
-  import jax.numpy as jnp
+  from qwen_image_rl.rl.policy import load_exported
 
-  from qwen_image_rl.pipelines import common
-  from qwen_image_rl.pipelines.edit import QwenImageEditPipeline
-  from qwen_image_rl.pipelines.qwen_image import QwenImagePipeline
-  from qwen_image_rl.rl.policy import with_params
-
-  found = common.require_pipeline_dir(directory, "--pipelines")
-  t2i = QwenImagePipeline.from_pretrained(found, dtype=jnp.float32)
-  return t2i, with_params(t2i, t2i.transformer_params, QwenImageEditPipeline)
+  return load_exported(directory, "--pipelines")
 
 
 def grid_image(pipes: dict, cfgs: dict, n: int, split: str, seed: int, scale: int) -> np.ndarray:

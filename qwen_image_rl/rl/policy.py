@@ -45,6 +45,15 @@ def load_base(config) -> QwenImagePipeline:
   )
 
 
+def load_exported(path: str, name: str, error: type[Exception] = FileNotFoundError):
+  """(t2i, edit) float32 pipelines sharing one set of components, from an exported pipeline or
+  the workdir that exported it; `name` is the setting or flag that gave `path`, for the error.
+  The edit pipeline is built as the RL trainers build theirs (`with_params`)."""
+  directory = pipe_common.require_pipeline_dir(path, name, error)
+  t2i = QwenImagePipeline.from_pretrained(directory, dtype=jnp.float32)
+  return t2i, with_params(t2i, t2i.transformer_params, QwenImageEditPipeline)
+
+
 def task_pipeline_class(task: str):
   return QwenImagePipeline if task == "t2i" else QwenImageEditPipeline
 
