@@ -13,7 +13,9 @@ A stage whose final checkpoint and export exist is skipped; an interrupted one r
 last checkpoint. The RL stages run DEMO_ITERATIONS instead of their standalone budgets, and
 evaluate nothing themselves: at the end `summary` scores every export on the same held-out sets
 (base at CFG 4 and 1, teachers and Mix-RL at CFG 4, the student at CFG 1), measures each
-sampler's images/s, prints a table and writes WORKDIR/summary.json.
+sampler's images/s, prints a table and the paired differences the targets are read from
+(COMPARISONS: a - b with its standard error on the same prompts and noise), and writes both to
+WORKDIR/summary.json.
 """
 
 from __future__ import annotations
@@ -52,6 +54,18 @@ ESTIMATED_SECONDS = {
   "opd": 450,
   "summary": 300,
 }
+# Paired differences the OPD issue's targets and the paper's claims are read from: (row a, row b,
+# task), reported as a - b with its standard error on the same prompts and noise.
+COMPARISONS = (
+  ("student_cfg1", "teacher_t2i_cfg4", "t2i"),
+  ("student_cfg1", "teacher_edit_cfg4", "edit"),
+  ("student_cfg1", "base_cfg4", "t2i"),
+  ("student_cfg1", "base_cfg4", "edit"),
+  ("teacher_t2i_cfg4", "base_cfg4", "t2i"),
+  ("teacher_edit_cfg4", "base_cfg4", "edit"),
+  ("student_cfg1", "mix_rl_cfg4", "t2i"),
+  ("student_cfg1", "mix_rl_cfg4", "edit"),
+)
 SUMMARY_ROWS = (  # (label, stage, CFG scale)
   ("base_cfg4", "base", 4.0),
   ("base_cfg1", "base", 1.0),
@@ -205,7 +219,9 @@ def evaluate_row(workdir: str, label: str, stage: str, cfg_scale: float, eval_cf
     os.path.join(directory, "model_index.json")
   ):
     with open(cache) as f:
-      return json.load(f)
+      cached = json.load(f)
+    if _get(cached, ("t2i", "per_prompt")) is not None:  # else: from before per-item scores
+      return cached
   cfg = eval_cfg.copy_and_resolve_references()
   cfg.cfg_scale = cfg_scale
   t2i, edit = load_exported(directory, f"the {stage} stage's export")
@@ -256,9 +272,43 @@ def format_summary(rows: dict) -> str:
   return "\n".join(lines)
 
 
+def comparisons(rows: dict) -> list[dict]:
+  """COMPARISONS whose two rows are both there: a - b on T2I capped overall (category-weighted)
+  or edit instruction following, with the paired standard error (evaluation.paired_difference)."""
+  from qwen_image_rl import evaluation
+
+  out = []
+  for a, b, task in COMPARISONS:
+    if a not in rows or b not in rows:
+      continue
+    if task == "t2i":
+      scores = [_get(rows[r], ("t2i", "per_prompt")) for r in (a, b)]
+      groups = _get(rows[a], ("t2i", "per_prompt_category"))
+    else:
+      scores = [_get(rows[r], ("edit", "per_edit_instruction_following")) for r in (a, b)]
+      groups = None
+    if any(s is None for s in scores):
+      continue
+    diff, se = evaluation.paired_difference(*scores, groups=groups)
+    out.append(dict(a=a, b=b, task=task, difference=diff, standard_error=se))
+  return out
+
+
+def format_comparisons(found: list[dict]) -> str:
+  lines = ["| a - b | on | difference | paired SE |", "|---|---|---|---|"]
+  on = {"t2i": "T2I capped", "edit": "edit IF"}
+  for c in found:
+    lines.append(
+      f"| {c['a']} - {c['b']} | {on[c['task']]} | {c['difference']:+.3f} | "
+      f"{c['standard_error']:.3f} |"
+    )
+  return "\n".join(lines)
+
+
 def summary(workdir: str, seed: int = 0, eval_cfg=None) -> str:
   """Scores every stage's export (SUMMARY_ROWS) on `eval_cfg`'s held-out sets (default
-  configs/common.py tiny_eval), writes WORKDIR/summary.json, returns the table."""
+  configs/common.py tiny_eval), writes WORKDIR/summary.json, returns the table and the paired
+  differences."""
   from configs import common
 
   eval_cfg = common.tiny_eval() if eval_cfg is None else eval_cfg
@@ -267,10 +317,14 @@ def summary(workdir: str, seed: int = 0, eval_cfg=None) -> str:
     results = evaluate_row(workdir, label, stage, cfg_scale, eval_cfg, seed)
     if results is not None:
       rows[label] = results
+  found = comparisons(rows)
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "summary.json"), "w") as f:
-    json.dump({"eval": eval_cfg.to_dict(), "rows": rows}, f, indent=1, sort_keys=True)
-  return format_summary(rows)
+    json.dump(
+      {"eval": eval_cfg.to_dict(), "rows": rows, "comparisons": found}, f, indent=1, sort_keys=True
+    )
+  table = format_summary(rows)
+  return table + "\n\n" + format_comparisons(found) if found else table
 
 
 def main(argv):

@@ -81,7 +81,8 @@ def summarise_t2i(scores, categories) -> dict:
   `overall_mean` / `by_category_mean` the plain mean of the dimensions (the pre-capping metric);
   `strict` / `strict_by_category` the fraction of prompts whose image passes every item-level
   check (GenEval-like; thresholds in oracle.STRICT_THRESHOLD). Category means weigh each
-  category equally.
+  category equally. `per_prompt` / `per_prompt_category` keep each prompt's capped score in eval
+  order, for paired comparisons of two models on the same prompts (`paired_difference`).
   """
   by_category, by_category_mean, strict_by_category, by_dimension = {}, {}, {}, {}
   for c in world.CATEGORIES:
@@ -104,13 +105,16 @@ def summarise_t2i(scores, categories) -> dict:
     "strict": float(np.mean(list(strict_by_category.values()))),
     "strict_by_category": strict_by_category,
     "quality": float(np.mean([s["quality"] for s in scores])),
+    "per_prompt": [float(s["overall"]) for s in scores],
+    "per_prompt_category": list(categories),
   }
 
 
 def summarise_edits(scores, edits) -> dict:
   """Edit means; `overall` / `instruction_following` rubric-capped (the `*_mean` keys hold the
   pre-capping means), `strict` the fraction of edits that fulfil the instruction's core, match
-  the target on every check and preserve the rest (oracle.score_edit)."""
+  the target on every check and preserve the rest (oracle.score_edit). `per_edit_instruction_
+  following` keeps each edit's capped score in eval order (`paired_difference`)."""
 
   def mean(key, rows):
     vals = [r[key] for r in rows if key in r]
@@ -136,7 +140,33 @@ def summarise_edits(scores, edits) -> dict:
   out = {k: mean(k, scores) for k in keys}
   out["instruction_following_by_kind"] = by_kind("instruction_following")
   out["strict_by_kind"] = by_kind("strict")
+  out["per_edit_instruction_following"] = [float(s["instruction_following"]) for s in scores]
   return out
+
+
+def paired_difference(a, b, groups=None) -> tuple[float, float]:
+  """(mean of a - b, its standard error) for two models scored on the same held-out items.
+
+  The evaluation draws the same prompts and the same initial noise for every model, so the
+  per-item difference removes the prompt-to-prompt spread that dominates each model's own error.
+  With `groups` (the T2I categories) the difference is the mean over groups of the group means,
+  as `overall` weighs them, and the variance adds up per group: SE^2 = sum_c var_c / n_c / C^2.
+  """
+  d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+  if d.ndim != 1 or len(d) < 2:
+    raise ValueError(
+      f"paired_difference needs two equal-length score lists of >= 2 items, got {d.shape}"
+    )
+  groups = np.zeros(len(d), int) if groups is None else np.asarray(groups)
+  if groups.shape != d.shape:
+    raise ValueError(f"{len(groups)} group labels for {len(d)} paired scores")
+  means, variances = [], []
+  for g in sorted(set(groups.tolist())):
+    dg = d[groups == g]
+    means.append(dg.mean())
+    variances.append(dg.var(ddof=1) / len(dg) if len(dg) > 1 else 0.0)
+  k = len(means)
+  return float(np.mean(means)), float(np.sqrt(np.sum(variances)) / k)
 
 
 def enabled(cfg) -> bool:

@@ -44,6 +44,12 @@ def test_summaries_hold_capped_uncapped_and_strict_scores():
   assert t2i["strict"] == 0.875  # categories weigh equally: (0.5 + 1 + 1 + 1) / 4
   assert t2i["by_category"][failed] < t2i["by_category_mean"][failed] < 0.99
   assert t2i["overall"] < t2i["overall_mean"]
+  # Per-prompt scores, for paired comparisons: their category-weighted mean is `overall`, so a
+  # paired difference of two evaluations is the difference of their headline numbers.
+  per, cats = np.array(t2i["per_prompt"]), t2i["per_prompt_category"]
+  assert cats == [s.category for s in specs]
+  diff, _ = evaluation.paired_difference(per, np.zeros_like(per), groups=cats)
+  assert diff == pytest.approx(t2i["overall"])
   edits = E.sample_edits(5, 7, split="val")
   sources = [render.render(e.source) for e in edits]
   outputs = [render.render(e.target) for e in edits]
@@ -51,6 +57,30 @@ def test_summaries_hold_capped_uncapped_and_strict_scores():
   e = evaluation.summarise_edits(oracle.score_edit_batch(sources, outputs, edits), edits)
   assert e["strict"] == 6 / 7 and e["strict_by_kind"][edits[0].kind] == 0.0
   assert e["instruction_following"] < e["instruction_following_mean"]
+  assert np.mean(e["per_edit_instruction_following"]) == pytest.approx(e["instruction_following"])
+
+
+def test_paired_difference_standard_error_is_calibrated():
+  # Two correlated models scored on the same 4 x 32 items, repeated over many evaluations: the
+  # reported SE must match the spread of the estimated difference, and be far below the
+  # unpaired error that the item-to-item spread gives each model alone.
+  rng = np.random.default_rng(0)
+  groups = np.repeat(np.arange(4), 32)
+  group_means = np.array([0.2, 0.4, 0.5, 0.05])
+  diffs, ses, unpaired = [], [], []
+  for _ in range(400):
+    item = group_means[groups] + rng.normal(0, 0.2, groups.shape)  # what the prompt allows
+    a = item + rng.normal(0, 0.05, groups.shape)
+    b = item + 0.03 + rng.normal(0, 0.05, groups.shape)
+    d, se = evaluation.paired_difference(a, b, groups=groups)
+    diffs.append(d)
+    ses.append(se)
+    unpaired.append(np.hypot(*(x.std(ddof=1) / np.sqrt(len(x)) for x in (a, b))))
+  assert np.mean(diffs) == pytest.approx(-0.03, abs=0.002)
+  assert np.median(ses) == pytest.approx(np.std(diffs), rel=0.1)
+  assert np.median(ses) < np.median(unpaired) / 3
+  with pytest.raises(ValueError, match="group labels"):
+    evaluation.paired_difference([0.1, 0.2, 0.3], [0.1, 0.2, 0.3], groups=[0, 1])
 
 
 def test_sample_grid_rejects_bad_pipeline_arguments(tmp_path):

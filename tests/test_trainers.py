@@ -296,6 +296,21 @@ def test_demo_summary_table_and_eta():
   assert "| base_cfg4 | 0.300 | 0.500 | 0.100 | 0.400 | - |" in table[2]
   assert table[2].endswith("| 0.410 | 0.900 | 0.060 | 12.3 |")
   assert table[3].startswith("| student_cfg1 | 0.310 | - |")
+  # Paired differences: only comparisons whose two rows carry per-item scores.
+  rng = np.random.default_rng(0)
+  base_t2i, base_edit = rng.uniform(size=8), rng.uniform(size=6)
+  cats = ["general", "portrait"] * 4
+  rows["base_cfg4"]["t2i"].update(per_prompt=list(base_t2i), per_prompt_category=cats)
+  rows["base_cfg4"]["edit"]["per_edit_instruction_following"] = list(base_edit)
+  rows["student_cfg1"]["t2i"].update(per_prompt=list(base_t2i + 0.05), per_prompt_category=cats)
+  rows["student_cfg1"]["edit"] = {"per_edit_instruction_following": list(base_edit - 0.02)}
+  found = {(c["a"], c["b"], c["task"]): c for c in demo.comparisons(rows)}
+  assert set(found) == {("student_cfg1", "base_cfg4", "t2i"), ("student_cfg1", "base_cfg4", "edit")}
+  assert found["student_cfg1", "base_cfg4", "t2i"]["difference"] == pytest.approx(0.05)
+  assert found["student_cfg1", "base_cfg4", "edit"]["difference"] == pytest.approx(-0.02)
+  assert found["student_cfg1", "base_cfg4", "edit"]["standard_error"] == pytest.approx(0, abs=1e-12)
+  lines = demo.format_comparisons(list(found.values())).splitlines()
+  assert "| student_cfg1 - base_cfg4 | edit IF | -0.020 | 0.000 |" in lines
   progress = demo.Progress(["vae", "base", "summary"])
   remaining = demo.ESTIMATED_SECONDS["base"] + demo.ESTIMATED_SECONDS["summary"]
   assert progress.eta_seconds(["base", "summary"]) == remaining
