@@ -319,3 +319,59 @@ def test_t2i_prompt_file_carries_the_scene_specs_the_oracle_reads(tmp_path):
   assert [r.prompt for r in records] == list(want.prompts)
   assert [r.category for r in records] == list(want.categories)
   assert [world.from_dict(r.extra['spec']) for r in records] == list(want.specs)
+
+
+def test_edit_prompt_file_round_trips_the_edit_triples(tmp_path):
+  want = examples.edit_examples(0, 7, 'train', 32)  # every edit kind once
+  path = tmp_path / 'edits.jsonl'
+  pf.write_prompt_file(
+    path,
+    [
+      pf.PromptRecord(e.instruction, e.category, extra={'edit': edits.to_dict(e), 'range': 0.1})
+      for e in want.edits
+    ],
+  )
+  pairs = pf.read_edit_prompt_file(path)
+  assert [e for _, e in pairs] == list(want.edits)
+  assert [r.prompt for r, _ in pairs] == list(want.instructions)
+  # The RL pool renders the sources from the specs: the same pixels as the tiny world's.
+  from qwen_image_rl.rl.prompts import edit_prompts
+
+  class Config:
+    data = type('Data', (), dict(prompt_file=str(path), image_size=32))
+
+  instructions, categories, triples, sources = edit_prompts(Config)
+  assert triples == want.edits and categories == want.categories
+  np.testing.assert_array_equal(sources, want.sources)
+
+
+@pytest.mark.parametrize(
+  'record, message',
+  [
+    ({'prompt': 'make it red'}, 'line 1: missing "edit"'),
+    (
+      {'prompt': 'make it red', 'edit': {'kind': 'recolour'}},
+      "line 1: malformed \"edit\": KeyError: 'source'",
+    ),
+    (
+      {'prompt': 'x', 'edit': {'kind': 'paint', 'source': {}, 'instruction': 'x', 'target': {}}},
+      'unknown edit kind',
+    ),
+  ],
+)
+def test_edit_prompt_file_errors_name_the_line(tmp_path, record, message):
+  path = tmp_path / 'edits.jsonl'
+  path.write_text(json.dumps(record) + '\n')
+  with pytest.raises(pf.PromptFileError, match=message):
+    pf.read_edit_prompt_file(path)
+
+
+def test_edit_prompt_file_category_must_be_the_sources(tmp_path):
+  edit = examples.edit_examples(0, 7, 'train', 32).edits[0]
+  wrong = next(c for c in world.CATEGORIES if c != edit.category)
+  path = tmp_path / 'edits.jsonl'
+  pf.write_prompt_file(path, [pf.PromptRecord('x', wrong, extra={'edit': edits.to_dict(edit)})])
+  with pytest.raises(pf.PromptFileError, match=f"line 1: \"category\" '{wrong}' is not"):
+    pf.read_edit_prompt_file(path)
+  with pytest.raises(pf.PromptFileError, match='JSON lines'):
+    pf.read_edit_prompt_file(tmp_path / 'edits.txt')

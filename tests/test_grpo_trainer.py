@@ -256,6 +256,35 @@ def test_curate_writes_prompt_file(pipe_dir, tmp_path):
     main.run(c, str(tmp_path / "curate_none"))
 
 
+@pytest.mark.torch
+def test_curate_edits_writes_an_edit_prompt_file_an_edit_run_reads(pipe_dir, tmp_path):
+  from qwen_image_rl import main, trainers
+  from qwen_image_rl.data import examples, prompt_files
+  from qwen_image_rl.rl.prompts import edit_prompts
+
+  c = _shrink(curate_config.get_config("edit"), pipe_dir)
+  c.data.num_prompts = 6
+  c.rl.update(dict(group_size=3, prompts_per_step=4, num_steps=2))
+  c.rl.curation.threshold = 0.0
+  workdir = str(tmp_path / "curate_edit")
+  summary = main.run(c, workdir)
+  path = os.path.join(workdir, "curated_prompts.jsonl")
+  pairs = prompt_files.read_edit_prompt_file(path)
+  assert len(pairs) == summary["n_kept"] >= 1
+  pool = examples.edit_examples(c.seed, 6, "train", 32)
+  kept = [pool.edits.index(e) for _, e in pairs]  # each record is one of the pool's edits
+  assert kept == sorted(set(kept))
+  assert [r.prompt for r, _ in pairs] == [pool.instructions[i] for i in kept]
+  assert all(r.extra["range"] > 0.0 for r, _ in pairs)
+  # An edit RL run takes the file as its prompt set: validation reads it, the pool renders the
+  # kept edits' sources.
+  g = _small_grpo(pipe_dir, "edit")
+  g.data.prompt_file = path
+  trainers.validate(g)
+  _, _, triples, sources = edit_prompts(g)
+  np.testing.assert_array_equal(sources, pool.sources[kept])
+
+
 @pytest.mark.slow
 @pytest.mark.torch
 def test_grpo_exact_resume_after_sigkill(pipe_dir, tmp_path):

@@ -43,6 +43,28 @@ class Edit:
     return self.source.category
 
 
+def to_dict(edit: Edit) -> dict:
+  """JSON-ready: kind, instruction, and the source and target specs (world.to_dict)."""
+  return {
+    'kind': edit.kind,
+    'source': W.to_dict(edit.source),
+    'instruction': edit.instruction,
+    'target': W.to_dict(edit.target),
+  }
+
+
+def from_dict(d) -> Edit:
+  """The inverse of `to_dict`; KeyError / TypeError / ValueError on a malformed dict."""
+  if d['kind'] not in EDIT_KINDS:
+    raise ValueError(f'unknown edit kind {d["kind"]!r}; known: {", ".join(EDIT_KINDS)}')
+  return Edit(
+    kind=d['kind'],
+    source=W.from_dict(d['source']),
+    instruction=d['instruction'],
+    target=W.from_dict(d['target']),
+  )
+
+
 def _pick(rng, options):
   options = list(options)
   return options[int(rng.integers(len(options)))]

@@ -7,6 +7,11 @@ Formats:
   anything else     plain text: one prompt per line, category 'general'; blank lines and lines
                     starting with '#' are skipped.
 
+Edit prompt files (rl.task='edit') are .jsonl whose records also carry "edit": the tiny world's
+edit triple as `edits.to_dict` writes it (kind, source and target specs, instruction); "prompt" is
+the instruction the policy reads and "category" the source scene's. `read_edit_prompt_file`
+checks both; the source image is rendered from the spec.
+
 Every error is a PromptFileError (a ValueError) whose message starts with 'PATH, line N:' so the
 user can jump straight to the bad line.
 """
@@ -21,7 +26,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from qwen_image_rl import paths
-from qwen_image_rl.data import world
+from qwen_image_rl.data import edits, world
 
 JSONL_SUFFIXES = ('.jsonl', '.ndjson')
 DEFAULT_CATEGORY = 'general'
@@ -131,6 +136,34 @@ def read_prompt_file(path) -> list[PromptRecord]:
       path, None, f'no prompts: the file is empty or has only {what} ({len(lines)} lines)'
     )
   return records
+
+
+def read_edit_prompt_file(path) -> list[tuple[PromptRecord, edits.Edit]]:
+  """(record, edit) per line of an edit prompt file; raises PromptFileError naming the line."""
+  if not is_jsonl(path):
+    raise PromptFileError(
+      path, None, f'an edit prompt file is JSON lines with an "edit" per record ({JSONL_SUFFIXES})'
+    )
+  out = []
+  for record in read_prompt_file(path):
+    if 'edit' not in record.extra:
+      raise PromptFileError(
+        path, record.line, 'missing "edit" (the edit triple, as data.edits.to_dict writes it)'
+      )
+    try:
+      edit = edits.from_dict(record.extra['edit'])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+      raise PromptFileError(
+        path, record.line, f'malformed "edit": {type(e).__name__}: {e}'
+      ) from None
+    if record.category != edit.category:
+      raise PromptFileError(
+        path,
+        record.line,
+        f'"category" {record.category!r} is not the edit source\'s {edit.category!r}',
+      )
+    out.append((record, edit))
+  return out
 
 
 def _as_record(record) -> PromptRecord:

@@ -25,13 +25,11 @@ def check_prompts(config, weights) -> None:
   """The prompt set exists and every category it holds has reward weights."""
   rl = config.rl
   if config.data.prompt_file:
-    if rl.task == "edit":
-      raise ConfigError(
-        "config.data.prompt_file is only supported for rl.task='t2i' (edit "
-        "prompts come from the tiny world's edit triples)"
-      )
     try:
-      records = prompt_files.read_prompt_file(config.data.prompt_file)
+      if rl.task == "edit":
+        records = [r for r, _ in prompt_files.read_edit_prompt_file(config.data.prompt_file)]
+      else:
+        records = prompt_files.read_prompt_file(config.data.prompt_file)
     except (OSError, ValueError) as e:
       raise ConfigError(f"config.data.prompt_file: {e}") from e
     reward_setup.check_categories_covered(

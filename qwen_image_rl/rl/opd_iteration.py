@@ -49,7 +49,8 @@ class TaskData:
 
   def __init__(self, config, pipe, task: str):
     self.task = task
-    self.pool = t2i_pool(config, pipe) if task == "t2i" else edit_pool(config, pipe)
+    # data.prompt_file is the T2I prompt set here; edits come from the tiny world.
+    self.pool = t2i_pool(config, pipe) if task == "t2i" else edit_pool(config, pipe, "")
     if not len(self.pool):
       raise ConfigError(f"the {task} prompt set is empty")
     cls = QwenImagePipeline if task == "t2i" else QwenImageEditPipeline

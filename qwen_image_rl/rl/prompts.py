@@ -15,7 +15,7 @@ import os
 import numpy as np
 
 from qwen_image_rl.config_lib import ConfigError
-from qwen_image_rl.data import examples, prompt_files
+from qwen_image_rl.data import examples, prompt_files, render
 from qwen_image_rl.pipelines import common as pipe_common
 from qwen_image_rl.pipelines.edit import QwenImageEditPipeline
 from qwen_image_rl.pipelines.prompt_encoding import (
@@ -120,27 +120,42 @@ def write_encoded_prompts(config, pipe, path: str, negative_prompts=()) -> int:
   return len(texts)
 
 
-def edit_pool(config, pipe) -> PromptPool:
+def edit_prompts(config, prompt_file: str | None = None):
+  """(instructions, categories, edits, uint8 sources) of the edit prompt set, in pool order:
+  the edit prompt file's records (their sources rendered from the edits' specs) or the tiny
+  world's train edits. prompt_file: default config.data.prompt_file; '' for the tiny world's."""
+  data = config.data
+  prompt_file = data.prompt_file if prompt_file is None else prompt_file
+  if prompt_file:
+    pairs = prompt_files.read_edit_prompt_file(prompt_file)
+    edits = tuple(e for _, e in pairs)
+    sources = render.render_batch([e.source for e in edits], data.image_size)
+    return tuple(r.prompt for r, _ in pairs), tuple(r.category for r, _ in pairs), edits, sources
+  ex = examples.edit_examples(config.seed, data.num_prompts, "train", data.image_size)
+  return ex.instructions, ex.categories, ex.edits, ex.sources
+
+
+def edit_pool(config, pipe, prompt_file: str | None = None) -> PromptPool:
   data = config.data
   if encoded_prompts_path(config):
     raise ConfigError(
       "config.data.encoded_prompts covers T2I prompts only: edit instructions are encoded "
       "with their source images (an OPD run with edits needs the live text encoder)"
     )
-  ex = examples.edit_examples(config.seed, data.num_prompts, "train", data.image_size)
+  instructions, categories, edits, sources = edit_prompts(config, prompt_file)
   edit_pipe = with_params(pipe, pipe.transformer_params, QwenImageEditPipeline)
-  cond, mask = encode_with(edit_pipe, ex.instructions, data.max_text_tokens)
+  cond, mask = encode_with(edit_pipe, instructions, data.max_text_tokens)
   latents = []
-  for i in range(0, len(ex), 128):
-    z, _ = edit_pipe.encode_image(ex.sources[i : i + 128], image_area=None)
+  for i in range(0, len(instructions), 128):
+    z, _ = edit_pipe.encode_image(sources[i : i + 128], image_area=None)
     latents.append(np.asarray(pipe_common.pack_latents(z)))
   return PromptPool(
-    ex.instructions,
-    ex.categories,
-    tuple({"edit": e} for e in ex.edits),
+    instructions,
+    categories,
+    tuple({"edit": e} for e in edits),
     cond,
     mask,
-    sources=ex.sources,
+    sources=sources,
     ref_latents=np.concatenate(latents),
   )
 

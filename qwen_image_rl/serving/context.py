@@ -21,22 +21,9 @@ EDIT_RUBRICS = ('instruction_following', 'identity', 'preservation')
 RUBRICS = T2I_RUBRICS + EDIT_RUBRICS
 
 
-def edit_to_dict(edit: edits_lib.Edit) -> dict:
-  return {
-    'kind': edit.kind,
-    'source': world.to_dict(edit.source),
-    'instruction': edit.instruction,
-    'target': world.to_dict(edit.target),
-  }
-
-
-def edit_from_dict(d: Mapping[str, Any]) -> edits_lib.Edit:
-  return edits_lib.Edit(
-    kind=d['kind'],
-    source=world.from_dict(d['source']),
-    instruction=d['instruction'],
-    target=world.from_dict(d['target']),
-  )
+# The edit's JSON form lives with the edits; these names are the serving API's.
+edit_to_dict = edits_lib.to_dict
+edit_from_dict = edits_lib.from_dict
 
 
 def judge_context(rubric: str, category: str, meta: Mapping[str, Any] | None) -> dict:

@@ -4,10 +4,13 @@ The base model makes rl.group_size ODE rollouts (true CFG) per prompt; each is s
 composite reward, combined per sample with its category's weights (sec. 5). A prompt is kept when
 max - min of its group's composite exceeds rl.curation.threshold: prompts whose rollouts all score
 alike give GRPO no signal. Writes WORKDIR/<rl.curation.output> (.jsonl, with each tiny-world
-prompt's scene spec so the oracle rewards can score it), results/curation.json (counts, range
-histogram, per-category keep rates) and a histogram image to TensorBoard.
+prompt's scene spec, or for rl.task='edit' its edit triple, so the oracle rewards can score it),
+results/curation.json (counts, range histogram, per-category keep rates) and a histogram image
+to TensorBoard.
 
   python -m qwen_image_rl.main --config=configs/curate.py:tiny --workdir=runs/demo/curate \
+      --config.init_from=runs/demo/base/export/pipeline
+  python -m qwen_image_rl.main --config=configs/curate.py:edit --workdir=runs/demo/curate_edit \
       --config.init_from=runs/demo/base/export/pipeline
 """
 
@@ -21,12 +24,13 @@ import numpy as np
 
 from qwen_image_rl import paths
 from qwen_image_rl.config_lib import ConfigError
-from qwen_image_rl.data import prompt_files, world
+from qwen_image_rl.data import edits, prompt_files, world
 from qwen_image_rl.metrics import MetricLogger
+from qwen_image_rl.pipelines.edit import QwenImageEditPipeline
 from qwen_image_rl.rewards.base import RewardBatch
 from qwen_image_rl.rewards.composite import category_weighted_sum
 from qwen_image_rl.rl import config_checks, reward_setup
-from qwen_image_rl.rl.policy import load_base
+from qwen_image_rl.rl.policy import load_base, with_params
 from qwen_image_rl.rl.prompts import build_pool, negative_cond
 
 
@@ -57,8 +61,6 @@ REQUIRED = {
 
 def validate(config):
   config_checks.check_rollout(config)
-  if config.rl.task != "t2i":
-    raise ConfigError("config.rl.task must be 't2i' for curate (edit curation is not built)")
   if not config.rl.curation.threshold >= 0:
     raise ConfigError(f"config.rl.curation.threshold={config.rl.curation.threshold}: must be >= 0")
   if not prompt_files.is_jsonl(config.rl.curation.output):
@@ -116,15 +118,44 @@ def write_kept_prompts(pool, ranges, keep, path: str) -> str:
   records = []
   for i in np.flatnonzero(keep):
     extra = {"range": float(ranges[i])}
-    spec = pool.metas[i].get("spec")
+    spec, edit = pool.metas[i].get("spec"), pool.metas[i].get("edit")
     if spec is not None:
       extra["spec"] = spec if isinstance(spec, dict) else world.to_dict(spec)
+    if edit is not None:  # what rl.task='edit' runs read back (prompt_files.read_edit_prompt_file)
+      extra["edit"] = edits.to_dict(edit)
     records.append(
       prompt_files.PromptRecord(prompt=pool.prompts[i], category=pool.categories[i], extra=extra)
     )
   paths.makedirs(os.path.dirname(path))
   prompt_files.write_prompt_file(path, records)
   return path
+
+
+def rollout_images(config, pipe, pool, index, neg_cond, neg_mask, seed: int) -> np.ndarray:
+  """uint8 ODE samples (true CFG unless rl.cfg_mode='none') for the pool rows `index`; edits
+  condition on their source images. Rows are passed one per sample, so text and source stay
+  paired (the edit pipeline tiles sources where prompts repeat in place)."""
+  rl = config.rl
+  k = len(index)
+  kw = dict(
+    prompt_embeds=pool.cond[index],
+    prompt_embeds_mask=pool.mask[index],
+    true_cfg_scale=rl.cfg_scale,
+    num_inference_steps=rl.num_steps,
+    height=config.data.image_size,
+    width=config.data.image_size,
+    seed=config.seed * 1_000_003 + seed,
+    max_sequence_length=config.data.max_text_tokens,
+  )
+  if rl.cfg_mode != "none":
+    kw.update(
+      negative_prompt_embeds=np.repeat(neg_cond, k, 0),
+      negative_prompt_embeds_mask=np.repeat(neg_mask, k, 0),
+    )
+  if pool.sources is None:
+    return pipe(**kw)
+  edit_pipe = with_params(pipe, pipe.transformer_params, QwenImageEditPipeline)
+  return edit_pipe(pool.sources[index], image_area=None, **kw)
 
 
 def train(config, workdir):
@@ -137,7 +168,6 @@ def train(config, workdir):
   reward_setup.check_categories_covered(weights, pool.categories, "the prompt set")
   logger = MetricLogger(workdir, total_steps=1, progress_every=1)
   neg_cond, neg_mask = negative_cond(config, pipe, 1)
-  guided = rl.cfg_mode != "none"
   g = rl.group_size
   n = len(pool)
   start = time.time()
@@ -145,32 +175,15 @@ def train(config, workdir):
   raw = {name: np.zeros((n * g,), np.float32) for name in reward_fn.names}
   for lo in range(0, n, rl.prompts_per_step):
     hi = min(lo + rl.prompts_per_step, n)
-    k = hi - lo
-    kw = {}
-    if guided:
-      kw = dict(
-        negative_prompt_embeds=np.repeat(neg_cond, k, 0),
-        negative_prompt_embeds_mask=np.repeat(neg_mask, k, 0),
-      )
-    images = pipe(
-      prompt_embeds=pool.cond[lo:hi],
-      prompt_embeds_mask=pool.mask[lo:hi],
-      true_cfg_scale=rl.cfg_scale,
-      num_inference_steps=rl.num_steps,
-      height=config.data.image_size,
-      width=config.data.image_size,
-      seed=config.seed * 1_000_003 + lo,
-      num_images_per_prompt=g,
-      max_sequence_length=config.data.max_text_tokens,
-      **kw,
-    )
-    index = np.repeat(np.arange(lo, hi), g)  # num_images_per_prompt repeats each prompt
+    index = np.repeat(np.arange(lo, hi), g)  # each prompt's group, contiguous
+    images = rollout_images(config, pipe, pool, index, neg_cond, neg_mask, seed=lo)
     batch = RewardBatch(
       images=images,
       prompts=[pool.prompts[i] for i in index],
       categories=[pool.categories[i] for i in index],
       sample_ids=np.arange(lo * g, hi * g),
       meta=[pool.metas[i] for i in index],
+      source_images=None if pool.sources is None else pool.sources[index],
     )
     scores = reward_fn(batch)
     for name, value in scores.items():
