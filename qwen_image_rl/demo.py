@@ -206,28 +206,33 @@ def images_per_second(pipe, eval_cfg, seed: int) -> float:
 
 
 def evaluate_row(workdir: str, label: str, stage: str, cfg_scale: float, eval_cfg, seed: int):
-  """The row's eval results (cached in WORKDIR/summary/<label>.json), or None if the stage has
-  no export."""
+  """The row's eval results, or None if the stage has no export. Cached in
+  WORKDIR/summary/<label>.json, reused while it is newer than the export and was made with the
+  same eval settings and seed."""
   from qwen_image_rl import evaluation
   from qwen_image_rl.rl.policy import load_exported
 
   directory = _export(workdir, stage)
   if not os.path.isfile(os.path.join(directory, "model_index.json")):
     return None
+  cfg = eval_cfg.copy_and_resolve_references()
+  cfg.cfg_scale = cfg_scale
+  settings = {"eval": cfg.to_dict(), "seed": seed}
   cache = os.path.join(workdir, "summary", f"{label}.json")
   if os.path.isfile(cache) and os.path.getmtime(cache) > os.path.getmtime(
     os.path.join(directory, "model_index.json")
   ):
     with open(cache) as f:
       cached = json.load(f)
-    if _get(cached, ("t2i", "per_prompt")) is not None:  # else: from before per-item scores
+    if cached.get("settings") == json.loads(json.dumps(settings)):
       return cached
-  cfg = eval_cfg.copy_and_resolve_references()
-  cfg.cfg_scale = cfg_scale
   t2i, edit = load_exported(directory, f"the {stage} stage's export")
   results = evaluation.evaluate(t2i, edit, cfg, step=0, seed=seed)
   results.update(
-    stage=stage, cfg_scale=cfg_scale, images_per_second=images_per_second(t2i, cfg, seed)
+    stage=stage,
+    cfg_scale=cfg_scale,
+    images_per_second=images_per_second(t2i, cfg, seed),
+    settings=settings,
   )
   os.makedirs(os.path.dirname(cache), exist_ok=True)
   with open(cache, "w") as f:

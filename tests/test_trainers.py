@@ -316,3 +316,35 @@ def test_demo_summary_table_and_eta():
   assert progress.eta_seconds(["base", "summary"]) == remaining
   progress.measured["vae"] = 2 * demo.ESTIMATED_SECONDS["vae"]  # this machine is 2x slower
   assert progress.eta_seconds(["base", "summary"]) == 2 * remaining
+
+
+def test_demo_summary_rows_are_cached_per_export_and_eval_settings(tmp_path, monkeypatch):
+  from configs import common
+  from qwen_image_rl import demo, evaluation
+  from qwen_image_rl.rl import policy
+
+  export = tmp_path / "base" / "export" / "pipeline"
+  export.mkdir(parents=True)
+  (export / "model_index.json").write_text("{}")
+  calls = []
+
+  def fake_evaluate(t2i, edit, cfg, *, step, seed):
+    calls.append(cfg.num_t2i)
+    return {"t2i": {"overall": 0.3, "per_prompt": [0.3] * cfg.num_t2i}}
+
+  monkeypatch.setattr(policy, "load_exported", lambda *a: (None, None))
+  monkeypatch.setattr(evaluation, "evaluate", fake_evaluate)
+  monkeypatch.setattr(demo, "images_per_second", lambda *a: 1.0)
+  cfg = common.tiny_eval()
+  row = lambda c: demo.evaluate_row(str(tmp_path), "base_cfg4", "base", 4.0, c, seed=0)
+  assert row(cfg)["t2i"]["overall"] == 0.3 and calls == [cfg.num_t2i]
+  assert row(cfg)["images_per_second"] == 1.0 and len(calls) == 1  # from the cache
+  bigger = cfg.copy_and_resolve_references()
+  bigger.num_t2i = 2 * cfg.num_t2i
+  row(bigger)  # other eval settings: evaluated again
+  assert calls == [cfg.num_t2i, 2 * cfg.num_t2i]
+  cache = tmp_path / "summary" / "base_cfg4.json"
+  os.utime(cache, (1, 1))  # older than the export: evaluated again
+  row(bigger)
+  assert len(calls) == 3
+  assert demo.evaluate_row(str(tmp_path), "x", "rl_t2i", 4.0, cfg, seed=0) is None  # no export
