@@ -227,18 +227,26 @@ def test_full_size_configs_validate_and_build_abstract_shapes():
   assert 19e9 < n < 21e9, n
 
 
+def _curated(variant, pipe_dir, num_prompts, workdir):
+  """(config, summary, prompt file) of a toy curation run that keeps every non-flat group."""
+  from qwen_image_rl import main
+
+  c = _shrink(curate_config.get_config(variant), pipe_dir)
+  c.data.num_prompts = num_prompts
+  c.rl.update(dict(group_size=3, prompts_per_step=4, num_steps=2))
+  c.rl.curation.threshold = 0.0
+  summary = main.run(c, workdir)
+  return c, summary, os.path.join(workdir, "curated_prompts.jsonl")
+
+
 @pytest.mark.torch
 def test_curate_writes_prompt_file(pipe_dir, tmp_path):
   from qwen_image_rl import main
   from qwen_image_rl.data import prompt_files
   from qwen_image_rl.trainers.curate import CurationError
 
-  c = _shrink(curate_config.get_config("tiny"), pipe_dir)
-  c.data.num_prompts = 8
-  c.rl.update(dict(group_size=3, prompts_per_step=4, num_steps=2))
-  c.rl.curation.threshold = 0.0
   workdir = str(tmp_path / "curate")
-  summary = main.run(c, workdir)
+  c, summary, _ = _curated("tiny", pipe_dir, 8, workdir)
   records = prompt_files.read_prompt_file(os.path.join(workdir, "curated_prompts.jsonl"))
   assert len(records) == summary["n_kept"] >= 1
   assert all(r.extra["range"] > 0.0 and "spec" in r.extra for r in records)
@@ -258,17 +266,11 @@ def test_curate_writes_prompt_file(pipe_dir, tmp_path):
 
 @pytest.mark.torch
 def test_curate_edits_writes_an_edit_prompt_file_an_edit_run_reads(pipe_dir, tmp_path):
-  from qwen_image_rl import main, trainers
+  from qwen_image_rl import trainers
   from qwen_image_rl.data import examples, prompt_files
   from qwen_image_rl.rl.prompts import edit_prompts
 
-  c = _shrink(curate_config.get_config("edit"), pipe_dir)
-  c.data.num_prompts = 6
-  c.rl.update(dict(group_size=3, prompts_per_step=4, num_steps=2))
-  c.rl.curation.threshold = 0.0
-  workdir = str(tmp_path / "curate_edit")
-  summary = main.run(c, workdir)
-  path = os.path.join(workdir, "curated_prompts.jsonl")
+  c, summary, path = _curated("edit", pipe_dir, 6, str(tmp_path / "curate_edit"))
   pairs = prompt_files.read_edit_prompt_file(path)
   assert len(pairs) == summary["n_kept"] >= 1
   pool = examples.edit_examples(c.seed, 6, "train", 32)
