@@ -284,18 +284,11 @@ def comparisons(rows: dict) -> list[dict]:
 
   out = []
   for a, b, task in COMPARISONS:
-    if a not in rows or b not in rows:
-      continue
-    if task == "t2i":
-      scores = [_get(rows[r], ("t2i", "per_prompt")) for r in (a, b)]
-      groups = _get(rows[a], ("t2i", "per_prompt_category"))
-    else:
-      scores = [_get(rows[r], ("edit", "per_edit_instruction_following")) for r in (a, b)]
-      groups = None
-    if any(s is None for s in scores):
-      continue
-    diff, se = evaluation.paired_difference(*scores, groups=groups)
-    out.append(dict(a=a, b=b, task=task, difference=diff, standard_error=se))
+    if a in rows and b in rows:
+      found = evaluation.paired_differences(rows[a], rows[b])
+      if task in found:
+        diff, se = found[task]
+        out.append(dict(a=a, b=b, task=task, difference=diff, standard_error=se))
   return out
 
 

@@ -169,6 +169,22 @@ def paired_difference(a, b, groups=None) -> tuple[float, float]:
   return float(np.mean(means)), float(np.sqrt(np.sum(variances)) / k)
 
 
+def paired_differences(a: dict, b: dict) -> dict:
+  """{'t2i': (difference, SE), 'edit': (...)}: eval results `a` minus `b` on T2I capped overall
+  and edit instruction following, for the tasks both evaluated on the same items."""
+  out = {}
+  t2i_a, t2i_b = a.get("t2i") or {}, b.get("t2i") or {}
+  if "per_prompt" in t2i_a and "per_prompt" in t2i_b:
+    out["t2i"] = paired_difference(
+      t2i_a["per_prompt"], t2i_b["per_prompt"], groups=t2i_a["per_prompt_category"]
+    )
+  key = "per_edit_instruction_following"
+  edit_a, edit_b = a.get("edit") or {}, b.get("edit") or {}
+  if key in edit_a and key in edit_b:
+    out["edit"] = paired_difference(edit_a[key], edit_b[key])
+  return out
+
+
 def enabled(cfg) -> bool:
   """Whether `cfg` asks for any evaluation (num_t2i or num_edits > 0)."""
   return cfg.num_t2i > 0 or cfg.num_edits > 0

@@ -10,8 +10,10 @@ The grid has one row per source, 8 held-out test-split prompts per row: the worl
 settings (configs/common.py tiny_eval: 20 steps, CFG 4; `DIR@CFG` samples that pipeline at
 its own CFG scale, e.g. a CFG-free OPD student at 1). The cells are upscaled (nearest) so
 a 64 px image stays legible. With --score_json, each pipeline is also evaluated like a training
-run's eval (the val split's 128 prompts and 64 edits) and the eval JSON of each is written
-there, keyed by name.
+run's eval (the val split's 128 prompts and 64 edits, or --num_t2i / --num_edits) and the eval
+JSON of each is written there, keyed by name; every pipeline after the first is also compared
+with the first on the same prompts and noise (T2I capped and edit instruction following, the
+difference with its paired standard error, `evaluation.paired_differences`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ def _define_flags():
   flags.DEFINE_integer("seed", 0, "Seed of the grid's prompts and of sampling.")
   flags.DEFINE_integer("scale", 2, "Nearest-neighbour upscaling of each cell.")
   flags.DEFINE_string("score_json", "", "Also evaluate each pipeline (val split); write here.")
+  flags.DEFINE_integer("num_t2i", None, "--score_json: T2I prompts (default: tiny_eval's).")
+  flags.DEFINE_integer("num_edits", None, "--score_json: edits (default: tiny_eval's).")
 
 
 def parse_pipelines(entries) -> dict[str, str]:
@@ -97,6 +101,23 @@ def grid_image(pipes: dict, cfgs: dict, n: int, split: str, seed: int, scale: in
   return metrics.image_grid(images, n, pad=2, pad_value=255)
 
 
+def format_paired(results: dict) -> str:
+  """Each pipeline after the first minus the first: 'name - first: T2I +d (SE s), edit IF ...'."""
+  from qwen_image_rl import evaluation
+
+  names = list(results)
+  lines = []
+  for name in names[1:]:
+    found = evaluation.paired_differences(results[name], results[names[0]])
+    parts = [
+      f"{label} {found[task][0]:+.3f} (paired SE {found[task][1]:.3f})"
+      for task, label in (("t2i", "T2I capped"), ("edit", "edit IF"))
+      if task in found
+    ]
+    lines.append(f"{name} - {names[0]}: " + ", ".join(parts))
+  return "\n".join(lines)
+
+
 def main(argv):
   del argv
   from PIL import Image
@@ -118,10 +139,14 @@ def main(argv):
   if FLAGS.score_json:
     results = {}
     for name, (t2i, edit) in pipes.items():
-      results[name] = evaluation.evaluate(t2i, edit, cfgs[name], step=0, seed=0)
+      cfg = cfgs[name]
+      cfg.num_t2i = cfg.num_t2i if FLAGS.num_t2i is None else FLAGS.num_t2i
+      cfg.num_edits = cfg.num_edits if FLAGS.num_edits is None else FLAGS.num_edits
+      results[name] = evaluation.evaluate(t2i, edit, cfg, step=0, seed=0)
       print(f"== {name}\n{evaluation.format_table(results[name])}", flush=True)
     with open(FLAGS.score_json, "w") as f:
       json.dump(results, f, indent=1, sort_keys=True)
+    print(format_paired(results), flush=True)
 
 
 if __name__ == "__main__":  # run from the repository root, as `qwen_image_rl.main`

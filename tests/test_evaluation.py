@@ -105,3 +105,21 @@ def test_sample_grid_rejects_bad_pipeline_arguments(tmp_path):
       sample_grid.split_cfg(bad)
   eval_cfg = sample_grid.with_cfg_scale(common.tiny_eval(), 1.0)
   assert eval_cfg.cfg_scale == 1.0 and common.tiny_eval().cfg_scale == 4.0
+
+
+def test_sample_grid_compares_every_pipeline_with_the_first():
+  from qwen_image_rl import sample_grid
+
+  cats = ["general", "portrait"] * 3
+  base = {
+    "t2i": {"per_prompt": [0.1, 0.5, 0.2, 0.6, 0.3, 0.7], "per_prompt_category": cats},
+    "edit": {"per_edit_instruction_following": [0.2, 0.4, 0.6]},
+  }
+  better = {
+    "t2i": {"per_prompt": [0.2, 0.6, 0.3, 0.7, 0.4, 0.8], "per_prompt_category": cats},
+    "edit": {"per_edit_instruction_following": [0.1, 0.4, 0.5]},
+  }
+  t2i_only = {"t2i": better["t2i"]}
+  lines = sample_grid.format_paired({"base": base, "rl": better, "t": t2i_only}).splitlines()
+  assert lines[0].startswith("rl - base: T2I capped +0.100 (paired SE 0.000), edit IF -0.067")
+  assert lines[1] == "t - base: T2I capped +0.100 (paired SE 0.000)"
