@@ -270,6 +270,8 @@ def test_demo_runs_a_stage_and_skips_it_once_done(tmp_path, capsys):
     export("rl_t2i"),
     export("rl_edit"),
   )
+  assert stages["opd"].total_steps == demo.DEMO_ITERATIONS["opd"]
+  assert stages["opd"].opd.t2i_fraction == demo.DEMO_OPD_T2I_FRACTION
   assert stages["base"].model.vae_from == str(tmp_path / "vae" / "export" / "vae")
   # --rl_mix adds the Mix-RL stage before opd, at the two teachers' budget together.
   with_mix = dict(demo.stages(str(tmp_path), rl_mix=True))
