@@ -38,10 +38,13 @@ from tests import multiprocess  # noqa: E402
 # at most 6e-8 (sft) and 3e-8 (grpo) after three steps; one update moves the weights by ~lr =
 # 1e-4 or more, which the test also checks.
 ROUNDING = 1e-6
-# OPD's velocity-matching gradients have many elements at rounding level, and Adam's first steps
-# normalise each element (m / sqrt(v)), so those move by a fraction of lr in either direction:
-# measured 2.3e-6 at lr 1e-4 after three steps, against 1e-4 per step for every other weight.
-OPD_ROUNDING = 5e-6
+# Adam normalises each element (m / sqrt(v)), so an element whose gradient is at rounding level
+# moves by a fraction of lr in either direction depending on that rounding. OPD's velocity
+# matching has many such elements: measured 2.3e-6 at lr 1e-4 after three steps. GRPO has a
+# few: 1.78e-6 in one element of block 0's img_mod kernel at lr 1e-4 on the 2026-12-04 machine
+# (every other element <= 1.7e-7; 2026-12-03's machine stayed under 1e-6). Both against 1e-4 per
+# step for every weight that a real divergence would move.
+ADAM_ROUNDING = 5e-6
 
 # Both trainers: mesh fsdp=8 over the 2x4 devices, global batches of 8, checkpoints every step
 # (asynchronous, as on a pod), a held-out evaluation of two T2I prompts at the end.
@@ -163,7 +166,7 @@ def test_grpo_two_processes(pipe_dir, tmp_path):
     "c.rl.update(dict(group_size=4, prompts_per_step=2, rollout_chunks=1))\n"
     "c.log.images_every = 0\n" + COMMON
   )
-  check_multihost_job(tmp_path, code)
+  check_multihost_job(tmp_path, code, rounding=ADAM_ROUNDING)
 
 
 @pytest.mark.slow
@@ -176,4 +179,4 @@ def test_opd_two_processes(pipe_dir, tmp_path):
     f"c = small_opd({pipe_dir!r})\n"
     "c.opd.update(dict(batch_size=8, micro_batch_size=None))\n" + COMMON
   )
-  check_multihost_job(tmp_path, code, rounding=OPD_ROUNDING)
+  check_multihost_job(tmp_path, code, rounding=ADAM_ROUNDING)
