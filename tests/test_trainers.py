@@ -320,6 +320,18 @@ def test_demo_summary_table_and_eta():
   assert progress.eta_seconds(["base", "summary"]) == 2 * remaining
 
 
+def test_demo_summary_eval_size_flags():
+  from configs import common
+  from qwen_image_rl import demo
+
+  default = common.tiny_eval()
+  assert demo.summary_eval_config().to_dict() == default.to_dict()
+  bigger = demo.summary_eval_config(512, 256)
+  assert (bigger.num_t2i, bigger.num_edits, bigger.split) == (512, 256, default.split)
+  with pytest.raises(ValueError, match="--summary_edits=0: must be >= 1"):
+    demo.summary_eval_config(None, 0)
+
+
 def test_demo_summary_rows_are_cached_per_export_and_eval_settings(tmp_path, monkeypatch):
   from configs import common
   from qwen_image_rl import demo, evaluation
