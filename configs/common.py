@@ -41,9 +41,12 @@ def base() -> ml_collections.ConfigDict:
   return c
 
 
-def tiny_eval() -> ml_collections.ConfigDict:
-  """Held-out tiny world evaluation: sampling settings and set sizes."""
-  return ml_collections.ConfigDict(
+def tiny_eval(
+  num_t2i: int | None = None, num_edits: int | None = None
+) -> ml_collections.ConfigDict:
+  """Held-out tiny world evaluation: sampling settings and set sizes (128 prompts and 64 edits
+  unless num_t2i / num_edits are given)."""
+  cfg = ml_collections.ConfigDict(
     dict(
       split="val",
       num_t2i=128,
@@ -56,3 +59,7 @@ def tiny_eval() -> ml_collections.ConfigDict:
       max_text_tokens=48,
     )
   )
+  for key, value in (("num_t2i", num_t2i), ("num_edits", num_edits)):
+    if value is not None:
+      cfg[key] = value
+  return cfg

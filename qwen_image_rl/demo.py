@@ -103,13 +103,10 @@ def summary_eval_config(num_t2i: int | None = None, num_edits: int | None = None
   """configs/common.py tiny_eval with the summary's prompt and edit counts where given."""
   from configs import common
 
-  cfg = common.tiny_eval()
-  for key, value in (("num_t2i", num_t2i), ("num_edits", num_edits)):
-    if value is not None:
-      if value < 1:
-        raise ValueError(f"--summary_{key[4:]}={value}: must be >= 1")
-      cfg[key] = value
-  return cfg
+  for flag, value in (("summary_t2i", num_t2i), ("summary_edits", num_edits)):
+    if value is not None and value < 1:
+      raise ValueError(f"--{flag}={value}: must be >= 1")
+  return common.tiny_eval(num_t2i, num_edits)
 
 
 def _config(module: str, variant: str):

@@ -130,7 +130,8 @@ def main(argv):
     raise app.UsageError("give at least one --pipelines=name=DIR")
   specs = {name: split_cfg(spec) for name, spec in named.items()}
   pipes = {name: load_pipelines(d) for name, (d, _) in specs.items()}
-  cfgs = {name: with_cfg_scale(config_common.tiny_eval(), s) for name, (_, s) in specs.items()}
+  eval_cfg = config_common.tiny_eval(FLAGS.num_t2i, FLAGS.num_edits)  # the grid ignores counts
+  cfgs = {name: with_cfg_scale(eval_cfg, s) for name, (_, s) in specs.items()}
   if FLAGS.out:
     image = grid_image(pipes, cfgs, FLAGS.n, FLAGS.split, FLAGS.seed, FLAGS.scale)
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
@@ -139,10 +140,7 @@ def main(argv):
   if FLAGS.score_json:
     results = {}
     for name, (t2i, edit) in pipes.items():
-      cfg = cfgs[name]
-      cfg.num_t2i = cfg.num_t2i if FLAGS.num_t2i is None else FLAGS.num_t2i
-      cfg.num_edits = cfg.num_edits if FLAGS.num_edits is None else FLAGS.num_edits
-      results[name] = evaluation.evaluate(t2i, edit, cfg, step=0, seed=0)
+      results[name] = evaluation.evaluate(t2i, edit, cfgs[name], step=0, seed=0)
       print(f"== {name}\n{evaluation.format_table(results[name])}", flush=True)
     with open(FLAGS.score_json, "w") as f:
       json.dump(results, f, indent=1, sort_keys=True)
