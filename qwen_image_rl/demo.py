@@ -3,20 +3,22 @@
   python -m qwen_image_rl.demo --workdir=runs/demo [--rl_mix] [--stages=opd]
       [--summary_t2i=512 --summary_edits=256]
 
-  vae      configs/vae.py:tiny        the tiny VAE                  -> vae/export/vae
-  base     configs/sft.py:tiny        flow-matching pretraining     -> base/export/pipeline
-  rl_t2i   RL_T2I_CONFIG, shorter     the T2I teacher (DiffusionNFT) -> rl_t2i/export/pipeline
-  rl_edit  RL_EDIT_CONFIG, shorter    the edit teacher (DiffusionNFT) -> rl_edit/export/pipeline
-  rl_mix   (--rl_mix)                 the Mix-RL baseline           -> rl_mix/export/pipeline
-  opd      configs/opd.py:tiny, 200   CFG-free student of both      -> opd/export/pipeline
+  vae          configs/vae.py:tiny      the tiny VAE                     -> vae/export/vae
+  base         configs/sft.py:tiny      flow-matching pretraining        -> base/export/pipeline
+  rl_t2i       RL_T2I_CONFIG, shorter   the T2I teacher (DiffusionNFT)   -> rl_t2i/export/pipeline
+  curate_edit  CURATE_EDIT_CONFIG       edits whose rollouts differ      -> curate_edit/*.jsonl
+  rl_edit      RL_EDIT_CONFIG, shorter  the edit teacher, on those edits -> rl_edit/export/pipeline
+  rl_mix       (--rl_mix)               the Mix-RL baseline              -> rl_mix/export/pipeline
+  opd          configs/opd.py:tiny, 200 CFG-free student of both         -> opd/export/pipeline
 
 A stage whose final checkpoint and export exist is skipped; an interrupted one resumes from its
-last checkpoint. The RL stages run DEMO_ITERATIONS instead of their standalone budgets, and
-evaluate nothing themselves: at the end `summary` scores every export on the same held-out sets
-(base at CFG 4 and 1, teachers and Mix-RL at CFG 4, the student at CFG 1), measures each
-sampler's images/s, prints a table and the paired differences the targets are read from
-(COMPARISONS: a - b with its standard error on the same prompts and noise), and writes both to
-WORKDIR/summary.json.
+last checkpoint (curate_edit keeps none: it is done once its prompt file, written atomically,
+exists, and starts again if interrupted). The RL stages run DEMO_ITERATIONS instead of their
+standalone budgets, and evaluate nothing themselves: at the end `summary` scores every export on
+the same held-out sets (base at CFG 4 and 1, teachers and Mix-RL at CFG 4, the student at CFG 1),
+measures each sampler's images/s, prints a table and the paired differences the targets are read
+from (COMPARISONS: a - b with its standard error on the same prompts and noise), and writes both
+to WORKDIR/summary.json.
 """
 
 from __future__ import annotations
@@ -38,6 +40,11 @@ FLAGS = flags.FLAGS
 RL_T2I_CONFIG = ("rl_t2i", "tiny")
 RL_EDIT_CONFIG = ("rl_edit", "tiny")
 RL_MIX_CONFIG = ("rl_mix", "tiny")
+# Prompt curation by intra-group reward range (paper sec. 4) for the edit teacher: on 256 edits,
+# curated teachers read +0.008 +- 0.010 instruction following over uncurated ones on both of two
+# seeds (README, "Edit prompt curation"). The edit rollouts' own sampler (rl.num_steps = 10
+# steps with CFG) scores the groups, at half the cost of configs/curate.py's 20.
+CURATE_EDIT_CONFIG = ("curate", "edit")
 # Iterations per stage in the demo (standalone: rl_t2i 60, rl_edit 40), sized so the demo
 # stays within 45 minutes on a 2-core CPU.
 DEMO_ITERATIONS = {"rl_t2i": 60, "rl_edit": 40, "opd": 200}  # rl_mix: rl_t2i + rl_edit
@@ -56,6 +63,7 @@ ESTIMATED_SECONDS = {
   "vae": 230,
   "base": 520,
   "rl_t2i": 320,
+  "curate_edit": 200,
   "rl_edit": 340,
   "rl_mix": 290,
   "opd": 800,
@@ -132,22 +140,39 @@ def _teacher_stage(config_name, workdir: str, stage: str):
   return c
 
 
+def _curate_stage(workdir: str, rl_edit):
+  c = _config(*CURATE_EDIT_CONFIG)
+  c.init_from = _export(workdir, "base")
+  c.rl.num_steps = rl_edit.rl.num_steps  # rank groups under the sampler the rollouts use
+  return c
+
+
+def curated_edits(workdir: str, curate) -> str:
+  return os.path.join(workdir, "curate_edit", curate.rl.curation.output)
+
+
 def stages(workdir: str, rl_mix: bool = False):
   """(name, config) for every stage, with the links between them filled in."""
   vae = _config("vae", "tiny")
   base = _config("sft", "tiny")
   base.model.vae_from = os.path.join(workdir, "vae", "export", "vae")
+  rl_edit = _teacher_stage(RL_EDIT_CONFIG, workdir, "rl_edit")
+  curate = _curate_stage(workdir, rl_edit)
+  rl_edit.data.prompt_file = curated_edits(workdir, curate)
   out = [
     ("vae", vae),
     ("base", base),
     ("rl_t2i", _teacher_stage(RL_T2I_CONFIG, workdir, "rl_t2i")),
-    ("rl_edit", _teacher_stage(RL_EDIT_CONFIG, workdir, "rl_edit")),
+    ("curate_edit", curate),
+    ("rl_edit", rl_edit),
   ]
   if rl_mix:
     mix = _rl_stage(RL_MIX_CONFIG, workdir, "rl_mix")
-    # The teachers' rollout budget together, T2I on the T2I teacher's share of it.
+    # The teachers' rollout budget together, T2I on the T2I teacher's share of it, edits from
+    # the same curated set as the edit teacher's.
     mix.total_steps = DEMO_ITERATIONS["rl_t2i"] + DEMO_ITERATIONS["rl_edit"]
     mix.mix.t2i_fraction = DEMO_ITERATIONS["rl_t2i"] / mix.total_steps
+    mix.tasks.edit.data.prompt_file = rl_edit.data.prompt_file
     out.append(("rl_mix", mix))
   opd = _config("opd", "tiny")
   opd.init_from = _export(workdir, "base")
@@ -161,10 +186,12 @@ def stages(workdir: str, rl_mix: bool = False):
 
 
 def stage_done(workdir: str, name: str, config) -> bool:
-  """The final checkpoint and the export are both there."""
+  """The final checkpoint and the export are both there (curate_edit: its prompt file)."""
   from qwen_image_rl.trainers.common import final_checkpoint_exists
 
   stage_dir = os.path.join(workdir, name)
+  if name == "curate_edit":
+    return os.path.isfile(curated_edits(workdir, config))
   export = (
     os.path.join(stage_dir, "export", "vae", "config.json")
     if name == "vae"
@@ -179,7 +206,7 @@ def run_stage(name: str, config, workdir: str) -> bool:
 
   stage_dir = os.path.join(workdir, name)
   if stage_done(workdir, name, config):
-    print(f"== {name}: final checkpoint exists in {stage_dir}, skipping", flush=True)
+    print(f"== {name}: finished earlier in {stage_dir}, skipping", flush=True)
     return False
   print(f"== {name}: {config.trainer} -> {stage_dir}", flush=True)
   start = time.time()

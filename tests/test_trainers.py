@@ -250,13 +250,24 @@ def test_demo_runs_a_stage_and_skips_it_once_done(tmp_path, capsys):
   demo.run_stage("vae", config, str(tmp_path))
   assert os.path.isdir(tmp_path / "vae" / "export" / "vae")
   assert demo.run_stage("vae", config, str(tmp_path)) is False
-  assert "final checkpoint exists" in capsys.readouterr().out
+  assert "finished earlier" in capsys.readouterr().out
   # No pipeline exported yet: the summary has no rows, but writes its JSON.
   assert demo.summary(str(tmp_path)).count("\n") == 1
   assert os.path.isfile(tmp_path / "summary.json")
   stages = dict(demo.stages(str(tmp_path)))
-  assert list(stages) == ["vae", "base", "rl_t2i", "rl_edit", "opd"]
+  assert list(stages) == ["vae", "base", "rl_t2i", "curate_edit", "rl_edit", "opd"]
   export = lambda s: str(tmp_path / s / "export" / "pipeline")
+  # The edit teacher trains on the edits the base's own rollouts rank (curated under the
+  # rollouts' sampler); curate_edit is done once its prompt file is there.
+  curate = stages["curate_edit"]
+  assert (curate.trainer, curate.rl.task, curate.init_from) == ("curate", "edit", export("base"))
+  assert curate.rl.num_steps == stages["rl_edit"].rl.num_steps
+  curated = tmp_path / "curate_edit" / "curated_prompts.jsonl"
+  assert stages["rl_edit"].data.prompt_file == str(curated)
+  assert not demo.stage_done(str(tmp_path), "curate_edit", curate)
+  curated.parent.mkdir()
+  curated.write_text("{}\n")
+  assert demo.stage_done(str(tmp_path), "curate_edit", curate)
   for rl in ("rl_t2i", "rl_edit"):
     assert stages[rl].init_from == export("base")
     assert stages[rl].total_steps == demo.DEMO_ITERATIONS[rl]
@@ -275,8 +286,9 @@ def test_demo_runs_a_stage_and_skips_it_once_done(tmp_path, capsys):
   assert stages["base"].model.vae_from == str(tmp_path / "vae" / "export" / "vae")
   # --rl_mix adds the Mix-RL stage before opd, at the two teachers' budget together.
   with_mix = dict(demo.stages(str(tmp_path), rl_mix=True))
-  assert list(with_mix) == ["vae", "base", "rl_t2i", "rl_edit", "rl_mix", "opd"]
+  assert list(with_mix) == ["vae", "base", "rl_t2i", "curate_edit", "rl_edit", "rl_mix", "opd"]
   mix = with_mix["rl_mix"]
+  assert mix.tasks.edit.data.prompt_file == str(curated)
   assert mix.init_from == export("base")
   assert mix.total_steps == demo.DEMO_ITERATIONS["rl_t2i"] + demo.DEMO_ITERATIONS["rl_edit"]
   assert round(mix.total_steps * mix.mix.t2i_fraction) == demo.DEMO_ITERATIONS["rl_t2i"]
