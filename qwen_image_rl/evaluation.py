@@ -152,11 +152,13 @@ def paired_difference(a, b, groups=None) -> tuple[float, float]:
   With `groups` (the T2I categories) the difference is the mean over groups of the group means,
   as `overall` weighs them, and the variance adds up per group: SE^2 = sum_c var_c / n_c / C^2.
   """
-  d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
-  if d.ndim != 1 or len(d) < 2:
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  if a.ndim != 1 or a.shape != b.shape or len(a) < 2:  # no broadcasting: items pair one to one
     raise ValueError(
-      f"paired_difference needs two equal-length score lists of >= 2 items, got {d.shape}"
+      f"paired_difference needs two equal-length score lists of >= 2 items, got {a.shape} "
+      f"and {b.shape}"
     )
+  d = a - b
   groups = np.zeros(len(d), int) if groups is None else np.asarray(groups)
   if groups.shape != d.shape:
     raise ValueError(f"{len(groups)} group labels for {len(d)} paired scores")

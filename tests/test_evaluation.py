@@ -81,6 +81,10 @@ def test_paired_difference_standard_error_is_calibrated():
   assert np.median(ses) < np.median(unpaired) / 3
   with pytest.raises(ValueError, match="group labels"):
     evaluation.paired_difference([0.1, 0.2, 0.3], [0.1, 0.2, 0.3], groups=[0, 1])
+  # Results of evaluations of different sizes do not pair (numpy would broadcast a single item).
+  for b in ([0.1], [0.1, 0.2]):
+    with pytest.raises(ValueError, match="equal-length"):
+      evaluation.paired_difference([0.1, 0.2, 0.3], b)
 
 
 def test_sample_grid_rejects_bad_pipeline_arguments(tmp_path):
