@@ -45,8 +45,8 @@ RL_MIX_CONFIG = ("rl_mix", "tiny")
 # seeds (README, "Edit prompt curation"). The edit rollouts' own sampler (rl.num_steps = 10
 # steps with CFG) scores the groups, at half the cost of configs/curate.py's 20.
 CURATE_EDIT_CONFIG = ("curate", "edit")
-# Iterations per stage in the demo (standalone: rl_t2i 60, rl_edit 40), sized so the demo
-# stays within 45 minutes on a 2-core CPU.
+# Iterations per stage in the demo (standalone: rl_t2i 60, rl_edit 40), sized for the
+# 45-minute budget on a 2-core CPU (measured at its edge: README "Quick start").
 DEMO_ITERATIONS = {"rl_t2i": 60, "rl_edit": 40, "opd": 200}  # rl_mix: rl_t2i + rl_edit
 # The student's share of T2I iterations (configs/opd.py: 0.5). The 150-iteration, 50% student
 # of 2026-12-04 trailed the edit teacher more than the T2I one; 200 at 0.4 (80 T2I, 120 edit)
@@ -57,17 +57,17 @@ DEMO_OPD_T2I_FRACTION = 0.4
 # first setting that moved both tasks' held-out scores above their base and their placebo
 # (README, "fm_draws"; within one eval's noise), at 1.5x (T2I) to 2x (edit) the iteration time.
 DEMO_FM_DRAWS = 12
-# Stage times on the idle 2-core CPU (seconds; measured 2026-12-04, README "Quick start"), for
-# the ETA before a stage has run.
+# Stage times of `make demo` from scratch on the 2-core CPU (seconds; 2026-12-04 afternoon,
+# README "Quick start"; rl_mix the same day), for the ETA before a stage has run.
 ESTIMATED_SECONDS = {
-  "vae": 230,
-  "base": 520,
-  "rl_t2i": 320,
-  "curate_edit": 200,
-  "rl_edit": 340,
-  "rl_mix": 290,
-  "opd": 800,
-  "summary": 60,
+  "vae": 250,
+  "base": 570,
+  "rl_t2i": 350,
+  "curate_edit": 280,
+  "rl_edit": 390,
+  "rl_mix": 360,
+  "opd": 850,
+  "summary": 75,
 }
 # Paired differences the OPD issue's targets and the paper's claims are read from: (row a, row b,
 # task), reported as a - b with its standard error on the same prompts and noise.
