@@ -292,9 +292,9 @@ def eval_config(short: bool):
 
 
 def shrink(config):
-  """`config` (grpo / nft / awm, rl_mix, opd, reward_sft) at micro size, in place: micro models
-  and batches, 4 denoising steps, a held-out eval of at most 8 prompts / 4 edits (a task the
-  config does not evaluate stays off), synchronous checkpoints only at the end, no images."""
+  """`config` (grpo / nft / awm, curate, rl_mix, opd, reward_sft) at micro size, in place: micro
+  models and batches, 4 denoising steps, a held-out eval of at most 8 prompts / 4 edits (a task
+  the config does not evaluate stays off), synchronous checkpoints only at the end, no images."""
   m = MICRO_RL
   if config.trainer == "reward_sft":
     config.model.update(MICRO_JUDGE_MODEL)
@@ -306,6 +306,8 @@ def shrink(config):
   if "tasks" in config:  # rl_mix: each task's own rl / data sections
     for task in config.tasks.values():
       _shrink_rl(task.rl, task.data)
+  if config.trainer == "curate":  # an untrained micro model's ranges sit below any real threshold
+    config.rl.curation.threshold = 0.0
   if "opd" in config:
     config.data.update(dict(image_size=m["image_size"], num_prompts=m["num_prompts"]))
     config.opd.update(dict(batch_size=m["opd_batch"], num_steps=m["num_steps"]))
