@@ -200,6 +200,30 @@ def stage_done(workdir: str, name: str, config) -> bool:
   return final_checkpoint_exists(stage_dir, config.total_steps) and os.path.isfile(export)
 
 
+def _flat(tree, prefix=""):
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def changed_settings(stage_dir: str, config) -> list[str]:
+  """Config keys whose value in STAGE_DIR/config.json (what the stage ran with) differs from
+  `config`; [] when there is no record."""
+  from qwen_image_rl import config_lib
+
+  recorded = os.path.join(stage_dir, "config.json")
+  if not os.path.isfile(recorded):
+    return []
+  with open(recorded) as f:
+    before = _flat(json.load(f))
+  now = _flat(json.loads(config_lib.to_json(config)))
+  return sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+
+
 def run_stage(name: str, config, workdir: str) -> bool:
   """Runs (or resumes) a stage; False if it was already done."""
   from qwen_image_rl import runner
@@ -207,6 +231,13 @@ def run_stage(name: str, config, workdir: str) -> bool:
   stage_dir = os.path.join(workdir, name)
   if stage_done(workdir, name, config):
     print(f"== {name}: finished earlier in {stage_dir}, skipping", flush=True)
+    changed = changed_settings(stage_dir, config)
+    if changed:  # e.g. a WORKDIR from an older demo: its stage is kept, not silently redone
+      print(
+        f"   warning: {name} ran with other settings than the demo's now ({', '.join(changed)}); "
+        f"delete {stage_dir} to run it again",
+        flush=True,
+      )
     return False
   print(f"== {name}: {config.trainer} -> {stage_dir}", flush=True)
   start = time.time()

@@ -250,7 +250,13 @@ def test_demo_runs_a_stage_and_skips_it_once_done(tmp_path, capsys):
   demo.run_stage("vae", config, str(tmp_path))
   assert os.path.isdir(tmp_path / "vae" / "export" / "vae")
   assert demo.run_stage("vae", config, str(tmp_path)) is False
-  assert "finished earlier" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "finished earlier" in out and "warning" not in out
+  # A finished stage that ran with other settings (a WORKDIR from an older demo) is kept, and
+  # the skip names what differs.
+  config.optim.lr *= 2
+  assert demo.run_stage("vae", config, str(tmp_path)) is False
+  assert "other settings than the demo's now (optim.lr)" in capsys.readouterr().out
   # No pipeline exported yet: the summary has no rows, but writes its JSON.
   assert demo.summary(str(tmp_path)).count("\n") == 1
   assert os.path.isfile(tmp_path / "summary.json")
