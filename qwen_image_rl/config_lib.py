@@ -81,3 +81,14 @@ def transformer_overrides(config: ml_collections.ConfigDict) -> dict:
 
 def to_json(config: ml_collections.ConfigDict) -> str:
   return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=repr)
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """A nested config (ConfigDict or dict) -> {"a.b.c": leaf value}."""
+  out = {}
+  for key, value in tree.items():
+    if hasattr(value, "items"):
+      out.update(flatten(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out

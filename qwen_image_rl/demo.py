@@ -200,16 +200,6 @@ def stage_done(workdir: str, name: str, config) -> bool:
   return final_checkpoint_exists(stage_dir, config.total_steps) and os.path.isfile(export)
 
 
-def _flat(tree, prefix=""):
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flat(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
-
-
 def changed_settings(stage_dir: str, config) -> list[str]:
   """Config keys whose value in STAGE_DIR/config.json (what the stage ran with) differs from
   `config`; [] when there is no record."""
@@ -219,8 +209,8 @@ def changed_settings(stage_dir: str, config) -> list[str]:
   if not os.path.isfile(recorded):
     return []
   with open(recorded) as f:
-    before = _flat(json.load(f))
-  now = _flat(json.loads(config_lib.to_json(config)))
+    before = config_lib.flatten(json.load(f))
+  now = config_lib.flatten(json.loads(config_lib.to_json(config)))
   return sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
 
 

@@ -326,21 +326,13 @@ def shrink(config):
   return config
 
 
-def _flat(config, prefix=""):
-  out = {}
-  for key, value in config.items():
-    if hasattr(value, "items"):
-      out.update(_flat(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
-
-
 def micro_overrides(config) -> dict:
   """What `shrink` changes in `config`, as flattened key -> value overrides (the form of
   rl_curves' --set); `config` itself is left as it is."""
-  before = _flat(config)
-  after = _flat(shrink(config.copy_and_resolve_references()))
+  from qwen_image_rl import config_lib
+
+  before = config_lib.flatten(config)
+  after = config_lib.flatten(shrink(config.copy_and_resolve_references()))
   return {k: v for k, v in after.items() if before.get(k) != v}
 
 
