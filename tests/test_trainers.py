@@ -289,6 +289,10 @@ def test_demo_runs_a_stage_and_skips_it_once_done(tmp_path, capsys):
   )
   assert stages["opd"].total_steps == demo.DEMO_ITERATIONS["opd"]
   assert stages["opd"].opd.t2i_fraction == demo.DEMO_OPD_T2I_FRACTION
+  assert 0 < stages["opd"].opd.num_train_steps == demo.DEMO_OPD_TRAIN_STEPS < 10
+  # Only the summary evaluates (its base rows repeat the base's own eval).
+  for name in ("base", "rl_t2i", "rl_edit", "opd"):
+    assert (stages[name].eval.num_t2i, stages[name].eval.num_edits) == (0, 0), name
   assert stages["base"].model.vae_from == str(tmp_path / "vae" / "export" / "vae")
   # --rl_mix adds the Mix-RL stage before opd, at the two teachers' budget together.
   with_mix = dict(demo.stages(str(tmp_path), rl_mix=True))
@@ -348,6 +352,21 @@ def test_demo_summary_eval_size_flags():
   assert (bigger.num_t2i, bigger.num_edits, bigger.split) == (512, 256, default.split)
   with pytest.raises(ValueError, match="--summary_edits=0: must be >= 1"):
     demo.summary_eval_config(None, 0)
+
+
+def test_demo_images_per_second_is_the_median_of_timed_batches(monkeypatch):
+  from configs import common
+  from qwen_image_rl import demo, evaluation
+
+  sampled = []
+  monkeypatch.setattr(evaluation, "sample_t2i", lambda pipe, prompts, *a: sampled.append(prompts))
+  # perf_counter pairs around three timed batches: 1 s, 4 s, 2 s.
+  clock = iter([0.0, 1.0, 10.0, 14.0, 20.0, 22.0])
+  monkeypatch.setattr(demo.time, "perf_counter", lambda: next(clock))
+  cfg = common.tiny_eval()
+  rate = demo.images_per_second(None, cfg, seed=0, repeats=3)
+  assert rate == cfg.batch_size / 2.0  # the median batch, not the first or the mean
+  assert len(sampled) == 4 and len(sampled[0]) == cfg.batch_size  # a warm-up call, then 3
 
 
 def test_demo_summary_rows_are_cached_per_export_and_eval_settings(tmp_path, monkeypatch):
