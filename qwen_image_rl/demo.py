@@ -56,25 +56,25 @@ DEMO_ITERATIONS = {"rl_t2i": 60, "rl_edit": 40, "opd": 200}  # rl_mix: rl_t2i + 
 # "The whole demo chain").
 DEMO_OPD_T2I_FRACTION = 0.4
 # States trained per student iteration, of the 10 it samples (configs/opd.py: all): the
-# documented cost deviation, an unbiased estimate of the all-steps loss. 7 of 10 halves the
-# iteration time on this CPU (5.3 s -> 3.0 s on edits) and kept every target (README "Quick
-# start"); it is what brings the demo inside 45 minutes.
+# documented cost deviation, an unbiased estimate of the all-steps loss. 7 of 10 cuts an edit
+# iteration from 4.8-5.1 s to 2.7-2.9 s on this CPU and moved the student by 0.002 or less on
+# both tasks (README "On-policy distillation"); it is what brings the demo inside 45 minutes.
 DEMO_OPD_TRAIN_STEPS = 7
 # 12 flow-matching draws per rollout instead of the standalone configs' 4: in rl_curves the
 # first setting that moved both tasks' held-out scores above their base and their placebo
 # (README, "fm_draws"; within one eval's noise), at 1.5x (T2I) to 2x (edit) the iteration time.
 DEMO_FM_DRAWS = 12
-# Stage times of `make demo` from scratch on the 2-core CPU (seconds; 2026-12-04 afternoon,
-# README "Quick start"; rl_mix the same day), for the ETA before a stage has run.
+# Stage times of `make demo` from scratch on the 2-core CPU (seconds; 2026-12-04 evening, README
+# "Quick start"; rl_mix from the same WORKDIR right after), for the ETA before a stage has run.
 ESTIMATED_SECONDS = {
-  "vae": 250,
-  "base": 570,
-  "rl_t2i": 350,
-  "curate_edit": 280,
-  "rl_edit": 390,
-  "rl_mix": 360,
-  "opd": 850,
-  "summary": 75,
+  "vae": 225,
+  "base": 495,
+  "rl_t2i": 330,
+  "curate_edit": 250,
+  "rl_edit": 395,
+  "rl_mix": 340,
+  "opd": 500,
+  "summary": 85,
 }
 # Paired differences the OPD issue's targets and the paper's claims are read from: (row a, row b,
 # task), reported as a - b with its standard error on the same prompts and noise.
