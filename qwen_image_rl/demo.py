@@ -76,6 +76,9 @@ ESTIMATED_SECONDS = {
   "opd": 500,
   "summary": 85,
 }
+# Eval batches whose median gives a row's images/s (one batch read 1.7-2.5x for the same two
+# samplers in different summaries on this CPU).
+TIMED_BATCHES = 3
 # Paired differences the OPD issue's targets and the paper's claims are read from: (row a, row b,
 # task), reported as a - b with its standard error on the same prompts and noise.
 COMPARISONS = (
@@ -275,10 +278,9 @@ class Progress:
 # ------------------------------------------------------------------------------------------
 
 
-def images_per_second(pipe, eval_cfg, seed: int, repeats: int = 3) -> float:
+def images_per_second(pipe, eval_cfg, seed: int, repeats: int = TIMED_BATCHES) -> float:
   """T2I sampler throughput at eval_cfg's CFG scale: the median over `repeats` timed eval
-  batches after a warm-up call (CFG > 1 runs two transformer passes per step, CFG 1 one). One
-  batch read 1.7-2.5x for the same two samplers on this CPU; the median steadies the ratio."""
+  batches after a warm-up call (CFG > 1 runs two transformer passes per step, CFG 1 one)."""
   from qwen_image_rl import evaluation
   from qwen_image_rl.data import examples
 
@@ -296,7 +298,7 @@ def images_per_second(pipe, eval_cfg, seed: int, repeats: int = 3) -> float:
 def evaluate_row(workdir: str, label: str, stage: str, cfg_scale: float, eval_cfg, seed: int):
   """The row's eval results, or None if the stage has no export. Cached in
   WORKDIR/summary/<label>.json, reused while it is newer than the export and was made with the
-  same eval settings and seed."""
+  same eval settings, seed and number of timed batches."""
   from qwen_image_rl import evaluation
   from qwen_image_rl.rl.policy import load_exported
 
@@ -305,7 +307,7 @@ def evaluate_row(workdir: str, label: str, stage: str, cfg_scale: float, eval_cf
     return None
   cfg = eval_cfg.copy_and_resolve_references()
   cfg.cfg_scale = cfg_scale
-  settings = {"eval": cfg.to_dict(), "seed": seed}
+  settings = {"eval": cfg.to_dict(), "seed": seed, "timed_batches": TIMED_BATCHES}
   cache = os.path.join(workdir, "summary", f"{label}.json")
   if os.path.isfile(cache) and os.path.getmtime(cache) > os.path.getmtime(
     os.path.join(directory, "model_index.json")

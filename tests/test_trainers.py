@@ -398,4 +398,8 @@ def test_demo_summary_rows_are_cached_per_export_and_eval_settings(tmp_path, mon
   os.utime(cache, (1, 1))  # older than the export: evaluated again
   row(bigger)
   assert len(calls) == 3
+  # A row timed another way (an older WORKDIR's single timed batch): evaluated again.
+  monkeypatch.setattr(demo, "TIMED_BATCHES", demo.TIMED_BATCHES + 1)
+  row(bigger)
+  assert len(calls) == 4
   assert demo.evaluate_row(str(tmp_path), "x", "rl_t2i", 4.0, cfg, seed=0) is None  # no export
