@@ -310,7 +310,11 @@ def shrink(config):
     config.rl.curation.threshold = 0.0
   if "opd" in config:
     config.data.update(dict(image_size=m["image_size"], num_prompts=m["num_prompts"]))
-    config.opd.update(dict(batch_size=m["opd_batch"], num_steps=m["num_steps"]))
+    opd = config.opd
+    if opd.num_train_steps > 0:  # the same share of the fewer steps (at least one)
+      share = opd.num_train_steps / opd.num_steps
+      opd.num_train_steps = min(m["num_steps"], max(1, round(share * m["num_steps"])))
+    opd.update(dict(batch_size=m["opd_batch"], num_steps=m["num_steps"]))
   if "eval" in config and "num_t2i" in config.eval:
     micro = eval_config(short=True)
     micro.update(

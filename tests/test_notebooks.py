@@ -244,6 +244,16 @@ def test_shrink_gives_valid_micro_configs(module, variant):
     assert micro.model.text.num_hidden_layers == 1 and micro.judge.max_cot_tokens == 4
 
 
+def test_shrink_keeps_the_demo_students_share_of_trained_states(tmp_path):
+  from qwen_image_rl import demo, trainers
+
+  opd = dict(demo.stages(str(tmp_path)))["opd"]
+  assert 0 < opd.opd.num_train_steps < opd.opd.num_steps  # the demo trains a subset
+  micro = notebook_lib.shrink(opd.copy_and_resolve_references())
+  trainers.validate(micro)  # K = 7 of 10 would not fit the micro run's 4 steps
+  assert (micro.opd.num_train_steps, micro.opd.num_steps) == (3, 4)
+
+
 def test_all_timesteps_variant_stays_valid_when_shrunk():
   from configs import grpo_t2i
   from qwen_image_rl import grpo_ablation, trainers
