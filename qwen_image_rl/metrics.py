@@ -28,7 +28,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from qwen_image_rl import paths
+from qwen_image_rl import config_lib, paths
 
 _RESULT_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
@@ -86,18 +86,15 @@ def captioned_grid(images, title: str, captions) -> np.ndarray:
 def flat_hparams(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
   """A (nested) config -> {"a.b.c": bool | int | float | str} for the hparams plugin, which
   takes only those types: None, tuples, lists and other values become their str()."""
-  out = {}
-  for key, value in config.items():
-    name = f"{prefix}{key}"
-    if isinstance(value, Mapping):
-      out.update(flat_hparams(value, name + "."))
-    elif isinstance(value, (bool, int, float, str)):
-      out[name] = value
-    elif isinstance(value, np.generic):
-      out[name] = value.item()
-    else:
-      out[name] = str(value)
-  return out
+  return {name: _hparam_value(v) for name, v in config_lib.flatten(config, prefix).items()}
+
+
+def _hparam_value(value) -> bool | int | float | str:
+  if isinstance(value, (bool, int, float, str)):
+    return value
+  if isinstance(value, np.generic):
+    return value.item()
+  return str(value)
 
 
 def flat_scalars(prefix: str, nested: Mapping[str, Any]) -> dict[str, float]:
