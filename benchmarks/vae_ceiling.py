@@ -52,8 +52,8 @@ def main(argv=None):
 
   ex = examples.t2i_examples(0, args.n, "val", 64)
   recon = reconstruct(args.vae, ex.images)
-  scores = oracle.score_t2i_batch(recon, ex.specs)
-  out = evaluation.summarise_t2i(scores, ex.categories)
+  scores, checks = oracle.score_and_check_t2i_batch(recon, ex.specs)
+  out = evaluation.summarise_t2i(scores, ex.categories, checks)
   out["identity_vs_source"] = float(
     np.mean(
       [

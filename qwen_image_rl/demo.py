@@ -67,7 +67,7 @@ DEMO_FM_DRAWS = 12
 # Stage times of `make demo` from scratch on the 2-core CPU (seconds; 2026-12-04 evening, README
 # "Quick start"; rl_mix from the same WORKDIR right after), for the ETA before a stage has run.
 ESTIMATED_SECONDS = {
-  "vae": 225,
+  "vae": 400,
   "base": 495,
   "rl_t2i": 330,
   "curate_edit": 250,

@@ -74,7 +74,7 @@ def sample_edits(pipe, sources, instructions, cfg, seed: int) -> np.ndarray:
   return _batched(one, len(instructions), cfg.batch_size)
 
 
-def summarise_t2i(scores, categories) -> dict:
+def summarise_t2i(scores, categories, checks=None) -> dict:
   """Per-category means of the oracle's scores, and their mean over categories.
 
   `overall` / `by_category` are the rubric-capped alignment (oracle.capped_alignment);
@@ -83,6 +83,8 @@ def summarise_t2i(scores, categories) -> dict:
   check (GenEval-like; thresholds in oracle.STRICT_THRESHOLD). Category means weigh each
   category equally. `per_prompt` / `per_prompt_category` keep each prompt's capped score in eval
   order, for paired comparisons of two models on the same prompts (`paired_difference`).
+  With each image's item-level `checks` (oracle.score_and_check_t2i_batch) it adds what stands
+  between the samples and strict success (`strict_blockers`).
   """
   by_category, by_category_mean, strict_by_category, by_dimension = {}, {}, {}, {}
   for c in world.CATEGORIES:
@@ -107,7 +109,31 @@ def summarise_t2i(scores, categories) -> dict:
     "quality": float(np.mean([s["quality"] for s in scores])),
     "per_prompt": [float(s["overall"]) for s in scores],
     "per_prompt_category": list(categories),
+    **(strict_blockers(checks, categories) if checks is not None else {}),
   }
+
+
+def strict_blockers(checks, categories) -> dict:
+  """Which item-level checks keep prompts from strict success, per category and check kind.
+
+  `check_pass` is the fraction of a category's prompts whose checks of that kind all pass (item
+  indices pooled: 'shape/colour' covers every requested shape's colour); `only_failure` the
+  fraction whose one failing kind is this one, so `strict_by_category` plus a category's
+  `only_failure` values is its strict rate if any single kind were forgiven. `failed_kinds`
+  gives the fraction failing 0, 1, 2 and 3 or more kinds.
+  """
+  check_pass, only_failure, failed_kinds = {}, {}, {}
+  for c in world.CATEGORIES:
+    rows = [k for k, cat in zip(checks, categories) if cat == c]
+    if not rows:
+      continue
+    failed = [oracle.failed_check_kinds(k) for k in rows]
+    for kind in sorted({oracle.check_kind(name) for k in rows for name in k}):
+      check_pass[f"{c}/{kind}"] = float(np.mean([kind not in f for f in failed]))
+      only_failure[f"{c}/{kind}"] = float(np.mean([f == (kind,) for f in failed]))
+    counts = np.bincount([min(len(f), 3) for f in failed], minlength=4)
+    failed_kinds[c] = [float(n / len(rows)) for n in counts]
+  return {"check_pass": check_pass, "only_failure": only_failure, "failed_kinds": failed_kinds}
 
 
 def summarise_edits(scores, edits) -> dict:
@@ -204,7 +230,8 @@ def evaluate(t2i_pipe, edit_pipe, cfg, *, step: int, seed: int, logger=None) -> 
   n = 16
   if cfg.num_t2i > 0:
     images = sample_t2i(t2i_pipe, t2i.prompts, cfg, seed)
-    results["t2i"] = summarise_t2i(oracle.score_t2i_batch(images, t2i.specs), t2i.categories)
+    scores, checks = oracle.score_and_check_t2i_batch(images, t2i.specs)
+    results["t2i"] = summarise_t2i(scores, t2i.categories, checks)
     results["n_samples"] += len(images)
     grids["eval/t2i"] = metrics.image_grid(
       np.concatenate([t2i.images[:n], images[:n]]), min(n, len(images))

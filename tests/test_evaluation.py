@@ -60,6 +60,42 @@ def test_summaries_hold_capped_uncapped_and_strict_scores():
   assert np.mean(e["per_edit_instruction_following"]) == pytest.approx(e["instruction_following"])
 
 
+def test_strict_blockers_name_the_one_check_a_defect_fails():
+  from qwen_image_rl.data import oracle, render, world
+
+  # Landscapes whose sun or moon is painted over with the sky: each fails its body checks and
+  # nothing else, so the blockers must say exactly that, and only for those prompts.
+  specs = [s for s in world.sample_scenes(11, 40, split="val") if s.category == "landscape"][:4]
+  specs += [s for s in world.sample_scenes(12, 40, split="val") if s.category == "general"][:2]
+  images = [render.render(s) for s in specs]
+  for i in (0, 1):
+    size = images[i].shape[0]
+    cx, cy = world.body_center(specs[i].body_pos, specs[i].horizon)
+    ys, xs = np.mgrid[:size, :size] / size
+    near = np.hypot(xs - cx, ys - cy) < 2 * world.BODY_RADIUS
+    images[i][near] = world.SKY_COLOURS[specs[i].sky]
+  scores, checks = oracle.score_and_check_t2i_batch(images, specs)
+  assert [c == oracle.t2i_checks(im, s) for c, im, s in zip(checks, images, specs)] == [True] * 6
+  assert [x["strict"] for x in scores] == [0, 0, 1, 1, 1, 1]
+  assert oracle.failed_check_kinds(checks[0]) == ("body", "body_position", "body_solid")
+  t2i = evaluation.summarise_t2i(scores, [s.category for s in specs], checks)
+  assert t2i["check_pass"]["landscape/body"] == 0.5
+  assert t2i["check_pass"]["landscape/sky"] == 1.0
+  assert t2i["check_pass"]["general/shape/colour"] == 1.0  # item indices pooled into a kind
+  assert not any("shape0" in k for k in t2i["check_pass"])
+  # Three kinds fail together: no single fix would make them pass.
+  assert t2i["only_failure"]["landscape/body"] == 0.0
+  assert t2i["failed_kinds"]["landscape"] == [0.5, 0.0, 0.0, 0.5]
+  assert t2i["failed_kinds"]["general"] == [1.0, 0.0, 0.0, 0.0]
+  # A defect with one failing kind is that kind's only failure.
+  solo = {"sky": 1.0, "body": 0.2, "body_count": 1.0}
+  one = evaluation.strict_blockers([solo, solo, {**solo, "body": 1.0}], ["landscape"] * 3)
+  assert one["only_failure"]["landscape/body"] == pytest.approx(2 / 3)
+  assert one["only_failure"]["landscape/sky"] == 0.0
+  # Count checks keep their own threshold (0.7).
+  assert oracle.failed_check_kinds({"shape0/count": 0.6, "shape1/colour": 0.6}) == ("shape/count",)
+
+
 def test_paired_difference_standard_error_is_calibrated():
   # Two correlated models scored on the same 4 x 32 items, repeated over many evaluations: the
   # reported SE must match the spread of the estimated difference, and be far below the
@@ -127,3 +163,29 @@ def test_sample_grid_compares_every_pipeline_with_the_first():
   lines = sample_grid.format_paired({"base": base, "rl": better, "t": t2i_only}).splitlines()
   assert lines[0].startswith("rl - base: T2I capped +0.100 (paired SE 0.000), edit IF -0.067")
   assert lines[1] == "t - base: T2I capped +0.100 (paired SE 0.000)"
+
+
+def test_strict_blockers_benchmark_tables_each_column_and_rejects_bad_arguments(tmp_path, capsys):
+  from benchmarks import strict_blockers
+
+  good = {"sky": 1.0, "body": 1.0, "body_count": 1.0}
+  columns = {
+    name: evaluation.strict_blockers(rows, ["landscape"] * 2)
+    | {"strict_by_category": {"landscape": strict}, "strict": strict}
+    for name, rows, strict in (
+      ("renders", [good, good], 1.0),
+      ("samples", [{**good, "body": 0.1}, {**good, "body": 0.1, "sky": 0.0}], 0.0),
+    )
+  }
+  lines = strict_blockers.table(columns).splitlines()
+  assert lines[0] == "| check | pass: renders | pass: samples | only failure (samples) |"
+  assert "| landscape/body | 1.00 | 0.00 | 0.500 |" in lines
+  assert "| landscape/sky | 1.00 | 0.50 | 0.000 |" in lines
+  assert lines[-1] == "| **strict, mean over categories** | 1.000 | 0.000 | |"
+  for argv, message in (
+    ([f"--pipeline={tmp_path}"], "no model_index.json"),
+    ([f"--pipeline={tmp_path}", "--n=3"], "at least one prompt per category"),
+  ):
+    with pytest.raises(SystemExit):
+      strict_blockers.main(argv)
+    assert message in capsys.readouterr().err

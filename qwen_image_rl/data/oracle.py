@@ -31,6 +31,7 @@ output vs source), identity (portrait edits only: identity_similarity(source, ou
 
 import functools
 import itertools
+import re
 
 import numpy as np
 from scipy import ndimage
@@ -922,6 +923,16 @@ def strict_pass(checks: dict) -> bool:
   )
 
 
+def check_kind(name: str) -> str:
+  """A check's kind, its item index dropped ('shape1/colour' -> 'shape/colour')."""
+  return re.sub(r'\d+', '', name)
+
+
+def failed_check_kinds(checks: dict) -> tuple[str, ...]:
+  """Sorted kinds of the checks that miss their strict threshold (empty: strict passes)."""
+  return tuple(sorted({check_kind(k) for k, v in checks.items() if not strict_pass({k: v})}))
+
+
 def t2i_checks(image, spec) -> dict:
   """The item-level checks behind `score_t2i`'s `strict` (name -> score in [0, 1])."""
   return _SCORERS[W.check_category(getattr(spec, 'category', None))](as_float_image(image), spec)[1]
@@ -1088,9 +1099,15 @@ def score_edit(source_image, output_image, edit) -> dict:
 
 
 def score_t2i_batch(images, specs) -> list[dict]:
+  return score_and_check_t2i_batch(images, specs)[0]
+
+
+def score_and_check_t2i_batch(images, specs) -> tuple[list[dict], list[dict]]:
+  """`score_t2i` of each image and its item-level checks (`t2i_checks`), from one pass."""
   if len(images) != len(specs):
     raise ValueError(f'{len(images)} images but {len(specs)} specs')
-  return [score_t2i(im, s) for im, s in zip(images, specs)]
+  pairs = [_t2i_scores_and_checks(im, s) for im, s in zip(images, specs)]
+  return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
 def score_edit_batch(source_images, output_images, edits) -> list[dict]:

@@ -158,8 +158,10 @@ def evaluate(ctx, model, params, eval_set, config):
     m = np.array([x == c for x in eval_set.categories])
     by_category[c] = psnr(recon[m], images[m])
   # The oracle on reconstructions is the ceiling any generator in this latent space can reach.
-  recon_scores = oracle.score_t2i_batch(examples.to_uint8(recon), eval_set.specs)
-  ceiling = evaluation.summarise_t2i(recon_scores, eval_set.categories)
+  recon_scores, recon_checks = oracle.score_and_check_t2i_batch(
+    examples.to_uint8(recon), eval_set.specs
+  )
+  ceiling = evaluation.summarise_t2i(recon_scores, eval_set.categories, recon_checks)
   return {
     "step": config.total_steps,
     "n_samples": len(images),
@@ -167,6 +169,9 @@ def evaluate(ctx, model, params, eval_set, config):
     "oracle_on_reconstructions": {
       "overall": ceiling["overall"],
       "by_category": ceiling["by_category"],
+      "strict": ceiling["strict"],
+      "strict_by_category": ceiling["strict_by_category"],
+      "check_pass": ceiling["check_pass"],
     },
     "psnr_by_category": by_category,
     "latents_mean": flat.mean(0).tolist(),
