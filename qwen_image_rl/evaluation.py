@@ -239,6 +239,8 @@ def evaluate(t2i_pipe, edit_pipe, cfg, *, step: int, seed: int, logger=None) -> 
     scalars.update({f"eval/t2i/{c}": v for c, v in results["t2i"]["by_category"].items()})
     scalars["eval/t2i/overall"] = results["t2i"]["overall"]
     scalars.update(metrics.flat_scalars("eval/t2i/strict", results["t2i"]["strict_by_category"]))
+    # Per check kind: a reward that rises while these fall is being gamed.
+    scalars.update(metrics.flat_scalars("eval/t2i/check_pass", results["t2i"]["check_pass"]))
   if cfg.num_edits > 0:
     outputs = sample_edits(edit_pipe, edits.sources, edits.instructions, cfg, seed)
     results["edit"] = summarise_edits(

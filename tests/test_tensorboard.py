@@ -78,6 +78,10 @@ def check_events(events, c):
   # Held-out scalars per category at the final evaluation.
   strict = [t for t in events if t.startswith('eval/t2i/strict/')]
   assert strict and all(events[t][-1][0] == 2 and 0 <= events[t][-1][2] <= 1 for t in strict)
+  # and per check kind, item indices pooled (what keeps prompts from strict success)
+  checks = [t for t in events if t.startswith('eval/t2i/check_pass/')]
+  assert checks and all(0 <= events[t][-1][2] <= 1 for t in checks)
+  assert not any(char.isdigit() for t in checks for char in t)
 
   # The first group under its prompt, each image above its rewards and advantage.
   (step, plugin, encoded) = events['rollout/group'][-1]
