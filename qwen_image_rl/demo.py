@@ -64,16 +64,16 @@ DEMO_OPD_TRAIN_STEPS = 7
 # first setting that moved both tasks' held-out scores above their base and their placebo
 # (README, "fm_draws"; within one eval's noise), at 1.5x (T2I) to 2x (edit) the iteration time.
 DEMO_FM_DRAWS = 12
-# Stage times of `make demo` from scratch on the 2-core CPU (seconds; 2026-12-04 evening, README
-# "Quick start"; rl_mix from the same WORKDIR right after), for the ETA before a stage has run.
+# Stage times of `make demo` from scratch on the 2-core CPU (seconds; 2026-12-05, README "Quick
+# start"; rl_mix from an earlier WORKDIR's run), for the ETA before a stage has run.
 ESTIMATED_SECONDS = {
-  "vae": 400,
-  "base": 495,
-  "rl_t2i": 330,
+  "vae": 385,
+  "base": 480,
+  "rl_t2i": 320,
   "curate_edit": 250,
-  "rl_edit": 395,
+  "rl_edit": 370,
   "rl_mix": 340,
-  "opd": 500,
+  "opd": 530,
   "summary": 85,
 }
 # Eval batches whose median gives a row's images/s (one batch read 1.7-2.5x for the same two

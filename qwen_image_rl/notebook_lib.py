@@ -233,7 +233,7 @@ def demo_export(stage: str) -> str | None:
 def base_pipeline(directory: str, short: bool) -> str:
   """The base every notebook starts from. Short form: `micro_base(directory)`. Full form: the
   demo's base export, trained first by the demo's own vae and base stages (`python -m
-  qwen_image_rl.demo --stages=vae,base`, about 14 minutes on a 2-core CPU) when runs/demo has
+  qwen_image_rl.demo --stages=vae,base`, about 15 minutes on a 2-core CPU) when runs/demo has
   none."""
   if short:
     return micro_base(directory)

@@ -81,7 +81,8 @@ def check_events(events, c):
   # and per check kind, item indices pooled (what keeps prompts from strict success)
   checks = [t for t in events if t.startswith('eval/t2i/check_pass/')]
   assert checks and all(0 <= events[t][-1][2] <= 1 for t in checks)
-  assert not any(char.isdigit() for t in checks for char in t)
+  assert 'eval/t2i/check_pass/general/shape/colour' in checks
+  assert not any(c.isdigit() for t in checks for c in t.removeprefix('eval/t2i/check_pass/'))
 
   # The first group under its prompt, each image above its rewards and advantage.
   (step, plugin, encoded) = events['rollout/group'][-1]
