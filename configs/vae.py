@@ -17,9 +17,9 @@ def get_config(arg: str = "tiny"):
   c.trainer = "vae"
   # 1200 steps of 16 images (was 600; 240 of 32 before that): the VAE was undertrained, and
   # what it lost capped every generator in its latent space. 600 -> 1200 steps: val PSNR 27.7
-  # -> 32.0 dB; capped oracle on reconstructions 0.79 -> 0.95, strict 0.35 -> 0.78 (iris colours
-  # 0.30 -> 0.90), and the base trained on it: strict 0.014 -> 0.037 (README, "The tiny world";
-  # benchmarks/strict_blockers.py).
+  # -> 32.0 dB; capped oracle on reconstructions 0.79 -> 0.95; strict 0.35 -> 0.78 on the 512
+  # eval prompts (iris colours 0.30 -> 0.90); the base trained on it: strict 0.014 -> 0.037
+  # (README, "The tiny world"; benchmarks/strict_blockers.py).
   c.total_steps = 1200
   c.model = ml_collections.ConfigDict(
     dict(

@@ -48,7 +48,7 @@ RL_MIX_CONFIG = ("rl_mix", "tiny")
 # steps with CFG) scores the groups, at half the cost of configs/curate.py's 20.
 CURATE_EDIT_CONFIG = ("curate", "edit")
 # Iterations per stage in the demo (standalone: rl_t2i 60, rl_edit 40), sized for the
-# 45-minute budget on a 2-core CPU (the whole demo: 38.1 min from scratch, README "Quick start").
+# 45-minute budget on a 2-core CPU (the whole demo: 40.3 min from scratch, README "Quick start").
 DEMO_ITERATIONS = {"rl_t2i": 60, "rl_edit": 40, "opd": 200}  # rl_mix: rl_t2i + rl_edit
 # The student's share of T2I iterations (configs/opd.py: 0.5). The 150-iteration, 50% student
 # of 2026-12-04 trailed the edit teacher more than the T2I one; 200 at 0.4 (80 T2I, 120 edit)
