@@ -212,6 +212,14 @@ def stage_done(workdir: str, name: str, config) -> bool:
   return final_checkpoint_exists(stage_dir, config.total_steps) and os.path.isfile(export)
 
 
+# Keys added to the stage configs after WORKDIRs were made, with the value that does what a run
+# without them did: a record that lacks them ran with that value.
+ADDED_LATER = {
+  "loss.time_shift_scale": 1.0,
+  "data.t2i_categories": ["general", "typography", "portrait", "landscape"],
+}
+
+
 def changed_settings(stage_dir: str, config) -> list[str]:
   """Config keys whose value in STAGE_DIR/config.json (what the stage ran with) differs from
   `config`; [] when there is no record."""
@@ -223,6 +231,7 @@ def changed_settings(stage_dir: str, config) -> list[str]:
   with open(recorded) as f:
     before = config_lib.flatten(json.load(f))
   now = config_lib.flatten(json.loads(config_lib.to_json(config)))
+  before = {k: v for k, v in ADDED_LATER.items() if k in now} | before
   return sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
 
 

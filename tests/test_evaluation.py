@@ -189,3 +189,66 @@ def test_strict_blockers_benchmark_tables_each_column_and_rejects_bad_arguments(
     with pytest.raises(SystemExit):
       strict_blockers.main(argv)
     assert message in capsys.readouterr().err
+
+
+def test_word_binding_reads_how_much_of_the_words_change_a_sample_reproduces():
+  from benchmarks import word_binding
+
+  rng = np.random.default_rng(0)
+  renders_a, renders_b = rng.uniform(size=(2, 4, 8, 8, 3))
+  noise = rng.normal(size=(4, 8, 8, 3))
+  word_change = renders_a - renders_b
+  exact = word_binding.binding(renders_a + noise, renders_b + noise, renders_a, renders_b)
+  assert exact["reproduced"] == pytest.approx(1.0) and exact["cosine"] == pytest.approx(1.0)
+  assert exact["reproduced_se"] == pytest.approx(0.0, abs=1e-12)
+  ignored = word_binding.binding(noise, noise, renders_a, renders_b, noise + word_change)
+  assert ignored["reproduced"] == 0.0 and ignored["noise / word"] == pytest.approx(1.0)
+  half = word_binding.binding(noise + 0.5 * word_change, noise, renders_a, renders_b)
+  assert half["reproduced"] == pytest.approx(0.5) and half["cosine"] == pytest.approx(1.0)
+  # Pairs that disagree widen the error bar: one reproduced, one reversed.
+  mixed = word_binding.binding(
+    noise + word_change * np.array([1, 1, -1, -1])[:, None, None, None],
+    noise,
+    renders_a,
+    renders_b,
+  )
+  assert mixed["reproduced_se"] > 0.3
+  with pytest.raises(ValueError, match="identical"):
+    word_binding.binding(noise, noise, renders_a, renders_a)
+  # The PNG: a row per kind of its first pairs, render A | sample A | render B | sample B.
+  stacks = {k: rng.integers(0, 255, (4, 3, 5, 5, 3), dtype=np.uint8) for k in ("a", "b")}
+  grid = word_binding.pairs_grid(stacks, pairs=2, scale=1)
+  assert grid.shape == (2 * 5 + 2, 8 * 5 + 7 * 2, 3)
+  assert (grid[:5, 7:12] == stacks["a"][1, 0]).all()  # sample A of the first pair
+  assert (grid[7:, 28:33] == stacks["b"][0, 1]).all()  # render A of the second pair, kind b
+
+
+@pytest.mark.parametrize("kind", __import__("benchmarks.word_binding").word_binding.KINDS)
+def test_word_binding_pairs_change_only_the_named_word(kind):
+  from benchmarks import word_binding
+  from qwen_image_rl.data import captions, render, world
+
+  scenes_a, scenes_b = word_binding.scene_pairs(kind, 6)
+  for a, b in zip(scenes_a, scenes_b):
+    assert a.category == word_binding.KINDS[kind][0] and world.split_of(a) == "val"
+    changed = [f for f in vars(a) if getattr(a, f) != getattr(b, f)]
+    assert len(changed) == 1, changed
+    words_a = captions.prompt(a, np.random.default_rng(1)).text.split()
+    words_b = captions.prompt(b, np.random.default_rng(1)).text.split()
+    # Same phrasing: the captions differ in the attribute's own phrase only (a, an; 1-3 words).
+    assert 1 <= sum(x != y for x, y in zip(words_a, words_b)) <= 3
+  renders_a, renders_b = (render.render_batch(s, 32) for s in (scenes_a, scenes_b))
+  assert (renders_a != renders_b).any(axis=(1, 2, 3)).all()
+
+
+def test_word_binding_benchmark_rejects_bad_arguments(tmp_path, capsys):
+  from benchmarks import word_binding
+
+  for argv, message in (
+    ([f"--pipeline={tmp_path}"], "no model_index.json"),
+    ([f"--pipeline={tmp_path}", "--kinds=portrait/nose"], "unknown ['portrait/nose']"),
+    ([f"--pipeline={tmp_path}", "--n=0"], "at least one scene pair"),
+  ):
+    with pytest.raises(SystemExit):
+      word_binding.main(argv)
+    assert message in capsys.readouterr().err

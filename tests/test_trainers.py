@@ -234,16 +234,34 @@ def test_sft_rejects_bad_time_sampling(tmp_path):
   for field, value, match in (
     ("uniform_time_fraction", 1.5, "must be in \\[0, 1\\]"),
     ("uniform_time_fraction", -0.1, "must be in \\[0, 1\\]"),
+    ("time_shift_scale", 0.0, "must be > 0"),
   ):
     c = _small_sft(str(tmp_path))
     c.loss[field] = value
     with pytest.raises(ConfigError, match=f"config.loss.{field}=.*{match}"):
       main.run(c, str(tmp_path / "run"))
+  c = _small_sft(str(tmp_path))
+  c.data.t2i_categories = ("general", "poster")
+  with pytest.raises(ConfigError, match="t2i_categories: unknown category 'poster'"):
+    main.run(c, str(tmp_path / "run"))
+
+
+def test_sft_time_shift_scale_multiplies_the_samplers_shift():
+  from qwen_image_rl.trainers import sft
+
+  c = sft_config.get_config("tiny")
+  plain = sft.time_shift(c, 64)
+  assert plain == pytest.approx(1.633, abs=1e-3)  # e^mu of the schedule at 64 tokens
+  c.loss.time_shift_scale = 2.0
+  assert sft.time_shift(c, 64) == pytest.approx(2 * plain)
+  c.loss.shift_like_sampler = False
+  assert sft.time_shift(c, 64) == 1.0
+  assert sft.t2i_categories(c.data) == ("general", "typography", "portrait", "landscape")
 
 
 def test_demo_runs_a_stage_and_skips_it_once_done(tmp_path, capsys):
   """The demo driver and the entry point live in one process (their flags must not clash)."""
-  from qwen_image_rl import demo, main  # noqa: F401  (both define absl flags)
+  from qwen_image_rl import config_lib, demo, main  # noqa: F401  (both define absl flags)
 
   config = _small_vae()
   config.total_steps = 1
@@ -257,6 +275,16 @@ def test_demo_runs_a_stage_and_skips_it_once_done(tmp_path, capsys):
   config.optim.lr *= 2
   assert demo.run_stage("vae", config, str(tmp_path)) is False
   assert "other settings than the demo's now (optim.lr)" in capsys.readouterr().out
+  # A key added to the configs later reads, in an older record, as the value it had then.
+  record = tmp_path / "base"
+  record.mkdir()
+  sft_now = sft_config.get_config("tiny")
+  older = json.loads(config_lib.to_json(sft_now))
+  del older["loss"]["time_shift_scale"], older["data"]["t2i_categories"]
+  (record / "config.json").write_text(json.dumps(older))
+  assert demo.changed_settings(str(record), sft_now) == []
+  sft_now.loss.time_shift_scale = 2.0
+  assert demo.changed_settings(str(record), sft_now) == ["loss.time_shift_scale"]
   # No pipeline exported yet: the summary has no rows, but writes its JSON.
   assert demo.summary(str(tmp_path)).count("\n") == 1
   assert os.path.isfile(tmp_path / "summary.json")

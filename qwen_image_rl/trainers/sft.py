@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qwen_image_rl import config_lib, evaluation, optim, parallel, paths
-from qwen_image_rl.data import captions, examples
+from qwen_image_rl.data import captions, examples, world
 from qwen_image_rl.data.tokenizer import build_qwen_tokenizer, load_tokenizer
 from qwen_image_rl.models import text_encoding
 from qwen_image_rl.models.mmdit import QwenImageTransformer
@@ -85,6 +85,11 @@ def validate(config):
       f"config.loss.uniform_time_fraction={config.loss.uniform_time_fraction}: must be in [0, 1]"
     )
   config_lib.check_fields(config, {"loss.shift_like_sampler": bool})
+  if not config.loss.get("time_shift_scale", 1.0) > 0:
+    raise config_lib.ConfigError(
+      f"config.loss.time_shift_scale={config.loss.time_shift_scale}: must be > 0"
+    )
+  t2i_categories(config.data)
   if not 0.0 <= config.loss.cfg_dropout < 1.0:
     raise config_lib.ConfigError(
       f"config.loss.cfg_dropout={config.loss.cfg_dropout}: must be in [0, 1)"
@@ -272,7 +277,9 @@ def training_arrays(config, vae, vae_params, te_model, te_params, tokenizer):
   """(t2i examples, edit examples, per-example arrays, the empty prompts' embeddings)."""
   data = config.data
   print("sft: rendering and encoding the training set ...", flush=True)
-  t2i = examples.t2i_examples(config.seed, data.num_train, "train", data.image_size)
+  t2i = examples.t2i_examples(
+    config.seed, data.num_train, "train", data.image_size, t2i_categories(data)
+  )
   edits = examples.edit_examples(config.seed, data.num_train_edits, "train", data.image_size)
   length = data.max_text_tokens
   arrays = {
@@ -299,11 +306,25 @@ def training_arrays(config, vae, vae_params, te_model, te_params, tokenizer):
   return t2i, edits, arrays, nulls
 
 
+def t2i_categories(data) -> tuple[str, ...]:
+  """The categories the T2I training scenes cycle through (data.t2i_categories; a category
+  named twice gets twice the share). Default: every category once."""
+  names = tuple(data.get("t2i_categories", None) or world.CATEGORIES)
+  for name in names:
+    if name not in world.CATEGORIES:
+      raise config_lib.ConfigError(
+        f"config.data.t2i_categories: unknown category {name!r}; known: {list(world.CATEGORIES)}"
+      )
+  return names
+
+
 def time_shift(config, image_tokens: int) -> float:
-  """The sampler's resolution shift of training times (loss.shift_like_sampler), else 1."""
+  """The sampler's resolution shift of training times (loss.shift_like_sampler) times
+  loss.time_shift_scale (default 1), else 1."""
   if not config.loss.shift_like_sampler:
     return 1.0
   shift = FlowMatchSchedule.from_config(config.model.scheduler).time_shift_factor(image_tokens)
+  shift *= config.loss.get("time_shift_scale", 1.0)
   print(
     f"sft: training times shifted like the sampler's at {image_tokens} tokens (factor {shift:.3f})",
     flush=True,
