@@ -173,15 +173,13 @@ def main(argv=None):
 
   from configs import common as config_common
   from qwen_image_rl import sample_grid
-  from qwen_image_rl.pipelines.common import require_pipeline_dir
 
   try:
-    pipeline = require_pipeline_dir(args.pipeline, "--pipeline", FileNotFoundError)
+    pipe, _ = sample_grid.load_pipelines(args.pipeline)
   except FileNotFoundError as e:
     parser.error(str(e))
   cfg = config_common.tiny_eval(args.n, 0)
   cfg.image_size, cfg.num_steps = args.image_size, args.num_steps
-  pipe, _ = sample_grid.load_pipelines(pipeline)
   results, stacks = {}, {}
   for kind in kinds:
     print(f"{kind}: sampling {args.n} pairs ...", flush=True)
