@@ -49,7 +49,7 @@ def binding(samples_a, samples_b, renders_a, renders_b, samples_a_renoised=None)
   out = {
     "reproduced": reproduced,
     "reproduced_se": float(np.sqrt(spread)) / word,
-    "cosine": float(np.sum(dx * dr) / max(np.sqrt(np.sum(dx * dx) * word), 1e-12)),
+    "cosine": float(along.sum()) / max(float(np.sqrt(np.sum(dx * dx) * word)), 1e-12),
   }
   if samples_a_renoised is not None:
     dn = np.asarray(samples_a, np.float64) - np.asarray(samples_a_renoised, np.float64)

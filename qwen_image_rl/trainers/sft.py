@@ -310,12 +310,10 @@ def t2i_categories(data) -> tuple[str, ...]:
   """The categories the T2I training scenes cycle through (data.t2i_categories; a category
   named twice gets twice the share). Default: every category once."""
   names = tuple(data.get("t2i_categories", None) or world.CATEGORIES)
-  for name in names:
-    if name not in world.CATEGORIES:
-      raise config_lib.ConfigError(
-        f"config.data.t2i_categories: unknown category {name!r}; known: {list(world.CATEGORIES)}"
-      )
-  return names
+  try:
+    return tuple(world.check_category(name) for name in names)
+  except ValueError as e:
+    raise config_lib.ConfigError(f"config.data.t2i_categories: {e}") from None
 
 
 def time_shift(config, image_tokens: int) -> float:
