@@ -236,8 +236,9 @@ def changed_settings(stage_dir: str, config) -> list[str]:
 
 
 def run_stage(name: str, config, workdir: str) -> bool:
-  """Runs (or resumes) a stage; False if it was already done."""
-  from qwen_image_rl import runner
+  """Runs (or resumes) a stage; False if it was already done. An unfinished stage recorded
+  with other settings is a ConfigError, not resumed."""
+  from qwen_image_rl import config_lib, runner
 
   stage_dir = os.path.join(workdir, name)
   if stage_done(workdir, name, config):
@@ -250,6 +251,13 @@ def run_stage(name: str, config, workdir: str) -> bool:
         flush=True,
       )
     return False
+  changed = changed_settings(stage_dir, config)
+  if changed:  # an unfinished stage of an older demo would resume under settings it never had
+    raise config_lib.ConfigError(
+      f"{name}: {stage_dir} holds an unfinished run with other settings than the demo's now "
+      f"({', '.join(changed)}); resuming would mix the two. Delete {stage_dir} to run the stage "
+      "again, or use another --workdir"
+    )
   print(f"== {name}: {config.trainer} -> {stage_dir}", flush=True)
   start = time.time()
   runner.run(config, stage_dir)

@@ -159,20 +159,15 @@ def test_training_times_cover_the_first_sampling_steps():
     assert float(np.min(t)) > 0.0 and float(np.max(t)) < 1.0
 
 
-def test_sft_micro_batches_give_the_one_batch_update():
-  """The step draws dropout, times and noise for the whole batch, so splitting it into
-  micro-batches changes only rounding."""
+def _tiny_mmdit(num_layers: int):
+  """A small MMDiT (16 latent channels in, 8-dim text) and its initial parameters."""
   import flax.linen as nn
   import jax
-  import jax.numpy as jnp
-  import optax
 
   from qwen_image_rl.models.mmdit import QwenImageTransformer
-  from qwen_image_rl.train_state import TrainState
-  from qwen_image_rl.trainers import sft
 
   model = QwenImageTransformer(
-    num_layers=1,
+    num_layers=num_layers,
     num_attention_heads=2,
     attention_head_dim=16,
     axes_dims_rope=(4, 6, 6),
@@ -180,7 +175,20 @@ def test_sft_micro_batches_give_the_one_batch_update():
     out_channels=4,
     joint_attention_dim=8,
   )
-  params = nn.meta.unbox(model.init_params(jax.random.key(0)))
+  return model, nn.meta.unbox(model.init_params(jax.random.key(0)))
+
+
+def test_sft_micro_batches_give_the_one_batch_update():
+  """The step draws dropout, times and noise for the whole batch, so splitting it into
+  micro-batches changes only rounding."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  from qwen_image_rl.train_state import TrainState
+  from qwen_image_rl.trainers import sft
+
+  model, params = _tiny_mmdit(num_layers=1)
   tx = optax.sgd(1.0)  # the update is the gradient itself
   rng = np.random.default_rng(0)
   normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
@@ -214,6 +222,56 @@ def test_sft_micro_batches_give_the_one_batch_update():
   assert largest > 1e-3  # the step moved the parameters
   for a, b in zip(grads(one), grads(two)):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5 * largest)
+
+
+def test_trim_padding_cuts_the_text_stream_to_the_longest_prompt():
+  from qwen_image_rl.pipelines.prompt_encoding import trim_padding
+
+  def masks(lengths, width):
+    return np.array([[1] * n + [0] * (width - n) for n in lengths], np.int32)
+
+  for lengths, width, multiple, expected in (
+    ((3, 5), 48, 8, 8),  # rounded up to the multiple
+    ((9, 2), 48, 8, 16),
+    ((15,), 16, 8, 16),
+    ((11,), 12, 8, 12),  # never past the encoded length
+    ((0, 0), 48, 8, 8),  # empty prompts keep one multiple
+    ((5,), 48, 4, 8),
+  ):
+    mask = masks(lengths, width)
+    cond = np.random.default_rng(0).normal(size=(len(lengths), width, 3)) * mask[..., None]
+    cut_cond, cut_mask = trim_padding(cond, mask, multiple)
+    assert cut_cond.shape == (len(lengths), expected, 3) and cut_mask.shape[1] == expected
+    np.testing.assert_array_equal(cut_mask.sum(axis=1), mask.sum(axis=1))  # no token lost
+    np.testing.assert_array_equal(cut_cond, cond[:, :expected])
+
+
+def test_sft_loss_and_gradient_do_not_depend_on_text_padding():
+  """The sft trainer trims each task's text stream to its longest prompt: exact, because
+  padding is masked out of attention and text RoPE positions ignore the padded length."""
+  import jax
+  import jax.numpy as jnp
+
+  from qwen_image_rl.pipelines.prompt_encoding import trim_padding
+  from qwen_image_rl.trainers import sft
+
+  model, params = _tiny_mmdit(num_layers=2)
+  rng = np.random.default_rng(0)
+  mask = np.array([[1] * n + [0] * (24 - n) for n in (3, 7, 5)], np.int32)
+  cond = rng.normal(size=(3, 24, 8)).astype(np.float32) * mask[..., None]
+  x0, eps, ref = (jnp.asarray(rng.normal(size=(3, 4, 16)), jnp.float32) for _ in range(3))
+  t = jnp.asarray([0.2, 0.6, 0.9], jnp.float32)
+
+  def loss_and_grad(cond, mask):
+    fn = lambda p: sft.velocity_loss(model, p, x0, cond, mask, t, eps, ref_latents=ref)
+    return jax.value_and_grad(fn)(params)
+
+  cut = trim_padding(cond, mask)
+  assert cut[0].shape[1] == 8
+  (full_loss, full_grad), (cut_loss, cut_grad) = loss_and_grad(cond, mask), loss_and_grad(*cut)
+  np.testing.assert_allclose(float(cut_loss), float(full_loss), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(full_grad), jax.tree.leaves(cut_grad)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
 
 
 def test_sft_rejects_micro_batches_that_do_not_split_the_batches(tmp_path):
@@ -275,6 +333,11 @@ def test_demo_runs_a_stage_and_skips_it_once_done(tmp_path, capsys):
   config.optim.lr *= 2
   assert demo.run_stage("vae", config, str(tmp_path)) is False
   assert "other settings than the demo's now (optim.lr)" in capsys.readouterr().out
+  # An unfinished stage with other settings (here a longer budget) is not resumed under them.
+  config.total_steps = 2
+  with pytest.raises(config_lib.ConfigError, match=r"unfinished run .*\(optim.lr, total_steps\)"):
+    demo.run_stage("vae", config, str(tmp_path))
+  assert not demo.stage_done(str(tmp_path), "vae", config)
   # A key added to the configs later reads, in an older record, as the value it had then.
   record = tmp_path / "base"
   record.mkdir()

@@ -61,6 +61,16 @@ def encode_fixed_length(
   return cond, mask
 
 
+def trim_padding(cond, mask, multiple: int = 8):
+  """(cond, mask) cut to the longest prompt's token count rounded up to `multiple` (never past
+  the encoded length). Exact for the DiT: padding is masked out of attention and text RoPE
+  positions do not depend on the padded length; a shorter text stream is cheaper in every block.
+  """
+  used = int(np.asarray(mask).sum(axis=1).max()) if len(mask) else 0
+  length = min(cond.shape[1], max(multiple, -(-used // multiple) * multiple))
+  return cond[:, :length], mask[:, :length]
+
+
 # ------------------------------------------------------------------------------------------
 # Pre-encoded prompt sets: encode once, train without the text encoder on the device
 # ------------------------------------------------------------------------------------------

@@ -31,7 +31,11 @@ from qwen_image_rl.models.qwen2_5_vl import Qwen25VLTextModel
 from qwen_image_rl.models.vae import QwenImageVAE, normalize_latents
 from qwen_image_rl.pipelines.common import pack_latents
 from qwen_image_rl.pipelines.edit import QwenImageEditPipeline
-from qwen_image_rl.pipelines.prompt_encoding import PromptTooLongError, encode_fixed_length
+from qwen_image_rl.pipelines.prompt_encoding import (
+  PromptTooLongError,
+  encode_fixed_length,
+  trim_padding,
+)
 from qwen_image_rl.pipelines.qwen_image import QwenImagePipeline
 from qwen_image_rl.rl.objectives.forward import accumulate_grads
 from qwen_image_rl.sampling.schedule import FlowMatchSchedule
@@ -287,20 +291,23 @@ def training_arrays(config, vae, vae_params, te_model, te_params, tokenizer):
     "edit_x0": pack_latents(encode_images(vae, vae_params, edits.targets)),
     "edit_ref_latents": pack_latents(encode_images(vae, vae_params, edits.sources)),
   }
-  arrays["t2i_cond"], arrays["t2i_mask"] = encode_texts(
-    te_model, te_params, tokenizer, t2i.prompts, T2I_TEMPLATE, length
-  )
-  arrays["edit_cond"], arrays["edit_mask"] = encode_texts(
-    te_model, te_params, tokenizer, edits.instructions, EDIT_TEMPLATE, length
-  )
-  # The empty prompt of each task: what CFG dropout trains and what sampling uses as negative.
+  # Each task's text stream is as long as its longest prompt needs (edit instructions are short),
+  # not data.max_text_tokens: the same loss, fewer tokens in every block.
   nulls = {}
-  for task, template in (("t2i", T2I_TEMPLATE), ("edit", EDIT_TEMPLATE)):
-    cond, mask = encode_texts(te_model, te_params, tokenizer, [""], template, length)
-    nulls[f"{task}_null_cond"], nulls[f"{task}_null_mask"] = cond[0], mask[0]
+  for task, texts, template in (
+    ("t2i", t2i.prompts, T2I_TEMPLATE),
+    ("edit", edits.instructions, EDIT_TEMPLATE),
+  ):
+    # The last row is the empty prompt: what CFG dropout trains and sampling uses as negative.
+    cond, mask = trim_padding(
+      *encode_texts(te_model, te_params, tokenizer, [*texts, ""], template, length)
+    )
+    arrays[f"{task}_cond"], arrays[f"{task}_mask"] = cond[:-1], mask[:-1]
+    nulls[f"{task}_null_cond"], nulls[f"{task}_null_mask"] = cond[-1], mask[-1]
   print(
     f"sft: {len(t2i)} T2I and {len(edits)} edit examples; latent tokens "
-    f"{arrays['t2i_x0'].shape[1]}, text tokens {length}",
+    f"{arrays['t2i_x0'].shape[1]}, text tokens {arrays['t2i_cond'].shape[1]} (T2I) and "
+    f"{arrays['edit_cond'].shape[1]} (edit), limit {length}",
     flush=True,
   )
   return t2i, edits, arrays, nulls
