@@ -220,6 +220,11 @@ ADDED_LATER = {
 }
 
 
+# Config sections that change how a run is logged and saved, not what it trains: an unfinished
+# stage resumes across changes to them.
+BOOKKEEPING = ("checkpoint.", "log.", "profile.")
+
+
 def changed_settings(stage_dir: str, config) -> list[str]:
   """Config keys whose value in STAGE_DIR/config.json (what the stage ran with) differs from
   `config`; [] when there is no record."""
@@ -251,7 +256,7 @@ def run_stage(name: str, config, workdir: str) -> bool:
         flush=True,
       )
     return False
-  changed = changed_settings(stage_dir, config)
+  changed = [k for k in changed_settings(stage_dir, config) if not k.startswith(BOOKKEEPING)]
   if changed:  # an unfinished stage of an older demo would resume under settings it never had
     raise config_lib.ConfigError(
       f"{name}: {stage_dir} holds an unfinished run with other settings than the demo's now "

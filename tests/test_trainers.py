@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -338,6 +339,16 @@ def test_demo_runs_a_stage_and_skips_it_once_done(tmp_path, capsys):
   with pytest.raises(config_lib.ConfigError, match=r"unfinished run .*\(optim.lr, total_steps\)"):
     demo.run_stage("vae", config, str(tmp_path))
   assert not demo.stage_done(str(tmp_path), "vae", config)
+  # Bookkeeping alone (how often to log or save) does not block a resume.
+  config.optim.lr /= 2
+  config.log.every += 1
+  assert demo.changed_settings(str(tmp_path / "vae"), config) == ["log.every", "total_steps"]
+  config.total_steps = 1
+  assert demo.run_stage("vae", config, str(tmp_path)) is False  # finished: kept, with a warning
+  assert "other settings than the demo's now (log.every)" in capsys.readouterr().out
+  shutil.rmtree(tmp_path / "vae" / "export")  # unfinished again, with only log.every changed
+  assert demo.run_stage("vae", config, str(tmp_path)) is True
+  assert demo.stage_done(str(tmp_path), "vae", config)
   # A key added to the configs later reads, in an older record, as the value it had then.
   record = tmp_path / "base"
   record.mkdir()
