@@ -225,11 +225,13 @@ def test_sft_micro_batches_give_the_one_batch_update():
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5 * largest)
 
 
+def _masks(lengths, width):
+  """Text masks [len(lengths), width]: each prompt's tokens first, then padding."""
+  return np.array([[1] * n + [0] * (width - n) for n in lengths], np.int32)
+
+
 def test_trim_padding_cuts_the_text_stream_to_the_longest_prompt():
   from qwen_image_rl.pipelines.prompt_encoding import trim_padding
-
-  def masks(lengths, width):
-    return np.array([[1] * n + [0] * (width - n) for n in lengths], np.int32)
 
   for lengths, width, multiple, expected in (
     ((3, 5), 48, 8, 8),  # rounded up to the multiple
@@ -239,7 +241,7 @@ def test_trim_padding_cuts_the_text_stream_to_the_longest_prompt():
     ((0, 0), 48, 8, 8),  # empty prompts keep one multiple
     ((5,), 48, 4, 8),
   ):
-    mask = masks(lengths, width)
+    mask = _masks(lengths, width)
     cond = np.random.default_rng(0).normal(size=(len(lengths), width, 3)) * mask[..., None]
     cut_cond, cut_mask = trim_padding(cond, mask, multiple)
     assert cut_cond.shape == (len(lengths), expected, 3) and cut_mask.shape[1] == expected
@@ -258,7 +260,7 @@ def test_sft_loss_and_gradient_do_not_depend_on_text_padding():
 
   model, params = _tiny_mmdit(num_layers=2)
   rng = np.random.default_rng(0)
-  mask = np.array([[1] * n + [0] * (24 - n) for n in (3, 7, 5)], np.int32)
+  mask = _masks((3, 7, 5), 24)
   cond = rng.normal(size=(3, 24, 8)).astype(np.float32) * mask[..., None]
   x0, eps, ref = (jnp.asarray(rng.normal(size=(3, 4, 16)), jnp.float32) for _ in range(3))
   t = jnp.asarray([0.2, 0.6, 0.9], jnp.float32)
