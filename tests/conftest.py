@@ -14,6 +14,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # AOT tests load libtpu, whose lockfile lets one process per machine hold it; pytest-xdist
 # workers and test subprocesses are several processes that never touch a TPU.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+# The entry points restart themselves with glibc's huge-page tunable unless it is set
+# (qwen_image_rl/host_memory.py); set here, the workers and the tests' subprocesses start with it.
+os.environ.setdefault("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
 
 
 def pytest_configure(config):

@@ -1,5 +1,6 @@
 """The malloc tuning is applied by the entry points (never on import) on glibc hosts, and can be
-switched off by env var."""
+switched off by env var; where glibc and the kernel offer transparent huge pages the process
+restarts once with them."""
 
 import os
 import subprocess
@@ -13,11 +14,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GLIBC = sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
 
 
-def _run(code, env_value=None):
+def _run(code, env_value=None, tunables=None):
   env = dict(os.environ)
   env.pop(host_memory.ENV_VAR, None)
+  env.pop("GLIBC_TUNABLES", None)
   if env_value is not None:
     env[host_memory.ENV_VAR] = env_value
+  if tunables is not None:
+    env["GLIBC_TUNABLES"] = tunables
   out = subprocess.run(
     [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True
   )
@@ -31,6 +35,31 @@ def test_tuning_applies_and_honours_the_opt_out():
   assert _run(code, "0") == "False"
   assert _run(code, "off") == "False"
   assert _run(code, "1") == "True"
+
+
+HUGEPAGES = GLIBC and host_memory._glibc_has_hugetlb() and host_memory._kernel_has_thp()
+
+
+@pytest.mark.skipif(not HUGEPAGES, reason="needs glibc >= 2.35 and transparent huge pages")
+def test_tuning_restarts_once_with_huge_pages_unless_told_otherwise():
+  code = (
+    "import os\n"
+    "print('started', os.getpid(), flush=True)\n"
+    "from qwen_image_rl import host_memory\n"
+    "host_memory.tune_malloc()\n"
+    "print(os.getpid(), os.environ.get('GLIBC_TUNABLES'))"
+  )
+  out = _run(code).splitlines()
+  pid = out[0].split()[1]
+  # Started twice in the same process (execve), then went on with the tunable set.
+  assert out == [f"started {pid}", f"started {pid}", f"{pid} glibc.malloc.hugetlb=1"]
+  out = _run(code, tunables="glibc.malloc.arena_max=4").splitlines()
+  assert out[-1].endswith(" glibc.malloc.arena_max=4:glibc.malloc.hugetlb=1") and len(out) == 3
+  # Named already (here: switched off), or tuning opted out: no restart, nothing changed.
+  out = _run(code, tunables="glibc.malloc.hugetlb=0").splitlines()
+  assert len(out) == 2 and out[-1].endswith(" glibc.malloc.hugetlb=0")
+  out = _run(code, env_value="0").splitlines()
+  assert len(out) == 2 and out[-1].endswith(" None")
 
 
 def test_importing_the_package_and_its_trainers_changes_no_malloc_setting():

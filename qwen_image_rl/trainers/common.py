@@ -100,43 +100,72 @@ def fit(
   metrics)` may log more and returns what was non-finite, default 'loss'), and
   `max_consecutive_nonfinite` in a row stop the run, leaving the last good checkpoint.
   `on_step_end(done, state, scalars)` runs after each completed step (evals, images).
+
+  A step's metrics are read after the next step is dispatched, so that the host's work (the
+  next batch, logging) overlaps the device's; steps that save a checkpoint or have an
+  `on_step_end` are read at once, while their state is still alive.
   """
-  log_every = max(int(ctx.config.log.every), 1)
-  nonfinite = 0
-  history = []
+  record = _StepRecorder(ctx, total_steps, max_consecutive_nonfinite, on_skip, unit)
   profiler = profiling.StepProfiler.from_config(ctx.config, ctx.workdir)
+  pending = None  # (done, metrics) of the step dispatched before this one
   parallel.barrier("fit_start")  # hosts start stepping together (see `parallel.barrier`)
   for step in range(start_step, total_steps):
     done = step + 1
     profiler.step_starts(step)
     state, metrics = train_step(state, batch_for_step(step))
     profiler.step_done(step, (state, metrics))
-    scalars = scalar_metrics(metrics)
-    if not math.isfinite(scalars["loss"]):
-      nonfinite += 1
-      reason = on_skip(done, scalars) if on_skip is not None else "loss"
-      logging.warning(
-        "%s %d: non-finite %s, update skipped (%d in a row)", unit, done, reason, nonfinite
-      )
-      print(
-        f"warning: {unit} {done}: non-finite {reason}, update skipped ({nonfinite} in a row)",
-        flush=True,
-      )
-      if nonfinite >= max_consecutive_nonfinite:
-        _stop(ctx, nonfinite, unit, done, reason)
+    if pending is not None:
+      record(*pending)
+      pending = None
+    needs_state = on_step_end is not None or ctx.checkpointer.should_save(done)
+    if not (needs_state or done == total_steps):
+      pending = (done, metrics)
       continue
-    nonfinite = 0
-    if done % log_every == 0 or done == total_steps:
-      ctx.logger.scalars(done, {k if "/" in k else f"train/{k}": v for k, v in scalars.items()})
-      history.append({"step": done, **scalars})
-    ctx.logger.progress(done)
-    ctx.checkpointer.maybe_save(done, state, extra={"step": done})
-    if on_step_end is not None:
-      on_step_end(done, state, scalars)
+    scalars = record(done, metrics)
+    if scalars is not None:
+      ctx.checkpointer.maybe_save(done, state, extra={"step": done})
+      if on_step_end is not None:
+        on_step_end(done, state, scalars)
   profiler.stop()  # a profile window past the last step ends here
   ctx.checkpointer.save(total_steps, state, extra={"step": total_steps})
   ctx.checkpointer.wait()
-  return state, history
+  return state, record.history
+
+
+class _StepRecorder:
+  """Reads one finished step's metrics: logs them, or counts a skipped (non-finite) update and
+  stops the run after too many in a row."""
+
+  def __init__(self, ctx, total_steps, max_consecutive_nonfinite, on_skip, unit):
+    self.ctx, self.total_steps, self.unit = ctx, total_steps, unit
+    self.max_nonfinite, self.on_skip = max_consecutive_nonfinite, on_skip
+    self.log_every = max(int(ctx.config.log.every), 1)
+    self.nonfinite = 0
+    self.history = []
+
+  def __call__(self, done: int, metrics) -> dict | None:
+    """The step's scalars, or None when its update was skipped."""
+    scalars = scalar_metrics(metrics)
+    if not math.isfinite(scalars["loss"]):
+      self._skipped(done, scalars)
+      return None
+    self.nonfinite = 0
+    if done % self.log_every == 0 or done == self.total_steps:
+      self.ctx.logger.scalars(
+        done, {k if "/" in k else f"train/{k}": v for k, v in scalars.items()}
+      )
+      self.history.append({"step": done, **scalars})
+    self.ctx.logger.progress(done)
+    return scalars
+
+  def _skipped(self, done: int, scalars: dict) -> None:
+    self.nonfinite += 1
+    reason = self.on_skip(done, scalars) if self.on_skip is not None else "loss"
+    unit, n = self.unit, self.nonfinite
+    logging.warning("%s %d: non-finite %s, update skipped (%d in a row)", unit, done, reason, n)
+    print(f"warning: {unit} {done}: non-finite {reason}, update skipped ({n} in a row)", flush=True)
+    if n >= self.max_nonfinite:
+      _stop(self.ctx, n, unit, done, reason)
 
 
 def final_checkpoint_exists(workdir: str, total_steps: int) -> bool:
