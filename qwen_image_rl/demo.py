@@ -64,16 +64,16 @@ DEMO_OPD_TRAIN_STEPS = 7
 # first setting that moved both tasks' held-out scores above their base and their placebo
 # (README, "fm_draws"; within one eval's noise), at 1.5x (T2I) to 2x (edit) the iteration time.
 DEMO_FM_DRAWS = 12
-# Stage times of `make demo` from scratch on the 2-core CPU (seconds; 2026-12-05, README "Quick
-# start"; rl_mix from an earlier WORKDIR's run), for the ETA before a stage has run.
+# Stage times of `make demo` from scratch on the 2-core CPU (seconds; 2026-12-05 evening, README
+# "Quick start"; rl_mix from an earlier WORKDIR's run), for the ETA before a stage has run.
 ESTIMATED_SECONDS = {
-  "vae": 385,
-  "base": 480,
-  "rl_t2i": 320,
-  "curate_edit": 250,
-  "rl_edit": 370,
+  "vae": 315,
+  "base": 565,
+  "rl_t2i": 300,
+  "curate_edit": 220,
+  "rl_edit": 340,
   "rl_mix": 340,
-  "opd": 530,
+  "opd": 395,
   "summary": 85,
 }
 # Eval batches whose median gives a row's images/s (one batch read 1.7-2.5x for the same two

@@ -11,11 +11,13 @@ helps alone. Accelerator memory is unaffected; the cost is that the process keep
 memory (up to TRIM_THRESHOLD) instead of returning it.
 
 Blocks above 32 MiB (glibc's largest mmap threshold) are mmap'd whatever the settings: the
-tiny sft step's 133 MB temporary buffer was faulted in 4 KiB pages on every step, 32k page
-faults and a sixth of the step's CPU time. glibc's `glibc.malloc.hugetlb=1` tunable asks for
-transparent huge pages on such blocks (2 MiB faults); glibc reads tunables only at process
-start, so `tune_malloc` restarts the process once (same pid, arguments and environment) with
-it set. A GLIBC_TUNABLES that already names the tunable is left as it is (`=0` switches it off).
+tiny sft step's 133 MB temporary buffer was faulted in 4 KiB pages on every step (34k page
+faults a step; system time was 14% of a 2500-step run's CPU time). glibc's
+`glibc.malloc.hugetlb=1` tunable asks for transparent huge pages on such blocks (2 MiB
+faults): 400 sft steps 4.84 -> 5.34 steps/s (median), system time 29 -> 15 s (README,
+Benchmarks). glibc reads tunables only at process start, so `tune_malloc` restarts the process
+once (os.execve: same pid, arguments and environment) with it set. A GLIBC_TUNABLES that
+already names the tunable is left as it is (`glibc.malloc.hugetlb=0` switches it off).
 
 Set QWEN_IMAGE_RL_MALLOC_TUNING=0 to leave malloc alone.
 """
