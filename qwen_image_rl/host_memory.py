@@ -62,12 +62,17 @@ def restart_with_hugepages() -> None:
   by glibc.malloc.hugetlb=1, unless it names that tunable already, glibc is older than 2.35
   (which has no such tunable) or the kernel's transparent huge pages are off."""
   tunables = os.environ.get("GLIBC_TUNABLES", "")
-  if HUGEPAGE_TUNABLE in tunables or not _glibc_has_hugetlb() or not _kernel_has_thp():
+  if HUGEPAGE_TUNABLE in tunables or not hugepages_supported():
     return
   env = dict(os.environ, GLIBC_TUNABLES=":".join(filter(None, (tunables, f"{HUGEPAGE_TUNABLE}=1"))))
   sys.stdout.flush()
   sys.stderr.flush()
   os.execve(sys.executable, sys.orig_argv, env)
+
+
+def hugepages_supported() -> bool:
+  """glibc >= 2.35 (which has the tunable) and a kernel whose transparent huge pages are on."""
+  return _glibc_has_hugetlb() and _kernel_has_thp()
 
 
 def _glibc_has_hugetlb() -> bool:

@@ -37,7 +37,7 @@ def test_tuning_applies_and_honours_the_opt_out():
   assert _run(code, "1") == "True"
 
 
-HUGEPAGES = GLIBC and host_memory._glibc_has_hugetlb() and host_memory._kernel_has_thp()
+HUGEPAGES = GLIBC and host_memory.hugepages_supported()
 
 
 @pytest.mark.skipif(not HUGEPAGES, reason="needs glibc >= 2.35 and transparent huge pages")
