@@ -82,7 +82,7 @@ def test_fit_reads_each_step_after_dispatching_the_next_except_where_it_saves(
 
 
 def test_fit_skips_nonfinite_updates_and_stops_after_three_in_a_row(tmp_path, capsys):
-  ctx = _context(tmp_path, save_every=2, total_steps=9)
+  ctx = _context(tmp_path, save_every=2, total_steps=5)
   state, history = common.fit(
     ctx,
     _state(),
