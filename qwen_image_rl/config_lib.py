@@ -74,8 +74,9 @@ def check_positive(config, *paths: str) -> None:
 
 
 def transformer_overrides(config: ml_collections.ConfigDict) -> dict:
-  """config.model.transformer_overrides as a dict ({} when unset): our own MMDiT fields
-  (scan_layers, remat_policy, ...) that change how the step compiles, not what it learns."""
+  """config.model.transformer_overrides as a dict ({} when unset): our own MMDiT fields, not
+  diffusers': how the step compiles (scan_layers, remat_policy, ...) and how fresh weights are
+  drawn (init_scheme); a loaded checkpoint's weights are the same under any of them."""
   return dict(config.model.get("transformer_overrides", {}) or {})
 
 

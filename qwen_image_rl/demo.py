@@ -16,10 +16,10 @@ last checkpoint (curate_edit keeps none: it is done once its prompt file, writte
 exists, and starts again if interrupted). The RL and OPD stages run DEMO_ITERATIONS instead of
 their standalone budgets (the student trains DEMO_OPD_TRAIN_STEPS of its 10 states), and they
 and the base evaluate nothing themselves: at the end `summary` scores every export on
-the same held-out sets (base at CFG 4 and 1, teachers and Mix-RL at CFG 4, the student at CFG 1),
-measures each sampler's images/s, prints a table and the paired differences the targets are read
-from (COMPARISONS: a - b with its standard error on the same prompts and noise), and writes both
-to WORKDIR/summary.json.
+the same held-out sets (base at CFG 4, 2.5 and 1, teachers and Mix-RL at CFG 4, the student at
+CFG 1), measures each sampler's images/s, prints a table and the paired differences the targets
+are read from (COMPARISONS: a - b with its standard error on the same prompts and noise), and
+writes both to WORKDIR/summary.json.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ ESTIMATED_SECONDS = {
   "rl_edit": 340,
   "rl_mix": 340,
   "opd": 395,
-  "summary": 85,
+  "summary": 95,
 }
 # Eval batches whose median gives a row's images/s (one batch read 1.7-2.5x for the same two
 # samplers in different summaries on this CPU).
@@ -90,9 +90,12 @@ COMPARISONS = (
   ("teacher_edit_cfg4", "base_cfg4", "edit"),
   ("student_cfg1", "mix_rl_cfg4", "t2i"),
   ("student_cfg1", "mix_rl_cfg4", "edit"),
+  ("base_cfg2.5", "base_cfg4", "t2i"),
+  ("base_cfg2.5", "base_cfg4", "edit"),
 )
 SUMMARY_ROWS = (  # (label, stage, CFG scale)
   ("base_cfg4", "base", 4.0),
+  ("base_cfg2.5", "base", 2.5),  # the base's own eval CFG (configs/sft.py)
   ("base_cfg1", "base", 1.0),
   ("teacher_t2i_cfg4", "rl_t2i", 4.0),
   ("teacher_edit_cfg4", "rl_edit", 4.0),
@@ -216,13 +219,14 @@ def stage_done(workdir: str, name: str, config) -> bool:
 # without them did: a record that lacks them ran with that value.
 ADDED_LATER = {
   "loss.time_shift_scale": 1.0,
+  "model.transformer_overrides.init_scheme": "torch",
   "data.t2i_categories": ["general", "typography", "portrait", "landscape"],
 }
 
 
-# Config sections that change how a run is logged and saved, not what it trains: an unfinished
-# stage resumes across changes to them.
-BOOKKEEPING = ("checkpoint.", "log.", "profile.")
+# Config sections that change how a run is logged, saved and evaluated, not what it trains: an
+# unfinished stage resumes across changes to them.
+BOOKKEEPING = ("checkpoint.", "log.", "profile.", "eval.")
 
 
 def changed_settings(stage_dir: str, config) -> list[str]:
@@ -246,9 +250,9 @@ def run_stage(name: str, config, workdir: str) -> bool:
   from qwen_image_rl import config_lib, runner
 
   stage_dir = os.path.join(workdir, name)
+  changed = [k for k in changed_settings(stage_dir, config) if not k.startswith(BOOKKEEPING)]
   if stage_done(workdir, name, config):
     print(f"== {name}: finished earlier in {stage_dir}, skipping", flush=True)
-    changed = changed_settings(stage_dir, config)
     if changed:  # e.g. a WORKDIR from an older demo: its stage is kept, not silently redone
       print(
         f"   warning: {name} ran with other settings than the demo's now ({', '.join(changed)}); "
@@ -256,7 +260,6 @@ def run_stage(name: str, config, workdir: str) -> bool:
         flush=True,
       )
     return False
-  changed = [k for k in changed_settings(stage_dir, config) if not k.startswith(BOOKKEEPING)]
   if changed:  # an unfinished stage of an older demo would resume under settings it never had
     raise config_lib.ConfigError(
       f"{name}: {stage_dir} holds an unfinished run with other settings than the demo's now "

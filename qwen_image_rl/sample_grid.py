@@ -10,7 +10,8 @@ The grid has one row per source, 8 held-out test-split prompts per row: the worl
 settings (configs/common.py tiny_eval: 20 steps, CFG 4; `DIR@CFG` samples that pipeline at
 its own CFG scale, e.g. a CFG-free OPD student at 1). The cells are upscaled (nearest) so
 a 64 px image stays legible. With --score_json, each pipeline is also evaluated like a training
-run's eval (the val split's 128 prompts and 64 edits, or --num_t2i / --num_edits) and the eval
+run's eval (the val split's 128 prompts and 64 edits, or --num_t2i / --num_edits; --score_split=test
+evaluates the test split instead) and the eval
 JSON of each is written there, keyed by name; every pipeline after the first is also compared
 with the first on the same prompts and noise (T2I capped and edit instruction following, the
 difference with its paired standard error, `evaluation.paired_differences`).
@@ -37,7 +38,10 @@ def _define_flags():
   flags.DEFINE_string("split", "test", "Split the grid's prompts come from.")
   flags.DEFINE_integer("seed", 0, "Seed of the grid's prompts and of sampling.")
   flags.DEFINE_integer("scale", 2, "Nearest-neighbour upscaling of each cell.")
-  flags.DEFINE_string("score_json", "", "Also evaluate each pipeline (val split); write here.")
+  flags.DEFINE_string("score_json", "", "Also evaluate each pipeline; write here.")
+  flags.DEFINE_enum(
+    "score_split", "val", ["val", "test"], "--score_json: the held-out split it evaluates."
+  )
   flags.DEFINE_integer("num_t2i", None, "--score_json: T2I prompts (default: tiny_eval's).")
   flags.DEFINE_integer("num_edits", None, "--score_json: edits (default: tiny_eval's).")
 
@@ -101,6 +105,16 @@ def grid_image(pipes: dict, cfgs: dict, n: int, split: str, seed: int, scale: in
   return metrics.image_grid(images, n, pad=2, pad_value=255)
 
 
+def score_config(num_t2i: int | None, num_edits: int | None, split: str = "val"):
+  """The eval settings --score_json uses (tiny_eval's sampler; the grid ignores the counts and
+  the split)."""
+  from configs import common as config_common
+
+  cfg = config_common.tiny_eval(num_t2i, num_edits)
+  cfg.split = split
+  return cfg
+
+
 def format_paired(results: dict) -> str:
   """Each pipeline after the first minus the first: 'name - first: T2I +d (SE s), edit IF ...'."""
   from qwen_image_rl import evaluation
@@ -122,7 +136,6 @@ def main(argv):
   del argv
   from PIL import Image
 
-  from configs import common as config_common
   from qwen_image_rl import evaluation
 
   named = parse_pipelines(FLAGS.pipelines)
@@ -130,7 +143,7 @@ def main(argv):
     raise app.UsageError("give at least one --pipelines=name=DIR")
   specs = {name: split_cfg(spec) for name, spec in named.items()}
   pipes = {name: load_pipelines(d) for name, (d, _) in specs.items()}
-  eval_cfg = config_common.tiny_eval(FLAGS.num_t2i, FLAGS.num_edits)  # the grid ignores counts
+  eval_cfg = score_config(FLAGS.num_t2i, FLAGS.num_edits, FLAGS.score_split)
   cfgs = {name: with_cfg_scale(eval_cfg, s) for name, (_, s) in specs.items()}
   if FLAGS.out:
     image = grid_image(pipes, cfgs, FLAGS.n, FLAGS.split, FLAGS.seed, FLAGS.scale)

@@ -140,6 +140,11 @@ def test_sample_grid_rejects_bad_pipeline_arguments(tmp_path):
   judge_run.mkdir()
   assert sample_grid.split_cfg(str(judge_run)) == (str(judge_run), None)
   assert sample_grid.split_cfg(f"{judge_run}@1.5") == (str(judge_run), 1.5)
+  # --score_split=test scores other held-out prompts than the default val split.
+  val, test = (sample_grid.score_config(4, 2, split) for split in ("val", "test"))
+  assert (val.split, val.num_t2i, val.num_edits, test.split) == ("val", 4, 2, "test")
+  val_prompts = evaluation.eval_sets(val, seed=0)[0].prompts
+  assert not set(val_prompts) & set(evaluation.eval_sets(test, seed=0)[0].prompts)
   for bad in ("runs/demo/opd@x", "runs/demo/opd@0", "@4"):
     with pytest.raises(ValueError, match="CFG"):
       sample_grid.split_cfg(bad)

@@ -213,6 +213,44 @@ def test_config_round_trip_and_rejections():
     QwenImageTransformer(**{**TINY, "axes_dims_rope": (8, 8, 8)})
 
 
+def test_adaln_zero_init_starts_every_block_as_the_identity():
+  """init_scheme='adaln_zero' zeroes the modulation and proj_out kernels only: the blocks pass
+  their input through (gates 0), the output is 0, and one gradient step moves it."""
+  model = QwenImageTransformer(**TINY, init_scheme="adaln_zero")
+  params = nn.meta.unbox(model.init_params(jax.random.key(0)))
+  torch_init = nn.meta.unbox(QwenImageTransformer(**TINY).init_params(jax.random.key(0)))
+  zeroed = {("norm_out",), ("proj_out",)}
+  zeroed |= {(f"transformer_blocks_{i}", m) for i in range(2) for m in ("img_mod", "txt_mod")}
+  for path, kernel in jax.tree_util.tree_leaves_with_path(params):
+    if path[-1].key == "kernel":
+      layer = tuple(k.key for k in path[:-1])
+      assert np.any(np.asarray(kernel)) == (layer not in zeroed), layer
+  same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), params, torch_init)
+  assert same["transformer_blocks_0"]["attn"]["to_q"]["kernel"]
+  assert not same["proj_out"]["kernel"]
+
+  inputs = {k: v for k, v in _inputs(T2I).items() if k != "img_shapes"}
+
+  def loss(p):
+    out = model.apply({"params": p}, **inputs, img_shapes=T2I)
+    return jnp.mean((out - 1.0) ** 2), out
+
+  (_, out), grads = jax.value_and_grad(loss, has_aux=True)(params)
+  assert not np.any(np.asarray(out))
+  # proj_out's zero kernel stops the gradient upstream: the first step trains proj_out alone.
+  reached = {k for k, g in grads.items() if any(np.any(np.asarray(x)) for x in jax.tree.leaves(g))}
+  assert reached == {"proj_out"}
+  stepped = jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)
+  reached = {
+    k
+    for k, g in jax.grad(lambda p: loss(p)[0])(stepped).items()
+    if any(np.any(np.asarray(x)) for x in jax.tree.leaves(g))
+  }
+  assert {"norm_out", "transformer_blocks_0", "transformer_blocks_1"} <= reached
+  with pytest.raises(ValueError, match="init_scheme"):
+    QwenImageTransformer(**TINY, init_scheme="zeros")
+
+
 def test_msrope_positions():
   """Centred h/w positions, frame = image index, text after the largest image on all axes."""
   img, txt = layers.msrope_angles(((1, 5, 4), (1, 2, 2)), 3, (2, 2, 2), theta=10000.0)

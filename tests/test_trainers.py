@@ -341,13 +341,14 @@ def test_demo_runs_a_stage_and_skips_it_once_done(tmp_path, capsys):
   with pytest.raises(config_lib.ConfigError, match=r"unfinished run .*\(optim.lr, total_steps\)"):
     demo.run_stage("vae", config, str(tmp_path))
   assert not demo.stage_done(str(tmp_path), "vae", config)
-  # Bookkeeping alone (how often to log or save) does not block a resume.
+  # Bookkeeping alone (how often to log, save or what to evaluate) does not block a resume, and
+  # a finished stage whose bookkeeping differs is kept without a warning.
   config.optim.lr /= 2
   config.log.every += 1
   assert demo.changed_settings(str(tmp_path / "vae"), config) == ["log.every", "total_steps"]
   config.total_steps = 1
-  assert demo.run_stage("vae", config, str(tmp_path)) is False  # finished: kept, with a warning
-  assert "other settings than the demo's now (log.every)" in capsys.readouterr().out
+  assert demo.run_stage("vae", config, str(tmp_path)) is False  # finished: kept, no warning
+  assert "warning" not in capsys.readouterr().out
   shutil.rmtree(tmp_path / "vae" / "export")  # unfinished again, with only log.every changed
   assert demo.run_stage("vae", config, str(tmp_path)) is True
   assert demo.stage_done(str(tmp_path), "vae", config)
@@ -357,10 +358,18 @@ def test_demo_runs_a_stage_and_skips_it_once_done(tmp_path, capsys):
   sft_now = sft_config.get_config("tiny")
   older = json.loads(config_lib.to_json(sft_now))
   del older["loss"]["time_shift_scale"], older["data"]["t2i_categories"]
+  del older["model"]["transformer_overrides"]["init_scheme"]
   (record / "config.json").write_text(json.dumps(older))
   assert demo.changed_settings(str(record), sft_now) == []
   sft_now.loss.time_shift_scale = 2.0
   assert demo.changed_settings(str(record), sft_now) == ["loss.time_shift_scale"]
+  # The base's eval settings (its CFG scale moved 4 -> 2.5) are bookkeeping: they change what the
+  # stage would report, not what it trained. The summary scores the base at that scale too.
+  sft_now.eval.cfg_scale = 4.0
+  assert "eval.cfg_scale" in demo.changed_settings(str(record), sft_now)
+  assert "eval.cfg_scale".startswith(demo.BOOKKEEPING)
+  base_cfg = sft_config.get_config("tiny").eval.cfg_scale
+  assert ("base_cfg2.5", "base", base_cfg) in demo.SUMMARY_ROWS
   # No pipeline exported yet: the summary has no rows, but writes its JSON.
   assert demo.summary(str(tmp_path)).count("\n") == 1
   assert os.path.isfile(tmp_path / "summary.json")

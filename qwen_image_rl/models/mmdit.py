@@ -40,6 +40,12 @@ REMAT_POLICIES = {
   "everything_saveable": jax.checkpoint_policies.everything_saveable,
 }
 
+# How fresh parameters are drawn (loaded checkpoints overwrite them all). 'torch': every linear
+# layer as torch.nn.Linear, like diffusers. 'adaln_zero' (DiT, Peebles & Xie 2023): the blocks'
+# and norm_out's modulation and proj_out start at zero, so every block starts as the identity
+# (its gates are 0) and the model predicts velocity 0.
+INIT_SCHEMES = ("torch", "adaln_zero")
+
 # diffusers config fields, with the diffusers defaults (the 20B Qwen-Image model).
 DIFFUSERS_FIELDS = (
   "patch_size",
@@ -110,6 +116,7 @@ class QwenImageBlock(nn.Module):
   num_target_tokens: int
   attention_query_chunk: int | None = None
   attention_implementation: str = "xla"
+  modulation_init: Any = layers.TORCH_LINEAR_INIT
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -117,8 +124,9 @@ class QwenImageBlock(nn.Module):
   def __call__(self, carry, temb, temb_ref, key_mask, rope_cos, rope_sin):
     img, txt = layers.materialize_cotangent(carry)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    img_mod = dense(6 * self.dim, ("embed", "modulation"), name="img_mod", **kw)
-    txt_mod = dense(6 * self.dim, ("embed", "modulation"), name="txt_mod", **kw)
+    mod_kw = dict(kernel_init=self.modulation_init, **kw)
+    img_mod = dense(6 * self.dim, ("embed", "modulation"), name="img_mod", **mod_kw)
+    txt_mod = dense(6 * self.dim, ("embed", "modulation"), name="txt_mod", **mod_kw)
     img_params = self._per_token(
       img_mod(nn.silu(temb)), None if temb_ref is None else img_mod(nn.silu(temb_ref)), img.shape[1]
     )
@@ -190,6 +198,7 @@ class QwenImageTransformer(nn.Module):
   attention_query_chunk: int | None = None  # memory-efficient attention block; None = one block
   # 'xla' (any backend) | 'flash' (Pallas TPU kernel on TPU, the XLA path elsewhere)
   attention_implementation: str = "xla"
+  init_scheme: str = "torch"  # INIT_SCHEMES: how init_params draws fresh weights
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -221,6 +230,10 @@ class QwenImageTransformer(nn.Module):
         f"QwenImageTransformer.attention_implementation="
         f"{self.attention_implementation!r}: expected one of "
         f"{list(attention_kernels.IMPLEMENTATIONS)}"
+      )
+    if self.init_scheme not in INIT_SCHEMES:
+      raise ValueError(
+        f"QwenImageTransformer.init_scheme={self.init_scheme!r}: expected one of {INIT_SCHEMES}"
       )
     if any(d % 2 for d in self.axes_dims_rope):
       raise ValueError(
@@ -337,6 +350,7 @@ class QwenImageTransformer(nn.Module):
       num_target_tokens=n_target,
       attention_query_chunk=self.attention_query_chunk,
       attention_implementation=self.attention_implementation,
+      modulation_init=self._zero_or_torch_init(),
       **kw,
     )
     block_cls = self._block_cls()
@@ -361,11 +375,18 @@ class QwenImageTransformer(nn.Module):
     img = carry[0][:, :n_target]
 
     # norm_out (AdaLayerNormContinuous) chunks as scale, shift: the opposite of the blocks.
-    emb = dense(2 * d, ("embed", "modulation"), name="norm_out", **kw)(nn.silu(temb))
+    last_kw = dict(kernel_init=self._zero_or_torch_init(), **kw)
+    emb = dense(2 * d, ("embed", "modulation"), name="norm_out", **last_kw)(nn.silu(temb))
     scale, shift = jnp.split(emb, 2, axis=-1)
     img = layers.modulate(layers.layer_norm(img), shift, scale)
     out_features = self.patch_size**2 * self.output_channels
-    return dense(out_features, ("embed", None), name="proj_out", **kw)(img)
+    return dense(out_features, ("embed", None), name="proj_out", **last_kw)(img)
+
+  def _zero_or_torch_init(self):
+    """The kernel init of the layers that adaLN-Zero starts at zero (INIT_SCHEMES)."""
+    if self.init_scheme == "adaln_zero":
+      return nn.initializers.zeros_init()
+    return layers.TORCH_LINEAR_INIT
 
   def _check_inputs(self, hidden_states, encoder_hidden_states, mask, img_shapes):
     if not img_shapes or any(len(s) != 3 for s in img_shapes):
