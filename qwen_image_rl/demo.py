@@ -241,7 +241,16 @@ def changed_settings(stage_dir: str, config) -> list[str]:
     before = config_lib.flatten(json.load(f))
   now = config_lib.flatten(json.loads(config_lib.to_json(config)))
   before = {k: v for k, v in ADDED_LATER.items() if k in now} | before
-  return sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+  return sorted(k for k in before.keys() | now.keys() if not _same(before.get(k), now.get(k)))
+
+
+def _same(recorded, now) -> bool:
+  """Equal settings; a path also equals itself spelt otherwise (runs/demo vs /abs/runs/demo:
+  both are read from the repository root, where the demo runs)."""
+  if recorded == now:
+    return True
+  paths = isinstance(recorded, str) and isinstance(now, str) and os.sep in recorded + now
+  return paths and os.path.realpath(recorded) == os.path.realpath(now)
 
 
 def run_stage(name: str, config, workdir: str) -> bool:

@@ -363,6 +363,17 @@ def test_demo_runs_a_stage_and_skips_it_once_done(tmp_path, capsys):
   assert demo.changed_settings(str(record), sft_now) == []
   sft_now.loss.time_shift_scale = 2.0
   assert demo.changed_settings(str(record), sft_now) == ["loss.time_shift_scale"]
+  # A path given relative one time and absolute the next (--workdir=runs/x, then /abs/runs/x)
+  # is the same setting; another directory is not.
+  sft_now.loss.time_shift_scale = 1.0
+  sft_now.model.vae_from = os.path.abspath(older["model"]["vae_from"] or "runs/demo/vae")
+  older["model"]["vae_from"] = os.path.relpath(sft_now.model.vae_from)
+  (record / "config.json").write_text(json.dumps(older))
+  assert demo.changed_settings(str(record), sft_now) == []
+  sft_now.model.vae_from += "_other"
+  assert demo.changed_settings(str(record), sft_now) == ["model.vae_from"]
+  sft_now.model.vae_from = os.path.abspath(older["model"]["vae_from"])
+  sft_now.loss.time_shift_scale = 2.0
   # The base's eval settings (its CFG scale moved 4 -> 2.5) are bookkeeping: they change what the
   # stage would report, not what it trained. The summary scores the base at that scale too.
   sft_now.eval.cfg_scale = 4.0
