@@ -10,11 +10,11 @@ The grid has one row per source, 8 held-out test-split prompts per row: the worl
 settings (configs/common.py tiny_eval: 20 steps, CFG 4; `DIR@CFG` samples that pipeline at
 its own CFG scale, e.g. a CFG-free OPD student at 1). The cells are upscaled (nearest) so
 a 64 px image stays legible. With --score_json, each pipeline is also evaluated like a training
-run's eval (the val split's 128 prompts and 64 edits, or --num_t2i / --num_edits; --score_split=test
-evaluates the test split instead) and the eval
-JSON of each is written there, keyed by name; every pipeline after the first is also compared
-with the first on the same prompts and noise (T2I capped and edit instruction following, the
-difference with its paired standard error, `evaluation.paired_differences`).
+run's eval (the val split's 128 prompts and 64 edits, or --num_t2i / --num_edits; the test split's
+with --score_split=test) and the eval JSON of each is written there, keyed by name; every
+pipeline after the first is also compared with the first on the same prompts and noise (T2I
+capped and edit instruction following, the difference with its paired standard error,
+`evaluation.paired_differences`).
 """
 
 from __future__ import annotations
