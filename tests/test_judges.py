@@ -610,6 +610,45 @@ def test_perception_pretraining_fits_its_targets_and_returns_the_vision_tree(jud
   assert shapes(visual) == shapes(nn.meta.unbox(judge.params['visual']))
 
 
+def test_trained_perception_keeps_its_head_and_reads_any_number_of_images(judge):
+  import ml_collections
+
+  from qwen_image_rl.judges import perception
+
+  settings = ml_collections.ConfigDict(
+    dict(steps=2, batch_size=4, lr=3e-3, n_images=8, balance_groups=True)
+  )
+  trained = perception.train_perception(
+    judge.model.visual, judge.processor, settings, 0, 64, log=lambda _: None
+  )
+  data = perception.perception_set(0, 10, 64, 'val', trained.words)
+  assert trained.names == data.names and len(trained.words) == len(data.words)
+  # Images are read one by one: a padded last batch and another batch size give the same logits.
+  by_4 = trained.logits(judge.processor, data.images, 4)
+  by_5 = trained.logits(judge.processor, data.images, 5)
+  assert by_4.shape == (10, len(data.names))
+  np.testing.assert_allclose(by_4, by_5, rtol=1e-4, atol=1e-5)
+
+
+def test_perception_match_rules_read_only_the_prompts_known_words():
+  from benchmarks import perception_match
+
+  probs = np.array([[0.9, 0.1, 0.5, 0.99]] + [[0.2, 0.8, 0.5, 0.99]] * 3, np.float32)
+  words = ('red', 'blue', 'circle', 'a')
+  prompts = ['a red circle', 'a cat', 'a dog', 'a cow']
+  out = perception_match.rule_scores(probs, words, prompts)
+  np.testing.assert_allclose(
+    [out['mean_p'][0], out['min_p'][0], out['mean_log_p'][0]],
+    [(0.9 + 0.5 + 0.99) / 3, 0.5, (np.log(0.9) + np.log(0.5) + np.log(0.99)) / 3],
+    rtol=1e-6,
+  )
+  # 'a' is in every prompt: the content rules leave it out.
+  np.testing.assert_allclose(out['content_min_p'][0], 0.5, rtol=1e-6)
+  np.testing.assert_allclose(out['content_mean_log_p'][0], np.log(0.45) / 2, rtol=1e-6)
+  assert np.isnan(out['content_min_p'][1])  # only 'a' is known
+  assert out['min_p'][1] == pytest.approx(0.99)
+
+
 def test_frozen_vision_tower_gets_no_updates_but_its_merger_and_the_lm_do(judge):
   import flax.linen as nn
   import optax

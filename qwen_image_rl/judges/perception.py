@@ -109,12 +109,48 @@ def pretrain_vision(visual, processor, settings, seed: int, size: int, log=print
 
   settings: steps, batch_size, lr, n_images, balance_groups (`config.perception`).
   """
+  trained = train_perception(visual, processor, settings, seed, size, log)
+  return trained.params['visual'], trained.loss
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedPerception:
+  """The tower with its head (`model`, `params`), the head's columns and the last train loss."""
+
+  model: PerceptionModel
+  params: dict
+  names: tuple[str, ...]
+  loss: float
+
+  @property
+  def words(self) -> tuple[str, ...]:
+    return self.names[: -len(QUALITY_DIMS) - 1]
+
+  def logits(self, processor, images, batch: int) -> np.ndarray:
+    """Head logits [N, K] of uint8 images [N, H, W, 3], `batch` at a time (the last batch
+    padded with copies of its first image)."""
+    layout = batch_layout(self.model.visual, processor, images[0], batch)
+    predict = jax.jit(lambda p, x: self.model.apply({'params': p}, x, layout, batch))
+    out = []
+    for i in range(0, len(images), batch):
+      chunk = images[i : i + batch]
+      padded = np.concatenate([chunk, np.repeat(chunk[:1], batch - len(chunk), axis=0)])
+      out.append(np.asarray(predict(self.params, pixels_of(processor, padded)))[: len(chunk)])
+    return np.concatenate(out)
+
+
+def batch_layout(visual, processor, image, batch: int) -> dict:
+  """The tower's layout arrays for `batch` images shaped like `image`."""
+  grids = np.repeat(np.asarray(processor([image])['image_grid_thw']), batch, axis=0)
+  return {k: jnp.asarray(v) for k, v in vision_layout(grids, visual.config).arrays().items()}
+
+
+def train_perception(visual, processor, settings, seed: int, size: int, log=print):
+  """`pretrain_vision`'s run, returned whole (TrainedPerception): the head too."""
   data = perception_set(seed, settings.n_images, size)
   model = PerceptionModel(visual, data.targets.shape[1])
   batch = settings.batch_size
-  grid = np.asarray(processor(list(data.images[:1]))['image_grid_thw'])
-  grids = np.repeat(grid, batch, axis=0)
-  layout = {k: jnp.asarray(v) for k, v in vision_layout(grids, visual.config).arrays().items()}
+  layout = batch_layout(visual, processor, data.images[0], batch)
   pixels = lambda rows: pixels_of(processor, data.images[rows])
   params = nn.meta.unbox(
     model.init(jax.random.key(seed), pixels(np.arange(batch)), layout, batch)['params']
@@ -147,15 +183,10 @@ def pretrain_vision(visual, processor, settings, seed: int, size: int, log=print
   held_out = perception_set(
     seed, settings.n_images // 8 // batch * batch or batch, size, 'val', data.words
   )
-  predict = jax.jit(lambda p, x: model.apply({'params': p}, x, layout, batch))
-  logits = np.concatenate(
-    [
-      np.asarray(predict(params, pixels_of(processor, held_out.images[i : i + batch])))
-      for i in range(0, len(held_out.images), batch)
-    ]
-  )
-  log(f'perception pre-training: held out {report(held_out, logits)}')
-  return params['visual'], float(loss)
+  trained = TrainedPerception(model, params, data.names, float(loss))
+  held_out_logits = trained.logits(processor, held_out.images, batch)
+  log(f'perception pre-training: held out {report(held_out, held_out_logits)}')
+  return trained
 
 
 def pixels_of(processor, images):

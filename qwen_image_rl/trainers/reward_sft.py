@@ -130,21 +130,26 @@ def validate(config):
 def build_model(config, tokenizer) -> Qwen25VL:
   ids = special_token_ids(tokenizer)
   text = Qwen25VLTextModel(vocab_size=len(tokenizer), head="tied", **dict(config.model.text))
-  vision = VisionConfig(
-    out_hidden_size=text.hidden_size,
-    **{
-      k: tuple(v) if isinstance(v, (list, tuple)) else v
-      for k, v in dict(config.model.vision).items()
-    },
-  )
   return Qwen25VL(
     text,
-    Qwen25VLVisionModel(vision),
+    build_vision(config),
     ids["image_token_id"],
     ids["video_token_id"],
     ids["vision_start_token_id"],
     ids["vision_end_token_id"],
   )
+
+
+def build_vision(config) -> Qwen25VLVisionModel:
+  """The judge's vision tower (config.model.vision), merging into the text width."""
+  vision = VisionConfig(
+    out_hidden_size=config.model.text.hidden_size,
+    **{
+      k: tuple(v) if isinstance(v, (list, tuple)) else v
+      for k, v in dict(config.model.vision).items()
+    },
+  )
+  return Qwen25VLVisionModel(vision)
 
 
 def build_processor(config) -> ImageProcessor:

@@ -1,0 +1,99 @@
+"""How much of the oracle's alignment the judge's vision tower reads, with no language model.
+
+  python benchmarks/perception_match.py [--n=128] [--split=val] [--steps=400] [--json=PATH]
+
+Pre-trains the judge's vision tower as configs/judge.py:tiny does (judges/perception.py: same
+seed and settings, `--steps` aside) and keeps the bag-of-words head that the judge throws away.
+Each held-out alignment image of `judge_eval` (the same set: n/2 specs x 2 draws, seed 1) is
+then scored by fixed rules over the head's word probabilities p(w | image) for the words w of
+its prompt: their mean, the mean of log p, and their minimum; the content_* rules read only the
+words in at most 30% of the prompts (objects, colours, glyphs, positions; not "a", "with"). For
+each rule it prints the Spearman correlation and pairwise accuracy with the oracle
+(`judge_eval.correlation_metrics`, as the judge table reads them) and the mean score per kind of
+image.
+
+What it measures: whether the tower's content alone carries the alignment signal a judge is
+asked for. A rule that matches prompt words against what the tower sees needs no learned
+comparison; if it correlates with the oracle far better than the trained judges do, the
+language model's comparison is the bottleneck; if not, perception is. A bag of words cannot
+bind attributes to objects (which shape is red) or read counts, so it is a reference, not a
+ceiling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np
+
+RULES = ("mean_p", "mean_log_p", "min_p", "content_mean_log_p", "content_min_p")
+# Words in more than this share of the prompts ("a", "with", "portrait") say little about a
+# scene: the content_* rules leave them out.
+COMMON_WORD_SHARE = 0.3
+
+
+def rule_scores(word_probs: np.ndarray, words, prompts) -> dict[str, np.ndarray]:
+  """Per image, each rule over p(w | image) for its prompt's words that the head knows (the
+  content_* rules: only those in at most COMMON_WORD_SHARE of `prompts`)."""
+  column = {w: i for i, w in enumerate(words)}
+  share = {w: np.mean([w in p.split() for p in prompts]) for w in column}
+  out = {rule: np.full(len(prompts), np.nan, np.float32) for rule in RULES}
+  for i, prompt in enumerate(prompts):
+    known = [w for w in prompt.split() if w in column]
+    content = [w for w in known if share[w] <= COMMON_WORD_SHARE]
+    for prefix, chosen in (("", known), ("content_", content)):
+      p = word_probs[i, [column[w] for w in chosen]]
+      if p.size:
+        out[f"{prefix}mean_log_p"][i] = np.log(np.clip(p, 1e-6, 1.0)).mean()
+        out[f"{prefix}min_p"][i] = p.min()
+        if not prefix:
+          out["mean_p"][i] = p.mean()
+  return out
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--n", type=int, default=128, help="held-out images (n/2 specs x 2)")
+  parser.add_argument("--split", default="val", choices=("val", "test"))
+  parser.add_argument("--steps", type=int, default=None, help="perception steps (config's)")
+  parser.add_argument("--seed", type=int, default=1, help="judge_eval's held-out draws")
+  parser.add_argument("--json", default="", help="also write the results here")
+  args = parser.parse_args()
+
+  from configs import judge as judge_config
+  from qwen_image_rl import host_memory, judge_eval
+  from qwen_image_rl.judges import perception
+  from qwen_image_rl.trainers.reward_sft import build_processor, build_vision
+
+  host_memory.tune_malloc()
+  config = judge_config.get_config("tiny")
+  if args.steps is not None:
+    config.perception.steps = args.steps
+  processor = build_processor(config)
+  trained = perception.train_perception(
+    build_vision(config), processor, config.perception, config.seed, config.data.image_size
+  )
+  t2i, _ = judge_eval.held_out_sets(args.split, args.n, args.seed)
+  oracle = t2i.scores("alignment")
+  logits = trained.logits(processor, t2i.images, config.perception.batch_size)
+  probs = 1.0 / (1.0 + np.exp(-logits[:, : len(trained.words)]))
+  results = {"perception_steps": config.perception.steps, "n": len(t2i), "split": args.split}
+  for rule, score in rule_scores(probs, trained.words, t2i.prompts).items():
+    results[rule] = {
+      **judge_eval.correlation_metrics(score, oracle, t2i.variants),
+      "by_kind": judge_eval.by_kind(score, oracle, t2i.kinds),
+    }
+  line = json.dumps(results)
+  print(line, flush=True)
+  if args.json:
+    with open(args.json, "w") as f:
+      f.write(line + "\n")
+
+
+if __name__ == "__main__":
+  main()
