@@ -56,6 +56,27 @@ def rule_scores(word_probs: np.ndarray, words, prompts) -> dict[str, np.ndarray]
   return out
 
 
+def word_auc_summary(trained, processor, config, prompts, lowest: int = 12) -> dict:
+  """Per-word AUC of the head on 512 held-out val renders: the mean over content words (in at
+  most COMMON_WORD_SHARE of `prompts`) and over the others, and the `lowest` content words."""
+  from qwen_image_rl.judges import perception
+
+  held_out = perception.perception_set(
+    config.seed, 512, config.data.image_size, "val", trained.words
+  )
+  logits = trained.logits(processor, held_out.images, config.perception.batch_size)
+  aucs = perception.word_aucs(held_out, logits)
+  share = {w: np.mean([w in p.split() for p in prompts]) for w in aucs}
+  content = {w: a for w, a in aucs.items() if share[w] <= COMMON_WORD_SHARE}
+  common = [a for w, a in aucs.items() if share[w] > COMMON_WORD_SHARE]
+  return {
+    "content_mean": round(float(np.mean(list(content.values()))), 3),
+    "content_words": len(content),
+    "common_mean": round(float(np.mean(common)), 3) if common else None,
+    "lowest": {w: round(a, 3) for w, a in sorted(content.items(), key=lambda kv: kv[1])[:lowest]},
+  }
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--n", type=int, default=128, help="held-out images (n/2 specs x 2)")
@@ -83,6 +104,7 @@ def main():
   logits = trained.logits(processor, t2i.images, config.perception.batch_size)
   probs = 1.0 / (1.0 + np.exp(-logits[:, : len(trained.words)]))
   results = {"perception_steps": config.perception.steps, "n": len(t2i), "split": args.split}
+  results["word_auc"] = word_auc_summary(trained, processor, config, t2i.prompts)
   for rule, score in rule_scores(probs, trained.words, t2i.prompts).items():
     results[rule] = {
       **judge_eval.correlation_metrics(score, oracle, t2i.variants),

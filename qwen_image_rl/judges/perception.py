@@ -197,16 +197,21 @@ def report(data: PerceptionSet, logits: np.ndarray) -> dict:
   """Mean AUC of the word outputs (words on 2-98% of images) and the Spearman correlation of
   each oracle-score output with its target."""
   n_words = len(data.words)
-  present = data.targets[:, :n_words] > 0
-  aucs = [
-    F.auc(logits[present[:, k], k], logits[~present[:, k], k])
-    for k in range(n_words)
-    if 0.02 < present[:, k].mean() < 0.98
-  ]
-  out = {'word_auc': round(float(np.mean(aucs)), 3)}
+  out = {'word_auc': round(float(np.mean(list(word_aucs(data, logits).values()))), 3)}
   for k, name in enumerate(data.names[n_words:], n_words):
     rows = data.mask[:, k] > 0
     out[f'{name}_spearman'] = round(
       float(stats.spearmanr(logits[rows, k], data.targets[rows, k])[0]), 3
     )
   return out
+
+
+def word_aucs(data: PerceptionSet, logits: np.ndarray) -> dict[str, float]:
+  """{word: AUC of its output} over the words on 2-98% of the images (rarer or commoner words
+  have too few images on one side)."""
+  present = data.targets[:, : len(data.words)] > 0
+  return {
+    word: float(F.auc(logits[present[:, k], k], logits[~present[:, k], k]))
+    for k, word in enumerate(data.words)
+    if 0.02 < present[:, k].mean() < 0.98
+  }
