@@ -86,7 +86,16 @@ def get_config(arg: str = "tiny"):
   # The vision tower first learns to see (judges/perception.py; 0 steps skips it), then stays
   # fixed: fine-tuned with the judge it forgets (README, learned rewards).
   c.perception = ml_collections.ConfigDict(
-    dict(steps=400, batch_size=64, lr=2e-3, n_images=4096, balance_groups=True, freeze_tower=True)
+    dict(
+      steps=400,
+      batch_size=64,
+      lr=2e-3,
+      n_images=4096,
+      balance_groups=True,
+      freeze_tower=True,
+      # Also targets that bind attributes to objects and places (perception.bound_words).
+      bound_targets=False,
+    )
   )
   # Longest training CoT + marker, in tokens: about 30 (verdicts; edits restate the instruction),
   # 99 with descriptions (an edit's CoT describes its source and its output).

@@ -567,6 +567,33 @@ def test_perception_targets_are_the_caption_words_and_the_oracle_quality():
   assert data.names[-1] == 'well_formed' and len(data.names) == data.targets.shape[1]
 
 
+def test_bound_perception_targets_bind_attributes_to_objects_and_places():
+  from qwen_image_rl.data import world
+  from qwen_image_rl.judges import perception
+
+  shapes = (
+    world.Shape('circle', 'red', 'small', 0, 1),
+    world.Shape('square', 'blue', 'large', 2, 2),
+  )
+  scene = world.GeneralScene(shapes=shapes, relation='above')
+  words = perception.bound_words(scene)
+  assert {'#shapes=2', 'circle@01', 'red@01', 'red_circle', 'blue@22', 'blue_square'} <= set(words)
+  assert 'red_square' not in words and 'red@22' not in words  # what a bag of words cannot tell
+  assert perception.bound_words(world.TypographyScene(text='AB', colour='black'))[1:] == [
+    'A@0',
+    'B@1',
+  ]
+  plain = perception.perception_set(0, 24, 64)
+  bound = perception.perception_set(0, 24, 64, bound=True)
+  assert set(plain.words) < set(bound.words)
+  np.testing.assert_array_equal(bound.images, plain.images)
+  specs = perception.examples.t2i_examples(0, 24, 'train', 64).specs
+  for i, spec in enumerate(specs):
+    marked = {bound.words[k] for k in np.flatnonzero(bound.targets[i, : len(bound.words)])}
+    assert set(perception.bound_words(spec)) <= marked
+  assert any(perception.bound_words(spec) for spec in specs)
+
+
 def test_perception_loss_averages_within_each_target_group():
   from qwen_image_rl.judges import perception
 

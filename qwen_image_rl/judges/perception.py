@@ -11,7 +11,9 @@ with some probability. Its targets, one sigmoid output each, are
     glyphs, face attributes, sky and ground): what alignment and instruction following read;
   - the oracle's image-quality dimensions (noise, sharpness, artefacts) in [0, 1], as soft
     labels: what aesthetics reads;
-  - for portraits, the oracle's well-formed-face score: what the portrait reward reads.
+  - for portraits, the oracle's well-formed-face score: what the portrait reward reads;
+  - with `bound_targets`, pseudo-words that bind attributes to objects and places (`bound_words`:
+    'red@01', 'red_circle', 'A@0', 'sun@left'), which a bag of caption words cannot say.
 The head (an MLP over the flattened merged tokens, so positions stay readable) is thrown away;
 the judge starts from the trained tower. A pure function of (seed, config): a run that resumes
 before its first checkpoint repeats it exactly.
@@ -53,24 +55,48 @@ class PerceptionSet:
     return (*self.words, *QUALITY_DIMS, 'well_formed')
 
 
-def perception_set(seed: int, n: int, size: int, split: str = 'train', words=None) -> PerceptionSet:
+def bound_words(spec) -> list[str]:
+  """Pseudo-words that bind a scene's attributes to its objects and places, which its caption's
+  bag of words cannot say: per shape its kind, colour and size at its cell, and its colour with
+  its kind; per text slot its glyph; the sun or moon at its place; how many shapes or glyphs.
+  A portrait has one face, whose words are bound already."""
+  if spec.category == 'general':
+    out = [f'#shapes={len(spec.shapes)}']
+    for shape in spec.shapes:
+      cell = f'@{shape.row}{shape.col}'
+      out += [shape.kind + cell, shape.colour + cell, shape.size + cell]
+      out.append(f'{shape.colour}_{shape.kind}')
+    return out
+  if spec.category == 'typography':
+    return [f'#glyphs={len(spec.text)}'] + [f'{c}@{j}' for j, c in enumerate(spec.text)]
+  if spec.category == 'landscape':
+    return [f'{spec.body}@{spec.body_pos}', f'horizon={spec.horizon}']
+  return []
+
+
+def perception_set(
+  seed: int, n: int, size: int, split: str = 'train', words=None, bound: bool = False
+) -> PerceptionSet:
   """n labelled images from n scenes of `split` (`words`: the word columns; default: those of
-  the captions; unknown words are dropped)."""
+  the captions, and with `bound` the scenes' `bound_words` too; unknown words are dropped)."""
   ex = examples.t2i_examples(seed, n, split, size)
-  words = tuple(sorted({w for p in ex.prompts for w in p.split()})) if words is None else words
+  tokens = [
+    p.split() + (bound_words(spec) if bound else []) for p, spec in zip(ex.prompts, ex.specs)
+  ]
+  words = tuple(sorted({w for t in tokens for w in t})) if words is None else words
   column = {w: i for i, w in enumerate(words)}
   rng = np.random.default_rng([seed, 11])
   k = len(words) + len(QUALITY_DIMS) + 1
   images = np.empty_like(ex.images)
   targets, mask = np.zeros((n, k), np.float32), np.ones((n, k), np.float32)
-  for i, (spec, image, prompt) in enumerate(zip(ex.specs, ex.images, ex.prompts)):
+  for i, (spec, image, scene_words) in enumerate(zip(ex.specs, ex.images, tokens)):
     if rng.random() >= CLEAN:
       if spec.category == 'portrait' and rng.random() < FACE:
         image = D.distort_face(image, rng)
       else:
         image = CORRUPTIONS[int(rng.integers(len(CORRUPTIONS)))](image, rng)
     images[i] = image
-    targets[i, [column[w] for w in prompt.split() if w in column]] = 1.0
+    targets[i, [column[w] for w in scene_words if w in column]] = 1.0
     quality = oracle.image_quality(image)
     targets[i, len(words) : -1] = [quality[d] for d in QUALITY_DIMS]
     if spec.category == 'portrait':
@@ -147,7 +173,8 @@ def batch_layout(visual, processor, image, batch: int) -> dict:
 
 def train_perception(visual, processor, settings, seed: int, size: int, log=print):
   """`pretrain_vision`'s run, returned whole (TrainedPerception): the head too."""
-  data = perception_set(seed, settings.n_images, size)
+  bound = settings.get('bound_targets', False)
+  data = perception_set(seed, settings.n_images, size, bound=bound)
   model = PerceptionModel(visual, data.targets.shape[1])
   batch = settings.batch_size
   layout = batch_layout(visual, processor, data.images[0], batch)
@@ -181,7 +208,7 @@ def train_perception(visual, processor, settings, seed: int, size: int, log=prin
     if (i + 1) % max(1, settings.steps // 5) == 0 or i + 1 == settings.steps:
       log(f'perception pre-training: step {i + 1}/{settings.steps}, loss {float(loss):.4f}')
   held_out = perception_set(
-    seed, settings.n_images // 8 // batch * batch or batch, size, 'val', data.words
+    seed, settings.n_images // 8 // batch * batch or batch, size, 'val', data.words, bound
   )
   trained = TrainedPerception(model, params, data.names, float(loss))
   held_out_logits = trained.logits(processor, held_out.images, batch)
