@@ -23,6 +23,7 @@ ceiling.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import sys
@@ -37,15 +38,21 @@ RULES = ("mean_p", "mean_log_p", "min_p", "content_mean_log_p", "content_min_p")
 COMMON_WORD_SHARE = 0.3
 
 
+def content_words(words, prompts) -> set[str]:
+  """The `words` in at most COMMON_WORD_SHARE of `prompts`."""
+  counts = collections.Counter(w for p in prompts for w in set(p.split()))
+  return {w for w in words if counts[w] <= COMMON_WORD_SHARE * len(prompts)}
+
+
 def rule_scores(word_probs: np.ndarray, words, prompts) -> dict[str, np.ndarray]:
   """Per image, each rule over p(w | image) for its prompt's words that the head knows (the
-  content_* rules: only those in at most COMMON_WORD_SHARE of `prompts`)."""
+  content_* rules: only its `content_words`)."""
   column = {w: i for i, w in enumerate(words)}
-  share = {w: np.mean([w in p.split() for p in prompts]) for w in column}
+  informative = content_words(words, prompts)
   out = {rule: np.full(len(prompts), np.nan, np.float32) for rule in RULES}
   for i, prompt in enumerate(prompts):
     known = [w for w in prompt.split() if w in column]
-    content = [w for w in known if share[w] <= COMMON_WORD_SHARE]
+    content = [w for w in known if w in informative]
     for prefix, chosen in (("", known), ("content_", content)):
       p = word_probs[i, [column[w] for w in chosen]]
       if p.size:
@@ -66,9 +73,9 @@ def word_auc_summary(trained, processor, config, prompts, lowest: int = 12) -> d
   )
   logits = trained.logits(processor, held_out.images, config.perception.batch_size)
   aucs = perception.word_aucs(held_out, logits)
-  share = {w: np.mean([w in p.split() for p in prompts]) for w in aucs}
-  content = {w: a for w, a in aucs.items() if share[w] <= COMMON_WORD_SHARE}
-  common = [a for w, a in aucs.items() if share[w] > COMMON_WORD_SHARE]
+  informative = content_words(aucs, prompts)
+  content = {w: a for w, a in aucs.items() if w in informative}
+  common = [a for w, a in aucs.items() if w not in informative]
   return {
     "content_mean": round(float(np.mean(list(content.values()))), 3),
     "content_words": len(content),

@@ -568,7 +568,7 @@ def test_perception_targets_are_the_caption_words_and_the_oracle_quality():
 
 
 def test_bound_perception_targets_bind_attributes_to_objects_and_places():
-  from qwen_image_rl.data import world
+  from qwen_image_rl.data import examples, world
   from qwen_image_rl.judges import perception
 
   shapes = (
@@ -587,7 +587,7 @@ def test_bound_perception_targets_bind_attributes_to_objects_and_places():
   bound = perception.perception_set(0, 24, 64, bound=True)
   assert set(plain.words) < set(bound.words)
   np.testing.assert_array_equal(bound.images, plain.images)
-  specs = perception.examples.t2i_examples(0, 24, 'train', 64).specs
+  specs = examples.t2i_examples(0, 24, 'train', 64).specs
   for i, spec in enumerate(specs):
     marked = {bound.words[k] for k in np.flatnonzero(bound.targets[i, : len(bound.words)])}
     assert set(perception.bound_words(spec)) <= marked
