@@ -1,6 +1,7 @@
 """How much of the oracle's alignment the judge's vision tower reads, with no language model.
 
-  python benchmarks/perception_match.py [--n=128] [--split=val] [--steps=400] [--json=PATH]
+  python benchmarks/perception_match.py [--n=128] [--split=val] [--steps=400] [--bound]
+      [--json=PATH]
 
 Pre-trains the judge's vision tower as configs/judge.py:tiny does (judges/perception.py: same
 seed and settings, `--steps` aside) and keeps the bag-of-words head that the judge throws away.
@@ -17,7 +18,9 @@ asked for. A rule that matches prompt words against what the tower sees needs no
 comparison; if it correlates with the oracle far better than the trained judges do, the
 language model's comparison is the bottleneck; if not, perception is. A bag of words cannot
 bind attributes to objects (which shape is red) or read counts, so it is a reference, not a
-ceiling.
+ceiling. --bound trains the tower with `perception.bound_targets` (pseudo-words such as 'red@01',
+'red_circle') and adds the bound_* rules over the requested scene's pseudo-words, and the
+pseudo-words' own AUCs: whether the tower binds.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np
 
 RULES = ("mean_p", "mean_log_p", "min_p", "content_mean_log_p", "content_min_p")
+# With --bound: the same rules over the requested scene's bound pseudo-words
+# (perception.bound_words: which colour and size at which cell, the glyph in each slot).
+BOUND_RULES = ("bound_mean_log_p", "bound_min_p")
 # Words in more than this share of the prompts ("a", "with", "portrait") say little about a
 # scene: the content_* rules leave them out.
 COMMON_WORD_SHARE = 0.3
@@ -63,20 +69,53 @@ def rule_scores(word_probs: np.ndarray, words, prompts) -> dict[str, np.ndarray]
   return out
 
 
+def bound_rule_scores(word_probs: np.ndarray, words, specs) -> dict[str, np.ndarray]:
+  """Per image, the mean log p and the min p over the requested scene's `bound_words` that the
+  head knows (NaN for a scene without any: portraits)."""
+  from qwen_image_rl.judges import perception
+
+  column = {w: i for i, w in enumerate(words)}
+  out = {rule: np.full(len(specs), np.nan, np.float32) for rule in BOUND_RULES}
+  for i, spec in enumerate(specs):
+    p = word_probs[i, [column[w] for w in perception.bound_words(spec) if w in column]]
+    if p.size:
+      out["bound_mean_log_p"][i] = np.log(np.clip(p, 1e-6, 1.0)).mean()
+      out["bound_min_p"][i] = p.min()
+  return out
+
+
+def is_bound_word(word: str) -> bool:
+  """A bound pseudo-word ('red@01', 'red_circle', '#shapes=2'), not a caption word."""
+  return any(c in word for c in "@_=#")
+
+
 def word_auc_summary(trained, processor, config, prompts, lowest: int = 12) -> dict:
   """Per-word AUC of the head on 512 held-out val renders: the mean over content words (in at
   most COMMON_WORD_SHARE of `prompts`) and over the others, and the `lowest` content words."""
   from qwen_image_rl.judges import perception
 
+  bound = config.perception.bound_targets
   held_out = perception.perception_set(
-    config.seed, 512, config.data.image_size, "val", trained.words
+    config.seed, 512, config.data.image_size, "val", trained.words, bound
   )
   logits = trained.logits(processor, held_out.images, config.perception.batch_size)
   aucs = perception.word_aucs(held_out, logits)
+  pseudo = {w: a for w, a in aucs.items() if is_bound_word(w)}
+  aucs = {w: a for w, a in aucs.items() if w not in pseudo}
   informative = content_words(aucs, prompts)
   content = {w: a for w, a in aucs.items() if w in informative}
   common = [a for w, a in aucs.items() if w not in informative]
+  bound_summary = {}
+  if pseudo:
+    bound_summary = {
+      "bound_mean": round(float(np.mean(list(pseudo.values()))), 3),
+      "bound_words": len(pseudo),
+      "bound_lowest": {
+        w: round(a, 3) for w, a in sorted(pseudo.items(), key=lambda kv: kv[1])[:lowest]
+      },
+    }
   return {
+    **bound_summary,
     "content_mean": round(float(np.mean(list(content.values()))), 3),
     "content_words": len(content),
     "common_mean": round(float(np.mean(common)), 3) if common else None,
@@ -91,6 +130,9 @@ def main():
   parser.add_argument("--steps", type=int, default=None, help="perception steps (config's)")
   parser.add_argument("--seed", type=int, default=1, help="judge_eval's held-out draws")
   parser.add_argument("--json", default="", help="also write the results here")
+  parser.add_argument(
+    "--bound", action="store_true", help="train with bound_targets; also the bound_* rules"
+  )
   args = parser.parse_args()
 
   from configs import judge as judge_config
@@ -102,6 +144,7 @@ def main():
   config = judge_config.get_config("tiny")
   if args.steps is not None:
     config.perception.steps = args.steps
+  config.perception.bound_targets = args.bound
   processor = build_processor(config)
   trained = perception.train_perception(
     build_vision(config), processor, config.perception, config.seed, config.data.image_size
@@ -112,7 +155,10 @@ def main():
   probs = 1.0 / (1.0 + np.exp(-logits[:, : len(trained.words)]))
   results = {"perception_steps": config.perception.steps, "n": len(t2i), "split": args.split}
   results["word_auc"] = word_auc_summary(trained, processor, config, t2i.prompts)
-  for rule, score in rule_scores(probs, trained.words, t2i.prompts).items():
+  scores = rule_scores(probs, trained.words, t2i.prompts)
+  if args.bound:
+    scores.update(bound_rule_scores(probs, trained.words, t2i.specs))
+  for rule, score in scores.items():
     results[rule] = {
       **judge_eval.correlation_metrics(score, oracle, t2i.variants),
       "by_kind": judge_eval.by_kind(score, oracle, t2i.kinds),

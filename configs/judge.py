@@ -12,7 +12,9 @@ its verdicts, the instruction one the source and the output), tiny_describe_firs
 the judge first captions each image in a separate "Describe the image." pass, which cannot copy
 the prompt, and the alignment and instruction prompts carry that caption: training shows the
 true scene's caption there; `--config.language.steps=N` first trains its language model to
-compare prompts with captions of renders, text alone). Add base-model samples with
+compare prompts with captions of renders, text alone), tiny_checklist (pointwise; the
+alignment chain of thought goes through the prompt's items one by one, "small red circle good.
+top left poor.", each a lookup in the image). Add base-model samples with
 --config.data.samples_from=runs/demo/base/export/pipeline.
 """
 
@@ -21,7 +23,7 @@ import ml_collections
 from configs import common
 from qwen_image_rl.judges import judge_data
 
-VARIANTS = ("tiny", "tiny_pairwise", "tiny_describe", "tiny_describe_first")
+VARIANTS = ("tiny", "tiny_pairwise", "tiny_describe", "tiny_describe_first", "tiny_checklist")
 
 
 def get_config(arg: str = "tiny"):
@@ -70,6 +72,9 @@ def get_config(arg: str = "tiny"):
       # Alignment CoTs describe the image (judge_data.describe) before the verdicts, instruction
       # CoTs the source and the output.
       describe_in_cot=arg == "tiny_describe",
+      # Alignment CoTs: a verdict per oracle dimension ('dims'), or per item of the prompt
+      # ('checklist': "small red circle good. top left poor. ...", judge_data.alignment_items).
+      cot_style="checklist" if arg == "tiny_checklist" else "dims",
       # Scales each image variant's share of the mix (judge_data.VARIANT_PROBS).
       variant_weights=dict.fromkeys(judge_data.VARIANTS, 1.0),
       task_weights=dict(alignment=0.45, aesthetics=0.3, portrait=0.25),
@@ -96,13 +101,17 @@ def get_config(arg: str = "tiny"):
       # Also targets that bind attributes to objects and places (perception.bound_words); at
       # 400 steps no better judge (alignment 0.25 vs 0.27, README "What the tower alone reads").
       bound_targets=False,
+      # The words' head scores each image token against a word embedding the language model
+      # then starts from (perception.GroundedPerceptionModel): image tokens look like the words
+      # they show.
+      grounded=False,
     )
   )
   # Longest training CoT + marker, in tokens: about 30 (verdicts; edits restate the instruction),
-  # 99 with descriptions (an edit's CoT describes its source and its output).
+  # 99 with descriptions (an edit's CoT describes its source and its output), 39 checklists.
   c.judge = ml_collections.ConfigDict(
     dict(
-      max_cot_tokens=112 if arg == "tiny_describe" else 40,
+      max_cot_tokens={"tiny_describe": 112, "tiny_checklist": 48}.get(arg, 40),
       # Alignment and instruction prompts carry the judge's own caption of each image, written
       # in a separate pass before it judges (VLMJudge.describe_first); captions run to ~50 tokens.
       describe_first=arg == "tiny_describe_first",

@@ -2,6 +2,7 @@
 
   python -m qwen_image_rl.judge_eval --judge=runs/demo/judge/export/judge [--split=val|test]
       [--n=256] [--mode=both|cot|no_cot] [--samples_from=runs/demo/base/export/pipeline]
+      [--verdicts] [--items=own|true] [--caption_match] [--caption_loss]
   python -m qwen_image_rl.judge_eval --judge=face_id:runs/demo/face_id/export/face_id
 
 VLM judge: per task (alignment, aesthetics, portrait, instruction) and mode, the Spearman and
@@ -18,7 +19,14 @@ Describe-first judges (configs/judge.py:tiny_describe_first) caption each image 
 --captions=true gives them the true caption of the scene each image draws instead, so the
 alignment and instruction numbers measure the comparison alone, without the captioning.
 --caption_loss adds the judge's caption cross-entropy on 64 held-out renders given the right
-image, another image and a blank one (`caption_loss`).
+image, another image and a blank one (`caption_loss`). --verdicts adds how well the judge reads
+each item of the oracle's alignment checklist, teacher-forced (`verdicts`, verdict_reading):
+whether a checklist judge's verdicts look at the image or repeat the prior. --items=true adds
+`alignment/true_items`: a checklist judge's alignment with the prompt's true items written into
+its chain of thought, the verdicts and the score its own (score_with_true_items).
+--caption_match adds the alignment read from the judge's caption likelihood of each prompt
+against a blank image's (`caption_match`): what its eyes carry, whatever its score head makes of
+it.
 """
 
 from __future__ import annotations
@@ -43,6 +51,22 @@ flags.DEFINE_string("samples_from", "", "A pipeline dir: its samples join the he
 flags.DEFINE_integer("seed", 1, "Seed of the held-out draws.")
 flags.DEFINE_bool(
   "caption_loss", False, "Also the caption loss given the right, another and a blank image."
+)
+flags.DEFINE_bool(
+  "caption_match",
+  False,
+  "Also the alignment read from the judge's caption likelihood of the prompt (caption_match).",
+)
+flags.DEFINE_enum(
+  "items",
+  "own",
+  ["own", "true"],
+  "Checklist judges, alignment with CoT: their own items, or the prompt's true items given.",
+)
+flags.DEFINE_bool(
+  "verdicts",
+  False,
+  "Also how well the judge reads each item of a checklist chain of thought (teacher-forced).",
 )
 flags.DEFINE_enum(
   "captions", "own", ["own", "true"], "Describe-first judges: their own captions or the truth."
@@ -83,6 +107,34 @@ def held_out_sets(split: str, n: int, seed: int, samples_from: str = "", size: i
   return (D.t2i_set(seed, n // 2, split, size, 2, extra), D.edit_set(seed, n // 2, split, size, 2))
 
 
+def caption_arrays(judge, captions, grid):
+  """(ids, mask, loss weights) [N, L] of "Describe the image." answered by each caption."""
+  from qwen_image_rl.trainers.reward_sft import caption_tokens
+
+  prompt = judge.caption_prompt_ids(grid)
+  answers = [judge.tokenizer(c)["input_ids"] + [judge.tokens.im_end] for c in captions]
+  length = -(-(len(prompt) + max(map(len, answers))) // 16) * 16
+  return caption_tokens(prompt, answers, length, judge.tokens.pad)
+
+
+def caption_logits(judge, ids, mask, images, grid):
+  """The judge's logits [N, L, V] over captioning sequences, each with its image."""
+  import jax.numpy as jnp
+
+  from qwen_image_rl.trainers.reward_sft import model_inputs
+
+  inputs = model_inputs(judge, ids, mask, list(images))
+  layout = judge.model.layout(np.repeat(grid, len(images), axis=0))
+  return judge.model.apply(
+    {"params": judge.params},
+    inputs["input_ids"],
+    inputs["attention_mask"],
+    inputs["pixel_values"],
+    position_ids=inputs["position_ids"],
+    vision_layout={k: jnp.asarray(v) for k, v in layout.items()},
+  )
+
+
 def caption_loss(judge, split: str, n: int, seed: int) -> dict:
   """The judge's caption cross-entropy (nats per token) on n held-out renders' captions, given
   the right image, another image of the set and a blank one: how much its captions read the
@@ -90,30 +142,53 @@ def caption_loss(judge, split: str, n: int, seed: int) -> dict:
   import jax.numpy as jnp
 
   from qwen_image_rl.data import examples
-  from qwen_image_rl.trainers.reward_sft import caption_tokens, model_inputs, token_ce
+  from qwen_image_rl.trainers.reward_sft import token_ce
 
   ex = examples.t2i_examples(seed, n, split, 64)
   grid = judge.processor(ex.images[0])["image_grid_thw"]
-  prompt = judge.caption_prompt_ids(grid)
-  answers = [judge.tokenizer(c)["input_ids"] + [judge.tokens.im_end] for c in ex.prompts]
-  length = -(-(len(prompt) + max(map(len, answers))) // 16) * 16
-  ids, mask, weights = caption_tokens(prompt, answers, length, judge.tokens.pad)
-  layout = {k: jnp.asarray(v) for k, v in judge.model.layout(np.repeat(grid, n, axis=0)).items()}
+  ids, mask, weights = caption_arrays(judge, ex.prompts, grid)
   images = {"right": ex.images, "other": np.roll(ex.images, 1, axis=0)}
   images["blank"] = np.zeros_like(ex.images)
   out = {}
   for name, shown in images.items():
-    batch = model_inputs(judge, ids, mask, list(shown))
-    logits = judge.model.apply(
-      {"params": judge.params},
-      batch["input_ids"],
-      batch["attention_mask"],
-      batch["pixel_values"],
-      position_ids=batch["position_ids"],
-      vision_layout=layout,
-    )
+    logits = caption_logits(judge, ids, mask, shown, grid)
     out[name] = round(float(token_ce(logits, jnp.asarray(ids), jnp.asarray(weights))), 4)
   return out
+
+
+def caption_match(judge, data: D.JudgeSet, batch: int = 32) -> dict:
+  """The alignment the judge's captioning reads: per image, the log-likelihood of its prompt as
+  the answer to "Describe the image." (the prompts are captions of the same templates), per
+  token, given the image, minus given a blank image (pointwise mutual information, the language
+  prior taken out); also the worst token's. Spearman, pairwise accuracy and by-kind means
+  against the oracle, as for the judge's own score: how much of the alignment signal the judge's
+  eyes carry, whatever its score head makes of it."""
+  import jax
+  import jax.numpy as jnp
+
+  grid = judge.processor(data.images[0])["image_grid_thw"]
+  ids, mask, weights = caption_arrays(judge, data.prompts, grid)
+
+  def token_logp(images, rows):
+    logits = caption_logits(judge, ids[rows], mask[rows], images, grid)
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
+    return np.asarray(jnp.take_along_axis(logp, jnp.asarray(ids[rows, 1:, None]), -1)[..., 0])
+
+  pmi_mean, pmi_min = np.zeros(len(data), np.float32), np.zeros(len(data), np.float32)
+  for start in range(0, len(data), batch):
+    rows = np.arange(start, min(start + batch, len(data)))
+    gain = token_logp(data.images[rows], rows) - token_logp(np.zeros_like(data.images[rows]), rows)
+    w = weights[rows, 1:]
+    pmi_mean[rows] = (gain * w).sum(-1) / w.sum(-1)
+    pmi_min[rows] = np.where(w > 0, gain, np.inf).min(-1)
+  oracle = data.scores("alignment")
+  return {
+    name: {
+      **correlation_metrics(score, oracle, data.variants),
+      "by_kind": by_kind(score, oracle, data.kinds),
+    }
+    for name, score in (("pmi_mean", pmi_mean), ("pmi_min", pmi_min))
+  }
 
 
 def true_descriptions(task: str, data: D.JudgeSet, rows, seed: int) -> list[str]:
@@ -148,6 +223,100 @@ def evaluate_judge(judge, t2i, edits, modes, true_captions: bool = False, seed: 
         "by_kind": by_kind(out.reward, oracle[rows], [data.kinds[i] for i in rows]),
       }
   return results
+
+
+def verdict_probabilities(judge, data: D.JudgeSet, batch: int = 32):
+  """(oracle verdicts [M], item kinds [M], the judge's p over P.VERDICTS [M, 4]) for every item
+  of every image's alignment checklist, teacher-forced on the oracle's chain of thought."""
+  import jax
+
+  verdict_ids = [judge.tokenizer(f" {w}")["input_ids"][0] for _, w in P.VERDICTS]
+  grid = judge.processor(data.images[0])["image_grid_thw"]
+  truths, kinds, probs = [], [], []
+  for start in range(0, len(data), batch):
+    rows = range(start, min(start + batch, len(data)))
+    seqs, positions, row_items = [], [], []
+    for row in rows:
+      items = data.labels[row]["items/alignment"]
+      prompt = judge.prompt_ids("alignment", data.prompts[row], grid)
+      seq = prompt + judge.tokenizer(P.chain_of_thought("alignment", {}, items=items))["input_ids"]
+      at = [k - 1 for k in range(len(prompt), len(seq)) if seq[k] in verdict_ids]
+      if len(at) != len(items):
+        raise ValueError(f"{len(at)} verdicts for {len(items)} items: {data.prompts[row]!r}")
+      seqs.append(seq)
+      positions.append(at)
+      row_items.append(items)
+    width = max(map(len, positions))
+    padded = [at + [at[-1]] * (width - len(at)) for at in positions]
+    processed = judge.processor(list(data.images[rows.start : rows.stop]))
+    logits = np.asarray(judge.logits_at(seqs, processed, padded), np.float32)
+    p = np.asarray(jax.nn.softmax(logits[..., verdict_ids], -1))
+    for i, items in enumerate(row_items):
+      for k, item in enumerate(items):
+        truths.append(P.verdict(item.value))
+        kinds.append(item.kind)
+        probs.append(p[i, k])
+  return np.array(truths), np.array(kinds), np.array(probs)
+
+
+def verdict_reading(judge, data: D.JudgeSet) -> dict:
+  """How well the judge reads each requested item (configs/judge.py:tiny_checklist), from
+  verdict_probabilities. Per item kind and over all: n, the share whose oracle verdict is good,
+  the accuracy of the judge's likeliest verdict, and the AUC of p(good) for good against
+  not-good items (0.5: the verdict does not read the image)."""
+  from qwen_image_rl.judges import face_id as F
+
+  truths, kinds, probs = verdict_probabilities(judge, data)
+  words = np.array([w for _, w in P.VERDICTS])
+
+  def summary(rows) -> dict:
+    good = truths[rows] == "good"
+    out = {
+      "n": int(rows.sum()),
+      "good_share": round(float(good.mean()), 3),
+      "accuracy": round(float(np.mean(words[probs[rows].argmax(-1)] == truths[rows])), 3),
+    }
+    if good.any() and (~good).any():
+      p_good = probs[rows][:, list(words).index("good")]
+      out["good_auc"] = round(F.auc(p_good[good], p_good[~good]), 3)
+    return out
+
+  result = summary(np.ones(len(truths), bool))
+  result["by_item"] = {kind: summary(kinds == kind) for kind in sorted(set(kinds.tolist()))}
+  return result
+
+
+def score_with_true_items(judge, data: D.JudgeSet, batch: int = 32):
+  """(alignment rewards [N], chains of thought) of a checklist judge whose chain of thought is
+  written item by item from the prompt's true items (judge_data.alignment_items): each item's
+  phrase is given, the judge picks its verdict (greedy over the four verdict words), and after
+  the last item it gives the score. What a checklist judge reaches when it names the prompt's
+  items correctly (its own chains of thought name what the image shows instead)."""
+  from qwen_image_rl.judges import vlm_judge as V
+
+  verdict_ids = np.array([judge.tokenizer(f" {w}")["input_ids"][0] for _, w in P.VERDICTS])
+  period = judge.tokenizer(".")["input_ids"]
+  grid = judge.processor(data.images[0])["image_grid_thw"]
+  rewards, chains = np.zeros(len(data), np.float32), []
+  for start in range(0, len(data), batch):
+    rows = range(start, min(start + batch, len(data)))
+    processed = judge.processor(list(data.images[rows.start : rows.stop]))
+    prompts = [judge.prompt_ids("alignment", data.prompts[r], grid) for r in rows]
+    cots = [[] for _ in rows]
+    items = [data.labels[r]["items/alignment"] for r in rows]
+    for k in range(max(map(len, items))):
+      going = [i for i, its in enumerate(items) if k < len(its)]
+      for i in going:
+        phrase = items[i][k].phrase
+        cots[i] += judge.tokenizer(phrase if k == 0 else f" {phrase}")["input_ids"]
+      logits = judge.read_logits([p + c for p, c in zip(prompts, cots)], processed)
+      for i in going:
+        cots[i] += [int(verdict_ids[np.asarray(logits[i])[verdict_ids].argmax()])] + period
+    final = [V.assemble(p, c, judge.tokens)[0] for p, c in zip(prompts, cots)]
+    logprobs = V.score_logprobs(judge.read_logits(final, processed), judge.tokens.digits)
+    rewards[rows.start : rows.stop] = V.readout(np.asarray(logprobs), "unit")
+    chains += [judge.tokenizer.decode(c) for c in cots]
+  return rewards, chains
 
 
 def by_kind(judge: np.ndarray, oracle: np.ndarray, kinds) -> dict:
@@ -200,6 +369,17 @@ def main(argv):
     }
     if FLAGS.caption_loss:
       result["caption_loss"] = caption_loss(judge, FLAGS.split, 64, FLAGS.seed)
+    if FLAGS.items == "true":
+      oracle = t2i.scores("alignment")
+      reward, _ = score_with_true_items(judge, t2i)
+      result["alignment/true_items"] = {
+        **correlation_metrics(reward, oracle, t2i.variants),
+        "by_kind": by_kind(reward, oracle, t2i.kinds),
+      }
+    if FLAGS.verdicts:
+      result["verdicts"] = verdict_reading(judge, t2i)
+    if FLAGS.caption_match:
+      result["caption_match"] = caption_match(judge, t2i)
   print(json.dumps(result, sort_keys=True), flush=True)
 
 

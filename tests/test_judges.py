@@ -2,6 +2,7 @@
 ArcFace vs numpy, a tiny face-ID embedder's AUC, the reward registry, judge_eval's metrics, and
 exact resume of reward_sft after SIGKILL."""
 
+import dataclasses
 import json
 
 import flax.linen as nn
@@ -10,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from qwen_image_rl.data import captions
 from qwen_image_rl.judges import face_id as F
 from qwen_image_rl.judges import judge_data as D
 from qwen_image_rl.judges import prompts as P
@@ -55,6 +57,55 @@ def test_score_bins_and_chain_of_thought_follow_the_rubric_order():
   assert P.chain_of_thought(
     'instruction', {'core': 0.9, 'noncore': 0.2, 'coherent': 0.95}, 'make the sky blue'
   ).startswith('core: make the sky blue. non core')
+
+
+def test_checklist_names_each_requested_item_and_fails_only_what_a_mutation_changed():
+  from qwen_image_rl.data import render
+  from qwen_image_rl.data import world as W
+
+  spec = W.GeneralScene(
+    shapes=(
+      W.Shape(kind='circle', colour='red', size='small', row=2, col=1),
+      W.Shape(kind='square', colour='blue', size='large', row=0, col=0),
+    ),
+    relation='right of',
+  )
+  clean = D.t2i_labels(render.render(spec, 64), spec)['items/alignment']
+  assert [item.phrase for item in clean] == [
+    'count',
+    'small red circle',
+    'bottom',
+    'large blue square',
+    'top left',
+    'red circle right of blue square',
+  ]
+  assert [item.kind for item in clean] == [
+    'count',
+    'shape',
+    'position',
+    'shape',
+    'position',
+    'relation',
+  ]
+  assert all(P.verdict(item.value) == 'good' for item in clean)
+  recoloured = dataclasses.replace(
+    spec, shapes=(dataclasses.replace(spec.shapes[0], colour='yellow'), spec.shapes[1])
+  )
+  items = {
+    i.phrase: i.value for i in D.t2i_labels(render.render(recoloured, 64), spec)['items/alignment']
+  }
+  assert P.verdict(items['small red circle']) != 'good'
+  assert P.verdict(items['large blue square']) == 'good' and P.verdict(items['top left']) == 'good'
+  assert (
+    P.chain_of_thought('alignment', {}, items=clean[:2]) == 'count good. small red circle good.'
+  )
+  # Every category's items are named in words the judge's tokenizer has (none split into pieces).
+  vocabulary = set(captions.vocabulary()) | set(P.vocabulary_words())
+  for category in W.CATEGORIES:
+    scene = W.sample_scene(np.random.default_rng(3), category)
+    for phrase, value, _ in D.t2i_labels(render.render(scene, 64), scene)['items/alignment']:
+      assert set(phrase.split()) <= vocabulary, phrase
+      assert P.verdict(value) == 'good', (category, phrase)
 
 
 @pytest.fixture(scope='module')
@@ -392,6 +443,24 @@ def test_describe_in_cot_puts_the_shown_scene_before_the_verdicts(judge):
       assert before == after
 
 
+def test_checklist_style_writes_the_alignment_cot_item_by_item(judge):
+  from qwen_image_rl.trainers import reward_sft
+
+  c = _tiny_judge_config()
+  c.data.cot_style = 'checklist'
+  t2i, edits = D.t2i_set(0, 8, 'train', 64, 2), D.edit_set(0, 4, 'train', 64, 2)
+  checklist = reward_sft.Batcher(c, judge, t2i, edits)
+  plain = reward_sft.Batcher(_tiny_judge_config(), judge, t2i, edits)
+  for row in checklist.rows['alignment']:
+    items = t2i.labels[row]['items/alignment']
+    text = judge.tokenizer.decode(checklist.cot_ids('alignment', row))
+    assert text == ' '.join(f'{phrase} {P.verdict(v)}.' for phrase, v, _ in items)
+  # Only alignment changes style.
+  row = checklist.rows['aesthetics'][0]
+  assert checklist.cot_ids('aesthetics', row) == plain.cot_ids('aesthetics', row)
+  assert checklist.cot_ids('instruction', 0) == plain.cot_ids('instruction', 0)
+
+
 def _describing(judge):
   return V.VLMJudge(
     judge.model, judge.params, judge.tokenizer, judge.processor, describe_first=True
@@ -535,6 +604,74 @@ def test_caption_loss_reads_the_judge_with_right_other_and_blank_images(judge):
   assert judge_eval.caption_loss(plain, 'val', 4, seed=1) == out
 
 
+def _plain(judge):
+  params = nn.meta.unbox(judge.params)
+  return V.VLMJudge(judge.model, params, judge.tokenizer, judge.processor)
+
+
+def test_verdict_probabilities_read_each_items_verdict_position(judge):
+  from qwen_image_rl import judge_eval
+
+  plain = _plain(judge)
+  t2i = D.t2i_set(1, 3, 'val', 64, 2)
+  truths, kinds, probs = judge_eval.verdict_probabilities(plain, t2i, batch=4)
+  items = [item for row in range(len(t2i)) for item in t2i.labels[row]['items/alignment']]
+  assert list(kinds) == [item.kind for item in items]
+  assert list(truths) == [P.verdict(item.value) for item in items]
+  np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
+  # The last item of image 0: its p equals the verdict distribution read after its phrase.
+  row_items = t2i.labels[0]['items/alignment']
+  grid = plain.processor(t2i.images[0])['image_grid_thw']
+  prompt = plain.prompt_ids('alignment', t2i.prompts[0], grid)
+  before = P.chain_of_thought('alignment', {}, items=row_items).rsplit(' ', 1)[0]
+  logits = plain.read_logits(
+    [prompt + plain.tokenizer(before)['input_ids']], plain.processor([t2i.images[0]])
+  )[0]
+  ids = [plain.tokenizer(f' {w}')['input_ids'][0] for _, w in P.VERDICTS]
+  expected = np.exp(logits[ids] - logits[ids].max())
+  np.testing.assert_allclose(
+    probs[len(row_items) - 1], expected / expected.sum(), rtol=1e-3, atol=1e-5
+  )
+  summary = judge_eval.verdict_reading(plain, t2i)
+  assert summary['n'] == len(items) and set(summary['by_item']) == set(kinds)
+
+
+def test_true_items_chain_names_the_prompts_items_in_order_and_reads_its_score(judge):
+  from qwen_image_rl import judge_eval
+
+  plain = _plain(judge)
+  t2i = D.t2i_set(1, 2, 'val', 64, 2)
+  rewards, chains = judge_eval.score_with_true_items(plain, t2i, batch=3)
+  verdicts = {w for _, w in P.VERDICTS}
+  for row, chain in enumerate(chains):
+    items = t2i.labels[row]['items/alignment']
+    written = [part.rsplit(' ', 1) for part in chain.strip().rstrip('.').split('. ')]
+    assert [phrase for phrase, _ in written] == [item.phrase for item in items]
+    assert {v for _, v in written} <= verdicts
+  # The reward is the expected score read after that chain, as VLMJudge reads any chain.
+  grid = plain.processor(t2i.images[0])['image_grid_thw']
+  prompt = plain.prompt_ids('alignment', t2i.prompts[0], grid)
+  seq = V.assemble(prompt, plain.tokenizer(chains[0])['input_ids'], plain.tokens)[0]
+  logits = plain.read_logits([seq], plain.processor([t2i.images[0]]))
+  expected = V.readout(np.asarray(V.score_logprobs(logits, plain.tokens.digits)), 'unit')
+  np.testing.assert_allclose(rewards[0], expected[0], rtol=1e-4)
+
+
+def test_caption_match_is_zero_for_a_blank_image_and_reads_the_image_otherwise(judge):
+  from qwen_image_rl import judge_eval
+
+  plain = _plain(judge)
+  t2i = D.t2i_set(1, 2, 'val', 64, 2)
+  out = judge_eval.caption_match(plain, t2i, batch=3)
+  assert set(out) == {'pmi_mean', 'pmi_min'}
+  assert out['pmi_mean']['n'] == len(t2i) and 'by_kind' in out['pmi_mean']
+  blank = dataclasses.replace(t2i, images=np.zeros_like(t2i.images))
+  zero = judge_eval.caption_match(plain, blank, batch=3)
+  for rule in ('pmi_mean', 'pmi_min'):
+    assert all(v['judge'] == 0 for v in zero[rule]['by_kind'].values())
+    assert any(v['judge'] != 0 for v in out[rule]['by_kind'].values())
+
+
 def test_eval_breaks_scores_down_by_kind_of_image():
   from qwen_image_rl import judge_eval
 
@@ -657,6 +794,50 @@ def test_trained_perception_keeps_its_head_and_reads_any_number_of_images(judge)
   np.testing.assert_allclose(by_4, by_5, rtol=1e-4, atol=1e-5)
 
 
+def test_grounded_perception_scores_words_per_token_and_seeds_the_lm_embeddings(judge):
+  import ml_collections
+
+  from qwen_image_rl.judges import perception
+  from qwen_image_rl.trainers import reward_sft
+
+  settings = ml_collections.ConfigDict(
+    dict(steps=2, batch_size=4, lr=3e-3, n_images=8, balance_groups=True, grounded=True)
+  )
+  trained = perception.train_perception(
+    judge.model.visual, judge.processor, settings, 0, 64, log=lambda _: None
+  )
+  data = perception.perception_set(0, 4, 64, 'val', trained.words)
+  logits = trained.logits(judge.processor, data.images, 4)
+  # A word's logit: log-sum-exp over the image's tokens of token . word embedding, plus a bias.
+  layout = perception.batch_layout(judge.model.visual, judge.processor, data.images[0], 4)
+  tokens = np.asarray(
+    judge.model.visual.apply(
+      {'params': trained.params['visual']},
+      perception.pixels_of(judge.processor, data.images),
+      layout,
+    )
+  ).reshape(4, -1, trained.word_embedding.shape[1])
+  per_token = np.einsum('btd,wd->btw', tokens, trained.word_embedding)
+  expected = np.log(np.exp(per_token).sum(1)) + np.asarray(trained.params['word_bias'])
+  np.testing.assert_allclose(logits[:, : len(trained.words)], expected, rtol=1e-4, atol=1e-4)
+  # The LM's embedding rows of one-token words (and of glyph digits, after a bare space) take
+  # the head's; the others stay.
+  lm = nn.meta.unbox(judge.params['language_model'])
+  seeded = reward_sft.with_word_embeddings(
+    lm, judge.tokenizer, trained.words, trained.word_embedding
+  )
+  table, before = seeded['embed_tokens']['embedding'], np.asarray(lm['embed_tokens']['embedding'])
+  column = {w: i for i, w in enumerate(trained.words)}
+  checked = [w for w in trained.words if w in ('red', 'circle', 'square', 'sky') or w.isdigit()]
+  assert checked
+  for word in checked:
+    token = judge.tokenizer(' ' + word)['input_ids'][-1]
+    np.testing.assert_array_equal(table[token], trained.word_embedding[column[word]])
+  changed = np.flatnonzero(np.any(table != before, axis=1))
+  assert 0 < len(changed) <= len(trained.words)
+  assert judge.tokenizer(' Score')['input_ids'][0] not in changed
+
+
 def test_perception_match_rules_read_only_the_prompts_known_words():
   from benchmarks import perception_match
 
@@ -674,6 +855,25 @@ def test_perception_match_rules_read_only_the_prompts_known_words():
   np.testing.assert_allclose(out['content_mean_log_p'][0], np.log(0.45) / 2, rtol=1e-6)
   assert np.isnan(out['content_min_p'][1])  # only 'a' is known
   assert out['min_p'][1] == pytest.approx(0.99)
+
+
+def test_perception_match_bound_rules_read_the_requested_scenes_pseudo_words():
+  from benchmarks import perception_match
+  from qwen_image_rl.data import world as W
+  from qwen_image_rl.judges import perception
+
+  shape = W.Shape(kind='circle', colour='red', size='small', row=0, col=2)
+  general = W.GeneralScene(shapes=(shape,), relation=None)
+  portrait = W.sample_scene(np.random.default_rng(0), 'portrait')
+  words = tuple(perception.bound_words(general)) + ('red',)
+  probs = np.linspace(0.1, 0.9, len(words))[None].repeat(2, 0).astype(np.float32)
+  out = perception_match.bound_rule_scores(probs, words, [general, portrait])
+  bound = probs[0, : len(words) - 1]  # the caption word 'red' is not a bound word
+  np.testing.assert_allclose(out['bound_min_p'][0], bound.min(), rtol=1e-6)
+  np.testing.assert_allclose(out['bound_mean_log_p'][0], np.log(bound).mean(), rtol=1e-6)
+  assert np.isnan(out['bound_min_p'][1])  # a portrait has no bound words
+  assert all(perception_match.is_bound_word(w) for w in words[:-1])
+  assert not perception_match.is_bound_word('red')
 
 
 def test_frozen_vision_tower_gets_no_updates_but_its_merger_and_the_lm_do(judge):
@@ -713,15 +913,21 @@ def test_bad_caption_settings_are_rejected():
   c.data.samples_from = '/tmp'
   with pytest.raises(config_lib.ConfigError, match='cannot use config.data.samples_from'):
     reward_sft.validate(c)
+  c = _tiny_judge_config()
+  c.data.cot_style = 'slots'
+  with pytest.raises(config_lib.ConfigError, match="cot_style='slots'"):
+    reward_sft.validate(c)
 
 
-@pytest.mark.parametrize('kind', ['pointwise', 'pairwise', 'describe_first'])
+@pytest.mark.parametrize('kind', ['pointwise', 'pairwise', 'describe_first', 'checklist'])
 def test_reward_sft_trains_and_exports_a_loadable_judge(tmp_path, kind):
   from qwen_image_rl import main
 
   c = _tiny_judge_config()
   c.judge.describe_first = kind == 'describe_first'
-  kind = 'pointwise' if kind == 'describe_first' else kind
+  if kind == 'checklist':  # with the grounded tower, whose word embeddings seed the LM's
+    c.data.cot_style, c.perception.grounded = 'checklist', True
+  kind = 'pointwise' if kind in ('describe_first', 'checklist') else kind
   c.loss.kind = kind
   c.perception.freeze_tower = kind == 'pairwise'  # the frozen tower's optimiser, sharded
   history = main.run(c, str(tmp_path))

@@ -938,7 +938,8 @@ def t2i_checks(image, spec) -> dict:
   return _SCORERS[W.check_category(getattr(spec, 'category', None))](as_float_image(image), spec)[1]
 
 
-def _t2i_scores_and_checks(image, spec) -> tuple[dict, dict]:
+def score_and_check_t2i(image, spec) -> tuple[dict, dict]:
+  """(`score_t2i`, `t2i_checks`) of one image, from one pass of the category's scorer."""
   category = W.check_category(getattr(spec, 'category', None))
   img = as_float_image(image)
   scores, checks = _SCORERS[category](img, spec)
@@ -955,7 +956,7 @@ def score_t2i(image, spec) -> dict:
   """Alignment dimensions of `spec`'s category, their rubric-capped `overall`, the plain mean
   `overall_mean` (the scorer before capping), `strict` (1.0 when every check passes) and
   `quality`."""
-  return _t2i_scores_and_checks(image, spec)[0]
+  return score_and_check_t2i(image, spec)[0]
 
 
 EDIT_MARGIN = 0.03
@@ -1072,7 +1073,7 @@ def score_edit(source_image, output_image, edit) -> dict:
   preservation >= PRESERVATION_STRICT), quality, `target/*`, and the uncapped means
   `instruction_following_mean` and `overall_mean` (the scorer before capping)."""
   output_image = as_float_image(output_image)
-  target_scores, target_checks = _t2i_scores_and_checks(output_image, edit.target)
+  target_scores, target_checks = score_and_check_t2i(output_image, edit.target)
   core = core_checks(output_image, edit.source, edit.target, target_checks)
   core_score = min(core.values()) if core else 1.0
   out = {
@@ -1106,7 +1107,7 @@ def score_and_check_t2i_batch(images, specs) -> tuple[list[dict], list[dict]]:
   """`score_t2i` of each image and its item-level checks (`t2i_checks`), from one pass."""
   if len(images) != len(specs):
     raise ValueError(f'{len(images)} images but {len(specs)} specs')
-  pairs = [_t2i_scores_and_checks(im, s) for im, s in zip(images, specs)]
+  pairs = [score_and_check_t2i(im, s) for im, s in zip(images, specs)]
   return [p[0] for p in pairs], [p[1] for p in pairs]
 
 

@@ -14,6 +14,7 @@ target render, plus the untouched source (the edit not done).
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import numpy as np
 from scipy import ndimage
@@ -202,15 +203,71 @@ def describe(spec) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+class Item(NamedTuple):
+  """One requested item of a scene: its name in the prompt's words, the oracle's check of it in
+  [0, 1], and what kind of check it is ('count', 'shape', 'position', 'glyph', ...)."""
+
+  phrase: str
+  value: float
+  kind: str
+
+
+def alignment_items(spec, checks: dict) -> tuple[Item, ...]:
+  """The requested scene's items with the oracle's item-level check of each
+  (`oracle.t2i_checks`; the ones the alignment score reads, not the strict-only solidity
+  checks): what a checklist chain of thought goes through, one lookup in the image per item, in
+  the rubric's order (count and presence first)."""
+  if spec.category == 'general':
+    items = [Item('count', checks['count'], 'count')]
+    for i, shape in enumerate(spec.shapes):
+      looks = min(checks[f'shape{i}/{k}'] for k in ('presence', 'colour', 'kind', 'size'))
+      items.append(Item(f'{shape.size} {shape.name}', looks, 'shape'))
+      position = W.position_name(shape.row, shape.col)
+      items.append(Item(position, checks[f'shape{i}/position'], 'position'))
+    if spec.relation is not None:
+      a, b = spec.shapes[:2]
+      items.append(Item(f'{a.name} {spec.relation} {b.name}', checks['relation'], 'relation'))
+    return tuple(items)
+  if spec.category == 'typography':
+    return (
+      Item('count', checks['count'], 'count'),
+      *(Item(glyph, checks[f'glyph{k}'], 'glyph') for k, glyph in enumerate(spec.text)),
+      Item(f'{spec.colour} text', checks['colour'], 'colour'),
+    )
+  if spec.category == 'portrait':
+    attributes = {
+      'face_shape': f'{spec.face_shape} face',
+      'skin': f'{spec.skin} skin',
+      'eyes': f'{spec.eyes} eyes',
+      'hair': f'{spec.hair} hair',
+      'expression': spec.expression,
+      'glasses': 'glasses' if spec.glasses else 'no glasses',
+    }
+    return (
+      Item('face', checks['well_formed'], 'face'),
+      *(Item(phrase, checks[f'attributes/{k}'], k) for k, phrase in attributes.items()),
+      Item('identity', checks['identity'], 'identity'),
+    )
+  return (
+    Item(f'{spec.sky} sky', checks['sky'], 'sky'),
+    Item(spec.ground, checks['ground'], 'ground'),
+    Item(spec.body, min(checks['body'], checks['body_count']), 'body'),
+    Item(spec.body_pos, checks['body_position'], 'body_position'),
+    Item(f'{spec.horizon} horizon', checks['horizon'], 'horizon'),
+  )
+
+
 def t2i_labels(image, spec) -> dict:
-  """The oracle's alignment / aesthetics / portrait rewards and per-dimension verdict inputs."""
-  scores = oracle.score_t2i(image, spec)
+  """The oracle's alignment / aesthetics / portrait rewards, per-dimension verdict inputs and
+  the alignment checklist (`alignment_items`)."""
+  scores, checks = oracle.score_and_check_t2i(image, spec)
   quality = oracle.image_quality(image)
   out = {
     'alignment': scores['overall'],
     'aesthetics': quality['quality'],
     'dims/alignment': {k: v for k, v in scores.items() if k not in ('overall', 'quality')},
     'dims/aesthetics': {k: quality[k] for k in ('noise', 'sharpness', 'artefacts')},
+    'items/alignment': alignment_items(spec, checks),
   }
   if spec.category == 'portrait':
     out['portrait'] = scores['well_formed']

@@ -119,6 +119,40 @@ class PerceptionModel(nn.Module):
     return nn.Dense(self.outputs)(nn.gelu(nn.Dense(self.hidden)(tokens)))
 
 
+class GroundedPerceptionModel(nn.Module):
+  """The tower under a head that grounds its tokens in words: logits [B, K].
+
+  Each merged image token scores every word by a dot product with that word's embedding
+  (`word_embedding` [n_words, D], D the language model's width), and an image's word logit is
+  the log-sum-exp over its tokens (a word is there if some token shows it), plus a bias. The
+  quality and face outputs come from the MLP over the flattened tokens, as in PerceptionModel.
+  The judge's language model starts with these word embeddings in its own embedding table
+  (reward_sft.with_pretrained_vision): an image token then looks like the words it shows, and a
+  prompt word can find the token that shows it by matching embeddings.
+  """
+
+  visual: Qwen25VLVisionModel
+  n_words: int
+  outputs: int
+  hidden: int = 256
+
+  @nn.compact
+  def __call__(self, pixel_values, layout, batch: int):
+    tokens = self.visual(pixel_values, layout).reshape(
+      batch, -1, self.visual.config.out_hidden_size
+    )
+    embedding = self.param(
+      'word_embedding', nn.initializers.normal(0.05), (self.n_words, tokens.shape[-1])
+    )
+    per_token = jnp.einsum('btd,wd->btw', tokens, embedding)
+    words = jax.nn.logsumexp(per_token, axis=1) + self.param(
+      'word_bias', nn.initializers.zeros, (self.n_words,)
+    )
+    flat = tokens.reshape(batch, -1)
+    rest = nn.Dense(self.outputs - self.n_words)(nn.gelu(nn.Dense(self.hidden)(flat)))
+    return jnp.concatenate([words, rest], axis=-1)
+
+
 def bce(logits, targets, mask, n_words: int, balance_groups: bool = True):
   """Sigmoid cross-entropy, averaged within each target group (words, quality, face) and summed
   over the groups: a plain mean (balance_groups=False) gives the ~130 words 97% of the weight,
@@ -133,7 +167,8 @@ def bce(logits, targets, mask, n_words: int, balance_groups: bool = True):
 def pretrain_vision(visual, processor, settings, seed: int, size: int, log=print):
   """Trained vision-tower params (the `visual` subtree of the judge) and the last train loss.
 
-  settings: steps, batch_size, lr, n_images, balance_groups (`config.perception`).
+  settings: steps, batch_size, lr, n_images, balance_groups, bound_targets, grounded
+  (`config.perception`).
   """
   trained = train_perception(visual, processor, settings, seed, size, log)
   return trained.params['visual'], trained.loss
@@ -143,7 +178,7 @@ def pretrain_vision(visual, processor, settings, seed: int, size: int, log=print
 class TrainedPerception:
   """The tower with its head (`model`, `params`), the head's columns and the last train loss."""
 
-  model: PerceptionModel
+  model: nn.Module  # PerceptionModel or GroundedPerceptionModel
   params: dict
   names: tuple[str, ...]
   loss: float
@@ -151,6 +186,13 @@ class TrainedPerception:
   @property
   def words(self) -> tuple[str, ...]:
     return self.names[: -len(QUALITY_DIMS) - 1]
+
+  @property
+  def word_embedding(self) -> np.ndarray | None:
+    """[n_words, D]: each word's embedding (a grounded head's), else None."""
+    return (
+      None if 'word_embedding' not in self.params else np.asarray(self.params['word_embedding'])
+    )
 
   def logits(self, processor, images, batch: int) -> np.ndarray:
     """Head logits [N, K] of uint8 images [N, H, W, 3], `batch` at a time (the last batch
@@ -175,7 +217,10 @@ def train_perception(visual, processor, settings, seed: int, size: int, log=prin
   """`pretrain_vision`'s run, returned whole (TrainedPerception): the head too."""
   bound = settings.get('bound_targets', False)
   data = perception_set(seed, settings.n_images, size, bound=bound)
-  model = PerceptionModel(visual, data.targets.shape[1])
+  if settings.get('grounded', False):
+    model = GroundedPerceptionModel(visual, len(data.words), data.targets.shape[1])
+  else:
+    model = PerceptionModel(visual, data.targets.shape[1])
   batch = settings.batch_size
   layout = batch_layout(visual, processor, data.images[0], batch)
   pixels = lambda rows: pixels_of(processor, data.images[rows])

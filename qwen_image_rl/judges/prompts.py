@@ -130,17 +130,24 @@ def verdict(value: float) -> str:
   return next(word for threshold, word in VERDICTS if value >= threshold)
 
 
-def chain_of_thought(task: str, dims: dict, instruction: str = '', seen: str = '') -> str:
+def chain_of_thought(task: str, dims: dict, instruction: str = '', seen: str = '', items=()) -> str:
   """`dim verdict.` for each oracle dimension in rubric order; edits first restate the core. A
-  `seen` description of the image(s) (describe, then judge) comes before the verdicts."""
+  `seen` description of the image(s) (describe, then judge) comes before the verdicts. With
+  `items` ((phrase, value, ...) tuples, judge_data.alignment_items) a checklist instead:
+  `phrase verdict.` per requested item, each a lookup of one thing the prompt names."""
   parts = []
-  if task == 'instruction':
+  if check_task(task) == 'instruction':
     parts.append(f'core: {instruction}. non core: keep the rest.')
   if seen:
     parts.append(f'{seen}.')
-  for dim in DIM_ORDER[check_task(task)]:
-    if dim in dims:
-      parts.append(f'{DIM_WORDS.get(dim, dim)} {verdict(dims[dim])}.')
+  if items:
+    parts += [f'{phrase} {verdict(value)}.' for phrase, value, *_ in items]
+  else:
+    parts += [
+      f'{DIM_WORDS.get(dim, dim)} {verdict(dims[dim])}.'
+      for dim in DIM_ORDER[task]
+      if dim in dims
+    ]
   cot = ' '.join(parts)
   assert 'Score' not in cot
   return cot

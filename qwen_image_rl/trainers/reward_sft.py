@@ -58,6 +58,9 @@ from qwen_image_rl.train_state import TrainState, create_train_state, keep_if_fi
 from qwen_image_rl.trainers import common
 
 LOSS_KINDS = ("pointwise", "pairwise")
+# Alignment chains of thought: a verdict per oracle dimension ('dims'), or per item the prompt
+# names ('checklist': judge_data.alignment_items).
+COT_STYLES = ("dims", "checklist")
 # Images that are exactly the render of the scene they show (no pixel or face corruption): their
 # alignment and instruction labels follow from the prompt and that scene's caption.
 TEXT_KINDS = ("clean", "semantic", "unrelated", "source")
@@ -91,6 +94,10 @@ def validate(config):
   if not 0.0 <= config.data.no_cot_fraction <= 1.0:
     raise config_lib.ConfigError(
       f"config.data.no_cot_fraction={config.data.no_cot_fraction}: must be in [0, 1]"
+    )
+  if config.data.cot_style not in COT_STYLES:
+    raise config_lib.ConfigError(
+      f"config.data.cot_style={config.data.cot_style!r}; known: {list(COT_STYLES)}"
     )
   weights = dict(config.data.task_weights)
   if set(weights) != set(D.T2I_TASKS) or min(weights.values()) < 0 or not sum(weights.values()):
@@ -232,8 +239,10 @@ class Batcher:
   def cot_ids(self, task, row) -> list[int]:
     """The target chain of thought of a training example, as token ids."""
     data = self._data(task)
+    label = data.labels[row]
+    items = label.get(f"items/{task}", ()) if self.config.data.cot_style == "checklist" else ()
     text = P.chain_of_thought(
-      task, data.labels[row][f"dims/{task}"], data.prompts[row], self._seen(task, row)
+      task, label[f"dims/{task}"], data.prompts[row], self._seen(task, row), items
     )
     return self.judge.tokenizer(text)["input_ids"]
 
@@ -530,14 +539,42 @@ def freeze_vision_tower(tx):
   return optax.chain(tx, optax.GradientTransformation(lambda _: optax.EmptyState(), update))
 
 
-def with_pretrained_vision(state, shardings, model, processor, config):
-  """`state` with its vision tower replaced by one pre-trained on perception targets."""
-  visual, loss = perception.pretrain_vision(
-    model.visual, processor, config.perception, config.seed, config.data.image_size
+def with_pretrained_vision(state, shardings, model, judge: V.VLMJudge, config):
+  """`state` with its vision tower replaced by one pre-trained on perception targets (and, for
+  a grounded head, the language model's embeddings of the head's words replaced by the head's)."""
+  trained = perception.train_perception(
+    model.visual, judge.processor, config.perception, config.seed, config.data.image_size
   )
-  print(f"reward_sft: vision tower pre-trained, final perception loss {loss:.4f}", flush=True)
-  visual = jax.device_put(visual, shardings.params["visual"])
-  return state.replace(params={**state.params, "visual": visual})
+  print(
+    f"reward_sft: vision tower pre-trained, final perception loss {trained.loss:.4f}", flush=True
+  )
+  params = {
+    **state.params,
+    "visual": jax.device_put(trained.params["visual"], shardings.params["visual"]),
+  }
+  if trained.word_embedding is not None:
+    seeded = with_word_embeddings(
+      jax.device_get(params["language_model"]),
+      judge.tokenizer,
+      trained.words,
+      trained.word_embedding,
+    )
+    params["language_model"] = jax.device_put(seeded, shardings.params["language_model"])
+  return state.replace(params=params)
+
+
+def with_word_embeddings(language_model: dict, tokenizer, words, embedding) -> dict:
+  """The language model's params with the embedding row of each word that is one token (after a
+  space; a glyph digit is the piece after a bare space token) set to `embedding`'s row."""
+  space = tokenizer(" ")["input_ids"]
+  table = np.array(language_model["embed_tokens"]["embedding"], copy=True)
+  for word, row in zip(words, np.asarray(embedding)):
+    ids = tokenizer(" " + word)["input_ids"]
+    if len(ids) == 2 and ids[:1] == space:
+      ids = ids[1:]
+    if len(ids) == 1:
+      table[ids[0]] = row
+  return {**language_model, "embed_tokens": {"embedding": table}}
 
 
 def pretrain_language(params, model: Qwen25VL, batcher: Batcher, config, log=print):
@@ -597,6 +634,7 @@ REQUIRED = {
   "data.caption_batch_size": int,
   "data.samples_from": str,
   "data.describe_in_cot": bool,
+  "data.cot_style": str,
   "data.variant_weights": ml_collections.ConfigDict,
   "loss.kind": str,
   "loss.score_mse_weight": float,
@@ -608,6 +646,7 @@ REQUIRED = {
   "perception.n_images": int,
   "perception.freeze_tower": bool,
   "perception.balance_groups": bool,
+  "perception.grounded": bool,
   "judge.max_cot_tokens": int,
   "judge.describe_first": bool,
   "judge.max_caption_tokens": int,
@@ -664,7 +703,7 @@ def train(config, workdir):
   state, shardings = create_train_state(init, tx, ctx.mesh, ctx.rules, config.seed)
   state, start = common.restore_or_keep(ctx, state, shardings)
   if start == 0 and config.perception.steps:
-    state = with_pretrained_vision(state, shardings, model, judge.processor, config)
+    state = with_pretrained_vision(state, shardings, model, judge, config)
   if start == 0 and config.language.steps:
     params = pretrain_language(jax.device_get(state.params), model, batcher, config)
     state = state.replace(params=jax.device_put(params, shardings.params))
