@@ -2,7 +2,7 @@
 
   python -m qwen_image_rl.judge_eval --judge=runs/demo/judge/export/judge [--split=val|test]
       [--n=256] [--mode=both|cot|no_cot] [--samples_from=runs/demo/base/export/pipeline]
-      [--verdicts] [--items=own|true] [--caption_match] [--caption_loss]
+      [--verdicts] [--items=own|true] [--caption_match] [--caption_loss] [--examples=K]
   python -m qwen_image_rl.judge_eval --judge=face_id:runs/demo/face_id/export/face_id
 
 VLM judge: per task (alignment, aesthetics, portrait, instruction) and mode, the Spearman and
@@ -18,15 +18,16 @@ AUC of the embedding cosine on held-out identities (clean, augmented and blurred
 Describe-first judges (configs/judge.py:tiny_describe_first) caption each image before judging;
 --captions=true gives them the true caption of the scene each image draws instead, so the
 alignment and instruction numbers measure the comparison alone, without the captioning.
---caption_loss adds the judge's caption cross-entropy on 64 held-out renders given the right
-image, another image and a blank one (`caption_loss`). --verdicts adds how well the judge reads
-each item of the oracle's alignment checklist, teacher-forced (`verdicts`, verdict_reading):
-whether a checklist judge's verdicts look at the image or repeat the prior. --items=true adds
-`alignment/true_items`: a checklist judge's alignment with the prompt's true items written into
-its chain of thought, the verdicts and the score its own (score_with_true_items).
---caption_match adds the alignment read from the judge's caption likelihood of each prompt
-against a blank image's (`caption_match`): what its eyes carry, whatever its score head makes of
-it.
+--examples=K adds K chains of thought per task (CoT mode), each with its prompt, kind of image,
+oracle score and reward. --caption_loss adds the judge's caption cross-entropy on 64 held-out
+renders given the right image, another image and a blank one (`caption_loss`). --verdicts adds
+how well the judge reads each item of the oracle's alignment checklist, teacher-forced
+(`verdicts`, verdict_reading): whether a checklist judge's verdicts look at the image or repeat
+the prior. --items=true adds `alignment/true_items`: a checklist judge's alignment with the
+prompt's true items written into its chain of thought, the verdicts and the score its own
+(score_with_true_items). --caption_match adds the alignment read from the judge's caption
+likelihood of each prompt against a blank image's (`caption_match`): what its eyes carry,
+whatever its score head makes of it.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ flags.DEFINE_integer("seed", 1, "Seed of the held-out draws.")
 flags.DEFINE_bool(
   "caption_loss", False, "Also the caption loss given the right, another and a blank image."
 )
+flags.DEFINE_integer("examples", 0, "Also print this many chains of thought per task (CoT mode).")
 flags.DEFINE_bool(
   "caption_match",
   False,
@@ -197,7 +199,11 @@ def true_descriptions(task: str, data: D.JudgeSet, rows, seed: int) -> list[str]
   return [P.seen_text(task, data.shown_captions(int(row), rng)) for row in rows]
 
 
-def evaluate_judge(judge, t2i, edits, modes, true_captions: bool = False, seed: int = 0) -> dict:
+def evaluate_judge(
+  judge, t2i, edits, modes, true_captions: bool = False, seed: int = 0, examples: int = 0
+) -> dict:
+  """Per task and mode: correlation_metrics and by_kind, and with `examples` > 0 that many
+  chains of thought (CoT mode) with their prompt, kind of image, oracle score and reward."""
   if true_captions and not judge.describe_first:
     raise ValueError("--captions=true needs a describe_first judge (tiny_describe_first)")
   results = {}
@@ -205,6 +211,8 @@ def evaluate_judge(judge, t2i, edits, modes, true_captions: bool = False, seed: 
     data = edits if task == "instruction" else t2i
     oracle = data.scores(task)
     rows = np.flatnonzero(~np.isnan(oracle))
+    if not len(rows):  # e.g. no portrait among a few held-out specs
+      continue
     seen = None
     if true_captions and task in P.DESCRIBED_TASKS:
       seen = true_descriptions(task, data, rows, seed)
@@ -222,6 +230,17 @@ def evaluate_judge(judge, t2i, edits, modes, true_captions: bool = False, seed: 
         **correlation_metrics(out.reward, oracle[rows], data.variants),
         "by_kind": by_kind(out.reward, oracle[rows], [data.kinds[i] for i in rows]),
       }
+      if mode == "cot" and examples:
+        results[f"{task}/{mode}"]["examples"] = [
+          {
+            "prompt": data.prompts[row],
+            "kind": data.kinds[row],
+            "cot": out.cot[i],
+            "oracle": round(float(oracle[row]), 4),
+            "reward": None if np.isnan(out.reward[i]) else round(float(out.reward[i]), 4),
+          }
+          for i, row in enumerate(rows[:examples])
+        ]
   return results
 
 
@@ -365,7 +384,7 @@ def main(argv):
       "max_cot_tokens": judge.max_cot_tokens,
       "describe_first": judge.describe_first,
       "captions": FLAGS.captions if judge.describe_first else None,
-      **evaluate_judge(judge, t2i, edits, modes, true_captions, FLAGS.seed),
+      **evaluate_judge(judge, t2i, edits, modes, true_captions, FLAGS.seed, FLAGS.examples),
     }
     if FLAGS.caption_loss:
       result["caption_loss"] = caption_loss(judge, FLAGS.split, 64, FLAGS.seed)

@@ -657,6 +657,21 @@ def test_true_items_chain_names_the_prompts_items_in_order_and_reads_its_score(j
   np.testing.assert_allclose(rewards[0], expected[0], rtol=1e-4)
 
 
+def test_eval_examples_show_the_chains_of_thought_it_scored(judge):
+  from qwen_image_rl import judge_eval
+
+  t2i, edits = D.t2i_set(1, 2, 'val', 64, 2), D.edit_set(1, 1, 'val', 64, 2)
+  out = judge_eval.evaluate_judge(judge, t2i, edits, ('cot', 'no_cot'), examples=2)
+  assert 'examples' not in out['alignment/no_cot']
+  shown = out['alignment/cot']['examples']
+  assert [e['prompt'] for e in shown] == list(t2i.prompts[:2])
+  assert [e['kind'] for e in shown] == list(t2i.kinds[:2])
+  scored = judge.score('alignment', t2i.images[:2], list(t2i.prompts[:2]), cot=True)
+  assert [e['cot'] for e in shown] == scored.cot
+  for e, reward in zip(shown, scored.reward):
+    assert e['reward'] is None if np.isnan(reward) else e['reward'] == round(float(reward), 4)
+
+
 def test_caption_match_is_zero_for_a_blank_image_and_reads_the_image_otherwise(judge):
   from qwen_image_rl import judge_eval
 
