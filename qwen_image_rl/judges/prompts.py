@@ -144,9 +144,7 @@ def chain_of_thought(task: str, dims: dict, instruction: str = '', seen: str = '
     parts += [f'{phrase} {verdict(value)}.' for phrase, value, *_ in items]
   else:
     parts += [
-      f'{DIM_WORDS.get(dim, dim)} {verdict(dims[dim])}.'
-      for dim in DIM_ORDER[task]
-      if dim in dims
+      f'{DIM_WORDS.get(dim, dim)} {verdict(dims[dim])}.' for dim in DIM_ORDER[task] if dim in dims
     ]
   cot = ' '.join(parts)
   assert 'Score' not in cot
