@@ -50,6 +50,11 @@ def content_words(words, prompts) -> set[str]:
   return {w for w in words if counts[w] <= COMMON_WORD_SHARE * len(prompts)}
 
 
+def log_and_min(p: np.ndarray) -> tuple[float, float]:
+  """The mean log p (p clipped at 1e-6) and the minimum p of some words' probabilities."""
+  return float(np.log(np.clip(p, 1e-6, 1.0)).mean()), float(p.min())
+
+
 def rule_scores(word_probs: np.ndarray, words, prompts) -> dict[str, np.ndarray]:
   """Per image, each rule over p(w | image) for its prompt's words that the head knows (the
   content_* rules: only its `content_words`)."""
@@ -62,8 +67,7 @@ def rule_scores(word_probs: np.ndarray, words, prompts) -> dict[str, np.ndarray]
     for prefix, chosen in (("", known), ("content_", content)):
       p = word_probs[i, [column[w] for w in chosen]]
       if p.size:
-        out[f"{prefix}mean_log_p"][i] = np.log(np.clip(p, 1e-6, 1.0)).mean()
-        out[f"{prefix}min_p"][i] = p.min()
+        out[f"{prefix}mean_log_p"][i], out[f"{prefix}min_p"][i] = log_and_min(p)
         if not prefix:
           out["mean_p"][i] = p.mean()
   return out
@@ -79,8 +83,7 @@ def bound_rule_scores(word_probs: np.ndarray, words, specs) -> dict[str, np.ndar
   for i, spec in enumerate(specs):
     p = word_probs[i, [column[w] for w in perception.bound_words(spec) if w in column]]
     if p.size:
-      out["bound_mean_log_p"][i] = np.log(np.clip(p, 1e-6, 1.0)).mean()
-      out["bound_min_p"][i] = p.min()
+      out["bound_mean_log_p"][i], out["bound_min_p"][i] = log_and_min(p)
   return out
 
 
@@ -159,10 +162,7 @@ def main():
   if args.bound:
     scores.update(bound_rule_scores(probs, trained.words, t2i.specs))
   for rule, score in scores.items():
-    results[rule] = {
-      **judge_eval.correlation_metrics(score, oracle, t2i.variants),
-      "by_kind": judge_eval.by_kind(score, oracle, t2i.kinds),
-    }
+    results[rule] = judge_eval.agreement(score, oracle, t2i.variants, t2i.kinds)
   line = json.dumps(results)
   print(line, flush=True)
   if args.json:

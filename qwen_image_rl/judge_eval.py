@@ -185,10 +185,7 @@ def caption_match(judge, data: D.JudgeSet, batch: int = 32) -> dict:
     pmi_min[rows] = np.where(w > 0, gain, np.inf).min(-1)
   oracle = data.scores("alignment")
   return {
-    name: {
-      **correlation_metrics(score, oracle, data.variants),
-      "by_kind": by_kind(score, oracle, data.kinds),
-    }
+    name: agreement(score, oracle, data.variants, data.kinds)
     for name, score in (("pmi_mean", pmi_mean), ("pmi_min", pmi_min))
   }
 
@@ -226,10 +223,9 @@ def evaluate_judge(
         cot=mode == "cot",
         seen=seen,
       )
-      results[f"{task}/{mode}"] = {
-        **correlation_metrics(out.reward, oracle[rows], data.variants),
-        "by_kind": by_kind(out.reward, oracle[rows], [data.kinds[i] for i in rows]),
-      }
+      results[f"{task}/{mode}"] = agreement(
+        out.reward, oracle[rows], data.variants, [data.kinds[i] for i in rows]
+      )
       if mode == "cot" and examples:
         results[f"{task}/{mode}"]["examples"] = [
           {
@@ -249,7 +245,7 @@ def verdict_probabilities(judge, data: D.JudgeSet, batch: int = 32):
   of every image's alignment checklist, teacher-forced on the oracle's chain of thought."""
   import jax
 
-  verdict_ids = [judge.tokenizer(f" {w}")["input_ids"][0] for _, w in P.VERDICTS]
+  verdict_ids = verdict_token_ids(judge)
   grid = judge.processor(data.images[0])["image_grid_thw"]
   truths, kinds, probs = [], [], []
   for start in range(0, len(data), batch):
@@ -313,7 +309,7 @@ def score_with_true_items(judge, data: D.JudgeSet, batch: int = 32):
   items correctly (its own chains of thought name what the image shows instead)."""
   from qwen_image_rl.judges import vlm_judge as V
 
-  verdict_ids = np.array([judge.tokenizer(f" {w}")["input_ids"][0] for _, w in P.VERDICTS])
+  verdict_ids = np.array(verdict_token_ids(judge))
   period = judge.tokenizer(".")["input_ids"]
   grid = judge.processor(data.images[0])["image_grid_thw"]
   rewards, chains = np.zeros(len(data), np.float32), []
@@ -336,6 +332,16 @@ def score_with_true_items(judge, data: D.JudgeSet, batch: int = 32):
     rewards[rows.start : rows.stop] = V.readout(np.asarray(logprobs), "unit")
     chains += [judge.tokenizer.decode(c) for c in cots]
   return rewards, chains
+
+
+def agreement(judge: np.ndarray, oracle: np.ndarray, variants: int, kinds) -> dict:
+  """correlation_metrics of a judge's scores with the oracle's, and their by_kind means."""
+  return {**correlation_metrics(judge, oracle, variants), "by_kind": by_kind(judge, oracle, kinds)}
+
+
+def verdict_token_ids(judge) -> list[int]:
+  """The token ids of the verdict words (P.VERDICTS order), each one token after a space."""
+  return [judge.tokenizer(f" {w}")["input_ids"][0] for _, w in P.VERDICTS]
 
 
 def by_kind(judge: np.ndarray, oracle: np.ndarray, kinds) -> dict:
@@ -391,10 +397,7 @@ def main(argv):
     if FLAGS.items == "true":
       oracle = t2i.scores("alignment")
       reward, _ = score_with_true_items(judge, t2i)
-      result["alignment/true_items"] = {
-        **correlation_metrics(reward, oracle, t2i.variants),
-        "by_kind": by_kind(reward, oracle, t2i.kinds),
-      }
+      result["alignment/true_items"] = agreement(reward, oracle, t2i.variants, t2i.kinds)
     if FLAGS.verdicts:
       result["verdicts"] = verdict_reading(judge, t2i)
     if FLAGS.caption_match:

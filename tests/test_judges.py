@@ -773,17 +773,18 @@ def test_perception_pretraining_fits_its_targets_and_returns_the_vision_tree(jud
     dict(steps=40, batch_size=8, lr=3e-3, n_images=16, balance_groups=True)
   )
   losses = []
-  visual, last = perception.pretrain_vision(
+  trained = perception.train_perception(
     judge.model.visual, judge.processor, settings, 0, 64, log=losses.append
   )
-  first = perception.pretrain_vision(
+  visual, last = trained.params['visual'], trained.loss
+  first = perception.train_perception(
     judge.model.visual,
     judge.processor,
     ml_collections.ConfigDict({**settings.to_dict(), 'steps': 1}),
     0,
     64,
     log=lambda _: None,
-  )[1]
+  ).loss
   assert last < 0.6 * first, (first, last, losses)
   shapes = lambda tree: jax.tree.map(np.shape, tree)
   assert shapes(visual) == shapes(nn.meta.unbox(judge.params['visual']))

@@ -164,16 +164,6 @@ def bce(logits, targets, mask, n_words: int, balance_groups: bool = True):
   return sum(jnp.sum(loss[:, g]) / jnp.maximum(jnp.sum(mask[:, g]), 1.0) for g in groups)
 
 
-def pretrain_vision(visual, processor, settings, seed: int, size: int, log=print):
-  """Trained vision-tower params (the `visual` subtree of the judge) and the last train loss.
-
-  settings: steps, batch_size, lr, n_images, balance_groups, bound_targets, grounded
-  (`config.perception`).
-  """
-  trained = train_perception(visual, processor, settings, seed, size, log)
-  return trained.params['visual'], trained.loss
-
-
 @dataclasses.dataclass(frozen=True)
 class TrainedPerception:
   """The tower with its head (`model`, `params`), the head's columns and the last train loss."""
@@ -214,7 +204,11 @@ def batch_layout(visual, processor, image, batch: int) -> dict:
 
 
 def train_perception(visual, processor, settings, seed: int, size: int, log=print):
-  """`pretrain_vision`'s run, returned whole (TrainedPerception): the head too."""
+  """The trained tower with its head (TrainedPerception; the judge takes `params['visual']`).
+
+  settings: steps, batch_size, lr, n_images, balance_groups, bound_targets, grounded
+  (`config.perception`).
+  """
   bound = settings.get('bound_targets', False)
   data = perception_set(seed, settings.n_images, size, bound=bound)
   if settings.get('grounded', False):
