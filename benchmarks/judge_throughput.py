@@ -4,7 +4,9 @@ Loads a judge exported by reward_sft (or builds the configs/judge.py:tiny model 
 weights when --judge is not given; a random judge rarely emits the score marker, so its CoT
 rows run the full --max_cot_tokens, the worst case), scores --batch held-out alignment images
 per call, and reports the median of --runs calls after --warmup (jit compile excluded), the
-CoT / no-CoT time ratio, and the invalid count of the CoT runs.
+CoT / no-CoT time ratio, and the invalid count of the CoT runs. A decomposing judge
+(configs/judge.py:tiny_decompose) writes its CoT as a text-only decomposition then a checklist,
+one forward pass per item, `--verdict_samples` times (-1: its exported setting).
 
 The judge's share of an RL iteration: --rl_log names the log of an RL run on the judge
 (configs/rl_t2i.py:judge=DIR) and, optionally, --baseline_log the same run on the oracle; the
@@ -14,6 +16,8 @@ time over the oracle run's (iteration 1, which compiles, is left out).
 
   JAX_PLATFORMS=cpu .venv/bin/python benchmarks/judge_throughput.py \
       --judge=runs/demo/judge/export/judge --batch=32
+  JAX_PLATFORMS=cpu .venv/bin/python benchmarks/judge_throughput.py \
+      --judge=runs/judge_decompose/export/judge --batch=32 --verdict_samples=8
   JAX_PLATFORMS=cpu .venv/bin/python benchmarks/judge_throughput.py --no_scoring \
       --rl_log=runs/rl_t2i_judge.log --baseline_log=runs/rl_t2i.log
 """
@@ -95,6 +99,9 @@ def main():
   parser.add_argument("--judge", default="", help="reward_sft export (default: random tiny)")
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--max_cot_tokens", type=int, default=40)
+  parser.add_argument(
+    "--verdict_samples", type=int, default=-1, help="decomposing judges (-1: exported value)"
+  )
   parser.add_argument("--warmup", type=int, default=1)
   parser.add_argument("--runs", type=int, default=3)
   parser.add_argument("--rl_log", default="", help="log of an RL run on the judge")
@@ -122,12 +129,16 @@ def main():
     else _random_judge(args.max_cot_tokens)
   )
   judge.batch_size = args.batch
+  if args.verdict_samples >= 0:
+    judge.verdict_samples = args.verdict_samples
   data = D.t2i_set(11, args.batch // 2 + args.batch % 2, "val", 64)
   images, prompts = data.images[: args.batch], list(data.prompts[: args.batch])
   result.update(
     judge=args.judge or "random configs/judge.py:tiny",
     batch=args.batch,
     max_cot_tokens=args.max_cot_tokens,
+    decompose=judge.decompose,
+    verdict_samples=judge.verdict_samples if judge.decompose else None,
   )
   for mode in ("no_cot", "cot"):
     last = {}

@@ -14,7 +14,9 @@ the prompt, and the alignment and instruction prompts carry that caption: traini
 true scene's caption there; `--config.language.steps=N` first trains its language model to
 compare prompts with captions of renders, text alone), tiny_checklist (pointwise; the
 alignment chain of thought goes through the prompt's items one by one, "small red circle good.
-top left poor.", each a lookup in the image). Add base-model samples with
+top left poor.", each a lookup in the image), tiny_decompose (tiny_checklist whose alignment
+items come from the judge's own text-only decomposition of the prompt, "List the items of the
+prompt.", then each gets the judge's verdict; VLMJudge.items_of). Add base-model samples with
 --config.data.samples_from=runs/demo/base/export/pipeline.
 """
 
@@ -23,7 +25,15 @@ import ml_collections
 from configs import common
 from qwen_image_rl.judges import judge_data
 
-VARIANTS = ("tiny", "tiny_pairwise", "tiny_describe", "tiny_describe_first", "tiny_checklist")
+VARIANTS = (
+  "tiny",
+  "tiny_pairwise",
+  "tiny_describe",
+  "tiny_describe_first",
+  "tiny_checklist",
+  "tiny_decompose",
+)
+CHECKLISTS = ("tiny_checklist", "tiny_decompose")
 
 
 def get_config(arg: str = "tiny"):
@@ -68,13 +78,15 @@ def get_config(arg: str = "tiny"):
       edit_batch_size=8,
       no_cot_fraction=0.5,
       caption_batch_size=16,
+      # Text-only "List the items of the prompt." examples a step (decompose judges).
+      decompose_batch_size=16 if arg == "tiny_decompose" else 0,
       samples_from="",
       # Alignment CoTs describe the image (judge_data.describe) before the verdicts, instruction
       # CoTs the source and the output.
       describe_in_cot=arg == "tiny_describe",
       # Alignment CoTs: a verdict per oracle dimension ('dims'), or per item of the prompt
       # ('checklist': "small red circle good. top left poor. ...", judge_data.alignment_items).
-      cot_style="checklist" if arg == "tiny_checklist" else "dims",
+      cot_style="checklist" if arg in CHECKLISTS else "dims",
       # Scales each image variant's share of the mix (judge_data.VARIANT_PROBS).
       variant_weights=dict.fromkeys(judge_data.VARIANTS, 1.0),
       task_weights=dict(alignment=0.45, aesthetics=0.3, portrait=0.25),
@@ -86,6 +98,7 @@ def get_config(arg: str = "tiny"):
       score_mse_weight=1.0,
       min_margin=0.02,
       caption_weight=1.0,
+      decompose_weight=1.0,
     )
   )
   # The vision tower first learns to see (judges/perception.py; 0 steps skips it), then stays
@@ -111,11 +124,19 @@ def get_config(arg: str = "tiny"):
   # 99 with descriptions (an edit's CoT describes its source and its output), 39 checklists.
   c.judge = ml_collections.ConfigDict(
     dict(
-      max_cot_tokens={"tiny_describe": 112, "tiny_checklist": 48}.get(arg, 40),
+      max_cot_tokens={"tiny_describe": 112, "tiny_checklist": 48, "tiny_decompose": 48}.get(
+        arg, 40
+      ),
       # Alignment and instruction prompts carry the judge's own caption of each image, written
       # in a separate pass before it judges (VLMJudge.describe_first); captions run to ~50 tokens.
       describe_first=arg == "tiny_describe_first",
       max_caption_tokens=64,
+      # Alignment checklists over the judge's own items of the prompt (a text-only first pass,
+      # at most max_item_tokens tokens); verdicts greedy (0) or the mean over that many sampled
+      # checklists (VLMJudge._score_checklists).
+      decompose=arg == "tiny_decompose",
+      max_item_tokens=48,
+      verdict_samples=0,
     )
   )
   # describe_first judges: the language model can first learn to compare the prompt with the

@@ -3,6 +3,7 @@
   python -m qwen_image_rl.judge_eval --judge=runs/demo/judge/export/judge [--split=val|test]
       [--n=256] [--mode=both|cot|no_cot] [--samples_from=runs/demo/base/export/pipeline]
       [--verdicts] [--items=own|true] [--caption_match] [--caption_loss] [--examples=K]
+      [--verdict_samples=K]
   python -m qwen_image_rl.judge_eval --judge=face_id:runs/demo/face_id/export/face_id
 
 VLM judge: per task (alignment, aesthetics, portrait, instruction) and mode, the Spearman and
@@ -27,7 +28,10 @@ the prior. --items=true adds `alignment/true_items`: a checklist judge's alignme
 prompt's true items written into its chain of thought, the verdicts and the score its own
 (score_with_true_items). --caption_match adds the alignment read from the judge's caption
 likelihood of each prompt against a blank image's (`caption_match`): what its eyes carry,
-whatever its score head makes of it.
+whatever its score head makes of it. Decomposing judges (configs/judge.py:tiny_decompose) also
+get `decomposition`: the share of held-out prompts whose items they list exactly, and the
+share of true items listed; --verdict_samples=K scores their alignment checklists as the mean
+of K sampled ones (0: greedy verdicts; default: the exported setting).
 """
 
 from __future__ import annotations
@@ -72,6 +76,9 @@ flags.DEFINE_bool(
 )
 flags.DEFINE_enum(
   "captions", "own", ["own", "true"], "Describe-first judges: their own captions or the truth."
+)
+flags.DEFINE_integer(
+  "verdict_samples", -1, "Decomposing judges: sampled checklists per image (-1: exported value)."
 )
 PAIR_MARGIN = 0.02
 
@@ -245,7 +252,7 @@ def verdict_probabilities(judge, data: D.JudgeSet, batch: int = 32):
   of every image's alignment checklist, teacher-forced on the oracle's chain of thought."""
   import jax
 
-  verdict_ids = verdict_token_ids(judge)
+  verdict_ids = judge.verdict_ids
   grid = judge.processor(data.images[0])["image_grid_thw"]
   truths, kinds, probs = [], [], []
   for start in range(0, len(data), batch):
@@ -309,24 +316,14 @@ def score_with_true_items(judge, data: D.JudgeSet, batch: int = 32):
   items correctly (its own chains of thought name what the image shows instead)."""
   from qwen_image_rl.judges import vlm_judge as V
 
-  verdict_ids = np.array(verdict_token_ids(judge))
-  period = judge.tokenizer(".")["input_ids"]
   grid = judge.processor(data.images[0])["image_grid_thw"]
   rewards, chains = np.zeros(len(data), np.float32), []
   for start in range(0, len(data), batch):
     rows = range(start, min(start + batch, len(data)))
     processed = judge.processor(list(data.images[rows.start : rows.stop]))
     prompts = [judge.prompt_ids("alignment", data.prompts[r], grid) for r in rows]
-    cots = [[] for _ in rows]
-    items = [data.labels[r]["items/alignment"] for r in rows]
-    for k in range(max(map(len, items))):
-      going = [i for i, its in enumerate(items) if k < len(its)]
-      for i in going:
-        phrase = items[i][k].phrase
-        cots[i] += judge.tokenizer(phrase if k == 0 else f" {phrase}")["input_ids"]
-      logits = judge.read_logits([p + c for p, c in zip(prompts, cots)], processed)
-      for i in going:
-        cots[i] += [int(verdict_ids[np.asarray(logits[i])[verdict_ids].argmax()])] + period
+    items = [[item.phrase for item in data.labels[r]["items/alignment"]] for r in rows]
+    cots = judge.fill_checklist(prompts, processed, items)
     final = [V.assemble(p, c, judge.tokens)[0] for p, c in zip(prompts, cots)]
     logprobs = V.score_logprobs(judge.read_logits(final, processed), judge.tokens.digits)
     rewards[rows.start : rows.stop] = V.readout(np.asarray(logprobs), "unit")
@@ -339,9 +336,24 @@ def agreement(judge: np.ndarray, oracle: np.ndarray, variants: int, kinds) -> di
   return {**correlation_metrics(judge, oracle, variants), "by_kind": by_kind(judge, oracle, kinds)}
 
 
-def verdict_token_ids(judge) -> list[int]:
-  """The token ids of the verdict words (P.VERDICTS order), each one token after a space."""
-  return [judge.tokenizer(f" {w}")["input_ids"][0] for _, w in P.VERDICTS]
+def decomposition(judge, data: D.JudgeSet) -> dict:
+  """How a decomposing judge lists the items of the held-out prompts (text only, greedy): the
+  share of prompts whose items it lists exactly (in order), the share of true items among its
+  lists, the share of its items that are true, and how many answers are invalid."""
+  prompts = sorted(set(data.prompts))
+  truth = {
+    data.prompts[r]: [i.phrase for i in data.labels[r]["items/alignment"]] for r in range(len(data))
+  }
+  listed, valid = judge.items_of(prompts)
+  true_items = sum(len(truth[p]) for p in prompts)
+  found = sum(len(set(items) & set(truth[p])) for p, items in zip(prompts, listed))
+  return {
+    "prompts": len(prompts),
+    "invalid": int((~valid).sum()),
+    "exact": round(float(np.mean([items == truth[p] for p, items in zip(prompts, listed)])), 4),
+    "recall": round(found / true_items, 4),
+    "precision": round(found / max(1, sum(len(set(items)) for items in listed)), 4),
+  }
 
 
 def by_kind(judge: np.ndarray, oracle: np.ndarray, kinds) -> dict:
@@ -378,6 +390,8 @@ def main(argv):
     from qwen_image_rl.judges.vlm_judge import VLMJudge
 
     kw = {"max_cot_tokens": FLAGS.max_cot_tokens} if FLAGS.max_cot_tokens else {}
+    if FLAGS.verdict_samples >= 0:
+      kw["verdict_samples"] = FLAGS.verdict_samples
     judge = VLMJudge.load(FLAGS.judge, **kw)
     modes = ("cot", "no_cot") if FLAGS.mode == "both" else (FLAGS.mode,)
     true_captions = FLAGS.captions == "true"
@@ -392,6 +406,9 @@ def main(argv):
       "captions": FLAGS.captions if judge.describe_first else None,
       **evaluate_judge(judge, t2i, edits, modes, true_captions, FLAGS.seed, FLAGS.examples),
     }
+    if judge.decompose:
+      result["decomposition"] = decomposition(judge, t2i)
+      result["verdict_samples"] = judge.verdict_samples
     if FLAGS.caption_loss:
       result["caption_loss"] = caption_loss(judge, FLAGS.split, 64, FLAGS.seed)
     if FLAGS.items == "true":

@@ -657,6 +657,141 @@ def test_true_items_chain_names_the_prompts_items_in_order_and_reads_its_score(j
   np.testing.assert_allclose(rewards[0], expected[0], rtol=1e-4)
 
 
+def test_items_text_round_trips_and_refuses_phrases_it_could_not_parse():
+  phrases = ['count', 'small red circle', 'top left', 'K', 'red circle left of blue square']
+  text = P.items_text(phrases)
+  assert text == 'count. small red circle. top left. K. red circle left of blue square.'
+  assert P.parse_items(text) == phrases and P.parse_items('') == []
+  for bad in ('', 'a.b', 'Score'):
+    with pytest.raises(ValueError, match='item phrase'):
+      P.items_text(['count', bad])
+  assert P.DECOMPOSE_REQUEST in P.decompose_prompt('a red circle')
+  assert '<|image_pad|>' not in P.decompose_prompt('a red circle')  # text only
+
+
+def _decomposing(judge, **kw):
+  params = nn.meta.unbox(judge.params)
+  return V.VLMJudge(judge.model, params, judge.tokenizer, judge.processor, decompose=True, **kw)
+
+
+def test_decomposition_examples_answer_each_prompt_with_its_items_text_only(judge):
+  from qwen_image_rl import config_lib
+  from qwen_image_rl.trainers import reward_sft
+
+  c = _tiny_judge_config()
+  c.data.update(cot_style='checklist', decompose_batch_size=3)
+  c.judge.decompose = True
+  reward_sft.validate(c)
+  t2i = D.t2i_set(1, 6, 'train', 64, 2)
+  decomposer = reward_sft.DecomposeBatcher(c, judge, t2i)
+  assert len(decomposer.prompts) == len(set(t2i.prompts))
+  batch = decomposer(5)
+  assert not any('pixel' in k for k in batch)
+  ids, weights = batch['decompose/input_ids'], batch['decompose/weights']
+  assert ids.shape == (3, decomposer.length) and not (ids == judge.model.image_token_id).any()
+  truth = {t2i.prompts[r]: t2i.labels[r]['items/alignment'] for r in range(len(t2i))}
+  for row in range(3):
+    text = judge.tokenizer.decode(ids[row][batch['decompose/attention_mask'][row] == 1])
+    prompt = text.split('prompt: ', 1)[1].split('<|im_end|>', 1)[0]
+    answer = judge.tokenizer.decode(ids[row][weights[row] == 1])
+    assert answer == P.items_text([i.phrase for i in truth[prompt]]) + '<|im_end|>'
+  # Text only: plain positions on all three mRoPE streams.
+  positions = batch['decompose/position_ids']
+  np.testing.assert_array_equal(positions[0], positions[2])
+  np.testing.assert_array_equal(
+    batch['decompose/input_ids'],
+    reward_sft.DecomposeBatcher(c, judge, t2i)(5)['decompose/input_ids'],
+  )
+  with pytest.raises(ValueError, match='max_item_tokens=4'):
+    reward_sft.DecomposeBatcher(c, _decomposing(judge, max_item_tokens=4), t2i)
+  c = _tiny_judge_config()
+  c.judge.decompose = True
+  with pytest.raises(config_lib.ConfigError, match='decompose_batch_size=0'):
+    reward_sft.validate(c)
+  c.data.decompose_batch_size = 2
+  with pytest.raises(config_lib.ConfigError, match="cot_style='checklist'"):
+    reward_sft.validate(c)
+
+
+def test_decomposed_items_parse_at_im_end_and_answers_without_it_are_invalid(judge, monkeypatch):
+  dec = _decomposing(judge)
+  t = dec.tokens
+  answer = dec.tokenizer(P.items_text(['count', 'small red circle']))['input_ids']
+  rows = np.array(
+    [answer + [t.im_end, t.pad], answer + [5, 5], [t.im_end] + [t.pad] * (len(answer) + 1)]
+  )
+  monkeypatch.setattr(dec, 'generate_rows', lambda *a, **k: rows)
+  items, valid = dec.items_of(['a', 'b', 'c'])
+  assert items[0] == ['count', 'small red circle'] and valid.tolist() == [True, False, False]
+  # An invalid decomposition makes the alignment reward NaN; the others still score.
+  ds = D.t2i_set(3, 2, 'val', 64)
+  out = dec.score('alignment', ds.images[:3], ['a', 'b', 'c'], cot=True)
+  assert out.valid.tolist() == [True, False, False]
+  assert np.isfinite(out.reward[0]) and np.isnan(out.reward[1:]).all()
+
+
+def test_checklist_verdicts_are_greedy_or_drawn_from_the_verdict_softmax(judge, monkeypatch):
+  dec = _decomposing(judge)
+  ids = dec.verdict_ids
+  logits = np.full((1, max(ids) + 1), -1e9, np.float32)
+  logits[0, ids] = np.log([0.6, 0.1, 0.1, 0.2])
+  monkeypatch.setattr(dec, 'read_logits', lambda seqs, processed: np.repeat(logits, len(seqs), 0))
+  items = [['count', 'small red circle']] * 400
+  greedy = dec.fill_checklist([[1]] * 400, None, items)
+  assert all(dec.tokenizer.decode(c) == 'count good. small red circle good.' for c in greedy[:2])
+  drawn = dec.fill_checklist([[1]] * 400, None, items, np.random.default_rng(0))
+  picked = np.array([[c.count(v) for v in ids] for c in drawn]).sum(0) / 800
+  np.testing.assert_allclose(picked, [0.6, 0.1, 0.1, 0.2], atol=0.04)
+
+
+def test_decomposing_judge_reward_is_the_mean_over_sampled_checklists(judge, monkeypatch):
+  dec = _decomposing(judge, verdict_samples=3)
+  t2i = D.t2i_set(1, 2, 'val', 64, 2)
+  truth = [[i.phrase for i in t2i.labels[r]['items/alignment']] for r in range(len(t2i))]
+  monkeypatch.setattr(dec, 'items_of', lambda prompts: (truth, np.ones(len(prompts), bool)))
+  chains = []
+  fill = dec.fill_checklist
+  monkeypatch.setattr(
+    dec, 'fill_checklist', lambda *a, **k: chains.append(fill(*a, **k)) or chains[-1]
+  )
+  out = dec.score('alignment', t2i.images, list(t2i.prompts), cot=True)
+  assert len(chains) == 3
+  for cots in chains:  # each names the true items, in order
+    for row, cot in enumerate(cots):
+      written = dec.tokenizer.decode(cot).strip().rstrip('.').split('. ')
+      assert [part.rsplit(' ', 1)[0] for part in written] == truth[row]
+  prompts, processed = dec._inputs('alignment', t2i.images, list(t2i.prompts), None)
+  draws = [dec._readouts(prompts, cots, processed)[1] for cots in chains]
+  np.testing.assert_allclose(out.reward, np.mean(draws, 0), rtol=1e-5)
+  again = dec.score('alignment', t2i.images, list(t2i.prompts), cot=True)
+  np.testing.assert_array_equal(again.reward, out.reward)  # fixed draws
+  # No-CoT alignment reads as any judge does: no checklist.
+  dec.score('alignment', t2i.images, list(t2i.prompts), cot=False)
+  assert len(chains) == 6
+
+
+def test_eval_decomposition_counts_exact_lists_and_found_items(judge, monkeypatch):
+  from qwen_image_rl import judge_eval
+
+  dec = _decomposing(judge)
+  t2i = D.t2i_set(1, 3, 'val', 64, 2)
+  truth = {
+    t2i.prompts[r]: [i.phrase for i in t2i.labels[r]['items/alignment']] for r in range(len(t2i))
+  }
+  monkeypatch.setattr(
+    dec, 'items_of', lambda prompts: ([truth[p] for p in prompts], np.ones(len(prompts), bool))
+  )
+  out = judge_eval.decomposition(dec, t2i)
+  assert out == {'prompts': len(truth), 'invalid': 0, 'exact': 1.0, 'recall': 1.0, 'precision': 1.0}
+  monkeypatch.setattr(
+    dec, 'items_of', lambda prompts: ([truth[p][1:] for p in prompts], np.ones(len(prompts), bool))
+  )
+  out = judge_eval.decomposition(dec, t2i)
+  n = sum(map(len, truth.values()))
+  assert out['exact'] == 0.0 and out['precision'] == 1.0
+  assert out['recall'] == round((n - len(truth)) / n, 4)
+
+
 def test_eval_examples_show_the_chains_of_thought_it_scored(judge):
   from qwen_image_rl import judge_eval
 
@@ -935,7 +1070,9 @@ def test_bad_caption_settings_are_rejected():
     reward_sft.validate(c)
 
 
-@pytest.mark.parametrize('kind', ['pointwise', 'pairwise', 'describe_first', 'checklist'])
+@pytest.mark.parametrize(
+  'kind', ['pointwise', 'pairwise', 'describe_first', 'checklist', 'decompose']
+)
 def test_reward_sft_trains_and_exports_a_loadable_judge(tmp_path, kind):
   from qwen_image_rl import main
 
@@ -943,14 +1080,20 @@ def test_reward_sft_trains_and_exports_a_loadable_judge(tmp_path, kind):
   c.judge.describe_first = kind == 'describe_first'
   if kind == 'checklist':  # with the grounded tower, whose word embeddings seed the LM's
     c.data.cot_style, c.perception.grounded = 'checklist', True
-  kind = 'pointwise' if kind in ('describe_first', 'checklist') else kind
+  if kind == 'decompose':
+    c.data.update(cot_style='checklist', decompose_batch_size=2)
+    c.judge.update(decompose=True, verdict_samples=2)
+  decompose = kind == 'decompose'
+  kind = 'pointwise' if kind in ('describe_first', 'checklist', 'decompose') else kind
   c.loss.kind = kind
   c.perception.freeze_tower = kind == 'pairwise'  # the frozen tower's optimiser, sharded
   history = main.run(c, str(tmp_path))
   assert all(np.isfinite(h['loss']) for h in history)
   assert all(h['caption_ce'] > 0 for h in history)
+  assert all(('decompose_ce' in h) == decompose for h in history)
   loaded = V.VLMJudge.load(str(tmp_path / 'export' / 'judge'), max_cot_tokens=3)
   assert loaded.describe_first == c.judge.describe_first
+  assert (loaded.decompose, loaded.verdict_samples) == (decompose, 2 * decompose)
   with open(tmp_path / 'export' / 'judge' / V.JUDGE_CONFIG) as f:
     assert json.load(f)['loss'] == kind
   ds = D.edit_set(2, 2, 'val', 64)

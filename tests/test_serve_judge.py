@@ -178,3 +178,13 @@ def test_a_describe_first_judge_is_refused_not_served_without_its_captions(judge
   judge.save(directory)
   with pytest.raises(ValueError, match='describe_first judge .* is not served yet'):
     vlm.load(directory)
+
+
+def test_a_decompose_judge_is_served_without_cot_only(judge_dir, tmp_path):
+  directory = str(tmp_path / 'decomposing')
+  judge = V.VLMJudge.load(judge_dir)
+  judge.decompose = True
+  judge.save(directory)
+  with pytest.raises(ValueError, match='decompose judge .* without chain of thought only'):
+    vlm.load(directory)
+  assert vlm.load(directory, cot=False).judge.decompose

@@ -126,6 +126,35 @@ def caption_prompt() -> str:
   )
 
 
+# Decomposition, a checklist judge's first pass (VLMJudge.decompose): the prompt alone, with no
+# image, answered by the items a checklist goes through ("count. small red circle. top left.").
+# Without the image in its context the judge can copy the prompt's items but not name the
+# image's instead, which its chains of thought do when they write the items themselves. Its
+# words are left out of the tokenizer's vocabulary, as the captioning request's are.
+DECOMPOSE_REQUEST = 'List the items of the prompt.'
+
+
+def decompose_prompt(prompt: str) -> str:
+  """The decomposition prompt up to the assistant turn; the answer is items_text of its items."""
+  return (
+    f'<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{DECOMPOSE_REQUEST}\n'
+    f'{PROMPT_LABEL["alignment"]}: {prompt}<|im_end|>\n<|im_start|>assistant\n'
+  )
+
+
+def items_text(phrases) -> str:
+  """Item phrases as a decomposition answer: each ended by a period."""
+  for phrase in phrases:
+    if not phrase or '.' in phrase or 'Score' in phrase:
+      raise ValueError(f'item phrase {phrase!r}: must be non-empty, without "." or "Score"')
+  return ' '.join(f'{phrase}.' for phrase in phrases)
+
+
+def parse_items(text: str) -> list[str]:
+  """The item phrases of a decomposition answer (items_text's inverse)."""
+  return [part.strip() for part in text.split('.') if part.strip()]
+
+
 def verdict(value: float) -> str:
   return next(word for threshold, word in VERDICTS if value >= threshold)
 

@@ -15,6 +15,16 @@ Scoring one batch (`VLMJudge.score`):
 The no-CoT path is step 2 with an empty chain of thought, so both paths read the same position
 of the same template (tests check it). Training (trainers/reward_sft.py) builds its sequences
 with the same `assemble`.
+
+Decomposing checklist judges (`decompose`, configs/judge.py:tiny_decompose) write their alignment
+chain of thought in two passes. First the prompt alone, with no image, is decomposed into its
+items (`items_of`: "count. small red circle. top left."); an answer without <|im_end|> within
+`max_item_tokens`, or with no item, is invalid. Then the checklist is written item by item: each
+phrase is given and the judge chooses its verdict from the four verdict words' logits, greedily
+(`verdict_samples` = 0) or sampled from their softmax; then the score is read as above. With
+`verdict_samples` = K the reward is the mean over K sampled checklists of the expected score: a
+Monte-Carlo estimate of E over chains of thought of sum_s s p(s | chain), the paper's expected
+score with the chain of thought integrated out instead of fixed at its greedy decoding.
 """
 
 from __future__ import annotations
@@ -36,7 +46,14 @@ from qwen_image_rl.serving import protocol
 
 JUDGE_CONFIG = 'judge_config.json'
 # judge_config.json keys that set up a loaded judge (the rest describe its training).
-LOADED_SETTINGS = ('max_cot_tokens', 'describe_first', 'max_caption_tokens')
+LOADED_SETTINGS = (
+  'max_cot_tokens',
+  'describe_first',
+  'max_caption_tokens',
+  'decompose',
+  'max_item_tokens',
+  'verdict_samples',
+)
 PREPROCESSOR_CONFIG = 'preprocessor_config.json'
 P_VALUES = tuple(int(d) for d in P.SCORE_DIGITS)
 
@@ -196,6 +213,9 @@ class VLMJudge:
     batch_size: int = 32,
     describe_first: bool = False,
     max_caption_tokens: int = 64,
+    decompose: bool = False,
+    max_item_tokens: int = 48,
+    verdict_samples: int = 0,
   ):
     if max_cot_tokens < 1:
       raise ValueError(
@@ -209,6 +229,12 @@ class VLMJudge:
     # image, written in a separate "Describe the image." pass that cannot see (and so cannot
     # copy) the prompt; the judge then compares two texts as well as reading the image.
     self.describe_first, self.max_caption_tokens = describe_first, max_caption_tokens
+    if verdict_samples < 0:
+      raise ValueError(f'verdict_samples={verdict_samples} must be >= 0 (0: greedy verdicts)')
+    # decompose: alignment chains of thought are checklists of the judge's own items of the
+    # prompt, from a text-only first pass (module docstring).
+    self.decompose, self.max_item_tokens = decompose, max_item_tokens
+    self.verdict_samples = verdict_samples
     self._prompt_cache: dict = {}
 
   # -- persistence ----------------------------------------------------------------------------
@@ -255,6 +281,9 @@ class VLMJudge:
           'max_cot_tokens': self.max_cot_tokens,
           'describe_first': self.describe_first,
           'max_caption_tokens': self.max_caption_tokens,
+          'decompose': self.decompose,
+          'max_item_tokens': self.max_item_tokens,
+          'verdict_samples': self.verdict_samples,
           'tasks': sorted(P.RUBRICS),
           'score_digits': list(P.SCORE_DIGITS),
           **(extra or {}),
@@ -279,6 +308,49 @@ class VLMJudge:
     """Token ids of the "Describe the image." prompt for one image of `grid` [1, 3]."""
     text = expand_image_tokens([P.caption_prompt()], grid, self.processor.merge_size)
     return self.tokenizer(text[0])['input_ids']
+
+  def decompose_prompt_ids(self, prompt: str) -> list[int]:
+    """Token ids of the text-only decomposition prompt (P.decompose_prompt)."""
+    return self.tokenizer(P.decompose_prompt(prompt))['input_ids']
+
+  @property
+  def verdict_ids(self) -> list[int]:
+    """The token ids of the verdict words (P.VERDICTS order), each one token after a space."""
+    return [self.tokenizer(f' {w}')['input_ids'][0] for _, w in P.VERDICTS]
+
+  def items_of(self, prompts: Sequence[str]) -> tuple[list[list[str]], np.ndarray]:
+    """(item phrases, valid [B]): the judge's greedy decomposition of each prompt, text only."""
+    ids = [self.decompose_prompt_ids(p) for p in prompts]
+    rows = self.generate_rows(ids, None, self.max_item_tokens, (self.tokens.im_end,))
+    items, valid = [], np.zeros(len(prompts), bool)
+    for b, row in enumerate(rows.tolist()):
+      ended = self.tokens.im_end in row
+      text = self.tokenizer.decode(row[: row.index(self.tokens.im_end)] if ended else [])
+      items.append(P.parse_items(text))
+      valid[b] = ended and bool(items[b])
+    return items, valid
+
+  def fill_checklist(self, prompt_ids, processed, items, rng=None) -> list[list[int]]:
+    """Checklist chains of thought (id lists) over the given item phrases: after each phrase
+    the judge's verdict, its likeliest (rng None) or drawn from the softmax over the verdict
+    words, then a period."""
+    verdict_ids = np.array(self.verdict_ids)
+    period = self.tokenizer('.')['input_ids']
+    cots = [[] for _ in prompt_ids]
+    for k in range(max(map(len, items), default=0)):
+      going = [i for i, its in enumerate(items) if k < len(its)]
+      for i in going:
+        cots[i] += self.tokenizer(items[i][k] if k == 0 else f' {items[i][k]}')['input_ids']
+      logits = self.read_logits([p + c for p, c in zip(prompt_ids, cots)], processed)
+      for i in going:
+        z = logits[i][verdict_ids].astype(np.float64)
+        if rng is None:
+          pick = int(z.argmax())
+        else:
+          p = np.exp(z - z.max())
+          pick = int(rng.choice(len(p), p=p / p.sum()))
+        cots[i] += [int(verdict_ids[pick])] + period
+    return cots
 
   def describe(self, images) -> list[str]:
     """The judge's greedy captions of images [B, H, W, 3] (cut at max_caption_tokens)."""
@@ -354,15 +426,42 @@ class VLMJudge:
   def _score_chunk(self, task, images, prompts, sources, cot: bool, seen=None) -> JudgeOutput:
     prompt_ids, processed = self._inputs(task, images, prompts, sources, seen)
     batch = len(prompt_ids)
+    if cot and self.decompose and task == 'alignment':
+      return self._score_checklists(prompt_ids, processed, prompts)
     cots, valid = [[] for _ in range(batch)], np.ones(batch, bool)
     if cot:
       cots, valid = self.generate_cot(prompt_ids, processed)
+    return self._output(*self._readouts(prompt_ids, cots, processed), valid, cots)
+
+  def _score_checklists(self, prompt_ids, processed, prompts) -> JudgeOutput:
+    """Decomposing judges' alignment: items_of, then fill_checklist once greedily or
+    `verdict_samples` times sampled (the mean expected score); rows without items are invalid."""
+    items, valid = self.items_of(prompts)
+    if not self.verdict_samples:
+      cots = self.fill_checklist(prompt_ids, processed, items)
+      return self._output(*self._readouts(prompt_ids, cots, processed), valid, cots)
+    # Fixed draws: the same images and prompts get the same reward.
+    rng = np.random.default_rng([len(prompts), *map(len, prompts)])
+    draws = []
+    for _ in range(self.verdict_samples):
+      cots = self.fill_checklist(prompt_ids, processed, items, rng)
+      draws.append(self._readouts(prompt_ids, cots, processed))
+    expected, reward = np.mean(draws, axis=0)
+    return self._output(expected, reward, valid, cots)
+
+  def _readouts(self, prompt_ids, cots, processed) -> tuple[np.ndarray, np.ndarray]:
+    """(expected score in [1, 5], reward in [0, 1]), each [B], read after each chain of thought."""
     seqs = [assemble(p, c, self.tokens)[0] for p, c in zip(prompt_ids, cots)]
     logprobs = np.asarray(score_logprobs(self.read_logits(seqs, processed), self.tokens.digits))
-    expected = np.where(valid, readout(logprobs, 'raw'), np.nan).astype(np.float32)
-    reward = np.where(valid, readout(logprobs, 'unit'), np.nan).astype(np.float32)
-    texts = [self.tokenizer.decode(c) for c in cots]
-    return JudgeOutput(expected=expected, reward=reward, valid=valid, cot=texts)
+    return readout(logprobs, 'raw'), readout(logprobs, 'unit')
+
+  def _output(self, expected, reward, valid, cots) -> JudgeOutput:
+    return JudgeOutput(
+      expected=np.where(valid, expected, np.nan).astype(np.float32),
+      reward=np.where(valid, reward, np.nan).astype(np.float32),
+      valid=valid,
+      cot=[self.tokenizer.decode(c) for c in cots],
+    )
 
   def generate_cot(self, prompt_ids, processed):
     """(chains of thought as id lists, valid [B]): greedy until the " Score" marker."""
@@ -372,6 +471,7 @@ class VLMJudge:
     """The greedy tokens [B, max_new_tokens] after each prompt (pad after a stop token);
     defaults: a chain of thought (max_cot_tokens, stopping at the marker or <|im_end|>)."""
     ids, mask = _left_pad(prompt_ids, self.tokens.pad)
+    processed = processed or {}
     config = gen.GenerationConfig(
       max_new_tokens=max_new_tokens or self.max_cot_tokens,
       stop_token_ids=stop or (self.tokens.marker, self.tokens.im_end),
@@ -383,8 +483,8 @@ class VLMJudge:
         self.params,
         ids,
         mask,
-        pixel_values=processed['pixel_values'],
-        image_grid_thw=processed['image_grid_thw'],
+        pixel_values=processed.get('pixel_values'),
+        image_grid_thw=processed.get('image_grid_thw'),
         config=config,
       )
     )

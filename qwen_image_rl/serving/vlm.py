@@ -184,5 +184,13 @@ def load(directory: str, *, model_name: str = '', cot: bool = True, max_cot_toke
       f'--judge={directory}: a describe_first judge (configs/judge.py:tiny_describe_first) is '
       'not served yet; use it in-process (configs/rl_t2i.py:judge=DIR)'
     )
+  if judge.decompose and cot:
+    # Its alignment CoT is a text-only decomposition then a checklist written item by item, not
+    # the one greedy generation this server runs; served as is it would score another chain.
+    raise ValueError(
+      f'--judge={directory}: a decompose judge (configs/judge.py:tiny_decompose) is served '
+      'without chain of thought only (--no_cot); use its CoT in-process '
+      '(configs/rl_t2i.py:judge=DIR)'
+    )
   name = model_name or os.path.basename(os.path.normpath(directory))
   return VLMServedJudge(judge, model_name=name, cot=cot)

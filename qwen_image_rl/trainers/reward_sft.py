@@ -17,6 +17,11 @@ of them noised, blurred or speckled), with token cross-entropy weighted by `loss
 The rubric targets can be met from language priors alone (most verdicts are "good"); a caption
 cannot, so it is what makes a from-scratch vision tower encode objects, colours and positions.
 
+Decomposition (`judge.decompose`, checklist judges; `data.decompose_batch_size` examples a
+step, token cross-entropy weighted by `loss.decompose_weight`): the text-only request "List the
+items of the prompt." answered with the training prompts' checklist items, the exported judge's
+first pass before it writes an alignment checklist (VLMJudge.items_of).
+
 Perception pre-training (`perception.steps` > 0): before the first step of a fresh run the
 vision tower is trained on dense oracle targets (judges/perception.py) and the judge starts
 from it; a resumed run restores it from the checkpoint.
@@ -118,6 +123,17 @@ def validate(config):
       "its own captions at inference"
     )
   config_lib.check_positive(config, "judge.max_caption_tokens")
+  if config.judge.decompose:
+    config_lib.check_positive(config, "data.decompose_batch_size", "judge.max_item_tokens")
+    if config.data.cot_style != "checklist" or config.loss.kind != "pointwise":
+      raise config_lib.ConfigError(
+        "config.judge.decompose writes alignment checklists of the judge's own items: it needs "
+        "config.data.cot_style='checklist' and config.loss.kind='pointwise'"
+      )
+  if config.judge.verdict_samples < 0:
+    raise config_lib.ConfigError(
+      f"config.judge.verdict_samples={config.judge.verdict_samples}: must be >= 0"
+    )
   if config.language.steps < 0:
     raise config_lib.ConfigError(f"config.language.steps={config.language.steps}: must be >= 0")
   if config.language.steps:
@@ -446,6 +462,46 @@ class CaptionBatcher:
     return {**model_inputs(self.judge, ids, mask, images, "caption/"), "caption/weights": weights}
 
 
+class DecomposeBatcher:
+  """The step's decomposition examples (a pure function of step), text only: each training
+  prompt answered by its checklist items (P.items_text). Arrays under "decompose/" keys."""
+
+  def __init__(self, config, judge: V.VLMJudge, t2i: D.JudgeSet):
+    self.config, self.judge = config, judge
+    self.prompts, seen = [], set()
+    answers = []
+    for row, prompt in enumerate(t2i.prompts):
+      if prompt in seen:  # the items are the prompt's (the requested scene's), whatever is shown
+        continue
+      seen.add(prompt)
+      self.prompts.append(judge.decompose_prompt_ids(prompt))
+      phrases = [item.phrase for item in t2i.labels[row]["items/alignment"]]
+      answers.append(judge.tokenizer(P.items_text(phrases))["input_ids"] + [judge.tokens.im_end])
+    self.answers = answers
+    longest_answer = max(map(len, answers))
+    if longest_answer > judge.max_item_tokens:
+      raise ValueError(
+        f"reward_sft: decompositions run to {longest_answer} tokens but "
+        f"config.judge.max_item_tokens={judge.max_item_tokens}: the judge could not finish them"
+      )
+    longest = max(len(p) + len(a) for p, a in zip(self.prompts, answers))
+    self.length = -(-longest // 16) * 16
+
+  def __call__(self, step: int) -> dict:
+    rng = np.random.default_rng([self.config.seed, step, 4])
+    rows = rng.choice(len(self.answers), self.config.data.decompose_batch_size)
+    seqs = [self.prompts[r] + self.answers[r] for r in rows]
+    weights = [[0.0] * len(self.prompts[r]) + [1.0] * len(self.answers[r]) for r in rows]
+    ids, mask, w = padded_tokens(seqs, weights, self.length, self.judge.tokens.pad)
+    positions, _ = self.judge.model.rope_index(ids, mask, None)
+    return {
+      "decompose/input_ids": ids,
+      "decompose/attention_mask": mask,
+      "decompose/position_ids": positions,
+      "decompose/weights": w,
+    }
+
+
 def token_ce(logits, input_ids, weights):
   """Weighted next-token cross-entropy (weights on the target positions)."""
   logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
@@ -499,16 +555,25 @@ def make_loss(model: Qwen25VL, digit_ids, layout, config, caption_layout=None):
     return loss, {"pair_accuracy": acc}
 
   judge_loss = pointwise if kind == "pointwise" else pairwise
-  if caption_layout is None:
-    return judge_loss
 
-  def with_captions(params, batch):
+  def with_auxiliary(params, batch):
     loss, aux = judge_loss(params, batch)
-    logits = forward(params, batch, "caption/", caption_layout)
-    ce = token_ce(logits, batch["caption/input_ids"], batch["caption/weights"])
-    return loss + config.loss.caption_weight * ce, {**aux, "caption_ce": ce}
+    if caption_layout is not None:
+      logits = forward(params, batch, "caption/", caption_layout)
+      ce = token_ce(logits, batch["caption/input_ids"], batch["caption/weights"])
+      loss, aux = loss + config.loss.caption_weight * ce, {**aux, "caption_ce": ce}
+    if "decompose/input_ids" in batch:  # text only: no image in these sequences
+      logits = model.apply(
+        {"params": params},
+        batch["decompose/input_ids"],
+        batch["decompose/attention_mask"],
+        position_ids=batch["decompose/position_ids"],
+      )
+      ce = token_ce(logits, batch["decompose/input_ids"], batch["decompose/weights"])
+      loss, aux = loss + config.loss.decompose_weight * ce, {**aux, "decompose_ce": ce}
+    return loss, aux
 
-  return with_captions
+  return with_auxiliary
 
 
 def make_train_step(loss_fn, tx):
@@ -632,6 +697,7 @@ REQUIRED = {
   "data.edit_batch_size": int,
   "data.no_cot_fraction": float,
   "data.caption_batch_size": int,
+  "data.decompose_batch_size": int,
   "data.samples_from": str,
   "data.describe_in_cot": bool,
   "data.cot_style": str,
@@ -640,6 +706,7 @@ REQUIRED = {
   "loss.score_mse_weight": float,
   "loss.min_margin": float,
   "loss.caption_weight": float,
+  "loss.decompose_weight": float,
   "perception.steps": int,
   "perception.batch_size": int,
   "perception.lr": float,
@@ -650,6 +717,9 @@ REQUIRED = {
   "judge.max_cot_tokens": int,
   "judge.describe_first": bool,
   "judge.max_caption_tokens": int,
+  "judge.decompose": bool,
+  "judge.max_item_tokens": int,
+  "judge.verdict_samples": int,
   "language.steps": int,
   "language.batch_size": int,
   "language.lr": float,
@@ -670,6 +740,9 @@ def train(config, workdir):
     max_cot_tokens=config.judge.max_cot_tokens,
     describe_first=config.judge.describe_first,
     max_caption_tokens=config.judge.max_caption_tokens,
+    decompose=config.judge.decompose,
+    max_item_tokens=config.judge.max_item_tokens,
+    verdict_samples=config.judge.verdict_samples,
   )
   print("reward_sft: rendering, corrupting and labelling the training set ...", flush=True)
   t2i, edits = build_sets(config)
@@ -677,6 +750,7 @@ def train(config, workdir):
   captioner = (
     CaptionBatcher(config, judge, batcher.grid) if config.data.caption_batch_size else None
   )
+  decomposer = DecomposeBatcher(config, judge, t2i) if config.judge.decompose else None
   print(
     f"reward_sft: {len(t2i)} T2I and {len(edits)} edit images, sequence length "
     f"{batcher.length}, loss {config.loss.kind}",
@@ -712,6 +786,8 @@ def train(config, workdir):
     batch = batcher(step)
     if captioner:
       batch.update(captioner(step))
+    if decomposer:
+      batch.update(decomposer(step))
     out = {}
     for k, v in batch.items():
       if k.endswith(("position_ids", "pixel_values")):
