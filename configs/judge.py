@@ -80,6 +80,8 @@ def get_config(arg: str = "tiny"):
       caption_batch_size=16,
       # Text-only "List the items of the prompt." examples a step (decompose judges).
       decompose_batch_size=16 if arg == "tiny_decompose" else 0,
+      # One-item alignment checklists a step, the loss on the verdict (decompose judges).
+      drill_batch_size=16 if arg == "tiny_decompose" else 0,
       samples_from="",
       # Alignment CoTs describe the image (judge_data.describe) before the verdicts, instruction
       # CoTs the source and the output.
@@ -99,6 +101,7 @@ def get_config(arg: str = "tiny"):
       min_margin=0.02,
       caption_weight=1.0,
       decompose_weight=1.0,
+      drill_weight=1.0,
     )
   )
   # The vision tower first learns to see (judges/perception.py; 0 steps skips it), then stays
@@ -137,6 +140,8 @@ def get_config(arg: str = "tiny"):
       decompose=arg == "tiny_decompose",
       max_item_tokens=48,
       verdict_samples=0,
+      # Verdicts read item by item, each after its phrase alone (as the drills train them).
+      independent_items=arg == "tiny_decompose",
     )
   )
   # describe_first judges: the language model can first learn to compare the prompt with the

@@ -744,6 +744,67 @@ def test_checklist_verdicts_are_greedy_or_drawn_from_the_verdict_softmax(judge, 
   np.testing.assert_allclose(picked, [0.6, 0.1, 0.1, 0.2], atol=0.04)
 
 
+def test_item_drills_hold_one_item_and_train_only_its_verdict(judge):
+  from qwen_image_rl import config_lib
+  from qwen_image_rl.trainers import reward_sft
+
+  c = _tiny_judge_config()
+  c.data.update(cot_style='checklist', drill_batch_size=5)
+  reward_sft.validate(c)
+  t2i = D.t2i_set(1, 4, 'train', 64, 2)
+  grid = judge.processor(t2i.images[0])['image_grid_thw']
+  drills = reward_sft.DrillBatcher(c, judge, t2i, grid)
+  batch = drills(3)
+  assert batch['drill/pixel_values'].shape[0] == 5 * int(grid.prod())
+  assert (batch['drill/weights'].sum(1) == 1).all()  # one target a row: the verdict
+  verdicts = dict(zip(judge.verdict_ids, (w for _, w in P.VERDICTS)))
+  for row in range(len(t2i)):
+    for k, item in enumerate(t2i.labels[row]['items/alignment']):
+      ids, weights = drills._drill(row, k)
+      (at,) = np.flatnonzero(weights)
+      assert verdicts[ids[at]] == P.verdict(item.value)
+      prompt = judge.prompt_ids('alignment', t2i.prompts[row], grid)
+      assert ids[: len(prompt)] == prompt
+      assert judge.tokenizer.decode(ids[len(prompt) :]) == f'{item.phrase} {P.verdict(item.value)}.'
+  np.testing.assert_array_equal(drills(3)['drill/input_ids'], batch['drill/input_ids'])
+  c.data.cot_style = 'dims'
+  with pytest.raises(config_lib.ConfigError, match='drills checklist items'):
+    reward_sft.validate(c)
+  c = _tiny_judge_config()
+  c.judge.independent_items = True
+  with pytest.raises(config_lib.ConfigError, match='independent_items reads'):
+    reward_sft.validate(c)
+
+
+def test_independent_items_read_each_verdict_after_its_phrase_alone(judge, monkeypatch):
+  dec = _decomposing(judge, independent_items=True)
+  t2i = D.t2i_set(1, 2, 'val', 64, 2)
+  prompts, processed = dec._inputs('alignment', t2i.images, list(t2i.prompts), None)
+  items = [[i.phrase for i in t2i.labels[r]['items/alignment']] for r in range(len(t2i))]
+  read = []
+  real = dec.read_logits
+  monkeypatch.setattr(dec, 'read_logits', lambda seqs, p: read.append(seqs) or real(seqs, p))
+  cots = dec.fill_checklist(prompts, processed, items)
+  for k, seqs in enumerate(read):
+    for row, seq in enumerate(seqs):
+      if k < len(items[row]):
+        assert seq == prompts[row] + dec.tokenizer(items[row][k])['input_ids']
+  for row, cot in enumerate(cots):  # the chain still names every item, in order
+    written = dec.tokenizer.decode(cot).strip().rstrip('.').split('. ')
+    assert [part.rsplit(' ', 1)[0] for part in written] == items[row]
+  # Each verdict is the likeliest after the phrase alone.
+  row, k = 0, len(items[0]) - 1
+  logits = real([prompts[row] + dec.tokenizer(items[row][k])['input_ids']], processed)[0]
+  best = dec.verdict_ids[int(np.argmax(logits[dec.verdict_ids]))]
+  assert dec.tokenizer.decode(cot_tail(dec, cots[row])) == dec.tokenizer.decode([best])
+
+
+def cot_tail(judge, cot):
+  """The last verdict token of a checklist chain (before its period)."""
+  period = judge.tokenizer('.')['input_ids']
+  return cot[-len(period) - 1 : -len(period)]
+
+
 def test_decomposing_judge_reward_is_the_mean_over_sampled_checklists(judge, monkeypatch):
   dec = _decomposing(judge, verdict_samples=3)
   t2i = D.t2i_set(1, 2, 'val', 64, 2)
@@ -1081,8 +1142,8 @@ def test_reward_sft_trains_and_exports_a_loadable_judge(tmp_path, kind):
   if kind == 'checklist':  # with the grounded tower, whose word embeddings seed the LM's
     c.data.cot_style, c.perception.grounded = 'checklist', True
   if kind == 'decompose':
-    c.data.update(cot_style='checklist', decompose_batch_size=2)
-    c.judge.update(decompose=True, verdict_samples=2)
+    c.data.update(cot_style='checklist', decompose_batch_size=2, drill_batch_size=2)
+    c.judge.update(decompose=True, verdict_samples=2, independent_items=True)
   decompose = kind == 'decompose'
   kind = 'pointwise' if kind in ('describe_first', 'checklist', 'decompose') else kind
   c.loss.kind = kind
@@ -1090,10 +1151,11 @@ def test_reward_sft_trains_and_exports_a_loadable_judge(tmp_path, kind):
   history = main.run(c, str(tmp_path))
   assert all(np.isfinite(h['loss']) for h in history)
   assert all(h['caption_ce'] > 0 for h in history)
-  assert all(('decompose_ce' in h) == decompose for h in history)
+  assert all(('decompose_ce' in h) == ('drill_ce' in h) == decompose for h in history)
   loaded = V.VLMJudge.load(str(tmp_path / 'export' / 'judge'), max_cot_tokens=3)
   assert loaded.describe_first == c.judge.describe_first
   assert (loaded.decompose, loaded.verdict_samples) == (decompose, 2 * decompose)
+  assert loaded.independent_items == decompose
   with open(tmp_path / 'export' / 'judge' / V.JUDGE_CONFIG) as f:
     assert json.load(f)['loss'] == kind
   ds = D.edit_set(2, 2, 'val', 64)

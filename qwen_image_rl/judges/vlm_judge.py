@@ -53,6 +53,7 @@ LOADED_SETTINGS = (
   'decompose',
   'max_item_tokens',
   'verdict_samples',
+  'independent_items',
 )
 PREPROCESSOR_CONFIG = 'preprocessor_config.json'
 P_VALUES = tuple(int(d) for d in P.SCORE_DIGITS)
@@ -216,6 +217,7 @@ class VLMJudge:
     decompose: bool = False,
     max_item_tokens: int = 48,
     verdict_samples: int = 0,
+    independent_items: bool = False,
   ):
     if max_cot_tokens < 1:
       raise ValueError(
@@ -235,6 +237,9 @@ class VLMJudge:
     # prompt, from a text-only first pass (module docstring).
     self.decompose, self.max_item_tokens = decompose, max_item_tokens
     self.verdict_samples = verdict_samples
+    # Each item's verdict read with its phrase alone after the prompt, as item drills train it,
+    # not after the verdicts before it (reward_sft, item drills).
+    self.independent_items = independent_items
     self._prompt_cache: dict = {}
 
   # -- persistence ----------------------------------------------------------------------------
@@ -284,6 +289,7 @@ class VLMJudge:
           'decompose': self.decompose,
           'max_item_tokens': self.max_item_tokens,
           'verdict_samples': self.verdict_samples,
+          'independent_items': self.independent_items,
           'tasks': sorted(P.RUBRICS),
           'score_digits': list(P.SCORE_DIGITS),
           **(extra or {}),
@@ -333,7 +339,8 @@ class VLMJudge:
   def fill_checklist(self, prompt_ids, processed, items, rng=None) -> list[list[int]]:
     """Checklist chains of thought (id lists) over the given item phrases: after each phrase
     the judge's verdict, its likeliest (rng None) or drawn from the softmax over the verdict
-    words, then a period."""
+    words, then a period. The verdict is read after the chain so far, or with
+    `independent_items` after the item's phrase alone."""
     verdict_ids = np.array(self.verdict_ids)
     period = self.tokenizer('.')['input_ids']
     cots = [[] for _ in prompt_ids]
@@ -341,7 +348,12 @@ class VLMJudge:
       going = [i for i, its in enumerate(items) if k < len(its)]
       for i in going:
         cots[i] += self.tokenizer(items[i][k] if k == 0 else f' {items[i][k]}')['input_ids']
-      logits = self.read_logits([p + c for p, c in zip(prompt_ids, cots)], processed)
+      if self.independent_items:
+        alone = {i: self.tokenizer(items[i][k])['input_ids'] for i in going}
+        seqs = [p + alone.get(i, []) for i, p in enumerate(prompt_ids)]
+      else:
+        seqs = [p + c for p, c in zip(prompt_ids, cots)]
+      logits = self.read_logits(seqs, processed)
       for i in going:
         z = logits[i][verdict_ids].astype(np.float64)
         if rng is None:

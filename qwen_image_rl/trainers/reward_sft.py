@@ -20,7 +20,12 @@ cannot, so it is what makes a from-scratch vision tower encode objects, colours 
 Decomposition (`judge.decompose`, checklist judges; `data.decompose_batch_size` examples a
 step, token cross-entropy weighted by `loss.decompose_weight`): the text-only request "List the
 items of the prompt." answered with the training prompts' checklist items, the exported judge's
-first pass before it writes an alignment checklist (VLMJudge.items_of).
+first pass before it writes an alignment checklist (VLMJudge.items_of). Item drills
+(`data.drill_batch_size` examples a step, weighted by `loss.drill_weight`): the alignment prompt
+and image, then one item's phrase alone as the chain of thought, the loss on its verdict only.
+In a whole checklist the oracle's verdicts run together (an unrelated scene fails every item), so
+a judge trained on whole checklists alone learns to repeat the verdict before; a drill must read
+its item from the image (VLMJudge.independent_items reads each verdict so).
 
 Perception pre-training (`perception.steps` > 0): before the first step of a fresh run the
 vision tower is trained on dense oracle targets (judges/perception.py) and the judge starts
@@ -130,6 +135,23 @@ def validate(config):
         "config.judge.decompose writes alignment checklists of the judge's own items: it needs "
         "config.data.cot_style='checklist' and config.loss.kind='pointwise'"
       )
+  if config.data.drill_batch_size < 0 or config.loss.drill_weight < 0:
+    raise config_lib.ConfigError(
+      f"config.data.drill_batch_size={config.data.drill_batch_size} and "
+      f"config.loss.drill_weight={config.loss.drill_weight}: must be >= 0"
+    )
+  if config.data.drill_batch_size and config.data.cot_style != "checklist":
+    raise config_lib.ConfigError(
+      "config.data.drill_batch_size > 0 drills checklist items: it "
+      "needs config.data.cot_style='checklist'"
+    )
+  if config.judge.independent_items and not (
+    config.judge.decompose and config.data.drill_batch_size
+  ):
+    raise config_lib.ConfigError(
+      "config.judge.independent_items reads each item's verdict as the drills teach: it needs "
+      "config.judge.decompose=True and config.data.drill_batch_size > 0"
+    )
   if config.judge.verdict_samples < 0:
     raise config_lib.ConfigError(
       f"config.judge.verdict_samples={config.judge.verdict_samples}: must be >= 0"
@@ -462,6 +484,41 @@ class CaptionBatcher:
     return {**model_inputs(self.judge, ids, mask, images, "caption/"), "caption/weights": weights}
 
 
+class DrillBatcher:
+  """The step's item drills (a pure function of step): an alignment example of the training
+  set, one item of its checklist as the whole chain of thought, the loss on that item's verdict.
+  Arrays under "drill/" keys."""
+
+  def __init__(self, config, judge: V.VLMJudge, t2i: D.JudgeSet, grid):
+    self.config, self.judge, self.t2i, self.grid = config, judge, t2i, grid
+    self.rows = np.flatnonzero(~np.isnan(t2i.scores("alignment")))
+    self.verdict_ids = dict(zip((w for _, w in P.VERDICTS), judge.verdict_ids))
+    self.period = judge.tokenizer(".")["input_ids"]
+    longest = max(len(self._drill(int(r), 0)[0]) for r in self.rows[:64]) + 16
+    self.length = -(-longest // 16) * 16
+
+  def _drill(self, row: int, k: int):
+    item = self.t2i.labels[row]["items/alignment"][k]
+    prompt = self.judge.prompt_ids("alignment", self.t2i.prompts[row], self.grid)
+    phrase = self.judge.tokenizer(item.phrase)["input_ids"]
+    ids = prompt + phrase + [self.verdict_ids[P.verdict(item.value)]] + self.period
+    weights = [0.0] * len(ids)
+    weights[len(prompt) + len(phrase)] = 1.0
+    return ids, weights
+
+  def __call__(self, step: int) -> dict:
+    rng = np.random.default_rng([self.config.seed, step, 5])
+    seqs, weights, images = [], [], []
+    for row in rng.choice(self.rows, self.config.data.drill_batch_size):
+      k = int(rng.integers(len(self.t2i.labels[row]["items/alignment"])))
+      ids, w = self._drill(int(row), k)
+      seqs.append(ids)
+      weights.append(w)
+      images.append(self.t2i.images[row])
+    ids, mask, w = padded_tokens(seqs, weights, self.length, self.judge.tokens.pad)
+    return {**model_inputs(self.judge, ids, mask, images, "drill/"), "drill/weights": w}
+
+
 class DecomposeBatcher:
   """The step's decomposition examples (a pure function of step), text only: each training
   prompt answered by its checklist items (P.items_text). Arrays under "decompose/" keys."""
@@ -519,7 +576,7 @@ def pointwise_terms(logits, batch, digit_ids, mse_weight: float):
   return ce + mse_weight * mse, {"token_ce": ce, "score_mse": mse}
 
 
-def make_loss(model: Qwen25VL, digit_ids, layout, config, caption_layout=None):
+def make_loss(model: Qwen25VL, digit_ids, layout, config, caption_layout=None, drill_layout=None):
   kind, mse_weight = config.loss.kind, config.loss.score_mse_weight
 
   def forward(params, batch, prefix="", vision_layout=layout):
@@ -558,10 +615,13 @@ def make_loss(model: Qwen25VL, digit_ids, layout, config, caption_layout=None):
 
   def with_auxiliary(params, batch):
     loss, aux = judge_loss(params, batch)
-    if caption_layout is not None:
-      logits = forward(params, batch, "caption/", caption_layout)
-      ce = token_ce(logits, batch["caption/input_ids"], batch["caption/weights"])
-      loss, aux = loss + config.loss.caption_weight * ce, {**aux, "caption_ce": ce}
+    for name, aux_layout in (("caption", caption_layout), ("drill", drill_layout)):
+      if aux_layout is None:
+        continue
+      logits = forward(params, batch, f"{name}/", aux_layout)
+      ce = token_ce(logits, batch[f"{name}/input_ids"], batch[f"{name}/weights"])
+      loss = loss + config.loss[f"{name}_weight"] * ce
+      aux = {**aux, f"{name}_ce": ce}
     if "decompose/input_ids" in batch:  # text only: no image in these sequences
       logits = model.apply(
         {"params": params},
@@ -698,6 +758,7 @@ REQUIRED = {
   "data.no_cot_fraction": float,
   "data.caption_batch_size": int,
   "data.decompose_batch_size": int,
+  "data.drill_batch_size": int,
   "data.samples_from": str,
   "data.describe_in_cot": bool,
   "data.cot_style": str,
@@ -707,6 +768,7 @@ REQUIRED = {
   "loss.min_margin": float,
   "loss.caption_weight": float,
   "loss.decompose_weight": float,
+  "loss.drill_weight": float,
   "perception.steps": int,
   "perception.batch_size": int,
   "perception.lr": float,
@@ -720,6 +782,7 @@ REQUIRED = {
   "judge.decompose": bool,
   "judge.max_item_tokens": int,
   "judge.verdict_samples": int,
+  "judge.independent_items": bool,
   "language.steps": int,
   "language.batch_size": int,
   "language.lr": float,
@@ -743,6 +806,7 @@ def train(config, workdir):
     decompose=config.judge.decompose,
     max_item_tokens=config.judge.max_item_tokens,
     verdict_samples=config.judge.verdict_samples,
+    independent_items=config.judge.independent_items,
   )
   print("reward_sft: rendering, corrupting and labelling the training set ...", flush=True)
   t2i, edits = build_sets(config)
@@ -751,6 +815,7 @@ def train(config, workdir):
     CaptionBatcher(config, judge, batcher.grid) if config.data.caption_batch_size else None
   )
   decomposer = DecomposeBatcher(config, judge, t2i) if config.judge.decompose else None
+  driller = DrillBatcher(config, judge, t2i, batcher.grid) if config.data.drill_batch_size else None
   print(
     f"reward_sft: {len(t2i)} T2I and {len(edits)} edit images, sequence length "
     f"{batcher.length}, loss {config.loss.kind}",
@@ -768,6 +833,10 @@ def train(config, workdir):
   if captioner:
     grids = np.repeat(batcher.grid, config.data.caption_batch_size, axis=0)
     caption_layout = {k: jnp.asarray(v) for k, v in model.layout(grids).items()}
+  drill_layout = None
+  if driller:
+    grids = np.repeat(batcher.grid, config.data.drill_batch_size, axis=0)
+    drill_layout = {k: jnp.asarray(v) for k, v in model.layout(grids).items()}
   tx = optim.make_optimizer(config.optim, config.total_steps)
   if config.perception.steps and config.perception.freeze_tower:
     tx = freeze_vision_tower(tx)
@@ -788,6 +857,8 @@ def train(config, workdir):
       batch.update(captioner(step))
     if decomposer:
       batch.update(decomposer(step))
+    if driller:
+      batch.update(driller(step))
     out = {}
     for k, v in batch.items():
       if k.endswith(("position_ids", "pixel_values")):
@@ -796,7 +867,9 @@ def train(config, workdir):
         out[k] = jax.device_put(v, parallel.batch_sharding(ctx.mesh, v.shape, ctx.rules))
     return out
 
-  loss_fn = make_loss(model, jnp.asarray(judge.tokens.digits), layout, config, caption_layout)
+  loss_fn = make_loss(
+    model, jnp.asarray(judge.tokens.digits), layout, config, caption_layout, drill_layout
+  )
   step_fn = jax.jit(
     make_train_step(loss_fn, tx), donate_argnums=(0,), out_shardings=(shardings, None)
   )
