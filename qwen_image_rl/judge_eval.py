@@ -26,12 +26,14 @@ how well the judge reads each item of the oracle's alignment checklist, teacher-
 (`verdicts`, verdict_reading): whether a checklist judge's verdicts look at the image or repeat
 the prior. --items=true adds `alignment/true_items`: a checklist judge's alignment with the
 prompt's true items written into its chain of thought, the verdicts and the score its own
-(score_with_true_items). --caption_match adds the alignment read from the judge's caption
-likelihood of each prompt against a blank image's (`caption_match`): what its eyes carry,
-whatever its score head makes of it. Decomposing judges (configs/judge.py:tiny_decompose) also
-get `decomposition`: the share of held-out prompts whose items they list exactly, and the
-share of true items listed; --verdict_samples=K scores their alignment checklists as the mean
-of K sampled ones (0: greedy verdicts; default: the exported setting).
+(score_with_true_items); --items=oracle adds `alignment/oracle_chain`: its score read after the
+oracle's whole checklist, verdicts included (score_with_oracle_chain). --caption_match adds
+the alignment read from the judge's caption likelihood of each prompt against a blank image's
+(`caption_match`): what its eyes carry, whatever its score head makes of it. Decomposing
+judges (configs/judge.py:tiny_decompose) also get `decomposition`: the share of held-out
+prompts whose items they list exactly, and the shares of true items listed and of listed items
+true; --verdict_samples=K scores their alignment checklists as the mean of K sampled ones (0:
+greedy verdicts; default: the exported setting).
 """
 
 from __future__ import annotations
@@ -66,8 +68,9 @@ flags.DEFINE_bool(
 flags.DEFINE_enum(
   "items",
   "own",
-  ["own", "true"],
-  "Checklist judges, alignment with CoT: their own items, or the prompt's true items given.",
+  ["own", "true", "oracle"],
+  "Checklist judges, alignment with CoT: their own items, the prompt's true items given, or "
+  "the oracle's whole checklist (its verdicts too) given.",
 )
 flags.DEFINE_bool(
   "verdicts",
@@ -308,27 +311,36 @@ def verdict_reading(judge, data: D.JudgeSet) -> dict:
   return result
 
 
-def score_with_true_items(judge, data: D.JudgeSet, batch: int = 32):
+def score_with_true_items(judge, data: D.JudgeSet):
   """(alignment rewards [N], chains of thought) of a checklist judge whose chain of thought is
   written item by item from the prompt's true items (judge_data.alignment_items): each item's
-  phrase is given, the judge picks its verdict (greedy over the four verdict words), and after
-  the last item it gives the score. What a checklist judge reaches when it names the prompt's
-  items correctly (its own chains of thought name what the image shows instead)."""
+  phrase is given, the judge picks its verdict (VLMJudge.score_checklists: greedy or sampled,
+  after the chain so far or with independent_items after the phrase alone), and after the last
+  item it gives the score. What a checklist judge reaches when it names the prompt's items
+  correctly."""
+  items = [[item.phrase for item in data.labels[r]["items/alignment"]] for r in range(len(data))]
+  out = judge.score_checklists(data.images, list(data.prompts), items)
+  return out.reward, out.cot
+
+
+def score_with_oracle_chain(judge, data: D.JudgeSet, batch: int = 32) -> np.ndarray:
+  """Alignment rewards [N] read after the oracle's own checklist, verdicts included (the
+  training target's chain of thought): what the judge's score makes of right verdicts."""
   from qwen_image_rl.judges import vlm_judge as V
 
   grid = judge.processor(data.images[0])["image_grid_thw"]
-  rewards, chains = np.zeros(len(data), np.float32), []
+  rewards = np.zeros(len(data), np.float32)
   for start in range(0, len(data), batch):
     rows = range(start, min(start + batch, len(data)))
+    seqs = []
+    for r in rows:
+      chain = P.chain_of_thought("alignment", {}, items=data.labels[r]["items/alignment"])
+      prompt = judge.prompt_ids("alignment", data.prompts[r], grid)
+      seqs.append(V.assemble(prompt, judge.tokenizer(chain)["input_ids"], judge.tokens)[0])
     processed = judge.processor(list(data.images[rows.start : rows.stop]))
-    prompts = [judge.prompt_ids("alignment", data.prompts[r], grid) for r in rows]
-    items = [[item.phrase for item in data.labels[r]["items/alignment"]] for r in rows]
-    cots = judge.fill_checklist(prompts, processed, items)
-    final = [V.assemble(p, c, judge.tokens)[0] for p, c in zip(prompts, cots)]
-    logprobs = V.score_logprobs(judge.read_logits(final, processed), judge.tokens.digits)
+    logprobs = V.score_logprobs(judge.read_logits(seqs, processed), judge.tokens.digits)
     rewards[rows.start : rows.stop] = V.readout(np.asarray(logprobs), "unit")
-    chains += [judge.tokenizer.decode(c) for c in cots]
-  return rewards, chains
+  return rewards
 
 
 def agreement(judge: np.ndarray, oracle: np.ndarray, variants: int, kinds) -> dict:
@@ -412,9 +424,15 @@ def main(argv):
     if FLAGS.caption_loss:
       result["caption_loss"] = caption_loss(judge, FLAGS.split, 64, FLAGS.seed)
     if FLAGS.items == "true":
-      oracle = t2i.scores("alignment")
       reward, _ = score_with_true_items(judge, t2i)
-      result["alignment/true_items"] = agreement(reward, oracle, t2i.variants, t2i.kinds)
+      result["alignment/true_items"] = agreement(
+        reward, t2i.scores("alignment"), t2i.variants, t2i.kinds
+      )
+    if FLAGS.items == "oracle":
+      reward = score_with_oracle_chain(judge, t2i)
+      result["alignment/oracle_chain"] = agreement(
+        reward, t2i.scores("alignment"), t2i.variants, t2i.kinds
+      )
     if FLAGS.verdicts:
       result["verdicts"] = verdict_reading(judge, t2i)
     if FLAGS.caption_match:

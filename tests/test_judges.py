@@ -641,7 +641,8 @@ def test_true_items_chain_names_the_prompts_items_in_order_and_reads_its_score(j
 
   plain = _plain(judge)
   t2i = D.t2i_set(1, 2, 'val', 64, 2)
-  rewards, chains = judge_eval.score_with_true_items(plain, t2i, batch=3)
+  plain.batch_size = 3
+  rewards, chains = judge_eval.score_with_true_items(plain, t2i)
   verdicts = {w for _, w in P.VERDICTS}
   for row, chain in enumerate(chains):
     items = t2i.labels[row]['items/alignment']
@@ -655,6 +656,16 @@ def test_true_items_chain_names_the_prompts_items_in_order_and_reads_its_score(j
   logits = plain.read_logits([seq], plain.processor([t2i.images[0]]))
   expected = V.readout(np.asarray(V.score_logprobs(logits, plain.tokens.digits)), 'unit')
   np.testing.assert_allclose(rewards[0], expected[0], rtol=1e-4)
+  plain.batch_size = 32  # one chunk: the same rewards
+  np.testing.assert_allclose(judge_eval.score_with_true_items(plain, t2i)[0], rewards, rtol=1e-5)
+  # The oracle's whole chain, verdicts included, read the same way.
+  oracle_chain = judge_eval.score_with_oracle_chain(plain, t2i, batch=3)
+  chain = P.chain_of_thought('alignment', {}, items=t2i.labels[1]['items/alignment'])
+  prompt = plain.prompt_ids('alignment', t2i.prompts[1], grid)
+  seq = V.assemble(prompt, plain.tokenizer(chain)['input_ids'], plain.tokens)[0]
+  logits = plain.read_logits([seq], plain.processor([t2i.images[1]]))
+  expected = V.readout(np.asarray(V.score_logprobs(logits, plain.tokens.digits)), 'unit')
+  np.testing.assert_allclose(oracle_chain[1], expected[0], rtol=1e-4)
 
 
 def test_items_text_round_trips_and_refuses_phrases_it_could_not_parse():

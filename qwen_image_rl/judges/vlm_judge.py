@@ -170,6 +170,15 @@ class JudgeOutput:
   def invalid_count(self) -> int:
     return int((~self.valid).sum())
 
+  @classmethod
+  def concatenate(cls, outs: Sequence[JudgeOutput]) -> JudgeOutput:
+    return cls(
+      expected=np.concatenate([o.expected for o in outs]),
+      reward=np.concatenate([o.reward for o in outs]),
+      valid=np.concatenate([o.valid for o in outs]),
+      cot=[c for o in outs for c in o.cot],
+    )
+
 
 def _left_pad(seqs: Sequence[Sequence[int]], pad: int, multiple: int = 16):
   length = -(-max(len(s) for s in seqs) // multiple) * multiple
@@ -428,32 +437,37 @@ class VLMJudge:
       )
       for i in range(0, len(images), self.batch_size)
     ]
-    return JudgeOutput(
-      expected=np.concatenate([o.expected for o in outs]),
-      reward=np.concatenate([o.reward for o in outs]),
-      valid=np.concatenate([o.valid for o in outs]),
-      cot=[c for o in outs for c in o.cot],
-    )
+    return JudgeOutput.concatenate(outs)
 
   def _score_chunk(self, task, images, prompts, sources, cot: bool, seen=None) -> JudgeOutput:
     prompt_ids, processed = self._inputs(task, images, prompts, sources, seen)
     batch = len(prompt_ids)
     if cot and self.decompose and task == 'alignment':
-      return self._score_checklists(prompt_ids, processed, prompts)
+      return self._checklists(prompt_ids, processed, *self.items_of(prompts))
     cots, valid = [[] for _ in range(batch)], np.ones(batch, bool)
     if cot:
       cots, valid = self.generate_cot(prompt_ids, processed)
     return self._output(*self._readouts(prompt_ids, cots, processed), valid, cots)
 
-  def _score_checklists(self, prompt_ids, processed, prompts) -> JudgeOutput:
-    """Decomposing judges' alignment: items_of, then fill_checklist once greedily or
-    `verdict_samples` times sampled (the mean expected score); rows without items are invalid."""
-    items, valid = self.items_of(prompts)
+  def score_checklists(self, images, prompts: Sequence[str], items) -> JudgeOutput:
+    """Alignment of images [B, H, W, 3] read through checklists over the given item phrases
+    ([B] lists; `score` takes a decomposing judge's own, items_of), as `score` reads them."""
+    outs = []
+    for i in range(0, len(images), self.batch_size):
+      part = slice(i, i + self.batch_size)
+      prompt_ids, processed = self._inputs('alignment', images[part], prompts[part], None)
+      given = list(items[part])
+      outs.append(self._checklists(prompt_ids, processed, given, np.ones(len(given), bool)))
+    return JudgeOutput.concatenate(outs)
+
+  def _checklists(self, prompt_ids, processed, items, valid) -> JudgeOutput:
+    """fill_checklist once greedily or `verdict_samples` times sampled (the mean expected
+    score); rows not `valid` (no items) are NaN."""
     if not self.verdict_samples:
       cots = self.fill_checklist(prompt_ids, processed, items)
       return self._output(*self._readouts(prompt_ids, cots, processed), valid, cots)
     # Fixed draws: the same images and prompts get the same reward.
-    rng = np.random.default_rng([len(prompts), *map(len, prompts)])
+    rng = np.random.default_rng([len(prompt_ids), *map(len, prompt_ids)])
     draws = []
     for _ in range(self.verdict_samples):
       cots = self.fill_checklist(prompt_ids, processed, items, rng)
