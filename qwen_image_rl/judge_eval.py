@@ -24,7 +24,8 @@ oracle score and reward. --caption_loss adds the judge's caption cross-entropy o
 renders given the right image, another image and a blank one (`caption_loss`). --verdicts adds
 how well the judge reads each item of the oracle's alignment checklist, teacher-forced
 (`verdicts`, verdict_reading): whether a checklist judge's verdicts look at the image or repeat
-the prior. --items=true adds `alignment/true_items`: a checklist judge's alignment with the
+the prior; for judges with independent_items also each verdict read after its phrase alone
+(`verdicts_alone`). --items=true adds `alignment/true_items`: a checklist judge's alignment with the
 prompt's true items written into its chain of thought, the verdicts and the score its own
 (score_with_true_items); --items=oracle adds `alignment/oracle_chain`: its score read after the
 oracle's whole checklist, verdicts included (score_with_oracle_chain). --caption_match adds
@@ -284,14 +285,44 @@ def verdict_probabilities(judge, data: D.JudgeSet, batch: int = 32):
   return np.array(truths), np.array(kinds), np.array(probs)
 
 
-def verdict_reading(judge, data: D.JudgeSet) -> dict:
+def verdicts_alone(judge, data: D.JudgeSet, batch: int = 32):
+  """verdict_probabilities with each item read after its phrase alone (the chain of thought
+  holds nothing else), as item drills train it and VLMJudge.independent_items reads it."""
+  import jax
+
+  verdict_ids = judge.verdict_ids
+  grid = judge.processor(data.images[0])["image_grid_thw"]
+  truths, kinds, probs = [], [], []
+  for start in range(0, len(data), batch):
+    rows = range(start, min(start + batch, len(data)))
+    processed = judge.processor(list(data.images[rows.start : rows.stop]))
+    prompts = [judge.prompt_ids("alignment", data.prompts[r], grid) for r in rows]
+    items = [data.labels[r]["items/alignment"] for r in rows]
+    p = [[] for _ in rows]
+    for k in range(max(map(len, items))):
+      seqs = [
+        prompt + (judge.tokenizer(its[k].phrase)["input_ids"] if k < len(its) else [])
+        for prompt, its in zip(prompts, items)
+      ]
+      logits = judge.read_logits(seqs, processed)[:, verdict_ids]
+      for i, row_p in enumerate(np.asarray(jax.nn.softmax(logits, -1))):
+        if k < len(items[i]):
+          p[i].append(row_p)
+    for its, row_p in zip(items, p):
+      truths += [P.verdict(item.value) for item in its]
+      kinds += [item.kind for item in its]
+      probs += row_p
+  return np.array(truths), np.array(kinds), np.array(probs)
+
+
+def verdict_reading(judge, data: D.JudgeSet, alone: bool = False) -> dict:
   """How well the judge reads each requested item (configs/judge.py:tiny_checklist), from
   verdict_probabilities. Per item kind and over all: n, the share whose oracle verdict is good,
   the accuracy of the judge's likeliest verdict, and the AUC of p(good) for good against
   not-good items (0.5: the verdict does not read the image)."""
   from qwen_image_rl.judges import face_id as F
 
-  truths, kinds, probs = verdict_probabilities(judge, data)
+  truths, kinds, probs = (verdicts_alone if alone else verdict_probabilities)(judge, data)
   words = np.array([w for _, w in P.VERDICTS])
 
   def summary(rows) -> dict:
@@ -435,6 +466,8 @@ def main(argv):
       )
     if FLAGS.verdicts:
       result["verdicts"] = verdict_reading(judge, t2i)
+      if judge.independent_items:
+        result["verdicts_alone"] = verdict_reading(judge, t2i, alone=True)
     if FLAGS.caption_match:
       result["caption_match"] = caption_match(judge, t2i)
   print(json.dumps(result, sort_keys=True), flush=True)

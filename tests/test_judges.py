@@ -634,6 +634,18 @@ def test_verdict_probabilities_read_each_items_verdict_position(judge):
   )
   summary = judge_eval.verdict_reading(plain, t2i)
   assert summary['n'] == len(items) and set(summary['by_item']) == set(kinds)
+  # Read alone: the same items, each after the prompt and its phrase only.
+  truths_alone, kinds_alone, alone = judge_eval.verdicts_alone(plain, t2i, batch=4)
+  assert list(truths_alone) == list(truths) and list(kinds_alone) == list(kinds)
+  last = row_items[-1].phrase
+  logits = plain.read_logits(
+    [prompt + plain.tokenizer(last)['input_ids']], plain.processor([t2i.images[0]])
+  )[0]
+  expected = np.exp(logits[ids] - logits[ids].max())
+  np.testing.assert_allclose(
+    alone[len(row_items) - 1], expected / expected.sum(), rtol=1e-3, atol=1e-5
+  )
+  assert not np.allclose(alone, probs)  # the chain before an item changes its verdict
 
 
 def test_true_items_chain_names_the_prompts_items_in_order_and_reads_its_score(judge):
