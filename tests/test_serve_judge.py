@@ -171,20 +171,21 @@ def test_bad_judge_directories_are_refused_with_the_reason(tmp_path, capsys):
   assert 'expected "oracle" or an existing judge directory' in capsys.readouterr().err
 
 
-def test_a_describe_first_judge_is_refused_not_served_without_its_captions(judge_dir, tmp_path):
-  directory = str(tmp_path / 'describing')
+@pytest.mark.parametrize(
+  'setting, refusal',
+  [
+    ('describe_first', 'describe_first judge .* is not served yet'),
+    ('decompose', 'decompose judge .* without chain of thought only'),
+  ],
+)
+def test_judges_whose_chain_of_thought_the_server_does_not_write_are_refused(
+  judge_dir, tmp_path, setting, refusal
+):
+  directory = str(tmp_path / setting)
   judge = V.VLMJudge.load(judge_dir)
-  judge.describe_first = True
+  setattr(judge, setting, True)
   judge.save(directory)
-  with pytest.raises(ValueError, match='describe_first judge .* is not served yet'):
+  with pytest.raises(ValueError, match=refusal):
     vlm.load(directory)
-
-
-def test_a_decompose_judge_is_served_without_cot_only(judge_dir, tmp_path):
-  directory = str(tmp_path / 'decomposing')
-  judge = V.VLMJudge.load(judge_dir)
-  judge.decompose = True
-  judge.save(directory)
-  with pytest.raises(ValueError, match='decompose judge .* without chain of thought only'):
-    vlm.load(directory)
-  assert vlm.load(directory, cot=False).judge.decompose
+  if setting == 'decompose':  # its no-CoT answer is the one the server reads
+    assert vlm.load(directory, cot=False).judge.decompose

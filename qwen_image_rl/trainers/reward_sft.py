@@ -427,10 +427,15 @@ def padded_tokens(seqs, weights, length: int, pad: int):
   return ids, mask, out
 
 
+def answered_tokens(prompts, answers, length: int, pad: int):
+  """padded_tokens of each prompt followed by its answer, the loss on the answer."""
+  weights = [[0.0] * len(p) + [1.0] * len(a) for p, a in zip(prompts, answers)]
+  return padded_tokens([p + a for p, a in zip(prompts, answers)], weights, length, pad)
+
+
 def caption_tokens(prompt, answers, length: int, pad: int):
-  """padded_tokens of captioning examples: the prompt, then each answer, loss on the answer."""
-  weights = [[0.0] * len(prompt) + [1.0] * len(answer) for answer in answers]
-  return padded_tokens([prompt + answer for answer in answers], weights, length, pad)
+  """answered_tokens of captioning examples: one prompt, then each answer."""
+  return answered_tokens([prompt] * len(answers), answers, length, pad)
 
 
 def model_inputs(judge: V.VLMJudge, ids, mask, images, prefix: str = "") -> dict:
@@ -547,16 +552,15 @@ class DecomposeBatcher:
   def __call__(self, step: int) -> dict:
     rng = np.random.default_rng([self.config.seed, step, 4])
     rows = rng.choice(len(self.answers), self.config.data.decompose_batch_size)
-    seqs = [self.prompts[r] + self.answers[r] for r in rows]
-    weights = [[0.0] * len(self.prompts[r]) + [1.0] * len(self.answers[r]) for r in rows]
-    ids, mask, w = padded_tokens(seqs, weights, self.length, self.judge.tokens.pad)
+    ids, mask, w = answered_tokens(
+      [self.prompts[r] for r in rows],
+      [self.answers[r] for r in rows],
+      self.length,
+      self.judge.tokens.pad,
+    )
     positions, _ = self.judge.model.rope_index(ids, mask, None)
-    return {
-      "decompose/input_ids": ids,
-      "decompose/attention_mask": mask,
-      "decompose/position_ids": positions,
-      "decompose/weights": w,
-    }
+    arrays = dict(input_ids=ids, attention_mask=mask, position_ids=positions, weights=w)
+    return {f"decompose/{k}": v for k, v in arrays.items()}
 
 
 def token_ce(logits, input_ids, weights):
