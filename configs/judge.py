@@ -137,7 +137,7 @@ def get_config(arg: str = "tiny"):
       max_caption_tokens=64,
       # Alignment checklists over the judge's own items of the prompt (a text-only first pass,
       # at most max_item_tokens tokens); verdicts greedy (0) or the mean over that many sampled
-      # checklists (VLMJudge._score_checklists).
+      # checklists (VLMJudge._checklists).
       decompose=arg == "tiny_decompose",
       max_item_tokens=48,
       verdict_samples=0,

@@ -288,9 +288,6 @@ def verdict_probabilities(judge, data: D.JudgeSet, batch: int = 32):
 def verdicts_alone(judge, data: D.JudgeSet, batch: int = 32):
   """verdict_probabilities with each item read after its phrase alone (the chain of thought
   holds nothing else), as item drills train it and VLMJudge.independent_items reads it."""
-  import jax
-
-  verdict_ids = judge.verdict_ids
   grid = judge.processor(data.images[0])["image_grid_thw"]
   truths, kinds, probs = [], [], []
   for start in range(0, len(data), batch):
@@ -298,17 +295,8 @@ def verdicts_alone(judge, data: D.JudgeSet, batch: int = 32):
     processed = judge.processor(list(data.images[rows.start : rows.stop]))
     prompts = [judge.prompt_ids("alignment", data.prompts[r], grid) for r in rows]
     items = [data.labels[r]["items/alignment"] for r in rows]
-    p = [[] for _ in rows]
-    for k in range(max(map(len, items))):
-      seqs = [
-        prompt + (judge.tokenizer(its[k].phrase)["input_ids"] if k < len(its) else [])
-        for prompt, its in zip(prompts, items)
-      ]
-      logits = judge.read_logits(seqs, processed)[:, verdict_ids]
-      for i, row_p in enumerate(np.asarray(jax.nn.softmax(logits, -1))):
-        if k < len(items[i]):
-          p[i].append(row_p)
-    for its, row_p in zip(items, p):
+    phrases = [[item.phrase for item in its] for its in items]
+    for its, row_p in zip(items, judge.verdicts_alone(prompts, processed, phrases)):
       truths += [P.verdict(item.value) for item in its]
       kinds += [item.kind for item in its]
       probs += row_p

@@ -345,32 +345,45 @@ class VLMJudge:
       valid[b] = ended and bool(items[b])
     return items, valid
 
-  def fill_checklist(self, prompt_ids, processed, items, rng=None) -> list[list[int]]:
+  def _verdict_softmax(self, logits) -> np.ndarray:
+    """p over the verdict words (float64) from logits [V] at a verdict position."""
+    z = np.asarray(logits)[self.verdict_ids].astype(np.float64)
+    p = np.exp(z - z.max())
+    return p / p.sum()
+
+  def verdicts_alone(self, prompt_ids, processed, items) -> list[list[np.ndarray]]:
+    """Per row, per item, p over the verdict words read after the item's phrase alone (the chain
+    of thought holds nothing else), as item drills train it."""
+    probs = [[] for _ in prompt_ids]
+    for k in range(max(map(len, items), default=0)):
+      going = [i for i, its in enumerate(items) if k < len(its)]
+      alone = {i: self.tokenizer(items[i][k])['input_ids'] for i in going}
+      logits = self.read_logits([p + alone.get(i, []) for i, p in enumerate(prompt_ids)], processed)
+      for i in going:
+        probs[i].append(self._verdict_softmax(logits[i]))
+    return probs
+
+  def fill_checklist(self, prompt_ids, processed, items, rng=None, alone=None) -> list[list[int]]:
     """Checklist chains of thought (id lists) over the given item phrases: after each phrase
     the judge's verdict, its likeliest (rng None) or drawn from the softmax over the verdict
     words, then a period. The verdict is read after the chain so far, or with
-    `independent_items` after the item's phrase alone."""
-    verdict_ids = np.array(self.verdict_ids)
+    `independent_items` after the item's phrase alone (`alone`: verdicts_alone, when already
+    read)."""
+    if self.independent_items and alone is None:
+      alone = self.verdicts_alone(prompt_ids, processed, items)
+    verdict_ids = self.verdict_ids
     period = self.tokenizer('.')['input_ids']
     cots = [[] for _ in prompt_ids]
     for k in range(max(map(len, items), default=0)):
       going = [i for i, its in enumerate(items) if k < len(its)]
       for i in going:
         cots[i] += self.tokenizer(items[i][k] if k == 0 else f' {items[i][k]}')['input_ids']
-      if self.independent_items:
-        alone = {i: self.tokenizer(items[i][k])['input_ids'] for i in going}
-        seqs = [p + alone.get(i, []) for i, p in enumerate(prompt_ids)]
-      else:
-        seqs = [p + c for p, c in zip(prompt_ids, cots)]
-      logits = self.read_logits(seqs, processed)
+      if alone is None:
+        logits = self.read_logits([p + c for p, c in zip(prompt_ids, cots)], processed)
       for i in going:
-        z = logits[i][verdict_ids].astype(np.float64)
-        if rng is None:
-          pick = int(z.argmax())
-        else:
-          p = np.exp(z - z.max())
-          pick = int(rng.choice(len(p), p=p / p.sum()))
-        cots[i] += [int(verdict_ids[pick])] + period
+        p = alone[i][k] if alone is not None else self._verdict_softmax(logits[i])
+        pick = int(p.argmax()) if rng is None else int(rng.choice(len(p), p=p))
+        cots[i] += [verdict_ids[pick]] + period
     return cots
 
   def describe(self, images) -> list[str]:
@@ -463,14 +476,16 @@ class VLMJudge:
   def _checklists(self, prompt_ids, processed, items, valid) -> JudgeOutput:
     """fill_checklist once greedily or `verdict_samples` times sampled (the mean expected
     score); rows not `valid` (no items) are NaN."""
+    # Read alone, the verdict distributions do not depend on the draws: read them once.
+    alone = self.verdicts_alone(prompt_ids, processed, items) if self.independent_items else None
     if not self.verdict_samples:
-      cots = self.fill_checklist(prompt_ids, processed, items)
+      cots = self.fill_checklist(prompt_ids, processed, items, alone=alone)
       return self._output(*self._readouts(prompt_ids, cots, processed), valid, cots)
     # Fixed draws: the same images and prompts get the same reward.
     rng = np.random.default_rng([len(prompt_ids), *map(len, prompt_ids)])
     draws = []
     for _ in range(self.verdict_samples):
-      cots = self.fill_checklist(prompt_ids, processed, items, rng)
+      cots = self.fill_checklist(prompt_ids, processed, items, rng, alone)
       draws.append(self._readouts(prompt_ids, cots, processed))
     expected, reward = np.mean(draws, axis=0)
     return self._output(expected, reward, valid, cots)
