@@ -1,7 +1,7 @@
 """How much of the oracle's alignment the judge's vision tower reads, with no language model.
 
   python benchmarks/perception_match.py [--n=128] [--split=val] [--steps=400] [--bound]
-      [--json=PATH]
+      [--dense] [--dense_weight=W] [--json=PATH]
 
 Pre-trains the judge's vision tower as configs/judge.py:tiny does (judges/perception.py: same
 seed and settings, `--steps` aside) and keeps the bag-of-words head that the judge throws away.
@@ -20,7 +20,15 @@ language model's comparison is the bottleneck; if not, perception is. A bag of w
 bind attributes to objects (which shape is red) or read counts, so it is a reference, not a
 ceiling. --bound trains the tower with `perception.bound_targets` (pseudo-words such as 'red@01',
 'red_circle') and adds the bound_* rules over the requested scene's pseudo-words, and the
-pseudo-words' own AUCs: whether the tower binds.
+pseudo-words' own AUCs: whether the tower binds. --dense trains with
+`perception.dense_targets` (per image token the words of the objects it shows,
+judges/dense_targets.py) and adds the dense_* rules: `dense_bound` (per requested object, the
+mean log p of its words at the tokens its box covers, weighted by the share of the box in each;
+the minimum over the objects; NaN for portraits), `dense_bound_mean` (the mean over the objects)
+and `dense_bound_and_content` (dense_bound + log content_min_p; portraits: log content_min_p),
+and the per-token words' held-out AUCs. `dense_bound_ideal` is dense_bound over an ideal head's
+probabilities (each image's true per-token targets, smoothed: 0.01 + 0.98 t): what the rule
+itself can reach; the gap to dense_bound is the tower's.
 """
 
 from __future__ import annotations
@@ -39,6 +47,8 @@ RULES = ("mean_p", "mean_log_p", "min_p", "content_mean_log_p", "content_min_p")
 # With --bound: the same rules over the requested scene's bound pseudo-words
 # (perception.bound_words: which colour and size at which cell, the glyph in each slot).
 BOUND_RULES = ("bound_mean_log_p", "bound_min_p")
+# With --dense: the requested objects read at their places from the per-token head.
+DENSE_RULES = ("dense_bound", "dense_bound_mean", "dense_bound_and_content", "dense_bound_ideal")
 # Words in more than this share of the prompts ("a", "with", "portrait") say little about a
 # scene: the content_* rules leave them out.
 COMMON_WORD_SHARE = 0.3
@@ -87,6 +97,29 @@ def bound_rule_scores(word_probs: np.ndarray, words, specs) -> dict[str, np.ndar
   return out
 
 
+def dense_rule_scores(dense_probs: np.ndarray, specs, shown, content_min_p: np.ndarray) -> dict:
+  """Per image, the DENSE_RULES over the per-token probabilities [N, T, V] of its requested
+  scene's objects (dense_targets.object_log_probs); `shown`: the scene each image draws."""
+  from qwen_image_rl.judges import dense_targets
+
+  grid = int(round(np.sqrt(dense_probs.shape[1])))
+  per_object = [dense_targets.object_log_probs(p, s, grid) for p, s in zip(dense_probs, specs)]
+  bound = np.array([min(o) if o else np.nan for o in per_object], np.float32)
+  ideal = [
+    dense_targets.object_log_probs(0.01 + 0.98 * dense_targets.dense_targets(seen, grid), s, grid)
+    for s, seen in zip(specs, shown)
+  ]
+  mean = np.array([np.mean(o) if o else np.nan for o in per_object], np.float32)
+  log_content = np.log(np.clip(content_min_p, 1e-6, 1.0))
+  both = np.where(np.isnan(bound), log_content, bound + log_content)
+  return {
+    "dense_bound": bound,
+    "dense_bound_mean": mean,
+    "dense_bound_and_content": both,
+    "dense_bound_ideal": np.array([min(o) if o else np.nan for o in ideal], np.float32),
+  }
+
+
 def is_bound_word(word: str) -> bool:
   """A bound pseudo-word ('red@01', 'red_circle', '#shapes=2'), not a caption word."""
   return any(c in word for c in "@_=#")
@@ -126,6 +159,24 @@ def word_auc_summary(trained, processor, config, prompts, lowest: int = 12) -> d
   }
 
 
+def dense_auc_summary(trained, processor, config, lowest: int = 12) -> dict:
+  """Per-token words' AUC on 512 held-out val renders (perception.dense_aucs): their mean and
+  the `lowest` words."""
+  from qwen_image_rl.judges import perception
+
+  grid = perception.token_grid(config.model.vision, config.data.image_size)
+  held_out = perception.perception_set(
+    config.seed, 512, config.data.image_size, "val", trained.words, dense_grid=grid
+  )
+  _, dense_logits = trained.outputs(processor, held_out.images, config.perception.batch_size)
+  aucs = perception.dense_aucs(held_out, dense_logits)
+  return {
+    "mean": round(float(np.mean(list(aucs.values()))), 3),
+    "words": len(aucs),
+    "lowest": {w: round(a, 3) for w, a in sorted(aucs.items(), key=lambda kv: kv[1])[:lowest]},
+  }
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--n", type=int, default=128, help="held-out images (n/2 specs x 2)")
@@ -136,6 +187,10 @@ def main():
   parser.add_argument(
     "--bound", action="store_true", help="train with bound_targets; also the bound_* rules"
   )
+  parser.add_argument(
+    "--dense", action="store_true", help="train with dense_targets; also the dense_* rules"
+  )
+  parser.add_argument("--dense_weight", type=float, default=None, help="(config's)")
   args = parser.parse_args()
 
   from configs import judge as judge_config
@@ -148,19 +203,27 @@ def main():
   if args.steps is not None:
     config.perception.steps = args.steps
   config.perception.bound_targets = args.bound
+  config.perception.dense_targets = args.dense
+  if args.dense_weight is not None:
+    config.perception.dense_weight = args.dense_weight
   processor = build_processor(config)
   trained = perception.train_perception(
     build_vision(config), processor, config.perception, config.seed, config.data.image_size
   )
   t2i, _ = judge_eval.held_out_sets(args.split, args.n, args.seed)
   oracle = t2i.scores("alignment")
-  logits = trained.logits(processor, t2i.images, config.perception.batch_size)
+  logits, dense_logits = trained.outputs(processor, t2i.images, config.perception.batch_size)
   probs = 1.0 / (1.0 + np.exp(-logits[:, : len(trained.words)]))
   results = {"perception_steps": config.perception.steps, "n": len(t2i), "split": args.split}
   results["word_auc"] = word_auc_summary(trained, processor, config, t2i.prompts)
+  if args.dense:
+    results["dense_auc"] = dense_auc_summary(trained, processor, config)
   scores = rule_scores(probs, trained.words, t2i.prompts)
   if args.bound:
     scores.update(bound_rule_scores(probs, trained.words, t2i.specs))
+  if args.dense:
+    dense_probs = 1.0 / (1.0 + np.exp(-dense_logits))
+    scores.update(dense_rule_scores(dense_probs, t2i.specs, t2i.shown, scores["content_min_p"]))
   for rule, score in scores.items():
     results[rule] = judge_eval.agreement(score, oracle, t2i.variants, t2i.kinds)
   line = json.dumps(results)

@@ -122,6 +122,13 @@ def get_config(arg: str = "tiny"):
       # then starts from (perception.GroundedPerceptionModel): image tokens look like the words
       # they show.
       grounded=False,
+      # Also per-token targets: each image token the words of the objects it shows, read by a
+      # linear head shared by the tokens (judges/dense_targets.py), weighted as one more group.
+      dense_targets=False,
+      dense_weight=1.0,
+      # The language model's embeddings of those words start as the directions in which the
+      # per-token head reads them (needs dense_targets).
+      dense_embeddings=False,
     )
   )
   # Longest training CoT + marker, in tokens: about 30 (verdicts; edits restate the instruction),

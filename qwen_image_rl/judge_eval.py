@@ -81,6 +81,13 @@ flags.DEFINE_bool(
 flags.DEFINE_enum(
   "captions", "own", ["own", "true"], "Describe-first judges: their own captions or the truth."
 )
+flags.DEFINE_string(
+  "against",
+  "",
+  "Another judge export dir: both score the same held-out images (--mode's first mode) and the "
+  "output adds, per task, the difference of their Spearman correlations with a paired "
+  "bootstrap standard error (paired_difference).",
+)
 flags.DEFINE_integer(
   "verdict_samples", -1, "Decomposing judges: sampled checklists per image (-1: exported value)."
 )
@@ -216,24 +223,14 @@ def evaluate_judge(
     raise ValueError("--captions=true needs a describe_first judge (tiny_describe_first)")
   results = {}
   for task in D.TASKS:
-    data = edits if task == "instruction" else t2i
-    oracle = data.scores(task)
-    rows = np.flatnonzero(~np.isnan(oracle))
+    data, oracle, rows = task_rows(task, t2i, edits)
     if not len(rows):  # e.g. no portrait among a few held-out specs
       continue
     seen = None
     if true_captions and task in P.DESCRIBED_TASKS:
       seen = true_descriptions(task, data, rows, seed)
-    # Keep whole groups (the portrait task applies to every draw of a portrait spec).
     for mode in modes:
-      out = judge.score(
-        task,
-        data.images[rows],
-        [data.prompts[i] for i in rows],
-        None if data.sources is None else data.sources[rows],
-        cot=mode == "cot",
-        seen=seen,
-      )
+      out = score_rows(judge, task, data, rows, mode, seen)
       results[f"{task}/{mode}"] = agreement(
         out.reward, oracle[rows], data.variants, [data.kinds[i] for i in rows]
       )
@@ -249,6 +246,64 @@ def evaluate_judge(
           for i, row in enumerate(rows[:examples])
         ]
   return results
+
+
+def task_rows(task: str, t2i: D.JudgeSet, edits: D.JudgeSet):
+  """A task's held-out set, its oracle scores and the rows the oracle scores (whole groups of
+  draws: the portrait task applies to every draw of a portrait spec)."""
+  data = edits if task == "instruction" else t2i
+  oracle = data.scores(task)
+  return data, oracle, np.flatnonzero(~np.isnan(oracle))
+
+
+def score_rows(judge, task: str, data: D.JudgeSet, rows, mode: str, seen=None):
+  """The judge's output (JudgeOutput) for `rows` of a held-out set, in mode 'cot' or 'no_cot'."""
+  return judge.score(
+    task,
+    data.images[rows],
+    [data.prompts[i] for i in rows],
+    None if data.sources is None else data.sources[rows],
+    cot=mode == "cot",
+    seen=seen,
+  )
+
+
+def paired_difference(
+  a: np.ndarray, b: np.ndarray, oracle: np.ndarray, groups: int, draws: int = 1000, seed: int = 0
+) -> dict:
+  """Spearman(a, oracle) - Spearman(b, oracle) over the images both judges score validly, and
+  its standard error from a bootstrap that resamples whole groups of `groups` draws (a spec's
+  images) for both judges at once: two judges on the same images differ by much less noise
+  than two evaluations on different images."""
+  valid = ~(np.isnan(a) | np.isnan(b))
+  rho = lambda x, idx: stats.spearmanr(x[idx], oracle[idx])[0]
+  everything = np.flatnonzero(valid)
+  starts = np.arange(0, len(a) - groups + 1, groups)
+  rng = np.random.default_rng(seed)
+  diffs = []
+  for _ in range(draws):
+    picked = (rng.choice(starts, len(starts))[:, None] + np.arange(groups)).reshape(-1)
+    picked = picked[valid[picked]]
+    diffs.append(rho(a, picked) - rho(b, picked))
+  rho_a, rho_b = rho(a, everything), rho(b, everything)
+  return {
+    "spearman": round(float(rho_a), 4),
+    "spearman_against": round(float(rho_b), 4),
+    "difference": round(float(rho_a - rho_b), 4),
+    "se": round(float(np.nanstd(diffs)), 4),
+    "n": int(valid.sum()),
+  }
+
+
+def compare_judges(judge_a, judge_b, t2i: D.JudgeSet, edits: D.JudgeSet, mode: str) -> dict:
+  """Per task, paired_difference of two judges' scores (judge_a minus judge_b) in `mode`."""
+  out = {}
+  for task in D.TASKS:
+    data, oracle, rows = task_rows(task, t2i, edits)
+    if len(rows):
+      a, b = (score_rows(j, task, data, rows, mode).reward for j in (judge_a, judge_b))
+      out[f"{task}/{mode}"] = paired_difference(a, b, oracle[rows], data.variants)
+  return out
 
 
 def verdict_probabilities(judge, data: D.JudgeSet, batch: int = 32):
@@ -458,6 +513,12 @@ def main(argv):
         result["verdicts_alone"] = verdict_reading(judge, t2i, alone=True)
     if FLAGS.caption_match:
       result["caption_match"] = caption_match(judge, t2i)
+    if FLAGS.against:
+      other = VLMJudge.load(FLAGS.against, **kw)
+      result["against"] = {
+        "judge": FLAGS.against,
+        **compare_judges(judge, other, t2i, edits, modes[0]),
+      }
   print(json.dumps(result, sort_keys=True), flush=True)
 
 

@@ -891,6 +891,38 @@ def test_eval_examples_show_the_chains_of_thought_it_scored(judge):
     assert e['reward'] is None if np.isnan(reward) else e['reward'] == round(float(reward), 4)
 
 
+def test_paired_difference_of_two_judges_resamples_specs_for_both():
+  from scipy import stats
+
+  from qwen_image_rl import judge_eval
+
+  rng = np.random.default_rng(0)
+  oracle = rng.random(64)
+  a = oracle + 0.1 * rng.normal(size=64)
+  b = oracle + 0.5 * rng.normal(size=64)
+  b[5] = np.nan  # an invalid answer drops the image for both judges
+  out = judge_eval.paired_difference(a, b, oracle, groups=2, draws=200)
+  ok = ~np.isnan(b)
+  want = stats.spearmanr(a[ok], oracle[ok])[0] - stats.spearmanr(b[ok], oracle[ok])[0]
+  assert out['difference'] == pytest.approx(want, abs=1e-4) and out['n'] == 63
+  assert out['spearman'] == pytest.approx(stats.spearmanr(a[ok], oracle[ok])[0], abs=1e-4)
+  assert out['spearman_against'] == pytest.approx(stats.spearmanr(b[ok], oracle[ok])[0], abs=1e-4)
+  assert 0 < out['se'] < 0.5 * out['difference']
+  assert judge_eval.paired_difference(a, b, oracle, groups=2, draws=200) == out
+  # The same scores: no difference and no spread, whatever is resampled.
+  same = judge_eval.paired_difference(a, a.copy(), oracle, groups=2, draws=50)
+  assert (same['difference'], same['se'], same['n']) == (0.0, 0.0, 64)
+
+
+def test_compare_judges_scores_both_on_the_same_images(judge):
+  from qwen_image_rl import judge_eval
+
+  t2i, edits = D.t2i_set(1, 4, 'val', 64, 2), D.edit_set(1, 2, 'val', 64, 2)
+  out = judge_eval.compare_judges(judge, judge, t2i, edits, 'no_cot')
+  assert set(out) == {f'{t}/no_cot' for t in D.TASKS if len(judge_eval.task_rows(t, t2i, edits)[2])}
+  assert all(v['difference'] == 0.0 and v['se'] == 0.0 for v in out.values()), out
+
+
 def test_caption_match_is_zero_for_a_blank_image_and_reads_the_image_otherwise(judge):
   from qwen_image_rl import judge_eval
 
@@ -980,6 +1012,12 @@ def test_perception_loss_averages_within_each_target_group():
   np.testing.assert_allclose(float(got), want, rtol=1e-5)
   plain = perception.bce(logits, targets, mask, n_words, balance_groups=False)
   np.testing.assert_allclose(float(plain), (ce * mask).sum() / mask.sum(), rtol=1e-5)
+  # Per-token words: the entries an object reaches and the rest weigh one half each.
+  dense_logits = rng.normal(size=(2, 16, 5))
+  dense = np.where(rng.random((2, 16, 5)) < 0.1, rng.random((2, 16, 5)), 0.0)
+  ce = np.logaddexp(0, dense_logits) - dense * dense_logits
+  want = ce[dense > 0].mean() + ce[dense == 0].mean()
+  np.testing.assert_allclose(float(perception.dense_bce(dense_logits, dense)), want, rtol=1e-5)
 
 
 def test_perception_pretraining_fits_its_targets_and_returns_the_vision_tree(judge):
@@ -1029,6 +1067,115 @@ def test_trained_perception_keeps_its_head_and_reads_any_number_of_images(judge)
   np.testing.assert_allclose(by_4, by_5, rtol=1e-4, atol=1e-5)
 
 
+def test_dense_targets_put_each_objects_words_at_its_tokens():
+  from qwen_image_rl.data import world
+  from qwen_image_rl.judges import dense_targets as DT
+
+  col = DT.COLUMN
+  scene = world.GeneralScene(
+    shapes=(
+      world.Shape('circle', 'red', 'small', 0, 0),
+      world.Shape('square', 'blue', 'large', 1, 1),
+    ),
+    relation='above',
+  )
+  t = DT.dense_targets(scene, 4)
+  assert t.shape == (16, len(DT.DENSE_WORDS))
+  # The small top-left circle lies inside token 0; the centre square splits over tokens 5, 6, 9
+  # and 10; each object's shares sum to 1.
+  np.testing.assert_allclose(t[:, [col['red'], col['circle'], col['small']]].sum(0), 1.0)
+  assert t[0, col['red']] == t[0, col['circle']] == 1.0
+  np.testing.assert_allclose(t[[5, 6, 9, 10], col['blue']], 0.25, rtol=1e-5)
+  assert t[:, col['blue']].sum() == pytest.approx(1.0) and t[0, col['blue']] == 0
+  assert t[:, [col['triangle'], col['green'], col['glyph:A'], col['sun']]].sum() == 0
+  # Binding: the same words with colours swapped between the shapes read 0, the scene itself 1.
+  swapped = world.GeneralScene(
+    shapes=(
+      world.Shape('circle', 'blue', 'small', 0, 0),
+      world.Shape('square', 'red', 'large', 1, 1),
+    ),
+    relation='above',
+  )
+  sure = np.where(t > 0, 0.9, 0.01)  # a head that shows each object's words where it lies
+  assert DT.object_log_probs(sure, scene, 4) == pytest.approx([np.log(0.9)] * 2, rel=1e-5)
+  # The swapped scene asks for blue where the head shows red and circle: two of three words.
+  want = (2 * np.log(0.9) + np.log(0.01)) / 3
+  assert DT.object_log_probs(sure, swapped, 4) == pytest.approx([want, want], rel=1e-5)
+  text = DT.dense_targets(world.TypographyScene(text='AB', colour='red'), 4)
+  assert text[:, col['glyph:A']].sum() == pytest.approx(1.0)
+  assert text[:, col['text:red']].max() > 0 and text[:, col['glyph:C']].sum() == 0
+  # A glyph's tokens lie left of the next glyph's.
+  cols_of = lambda w: {i % 4 for i in np.flatnonzero(text[:, col[w]])}
+  assert max(cols_of('glyph:A')) <= min(cols_of('glyph:B'))
+  portrait = world.PortraitScene(
+    face_shape='round',
+    skin='pale',
+    eyes='brown',
+    hair='black',
+    expression='smiling',
+    glasses=False,
+  )
+  assert DT.dense_targets(portrait, 4).sum() == 0
+  assert DT.object_log_probs(t, portrait, 4) == []
+
+
+def _tower_tokens(judge, trained, images) -> np.ndarray:
+  """The trained tower's merged tokens [N, T, D] of uint8 images."""
+  from qwen_image_rl.judges import perception
+
+  layout = perception.batch_layout(judge.model.visual, judge.processor, images[0], len(images))
+  pixels = perception.pixels_of(judge.processor, images)
+  tokens = judge.model.visual.apply({'params': trained.params['visual']}, pixels, layout)
+  return np.asarray(tokens).reshape(len(images), -1, tokens.shape[-1])
+
+
+def test_dense_perception_reads_each_tokens_words_with_one_shared_linear_head(judge):
+  import ml_collections
+
+  from qwen_image_rl.data import examples
+  from qwen_image_rl.judges import dense_targets as DT
+  from qwen_image_rl.judges import perception
+  from qwen_image_rl.trainers import reward_sft
+
+  grid = perception.token_grid(judge.model.visual.config, 64)
+  data = perception.perception_set(0, 6, 64, dense_grid=grid)
+  specs = examples.t2i_examples(0, 6, 'train', 64).specs
+  np.testing.assert_array_equal(data.dense, np.stack([DT.dense_targets(s, grid) for s in specs]))
+  settings = ml_collections.ConfigDict(dict(steps=2, batch_size=4, lr=3e-3, n_images=8))
+  settings.update(balance_groups=True, dense_targets=True, dense_weight=1.0)
+  logs = []
+  trained = perception.train_perception(
+    judge.model.visual, judge.processor, settings, 0, 64, log=logs.append
+  )
+  assert 'dense_auc' in logs[-1]
+  held_out = perception.perception_set(0, 5, 64, 'val', trained.words, dense_grid=grid)
+  logits, dense = trained.outputs(judge.processor, held_out.images, 4)
+  assert dense.shape == (5, grid * grid, len(DT.DENSE_WORDS))
+  np.testing.assert_allclose(
+    logits, trained.logits(judge.processor, held_out.images, 5), rtol=1e-4, atol=1e-5
+  )
+  tokens = _tower_tokens(judge, trained, held_out.images)
+  head = trained.params['dense_head']
+  want = tokens @ np.asarray(head['kernel']) + np.asarray(head['bias'])
+  np.testing.assert_allclose(dense, want, rtol=1e-4, atol=1e-4)
+  # The words' reading directions seed the LM's embeddings, at the table's scale.
+  words, rows = trained.dense_word_embedding
+  kernel = np.asarray(head['kernel'])
+  assert len(set(words)) == len(words) and {'A', '7', 'orange', 'red', 'moon'} <= set(words)
+  np.testing.assert_array_equal(rows[words.index('red')], kernel[:, DT.COLUMN['red']])
+  np.testing.assert_array_equal(rows[words.index('orange')], kernel[:, DT.COLUMN['text:orange']])
+  lm = nn.meta.unbox(judge.params['language_model'])
+  table = np.asarray(lm['embed_tokens']['embedding'])
+  scaled = reward_sft.at_embedding_scale(rows, table)
+  norm = np.linalg.norm(table, axis=-1).mean()
+  np.testing.assert_allclose(np.linalg.norm(scaled, axis=-1), norm, rtol=1e-5)
+  seeded = reward_sft.with_word_embeddings(lm, judge.tokenizer, words, scaled)['embed_tokens']
+  red = judge.tokenizer(' red')['input_ids']
+  np.testing.assert_allclose(seeded['embedding'][red[0]], scaled[words.index('red')], rtol=1e-6)
+  with pytest.raises(ValueError, match='multiple of the merged patch side'):
+    perception.token_grid(judge.model.visual.config, 63)
+
+
 def test_grounded_perception_scores_words_per_token_and_seeds_the_lm_embeddings(judge):
   import ml_collections
 
@@ -1044,14 +1191,7 @@ def test_grounded_perception_scores_words_per_token_and_seeds_the_lm_embeddings(
   data = perception.perception_set(0, 4, 64, 'val', trained.words)
   logits = trained.logits(judge.processor, data.images, 4)
   # A word's logit: log-sum-exp over the image's tokens of token . word embedding, plus a bias.
-  layout = perception.batch_layout(judge.model.visual, judge.processor, data.images[0], 4)
-  tokens = np.asarray(
-    judge.model.visual.apply(
-      {'params': trained.params['visual']},
-      perception.pixels_of(judge.processor, data.images),
-      layout,
-    )
-  ).reshape(4, -1, trained.word_embedding.shape[1])
+  tokens = _tower_tokens(judge, trained, data.images)
   per_token = np.einsum('btd,wd->btw', tokens, trained.word_embedding)
   expected = np.log(np.exp(per_token).sum(1)) + np.asarray(trained.params['word_bias'])
   np.testing.assert_allclose(logits[:, : len(trained.words)], expected, rtol=1e-4, atol=1e-4)
@@ -1126,31 +1266,42 @@ def test_frozen_vision_tower_gets_no_updates_but_its_merger_and_the_lm_do(judge)
   assert moved(updates['visual']['merger']) == moved(updates['language_model']) == {True}
 
 
-def test_bad_caption_settings_are_rejected():
+@pytest.mark.parametrize(
+  'overrides, match',
+  [
+    ({'data.caption_batch_size': -1}, 'caption_batch_size=-1'),
+    ({'perception.steps': -1}, 'perception.steps=-1'),
+    ({'judge.describe_first': True, 'data.caption_batch_size': 0}, 'describe_first needs'),
+    (
+      {'judge.describe_first': True, 'data.samples_from': '/tmp'},
+      'cannot use config.data.samples_from',
+    ),
+    ({'data.cot_style': 'slots'}, "cot_style='slots'"),
+    (
+      {'perception.dense_targets': True, 'perception.dense_weight': -1.0},
+      'dense_weight=-1.0: must be >= 0',
+    ),
+    ({'perception.dense_targets': True, 'data.image_size': 72}, 'dense_targets: image size 72'),
+    ({'perception.dense_embeddings': True}, 'needs config.perception.dense_targets=True'),
+    (
+      {
+        'perception.dense_targets': True,
+        'perception.dense_embeddings': True,
+        'perception.grounded': True,
+      },
+      'pick one',
+    ),
+  ],
+)
+def test_bad_judge_settings_are_rejected(overrides, match):
   from qwen_image_rl import config_lib
   from qwen_image_rl.trainers import reward_sft
 
   c = _tiny_judge_config()
-  c.data.caption_batch_size = -1
-  with pytest.raises(config_lib.ConfigError, match='caption_batch_size=-1'):
-    reward_sft.validate(c)
-  c = _tiny_judge_config()
-  c.perception.steps = -1
-  with pytest.raises(config_lib.ConfigError, match='perception.steps=-1'):
-    reward_sft.validate(c)
-  c = _tiny_judge_config()
-  c.judge.describe_first = True
-  c.data.caption_batch_size = 0
-  with pytest.raises(config_lib.ConfigError, match='describe_first needs'):
-    reward_sft.validate(c)
-  c = _tiny_judge_config()
-  c.judge.describe_first = True
-  c.data.samples_from = '/tmp'
-  with pytest.raises(config_lib.ConfigError, match='cannot use config.data.samples_from'):
-    reward_sft.validate(c)
-  c = _tiny_judge_config()
-  c.data.cot_style = 'slots'
-  with pytest.raises(config_lib.ConfigError, match="cot_style='slots'"):
+  for key, value in overrides.items():
+    section, name = key.split('.')
+    c[section][name] = value
+  with pytest.raises(config_lib.ConfigError, match=match):
     reward_sft.validate(c)
 
 
@@ -1162,6 +1313,8 @@ def test_reward_sft_trains_and_exports_a_loadable_judge(tmp_path, kind):
 
   c = _tiny_judge_config()
   c.judge.describe_first = kind == 'describe_first'
+  # a tower also taught per-token words, whose reading directions seed the LM's embeddings
+  c.perception.dense_targets = c.perception.dense_embeddings = kind == 'pointwise'
   if kind == 'checklist':  # with the grounded tower, whose word embeddings seed the LM's
     c.data.cot_style, c.perception.grounded = 'checklist', True
   if kind == 'decompose':

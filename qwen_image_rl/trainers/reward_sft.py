@@ -97,10 +97,7 @@ def validate(config):
     D.variant_probs("general", dict(config.data.variant_weights))
   except ValueError as e:
     raise config_lib.ConfigError(f"config.data.variant_weights: {e}") from None
-  if config.perception.steps < 0:
-    raise config_lib.ConfigError(f"config.perception.steps={config.perception.steps}: must be >= 0")
-  if config.perception.steps:
-    config_lib.check_positive(config, "perception.batch_size", "perception.n_images")
+  validate_perception(config)
   if not 0.0 <= config.data.no_cot_fraction <= 1.0:
     raise config_lib.ConfigError(
       f"config.data.no_cot_fraction={config.data.no_cot_fraction}: must be in [0, 1]"
@@ -169,6 +166,33 @@ def validate(config):
     raise config_lib.ConfigError(
       f"config.data.samples_from={config.data.samples_from!r} is not "
       "a directory (a pipeline exported by sft or grpo)"
+    )
+
+
+def validate_perception(config):
+  """Raise ConfigError for perception pre-training settings it cannot run."""
+  settings = config.perception
+  if settings.steps < 0:
+    raise config_lib.ConfigError(f"config.perception.steps={settings.steps}: must be >= 0")
+  if settings.steps:
+    config_lib.check_positive(config, "perception.batch_size", "perception.n_images")
+  if settings.get("dense_targets", False):
+    if settings.dense_weight < 0:
+      raise config_lib.ConfigError(
+        f"config.perception.dense_weight={settings.dense_weight}: must be >= 0"
+      )
+    try:
+      perception.token_grid(config.model.vision, config.data.image_size)
+    except ValueError as e:
+      raise config_lib.ConfigError(f"config.perception.dense_targets: {e}") from None
+  if settings.get("dense_embeddings", False) and not settings.get("dense_targets", False):
+    raise config_lib.ConfigError(
+      "config.perception.dense_embeddings seeds the language model from the per-token head: "
+      "it needs config.perception.dense_targets=True"
+    )
+  if settings.get("dense_embeddings", False) and settings.get("grounded", False):
+    raise config_lib.ConfigError(
+      "config.perception.dense_embeddings and grounded both seed the word embeddings: pick one"
     )
 
 
@@ -670,7 +694,9 @@ def freeze_vision_tower(tx):
 
 def with_pretrained_vision(state, shardings, model, judge: V.VLMJudge, config):
   """`state` with its vision tower replaced by one pre-trained on perception targets (and, for
-  a grounded head, the language model's embeddings of the head's words replaced by the head's)."""
+  a grounded head, the language model's embeddings of the head's words replaced by the head's;
+  with `perception.dense_embeddings`, those of the per-token words by the directions in which
+  the per-token head reads them, so a prompt word matches the image tokens that show it)."""
   trained = perception.train_perception(
     model.visual, judge.processor, config.perception, config.seed, config.data.image_size
   )
@@ -681,15 +707,27 @@ def with_pretrained_vision(state, shardings, model, judge: V.VLMJudge, config):
     **state.params,
     "visual": jax.device_put(trained.params["visual"], shardings.params["visual"]),
   }
+  seeds = None
   if trained.word_embedding is not None:
-    seeded = with_word_embeddings(
-      jax.device_get(params["language_model"]),
-      judge.tokenizer,
-      trained.words,
-      trained.word_embedding,
-    )
+    seeds = trained.words, trained.word_embedding
+  if config.perception.get("dense_embeddings", False):
+    seeds = trained.dense_word_embedding
+  if seeds is not None:
+    language_model = jax.device_get(params["language_model"])
+    words, rows = seeds
+    if config.perception.get("dense_embeddings", False):
+      rows = at_embedding_scale(rows, language_model["embed_tokens"]["embedding"])
+    seeded = with_word_embeddings(language_model, judge.tokenizer, words, rows)
     params["language_model"] = jax.device_put(seeded, shardings.params["language_model"])
   return state.replace(params=params)
+
+
+def at_embedding_scale(rows, table) -> np.ndarray:
+  """`rows` rescaled to the embedding table's mean row norm (a head's kernel columns have
+  their own scale; the language model's layers expect its embeddings')."""
+  rows = np.asarray(rows)
+  target = np.linalg.norm(np.asarray(table), axis=-1).mean()
+  return rows / np.maximum(np.linalg.norm(rows, axis=-1, keepdims=True), 1e-12) * target
 
 
 def with_word_embeddings(language_model: dict, tokenizer, words, embedding) -> dict:
@@ -780,6 +818,9 @@ REQUIRED = {
   "perception.freeze_tower": bool,
   "perception.balance_groups": bool,
   "perception.grounded": bool,
+  "perception.dense_targets": bool,
+  "perception.dense_weight": float,
+  "perception.dense_embeddings": bool,
   "judge.max_cot_tokens": int,
   "judge.describe_first": bool,
   "judge.max_caption_tokens": int,
