@@ -707,15 +707,11 @@ def with_pretrained_vision(state, shardings, model, judge: V.VLMJudge, config):
     **state.params,
     "visual": jax.device_put(trained.params["visual"], shardings.params["visual"]),
   }
-  seeds = None
-  if trained.word_embedding is not None:
-    seeds = trained.words, trained.word_embedding
-  if config.perception.get("dense_embeddings", False):
-    seeds = trained.dense_word_embedding
-  if seeds is not None:
+  dense = config.perception.get("dense_embeddings", False)
+  if dense or trained.word_embedding is not None:
     language_model = jax.device_get(params["language_model"])
-    words, rows = seeds
-    if config.perception.get("dense_embeddings", False):
+    words, rows = trained.dense_word_embedding if dense else (trained.words, trained.word_embedding)
+    if dense:  # a kernel's columns have their own scale
       rows = at_embedding_scale(rows, language_model["embed_tokens"]["embedding"])
     seeded = with_word_embeddings(language_model, judge.tokenizer, words, rows)
     params["language_model"] = jax.device_put(seeded, shardings.params["language_model"])
