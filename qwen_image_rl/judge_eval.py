@@ -215,10 +215,18 @@ def true_descriptions(task: str, data: D.JudgeSet, rows, seed: int) -> list[str]
 
 
 def evaluate_judge(
-  judge, t2i, edits, modes, true_captions: bool = False, seed: int = 0, examples: int = 0
+  judge,
+  t2i,
+  edits,
+  modes,
+  true_captions: bool = False,
+  seed: int = 0,
+  examples: int = 0,
+  rewards: dict | None = None,
 ) -> dict:
   """Per task and mode: correlation_metrics and by_kind, and with `examples` > 0 that many
-  chains of thought (CoT mode) with their prompt, kind of image, oracle score and reward."""
+  chains of thought (CoT mode) with their prompt, kind of image, oracle score and reward.
+  `rewards`, when given, receives each "task/mode"'s rewards (for compare_judges)."""
   if true_captions and not judge.describe_first:
     raise ValueError("--captions=true needs a describe_first judge (tiny_describe_first)")
   results = {}
@@ -231,6 +239,8 @@ def evaluate_judge(
       seen = true_descriptions(task, data, rows, seed)
     for mode in modes:
       out = score_rows(judge, task, data, rows, mode, seen)
+      if rewards is not None:
+        rewards[f"{task}/{mode}"] = out.reward
       results[f"{task}/{mode}"] = agreement(
         out.reward, oracle[rows], data.variants, [data.kinds[i] for i in rows]
       )
@@ -295,15 +305,27 @@ def paired_difference(
   }
 
 
-def compare_judges(judge_a, judge_b, t2i: D.JudgeSet, edits: D.JudgeSet, mode: str) -> dict:
-  """Per task, paired_difference of two judges' scores (judge_a minus judge_b) in `mode`."""
+def compare_judges(rewards: dict, judge_b, t2i: D.JudgeSet, edits: D.JudgeSet, mode: str) -> dict:
+  """Per task, paired_difference of a judge's rewards (evaluate_judge's, by "task/mode") and
+  judge_b's on the same rows, in `mode` (the first judge minus judge_b)."""
   out = {}
   for task in D.TASKS:
     data, oracle, rows = task_rows(task, t2i, edits)
     if len(rows):
-      a, b = (score_rows(j, task, data, rows, mode).reward for j in (judge_a, judge_b))
-      out[f"{task}/{mode}"] = paired_difference(a, b, oracle[rows], data.variants)
+      b = score_rows(judge_b, task, data, rows, mode).reward
+      key = f"{task}/{mode}"
+      out[key] = paired_difference(rewards[key], b, oracle[rows], data.variants)
   return out
+
+
+def alignment_batches(judge, data: D.JudgeSet, batch: int):
+  """(rows, the judge's processed images, the rows' alignment prompt ids), `batch` rows at a
+  time: what the item-level diagnostics read."""
+  grid = judge.processor(data.images[0])["image_grid_thw"]
+  for start in range(0, len(data), batch):
+    rows = range(start, min(start + batch, len(data)))
+    processed = judge.processor(list(data.images[rows.start : rows.stop]))
+    yield rows, processed, [judge.prompt_ids("alignment", data.prompts[r], grid) for r in rows]
 
 
 def verdict_probabilities(judge, data: D.JudgeSet, batch: int = 32):
@@ -312,14 +334,11 @@ def verdict_probabilities(judge, data: D.JudgeSet, batch: int = 32):
   import jax
 
   verdict_ids = judge.verdict_ids
-  grid = judge.processor(data.images[0])["image_grid_thw"]
   truths, kinds, probs = [], [], []
-  for start in range(0, len(data), batch):
-    rows = range(start, min(start + batch, len(data)))
+  for rows, processed, prompts in alignment_batches(judge, data, batch):
     seqs, positions, row_items = [], [], []
-    for row in rows:
+    for row, prompt in zip(rows, prompts):
       items = data.labels[row]["items/alignment"]
-      prompt = judge.prompt_ids("alignment", data.prompts[row], grid)
       seq = prompt + judge.tokenizer(P.chain_of_thought("alignment", {}, items=items))["input_ids"]
       at = [k - 1 for k in range(len(prompt), len(seq)) if seq[k] in verdict_ids]
       if len(at) != len(items):
@@ -329,7 +348,6 @@ def verdict_probabilities(judge, data: D.JudgeSet, batch: int = 32):
       row_items.append(items)
     width = max(map(len, positions))
     padded = [at + [at[-1]] * (width - len(at)) for at in positions]
-    processed = judge.processor(list(data.images[rows.start : rows.stop]))
     logits = np.asarray(judge.logits_at(seqs, processed, padded), np.float32)
     p = np.asarray(jax.nn.softmax(logits[..., verdict_ids], -1))
     for i, items in enumerate(row_items):
@@ -343,12 +361,8 @@ def verdict_probabilities(judge, data: D.JudgeSet, batch: int = 32):
 def verdicts_alone(judge, data: D.JudgeSet, batch: int = 32):
   """verdict_probabilities with each item read after its phrase alone (the chain of thought
   holds nothing else), as item drills train it and VLMJudge.independent_items reads it."""
-  grid = judge.processor(data.images[0])["image_grid_thw"]
   truths, kinds, probs = [], [], []
-  for start in range(0, len(data), batch):
-    rows = range(start, min(start + batch, len(data)))
-    processed = judge.processor(list(data.images[rows.start : rows.stop]))
-    prompts = [judge.prompt_ids("alignment", data.prompts[r], grid) for r in rows]
+  for rows, processed, prompts in alignment_batches(judge, data, batch):
     items = [data.labels[r]["items/alignment"] for r in rows]
     phrases = [[item.phrase for item in its] for its in items]
     for its, row_p in zip(items, judge.verdicts_alone(prompts, processed, phrases)):
@@ -402,16 +416,12 @@ def score_with_oracle_chain(judge, data: D.JudgeSet, batch: int = 32) -> np.ndar
   training target's chain of thought): what the judge's score makes of right verdicts."""
   from qwen_image_rl.judges import vlm_judge as V
 
-  grid = judge.processor(data.images[0])["image_grid_thw"]
   rewards = np.zeros(len(data), np.float32)
-  for start in range(0, len(data), batch):
-    rows = range(start, min(start + batch, len(data)))
+  for rows, processed, prompts in alignment_batches(judge, data, batch):
     seqs = []
-    for r in rows:
+    for r, prompt in zip(rows, prompts):
       chain = P.chain_of_thought("alignment", {}, items=data.labels[r]["items/alignment"])
-      prompt = judge.prompt_ids("alignment", data.prompts[r], grid)
       seqs.append(V.assemble(prompt, judge.tokenizer(chain)["input_ids"], judge.tokens)[0])
-    processed = judge.processor(list(data.images[rows.start : rows.stop]))
     logprobs = V.score_logprobs(judge.read_logits(seqs, processed), judge.tokens.digits)
     rewards[rows.start : rows.stop] = V.readout(np.asarray(logprobs), "unit")
   return rewards
@@ -484,13 +494,16 @@ def main(argv):
     if true_captions and not judge.describe_first:
       raise app.UsageError(f"--captions=true: {FLAGS.judge} is not a describe_first judge")
     t2i, edits = held_out_sets(FLAGS.split, FLAGS.n, FLAGS.seed, FLAGS.samples_from)
+    rewards = {}
     result = {
       "judge": FLAGS.judge,
       "split": FLAGS.split,
       "max_cot_tokens": judge.max_cot_tokens,
       "describe_first": judge.describe_first,
       "captions": FLAGS.captions if judge.describe_first else None,
-      **evaluate_judge(judge, t2i, edits, modes, true_captions, FLAGS.seed, FLAGS.examples),
+      **evaluate_judge(
+        judge, t2i, edits, modes, true_captions, FLAGS.seed, FLAGS.examples, rewards
+      ),
     }
     if judge.decompose:
       result["decomposition"] = decomposition(judge, t2i)
@@ -517,7 +530,7 @@ def main(argv):
       other = VLMJudge.load(FLAGS.against, **kw)
       result["against"] = {
         "judge": FLAGS.against,
-        **compare_judges(judge, other, t2i, edits, modes[0]),
+        **compare_judges(rewards, other, t2i, edits, modes[0]),
       }
   print(json.dumps(result, sort_keys=True), flush=True)
 

@@ -918,7 +918,9 @@ def test_compare_judges_scores_both_on_the_same_images(judge):
   from qwen_image_rl import judge_eval
 
   t2i, edits = D.t2i_set(1, 4, 'val', 64, 2), D.edit_set(1, 2, 'val', 64, 2)
-  out = judge_eval.compare_judges(judge, judge, t2i, edits, 'no_cot')
+  rewards = {}
+  judge_eval.evaluate_judge(judge, t2i, edits, ('no_cot',), rewards=rewards)
+  out = judge_eval.compare_judges(rewards, judge, t2i, edits, 'no_cot')
   assert set(out) == {f'{t}/no_cot' for t in D.TASKS if len(judge_eval.task_rows(t, t2i, edits)[2])}
   assert all(v['difference'] == 0.0 and v['se'] == 0.0 for v in out.values()), out
 

@@ -180,8 +180,13 @@ class JudgeOutput:
     )
 
 
+def padded_length(longest: int, multiple: int = 16) -> int:
+  """`longest` rounded up to a multiple of `multiple` (fewer distinct shapes to compile)."""
+  return -(-longest // multiple) * multiple
+
+
 def _left_pad(seqs: Sequence[Sequence[int]], pad: int, multiple: int = 16):
-  length = -(-max(len(s) for s in seqs) // multiple) * multiple
+  length = padded_length(max(len(s) for s in seqs), multiple)
   ids = np.full((len(seqs), length), pad, np.int32)
   mask = np.zeros((len(seqs), length), np.int32)
   for i, s in enumerate(seqs):

@@ -342,7 +342,7 @@ class Batcher:
         "inference longer ones are cut and counted invalid",
         flush=True,
       )
-    return -(-(longest + 16) // 16) * 16  # headroom for longer verdict lists, then round up
+    return V.padded_length(longest + 16)  # headroom for longer verdict lists
 
   def _images(self, task, row):
     data = self._data(task)
@@ -495,8 +495,7 @@ class CaptionBatcher:
         "carry cut captions",
         flush=True,
       )
-    longest = len(self.prompt) + max(map(len, self.answers))
-    self.length = -(-longest // 16) * 16
+    self.length = V.padded_length(len(self.prompt) + max(map(len, self.answers)))
 
   def __call__(self, step: int) -> dict:
     n, L = self.config.data.caption_batch_size, self.length
@@ -523,8 +522,8 @@ class DrillBatcher:
     self.rows = np.flatnonzero(~np.isnan(t2i.scores("alignment")))
     self.verdict_ids = dict(zip((w for _, w in P.VERDICTS), judge.verdict_ids))
     self.period = judge.tokenizer(".")["input_ids"]
-    longest = max(len(self._drill(int(r), 0)[0]) for r in self.rows[:64]) + 16
-    self.length = -(-longest // 16) * 16
+    longest = max(len(self._drill(int(r), 0)[0]) for r in self.rows[:64])
+    self.length = V.padded_length(longest + 16)
 
   def _drill(self, row: int, k: int):
     item = self.t2i.labels[row]["items/alignment"][k]
@@ -570,8 +569,7 @@ class DecomposeBatcher:
         f"reward_sft: decompositions run to {longest_answer} tokens but "
         f"config.judge.max_item_tokens={judge.max_item_tokens}: the judge could not finish them"
       )
-    longest = max(len(p) + len(a) for p, a in zip(self.prompts, answers))
-    self.length = -(-longest // 16) * 16
+    self.length = V.padded_length(max(len(p) + len(a) for p, a in zip(self.prompts, answers)))
 
   def __call__(self, step: int) -> dict:
     rng = np.random.default_rng([self.config.seed, step, 4])
@@ -864,20 +862,12 @@ def train(config, workdir):
   )
 
   example = batcher(0)
-  layout = {
-    k: jnp.asarray(v)
-    for k, v in model.layout(
-      np.repeat(batcher.grid, len(example["pixel_values"]) // int(batcher.grid.prod()), axis=0)
-    ).items()
+  images_layout = lambda n: {
+    k: jnp.asarray(v) for k, v in model.layout(np.repeat(batcher.grid, n, axis=0)).items()
   }
-  caption_layout = None
-  if captioner:
-    grids = np.repeat(batcher.grid, config.data.caption_batch_size, axis=0)
-    caption_layout = {k: jnp.asarray(v) for k, v in model.layout(grids).items()}
-  drill_layout = None
-  if driller:
-    grids = np.repeat(batcher.grid, config.data.drill_batch_size, axis=0)
-    drill_layout = {k: jnp.asarray(v) for k, v in model.layout(grids).items()}
+  layout = images_layout(len(example["pixel_values"]) // int(batcher.grid.prod()))
+  caption_layout = images_layout(config.data.caption_batch_size) if captioner else None
+  drill_layout = images_layout(config.data.drill_batch_size) if driller else None
   tx = optim.make_optimizer(config.optim, config.total_steps)
   if config.perception.steps and config.perception.freeze_tower:
     tx = freeze_vision_tower(tx)
