@@ -120,6 +120,41 @@ def dense_rule_scores(dense_probs: np.ndarray, specs, shown, content_min_p: np.n
   }
 
 
+ITEM_KINDS_READ = ("shape", "glyph", "body")  # checklist items with one object at its place
+
+
+def dense_item_aucs(dense_probs: np.ndarray, specs, labels, kinds=None) -> dict:
+  """Per checklist item kind that names one object (a shape, a glyph, the sun or moon), the AUC
+  of that object's dense reading at its requested place (dense_targets.object_log_probs) for
+  items the oracle calls good against the rest: what a judge's lookup of the item can find in
+  the tower (reward_sft.pretrain_lookup logs the judge's own). With `kinds` (each image's
+  variant) also `exact_renders`: the same over the images without pixel or face corruption,
+  where a verdict is the content's alone (the lookup stage's held-out set)."""
+  from qwen_image_rl.judges import dense_targets
+  from qwen_image_rl.judges import face_id as F
+  from qwen_image_rl.judges import judge_data as D
+  from qwen_image_rl.judges import prompts as P
+
+  grid = int(round(np.sqrt(dense_probs.shape[1])))
+  read = {kind: ([], []) for kind in ITEM_KINDS_READ}
+  for probs, spec, label in zip(dense_probs, specs, labels):
+    items = [it for it in label.get("items/alignment", ()) if it.kind in ITEM_KINDS_READ]
+    for item, score in zip(items, dense_targets.object_log_probs(probs, spec, grid), strict=True):
+      read[item.kind][0].append(score)
+      read[item.kind][1].append(P.verdict(item.value) == "good")
+  out = {}
+  for kind, (scores, good) in read.items():
+    scores, good = np.array(scores), np.array(good, bool)
+    if good.any() and (~good).any():
+      out[kind] = {"n": len(good), "auc": round(F.auc(scores[good], scores[~good]), 3)}
+  if kinds is not None:
+    exact = [i for i, k in enumerate(kinds) if k in D.EXACT_RENDER_KINDS]
+    out["exact_renders"] = dense_item_aucs(
+      dense_probs[exact], [specs[i] for i in exact], [labels[i] for i in exact]
+    )
+  return out
+
+
 def is_bound_word(word: str) -> bool:
   """A bound pseudo-word ('red@01', 'red_circle', '#shapes=2'), not a caption word."""
   return any(c in word for c in "@_=#")
@@ -224,6 +259,7 @@ def main():
   if args.dense:
     dense_probs = 1.0 / (1.0 + np.exp(-dense_logits))
     scores.update(dense_rule_scores(dense_probs, t2i.specs, t2i.shown, scores["content_min_p"]))
+    results["dense_item_auc"] = dense_item_aucs(dense_probs, t2i.specs, t2i.labels, t2i.kinds)
   for rule, score in scores.items():
     results[rule] = judge_eval.agreement(score, oracle, t2i.variants, t2i.kinds)
   line = json.dumps(results)

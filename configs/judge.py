@@ -83,6 +83,8 @@ def get_config(arg: str = "tiny"):
       # One-item alignment checklists a step, the loss on the verdict (decompose judges; at
       # 1600 steps the verdicts still approve every item, README "Decompose, then check").
       drill_batch_size=16 if arg == "tiny_decompose" else 0,
+      # Half the drills of items the oracle calls good, half of the rest (74% are good).
+      drill_balance=False,
       samples_from="",
       # Alignment CoTs describe the image (judge_data.describe) before the verdicts, instruction
       # CoTs the source and the output.
@@ -156,6 +158,23 @@ def get_config(arg: str = "tiny"):
   # description of a render, text alone (reward_sft.pretrain_language; 0 steps skips it). Off:
   # 2000 steps (45 min) left the comparison unlearnt and the judge worse (README).
   c.language = ml_collections.ConfigDict(dict(steps=0, batch_size=32, lr=2e-3))
+  # Before reward SFT, the language model can first learn to look items up in the image from
+  # balanced item drills alone (reward_sft.pretrain_lookup; 0 steps skips it), its held-out
+  # AUC logged on that many val specs' drills (held_out_batches of batch_size). fresh_scenes:
+  # each step's drills on newly drawn scenes (a fixed set's are learnt by heart: README);
+  # exact_renders: only images without pixel or face corruption, whose verdicts are the
+  # content's (on the others the oracle's also read its detectors' failures).
+  c.lookup = ml_collections.ConfigDict(
+    dict(
+      steps=0,
+      batch_size=32,
+      lr=2e-3,
+      held_out_specs=128,
+      held_out_batches=8,
+      fresh_scenes=True,
+      exact_renders=True,
+    )
+  )
   c.optim.lr = 2e-3
   c.optim.warmup_steps = 30
   c.optim.schedule = "cosine"

@@ -428,8 +428,24 @@ def score_with_oracle_chain(judge, data: D.JudgeSet, batch: int = 32) -> np.ndar
 
 
 def agreement(judge: np.ndarray, oracle: np.ndarray, variants: int, kinds) -> dict:
-  """correlation_metrics of a judge's scores with the oracle's, and their by_kind means."""
-  return {**correlation_metrics(judge, oracle, variants), "by_kind": by_kind(judge, oracle, kinds)}
+  """correlation_metrics of a judge's scores with the oracle's, their by_kind means, and the
+  Spearman over the exact renders alone (`exact_renders`: no pixel or face corruption, where
+  the oracle's score is the content's; on the rest it also reads its detectors' failures,
+  benchmarks/alignment_ceiling.py)."""
+  exact = np.isin(np.asarray(kinds), D.EXACT_RENDER_KINDS)
+  return {
+    **correlation_metrics(judge, oracle, variants),
+    "exact_renders": exact_render_spearman(judge[exact], oracle[exact]),
+    "by_kind": by_kind(judge, oracle, kinds),
+  }
+
+
+def exact_render_spearman(judge: np.ndarray, oracle: np.ndarray) -> dict:
+  valid = ~np.isnan(judge)
+  out = {"n": int(valid.sum()), "spearman": float("nan")}
+  if valid.sum() >= 3 and np.std(judge[valid]) > 0 and np.std(oracle[valid]) > 0:
+    out["spearman"] = round(float(stats.spearmanr(judge[valid], oracle[valid])[0]), 4)
+  return out
 
 
 def decomposition(judge, data: D.JudgeSet) -> dict:

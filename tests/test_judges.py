@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from qwen_image_rl.data import captions
+from qwen_image_rl.data import world as W
 from qwen_image_rl.judges import face_id as F
 from qwen_image_rl.judges import judge_data as D
 from qwen_image_rl.judges import prompts as P
@@ -61,7 +62,6 @@ def test_score_bins_and_chain_of_thought_follow_the_rubric_order():
 
 def test_checklist_names_each_requested_item_and_fails_only_what_a_mutation_changed():
   from qwen_image_rl.data import render
-  from qwen_image_rl.data import world as W
 
   spec = W.GeneralScene(
     shapes=(
@@ -334,6 +334,12 @@ def test_correlation_metrics_against_scipy_and_counts():
   assert out['spearman'] == pytest.approx(stats.spearmanr(judge[ok], oracle[ok])[0])
   # Pairs (0,1) right, (2,3) a tie (skipped), (4,5) right.
   assert out['pairs'] == 2 and out['pairwise_accuracy'] == 1.0
+  # exact_renders: the Spearman over the images without pixel or face corruption alone.
+  kinds = ['clean', 'pixel', 'semantic', 'semantic', 'unrelated', 'face']
+  exact = judge_eval.agreement(judge, oracle, 2, kinds)['exact_renders']
+  rows = np.array([0, 3, 4])  # (2 is an invalid output)
+  assert exact['n'] == 3
+  assert exact['spearman'] == pytest.approx(stats.spearmanr(judge[rows], oracle[rows])[0], abs=1e-4)
 
 
 def _tiny_judge_config():
@@ -538,6 +544,63 @@ def test_language_pretraining_compares_texts_of_exact_renders_and_leaves_the_tow
   c = _tiny_judge_config()
   c.language.steps = 5
   with pytest.raises(config_lib.ConfigError, match='needs config.judge.describe_first=True'):
+    reward_sft.validate(c)
+
+
+def test_balanced_drills_and_lookup_pretraining_read_the_verdict_they_train(judge):
+  from qwen_image_rl import config_lib
+  from qwen_image_rl.trainers import reward_sft
+
+  c = _tiny_judge_config()
+  c.data.update(cot_style='checklist', drill_batch_size=6, drill_balance=True)
+  c.lookup.update(steps=3, batch_size=6, lr=1e-2, held_out_batches=1)
+  reward_sft.validate(c)
+  t2i = D.t2i_set(1, 6, 'train', 64, 2)
+  grid = judge.processor(t2i.images[0])['image_grid_thw']
+  drills = reward_sft.DrillBatcher(c, judge, t2i, grid)
+  verdicts = dict(zip(judge.verdict_ids, (w for _, w in P.VERDICTS)))
+  for step in range(4):
+    batch = drills(step)
+    targets = batch['drill/input_ids'][batch['drill/weights'] > 0]
+    assert [verdicts[t] == 'good' for t in targets] == [True] * 3 + [False] * 3
+    assert [drills.is_good(r, k) for r, k in drills.picks(step)] == [True] * 3 + [False] * 3
+  np.testing.assert_array_equal(drills(3)['drill/input_ids'], batch['drill/input_ids'])
+  # Drills of exact renders only; fresh scenes each step, a pure function of (seed, step).
+  exact = reward_sft.DrillBatcher(c, judge, t2i, grid, 6, True, exact_only=True)
+  assert {t2i.kinds[r] for r, _ in exact.picks(0)} <= set(D.EXACT_RENDER_KINDS)
+  assert {t2i.kinds[r] for r in exact.rows} == set(t2i.kinds) & set(D.EXACT_RENDER_KINDS)
+  fresh = reward_sft.FreshDrillBatcher(c, judge, grid, 6, drills.length, D.EXACT_RENDER_MIX)
+  first, again = fresh.drills(4), fresh.drills(4)
+  assert first.t2i.prompts == again.t2i.prompts != fresh.drills(5).t2i.prompts
+  assert set(first.t2i.kinds) <= set(D.EXACT_RENDER_KINDS)
+  assert all(W.split_of(spec) == 'train' for spec in first.t2i.specs)
+  np.testing.assert_array_equal(fresh(4)['drill/input_ids'], fresh(4)['drill/input_ids'])
+  assert fresh(4)['drill/input_ids'].shape == (6, drills.length)
+  # p(good) is read at the position that predicts each drill's verdict.
+  params = nn.meta.unbox(judge.params)
+  layout = {k: jnp.asarray(v) for k, v in judge.model.layout(np.repeat(grid, 6, axis=0)).items()}
+  logits_fn = lambda p, b: reward_sft.logits_of(judge.model, p, b, 'drill/', layout)
+  p_good = reward_sft.drill_p_good(logits_fn, jnp.asarray(judge.verdict_ids), params, batch)
+  logits = np.asarray(logits_fn(params, batch), np.float64)
+  for i, at in enumerate(np.argmax(batch['drill/weights'], 1)):
+    z = logits[i, at - 1, judge.verdict_ids]
+    assert p_good[i] == pytest.approx(np.exp(z[0] - np.logaddexp.reduce(z)), rel=1e-4)
+  # The stage moves the language model and the merger, never the tower.
+  trained = reward_sft.pretrain_lookup(params, judge.model, drills, drills, c, log=lambda _: None)
+  before = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+  for path, leaf in jax.tree_util.tree_flatten_with_path(trained)[0]:
+    moved = float(np.abs(np.asarray(leaf) - before[path]).max()) > 0
+    frozen = 'visual' in str(path[0]) and 'merger' not in str(path[1])
+    assert moved != frozen, jax.tree_util.keystr(path)
+  c.data.drill_batch_size = 0
+  with pytest.raises(config_lib.ConfigError, match='drill_balance balances'):
+    reward_sft.validate(c)
+  c = _tiny_judge_config()
+  c.lookup.steps = -1
+  with pytest.raises(config_lib.ConfigError, match='lookup.steps=-1'):
+    reward_sft.validate(c)
+  c.lookup.steps, c.judge.describe_first = 5, True
+  with pytest.raises(config_lib.ConfigError, match='caption line the drills lack'):
     reward_sft.validate(c)
 
 
@@ -1236,7 +1299,6 @@ def test_perception_match_rules_read_only_the_prompts_known_words():
 
 def test_perception_match_bound_rules_read_the_requested_scenes_pseudo_words():
   from benchmarks import perception_match
-  from qwen_image_rl.data import world as W
   from qwen_image_rl.judges import perception
 
   shape = W.Shape(kind='circle', colour='red', size='small', row=0, col=2)
@@ -1251,6 +1313,63 @@ def test_perception_match_bound_rules_read_the_requested_scenes_pseudo_words():
   assert np.isnan(out['bound_min_p'][1])  # a portrait has no bound words
   assert all(perception_match.is_bound_word(w) for w in words[:-1])
   assert not perception_match.is_bound_word('red')
+
+
+def test_perception_match_item_aucs_read_each_item_at_its_objects_place():
+  from benchmarks import perception_match
+  from qwen_image_rl.judges import dense_targets
+
+  shapes = (
+    W.Shape(kind='circle', colour='red', size='small', row=0, col=0),
+    W.Shape(kind='square', colour='blue', size='large', row=2, col=2),
+  )
+  spec = W.GeneralScene(shapes=shapes, relation='left of')
+  shown = 0.01 + 0.98 * dense_targets.dense_targets(spec, 4)
+  only_first = 0.01 + 0.98 * dense_targets.dense_targets(W.GeneralScene(shapes=shapes[:1]), 4)
+
+  def label(first: float, second: float) -> dict:
+    items = (D.Item('count', 1.0, 'count'), D.Item('small red circle', first, 'shape'))
+    items += (D.Item('top left', 1.0, 'position'), D.Item('large blue square', second, 'shape'))
+    return {'items/alignment': items}
+
+  # The square's item is read where the square is asked for: good where it is drawn.
+  out = perception_match.dense_item_aucs(
+    np.stack([shown, only_first]), [spec, spec], [label(1.0, 1.0), label(1.0, 0.0)]
+  )
+  assert out == {'shape': {'n': 4, 'auc': 1.0}}
+  both = perception_match.dense_item_aucs(
+    np.stack([shown, only_first]), [spec, spec], [label(1.0, 1.0), label(1.0, 0.0)], ['clean'] * 2
+  )
+  assert both['exact_renders'] == out
+  one = perception_match.dense_item_aucs(
+    np.stack([shown, only_first]),
+    [spec, spec],
+    [label(1.0, 1.0), label(1.0, 0.0)],
+    ['clean', 'pixel'],
+  )
+  assert one['exact_renders'] == {}  # the first image's items are all good: no AUC
+  flipped = perception_match.dense_item_aucs(
+    np.stack([shown, only_first]), [spec, spec], [label(1.0, 0.0), label(1.0, 1.0)]
+  )
+  # The drawn square called bad reads above the missing one, below the small circles (whose
+  # box shares per token are larger): 2 of 3 good items above it.
+  assert flipped['shape']['auc'] == pytest.approx(2 / 3, abs=1e-3)
+
+
+def test_alignment_ceiling_reads_content_exactly_on_exact_renders(monkeypatch, capsys):
+  from benchmarks import alignment_ceiling
+
+  monkeypatch.setattr('sys.argv', ['alignment_ceiling.py', '--n=16'])
+  alignment_ceiling.main()
+  out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  for task in ('alignment', 'instruction'):
+    kinds = out[task]['by_kind']
+    assert sum(k['n'] for k in kinds.values()) == 16
+    for kind, row in kinds.items():
+      if kind in D.EXACT_RENDER_KINDS:  # the oracle scores the content alone
+        assert row['content_exact'] == pytest.approx(row['oracle'], abs=1e-4), (task, kind)
+      elif kind == 'pixel':  # the scene asked for, drawn right: the content reader's 1
+        assert row['content_exact'] > 0.99 and row['oracle'] < row['content_exact'], task
 
 
 def test_frozen_vision_tower_gets_no_updates_but_its_merger_and_the_lm_do(judge):

@@ -222,6 +222,35 @@ def test_vision_features_match_transformers(reference, sizes):
   assert err <= TOL
 
 
+def test_merger_gradients_only_keeps_the_features_and_stops_the_blocks_gradients(reference):
+  images = list(np.random.default_rng(2).integers(0, 256, (2, 56, 56, 3), dtype=np.uint8))
+  processed = ImageProcessor()(images)
+  model = reference["model"]
+  layout = {
+    k: jnp.asarray(v)
+    for k, v in vision_layout(processed["image_grid_thw"], model.vision_config).arrays().items()
+  }
+  params, pixels = reference["params"]["visual"], jnp.asarray(processed["pixel_values"])
+  merger_only = model.visual.clone(merger_gradients_only=True)
+
+  def grads(tower):
+    loss = lambda p: jnp.sum(jnp.sin(tower.apply({"params": p}, pixels, layout)))
+    return jax.grad(loss)(params)
+
+  np.testing.assert_array_equal(
+    merger_only.apply({"params": params}, pixels, layout),
+    model.visual.apply({"params": params}, pixels, layout),
+  )
+  full, stopped = grads(model.visual), grads(merger_only)
+  for path, g in jax.tree_util.tree_flatten_with_path(stopped)[0]:
+    name = jax.tree_util.keystr(path)
+    want = dict(jax.tree_util.tree_flatten_with_path(full)[0])[path]
+    if "merger" in name:
+      np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-7, err_msg=name)
+    else:
+      assert not np.any(g) and np.any(want), name
+
+
 def test_rope_index_matches_transformers(reference, tokenizer):
   texts = [
     "a <|vision_start|><|image_pad|><|vision_end|> red circle",

@@ -142,6 +142,10 @@ def mutate_spec(spec, rng):
 
 
 VARIANTS = ('clean', 'pixel', 'semantic', 'semantic+pixel', 'face', 'unrelated')
+# Images that are exactly the render of the scene they show (no pixel or face corruption): the
+# oracle's alignment and instruction scores of these follow from the scene alone.
+EXACT_RENDER_KINDS = ('clean', 'semantic', 'unrelated', 'source')
+EXACT_RENDER_MIX = {'pixel': 0.0, 'semantic+pixel': 0.0, 'face': 0.0}  # draws only those
 VARIANT_PROBS = (0.2, 0.3, 0.25, 0.1, 0.1, 0.05)
 # Portraits: face defects are what the portrait reward judges, so they get a larger share.
 PORTRAIT_VARIANT_PROBS = (0.15, 0.2, 0.15, 0.05, 0.4, 0.05)

@@ -287,6 +287,9 @@ class Qwen25VLVisionModel(nn.Module):
   config: VisionConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  # Gradients reach the merger only (the blocks' output under stop_gradient): for a tower whose
+  # blocks stay fixed, so XLA drops their backward pass instead of computing zeroed gradients.
+  merger_gradients_only: bool = False
 
   @nn.compact
   def __call__(self, pixel_values, layout: Mapping[str, jax.Array]):
@@ -316,6 +319,8 @@ class Qwen25VLVisionModel(nn.Module):
       x = VisionBlock(cfg.num_heads, cfg.intermediate_size, name=f"blocks_{i}", **kw)(
         x, cos, sin, segments
       )
+    if self.merger_gradients_only:
+      x = jax.lax.stop_gradient(x)
     merged = PatchMerger(cfg.out_hidden_size, unit, name="merger", **kw)(x)
     return merged[layout["restore_index"]]
 

@@ -37,6 +37,12 @@ writes its own in a separate captioning pass (VLMJudge.describe). With `language
 language model first learns the comparison from text alone (`pretrain_language`: images that
 are exact renders, described by freshly phrased captions, with zero image features).
 
+Lookup pre-training (`lookup.steps` > 0, before reward SFT, after the tower's): the language
+model and the merger learn from balanced item drills alone (`pretrain_lookup`; half of each
+batch items the oracle calls good), by default on scenes drawn afresh each step and rendered
+without pixel or face corruption, the held-out AUC of p(good) logged on the val split's.
+`data.drill_balance` balances the drills mixed into reward SFT the same way.
+
 Each step holds `data.t2i_batch_size` one-image examples (alignment / aesthetics / portrait, by
 `data.task_weights`) and `data.edit_batch_size` two-image instruction-following examples (pairs
 for the pairwise loss), drawn from (seed, step): a resumed run replays the same batches.
@@ -71,9 +77,9 @@ LOSS_KINDS = ("pointwise", "pairwise")
 # Alignment chains of thought: a verdict per oracle dimension ('dims'), or per item the prompt
 # names ('checklist': judge_data.alignment_items).
 COT_STYLES = ("dims", "checklist")
-# Images that are exactly the render of the scene they show (no pixel or face corruption): their
-# alignment and instruction labels follow from the prompt and that scene's caption.
-TEXT_KINDS = ("clean", "semantic", "unrelated", "source")
+# Images whose alignment and instruction labels follow from the prompt and the caption of the
+# scene they show.
+TEXT_KINDS = D.EXACT_RENDER_KINDS
 TEXT_HEADROOM = 32  # tokens: freshly phrased captions run longer than the row's own
 
 
@@ -132,23 +138,7 @@ def validate(config):
         "config.judge.decompose writes alignment checklists of the judge's own items: it needs "
         "config.data.cot_style='checklist' and config.loss.kind='pointwise'"
       )
-  if config.data.drill_batch_size < 0 or config.loss.drill_weight < 0:
-    raise config_lib.ConfigError(
-      f"config.data.drill_batch_size={config.data.drill_batch_size} and "
-      f"config.loss.drill_weight={config.loss.drill_weight}: must be >= 0"
-    )
-  if config.data.drill_batch_size and config.data.cot_style != "checklist":
-    raise config_lib.ConfigError(
-      "config.data.drill_batch_size > 0 drills checklist items: it "
-      "needs config.data.cot_style='checklist'"
-    )
-  if config.judge.independent_items and not (
-    config.judge.decompose and config.data.drill_batch_size
-  ):
-    raise config_lib.ConfigError(
-      "config.judge.independent_items reads each item's verdict as the drills teach: it needs "
-      "config.judge.decompose=True and config.data.drill_batch_size > 0"
-    )
+  validate_drills(config)
   if config.judge.verdict_samples < 0:
     raise config_lib.ConfigError(
       f"config.judge.verdict_samples={config.judge.verdict_samples}: must be >= 0"
@@ -166,6 +156,43 @@ def validate(config):
     raise config_lib.ConfigError(
       f"config.data.samples_from={config.data.samples_from!r} is not "
       "a directory (a pipeline exported by sft or grpo)"
+    )
+
+
+def validate_drills(config):
+  """Raise ConfigError for item drill and lookup pre-training settings it cannot run."""
+  if config.data.drill_batch_size < 0 or config.loss.drill_weight < 0:
+    raise config_lib.ConfigError(
+      f"config.data.drill_batch_size={config.data.drill_batch_size} and "
+      f"config.loss.drill_weight={config.loss.drill_weight}: must be >= 0"
+    )
+  if config.data.drill_batch_size and config.data.cot_style != "checklist":
+    raise config_lib.ConfigError(
+      "config.data.drill_batch_size > 0 drills checklist items: it "
+      "needs config.data.cot_style='checklist'"
+    )
+  if config.data.drill_balance and not config.data.drill_batch_size:
+    raise config_lib.ConfigError(
+      "config.data.drill_balance balances the item drills: it needs "
+      "config.data.drill_batch_size > 0"
+    )
+  if config.lookup.steps < 0:
+    raise config_lib.ConfigError(f"config.lookup.steps={config.lookup.steps}: must be >= 0")
+  if config.lookup.steps:
+    config_lib.check_positive(
+      config, "lookup.batch_size", "lookup.held_out_specs", "lookup.held_out_batches"
+    )
+    if config.judge.describe_first:
+      raise config_lib.ConfigError(
+        "config.lookup.steps > 0 drills the plain alignment prompt: a describe_first judge's "
+        "prompts carry a caption line the drills lack"
+      )
+  if config.judge.independent_items and not (
+    config.judge.decompose and config.data.drill_batch_size
+  ):
+    raise config_lib.ConfigError(
+      "config.judge.independent_items reads each item's verdict as the drills teach: it needs "
+      "config.judge.decompose=True and config.data.drill_batch_size > 0"
     )
 
 
@@ -199,9 +226,11 @@ def validate_perception(config):
 def build_model(config, tokenizer) -> Qwen25VL:
   ids = special_token_ids(tokenizer)
   text = Qwen25VLTextModel(vocab_size=len(tokenizer), head="tied", **dict(config.model.text))
+  settings = config.get("perception")
+  frozen = bool(settings and settings.steps and settings.freeze_tower)
   return Qwen25VL(
     text,
-    build_vision(config),
+    build_vision(config).clone(merger_gradients_only=frozen),
     ids["image_token_id"],
     ids["video_token_id"],
     ids["vision_start_token_id"],
@@ -515,18 +544,47 @@ class CaptionBatcher:
 class DrillBatcher:
   """The step's item drills (a pure function of step): an alignment example of the training
   set, one item of its checklist as the whole chain of thought, the loss on that item's verdict.
-  Arrays under "drill/" keys."""
+  Arrays under "drill/" keys. `balanced`: half the drills a step are of items the oracle calls
+  good, half of the rest (74% of the items are good: unbalanced, "good" is a safe guess)."""
 
-  def __init__(self, config, judge: V.VLMJudge, t2i: D.JudgeSet, grid):
+  def __init__(
+    self,
+    config,
+    judge: V.VLMJudge,
+    t2i: D.JudgeSet,
+    grid,
+    batch_size=None,
+    balanced=None,
+    length=None,
+    exact_only=False,
+  ):
     self.config, self.judge, self.t2i, self.grid = config, judge, t2i, grid
+    d = config.data
+    self.batch_size = d.drill_batch_size if batch_size is None else batch_size
+    self.balanced = d.drill_balance if balanced is None else balanced
     self.rows = np.flatnonzero(~np.isnan(t2i.scores("alignment")))
+    if exact_only:  # the verdicts then read the content, not the oracle's detectors' failures
+      self.rows = np.array([r for r in self.rows if t2i.kinds[r] in D.EXACT_RENDER_KINDS])
     self.verdict_ids = dict(zip((w for _, w in P.VERDICTS), judge.verdict_ids))
     self.period = judge.tokenizer(".")["input_ids"]
-    longest = max(len(self._drill(int(r), 0)[0]) for r in self.rows[:64])
-    self.length = V.padded_length(longest + 16)
+    if length is None:
+      length = V.padded_length(max(len(self._drill(int(r), 0)[0]) for r in self.rows[:64]) + 16)
+    self.length = length
+    if self.balanced:
+      items = [(r, k) for r in self.rows for k in range(len(self.items(r)))]
+      good = np.array([self.is_good(r, k) for r, k in items], bool)
+      self.by_verdict = (np.array(items)[good], np.array(items)[~good])
+      if not (good.any() and (~good).any()):
+        raise ValueError("balanced item drills need items the oracle calls good and others")
+
+  def items(self, row: int):
+    return self.t2i.labels[row]["items/alignment"]
+
+  def is_good(self, row: int, k: int) -> bool:
+    return P.verdict(self.items(row)[k].value) == "good"
 
   def _drill(self, row: int, k: int):
-    item = self.t2i.labels[row]["items/alignment"][k]
+    item = self.items(row)[k]
     prompt = self.judge.prompt_ids("alignment", self.t2i.prompts[row], self.grid)
     phrase = self.judge.tokenizer(item.phrase)["input_ids"]
     ids = prompt + phrase + [self.verdict_ids[P.verdict(item.value)]] + self.period
@@ -534,17 +592,56 @@ class DrillBatcher:
     weights[len(prompt) + len(phrase)] = 1.0
     return ids, weights
 
-  def __call__(self, step: int) -> dict:
+  def picks(self, step: int) -> list[tuple[int, int]]:
+    """[(row, item index)] of the step's drills."""
     rng = np.random.default_rng([self.config.seed, step, 5])
-    seqs, weights, images = [], [], []
-    for row in rng.choice(self.rows, self.config.data.drill_batch_size):
-      k = int(rng.integers(len(self.t2i.labels[row]["items/alignment"])))
-      ids, w = self._drill(int(row), k)
-      seqs.append(ids)
-      weights.append(w)
-      images.append(self.t2i.images[row])
+    n = self.batch_size
+    if self.balanced:
+      good, rest = self.by_verdict
+      chosen = [good[i] for i in rng.integers(len(good), size=n - n // 2)]
+      chosen += [rest[i] for i in rng.integers(len(rest), size=n // 2)]
+      return [(int(r), int(k)) for r, k in chosen]
+    picks = []
+    for row in rng.choice(self.rows, n):
+      picks.append((int(row), int(rng.integers(len(self.items(row))))))
+    return picks
+
+  def arrays(self, picks) -> dict:
+    seqs, weights = zip(*(self._drill(row, k) for row, k in picks))
     ids, mask, w = padded_tokens(seqs, weights, self.length, self.judge.tokens.pad)
+    images = [self.t2i.images[row] for row, _ in picks]
     return {**model_inputs(self.judge, ids, mask, images, "drill/"), "drill/weights": w}
+
+  def __call__(self, step: int) -> dict:
+    return self.arrays(self.picks(step))
+
+
+class FreshDrillBatcher:
+  """Balanced item drills on scenes drawn afresh for each step (train split; a pure function of
+  (seed, step)): a fixed set's drills are learnt by heart long before the lookup generalises."""
+
+  def __init__(self, config, judge: V.VLMJudge, grid, batch_size: int, length: int, mix: dict):
+    self.config, self.judge, self.grid = config, judge, grid
+    self.batch_size, self.length, self.mix = batch_size, length, mix
+
+  def drills(self, step: int) -> DrillBatcher:
+    d = self.config.data
+    specs = max(2, self.batch_size // d.variants)
+    scenes = D.t2i_set(
+      int(np.random.default_rng([self.config.seed, step, 6]).integers(2**31)),
+      specs,
+      "train",
+      d.image_size,
+      d.variants,
+      mix=self.mix,
+    )
+    return DrillBatcher(
+      self.config, self.judge, scenes, self.grid, self.batch_size, True, self.length
+    )
+
+  def __call__(self, step: int) -> dict:
+    drills = self.drills(step)
+    return drills.arrays(drills.picks(step))
 
 
 class DecomposeBatcher:
@@ -602,18 +699,23 @@ def pointwise_terms(logits, batch, digit_ids, mse_weight: float):
   return ce + mse_weight * mse, {"token_ce": ce, "score_mse": mse}
 
 
+def logits_of(model: Qwen25VL, params, batch, prefix: str, vision_layout):
+  """The model's logits on the forward-pass arrays stored under `prefix` (model_inputs)."""
+  return model.apply(
+    {"params": params},
+    batch[prefix + "input_ids"],
+    batch[prefix + "attention_mask"],
+    batch[prefix + "pixel_values"],
+    position_ids=batch[prefix + "position_ids"],
+    vision_layout=vision_layout,
+  )
+
+
 def make_loss(model: Qwen25VL, digit_ids, layout, config, caption_layout=None, drill_layout=None):
   kind, mse_weight = config.loss.kind, config.loss.score_mse_weight
 
   def forward(params, batch, prefix="", vision_layout=layout):
-    return model.apply(
-      {"params": params},
-      batch[prefix + "input_ids"],
-      batch[prefix + "attention_mask"],
-      batch[prefix + "pixel_values"],
-      position_ids=batch[prefix + "position_ids"],
-      vision_layout=vision_layout,
-    )
+    return logits_of(model, params, batch, prefix, vision_layout)
 
   def pointwise(params, batch):
     return pointwise_terms(forward(params, batch), batch, digit_ids, mse_weight)
@@ -696,7 +798,11 @@ def with_pretrained_vision(state, shardings, model, judge: V.VLMJudge, config):
   with `perception.dense_embeddings`, those of the per-token words by the directions in which
   the per-token head reads them, so a prompt word matches the image tokens that show it)."""
   trained = perception.train_perception(
-    model.visual, judge.processor, config.perception, config.seed, config.data.image_size
+    model.visual.clone(merger_gradients_only=False),
+    judge.processor,
+    config.perception,
+    config.seed,
+    config.data.image_size,
   )
   print(
     f"reward_sft: vision tower pre-trained, final perception loss {trained.loss:.4f}", flush=True
@@ -782,6 +888,97 @@ def pretrain_language(params, model: Qwen25VL, batcher: Batcher, config, log=pri
   return {**text, **frozen}
 
 
+def pretrain_lookup(params, model: Qwen25VL, driller, held_out, config, log=print):
+  """`params` with the language model (and the tower's merger) trained on balanced item drills
+  alone before reward SFT: each drill one lookup of an item of the prompt in the image, half of
+  them items the oracle does not call good, so no prior on the verdict answers them. Logs the
+  held-out AUC of p(good) for good against other items (`held_out`, a balanced DrillBatcher of
+  the val split). A pure function of (params, seed, config)."""
+  settings = config.lookup
+  layout = {
+    k: jnp.asarray(v)
+    for k, v in model.layout(np.repeat(driller.grid, settings.batch_size, axis=0)).items()
+  }
+  tx = freeze_vision_tower(
+    optax.adamw(
+      optax.warmup_cosine_decay_schedule(
+        0.0, settings.lr, min(50, settings.steps // 4), settings.steps
+      ),
+      weight_decay=1e-4,
+    )
+  )
+
+  logits = lambda params, batch: logits_of(model, params, batch, "drill/", layout)
+
+  def loss_fn(params, batch):
+    return token_ce(logits(params, batch), batch["drill/input_ids"], batch["drill/weights"])
+
+  @jax.jit
+  def step(params, opt, batch):
+    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+    updates, opt = tx.update(grads, opt, params)
+    return optax.apply_updates(params, updates), opt, loss
+
+  p_good = jax.jit(functools.partial(drill_p_good, logits, jnp.asarray(driller.judge.verdict_ids)))
+  held_out_picks = [held_out.picks(i) for i in range(settings.held_out_batches)]
+  held_out_batches = [held_out.arrays(p) for p in held_out_picks]
+  truths = np.array([held_out.is_good(r, k) for picks in held_out_picks for r, k in picks])
+  kinds = np.array([held_out.items(r)[k].kind for picks in held_out_picks for r, k in picks])
+
+  opt = tx.init(params)
+  for i in range(settings.steps):
+    params, opt, loss = step(params, opt, driller(i))
+    if (i + 1) % max(1, settings.steps // 10) == 0 or i + 1 == settings.steps:
+      probs = np.concatenate([np.asarray(p_good(params, b)) for b in held_out_batches])
+      log(
+        f"lookup pre-training: step {i + 1}/{settings.steps}, drill_ce {float(loss):.4f}, "
+        f"held-out good AUC {good_auc(probs, truths):.3f}, accuracy "
+        f"{np.mean((probs > 0.5) == truths):.3f} (balanced, {len(truths)} items)"
+      )
+  by_kind = {k: good_auc(probs[kinds == k], truths[kinds == k]) for k in sorted(set(kinds))}
+  log(
+    "lookup pre-training: held-out good AUC by item "
+    + ", ".join(f"{k} {v:.2f}" for k, v in by_kind.items())
+  )
+  return params
+
+
+def run_lookup_stage(params, model, judge, t2i, batcher, config):
+  """pretrain_lookup on the training set's drills, held out on the val split's."""
+  d, settings = config.data, config.lookup
+  mix = {**d.variant_weights, **(D.EXACT_RENDER_MIX if settings.exact_renders else {})}
+  held_out_set = D.t2i_set(config.seed, settings.held_out_specs, "val", d.image_size, 2, mix=mix)
+  drills = lambda data, length=None: DrillBatcher(
+    config, judge, data, batcher.grid, settings.batch_size, True, length, settings.exact_renders
+  )
+  held_out = drills(held_out_set, drills(t2i).length + 16)  # val prompts may run longer
+  train_drills = (
+    FreshDrillBatcher(config, judge, batcher.grid, settings.batch_size, held_out.length, mix)
+    if settings.fresh_scenes
+    else drills(t2i, held_out.length)
+  )
+  return pretrain_lookup(params, model, train_drills, held_out, config)
+
+
+def drill_p_good(logits_fn, verdict_ids, params, batch):
+  """[n] p(good) among the verdict words at each drill's verdict (the token its weight marks)."""
+  logits = logits_fn(params, batch).astype(jnp.float32)
+  before = jnp.argmax(batch["drill/weights"], axis=1) - 1  # the position that predicts it
+  at = jnp.take_along_axis(logits, before[:, None, None], axis=1)[:, 0]
+  good = [w for _, w in P.VERDICTS].index("good")
+  return jax.nn.softmax(at[:, verdict_ids], axis=-1)[:, good]
+
+
+def good_auc(p_good, truths) -> float:
+  """AUC of p(good) for good against other items; NaN without both."""
+  from qwen_image_rl.judges import face_id as F
+
+  truths = np.asarray(truths, bool)
+  if truths.all() or not truths.any():
+    return float("nan")
+  return F.auc(p_good[truths], p_good[~truths])
+
+
 REQUIRED = {
   "total_steps": int,
   "seed": int,
@@ -825,6 +1022,14 @@ REQUIRED = {
   "language.steps": int,
   "language.batch_size": int,
   "language.lr": float,
+  "lookup.steps": int,
+  "lookup.batch_size": int,
+  "lookup.lr": float,
+  "lookup.held_out_specs": int,
+  "lookup.held_out_batches": int,
+  "lookup.fresh_scenes": bool,
+  "lookup.exact_renders": bool,
+  "data.drill_balance": bool,
 }
 
 
@@ -878,6 +1083,9 @@ def train(config, workdir):
   state, start = common.restore_or_keep(ctx, state, shardings)
   if start == 0 and config.perception.steps:
     state = with_pretrained_vision(state, shardings, model, judge, config)
+  if start == 0 and config.lookup.steps:
+    params = run_lookup_stage(jax.device_get(state.params), model, judge, t2i, batcher, config)
+    state = state.replace(params=jax.device_put(params, shardings.params))
   if start == 0 and config.language.steps:
     params = pretrain_language(jax.device_get(state.params), model, batcher, config)
     state = state.replace(params=jax.device_put(params, shardings.params))
