@@ -20,11 +20,12 @@ import argparse
 import json
 
 import numpy as np
-from scipy import stats
 
 
 def spearman(a, b) -> float:
-  return round(float(stats.spearmanr(a, b)[0]), 4)
+  from qwen_image_rl import judge_eval
+
+  return round(judge_eval.correlations(a, b)[0], 4)
 
 
 def summary(content, oracle, kinds, categories) -> dict:
@@ -55,7 +56,7 @@ def main():
   parser.add_argument("--json", default="", help="also write the results here")
   args = parser.parse_args()
 
-  from qwen_image_rl import judge_eval
+  from qwen_image_rl import judge_eval, paths
   from qwen_image_rl.data import oracle, render
 
   t2i, edits = judge_eval.held_out_sets(args.split, args.n, args.seed)
@@ -78,8 +79,7 @@ def main():
   line = json.dumps(results)
   print(line, flush=True)
   if args.json:
-    with open(args.json, "w") as f:
-      f.write(line + "\n")
+    paths.write_text_atomic(args.json, line + "\n")
 
 
 if __name__ == "__main__":

@@ -229,7 +229,7 @@ def main():
   args = parser.parse_args()
 
   from configs import judge as judge_config
-  from qwen_image_rl import host_memory, judge_eval
+  from qwen_image_rl import host_memory, judge_eval, paths
   from qwen_image_rl.judges import perception
   from qwen_image_rl.trainers.reward_sft import build_processor, build_vision
 
@@ -265,8 +265,7 @@ def main():
   line = json.dumps(results)
   print(line, flush=True)
   if args.json:
-    with open(args.json, "w") as f:
-      f.write(line + "\n")
+    paths.write_text_atomic(args.json, line + "\n")
 
 
 if __name__ == "__main__":

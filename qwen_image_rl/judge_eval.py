@@ -94,15 +94,23 @@ flags.DEFINE_integer(
 PAIR_MARGIN = 0.02
 
 
+def correlations(judge: np.ndarray, oracle: np.ndarray) -> tuple[float, float]:
+  """(Spearman, Pearson) over the valid (non-NaN) judge scores; NaN for fewer than 3 or a
+  constant side."""
+  valid = ~np.isnan(judge)
+  if valid.sum() >= 3 and np.std(judge[valid]) > 0 and np.std(oracle[valid]) > 0:
+    return (
+      float(stats.spearmanr(judge[valid], oracle[valid])[0]),
+      float(stats.pearsonr(judge[valid], oracle[valid])[0]),
+    )
+  return float("nan"), float("nan")
+
+
 def correlation_metrics(judge: np.ndarray, oracle: np.ndarray, groups: int) -> dict:
   """Spearman / Pearson over valid entries and pairwise accuracy within groups of `groups`."""
   valid = ~np.isnan(judge)
   out = {"n": int(len(judge)), "invalid": int((~valid).sum())}
-  if valid.sum() >= 3 and np.std(judge[valid]) > 0 and np.std(oracle[valid]) > 0:
-    out["spearman"] = float(stats.spearmanr(judge[valid], oracle[valid])[0])
-    out["pearson"] = float(stats.pearsonr(judge[valid], oracle[valid])[0])
-  else:
-    out["spearman"] = out["pearson"] = float("nan")
+  out["spearman"], out["pearson"] = correlations(judge, oracle)
   right = total = 0
   for g in range(0, len(judge) - groups + 1, groups):
     for a in range(g, g + groups):
@@ -441,11 +449,7 @@ def agreement(judge: np.ndarray, oracle: np.ndarray, variants: int, kinds) -> di
 
 
 def exact_render_spearman(judge: np.ndarray, oracle: np.ndarray) -> dict:
-  valid = ~np.isnan(judge)
-  out = {"n": int(valid.sum()), "spearman": float("nan")}
-  if valid.sum() >= 3 and np.std(judge[valid]) > 0 and np.std(oracle[valid]) > 0:
-    out["spearman"] = round(float(stats.spearmanr(judge[valid], oracle[valid])[0]), 4)
-  return out
+  return {"n": int((~np.isnan(judge)).sum()), "spearman": round(correlations(judge, oracle)[0], 4)}
 
 
 def decomposition(judge, data: D.JudgeSet) -> dict:

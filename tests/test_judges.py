@@ -578,7 +578,7 @@ def test_balanced_drills_and_lookup_pretraining_read_the_verdict_they_train(judg
   assert fresh(4)['drill/input_ids'].shape == (6, drills.length)
   # p(good) is read at the position that predicts each drill's verdict.
   params = nn.meta.unbox(judge.params)
-  layout = {k: jnp.asarray(v) for k, v in judge.model.layout(np.repeat(grid, 6, axis=0)).items()}
+  layout = reward_sft.repeated_layout(judge.model, grid, 6)
   logits_fn = lambda p, b: reward_sft.logits_of(judge.model, p, b, 'drill/', layout)
   p_good = reward_sft.drill_p_good(logits_fn, jnp.asarray(judge.verdict_ids), params, batch)
   logits = np.asarray(logits_fn(params, batch), np.float64)

@@ -844,6 +844,19 @@ def with_word_embeddings(language_model: dict, tokenizer, words, embedding) -> d
   return {**language_model, "embed_tokens": {"embedding": table}}
 
 
+def repeated_layout(model: Qwen25VL, grid, n: int) -> dict:
+  """The vision layout (as jit arguments) of `n` images of one grid."""
+  return {k: jnp.asarray(v) for k, v in model.layout(np.repeat(grid, n, axis=0)).items()}
+
+
+def stage_optimizer(settings) -> optax.GradientTransformation:
+  """AdamW on a warmup-cosine schedule for a pre-training stage (`settings.lr`, `.steps`)."""
+  schedule = optax.warmup_cosine_decay_schedule(
+    0.0, settings.lr, min(50, settings.steps // 4), settings.steps
+  )
+  return optax.adamw(schedule, weight_decay=1e-4)
+
+
 def pretrain_language(params, model: Qwen25VL, batcher: Batcher, config, log=print):
   """`params` with the language model pre-trained on text_batch examples (the vision tower is
   untouched): a from-scratch LM does not learn to compare the prompt with a description from
@@ -856,12 +869,7 @@ def pretrain_language(params, model: Qwen25VL, batcher: Batcher, config, log=pri
   digit_ids = jnp.asarray(batcher.judge.tokens.digits)
   frozen = {"visual": params["visual"]}
   text = {k: v for k, v in params.items() if k != "visual"}
-  tx = optax.adamw(
-    optax.warmup_cosine_decay_schedule(
-      0.0, settings.lr, min(50, settings.steps // 4), settings.steps
-    ),
-    weight_decay=1e-4,
-  )
+  tx = stage_optimizer(settings)
 
   def loss_fn(text, batch):
     logits = model.apply(
@@ -895,18 +903,8 @@ def pretrain_lookup(params, model: Qwen25VL, driller, held_out, config, log=prin
   held-out AUC of p(good) for good against other items (`held_out`, a balanced DrillBatcher of
   the val split). A pure function of (params, seed, config)."""
   settings = config.lookup
-  layout = {
-    k: jnp.asarray(v)
-    for k, v in model.layout(np.repeat(driller.grid, settings.batch_size, axis=0)).items()
-  }
-  tx = freeze_vision_tower(
-    optax.adamw(
-      optax.warmup_cosine_decay_schedule(
-        0.0, settings.lr, min(50, settings.steps // 4), settings.steps
-      ),
-      weight_decay=1e-4,
-    )
-  )
+  layout = repeated_layout(model, driller.grid, settings.batch_size)
+  tx = freeze_vision_tower(stage_optimizer(settings))
 
   logits = lambda params, batch: logits_of(model, params, batch, "drill/", layout)
 
@@ -1067,9 +1065,7 @@ def train(config, workdir):
   )
 
   example = batcher(0)
-  images_layout = lambda n: {
-    k: jnp.asarray(v) for k, v in model.layout(np.repeat(batcher.grid, n, axis=0)).items()
-  }
+  images_layout = lambda n: repeated_layout(model, batcher.grid, n)
   layout = images_layout(len(example["pixel_values"]) // int(batcher.grid.prod()))
   caption_layout = images_layout(config.data.caption_batch_size) if captioner else None
   drill_layout = images_layout(config.data.drill_batch_size) if driller else None
